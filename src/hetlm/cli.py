@@ -1,0 +1,67 @@
+"""Command-line front: parses arguments and calls library functions.
+
+Each sub-command lives in ``hetlm.commands.<name>`` and exposes ``register(subparsers)``, which
+adds its parser and sets ``func``. Heavy imports (torch, transformers) happen inside the command
+functions so ``hetlm --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from hetlm import __version__
+from hetlm.errors import HetlmError
+
+COMMAND_MODULES = [
+    "hetlm.commands.tokenizer",
+    "hetlm.commands.prepare",
+    "hetlm.commands.pretrain",
+    "hetlm.commands.plan",
+    "hetlm.commands.demo",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hetlm",
+        description="Train Japanese language models on mixed GPUs with per-rank micro-batches.",
+    )
+    parser.add_argument("--version", action="version", version=f"hetlm {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module_name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:
+                continue  # command not built yet in this checkout
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Library progress bars (dataset saving, weight loading) drown hetlm's own output.
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        result = args.func(args)
+    except HetlmError as exc:
+        rank = os.environ.get("RANK")
+        where = f" (rank {rank})" if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
+        print(f"hetlm: error{where}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("hetlm: interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

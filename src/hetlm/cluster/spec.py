@@ -1,0 +1,361 @@
+"""Cluster description: a YAML file of nodes, their GPUs and the network, parsed strictly.
+
+The file is small and written by hand, so every mistake must come back as one line that names the
+field and says what to write instead; unknown keys are errors (a typo such as ``cuont`` must not
+silently become the default). Example::
+
+    nodes:
+      - name: node0                 # optional, default node0, node1, ...
+        host: 10.0.0.1              # optional; launch lines show NODE0_HOST until it is given
+        gpus: {model: V100-32GB, count: 2}
+        samples_per_s: [120.0, 118.0]   # optional measured speeds, one per GPU, or a probe file
+      - gpus: {memory_gib: 24, tflops: 100, count: 1, precisions: [fp32, fp16]}
+    network: {inter_node_gbps: 10, intra_node_gbps: 100}
+
+Ranks are numbered node by node (node 0's GPUs first), which is how torchrun assigns global ranks
+when each node is started with its ``--node-rank``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from hetlm.cluster.hardware import GpuModel, find_gpu, host_memory_gib, known_names
+from hetlm.errors import HetlmError
+
+Precision = Literal["fp32", "tf32", "fp16", "bf16", "fp8", "int8"]
+DEFAULT_CUSTOM_PRECISIONS = ("fp32", "fp16")  # every CUDA GPU since Pascal computes in fp16
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class GpuSpec(_Strict):
+    """The GPUs of one node: a table ``model``, or explicit numbers, or a model with overrides."""
+
+    model: str | None = None
+    count: int = Field(1, ge=1)
+    memory_gib: float | None = Field(None, gt=0)
+    #: Peak dense TFLOP/s: one number for every precision listed, or a mapping per precision.
+    tflops: float | dict[Precision, float] | None = None
+    precisions: list[Precision] | None = None
+
+    @field_validator("model")
+    @classmethod
+    def _not_ambiguous(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                find_gpu(value)
+            except HetlmError as exc:  # "V100" could be 16 or 32 GB: keep collecting errors
+                raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("tflops")
+    @classmethod
+    def _positive_tflops(cls, value: Any) -> Any:
+        values = value.values() if isinstance(value, dict) else [value]
+        if any(v is not None and v <= 0 for v in values):
+            raise ValueError("tflops must be positive")
+        return value
+
+    @model_validator(mode="after")
+    def _complete(self) -> GpuSpec:
+        known = find_gpu(self.model) if self.model else None
+        if known is None and self.memory_gib is None:
+            if self.model:
+                raise ValueError(
+                    f"unknown GPU model {self.model!r}: known models are "
+                    f"{', '.join(known_names())}; or give memory_gib and tflops for another device"
+                )
+            raise ValueError("give a GPU model (e.g. model: V100-32GB) or memory_gib and tflops")
+        if isinstance(self.tflops, dict) and self.precisions:
+            missing = sorted(set(self.precisions) - set(self.tflops))
+            if missing:
+                raise ValueError(f"tflops has no number for precisions {missing}")
+        return self
+
+
+class NodeSpec(_Strict):
+    name: str | None = None
+    host: str | None = None
+    gpus: GpuSpec
+    #: Measured samples/s per GPU (``hetlm probe``), or the path of a probe file holding them.
+    samples_per_s: list[float] | str | None = None
+
+    @field_validator("samples_per_s", mode="before")
+    @classmethod
+    def _speeds(cls, value: Any) -> Any:
+        if value is None or isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, list) or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in value
+        ):
+            raise ValueError(
+                "must be a list of positive numbers (one per GPU) or a probe file path"
+            )
+        return [float(v) for v in value]
+
+    @model_validator(mode="after")
+    def _speeds_match_gpus(self) -> NodeSpec:
+        if isinstance(self.samples_per_s, list) and len(self.samples_per_s) != self.gpus.count:
+            raise ValueError(
+                f"samples_per_s has {len(self.samples_per_s)} values but the node has "
+                f"{self.gpus.count} GPUs: give one measured speed per GPU"
+            )
+        gpus = self.gpus
+        if (
+            (gpus.model is None or find_gpu(gpus.model) is None)
+            and gpus.tflops is None
+            and self.samples_per_s is None
+        ):
+            raise ValueError("a GPU without a known model needs tflops or measured samples_per_s")
+        return self
+
+
+class NetworkSpec(_Strict):
+    inter_node_gbps: float = Field(10.0, gt=0)  # between nodes, Gbit/s (10 GbE)
+    intra_node_gbps: float = Field(100.0, gt=0)  # between GPUs of one node (PCIe/NVLink), Gbit/s
+
+
+class ClusterSpec(_Strict):
+    nodes: list[NodeSpec] = Field(min_length=1)
+    network: NetworkSpec = Field(default_factory=NetworkSpec)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> ClusterSpec:
+        names = [n.name or f"node{i}" for i, n in enumerate(self.nodes)]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"node names must be unique, {duplicates} repeat")
+        return self
+
+
+@dataclass(frozen=True)
+class Device:
+    """One rank: a device on a node, with its measured speed if the cluster file gives one."""
+
+    rank: int
+    node_index: int
+    local_rank: int
+    gpu: GpuModel
+    samples_per_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    host: str | None
+    devices: tuple[Device, ...]
+
+
+@dataclass(frozen=True)
+class Cluster:
+    nodes: tuple[Node, ...]
+    inter_node_gbps: float = 10.0
+    intra_node_gbps: float = 100.0
+    source: str = "cluster"
+
+    @property
+    def devices(self) -> tuple[Device, ...]:
+        return tuple(d for node in self.nodes for d in node.devices)
+
+    @property
+    def world_size(self) -> int:
+        return len(self.devices)
+
+    @property
+    def ranks_per_node(self) -> list[int]:
+        return [len(node.devices) for node in self.nodes]
+
+    @property
+    def slowest_link_gbps(self) -> float:
+        """Ring collectives run at the pace of their slowest hop: the inter-node link if any."""
+        return self.inter_node_gbps if len(self.nodes) > 1 else self.intra_node_gbps
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def format_validation_error(exc: ValidationError, what: str) -> str:
+    """All of pydantic's complaints as one line: ``field.path: message; ...``.
+
+    Union members show up in pydantic's locations as type tags (``tflops.float``,
+    ``tflops.dict[...]``); they are dropped so the path is the one the user wrote.
+    """
+    problems: list[str] = []
+    for err in exc.errors():
+        parts = [
+            str(p) for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in _TYPE_TAGS))
+        ]
+        path = ".".join(parts) or "(top level)"
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            message = "unknown key (check its spelling; see docs/PLANNER.md for the format)"
+        elif kind == "missing":
+            message = "required key is missing"
+        else:
+            message = err["msg"].removeprefix("Value error, ")
+            value = err.get("input")
+            if kind != "value_error" and isinstance(value, str | int | float | bool):
+                message += f" (got {value!r})"
+        problem = f"{path}: {message}"
+        if problem not in problems:
+            problems.append(problem)
+    return f"{what}: " + "; ".join(problems)
+
+
+def _resolve_gpu(spec: GpuSpec) -> GpuModel:
+    known = find_gpu(spec.model) if spec.model else None
+    if known is not None and known.is_cpu and spec.memory_gib is None:
+        known = dataclasses.replace(known, memory_gib=round(host_memory_gib() / spec.count, 2))
+    if known is None:
+        precisions = spec.precisions or (
+            list(spec.tflops) if isinstance(spec.tflops, dict) else list(DEFAULT_CUSTOM_PRECISIONS)
+        )
+        tflops = spec.tflops
+        peaks = (
+            {p: float(tflops[p]) for p in precisions}
+            if isinstance(tflops, dict)
+            else {p: float(tflops or 0.0) for p in precisions}
+        )
+        name = spec.model or f"custom-{spec.memory_gib:g}GiB"
+        return GpuModel(name=name, memory_gib=float(spec.memory_gib or 0), peak_tflops=peaks)
+    overrides: dict[str, Any] = {}
+    if spec.memory_gib is not None:
+        overrides["memory_gib"] = float(spec.memory_gib)
+    if spec.tflops is not None or spec.precisions is not None:
+        precisions = spec.precisions or list(known.peak_tflops)
+        if isinstance(spec.tflops, dict):
+            peaks = {
+                p: float(spec.tflops.get(p, known.peak_tflops.get(p, 0.0))) for p in precisions
+            }
+        elif spec.tflops is not None:
+            peaks = {p: float(spec.tflops) for p in precisions}
+        else:
+            peaks = {p: known.peak_tflops.get(p, 0.0) for p in precisions}
+        overrides["peak_tflops"] = {p: v for p, v in peaks.items() if v > 0} or peaks
+    return dataclasses.replace(known, **overrides) if overrides else known
+
+
+def _read_probe_file(value: str, base_dir: Path, where: str) -> list[float]:
+    """Measured speeds from a probe file: YAML/JSON list, or a mapping with ``samples_per_s``."""
+    import yaml
+
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        path = base_dir / path
+    if not path.is_file():
+        raise HetlmError(
+            f"{where}: probe file {path} does not exist: run `hetlm probe` on that "
+            "node or write the measured speeds as a list"
+        )
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise HetlmError(f"{where}: probe file {path} is not valid YAML/JSON ({exc})") from None
+    if isinstance(data, dict):
+        data = data.get("samples_per_s")
+    if (
+        not isinstance(data, list)
+        or not data
+        or not all(isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in data)
+    ):
+        raise HetlmError(
+            f"{where}: probe file {path} must hold a list of positive samples/s "
+            "(or a mapping with a samples_per_s list)"
+        )
+    return [float(v) for v in data]
+
+
+def parse_cluster(data: Any, source: str = "cluster", base_dir: Path | None = None) -> Cluster:
+    """Validate a parsed cluster description and resolve it into ranks."""
+    if not isinstance(data, dict):
+        raise HetlmError(
+            f"{source}: the cluster description must be a mapping with a 'nodes' list, got "
+            f"{type(data).__name__}: see docs/PLANNER.md for an example"
+        )
+    try:
+        spec = ClusterSpec.model_validate(data)
+    except ValidationError as exc:
+        raise HetlmError(
+            format_validation_error(exc, f"{source}: invalid cluster description")
+        ) from None
+    base_dir = base_dir or Path.cwd()
+    nodes: list[Node] = []
+    rank = 0
+    for i, node_spec in enumerate(spec.nodes):
+        gpu = _resolve_gpu(node_spec.gpus)
+        speeds: list[float | None] = [None] * node_spec.gpus.count
+        if isinstance(node_spec.samples_per_s, str):
+            measured = _read_probe_file(
+                node_spec.samples_per_s, base_dir, f"{source}: nodes.{i}.samples_per_s"
+            )
+            if len(measured) != node_spec.gpus.count:
+                raise HetlmError(
+                    f"{source}: nodes.{i}.samples_per_s: the probe file has {len(measured)} "
+                    f"speeds but the node has {node_spec.gpus.count} GPUs: probe every GPU"
+                )
+            speeds = list(measured)
+        elif node_spec.samples_per_s is not None:
+            speeds = list(node_spec.samples_per_s)
+        devices = []
+        for local_rank in range(node_spec.gpus.count):
+            devices.append(
+                Device(
+                    rank=rank,
+                    node_index=i,
+                    local_rank=local_rank,
+                    gpu=gpu,
+                    samples_per_s=speeds[local_rank],
+                )
+            )
+            rank += 1
+        nodes.append(
+            Node(name=node_spec.name or f"node{i}", host=node_spec.host, devices=tuple(devices))
+        )
+    return Cluster(
+        nodes=tuple(nodes),
+        inter_node_gbps=spec.network.inter_node_gbps,
+        intra_node_gbps=spec.network.intra_node_gbps,
+        source=source,
+    )
+
+
+def load_cluster(path: str | Path) -> Cluster:
+    """Read a cluster YAML file; every problem is a one-line HetlmError."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise HetlmError(
+            f"cluster file {path} {what}: give the path of a YAML file describing "
+            "the nodes (see docs/PLANNER.md)"
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise HetlmError(f"cannot read cluster file {path}: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "syntax error"
+        raise HetlmError(
+            f"cluster file {path} is not valid YAML{where}: {problem}: "
+            "fix the indentation or quoting there"
+        ) from None
+    if data is None:
+        raise HetlmError(
+            f"cluster file {path} is empty: describe at least one node (see docs/PLANNER.md)"
+        )
+    return parse_cluster(data, source=str(path), base_dir=path.parent)

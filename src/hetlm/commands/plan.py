@@ -1,0 +1,160 @@
+"""`hetlm plan`: turn a cluster file, a model and a global batch into a plan and launch lines.
+
+Prints the per-rank table and predicted throughput, writes the plan (YAML) that `hetlm pretrain
+--plan` checks itself against, prints one torchrun command per node and writes a Slurm script
+next to the plan.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from hetlm.errors import HetlmError
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "plan",
+        help="plan per-rank micro-batches, precision and ZeRO stage for a cluster",
+        description="Plan a data-parallel run on mixed GPUs: per-rank shares of the global batch "
+        "(speed decides, memory caps), precision, ZeRO stage and engine; writes the "
+        "plan file, torchrun lines and a Slurm script.",
+    )
+    parser.add_argument("cluster", help="cluster description YAML (see docs/PLANNER.md)")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="preset (bert-tiny, bert-small, bert-base, bert-large) or a directory "
+        "/ config.json of a Hugging Face model config",
+    )
+    parser.add_argument(
+        "--global-batch", type=int, required=True, help="samples per optimizer step"
+    )
+    parser.add_argument("--seq-len", type=int, required=True, help="tokens per sample")
+    parser.add_argument(
+        "--vocab-size", type=int, default=32000, help="vocabulary size for presets (default 32000)"
+    )
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    parser.add_argument(
+        "--zero",
+        default="auto",
+        choices=["auto", "0", "1", "2", "3"],
+        help="ZeRO stage (auto: DDP if the model states fit comfortably)",
+    )
+    parser.add_argument(
+        "--engine", default="auto", choices=["auto", "ddp", "zero1", "fsdp2", "deepspeed"]
+    )
+    parser.add_argument(
+        "--memory-fraction",
+        type=float,
+        default=0.9,
+        help="part of each device's memory to plan for (default 0.9)",
+    )
+    parser.add_argument(
+        "--efficiency",
+        type=float,
+        default=0.4,
+        help="achieved/peak FLOP/s where no measured speed is given (default 0.4)",
+    )
+    parser.add_argument(
+        "--output", default="plan.yaml", help="plan file to write (default plan.yaml)"
+    )
+    parser.add_argument(
+        "--config",
+        default="CONFIG.yaml",
+        help="run config shown in the launch lines (default CONFIG.yaml)",
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="optimizer steps of the run, to report its duration and GPU-days",
+    )
+    parser.add_argument("--master-port", type=int, default=29500)
+    parser.set_defaults(func=run)
+
+
+def resolve_model(spec: str, vocab_size: int, seq_len: int) -> tuple[Any, str]:
+    """(transformers config, display name) for a preset name or a config directory/file."""
+    from hetlm.models.presets import ENCODER_PRESETS, bert_config
+
+    preset = spec.removeprefix("bert-") if spec.startswith("bert-") else spec
+    path = Path(spec).expanduser()
+    if preset in ENCODER_PRESETS and not path.exists():
+        return bert_config(
+            preset, vocab_size=vocab_size, max_position_embeddings=max(512, seq_len)
+        ), f"bert-{preset}"
+    if path.is_file() and path.name.endswith(".json"):
+        path = path.parent
+    if not (path / "config.json").is_file():
+        names = ", ".join(f"bert-{p}" for p in ENCODER_PRESETS)
+        raise HetlmError(
+            f"--model {spec!r} is neither a preset ({names}) nor a directory with a "
+            "config.json: give one of those"
+        )
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise HetlmError(f"cannot read the model config in {path}: {exc}") from None
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit and seq_len > limit:
+        raise HetlmError(
+            f"--seq-len {seq_len} exceeds the model's max_position_embeddings "
+            f"{limit}: use --seq-len {limit} or less"
+        )
+    return config, path.name
+
+
+def run(args: argparse.Namespace) -> int:
+    from hetlm.cluster.launch_scripts import placeholders, slurm_script, torchrun_commands
+    from hetlm.cluster.planner import make_plan
+    from hetlm.cluster.spec import load_cluster
+
+    if args.global_batch < 1 or args.seq_len < 1:
+        raise HetlmError("--global-batch and --seq-len must be positive integers")
+    if args.steps is not None and args.steps < 1:
+        raise HetlmError("--steps must be a positive integer")
+    cluster = load_cluster(args.cluster)
+    config, name = resolve_model(args.model, args.vocab_size, args.seq_len)
+    plan = make_plan(
+        cluster,
+        config,
+        args.global_batch,
+        args.seq_len,
+        precision=args.precision,
+        zero_stage=args.zero,
+        engine=args.engine,
+        memory_fraction=args.memory_fraction,
+        efficiency=args.efficiency,
+        model_name=name,
+    )
+    print(plan.format_table())
+    if args.steps:
+        days = args.steps * plan.step_s / 86400
+        print(
+            f"{args.steps:,} steps: {days:.2f} days wall-clock = {days * plan.world_size:.1f} "
+            f"GPU-days on these {plan.world_size} devices"
+        )
+
+    plan_path = plan.save(args.output)
+    slurm_path = plan_path.with_suffix(".sbatch")
+    slurm_path.write_text(
+        slurm_script(plan, args.config, args.output, master_port=args.master_port), encoding="utf-8"
+    )
+    print(f"\nplan written to {plan_path}; Slurm script written to {slurm_path}")
+    print("launch (one command per node, from the same directory on a shared file system):")
+    for i, command in enumerate(
+        torchrun_commands(plan, args.config, args.output, args.master_port)
+    ):
+        print(f"  [{plan.nodes[i].name}] {command}")
+    missing = placeholders(plan)
+    if missing:
+        print(
+            f"FILL IN: replace {', '.join(missing)} with the node host names, or add host: to "
+            "the nodes in the cluster file and re-plan"
+        )
+    return 0

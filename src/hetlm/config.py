@@ -1,0 +1,160 @@
+"""Typed, validated run configuration: YAML in, one clear error out.
+
+Every section is a pydantic model with ``extra="forbid"``, so a misspelt key is an error rather
+than a silently ignored setting. All problems of a file are collected into one ``HetlmError``
+line that names each bad field by its path (``train.global_batch: ...``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from hetlm.errors import HetlmError
+from hetlm.topology import BatchSplit
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunSection(_Section):
+    output_dir: Path = Field(description="Where checkpoints, metrics and the final model go.")
+    seed: int = Field(0, description="Seeds init, data order and masking (all pure functions of it).")
+
+
+class DataSection(_Section):
+    dataset: Path = Field(description="A packed dataset made by `hetlm prepare`.")
+    tokenizer: Path | None = Field(None, description="Defaults to the dataset's tokenizer.")
+
+
+class ModelSection(_Section):
+    type: Literal["bert"] = "bert"
+    preset: str = Field("small", description="tiny | small | base | large")
+    dropout: float | None = Field(None, ge=0.0, lt=1.0, description="None keeps the preset's 0.1.")
+    overrides: dict[str, Any] = Field(default_factory=dict,
+                                      description="Extra transformers config fields.")
+
+
+class MicroBatchSection(_Section):
+    """Micro-batch size per node (every rank on node i uses per_node[i]) or per rank."""
+
+    per_node: list[int] | None = None
+    per_rank: list[int] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> MicroBatchSection:
+        if (self.per_node is None) == (self.per_rank is None):
+            raise ValueError("give exactly one of per_node or per_rank")
+        sizes = self.per_node if self.per_node is not None else self.per_rank
+        if not sizes or any(m < 1 for m in sizes):
+            raise ValueError("micro-batch sizes must be positive integers")
+        return self
+
+
+class TrainSection(_Section):
+    global_batch: int = Field(gt=0, description="Samples per optimizer step, over all ranks.")
+    micro_batch: MicroBatchSection | int = Field(
+        description="An int (same on every rank), {per_node: [...]}, or {per_rank: [...]}.")
+    max_steps: int = Field(gt=0)
+    lr: float = Field(5e-4, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = Field(1e-6, gt=0)
+    max_grad_norm: float | None = Field(1.0, description="None or 0 disables clipping.")
+    precision: Precision = "auto"
+    mlm_probability: float = Field(0.15, gt=0, lt=1)
+    checkpoint_every: int = Field(0, ge=0, description="0: only at the end.")
+    keep_last: int = Field(2, ge=1)
+    eval_every: int = Field(0, ge=0, description="0: only at the end.")
+    eval_samples: int = Field(256, ge=0)
+    eval_batch: int = Field(16, gt=0)
+    log_every: int = Field(10, gt=0, description="Progress-bar/TensorBoard cadence; JSONL has every step.")
+    dist_timeout_s: float = Field(600.0, gt=0, description="A collective slower than this ends the run.")
+
+
+class PretrainConfig(_Section):
+    run: RunSection
+    data: DataSection
+    model: ModelSection = ModelSection()
+    train: TrainSection
+
+    def micro_batches_for(self, world_size: int, node_of_rank: list[int]) -> list[int]:
+        """Per-rank micro-batch sizes for the launched topology (checked against it)."""
+        mb = self.train.micro_batch
+        if isinstance(mb, int):
+            return [mb] * world_size
+        if mb.per_rank is not None:
+            if len(mb.per_rank) != world_size:
+                raise HetlmError(
+                    f"train.micro_batch.per_rank has {len(mb.per_rank)} entries but {world_size} "
+                    "ranks were launched: give one per rank, or launch that many ranks")
+            return list(mb.per_rank)
+        assert mb.per_node is not None
+        num_nodes = max(node_of_rank) + 1
+        if len(mb.per_node) != num_nodes:
+            raise HetlmError(
+                f"train.micro_batch.per_node has {len(mb.per_node)} entries but {num_nodes} nodes "
+                "were launched: give one per node (torchrun --nnodes), or launch that many nodes")
+        return [mb.per_node[node] for node in node_of_rank]
+
+    def batch_split(self, world_size: int, node_of_rank: list[int]) -> BatchSplit:
+        return BatchSplit.from_micro_batches(self.train.global_batch,
+                                             self.micro_batches_for(world_size, node_of_rank))
+
+
+def _format_errors(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see `hetlm pretrain --help-config`)"
+        parts.append(f"{where or '<top>'}: {msg}")
+    return "; ".join(dict.fromkeys(parts))
+
+
+def parse_config(raw: Any, source: str = "config") -> PretrainConfig:
+    if not isinstance(raw, dict):
+        raise HetlmError(f"{source}: expected a mapping with run/data/model/train sections, "
+                         f"got {type(raw).__name__}")
+    try:
+        return PretrainConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise HetlmError(f"invalid {source}: {_format_errors(exc)}") from None
+
+
+def load_config(path: str | Path) -> PretrainConfig:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise HetlmError(f"config file {path} does not exist: check the path")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise HetlmError(f"config file {path} is not UTF-8 text") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "malformed YAML"
+        raise HetlmError(f"config file {path}{where}: {problem}; fix the YAML syntax") from None
+    return parse_config(raw, source=str(path))
+
+
+def config_help() -> str:
+    """Every config key with its default and description, generated from the models."""
+    lines: list[str] = []
+    for section_name, field in PretrainConfig.model_fields.items():
+        lines.append(f"{section_name}:")
+        section_type = field.annotation
+        for name, sub in section_type.model_fields.items():  # type: ignore[union-attr]
+            default = "required" if sub.is_required() else repr(sub.get_default(call_default_factory=True))
+            desc = f"  # {sub.description}" if sub.description else ""
+            lines.append(f"  {name}: {default}{desc}")
+    return "\n".join(lines)

@@ -1,0 +1,78 @@
+"""Emulated nodes on one machine: ``hetlm pretrain --local-nodes N``.
+
+Starts N ``torchrun`` agents on 127.0.0.1 (static rendezvous, gloo on CPU), exactly as N real
+nodes would be started, so a user without a cluster sees the multi-node path work. Each agent
+gets its share of the machine's cores (OMP_NUM_THREADS), since ranks on one machine that all
+use every core slow each other down.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def torchrun_command(*, nnodes: int, node_rank: int, nproc_per_node: int, master_addr: str,
+                     master_port: int, args: list[str], max_restarts: int = 0) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}",
+            f"--node-rank={node_rank}", f"--nproc-per-node={nproc_per_node}",
+            f"--master-addr={master_addr}", f"--master-port={master_port}",
+            f"--max-restarts={max_restarts}", "-m", "hetlm.cli", *args]
+
+
+def run_local_nodes(args: list[str], *, nodes: int, nproc_per_node: int = 1,
+                    max_restarts: int = 0, threads_per_rank: int | None = None) -> int:
+    """Run ``hetlm <args>`` as ``nodes`` torchrun agents on this machine; returns the exit code."""
+    port = free_port()
+    ranks = nodes * nproc_per_node
+    threads = threads_per_rank or max(1, (os.cpu_count() or 1) // ranks)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    agents = [subprocess.Popen(
+        torchrun_command(nnodes=nodes, node_rank=i, nproc_per_node=nproc_per_node,
+                         master_addr="127.0.0.1", master_port=port, args=args,
+                         max_restarts=max_restarts),
+        env=env, start_new_session=True) for i in range(nodes)]
+    try:
+        return _wait_all(agents)
+    except KeyboardInterrupt:
+        _terminate(agents)
+        raise
+
+
+def _wait_all(agents: list[subprocess.Popen]) -> int:
+    """Wait for every agent; if one fails, stop the others instead of letting them hang."""
+    codes: dict[int, int] = {}
+    while len(codes) < len(agents):
+        for i, agent in enumerate(agents):
+            if i not in codes and agent.poll() is not None:
+                codes[i] = agent.returncode
+                if agent.returncode != 0:
+                    time.sleep(2.0)  # let the peers report their own error first
+                    _terminate([a for j, a in enumerate(agents) if j not in codes])
+        time.sleep(0.2)
+    return max(codes.values(), key=abs)
+
+
+def _terminate(agents: list[subprocess.Popen]) -> None:
+    for agent in agents:
+        if agent.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(agent.pid, signal.SIGTERM)
+    deadline = time.time() + 10
+    for agent in agents:
+        try:
+            agent.wait(timeout=max(0.1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            os.killpg(agent.pid, signal.SIGKILL)
+            agent.wait()

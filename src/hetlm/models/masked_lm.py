@@ -1,0 +1,48 @@
+"""Masked-LM objective with vocabulary logits only at the masked positions.
+
+The stock Hugging Face MLM head projects every position onto the vocabulary; only ~15% of them
+have a label. Gathering the masked hidden states first and running the head on those alone made
+a small BERT step 2.4x faster on CPU (docs/DESIGN.md). The wrapped model is the ordinary
+``BertForMaskedLM``, so what is saved is what ``AutoModelForMaskedLM`` loads.
+
+The forward returns the *summed* loss, never the mean: the training step divides by the number
+of masked tokens in the whole global batch (token-exact loss, split invariance).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hetlm.errors import HetlmError
+
+# model_type -> (encoder attribute, head attribute) of the *ForMaskedLM class
+_PARTS = {"bert": ("bert", "cls"), "roberta": ("roberta", "lm_head")}
+
+
+class SparseMaskedLM(nn.Module):
+    """Wraps a ``*ForMaskedLM`` model; forward gives (loss_sum, correct predictions)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        model_type = model.config.model_type
+        if model_type not in _PARTS:
+            raise HetlmError(f"masked-LM training does not support model type {model_type!r} yet")
+        self.model = model
+        self._encoder_name, self._head_name = _PARTS[model_type]
+
+    def forward(self, input_ids: torch.Tensor, masked_positions: torch.Tensor,
+                masked_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        encoder = getattr(self.model, self._encoder_name)
+        head = getattr(self.model, self._head_name)
+        hidden = encoder(input_ids=input_ids).last_hidden_state           # [b, s, h]
+        index = masked_positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+        selected = hidden.gather(1, index)                                  # [b, slots, h]
+        logits = head(selected).float()                                     # [b, slots, vocab]
+        flat_logits = logits.view(-1, logits.shape[-1])
+        flat_labels = masked_labels.view(-1)
+        loss_sum = F.cross_entropy(flat_logits, flat_labels, ignore_index=-100, reduction="sum")
+        with torch.no_grad():
+            correct = ((flat_logits.argmax(-1) == flat_labels) & (flat_labels != -100)).sum()
+        return loss_sum, correct

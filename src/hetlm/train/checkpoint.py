@@ -1,0 +1,154 @@
+"""Checkpoints: written atomically, verified on load, the last K kept.
+
+Layout of ``<output_dir>/checkpoints/step-00000100/``: the model as ``save_pretrained`` writes
+it (safetensors + config.json, so ``transformers`` can load any checkpoint), ``optimizer.pt``,
+``scheduler.pt``, ``precision.pt``, ``rng.pt`` (every rank's RNG states), ``trainer_state.json``
+(step, sampler position, what the run was trained on) and ``manifest.json`` (size and sha256 of
+every file), written last.
+
+Only rank 0 writes; everything goes to a ``.tmp-`` directory that is renamed into place once
+complete, so a crash mid-write never destroys the previous checkpoint. A directory without a
+valid manifest is not a checkpoint. Every rank reads the checkpoint on resume, so for
+multi-node runs ``output_dir`` must be on a shared filesystem (checked at start-up).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hetlm.errors import HetlmError
+
+MANIFEST = "manifest.json"
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST}
+    (directory / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+
+
+def verify_manifest(directory: Path) -> str | None:
+    """None when the checkpoint is complete and intact, else what is wrong with it."""
+    manifest = directory / MANIFEST
+    if not manifest.is_file():
+        return "no manifest (an interrupted write?)"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError):
+        return "unreadable manifest"
+    for name, meta in files.items():
+        path = directory / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != meta["bytes"]:
+            return f"{name} has {path.stat().st_size} bytes, the manifest says {meta['bytes']}"
+        if _sha256(path) != meta["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def load_model_weights(model: nn.Module, directory: Path) -> None:
+    """Load safetensors weights saved by ``save_pretrained`` into an existing model."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(directory / "model.safetensors"))
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1].strip()
+        raise HetlmError(f"checkpoint {directory} does not match the model ({first}): resume "
+                         "with the model config it was trained with") from None
+    loaded_ptrs = {p.data_ptr() for name, p in model.state_dict().items() if name in state}
+    own = model.state_dict()
+    untied = [k for k in result.missing_keys if own[k].data_ptr() not in loaded_ptrs]
+    if untied or result.unexpected_keys:
+        raise HetlmError(
+            f"checkpoint {directory} does not match the model (missing {untied[:3]}, unexpected "
+            f"{result.unexpected_keys[:3]}): resume with the model config it was trained with")
+
+
+class CheckpointManager:
+    def __init__(self, root: Path, keep_last: int) -> None:
+        self.root = Path(root)
+        self.keep_last = keep_last
+
+    def step_dir(self, step: int) -> Path:
+        return self.root / f"step-{step:08d}"
+
+    def complete_checkpoints(self) -> list[tuple[int, Path]]:
+        if not self.root.is_dir():
+            return []
+        found = []
+        for path in self.root.iterdir():
+            match = STEP_DIR.match(path.name)
+            if match and path.is_dir() and (path / MANIFEST).is_file():
+                found.append((int(match.group(1)), path))
+        return sorted(found)
+
+    def latest_valid(self) -> Path | None:
+        """Newest checkpoint whose files match their manifest; broken ones are skipped."""
+        for _step, path in reversed(self.complete_checkpoints()):
+            problem = verify_manifest(path)
+            if problem is None:
+                return path
+            warnings.warn(f"skipping checkpoint {path}: {problem}", stacklevel=2)
+        return None
+
+    def save(self, step: int, *, model: nn.Module, states: dict[str, Any],
+             trainer_state: dict[str, Any]) -> Path:
+        """Write one checkpoint (rank 0 only). ``states`` maps file stem -> torch-saved object."""
+        final = self.step_dir(step)
+        tmp = self.root / f".tmp-{final.name}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        try:
+            model.save_pretrained(tmp, safe_serialization=True)
+            for stem, obj in states.items():
+                torch.save(obj, tmp / f"{stem}.pt")
+            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+            write_manifest(tmp)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise HetlmError(
+                f"could not write checkpoint {final} ({exc.strerror or exc}); the previous "
+                "checkpoint is intact: free space or fix permissions, then resume") from None
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        self._prune()
+        return final
+
+    def _prune(self) -> None:
+        complete = self.complete_checkpoints()
+        for _step, path in complete[:-self.keep_last]:
+            shutil.rmtree(path, ignore_errors=True)
+
+    @staticmethod
+    def load_trainer_state(directory: Path) -> dict[str, Any]:
+        return json.loads((directory / "trainer_state.json").read_text())
+
+    @staticmethod
+    def load_states(directory: Path) -> dict[str, Any]:
+        states = {p.stem: torch.load(p, map_location="cpu", weights_only=False)
+                  for p in directory.glob("*.pt")}
+        states["trainer_state"] = json.loads((directory / "trainer_state.json").read_text())
+        return states

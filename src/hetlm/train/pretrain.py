@@ -1,0 +1,362 @@
+"""Masked-LM pretraining: the whole optimizer step on one screen.
+
+Read ``train_step`` first: micro-batches from the heterogeneous sampler, one all-reduce of the
+number of masked tokens, summed losses scaled by world_size / n_global (token-exact: the
+gradient is that of one big batch, whatever the split), clip, step. Everything else here is
+set-up (model, data, engine, precision, checkpoint) and bookkeeping (eval, metrics, saving).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hetlm.config import PretrainConfig
+from hetlm.data.collators import EVAL_EPOCH, MLMBatch, MLMCollator
+from hetlm.data.sampler import HeterogeneousBatchSampler
+from hetlm.errors import HetlmError
+from hetlm.models.build import build_masked_lm
+from hetlm.models.masked_lm import SparseMaskedLM
+from hetlm.topology import BatchSplit
+from hetlm.train import distributed as D
+from hetlm.train.checkpoint import CheckpointManager, load_model_weights
+from hetlm.train.engine import build_engine
+from hetlm.train.metrics import MetricsLogger, plot_loss
+from hetlm.train.optim import build_optimizer, linear_schedule
+from hetlm.train.precision import Precision, resolve_precision
+
+
+@dataclass
+class StepResult:
+    loss_sum: torch.Tensor   # this rank's summed loss (detached)
+    num_targets: int         # this rank's masked tokens
+    num_targets_global: int
+    grad_norm: float
+    stepped: bool            # False when an fp16 overflow skipped the update
+
+
+def train_step(engine, precision: Precision, optimizer, scheduler, ctx: D.DistContext,
+               micro_batches: list[MLMBatch], max_grad_norm: float | None) -> StepResult:
+    n_local = sum(mb.num_targets for mb in micro_batches)
+    n_global = int(D.all_reduce_sum(ctx, torch.tensor([n_local], dtype=torch.int64)).item())
+    loss_sum_local = torch.zeros((), device=ctx.device)
+    for i, mb in enumerate(micro_batches):
+        with engine.sync_gradients(i == len(micro_batches) - 1):
+            with precision.autocast():
+                loss_sum, _ = engine.module(mb.input_ids.to(ctx.device),
+                                            mb.masked_positions.to(ctx.device),
+                                            mb.masked_labels.to(ctx.device))
+            # Summed, never averaged: / n_global makes the global token mean; * world cancels
+            # the engine's average over ranks.
+            precision.backward(loss_sum * engine.loss_scale_world / n_global)
+        loss_sum_local += loss_sum.detach().float()
+    precision.unscale(optimizer)
+    grad_norm = engine.clip(max_grad_norm)
+    stepped = precision.step(optimizer)
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss_sum_local, n_local, n_global, float(grad_norm), stepped)
+
+
+# ---------------------------------------------------------------- set-up helpers
+
+
+def _special_ids(meta: dict[str, Any]) -> dict[str, int]:
+    ids = meta.get("special_token_ids")
+    if not ids or "mask" not in ids or "pad" not in ids:
+        raise HetlmError("the dataset's hetlm_dataset.json has no special token ids: re-run "
+                         "`hetlm prepare`")
+    return {name: int(value) for name, value in ids.items()}
+
+
+class PackedMLMData:
+    """A packed split plus its collator: indices in, ``MLMBatch`` out."""
+
+    def __init__(self, split_dataset, meta: dict[str, Any], mlm_probability: float, seed: int):
+        self.rows = split_dataset.with_format("numpy")
+        self.seq_len = int(meta["seq_len"])
+        special = _special_ids(meta)
+        self.collator = MLMCollator(
+            seq_len=self.seq_len, vocab_size=int(meta["vocab_size"]), mask_id=special["mask"],
+            special_ids=[special[k] for k in ("pad", "cls", "sep", "unk", "mask") if k in special],
+            mlm_probability=mlm_probability, seed=seed)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def batch(self, indices: np.ndarray, epoch: int) -> MLMBatch:
+        rows = np.asarray(self.rows[indices.tolist()]["input_ids"])
+        return self.collator(rows, indices, epoch)
+
+
+def _check_shared_dir(ctx: D.DistContext, output_dir: Path) -> None:
+    """Multi-node runs read checkpoints written by rank 0: output_dir must be shared."""
+    marker = output_dir / ".hetlm-shared-check"
+    if ctx.is_main:
+        marker.write_text(str(time.time()))
+    D.barrier(ctx)
+    seen = marker.is_file()
+    ok = D.all_gather_object(ctx, seen)
+    D.barrier(ctx)
+    if ctx.is_main:
+        marker.unlink(missing_ok=True)
+    if not all(ok):
+        missing = [r for r, s in enumerate(ok) if not s]
+        raise HetlmError(f"run.output_dir {output_dir} is not visible from ranks {missing}: put "
+                         "it on a filesystem every node shares (e.g. NFS)")
+
+
+def _fingerprint(config: PretrainConfig, meta: dict[str, Any]) -> dict[str, Any]:
+    """What must not change across a resume (the split may)."""
+    return {"dataset_vocab_hash": meta.get("tokenizer_vocab_hash"),
+            "dataset_sequences": meta.get("num_sequences"),
+            "seq_len": meta["seq_len"], "vocab_size": meta["vocab_size"],
+            "model": config.model.model_dump(mode="json"),
+            "global_batch": config.train.global_batch, "seed": config.run.seed}
+
+
+def _check_resume_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    differs = [k for k in current if k in saved and saved[k] != current[k]]
+    if differs:
+        details = ", ".join(f"{k}: checkpoint {saved[k]!r} vs now {current[k]!r}" for k in differs)
+        raise HetlmError(f"cannot resume from {path}: {details}; resume with the original "
+                         "settings or start a new output_dir")
+
+
+# ---------------------------------------------------------------- the run
+
+
+class Pretraining:
+    """Owns the objects of one run; ``run()`` is the loop."""
+
+    def __init__(self, config: PretrainConfig, ctx: D.DistContext, resume: bool) -> None:
+        from hetlm.data.packing import load_packed_dataset
+
+        self.config, self.ctx, self.train_cfg = config, ctx, config.train
+        self.output_dir = Path(config.run.output_dir)
+        node_of_rank = [int(n) for n in D.all_gather_object(ctx, ctx.node_rank)]
+        self.split: BatchSplit = config.batch_split(ctx.world_size, node_of_rank)
+        self.node_of_rank = node_of_rank
+
+        dataset, self.meta = load_packed_dataset(config.data.dataset)
+        self.tokenizer_dir = Path(config.data.tokenizer or self.meta["tokenizer_dir"])
+        seed = config.run.seed
+        self.train_data = PackedMLMData(dataset["train"], self.meta, self.train_cfg.mlm_probability, seed)
+        self.eval_data = PackedMLMData(dataset["validation"], self.meta, self.train_cfg.mlm_probability, seed)
+        self.sampler = HeterogeneousBatchSampler(len(self.train_data), self.split, ctx.rank, seed)
+
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if ctx.enabled:
+            _check_shared_dir(ctx, self.output_dir)
+        self.checkpoints = CheckpointManager(self.output_dir / "checkpoints", self.train_cfg.keep_last)
+
+        special = _special_ids(self.meta)
+        model = build_masked_lm(config.model, vocab_size=int(self.meta["vocab_size"]),
+                                pad_token_id=special["pad"],
+                                max_position_embeddings=max(512, self.train_data.seq_len),
+                                seed=seed)
+        self.fingerprint = _fingerprint(config, self.meta)
+        resume_dir = self._find_resume_dir() if resume else None
+        if resume_dir is not None:
+            saved = CheckpointManager.load_trainer_state(resume_dir)
+            _check_resume_compatible(saved["fingerprint"], self.fingerprint, resume_dir)
+            load_model_weights(model, resume_dir)
+        self.engine = build_engine("ddp", SparseMaskedLM(model), ctx)
+        self.precision = Precision(resolve_precision(self.train_cfg.precision, ctx.device), ctx.device)
+        self.optimizer = build_optimizer(self.engine.unwrapped, lr=self.train_cfg.lr,
+                                         weight_decay=self.train_cfg.weight_decay,
+                                         betas=self.train_cfg.adam_betas, eps=self.train_cfg.adam_eps)
+        self.scheduler = linear_schedule(self.optimizer, self.train_cfg.warmup_steps,
+                                         self.train_cfg.max_steps)
+        torch.manual_seed(seed * 1009 + ctx.rank)  # dropout stream of this rank
+        self.step = 0
+        self.last_checkpoint: Path | None = None
+        if resume_dir is not None:
+            self._restore(resume_dir)
+
+    @property
+    def hf_model(self):
+        return self.engine.unwrapped.model
+
+    # ---- resume
+
+    def _find_resume_dir(self) -> Path:
+        found = self.checkpoints.latest_valid()
+        if found is None:
+            raise HetlmError(f"no complete checkpoint under {self.checkpoints.root} to resume "
+                             "from: run without --resume to start a new run")
+        return found
+
+    def _restore(self, path: Path) -> None:
+        states = CheckpointManager.load_states(path)
+        trainer = states["trainer_state"]
+        self.optimizer.load_state_dict(states["optimizer"])
+        self.scheduler.load_state_dict(states["scheduler"])
+        self.precision.load_state_dict(states["precision"])
+        self.sampler.load_state_dict(trainer["sampler"])
+        rng = states["rng"]
+        if len(rng) == self.ctx.world_size:  # same split: continue each rank's dropout stream
+            torch.set_rng_state(rng[self.ctx.rank]["cpu"])
+            if torch.cuda.is_available() and rng[self.ctx.rank].get("cuda") is not None:
+                torch.cuda.set_rng_state(rng[self.ctx.rank]["cuda"])
+        self.step = int(trainer["step"])
+        self.last_checkpoint = path
+
+    # ---- checkpoint, eval, final save
+
+    def save_checkpoint(self) -> None:
+        rng = {"cpu": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+        all_rng = D.all_gather_object(self.ctx, rng)
+        if self.ctx.is_main:
+            self.last_checkpoint = self.checkpoints.save(
+                self.step, model=self.hf_model,
+                states={"optimizer": self.optimizer.state_dict(),
+                        "scheduler": self.scheduler.state_dict(),
+                        "precision": self.precision.state_dict(), "rng": all_rng},
+                trainer_state={"step": self.step, "sampler": self.sampler.state_dict(),
+                               "world_size": self.ctx.world_size,
+                               "shares": list(self.split.shares),
+                               "micro_steps": self.split.micro_steps,
+                               "fingerprint": self.fingerprint})
+        D.barrier(self.ctx)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Held-out MLM loss and accuracy, masking fixed by (seed, EVAL_EPOCH, index)."""
+        count = min(self.train_cfg.eval_samples, len(self.eval_data))
+        mine = np.arange(count)[self.ctx.rank::self.ctx.world_size]
+        model = self.engine.unwrapped
+        model.eval()
+        totals = torch.zeros(3, dtype=torch.float64)
+        for start in range(0, len(mine), self.train_cfg.eval_batch):
+            mb = self.eval_data.batch(mine[start:start + self.train_cfg.eval_batch], EVAL_EPOCH)
+            with self.precision.autocast():
+                loss_sum, correct = model(mb.input_ids.to(self.ctx.device),
+                                          mb.masked_positions.to(self.ctx.device),
+                                          mb.masked_labels.to(self.ctx.device))
+            totals += torch.tensor([float(loss_sum), float(correct), mb.num_targets],
+                                   dtype=torch.float64)
+        model.train()
+        D.all_reduce_sum(self.ctx, totals)
+        n = max(1.0, float(totals[2]))
+        return {"eval_loss": float(totals[0]) / n, "eval_accuracy": float(totals[1]) / n,
+                "eval_tokens": int(totals[2])}
+
+    def save_final(self) -> Path:
+        """The model as ``save_pretrained`` writes it, with the tokenizer beside it."""
+        from hetlm.data.tokenizer import load_tokenizer, save_fast_tokenizer
+
+        final = self.output_dir / "model"
+        if self.ctx.is_main:
+            self.hf_model.save_pretrained(final, safe_serialization=True)
+            save_fast_tokenizer(load_tokenizer(self.tokenizer_dir), final)
+            if not (final / "tokenizer.json").is_file():
+                raise HetlmError(f"the tokenizer from {self.tokenizer_dir} saved no files into "
+                                 f"{final}: check data.tokenizer")
+        D.barrier(self.ctx)
+        return final
+
+    # ---- the loop
+
+    def run(self, stop_at_step: int | None = None) -> dict[str, Any]:
+        """Train to ``max_steps`` (or stop, checkpointed, at ``stop_at_step``)."""
+        cfg, ctx = self.train_cfg, self.ctx
+        end_step = min(cfg.max_steps, stop_at_step or cfg.max_steps)
+        logger = MetricsLogger(self.output_dir, total_steps=cfg.max_steps, start_step=self.step,
+                               enabled=ctx.is_main, log_every=cfg.log_every)
+        logger.event(event="resume" if self.step else "start", step=self.step,
+                     world_size=ctx.world_size, shares=list(self.split.shares),
+                     micro_steps=self.split.micro_steps, precision=self.precision.name,
+                     engine=self.engine.name, time=time.time())
+        self.engine.module.train()
+        history: list[dict[str, Any]] = []
+        while self.step < end_step:
+            started = time.perf_counter()
+            batch = self.sampler.next_step()
+            micro = [self.train_data.batch(ids, batch.epoch) for ids in batch.micro_batches]
+            result = train_step(self.engine, self.precision, self.optimizer, self.scheduler, ctx,
+                                micro, cfg.max_grad_norm)
+            self.step += 1
+            busy_s = time.perf_counter() - started
+            stats = torch.tensor([float(result.loss_sum), sum(len(m) for m in micro),
+                                  sum(m.num_tokens for m in micro), busy_s], dtype=torch.float64)
+            per_rank = torch.stack(D.all_gather_tensor(ctx, stats))
+            wall_s = time.perf_counter() - started
+            loss = float(per_rank[:, 0].sum()) / result.num_targets_global
+            record = {"step": self.step, "epoch": batch.epoch, "loss": loss,
+                      "lr": self.scheduler.get_last_lr()[0], "grad_norm": result.grad_norm,
+                      "skipped": not result.stepped, "step_time_s": wall_s,
+                      "masked_tokens": result.num_targets_global,
+                      "samples_per_s": float(per_rank[:, 1].sum()) / wall_s,
+                      "tokens_per_s": float(per_rank[:, 2].sum()) / wall_s,
+                      "tokens_per_s_per_rank": [float(t) / wall_s for t in per_rank[:, 2]],
+                      "busy_s_per_rank": [float(b) for b in per_rank[:, 3]]}
+            history.append(record)
+            logger.step(record)
+            if not math.isfinite(loss) and self.precision.name != "fp16":
+                logger.close()
+                last = self.last_checkpoint or "none (no checkpoint was written yet)"
+                raise HetlmError(f"the loss became {loss} at step {self.step}; last good "
+                                 f"checkpoint: {last}; resume from it with a lower lr")
+            done = self.step == end_step
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and not done:
+                metrics = self.evaluate()
+                logger.event(event="eval", step=self.step, **metrics)
+                logger.scalar("eval/loss", metrics["eval_loss"], self.step)
+                logger.scalar("eval/accuracy", metrics["eval_accuracy"], self.step)
+            if done or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
+                self.save_checkpoint()
+        if self.step < cfg.max_steps:  # stopped early on request: resumable, no final model
+            logger.event(event="stop", step=self.step, checkpoint=str(self.last_checkpoint))
+            logger.close()
+            return {"steps": self.step, "stopped_at": self.step,
+                    "last_checkpoint": str(self.last_checkpoint)}
+        final_eval = self.evaluate()
+        logger.event(event="eval", step=self.step, **final_eval)
+        final_dir = self.save_final()
+        logger.event(event="end", step=self.step, time=time.time(), **final_eval)
+        logger.close()
+        summary = self._summary(history, final_eval, final_dir)
+        if ctx.is_main:
+            plot_loss(self.output_dir / "metrics.jsonl", self.output_dir / "loss.png")
+            import json
+
+            (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        return summary
+
+    def _summary(self, history: list[dict[str, Any]], final_eval: dict[str, float],
+                 final_dir: Path) -> dict[str, Any]:
+        timed = history[1:] or history  # the first step includes warm-up costs
+        wall = sum(r["step_time_s"] for r in timed) or float("nan")
+        per_rank = [sum(r["tokens_per_s_per_rank"][i] * r["step_time_s"] for r in timed) / wall
+                    for i in range(self.ctx.world_size)] if timed else []
+        return {"steps": self.step, "steps_this_run": len(history),
+                "loss_first": history[0]["loss"] if history else None,
+                "loss_last": history[-1]["loss"] if history else None,
+                **final_eval,
+                "tokens_per_s": sum(per_rank), "tokens_per_s_per_rank": per_rank,
+                "micro_batches": [self.split.micro_batch_sizes(r) for r in range(self.ctx.world_size)],
+                "global_batch": self.split.global_batch, "precision": self.precision.name,
+                "model_dir": str(final_dir), "output_dir": str(self.output_dir),
+                "last_checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None}
+
+
+def run_pretraining(config: PretrainConfig, *, resume: bool = False,
+                    stop_at_step: int | None = None) -> dict[str, Any]:
+    """Run (or resume) one pretraining job in this process; returns the run summary."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    D.set_threads_for_rank()
+    ctx = D.init_distributed(config.train.dist_timeout_s)
+    try:
+        return Pretraining(config, ctx, resume).run(stop_at_step)
+    finally:
+        D.shutdown()
