@@ -58,8 +58,11 @@ class MicroBatchSection(_Section):
 
 class TrainSection(_Section):
     global_batch: int = Field(gt=0, description="Samples per optimizer step, over all ranks.")
-    micro_batch: MicroBatchSection | int = Field(
-        description="An int (same on every rank), {per_node: [...]}, or {per_rank: [...]}.")
+    micro_batch: MicroBatchSection | int | None = Field(
+        None, description="An int (same on every rank), {per_node: [...]}, or {per_rank: [...]}; "
+        "not needed with a plan.")
+    plan: Path | None = Field(
+        None, description="A plan from `hetlm plan` (or --plan): per-rank shares and precision.")
     max_steps: int = Field(gt=0)
     lr: float = Field(5e-4, gt=0)
     warmup_steps: int = Field(0, ge=0)
@@ -87,6 +90,9 @@ class PretrainConfig(_Section):
     def micro_batches_for(self, world_size: int, node_of_rank: list[int]) -> list[int]:
         """Per-rank micro-batch sizes for the launched topology (checked against it)."""
         mb = self.train.micro_batch
+        if mb is None:
+            raise HetlmError("give train.micro_batch (e.g. {per_node: [8, 4]}) or a plan "
+                             "(train.plan or --plan)")
         if isinstance(mb, int):
             return [mb] * world_size
         if mb.per_rank is not None:
@@ -104,8 +110,26 @@ class PretrainConfig(_Section):
         return [mb.per_node[node] for node in node_of_rank]
 
     def batch_split(self, world_size: int, node_of_rank: list[int]) -> BatchSplit:
+        """The split of the global batch for the launched topology: from the plan if one is
+        given (checked against the launched ranks per node), else from the micro-batches."""
+        if self.train.plan is not None:
+            plan = self.load_plan()
+            ranks_per_node = [node_of_rank.count(n) for n in range(max(node_of_rank) + 1)]
+            plan.check_topology(world_size, ranks_per_node)
+            return plan.batch_split
         return BatchSplit.from_micro_batches(self.train.global_batch,
                                              self.micro_batches_for(world_size, node_of_rank))
+
+    def load_plan(self):
+        from hetlm.cluster.planner import load_plan
+
+        assert self.train.plan is not None
+        plan = load_plan(self.train.plan)
+        if plan.global_batch != self.train.global_batch:
+            raise HetlmError(
+                f"the plan {self.train.plan} is for global batch {plan.global_batch} but "
+                f"train.global_batch is {self.train.global_batch}: re-plan or fix the config")
+        return plan
 
 
 def _format_errors(exc: ValidationError) -> str:

@@ -21,6 +21,9 @@ def register(subparsers) -> None:
                    help="emulate N nodes on this machine (N torchrun agents on 127.0.0.1, gloo)")
     p.add_argument("--nproc-per-node", type=int, default=1, metavar="K",
                    help="ranks per emulated node (with --local-nodes)")
+    p.add_argument("--plan", default=None, metavar="PLAN.yaml",
+                   help="a plan from `hetlm plan`: per-rank shares and precision (overrides "
+                        "train.plan)")
     p.add_argument("--quiet", action="store_true", help="do not print the summary at the end")
     p.add_argument("--help-config", action="store_true", help="list every config key and exit")
     p.set_defaults(func=run)
@@ -36,6 +39,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.config:
         raise HetlmError("give a config file: hetlm pretrain CONFIG.yaml (see --help-config)")
     config = load_config(args.config)
+    if args.plan:
+        config.train.plan = args.plan
     if args.local_nodes:
         return _launch_local(args, config)
     from hetlm.train.pretrain import run_pretraining
@@ -64,6 +69,7 @@ def _launch_local(args: argparse.Namespace, config) -> int:
     load_packed_dataset(config.data.dataset)            # a missing dataset before any launch
     forwarded = ["pretrain", args.config] + (["--resume"] if args.resume else [])
     forwarded += ["--quiet"] if args.quiet else []
+    forwarded += ["--plan", args.plan] if args.plan else []
     if args.stop_at_step:
         forwarded += ["--stop-at-step", str(args.stop_at_step)]
     return run_local_nodes(forwarded, nodes=nodes, nproc_per_node=per_node)

@@ -168,7 +168,10 @@ class Pretraining:
             _check_resume_compatible(saved["fingerprint"], self.fingerprint, resume_dir)
             load_model_weights(model, resume_dir)
         self.engine = build_engine("ddp", SparseMaskedLM(model), ctx)
-        self.precision = Precision(resolve_precision(self.train_cfg.precision, ctx.device), ctx.device)
+        requested = self.train_cfg.precision
+        if config.train.plan is not None and requested == "auto":
+            requested = config.load_plan().precision  # the plan chose it for the whole cluster
+        self.precision = Precision(resolve_precision(requested, ctx.device), ctx.device)
         self.optimizer = build_optimizer(self.engine.unwrapped, lr=self.train_cfg.lr,
                                          weight_decay=self.train_cfg.weight_decay,
                                          betas=self.train_cfg.adam_betas, eps=self.train_cfg.adam_eps)
