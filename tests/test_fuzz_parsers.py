@@ -1,0 +1,113 @@
+"""Fuzzing the input parsers: whatever the input, a parser either succeeds or raises HetlmError.
+
+Any other exception (KeyError, TypeError, a yaml or unicode error leaking out) would reach the
+user as a traceback, which hetlm promises never to show for a user mistake.
+"""
+
+from __future__ import annotations
+
+import json
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hetlm.errors import HetlmError
+
+SETTINGS = settings(max_examples=150, deadline=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                           HealthCheck.too_slow])
+
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6),
+                    st.floats(allow_nan=True), st.text(max_size=12))
+json_like = st.recursive(
+    scalars,
+    lambda children: st.one_of(st.lists(children, max_size=4),
+                               st.dictionaries(st.text(max_size=10), children, max_size=4)),
+    max_leaves=20)
+
+config_keys = st.sampled_from(["run", "data", "model", "train", "output_dir", "dataset",
+                               "global_batch", "micro_batch", "per_node", "per_rank",
+                               "max_steps", "precision", "plan", "lr", "preset"])
+config_like = st.recursive(
+    scalars,
+    lambda children: st.one_of(st.lists(children, max_size=3),
+                               st.dictionaries(config_keys, children, max_size=5)),
+    max_leaves=25)
+
+
+@SETTINGS
+@given(raw=st.one_of(json_like, config_like))
+def test_config_parser_raises_only_hetlm_errors(raw):
+    from hetlm.config import parse_config
+
+    try:
+        config = parse_config(raw)
+    except HetlmError as exc:
+        assert str(exc) and "\n" not in str(exc)
+        return
+    # a config that parsed must also give a split or a clear error
+    try:
+        config.batch_split(2, [0, 1])
+    except HetlmError:
+        pass
+
+
+@SETTINGS
+@given(text=st.text(max_size=300))
+def test_config_file_parser_on_arbitrary_text(text, tmp_path_factory):
+    from hetlm.config import load_config
+
+    path = tmp_path_factory.mktemp("cfg") / "c.yaml"
+    path.write_text(text, encoding="utf-8")
+    try:
+        load_config(path)
+    except HetlmError as exc:
+        assert "\n" not in str(exc)
+
+
+@SETTINGS
+@given(raw=st.one_of(json_like, st.fixed_dictionaries(
+    {"nodes": st.lists(st.dictionaries(
+        st.sampled_from(["gpus", "name", "host", "samples_per_s", "model", "count"]),
+        st.one_of(json_like, st.fixed_dictionaries(
+            {"model": st.sampled_from(["V100-32GB", "A6000", "cpu", "nope", ""]),
+             "count": st.one_of(st.integers(-2, 4), st.text(max_size=3))})), max_size=4),
+        max_size=3)})))
+def test_cluster_parser_raises_only_hetlm_errors(raw):
+    from hetlm.cluster.spec import parse_cluster
+
+    try:
+        parse_cluster(raw)
+    except HetlmError as exc:
+        assert "\n" not in str(exc)
+
+
+@SETTINGS
+@given(raw=json_like)
+def test_plan_parser_raises_only_hetlm_errors(raw):
+    from hetlm.cluster.planner import Plan
+
+    try:
+        Plan.from_dict(raw)
+    except HetlmError:
+        pass
+
+
+@SETTINGS
+@given(lines=st.lists(st.one_of(st.binary(max_size=60), st.text(max_size=60).map(str.encode),
+                                st.builds(lambda v: json.dumps(v).encode(), json_like)),
+                      max_size=12),
+       suffix=st.sampled_from([".jsonl", ".txt", ".json"]))
+def test_corpus_reader_raises_only_hetlm_errors(lines, suffix, tmp_path_factory):
+    from hetlm.data.corpus import CorpusStats, iter_documents
+
+    path = tmp_path_factory.mktemp("corpus") / f"c{suffix}"
+    path.write_bytes(b"\n".join(lines))
+    stats = CorpusStats()
+    try:
+        docs = list(iter_documents([path], stats=stats))
+    except HetlmError as exc:
+        assert "\n" not in str(exc)
+        return
+    assert all(isinstance(d, str) and d.strip() for d in docs)
+    assert stats.documents == len(docs)
