@@ -16,6 +16,8 @@ import subprocess
 import sys
 import time
 
+from hetlm.launch_output import pump_filtered
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -42,9 +44,13 @@ def run_local_nodes(args: list[str], *, nodes: int, nproc_per_node: int = 1,
         torchrun_command(nnodes=nodes, node_rank=i, nproc_per_node=nproc_per_node,
                          master_addr="127.0.0.1", master_port=port, args=args,
                          max_restarts=max_restarts),
-        env=env, start_new_session=True) for i in range(nodes)]
+        env=env, start_new_session=True, stderr=subprocess.PIPE) for i in range(nodes)]
+    pumps = [pump_filtered(agent.stderr, sys.stderr.fileno()) for agent in agents]
     try:
-        return _wait_all(agents)
+        code = _wait_all(agents)
+        for pump in pumps:
+            pump.join(timeout=5)
+        return code
     except KeyboardInterrupt:
         _terminate(agents)
         raise

@@ -305,9 +305,12 @@ class Pretraining:
             logger.step(record)
             if not math.isfinite(loss) and self.precision.name != "fp16":
                 logger.close()
-                last = self.last_checkpoint or "none (no checkpoint was written yet)"
+                if self.last_checkpoint is None:
+                    raise HetlmError(f"the loss became {loss} at step {self.step}, before any "
+                                     "checkpoint was written: restart with a lower lr")
                 raise HetlmError(f"the loss became {loss} at step {self.step}; last good "
-                                 f"checkpoint: {last}; resume from it with a lower lr")
+                                 f"checkpoint: {self.last_checkpoint}; resume from it "
+                                 "(--resume) with a lower lr")
             done = self.step == end_step
             if cfg.eval_every and self.step % cfg.eval_every == 0 and not done:
                 metrics = self.evaluate()
