@@ -69,3 +69,32 @@ def paragraph_corpus(tmp_path_factory) -> Path:
         folder = tmp_path_factory.mktemp("paragraphs")
         _CACHE["paragraphs"] = write_jsonl(folder / "paragraphs.jsonl", paragraphs)
     return _CACHE["paragraphs"]
+
+
+WORDPIECE_OPTIONS = dict(vocab_size=2000, workers=1)
+FINANCE_SENTENCE = "当社グループの売上高は前年同期比で増加しました。"
+
+
+def _wordpiece_tokenizer(kind: str, tmp_path_factory, corpus: Path, **options) -> Path:
+    """A MeCab or Sudachi + WordPiece tokenizer on the slice (skips when not installed)."""
+    pytest.importorskip("fugashi" if kind == "mecab" else "sudachipy")
+    key = f"{kind}:{sorted(options.items())}"
+    if key not in _CACHE:
+        from hetlm.data.tokenizer import train_tokenizer
+
+        out = tmp_path_factory.mktemp(f"tok_{kind}") / kind
+        _CACHE[key] = train_tokenizer([corpus], out, tokenizer_type=kind,
+                                      **{**WORDPIECE_OPTIONS, **options})
+    return _CACHE[key]
+
+
+@pytest.fixture(scope="session")
+def mecab_tokenizer(tmp_path_factory, aozora_slice) -> Path:
+    """MeCab (unidic-lite) + WordPiece, vocab 2000, trained on the slice."""
+    return _wordpiece_tokenizer("mecab", tmp_path_factory, aozora_slice)
+
+
+@pytest.fixture(scope="session")
+def sudachi_tokenizer(tmp_path_factory, aozora_slice) -> Path:
+    """Sudachi (mode C, core) + WordPiece, vocab 2000, trained on the slice."""
+    return _wordpiece_tokenizer("sudachi", tmp_path_factory, aozora_slice, sudachi_mode="C")

@@ -1,7 +1,8 @@
 """Run a pretraining config on N gloo ranks in subprocesses (torch.multiprocessing.spawn).
 
 Used by the multi-rank tests. A short process-group timeout makes a hang fail fast. The worker
-can swap in another ``train_step`` (the negative check of split invariance).
+can swap in another ``train_step`` (the negative check of split invariance) and run a ``setup``
+function first (by dotted name, e.g. to inject a fault on one rank).
 """
 
 from __future__ import annotations
@@ -21,7 +22,15 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, config: dict, kwargs: dict, step_fn: str | None):
+def _load(dotted: str):
+    import importlib
+
+    module_name, name = dotted.rsplit(".", 1)
+    return getattr(importlib.import_module(module_name), name)
+
+
+def _worker(rank: int, world: int, port: int, config: dict, kwargs: dict, step_fn: str | None,
+            setup: str | None = None):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK="0", GROUP_RANK=str(rank),
                       OMP_NUM_THREADS="1")
@@ -30,17 +39,17 @@ def _worker(rank: int, world: int, port: int, config: dict, kwargs: dict, step_f
     from hetlm.train import pretrain
 
     if step_fn:
-        import importlib
-
-        module_name, name = step_fn.rsplit(".", 1)
-        pretrain.train_step = getattr(importlib.import_module(module_name), name)
+        pretrain.train_step = _load(step_fn)
+    if setup:
+        _load(setup)()
     pretrain.run_pretraining(parse_config(config), **kwargs)
 
 
-def run_ranks(config: dict, world: int, step_fn: str | None = None, **kwargs) -> None:
+def run_ranks(config: dict, world: int, step_fn: str | None = None, setup: str | None = None,
+              timeout_s: float = 60, **kwargs) -> None:
     """Run ``config`` on ``world`` ranks; raises if any rank fails."""
-    config = {**config, "train": {**config["train"], "dist_timeout_s": 60}}
-    mp.spawn(_worker, args=(world, _free_port(), config, kwargs, step_fn), nprocs=world,
+    config = {**config, "train": {**config["train"], "dist_timeout_s": timeout_s}}
+    mp.spawn(_worker, args=(world, _free_port(), config, kwargs, step_fn, setup), nprocs=world,
              join=True)
 
 

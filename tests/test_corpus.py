@@ -190,3 +190,77 @@ def test_summary_is_one_paragraph(tmp_path):
     assert "\n" not in text
     for part in ("2 file(s)", "10 documents", "1,234 characters", "f.jsonl:3", "overlong"):
         assert part in text
+
+
+# ---------------------------------------------------------------- clear messages, new formats
+
+
+def test_bad_records_name_the_reason_and_strict_stops_at_file_and_line(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_text('{"text": "一"}\n{"title": "no text"}\n{"text": 42}\n', encoding="utf-8")
+    docs, stats = read([path])
+    assert docs == ["一"]
+    assert stats.bad_record_reasons == {"missing field 'text'": 1,
+                                        "field 'text' is not a string": 1}
+    assert "1 missing field 'text'" in stats.summary() and f"{path}:2" in stats.summary()
+    with pytest.raises(HetlmError, match=rf"{path}:2: missing field 'text'"):
+        read([path], strict=True)
+
+
+def test_undecodable_lines_are_located_and_strict_refuses_them(tmp_path):
+    path = tmp_path / "bad.txt"
+    path.write_bytes("良い行\n".encode() + b"\xff\xfebad\n" + "次\n".encode())
+    _, stats = read([path])
+    assert stats.undecodable_examples == [f"{path}:2"] and f"{path}:2" in stats.summary()
+    with pytest.raises(HetlmError, match=rf"{path}:2: undecodable bytes"):
+        read([path], strict=True)
+
+
+def test_a_shift_jis_file_is_refused_with_a_hint(tmp_path):
+    path = tmp_path / "sjis.txt"
+    path.write_bytes("吾輩は猫である。\n名前はまだ無い。\nどこで生れたか。\n".encode("cp932"))
+    with pytest.raises(HetlmError, match=r"sjis.txt is not UTF-8.*iconv -f CP932"):
+        read([path])
+    jsonl = tmp_path / "sjis.jsonl"
+    jsonl.write_bytes("".join(f'{{"text": "{t}"}}\n' for t in ("売上高", "前年同期", "増加"))
+                      .encode("cp932"))
+    with pytest.raises(HetlmError, match="not UTF-8"):
+        read([jsonl])
+
+
+def test_parquet_and_arrow_columns_stream_with_row_locations(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"text": ["ＡＢＣ一", None, "二\n三"], "n": [1, 2, 3]})
+    pq.write_table(table, tmp_path / "t.parquet", row_group_size=1)
+    with pa.OSFile(str(tmp_path / "t.arrow"), "wb") as sink, \
+            pa.ipc.new_file(sink, table.schema) as writer:  # the IPC *file* format
+        writer.write_table(table)
+    for name in ("t.parquet", "t.arrow"):
+        docs, stats = read([tmp_path / name])
+        assert docs == ["ABC一", "二\n三"]
+        assert stats.bad_records == 1 and stats.bad_record_examples == [f"{tmp_path / name}:2"]
+        with pytest.raises(HetlmError, match=rf"{name}:row 2: null text"):
+            read([tmp_path / name], strict=True)
+    with pytest.raises(HetlmError, match="has no column 'body'"):
+        read([tmp_path / "t.parquet"], text_field="body")
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"PAR1 not really")
+    with pytest.raises(HetlmError, match="cannot read .*broken.parquet"):
+        read([broken])
+
+
+def test_cleaner_strips_control_characters_and_counts():
+    from hetlm.data.cleaning import CleaningOptions, DocumentCleaner
+
+    cleaner = DocumentCleaner()
+    kept = list(cleaner.filter(["正常な文書です。ここまで", "制御\x00文字\x1bを含む\t文書。\n次の行",
+                                "正常な文書です。ここまで", "短い"]))
+    assert kept == ["正常な文書です。ここまで", "制御文字を含む\t文書。\n次の行"]
+    stats = cleaner.stats
+    assert (stats.kept, stats.duplicates_removed, stats.short_removed) == (2, 1, 1)
+    assert (stats.control_documents, stats.control_chars) == (1, 2)
+    assert list(DocumentCleaner(CleaningOptions.off()).filter(["短", "短"])) == ["短", "短"]
+    with pytest.raises(HetlmError, match="min_doc_chars"):
+        CleaningOptions(min_doc_chars=-1)

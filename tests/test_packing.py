@@ -50,13 +50,20 @@ def rows(dataset_dir, split) -> np.ndarray:
     return column.flatten().to_numpy().reshape(-1, column.type.list_size)
 
 
-def expected_streams(corpus, tokenizer_dir, fraction, seed=0, extra=()) -> dict[str, list[int]]:
-    """An independent re-statement of the split and join rules, using the plain HF tokenizer."""
+def expected_streams(corpus, tokenizer_dir, fraction, seed=0, extra=(),
+                     min_doc_chars=10) -> dict[str, list[int]]:
+    """An independent re-statement of the cleaning, split and join rules, using the plain HF
+    tokenizer: documents shorter than ``min_doc_chars`` and repeats are dropped, the others keep
+    their index in the stream read."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     streams: dict[str, list[int]] = {"train": [], "validation": []}
+    seen = set()
     for index, doc in enumerate(iter_documents([corpus])):
+        if len(doc.strip()) < min_doc_chars or doc in seen:
+            continue
+        seen.add(doc)
         ids = tok(doc, add_special_tokens=False)["input_ids"]
         val = is_validation_document(index, seed, fraction) or index in extra
         stream = streams["validation" if val else "train"]
@@ -119,7 +126,8 @@ def test_validation_reserve_keeps_only_what_one_sequence_needs():
 def test_splits_are_disjoint_by_document(prepared, paragraph_corpus):  # noqa: F811
     out, summary = prepared
     documents = sum(1 for _ in iter_documents([paragraph_corpus]))
-    assert summary.train.documents + summary.validation.documents == documents
+    removed = summary.cleaning.short_removed + summary.cleaning.duplicates_removed
+    assert summary.train.documents + summary.validation.documents == documents - removed
     assert 0 < summary.validation.documents < documents * 0.3
     _, meta = load_packed_dataset(out)
     assert meta["splits"]["train"]["documents"] == summary.train.documents
@@ -167,7 +175,9 @@ def test_metadata_describes_the_dataset(prepared, trained_tokenizer):  # noqa: F
                                      "validation": len(dataset["validation"])}
     assert meta["splits"]["validation"]["dropped_tail_tokens"] == \
         summary.validation.dropped_tail_tokens
-    assert meta["corpus"]["documents"] == meta["documents"]
+    cleaning = meta["cleaning"]
+    assert meta["corpus"]["documents"] - cleaning["short_removed"] - \
+        cleaning["duplicates_removed"] == meta["documents"] == cleaning["kept"]
     assert "Packed" in summary.summary() and str(out) in summary.summary()
 
 
@@ -200,7 +210,7 @@ def test_empty_corpus_is_an_error_and_leaves_nothing(tmp_path, trained_tokenizer
 
 
 def test_corpus_too_small_for_a_sequence(tmp_path, trained_tokenizer):  # noqa: F811
-    corpus = write_jsonl(tmp_path / "tiny.jsonl", ["吾輩は猫である。"])
+    corpus = write_jsonl(tmp_path / "tiny.jsonl", ["吾輩は猫である。名前はまだ無い。"])
     with pytest.raises(HetlmError, match="too small"):
         prepare_dataset([corpus], trained_tokenizer, tmp_path / "out", seq_len=64, workers=1)
 

@@ -18,9 +18,16 @@ from hetlm.errors import HetlmError
 COMMAND_MODULES = [
     "hetlm.commands.tokenizer",
     "hetlm.commands.prepare",
+    "hetlm.commands.stage",
     "hetlm.commands.pretrain",
     "hetlm.commands.plan",
     "hetlm.commands.demo",
+    "hetlm.commands.probe",
+    "hetlm.commands.bench",
+    "hetlm.commands.eval",
+    "hetlm.commands.chat",
+    "hetlm.commands.serve",
+    "hetlm.commands.export",
 ]
 
 

@@ -70,7 +70,21 @@ class TrainSection(_Section):
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = Field(1e-6, gt=0)
     max_grad_norm: float | None = Field(1.0, description="None or 0 disables clipping.")
-    precision: Precision = "auto"
+    precision: Precision = Field("auto", description="auto | fp32 | bf16 | fp16 (fp16 on CPU: "
+                                 "slow, for testing the overflow logic).")
+    engine: Literal["auto", "ddp", "zero1", "fsdp2", "deepspeed"] = Field(
+        "auto", description="auto: the plan's engine, else one for zero_stage (ddp for 0).")
+    zero_stage: Literal["auto", 0, 1, 2, 3] = Field(
+        "auto", description="auto: the plan's stage, else the engine's smallest (ddp 0, zero1 1, "
+        "fsdp2 2, deepspeed 0).")
+    bucket_cap_mb: float | None = Field(
+        None, gt=0, description="DDP gradient bucket size in MB (ddp, zero1); None: torch's 25.")
+    grad_compression: Literal["none", "fp16", "bf16"] = Field(
+        "none", description="16-bit gradient all-reduce (ddp, zero1): half the traffic, results "
+        "differ by 16-bit rounding (~1e-3).")
+    deepspeed_config: Path | None = Field(
+        None, description="A DeepSpeed JSON (engine deepspeed); batch sizes, clipping and "
+        "precision are filled in from this config.")
     mlm_probability: float = Field(0.15, gt=0, lt=1)
     checkpoint_every: int = Field(0, ge=0, description="0: only at the end.")
     keep_last: int = Field(2, ge=1)

@@ -26,24 +26,41 @@ def free_port() -> int:
 
 
 def torchrun_command(*, nnodes: int, node_rank: int, nproc_per_node: int, master_addr: str,
-                     master_port: int, args: list[str], max_restarts: int = 0) -> list[str]:
+                     master_port: int, args: list[str], max_restarts: int = 0,
+                     rank_prefix: list[str] | None = None) -> list[str]:
+    """The agent's command line. ``rank_prefix`` runs each rank as ``PREFIX python -m hetlm.cli
+    ...`` (torchrun ``--no-python``), e.g. to put the ranks, not the agent, in a cgroup."""
+    program = ["-m", "hetlm.cli", *args]
+    if rank_prefix:
+        program = ["--no-python", *rank_prefix, sys.executable, "-m", "hetlm.cli", *args]
     return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}",
             f"--node-rank={node_rank}", f"--nproc-per-node={nproc_per_node}",
             f"--master-addr={master_addr}", f"--master-port={master_port}",
-            f"--max-restarts={max_restarts}", "-m", "hetlm.cli", *args]
+            f"--max-restarts={max_restarts}", *program]
 
 
 def run_local_nodes(args: list[str], *, nodes: int, nproc_per_node: int = 1,
-                    max_restarts: int = 0, threads_per_rank: int | None = None) -> int:
-    """Run ``hetlm <args>`` as ``nodes`` torchrun agents on this machine; returns the exit code."""
+                    max_restarts: int = 0, threads_per_rank: int | None = None,
+                    master_addr: str = "127.0.0.1",
+                    agent_prefixes: list[list[str]] | None = None,
+                    rank_prefixes: list[list[str]] | None = None) -> int:
+    """Run ``hetlm <args>`` as ``nodes`` torchrun agents on this machine; returns the exit code.
+
+    For emulated heterogeneous nodes (benchmarks/emulated_cluster.py): node i's agent command is
+    prefixed by ``agent_prefixes[i]`` (e.g. ``ip netns exec NS``: the agent and its ranks in a
+    network namespace, with ``master_addr`` node 0's address there) and its ranks by
+    ``rank_prefixes[i]`` (e.g. a command that moves itself into a cgroup, then execs the rank).
+    """
     port = free_port()
     ranks = nodes * nproc_per_node
     threads = threads_per_rank or max(1, (os.cpu_count() or 1) // ranks)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     agents = [subprocess.Popen(
-        torchrun_command(nnodes=nodes, node_rank=i, nproc_per_node=nproc_per_node,
-                         master_addr="127.0.0.1", master_port=port, args=args,
-                         max_restarts=max_restarts),
+        [*(agent_prefixes[i] if agent_prefixes else []),
+         *torchrun_command(nnodes=nodes, node_rank=i, nproc_per_node=nproc_per_node,
+                           master_addr=master_addr, master_port=port, args=args,
+                           max_restarts=max_restarts,
+                           rank_prefix=rank_prefixes[i] if rank_prefixes else None)],
         env=env, start_new_session=True, stderr=subprocess.PIPE) for i in range(nodes)]
     pumps = [pump_filtered(agent.stderr, sys.stderr.fileno()) for agent in agents]
     try:

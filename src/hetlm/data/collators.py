@@ -42,15 +42,40 @@ class MLMBatch:
         return int(self.input_ids.shape[0])
 
 
+def continuation_mask(meta: dict, vocab_size: int | None = None) -> np.ndarray | None:
+    """``continuation[token_id]``: True for WordPiece ``##`` pieces, from a dataset's metadata.
+
+    None when the dataset's tokenizer marks no words (SentencePiece), so whole-word masking is
+    unavailable. ``meta`` is ``hetlm_dataset.json`` (``continuation_token_ids``).
+    """
+    ids = meta.get("continuation_token_ids")
+    if ids is None:
+        return None
+    size = int(vocab_size if vocab_size is not None else meta["vocab_size"])
+    mask = np.zeros(size, dtype=bool)
+    mask[np.asarray(ids, dtype=np.int64)] = True
+    return mask
+
+
 class MLMCollator:
     """BERT masking: choose round(p * candidates) positions; 80% [MASK], 10% random, 10% kept.
 
     The number of predictions per sequence is fixed by its candidates (as in the original BERT
     data pipeline), not drawn per token, which keeps every batch the same shape.
+
+    ``whole_word=True`` (with ``continuation``, a boolean array over the vocabulary marking
+    ``##`` pieces, see :func:`continuation_mask`) masks whole words: a word is a token that is not
+    a continuation plus the continuation pieces right after it; words are taken in a random order
+    until the count is reached, a word that would overshoot is skipped (as in Google's
+    ``create_pretraining_data.py``), so the count never exceeds round(p * candidates) nor the
+    slots; the 80/10/10 choice is made per word, so all pieces of a word are masked alike. A
+    continuation piece right after a special token (a word cut by a sequence boundary) starts a
+    word of its own.
     """
 
     def __init__(self, *, seq_len: int, vocab_size: int, mask_id: int, special_ids: list[int],
-                 mlm_probability: float = 0.15, seed: int = 0) -> None:
+                 mlm_probability: float = 0.15, seed: int = 0, whole_word: bool = False,
+                 continuation: np.ndarray | None = None) -> None:
         self.seq_len = seq_len
         self.vocab_size = vocab_size
         self.mask_id = mask_id
@@ -60,9 +85,21 @@ class MLMCollator:
         self.slots = max(1, math.ceil(seq_len * mlm_probability))
         # Random replacements never produce special tokens (they are the lowest ids).
         self.random_low = int(self.special_ids.max()) + 1 if len(self.special_ids) else 0
+        self.whole_word = whole_word
+        if whole_word:
+            if continuation is None:
+                raise ValueError("whole_word masking needs the continuation array (which token "
+                                 "ids are ## pieces); the dataset's tokenizer has none")
+            continuation = np.asarray(continuation, dtype=bool)
+            if continuation.shape != (vocab_size,):
+                raise ValueError(f"continuation must have one entry per token ({vocab_size}), "
+                                 f"got shape {continuation.shape}")
+        self.continuation = continuation
 
     def mask_one(self, ids: np.ndarray, epoch: int, index: int
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self.whole_word:
+            return self._mask_whole_words(ids, epoch, index)
         rng = sample_rng(self.seed, epoch, index)
         candidates = np.flatnonzero(~np.isin(ids, self.special_ids))
         count = min(self.slots, max(1, round(len(candidates) * self.mlm_probability)))
@@ -74,6 +111,36 @@ class MLMCollator:
         labels = ids[chosen].copy()
         masked[chosen[roll < 0.8]] = self.mask_id
         swap = (roll >= 0.8) & (roll < 0.9)
+        masked[chosen[swap]] = random_tokens[swap]
+        return masked, chosen, labels
+
+    def _mask_whole_words(self, ids: np.ndarray, epoch: int, index: int
+                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        rng = sample_rng(self.seed, epoch, index)
+        candidate = ~np.isin(ids, self.special_ids)
+        follows_candidate = np.concatenate(([False], candidate[:-1]))
+        starts = candidate & ~(self.continuation[ids] & follows_candidate)
+        start_positions = np.flatnonzero(starts)
+        candidates = int(candidate.sum())
+        count = min(self.slots, max(1, round(candidates * self.mlm_probability)), candidates)
+        if not count:
+            return ids.copy(), start_positions[:0], ids[:0].copy()
+        # word k covers positions [start_k, end_k): up to the next start or non-candidate
+        word_of = np.cumsum(starts) - 1
+        word_of[~candidate] = -1
+        lengths = np.bincount(word_of[candidate], minlength=len(start_positions))
+        order = rng.permutation(len(start_positions))
+        chosen_words = _fill_words(lengths[order], count)
+        words = np.sort(order[chosen_words])
+        roll = rng.random(len(words))
+        member = np.isin(word_of, words)
+        chosen = np.flatnonzero(member)
+        word_roll = roll[np.searchsorted(words, word_of[chosen])]
+        random_tokens = rng.integers(self.random_low, self.vocab_size, size=len(chosen))
+        masked = ids.copy()
+        labels = ids[chosen].copy()
+        masked[chosen[word_roll < 0.8]] = self.mask_id
+        swap = (word_roll >= 0.8) & (word_roll < 0.9)
         masked[chosen[swap]] = random_tokens[swap]
         return masked, chosen, labels
 
@@ -94,3 +161,19 @@ class MLMCollator:
             num_targets=int((labels != -100).sum()),
             num_tokens=int(input_ids.size),
         )
+
+
+def _fill_words(lengths: np.ndarray, count: int) -> np.ndarray:
+    """Indices (into ``lengths``, in order) of the words taken: greedily, skipping a word that
+    would overshoot ``count``, stopping when it is reached."""
+    total = np.cumsum(lengths)
+    prefix = int(np.searchsorted(total, count, side="right"))  # words that fit outright
+    taken = list(range(prefix))
+    budget = count - (int(total[prefix - 1]) if prefix else 0)
+    for k in range(prefix, len(lengths)):
+        if budget == 0:
+            break
+        if lengths[k] <= budget:
+            taken.append(k)
+            budget -= int(lengths[k])
+    return np.asarray(taken, dtype=np.int64)

@@ -5,13 +5,19 @@ strings. This module turns the shapes people actually have on disk into that str
 
 - plain text (``.txt`` or any other explicit file): one sentence per line, a blank line between
   documents; a document is its lines joined with ``"\\n"``;
-- JSON Lines (``.jsonl``/``.json``): one object per line, the text in ``text_field``.
+- JSON Lines (``.jsonl``/``.json``): one object per line, the text in ``text_field``;
+- Parquet (``.parquet``) and Arrow IPC files (``.arrow``, e.g. a ``datasets`` cache file): the
+  column ``text_field``, read one record batch at a time (see :mod:`hetlm.data.sources` for
+  Hugging Face ``datasets`` by name).
 
 It streams (one document in memory at a time) and is forgiving about the things real corpora
 contain, while counting them in :class:`CorpusStats` so nothing is dropped silently: undecodable
 bytes are replaced with U+FFFD, empty documents and bad JSON records are skipped, overlong lines
-are split. Only problems that mean "this is not the input you meant" raise :class:`HetlmError`:
-a missing path, a pattern that matches nothing, a binary file.
+are split, and the summary names the first few places (``file:line``). Only problems that mean
+"this is not the input you meant" raise :class:`HetlmError`: a missing path, a pattern that
+matches nothing, a binary file, a file that is mostly not UTF-8 (Shift_JIS, say), a Parquet
+file without the text column. ``strict=True`` turns every skipped record or undecodable line
+into such an error, with its ``file:line``.
 """
 
 from __future__ import annotations
@@ -27,10 +33,16 @@ from typing import TextIO
 
 from hetlm.errors import HetlmError
 
-CORPUS_SUFFIXES = (".txt", ".jsonl", ".json")
+CORPUS_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".arrow")
 JSONL_SUFFIXES = (".jsonl", ".json")
+COLUMNAR_SUFFIXES = (".parquet", ".arrow")
 BINARY_SNIFF_BYTES = 8192
 MAX_BAD_RECORD_EXAMPLES = 5
+# A file whose first lines are mostly undecodable is in another encoding: refuse it rather than
+# feed U+FFFD soup to the tokenizer. Checked over the first ENCODING_CHECK_LINES non-blank lines.
+ENCODING_CHECK_LINES = 64
+ENCODING_BAD_SHARE = 0.5
+COLUMNAR_BATCH_ROWS = 1024
 # Lone surrogates come from undecodable bytes (surrogateescape) or from JSON "\udXXX" escapes;
 # neither can be encoded to UTF-8 later (Arrow, tokenizers), so both become U+FFFD here.
 _SURROGATES = re.compile("[\ud800-\udfff]+")
@@ -50,12 +62,22 @@ class CorpusStats:
     long_documents_split: int = 0
     bad_records: int = 0
     bad_record_examples: list[str] = field(default_factory=list)
+    bad_record_reasons: dict[str, int] = field(default_factory=dict)
+    undecodable_examples: list[str] = field(default_factory=list)
 
-    def note_bad_record(self, path: Path, line_number: int) -> None:
-        """Count a skipped JSON record and keep its location for the first few."""
+    def note_bad_record(self, path: Path | str, line_number: int,
+                        reason: str = "bad record") -> None:
+        """Count a skipped record, by reason, and keep its location for the first few."""
         self.bad_records += 1
+        self.bad_record_reasons[reason] = self.bad_record_reasons.get(reason, 0) + 1
         if len(self.bad_record_examples) < MAX_BAD_RECORD_EXAMPLES:
             self.bad_record_examples.append(f"{path}:{line_number}")
+
+    def note_undecodable(self, where: str) -> None:
+        """Count a line with undecodable bytes, keeping the first few locations."""
+        self.undecodable_lines += 1
+        if len(self.undecodable_examples) < MAX_BAD_RECORD_EXAMPLES:
+            self.undecodable_examples.append(where)
 
     def as_dict(self) -> dict[str, object]:
         """A JSON-ready copy, for metadata files."""
@@ -70,11 +92,14 @@ class CorpusStats:
             notes.append(f"skipped {self.empty_skipped:,} empty document(s)")
         if self.bad_records:
             where = ", ".join(self.bad_record_examples)
-            notes.append(f"skipped {self.bad_records:,} bad JSON record(s) (invalid JSON, not an "
-                         f"object, or no string text field), e.g. at {where}")
+            reasons = ", ".join(f"{n:,} {r}" for r, n in sorted(self.bad_record_reasons.items()))
+            why = reasons or "invalid JSON, not an object, or no string text field"
+            notes.append(f"skipped {self.bad_records:,} bad record(s) ({why}), e.g. at {where}")
         if self.undecodable_lines:
+            where = ", ".join(self.undecodable_examples)
+            at = f", e.g. at {where}" if where else ""
             notes.append(f"replaced undecodable bytes with U+FFFD on {self.undecodable_lines:,} "
-                         "line(s) (is every file UTF-8?)")
+                         f"line(s) (is every file UTF-8?){at}")
         if self.long_lines_split:
             notes.append(f"split {self.long_lines_split:,} overlong line(s) into pieces")
         if self.long_documents_split:
@@ -143,8 +168,13 @@ def _corpus_files_under(folder: Path) -> list[Path]:
 
 
 def check_text_files(files: Sequence[Path]) -> None:
-    """Refuse binary files up front, before a long job would meet them halfway through."""
+    """Refuse binary files up front, before a long job would meet them halfway through.
+
+    Parquet and Arrow files are binary by design; they are checked for being readable instead.
+    """
     for path in files:
+        if path.suffix.lower() in COLUMNAR_SUFFIXES:
+            continue
         _check_not_binary(path)
 
 
@@ -164,18 +194,45 @@ def _check_not_binary(path: Path) -> None:
 class _LineCleaner:
     """Repairs and normalises lines of text; overlong lines become several pieces."""
 
-    def __init__(self, normalize: bool, max_line_chars: int, stats: CorpusStats):
+    def __init__(self, normalize: bool, max_line_chars: int, stats: CorpusStats,
+                 strict: bool = False):
         if max_line_chars < 1:
             raise HetlmError(f"max_line_chars must be at least 1, got {max_line_chars}")
         self.normalize = normalize
         self.max_line_chars = max_line_chars
         self.stats = stats
+        self.strict = strict
+        self.start_file(Path())
 
-    def repair(self, text: str) -> str:
-        """Replace lone surrogates (undecodable bytes) with U+FFFD, counting the line once."""
-        if _SURROGATES.search(text) is None:
+    def start_file(self, path: Path) -> None:
+        """Reset the per-file encoding check."""
+        self.path = path
+        self.checked_lines = 0
+        self.bad_lines = 0
+
+    def repair(self, text: str, line_number: int = 0) -> str:
+        """Replace lone surrogates (undecodable bytes) with U+FFFD, counting the line once.
+
+        Also the encoding check: when most of a file's first lines are undecodable it is not
+        UTF-8 at all, and it is refused with a hint rather than read as U+FFFD soup.
+        """
+        bad = _SURROGATES.search(text) is not None
+        if self.checked_lines < ENCODING_CHECK_LINES and text.strip():
+            self.checked_lines += 1
+            self.bad_lines += bad
+            if (self.bad_lines > ENCODING_CHECK_LINES * ENCODING_BAD_SHARE
+                    or self.bad_lines >= 3 and self.bad_lines == self.checked_lines):
+                raise HetlmError(f"{self.path} is not UTF-8 ({self.bad_lines} of its first "
+                                 f"{self.checked_lines} lines have undecodable bytes, e.g. "
+                                 f"{self.path}:{line_number}); convert it, e.g. "
+                                 "iconv -f CP932 -t UTF-8 for Shift_JIS")
+        if not bad:
             return text
-        self.stats.undecodable_lines += 1
+        where = f"{self.path}:{line_number}"
+        if self.strict:
+            raise HetlmError(f"{where}: undecodable bytes (not UTF-8); fix or convert the file, "
+                             "or drop --strict to replace them with U+FFFD")
+        self.stats.note_undecodable(where)
         return _SURROGATES.sub("\ufffd", text)
 
     def pieces(self, line: str) -> list[str]:
@@ -228,7 +285,7 @@ def _plain_text_documents(f: TextIO, cleaner: _LineCleaner, max_document_chars: 
                 yield "\n".join(lines)
             lines, size, split_counted = [], 0, False
             continue
-        text = cleaner.repair(raw)
+        text = cleaner.repair(raw, number)
         piece = unicodedata.normalize("NFKC", text) if cleaner.normalize else text
         if lines and size + len(piece) > max_document_chars:
             stats.long_documents_split += 0 if split_counted else 1
@@ -250,23 +307,53 @@ def _jsonl_documents(f: TextIO, path: Path, text_field: str, cleaner: _LineClean
         if number == 1 and raw.lstrip().startswith("["):
             raise HetlmError(f"{path} is a JSON array, not JSON Lines: write one object per line "
                              "(e.g. jq -c '.[]' in.json > out.jsonl)")
-        text = _record_text(raw, text_field)
+        text, reason = _record_text(raw, text_field)
         if text is None:
-            stats.note_bad_record(path, number)
+            if cleaner.strict:
+                raise HetlmError(f"{path}:{number}: {reason} (--text-field {text_field!r}); fix "
+                                 "the record, or drop --strict to skip and count such records")
+            stats.note_bad_record(path, number, reason)
             continue
-        text = cleaner.repair(text)
+        text = cleaner.repair(text, number)
         yield from _split_document(_clean_text(text, cleaner), max_document_chars, stats)
 
 
-def _record_text(raw: str, text_field: str) -> str | None:
+def _record_text(raw: str, text_field: str) -> tuple[str | None, str]:
+    """(the record's text, or None and why not)."""
     try:
         record = json.loads(raw)
     except ValueError:
-        return None
+        # surrogateescape'd bytes make json fail too: call that what it is
+        if _SURROGATES.search(raw):
+            return None, "undecodable bytes"
+        return None, "invalid JSON"
     if not isinstance(record, dict):
-        return None
-    text = record.get(text_field)
-    return text if isinstance(text, str) else None
+        return None, "not a JSON object"
+    if text_field not in record:
+        return None, f"missing field {text_field!r}"
+    text = record[text_field]
+    if not isinstance(text, str):
+        return None, f"field {text_field!r} is not a string"
+    return text, ""
+
+
+def _columnar_documents(path: Path, text_field: str, cleaner: _LineCleaner,
+                        max_document_chars: int, stats: CorpusStats) -> Iterator[str]:
+    """The ``text_field`` column of a Parquet or Arrow file, one record batch at a time."""
+    from hetlm.data.sources import iter_column_batches
+
+    row = 0
+    for column in iter_column_batches(path, text_field, COLUMNAR_BATCH_ROWS):
+        for text in column:
+            row += 1
+            if not isinstance(text, str):
+                reason = "null text" if text is None else f"field {text_field!r} is not a string"
+                if cleaner.strict:
+                    raise HetlmError(f"{path}:row {row}: {reason}; fix the data, or drop "
+                                     "--strict to skip and count such rows")
+                stats.note_bad_record(path, row, reason)
+                continue
+            yield from _split_document(_clean_text(text, cleaner), max_document_chars, stats)
 
 
 def _clean_text(text: str, cleaner: _LineCleaner) -> str:
@@ -297,7 +384,7 @@ def _split_document(text: str, max_document_chars: int, stats: CorpusStats) -> I
 def iter_documents(inputs: Sequence[str | Path], *, text_field: str = "text",
                    normalize: bool = True, max_line_chars: int = 20000,
                    max_document_chars: int = 1_000_000,
-                   stats: CorpusStats | None = None) -> Iterator[str]:
+                   stats: CorpusStats | None = None, strict: bool = False) -> Iterator[str]:
     """Stream the documents of every input file, in a deterministic order.
 
     ``normalize`` applies Unicode NFKC (full-width ASCII to ASCII, half-width kana to full-width),
@@ -305,23 +392,62 @@ def iter_documents(inputs: Sequence[str | Path], *, text_field: str = "text",
     split into pieces (joined by newlines); documents longer than ``max_document_chars`` (e.g. a
     plain-text file without blank lines) are yielded in parts, so memory stays bounded. Pass a
     :class:`CorpusStats` to learn what was read, skipped and repaired; check
-    ``stats.documents`` (or call :func:`require_documents`) after iterating.
+    ``stats.documents`` (or call :func:`require_documents`) after iterating. ``strict`` makes
+    a bad record or an undecodable line an error naming its ``file:line``.
     """
     stats = stats if stats is not None else CorpusStats()
     files = resolve_inputs(inputs)
-    cleaner = _LineCleaner(normalize, max_line_chars, stats)
+    cleaner = _LineCleaner(normalize, max_line_chars, stats, strict)
     for path in files:
-        for document in _documents_of_file(path, text_field, cleaner, max_document_chars, stats):
-            if not document.strip():
-                stats.empty_skipped += 1
+        documents = _documents_of_file(path, text_field, cleaner, max_document_chars, stats)
+        yield from count_documents(documents, stats)
+
+
+def iter_text_documents(texts: Iterator[object], *, where: str, text_field: str = "text",
+                        normalize: bool = True, max_line_chars: int = 20000,
+                        max_document_chars: int = 1_000_000, stats: CorpusStats,
+                        strict: bool = False) -> Iterator[str]:
+    """Documents from already-extracted texts (e.g. rows of a ``datasets`` stream).
+
+    ``where`` names the source in messages (``where:row N``); non-string texts are bad records.
+    """
+    cleaner = _LineCleaner(normalize, max_line_chars, stats, strict)
+    cleaner.start_file(Path(where))
+
+    def documents() -> Iterator[str]:
+        for row, text in enumerate(texts, start=1):
+            if not isinstance(text, str):
+                reason = "null text" if text is None else f"field {text_field!r} is not a string"
+                if strict:
+                    raise HetlmError(f"{where}:row {row}: {reason}; fix the data, or drop "
+                                     "--strict to skip and count such rows")
+                stats.note_bad_record(where, row, reason)
                 continue
-            stats.documents += 1
-            stats.characters += len(document)
-            yield document
+            text = cleaner.repair(text, row)
+            yield from _split_document(_clean_text(text, cleaner), max_document_chars, stats)
+
+    stats.files += 1
+    yield from count_documents(documents(), stats)
+
+
+def count_documents(documents: Iterator[str], stats: CorpusStats) -> Iterator[str]:
+    """Skip and count empty documents; count the others and their characters."""
+    for document in documents:
+        if not document.strip():
+            stats.empty_skipped += 1
+            continue
+        stats.documents += 1
+        stats.characters += len(document)
+        yield document
 
 
 def _documents_of_file(path: Path, text_field: str, cleaner: _LineCleaner,
                        max_document_chars: int, stats: CorpusStats) -> Iterator[str]:
+    cleaner.start_file(path)
+    if path.suffix.lower() in COLUMNAR_SUFFIXES:
+        stats.files += 1
+        yield from _columnar_documents(path, text_field, cleaner, max_document_chars, stats)
+        return
     _check_not_binary(path)
     stats.files += 1
     # surrogateescape keeps undecodable bytes visible (as lone surrogates) so they can be counted.

@@ -1,46 +1,43 @@
 """Tokenize a corpus in parallel and pack it into fixed-length sequences on disk.
 
 The packed format avoids padding entirely: within each split, documents' token streams are joined
-with ``[SEP]`` between documents, the stream is cut into chunks of ``seq_len - 2`` tokens, and
-each sequence is ``[CLS] + chunk + [SEP]``. What does not fill a chunk is carried into the next
-sequence; only the final partial sequence of each split is dropped (and reported).
+with ``[SEP]`` between documents, the stream is cut into pieces of ``seq_len - 2`` tokens, and
+each sequence is ``[CLS] + piece + [SEP]``. What does not fill a piece is carried into the next
+sequence; only the final partial sequence of each split *of each chunk* is dropped (and
+reported). A chunk is ``chunk_chars`` characters of documents (4M by default): the unit of
+resuming and of sharding across nodes (see :mod:`hetlm.data.shards`); a corpus smaller than one
+chunk is packed exactly as one stream.
 
 Documents go to train or validation *whole* (see :func:`is_validation_document`), so no text
 leaks from one split into the other; validation always gets at least one sequence when the
-corpus allows (see :class:`ValidationReserve`). Tokenization runs in worker processes but packing is
-sequential in document order, so the output is the same for any number of workers.
+chunk allows (see :class:`ValidationReserve`). Tokenization runs in worker processes but packing
+follows document order, so the output is the same for any number of workers or shards.
 
-Output (``output_dir``): a ``datasets.DatasetDict`` {"train", "validation"} saved with
-``save_to_disk`` (Arrow, memory-mapped when loaded), one column ``input_ids`` of fixed-size
-int32 lists, plus ``hetlm_dataset.json`` describing it (see :func:`load_packed_dataset`).
+Output (``output_dir``): a ``datasets.DatasetDict`` {"train", "validation"} in the
+``save_to_disk`` layout (Arrow, memory-mapped when loaded; ``datasets.load_from_disk`` reads it),
+one column ``input_ids`` of fixed-size int32 lists, plus ``hetlm_dataset.json`` describing it
+(see :func:`load_packed_dataset`) and ``hetlm_manifest.json`` (size and sha256 of every file, for
+``hetlm stage``).
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import hashlib
 import heapq
 import json
 import os
-import shutil
-import tempfile
-from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from hetlm.data.corpus import (
-    CorpusStats,
-    as_input_list,
-    check_text_files,
-    iter_documents,
-    require_documents,
-    resolve_inputs,
-)
+from hetlm.data.cleaning import CleaningOptions, CleaningStats
+from hetlm.data.corpus import CorpusStats
+from hetlm.data.encoding import EncoderSpec, encode_batches
+from hetlm.data.shards import DEFAULT_CHUNK_CHARS
 from hetlm.errors import HetlmError
 
 META_FILE = "hetlm_dataset.json"
@@ -73,18 +70,37 @@ class PrepareSummary:
     validation: SplitCounts
     corpus: CorpusStats
     documents_without_tokens: int = 0
+    cleaning: CleaningStats | None = None
+    cleaning_options: CleaningOptions | None = None
+    chunks: int = 0                 # chunks in the corpus (all shards)
+    chunks_this_run: int = 0        # chunks tokenized by this invocation
+    chunks_resumed: int = 0         # chunks found finished from an earlier, stopped run
+    shard: tuple[int, int] | None = None  # (i, n) for a shard folder, None for a dataset
+    complete: bool = True           # False when stopped early (max_chunks): run again
+    notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         """One paragraph: sequences per split, what was dropped, where it went, the corpus."""
         t, v = self.train, self.validation
-        text = (f"Packed {t.documents + v.documents:,} documents ({t.tokens + v.tokens:,} tokens) "
-                f"into {t.sequences:,} train and {v.sequences:,} validation sequences of "
+        what = "Packed" if self.shard is None else f"Shard {self.shard[0]}/{self.shard[1]}: packed"
+        text = (f"{what} {t.documents + v.documents:,} documents ({t.tokens + v.tokens:,} "
+                f"tokens) into {t.sequences:,} train and {v.sequences:,} validation sequences of "
                 f"{self.seq_len} tokens (vocabulary {self.vocab_size:,}); dropped the last "
                 f"partial sequence of each split ({t.dropped_tail_tokens:,} train and "
                 f"{v.dropped_tail_tokens:,} validation tokens).")
         if self.documents_without_tokens:
             text += f" Skipped {self.documents_without_tokens:,} document(s) with no tokens."
-        return f"{text} Saved to {self.output_dir}. {self.corpus.summary()}"
+        if self.chunks:
+            text += (f" Chunks: {self.chunks:,} in the corpus, {self.chunks_this_run:,} "
+                     f"tokenized now, {self.chunks_resumed:,} resumed from an earlier run.")
+        if not self.complete:
+            text += " Stopped early: run the same command again to continue."
+        for note in self.notes:
+            text += f" {note}"
+        text += f" Saved to {self.output_dir}. {self.corpus.summary()}"
+        if self.cleaning is not None and self.cleaning_options is not None:
+            text += f" {self.cleaning.summary(self.cleaning_options)}"
+        return text
 
 
 # ---------------------------------------------------------------- the split and the packer
@@ -146,26 +162,31 @@ class SequencePacker:
         return self.counts
 
 
+def pack_documents(documents: Sequence[np.ndarray], seq_len: int, cls_id: int,
+                   sep_id: int) -> tuple[np.ndarray, SplitCounts]:
+    """All of :class:`SequencePacker` at once, vectorised: (rows, counts) of these documents."""
+    chunk = seq_len - 2
+    if not len(documents):
+        return np.empty((0, seq_len), dtype=np.int32), SplitCounts()
+    separator = np.array([sep_id], dtype=np.int32)
+    parts: list[np.ndarray] = []
+    for k, ids in enumerate(documents):
+        if k:
+            parts.append(separator)
+        parts.append(ids)
+    stream = np.concatenate(parts).astype(np.int32, copy=False)
+    n = len(stream) // chunk
+    rows = np.empty((n, seq_len), dtype=np.int32)
+    rows[:, 0] = cls_id
+    rows[:, -1] = sep_id
+    rows[:, 1:-1] = stream[:n * chunk].reshape(n, chunk)
+    tokens = len(stream) - (len(documents) - 1)
+    counts = SplitCounts(documents=len(documents), tokens=tokens, sequences=n,
+                         dropped_tail_tokens=len(stream) - n * chunk)
+    return rows, counts
+
+
 # ---------------------------------------------------------------- parallel tokenization
-
-_WORKER_TOKENIZER: Any = None
-
-
-def _init_worker(tokenizer_json: str, single_threaded: bool) -> None:
-    """Build the backend tokenizer once per process (from its JSON: cheap, picklable)."""
-    global _WORKER_TOKENIZER
-    if single_threaded:
-        # Each worker process is one core's worth of work; Rust threads would oversubscribe.
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    from tokenizers import Tokenizer
-
-    _WORKER_TOKENIZER = Tokenizer.from_str(tokenizer_json)
-
-
-def _encode_batch(texts: list[str]) -> list[list[int]]:
-    """Token ids of each document, without special tokens (the packer adds [CLS]/[SEP])."""
-    encodings = _WORKER_TOKENIZER.encode_batch_fast(texts, add_special_tokens=False)
-    return [e.ids for e in encodings]
 
 
 def _batched(items: Iterable[str], size: int) -> Iterator[list[str]]:
@@ -174,31 +195,20 @@ def _batched(items: Iterable[str], size: int) -> Iterator[list[str]]:
         yield batch
 
 
-def tokenize_documents(documents: Iterable[str], tokenizer_json: str, *, workers: int,
+def tokenize_documents(documents: Iterable[str], tokenizer: str | EncoderSpec, *, workers: int,
                        batch_docs: int) -> Iterator[list[int]]:
     """Token ids of each document, in document order, tokenized by ``workers`` processes.
 
-    At most ``2 * workers`` batches are in flight, so a fast reader never queues the whole corpus
-    in memory (``Pool.imap`` would consume its input eagerly). Workers are spawned, not forked:
-    forking a process that already runs tokenizer/torch threads can deadlock.
+    ``tokenizer`` is a fast tokenizer's JSON or an :class:`EncoderSpec` (which also covers the
+    slow MeCab/Sudachi tokenizers). See :mod:`hetlm.data.encoding`.
     """
-    batches = _batched(documents, batch_docs)
-    if workers == 1:
-        _init_worker(tokenizer_json, single_threaded=False)
-        for batch in batches:
-            yield from _encode_batch(batch)
-        return
-    import multiprocessing
-
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(workers, initializer=_init_worker, initargs=(tokenizer_json, True)) as pool:
-        pending: deque = deque()
-        for batch in batches:
-            pending.append(pool.apply_async(_encode_batch, (batch,)))
-            if len(pending) >= 2 * workers:
-                yield from pending.popleft().get()
-        while pending:
-            yield from pending.popleft().get()
+    spec = tokenizer if isinstance(tokenizer, EncoderSpec) else EncoderSpec("fast", tokenizer)
+    batches = ((None, batch) for batch in _batched(documents, batch_docs))
+    for _, flat, lengths in encode_batches(batches, spec, workers=workers):
+        start = 0
+        for length in lengths.tolist():
+            yield flat[start:start + length].tolist()
+            start += length
 
 
 # ---------------------------------------------------------------- writing
@@ -247,18 +257,6 @@ def packed_features(seq_len: int):
 # ---------------------------------------------------------------- the whole preparation
 
 
-@dataclass
-class _Options:
-    seq_len: int
-    validation_fraction: float
-    seed: int
-    workers: int
-    batch_docs: int
-    text_field: str
-    normalize: bool
-    inputs: list[str] = field(default_factory=list)
-
-
 def _check_options(seq_len: int, validation_fraction: float, workers: int | None,
                    batch_docs: int) -> int:
     """Validate the numeric options; return the worker count to use."""
@@ -299,101 +297,33 @@ def prepare_dataset(inputs: Sequence[str | Path], tokenizer_dir: str | Path,
                     output_dir: str | Path, *, seq_len: int = 128,
                     validation_fraction: float = 0.02, text_field: str = "text",
                     normalize: bool = True, workers: int | None = None, seed: int = 0,
-                    batch_docs: int = 256, overwrite: bool = False) -> PrepareSummary:
+                    batch_docs: int = 256, overwrite: bool = False,
+                    cleaning: CleaningOptions | None = None, chunk_chars: int | None = None,
+                    shard: tuple[int, int] | None = None, hf: Any = None,
+                    strict: bool = False, work_dir: str | Path | None = None,
+                    max_chunks: int | None = None) -> PrepareSummary:
     """Tokenize the corpus and save packed train/validation sequences to ``output_dir``.
 
-    The result appears under ``output_dir`` only when complete: it is built in a temporary
-    sibling folder and renamed into place, so a crash never leaves half a dataset there.
-    ``workers`` defaults to the CPUs this process may use.
+    The result appears under ``output_dir`` only when complete: it is built in a work folder
+    beside it (``.<name>.partial``, or ``work_dir``) and renamed into place. A run that is killed
+    leaves the work folder; running the same command again resumes from its finished chunks.
+    ``workers`` defaults to the CPUs this process may use. ``cleaning`` defaults to
+    :class:`CleaningOptions` () (duplicates, short documents, control characters);
+    ``hf`` is a :class:`hetlm.data.sources.HFSource` read after the files. With
+    ``shard=(i, n)`` ``output_dir`` receives shard i of n, to be combined by
+    :func:`hetlm.data.pipeline.merge_shards`. ``max_chunks`` stops after that many newly
+    tokenized chunks (the summary then says ``complete=False``; run again to continue).
     """
-    from hetlm.data.tokenizer import load_tokenizer
+    from hetlm.data.pipeline import PrepareOptions, prepare
 
     workers = _check_options(seq_len, validation_fraction, workers, batch_docs)
-    output_dir = Path(output_dir)
-    _check_output_dir(output_dir, overwrite)
-    files = resolve_inputs(inputs)
-    check_text_files(files)  # input errors before any work
-    tokenizer = load_tokenizer(tokenizer_dir)
-    options = _Options(seq_len, validation_fraction, seed, workers, batch_docs, text_field,
-                       normalize, [str(i) for i in as_input_list(inputs)])
-
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
-    try:
-        summary = _build(files, tokenizer, Path(tokenizer_dir), staging, options)
-        _move_into_place(staging / "dataset", output_dir, staging)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    summary.output_dir = output_dir
-    return summary
-
-
-def _build(files: list[Path], tokenizer: Any, tokenizer_dir: Path, staging: Path,
-           options: _Options) -> PrepareSummary:
-    """Tokenize, pack and write everything under ``staging``; return the counts.
-
-    Usually one pass. When the hashed split leaves validation without a full sequence (a small
-    corpus, or a few large documents), a second pass adds the training documents with the
-    smallest split hash until it has one: still a function of (seed, corpus) only.
-    """
-    from hetlm.data.tokenizer import special_token_ids
-
-    special = special_token_ids(tokenizer)
-    tokenizer_json = tokenizer.backend_tokenizer.to_str()
-    result = _pack_pass(files, tokenizer_json, special, staging, options, frozenset())
-    if result.counts["validation"].sequences == 0 and result.reserve_pick:
-        result = _pack_pass(files, tokenizer_json, special, staging, options,
-                            frozenset(result.reserve_pick))
-    require_documents(result.stats, options.inputs, options.text_field)
-    _check_counts(result.counts, options.seq_len)
-    summary = PrepareSummary(staging, options.seq_len, len(tokenizer), result.counts["train"],
-                             result.counts["validation"], result.stats, result.without_tokens)
-    _save_dataset_dict(staging, options.seq_len)
-    meta = _metadata(summary, tokenizer, tokenizer_dir, special, options)
-    (staging / "dataset" / META_FILE).write_text(
-        json.dumps(meta, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    return summary
-
-
-@dataclass
-class _PassResult:
-    counts: dict[str, SplitCounts]
-    stats: CorpusStats
-    without_tokens: int
-    reserve_pick: set[int]  # documents to add to validation if it has no full sequence
-
-
-def _pack_pass(files: list[Path], tokenizer_json: str, special: dict[str, int], staging: Path,
-               options: _Options, extra_validation: frozenset[int]) -> _PassResult:
-    """One read-tokenize-pack pass writing ``staging/raw/{train,validation}.arrow``."""
-    stats = CorpusStats()
-    documents = iter_documents(files, text_field=options.text_field,
-                               normalize=options.normalize, stats=stats)
-    token_lists = tokenize_documents(documents, tokenizer_json, workers=options.workers,
-                                     batch_docs=options.batch_docs)
-    (staging / "raw").mkdir(exist_ok=True)
-    writers = {name: _SplitWriter(staging / "raw" / f"{name}.arrow", options.seq_len)
-               for name in SPLITS}
-    packers = {name: SequencePacker(options.seq_len, special["cls"], special["sep"])
-               for name in SPLITS}
-    reserve = ValidationReserve(options.seq_len - 2)
-    without_tokens = 0
-    for index, ids in enumerate(token_lists):
-        if not ids:
-            without_tokens += 1
-            continue
-        score = split_score(index, options.seed)
-        if score < options.validation_fraction or index in extra_validation:
-            name = "validation"
-        else:
-            name = "train"
-            reserve.offer(score, index, len(ids))
-        writers[name].write(packers[name].add(ids))
-    for writer in writers.values():
-        writer.close()
-    counts = {name: packer.finish() for name, packer in packers.items()}
-    pick = reserve.pick(packers["validation"].stream_tokens, counts["validation"].documents)
-    return _PassResult(counts, stats, without_tokens, pick)
+    options = PrepareOptions(
+        seq_len=seq_len, validation_fraction=validation_fraction, seed=seed, workers=workers,
+        batch_docs=batch_docs, text_field=text_field, normalize=normalize,
+        cleaning=cleaning if cleaning is not None else CleaningOptions(),
+        chunk_chars=chunk_chars or DEFAULT_CHUNK_CHARS, strict=strict, max_chunks=max_chunks)
+    return prepare(inputs, tokenizer_dir, Path(output_dir), options, overwrite=overwrite,
+                   shard=shard, hf=hf, work_dir=Path(work_dir) if work_dir else None)
 
 
 class ValidationReserve:
@@ -426,58 +356,14 @@ class ValidationReserve:
         return chosen
 
 
-def _check_counts(counts: dict[str, SplitCounts], seq_len: int) -> None:
+def check_counts(counts: dict[str, SplitCounts], seq_len: int) -> None:
+    """Each split needs at least one full sequence."""
     total = sum(c.tokens for c in counts.values())
     for name in SPLITS:
         if counts[name].sequences == 0:
             raise HetlmError(f"the corpus is too small: its {total:,} tokens give no full "
                              f"{name} sequence of {seq_len} tokens; add text, lower --seq-len, "
                              "or change --validation-fraction")
-
-
-def _save_dataset_dict(staging: Path, seq_len: int) -> None:
-    """Turn the raw Arrow files into a ``save_to_disk`` DatasetDict (streamed, memory-mapped)."""
-    from datasets import Dataset, DatasetDict
-
-    splits = {name: Dataset.from_file(str(staging / "raw" / f"{name}.arrow")) for name in SPLITS}
-    DatasetDict(splits).save_to_disk(str(staging / "dataset"))
-
-
-def _metadata(summary: PrepareSummary, tokenizer: Any, tokenizer_dir: Path,
-              special: dict[str, int], options: _Options) -> dict[str, Any]:
-    from hetlm import __version__
-    from hetlm.data.tokenizer import vocab_hash
-
-    splits = {"train": asdict(summary.train), "validation": asdict(summary.validation)}
-    return {
-        "format": FORMAT,
-        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "hetlm_version": __version__,
-        "seq_len": options.seq_len,
-        "vocab_size": summary.vocab_size,
-        "special_token_ids": special,
-        "tokenizer_dir": str(tokenizer_dir.resolve()) if tokenizer_dir.exists()
-        else str(tokenizer_dir),
-        "tokenizer_vocab_hash": vocab_hash(tokenizer),
-        "inputs": options.inputs,
-        "text_field": options.text_field,
-        "normalize": options.normalize,
-        "validation_fraction": options.validation_fraction,
-        "seed": options.seed,
-        "documents": summary.train.documents + summary.validation.documents,
-        "tokens": summary.train.tokens + summary.validation.tokens,
-        "documents_without_tokens": summary.documents_without_tokens,
-        "num_sequences": {name: counts["sequences"] for name, counts in splits.items()},
-        "splits": splits,
-        "corpus": {**summary.corpus.as_dict(), "summary": summary.corpus.summary()},
-    }
-
-
-def _move_into_place(built: Path, output_dir: Path, staging: Path) -> None:
-    """Rename the finished dataset to its final name; an old one is moved aside first."""
-    if output_dir.exists():
-        output_dir.rename(staging / "replaced")  # same parent folder: an atomic rename
-    built.rename(output_dir)
 
 
 # ---------------------------------------------------------------- loading

@@ -6,19 +6,23 @@ it (safetensors + config.json, so ``transformers`` can load any checkpoint), ``o
 (step, sampler position, what the run was trained on) and ``manifest.json`` (size and sha256 of
 every file), written last.
 
-Only rank 0 writes; everything goes to a ``.tmp-`` directory that is renamed into place once
-complete, so a crash mid-write never destroys the previous checkpoint. A directory without a
-valid manifest is not a checkpoint. Every rank reads the checkpoint on resume, so for
-multi-node runs ``output_dir`` must be on a shared filesystem (checked at start-up).
+The model and the full optimizer state are gathered to rank 0, which writes them; engines with
+per-rank state (DeepSpeed) add their own files under a subfolder, written by every rank into the
+same ``.tmp-`` directory (``prepare`` -> per-rank files -> ``commit``). The directory is renamed
+into place once complete, so a crash mid-write never destroys the previous checkpoint. A
+directory without a valid manifest is not a checkpoint. Every rank reads the checkpoint on
+resume, so for multi-node runs ``output_dir`` must be on a shared filesystem (checked at start-up).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
 import shutil
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +44,9 @@ def _sha256(path: Path) -> str:
 
 
 def write_manifest(directory: Path) -> None:
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-             for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST}
+    """Every file under ``directory`` (subfolders too), by its relative path."""
+    files = {p.relative_to(directory).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST}
     (directory / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
 
 
@@ -85,6 +90,17 @@ def load_model_weights(model: nn.Module, directory: Path) -> None:
             f"{result.unexpected_keys[:3]}): resume with the model config it was trained with")
 
 
+@contextlib.contextmanager
+def _write_errors(final: Path) -> Iterator[None]:
+    """An OSError while writing becomes a one-line HetlmError; the previous checkpoint stays."""
+    try:
+        yield
+    except OSError as exc:
+        raise HetlmError(
+            f"could not write checkpoint {final} ({exc.strerror or exc}); the previous "
+            "checkpoint is intact: free space or fix permissions, then resume") from None
+
+
 class CheckpointManager:
     def __init__(self, root: Path, keep_last: int) -> None:
         self.root = Path(root)
@@ -112,30 +128,51 @@ class CheckpointManager:
             warnings.warn(f"skipping checkpoint {path}: {problem}", stacklevel=2)
         return None
 
-    def save(self, step: int, *, model: nn.Module, states: dict[str, Any],
-             trainer_state: dict[str, Any]) -> Path:
-        """Write one checkpoint (rank 0 only). ``states`` maps file stem -> torch-saved object."""
-        final = self.step_dir(step)
-        tmp = self.root / f".tmp-{final.name}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+    def staging_dir(self, step: int) -> Path:
+        return self.root / f".tmp-{self.step_dir(step).name}"
+
+    def prepare(self, step: int) -> Path:
+        """(rank 0) An empty staging directory for checkpoint ``step``."""
+        tmp = self.staging_dir(step)
+        with _write_errors(self.step_dir(step)):
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        return tmp
+
+    def commit(self, step: int, *, model: nn.Module, model_state: dict[str, torch.Tensor] | None,
+               states: dict[str, Any], trainer_state: dict[str, Any]) -> Path:
+        """(rank 0) Write the model and states into the staging directory, then rename it.
+
+        ``model`` gives ``save_pretrained`` (its config and class); ``model_state`` the weights
+        (gathered by the engine; None: the model's own). ``states`` maps file stem -> object.
+        """
+        final, tmp = self.step_dir(step), self.staging_dir(step)
         try:
-            model.save_pretrained(tmp, safe_serialization=True)
-            for stem, obj in states.items():
-                torch.save(obj, tmp / f"{stem}.pt")
-            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
-            write_manifest(tmp)
-        except OSError as exc:
+            with _write_errors(final):
+                # save_pretrained empties the dict it is given: pass a copy.
+                model.save_pretrained(tmp, safe_serialization=True,
+                                      state_dict=dict(model_state) if model_state else None)
+                for stem, obj in states.items():
+                    torch.save(obj, tmp / f"{stem}.pt")
+                (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+                write_manifest(tmp)
+        except HetlmError:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise HetlmError(
-                f"could not write checkpoint {final} ({exc.strerror or exc}); the previous "
-                "checkpoint is intact: free space or fix permissions, then resume") from None
+            raise
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
         self._prune()
         return final
+
+    def save(self, step: int, *, model: nn.Module, states: dict[str, Any],
+             trainer_state: dict[str, Any],
+             model_state: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write one checkpoint (rank 0 only, no per-rank files): prepare + commit."""
+        self.prepare(step)
+        return self.commit(step, model=model, model_state=model_state, states=states,
+                           trainer_state=trainer_state)
 
     def _prune(self) -> None:
         complete = self.complete_checkpoints()

@@ -2,8 +2,15 @@
 
 ``auto`` resolves to bf16 where the device supports it (CUDA compute capability >= 8.0, or a
 CPU, where bf16 autocast runs on AMX ~1.4x faster than fp32), fp16 with dynamic loss scaling on
-older GPUs such as the V100, fp32 otherwise. fp16 is refused on CPU (autocast there is no faster
-and GradScaler is CUDA-only).
+older GPUs such as the V100, fp32 otherwise. An explicit ``fp16`` also runs on CPU (autocast
+fp16 + ``torch.amp.GradScaler("cpu")``): no faster than fp32 there, and meant for testing the
+overflow logic without a GPU.
+
+fp16 overflow: the step is skipped on every rank together. The scaler's inf check reads only the
+gradients a rank holds (a shard under ZeRO-1's optimizer or FSDP), and a rank could also see an
+inf the others did not, so the found-inf flag is all-reduced (MAX) over the ranks before the
+scaler decides. A rank that steps while another skips would desynchronise the replicas (DDP) or
+hang the parameter broadcast (ZeRO-1).
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.distributed as dist
 
 from hetlm.errors import HetlmError
 
@@ -26,17 +34,21 @@ def resolve_precision(requested: str, device: torch.device) -> str:
         return requested
     if requested == "auto":
         return "bf16"
-    if requested == "fp16":
-        raise HetlmError("fp16 needs a CUDA GPU (on CPU use bf16 or fp32): set train.precision")
-    return requested
+    return requested  # fp16 on CPU works (slowly): see the module docstring
 
 
 class Precision:
-    def __init__(self, name: str, device: torch.device) -> None:
+    """autocast + (fp16) a GradScaler whose skip decision is shared by all ranks.
+
+    ``autocast=False`` is for engines that cast the model themselves (DeepSpeed).
+    """
+
+    def __init__(self, name: str, device: torch.device, *, autocast: bool = True) -> None:
         self.name = name
         self.device = device
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(name)
-        self.scaler = torch.amp.GradScaler("cuda") if name == "fp16" else None
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(name) if autocast else None
+        self.scaler = torch.amp.GradScaler(device.type) if name == "fp16" and autocast else None
+        self._found_inf: torch.Tensor | None = None  # set by unscale, read by step
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype is None:
@@ -47,23 +59,30 @@ class Precision:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
     def unscale(self, optimizer: torch.optim.Optimizer) -> None:
-        """Before clipping: gradients back to their true scale."""
-        if self.scaler:
-            self.scaler.unscale_(optimizer)
+        """Before clipping: gradients back to their true scale; overflow agreed by all ranks."""
+        if not self.scaler:
+            return
+        self.scaler.unscale_(optimizer)
+        # GradScaler keeps its per-optimizer found-inf tensors here (torch's ShardedGradScaler
+        # all-reduces the very same ones); step() and update() read them after us.
+        found = self.scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
+        for flag in found.values():
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self._found_inf = sum(float(f) for f in found.values()) if found else 0.0
 
     def step(self, optimizer: torch.optim.Optimizer) -> bool:
-        """Steps the optimizer; returns False when fp16 overflow made the scaler skip it.
-
-        The scaler's inf check reads gradients that DDP has already all-reduced, so every rank
-        sees the same overflow and skips together.
-        """
+        """Steps the optimizer; returns False when fp16 overflow made every rank skip it."""
         if not self.scaler:
             optimizer.step()
             return True
-        scale_before = self.scaler.get_scale()
+        if self._found_inf is None:
+            self.unscale(optimizer)  # so that the all-reduced flag is what the scaler reads
+        stepped = not self._found_inf
         self.scaler.step(optimizer)
         self.scaler.update()
-        return self.scaler.get_scale() >= scale_before
+        self._found_inf = None
+        return stepped
 
     def state_dict(self) -> dict:
         return {"name": self.name, "scaler": self.scaler.state_dict() if self.scaler else None}
@@ -71,3 +90,4 @@ class Precision:
     def load_state_dict(self, state: dict) -> None:
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+

@@ -2,8 +2,10 @@
 
 Read ``train_step`` first: micro-batches from the heterogeneous sampler, one all-reduce of the
 number of masked tokens, summed losses scaled by world_size / n_global (token-exact: the
-gradient is that of one big batch, whatever the split), clip, step. Everything else here is
-set-up (model, data, engine, precision, checkpoint) and bookkeeping (eval, metrics, saving).
+gradient is that of one big batch, whatever the split), then the engine's step: unscale (fp16),
+clip, AdamW step or a skip on every rank together (``Engine.step`` in ``train/engine.py``).
+Everything else here is set-up (model, data, engine, precision, checkpoint) and bookkeeping
+(eval, metrics, saving).
 """
 
 from __future__ import annotations
@@ -26,9 +28,9 @@ from hetlm.models.masked_lm import SparseMaskedLM
 from hetlm.topology import BatchSplit
 from hetlm.train import distributed as D
 from hetlm.train.checkpoint import CheckpointManager, load_model_weights
-from hetlm.train.engine import build_engine
+from hetlm.train.engine import Engine, EngineOptions, build_engine, resolve_engine
 from hetlm.train.metrics import MetricsLogger, plot_loss
-from hetlm.train.optim import build_optimizer, linear_schedule
+from hetlm.train.optim import linear_schedule
 from hetlm.train.precision import Precision, resolve_precision
 
 
@@ -41,8 +43,10 @@ class StepResult:
     stepped: bool            # False when an fp16 overflow skipped the update
 
 
-def train_step(engine, precision: Precision, optimizer, scheduler, ctx: D.DistContext,
+def train_step(engine: Engine, precision: Precision, optimizer, scheduler, ctx: D.DistContext,
                micro_batches: list[MLMBatch], max_grad_norm: float | None) -> StepResult:
+    """One optimizer step. ``optimizer`` is the engine's (the scheduler drives it); it is passed
+    so that stand-ins for this function (tests) can step it themselves."""
     n_local = sum(mb.num_targets for mb in micro_batches)
     n_global = int(D.all_reduce_sum(ctx, torch.tensor([n_local], dtype=torch.int64)).item())
     loss_sum_local = torch.zeros((), device=ctx.device)
@@ -54,13 +58,11 @@ def train_step(engine, precision: Precision, optimizer, scheduler, ctx: D.DistCo
                                             mb.masked_labels.to(ctx.device))
             # Summed, never averaged: / n_global makes the global token mean; * world cancels
             # the engine's average over ranks.
-            precision.backward(loss_sum * engine.loss_scale_world / n_global)
+            engine.backward(loss_sum * engine.loss_scale_world / n_global)
         loss_sum_local += loss_sum.detach().float()
-    precision.unscale(optimizer)
-    grad_norm = engine.clip(max_grad_norm)
-    stepped = precision.step(optimizer)
+    # unscale (fp16) -> clip -> AdamW step; on fp16 overflow every rank skips it together
+    grad_norm, stepped = engine.step(max_grad_norm)
     scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
     return StepResult(loss_sum_local, n_local, n_global, float(grad_norm), stepped)
 
 
@@ -121,6 +123,47 @@ def _fingerprint(config: PretrainConfig, meta: dict[str, Any]) -> dict[str, Any]
             "global_batch": config.train.global_batch, "seed": config.run.seed}
 
 
+def _engine_options(config: PretrainConfig, split: BatchSplit, rank: int) -> EngineOptions:
+    """train.engine / train.zero_stage, where ``auto`` defers to the plan (if any)."""
+    cfg = config.train
+    plan = config.load_plan() if cfg.plan is not None else None
+    name, stage = resolve_engine(cfg.engine, cfg.zero_stage, plan.engine if plan else None,
+                                 plan.zero_stage if plan else None)
+    return EngineOptions(name=name, zero_stage=stage, bucket_cap_mb=cfg.bucket_cap_mb,
+                         grad_compression=cfg.grad_compression,
+                         deepspeed_config=cfg.deepspeed_config, max_grad_norm=cfg.max_grad_norm,
+                         micro_steps=split.micro_steps, micro_batch=split.max_micro_batch(rank))
+
+
+def _collective_io(ctx: D.DistContext, action):
+    """Run file I/O on every rank; if any rank failed, every rank raises its error (no hang)."""
+    error, result = None, None
+    try:
+        result = action()
+    except (HetlmError, OSError) as exc:
+        error = str(exc)
+    errors = [e for e in D.all_gather_object(ctx, error) if e]
+    if errors:
+        raise HetlmError(errors[0])
+    return result
+
+
+def _check_engine_compatible(saved: dict[str, Any], engine: Engine, world_size: int,
+                             path: Path) -> None:
+    """Torch engines share one checkpoint format; DeepSpeed's needs DeepSpeed, same ranks."""
+    saved_format = saved.get("checkpoint_format", "full")
+    if saved_format != engine.checkpoint_format:
+        raise HetlmError(
+            f"cannot resume from {path}: it was written by engine {saved.get('engine')} "
+            f"({saved_format} optimizer state) and this run uses {engine.name}: set "
+            f"train.engine: {saved.get('engine')} to resume, or start a new output_dir")
+    if saved_format == "deepspeed" and saved.get("world_size") != world_size:
+        raise HetlmError(
+            f"cannot resume from {path}: DeepSpeed checkpoints resume on the same number of "
+            f"ranks ({saved.get('world_size')}, now {world_size}): launch that many ranks, or "
+            "train with a torch engine (ddp, zero1, fsdp2), whose checkpoints resume anywhere")
+
+
 def _check_resume_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
     differs = [k for k in current if k in saved and saved[k] != current[k]]
     if differs:
@@ -167,18 +210,21 @@ class Pretraining:
             saved = CheckpointManager.load_trainer_state(resume_dir)
             _check_resume_compatible(saved["fingerprint"], self.fingerprint, resume_dir)
             load_model_weights(model, resume_dir)
-        self.engine = build_engine("ddp", SparseMaskedLM(model), ctx)
         requested = self.train_cfg.precision
         if config.train.plan is not None and requested == "auto":
             requested = config.load_plan().precision  # the plan chose it for the whole cluster
-        self.precision = Precision(resolve_precision(requested, ctx.device), ctx.device)
-        self.optimizer = build_optimizer(self.engine.unwrapped, lr=self.train_cfg.lr,
-                                         weight_decay=self.train_cfg.weight_decay,
-                                         betas=self.train_cfg.adam_betas, eps=self.train_cfg.adam_eps)
+        self.engine = build_engine(SparseMaskedLM(model), ctx,
+                                   resolve_precision(requested, ctx.device),
+                                   _engine_options(config, self.split, ctx.rank))
+        self.precision = self.engine.precision
+        self.optimizer = self.engine.build_optimizer(
+            lr=self.train_cfg.lr, weight_decay=self.train_cfg.weight_decay,
+            betas=self.train_cfg.adam_betas, eps=self.train_cfg.adam_eps)
         self.scheduler = linear_schedule(self.optimizer, self.train_cfg.warmup_steps,
                                          self.train_cfg.max_steps)
         torch.manual_seed(seed * 1009 + ctx.rank)  # dropout stream of this rank
         self.step = 0
+        self.skipped_steps = 0  # fp16 overflows so far (the same on every rank)
         self.last_checkpoint: Path | None = None
         if resume_dir is not None:
             self._restore(resume_dir)
@@ -199,7 +245,10 @@ class Pretraining:
     def _restore(self, path: Path) -> None:
         states = CheckpointManager.load_states(path)
         trainer = states["trainer_state"]
-        self.optimizer.load_state_dict(states["optimizer"])
+        _check_engine_compatible(trainer, self.engine, self.ctx.world_size, path)
+        if "optimizer" in states:
+            self.engine.load_optimizer_state_dict(states["optimizer"])
+        self.engine.load_sharded(path)
         self.scheduler.load_state_dict(states["scheduler"])
         self.precision.load_state_dict(states["precision"])
         self.sampler.load_state_dict(trainer["sampler"])
@@ -209,44 +258,64 @@ class Pretraining:
             if torch.cuda.is_available() and rng[self.ctx.rank].get("cuda") is not None:
                 torch.cuda.set_rng_state(rng[self.ctx.rank]["cuda"])
         self.step = int(trainer["step"])
+        self.skipped_steps = int(trainer.get("skipped_steps", 0))
         self.last_checkpoint = path
 
     # ---- checkpoint, eval, final save
 
     def save_checkpoint(self) -> None:
+        """Every rank takes part: the engine gathers the full model and optimizer state to
+        rank 0 (and DeepSpeed writes per-rank files); rank 0 writes and renames the folder."""
+        ctx = self.ctx
         rng = {"cpu": torch.get_rng_state(),
                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-        all_rng = D.all_gather_object(self.ctx, rng)
-        if self.ctx.is_main:
-            self.last_checkpoint = self.checkpoints.save(
-                self.step, model=self.hf_model,
-                states={"optimizer": self.optimizer.state_dict(),
-                        "scheduler": self.scheduler.state_dict(),
-                        "precision": self.precision.state_dict(), "rng": all_rng},
-                trainer_state={"step": self.step, "sampler": self.sampler.state_dict(),
-                               "world_size": self.ctx.world_size,
-                               "shares": list(self.split.shares),
-                               "micro_steps": self.split.micro_steps,
-                               "fingerprint": self.fingerprint})
-        D.barrier(self.ctx)
+        all_rng = D.all_gather_object(ctx, rng)
+        model_state = self.engine.model_state_dict()
+        optimizer_state = self.engine.optimizer_state_dict()
+        staging = _collective_io(ctx, lambda: self.checkpoints.prepare(self.step)
+                                 if ctx.is_main else self.checkpoints.staging_dir(self.step))
+        _collective_io(ctx, lambda: self.engine.save_sharded(staging))
+        states = {"scheduler": self.scheduler.state_dict(),
+                  "precision": self.precision.state_dict(), "rng": all_rng}
+        if optimizer_state is not None:
+            states["optimizer"] = optimizer_state
+        trainer_state = {"step": self.step, "sampler": self.sampler.state_dict(),
+                         "world_size": ctx.world_size, "shares": list(self.split.shares),
+                         "micro_steps": self.split.micro_steps,
+                         "engine": self.engine.name, "zero_stage": self.engine.zero_stage,
+                         "checkpoint_format": self.engine.checkpoint_format,
+                         "skipped_steps": self.skipped_steps, "fingerprint": self.fingerprint}
+        _collective_io(ctx, lambda: ctx.is_main and self.checkpoints.commit(
+            self.step, model=self.hf_model, model_state=model_state, states=states,
+            trainer_state=trainer_state))
+        self.last_checkpoint = self.checkpoints.step_dir(self.step)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Held-out MLM loss and accuracy, masking fixed by (seed, EVAL_EPOCH, index)."""
+        """Held-out MLM loss and accuracy, masking fixed by (seed, EVAL_EPOCH, index).
+
+        Every rank runs the same number of batches (FSDP and ZeRO-3 all-gather parameters in
+        each forward): a rank whose samples ran out runs a stand-in batch of sample 0 and does
+        not count it.
+        """
         count = min(self.train_cfg.eval_samples, len(self.eval_data))
         mine = np.arange(count)[self.ctx.rank::self.ctx.world_size]
-        model = self.engine.unwrapped
-        model.eval()
+        size = self.train_cfg.eval_batch
+        batches = math.ceil(math.ceil(count / self.ctx.world_size) / size)
         totals = torch.zeros(3, dtype=torch.float64)
-        for start in range(0, len(mine), self.train_cfg.eval_batch):
-            mb = self.eval_data.batch(mine[start:start + self.train_cfg.eval_batch], EVAL_EPOCH)
-            with self.precision.autocast():
-                loss_sum, correct = model(mb.input_ids.to(self.ctx.device),
-                                          mb.masked_positions.to(self.ctx.device),
-                                          mb.masked_labels.to(self.ctx.device))
-            totals += torch.tensor([float(loss_sum), float(correct), mb.num_targets],
-                                   dtype=torch.float64)
-        model.train()
+        with self.engine.evaluating() as model:
+            for b in range(batches):
+                ids = mine[b * size:(b + 1) * size]
+                counted = len(ids) > 0
+                mb = self.eval_data.batch(ids if counted else np.zeros(1, dtype=np.int64),
+                                          EVAL_EPOCH)
+                with self.precision.autocast():
+                    loss_sum, correct = model(mb.input_ids.to(self.ctx.device),
+                                              mb.masked_positions.to(self.ctx.device),
+                                              mb.masked_labels.to(self.ctx.device))
+                if counted:
+                    totals += torch.tensor([float(loss_sum), float(correct), mb.num_targets],
+                                           dtype=torch.float64)
         D.all_reduce_sum(self.ctx, totals)
         n = max(1.0, float(totals[2]))
         return {"eval_loss": float(totals[0]) / n, "eval_accuracy": float(totals[1]) / n,
@@ -257,8 +326,9 @@ class Pretraining:
         from hetlm.data.tokenizer import load_tokenizer, save_fast_tokenizer
 
         final = self.output_dir / "model"
+        state = self.engine.model_state_dict()  # a collective: gathered to rank 0
         if self.ctx.is_main:
-            self.hf_model.save_pretrained(final, safe_serialization=True)
+            self.hf_model.save_pretrained(final, safe_serialization=True, state_dict=dict(state))
             save_fast_tokenizer(load_tokenizer(self.tokenizer_dir), final)
             if not (final / "tokenizer.json").is_file():
                 raise HetlmError(f"the tokenizer from {self.tokenizer_dir} saved no files into "
@@ -277,7 +347,8 @@ class Pretraining:
         logger.event(event="resume" if self.step else "start", step=self.step,
                      world_size=ctx.world_size, shares=list(self.split.shares),
                      micro_steps=self.split.micro_steps, precision=self.precision.name,
-                     engine=self.engine.name, time=time.time())
+                     engine=self.engine.name, zero_stage=self.engine.zero_stage,
+                     time=time.time())
         self.engine.module.train()
         history: list[dict[str, Any]] = []
         while self.step < end_step:
@@ -289,13 +360,19 @@ class Pretraining:
             self.step += 1
             busy_s = time.perf_counter() - started
             stats = torch.tensor([float(result.loss_sum), sum(len(m) for m in micro),
-                                  sum(m.num_tokens for m in micro), busy_s], dtype=torch.float64)
+                                  sum(m.num_tokens for m in micro), busy_s,
+                                  float(result.stepped)], dtype=torch.float64)
             per_rank = torch.stack(D.all_gather_tensor(ctx, stats))
             wall_s = time.perf_counter() - started
+            if per_rank[:, 4].min() != per_rank[:, 4].max():  # the replicas would diverge
+                raise RuntimeError(f"ranks disagree whether step {self.step} was skipped "
+                                   f"(stepped per rank: {per_rank[:, 4].tolist()}): a bug")
+            self.skipped_steps += not result.stepped
             loss = float(per_rank[:, 0].sum()) / result.num_targets_global
             record = {"step": self.step, "epoch": batch.epoch, "loss": loss,
                       "lr": self.scheduler.get_last_lr()[0], "grad_norm": result.grad_norm,
-                      "skipped": not result.stepped, "step_time_s": wall_s,
+                      "skipped": not result.stepped, "skipped_steps": self.skipped_steps,
+                      "step_time_s": wall_s,
                       "masked_tokens": result.num_targets_global,
                       "samples_per_s": float(per_rank[:, 1].sum()) / wall_s,
                       "tokens_per_s": float(per_rank[:, 2].sum()) / wall_s,
@@ -350,6 +427,8 @@ class Pretraining:
                 "tokens_per_s": sum(per_rank), "tokens_per_s_per_rank": per_rank,
                 "micro_batches": [self.split.micro_batch_sizes(r) for r in range(self.ctx.world_size)],
                 "global_batch": self.split.global_batch, "precision": self.precision.name,
+                "engine": self.engine.name, "zero_stage": self.engine.zero_stage,
+                "skipped_steps": self.skipped_steps,
                 "model_dir": str(final_dir), "output_dir": str(self.output_dir),
                 "last_checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None}
 

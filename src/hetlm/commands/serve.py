@@ -1,0 +1,35 @@
+"""``hetlm serve``: an OpenAI-compatible chat completions API for a trained model."""
+
+from __future__ import annotations
+
+import argparse
+
+from hetlm.commands.chat import add_model_arguments, load_engine
+
+
+def register(subparsers) -> None:
+    """Add ``hetlm serve``."""
+    parser = subparsers.add_parser(
+        "serve", help="serve a model over an OpenAI-compatible HTTP API",
+        description="Serve a causal LM (optionally with a LoRA adapter) as "
+                    "GET /v1/models and POST /v1/chat/completions (streaming or not), so the "
+                    "official openai client and tools built on it can use it. --temperature, "
+                    "--top-p and --max-new-tokens are the defaults for requests that omit them.")
+    add_model_arguments(parser)
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--model-name", metavar="NAME",
+                        help="model id clients send (default: the adapter or model folder name)")
+    parser.set_defaults(func=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from hetlm.serve.openai_api import serve_forever
+
+    engine, settings = load_engine(args)
+    name = args.model_name or engine.name
+    print(f"hetlm serve: model '{name}' (template {engine.template.name}) at "
+          f"http://{args.host}:{args.port}/v1", flush=True)
+    serve_forever(engine, host=args.host, port=args.port, model_name=name, defaults=settings)
+    return 0

@@ -1,0 +1,276 @@
+"""Fine-tune a checkpoint for sequence classification and score it, over several seeds.
+
+Deliberately a small plain-PyTorch loop (AdamW, linear warmup/decay, a few epochs) rather than
+the ``Trainer``: every model in the table gets exactly the same recipe, and nothing else
+(evaluation strategy, early stopping, mixed precision defaults) differs between library
+versions. The seed decides the classifier head's initialisation, dropout and the data order;
+it never changes the split (see :mod:`hetlm.evaluate.tasks`), so seed-to-seed spread measures
+fine-tuning noise only.
+
+Any checkpoint ``AutoModelForSequenceClassification`` can load works: BERT, RoBERTa, DeBERTaV2,
+an ELECTRA discriminator, a decoder with a sequence-classification class (the pad token is set
+from EOS when missing), or a hub name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+import unicodedata
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from hetlm.errors import HetlmError
+from hetlm.evaluate.checkpoint import ModelSpec, load_model, load_tokenizer, quiet_transformers
+from hetlm.evaluate.metrics import accuracy, macro_f1
+from hetlm.evaluate.tasks import Example, TaskData, subsample
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class FinetuneOptions:
+    """The fine-tuning recipe; the same for every model and task in one table."""
+
+    epochs: int = 3
+    batch_size: int = 16
+    eval_batch_size: int = 64
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    max_length: int = 128
+    grad_clip: float = 1.0
+    max_train_examples: int | None = None
+    max_eval_examples: int | None = None
+    eval_split: str = "test"
+    device: str = "cpu"
+
+    def check(self) -> None:
+        """One-line errors for impossible values, before any model is loaded."""
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise HetlmError(f"{name.replace('_', '-')} must be at least 1, got "
+                                 f"{getattr(self, name)}")
+        if self.max_length < 8:
+            raise HetlmError(f"max-length must be at least 8, got {self.max_length}")
+        if not self.lr > 0:
+            raise HetlmError(f"lr must be positive, got {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise HetlmError(f"warmup ratio must be in [0, 1), got {self.warmup_ratio}")
+        for name in ("max_train_examples", "max_eval_examples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise HetlmError(f"{name.replace('_', '-')} must be at least 1, got {value}")
+        if self.eval_split not in ("dev", "test"):
+            raise HetlmError(f"eval split must be dev or test, got {self.eval_split!r}")
+
+
+@dataclass
+class SeedResult:
+    """One fine-tuning run: test metrics, the confusion matrix (gold rows), the cost."""
+
+    seed: int
+    accuracy: float
+    macro_f1: float
+    final_train_loss: float
+    confusion: list[list[int]]
+    seconds: float
+
+
+@dataclass
+class TaskResult:
+    """All seeds of one (model, task)."""
+
+    model: str
+    task: str
+    labels: list[str]
+    eval_split: str
+    train_examples: int
+    eval_examples: int
+    train_ids_sha256: str = ""   # which examples, so two reports can be checked to match
+    eval_ids_sha256: str = ""
+    runs: list[SeedResult] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def crop_around(text: str, span: tuple[int, int] | None, max_chars: int) -> str:
+    """At most ``max_chars`` characters of ``text``, centred on ``span`` when it is longer.
+
+    A chABSA sentence can run to 400 characters with its target near the end; truncating the
+    tail would cut the very expression the label is about.
+    """
+    if len(text) <= max_chars:
+        return text
+    start, end = span if span is not None else (0, 0)
+    begin = max(0, min((start + end) // 2 - max_chars // 2, len(text) - max_chars))
+    return text[begin:begin + max_chars]
+
+
+def encode(examples: Sequence[Example], tokenizer: Any, max_length: int) -> list[dict[str, Any]]:
+    """Tokenized inputs (NFKC-normalised; sentence pairs where the task has them)."""
+    texts, pairs = [], []
+    for e in examples:
+        pair = unicodedata.normalize("NFKC", e.text_pair) if e.text_pair is not None else None
+        room = max(8, max_length - 4 - (len(pair) if pair else 0))  # ~1 token per character
+        texts.append(unicodedata.normalize("NFKC", crop_around(e.text, e.span, room)))
+        pairs.append(pair)
+    with quiet_transformers():
+        encoded = tokenizer(texts, pairs if any(p is not None for p in pairs) else None,
+                            truncation="longest_first", max_length=max_length)
+    keys = [k for k in ("input_ids", "token_type_ids", "attention_mask") if k in encoded]
+    return [{k: encoded[k][i] for k in keys} | {"labels": e.label}
+            for i, e in enumerate(examples)]
+
+
+def _collate(tokenizer: Any, features: list[dict[str, Any]], model: Any
+             ) -> dict[str, torch.Tensor]:
+    labels = torch.tensor([f["labels"] for f in features])
+    drop = {"labels"} | ({"token_type_ids"} if not _uses_segments(model) else set())
+    inputs = [{k: v for k, v in f.items() if k not in drop} for f in features]
+    with quiet_transformers():
+        batch = tokenizer.pad(inputs, return_tensors="pt")
+    return {k: v.to(model.device) for k, v in {**batch, "labels": labels}.items()}
+
+
+def _uses_segments(model: Any) -> bool:
+    """Whether to pass ``token_type_ids``: hetlm's tokenizers always return them (BERT-style
+    pairs), but a RoBERTa with ``type_vocab_size=1`` would index past its table, and decoders
+    have no segment embeddings at all."""
+    import inspect
+
+    types = getattr(model.config, "type_vocab_size", None)
+    accepted = "token_type_ids" in inspect.signature(model.forward).parameters
+    return accepted and (types is None or types >= 2)
+
+
+def prepare_tokenizer(spec: ModelSpec) -> Any:
+    """The checkpoint's tokenizer, with a pad token (decoders often have none: use EOS)."""
+    tokenizer = load_tokenizer(spec)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise HetlmError(f"the tokenizer of {spec.path} has neither a pad nor an EOS token: "
+                             "batches cannot be padded")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+# ---------------------------------------------------------------- one run
+
+
+def _optimizer(model: torch.nn.Module, options: FinetuneOptions) -> torch.optim.Optimizer:
+    """AdamW; biases and normalisation weights (1-D parameters) without weight decay."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": options.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=options.lr)
+
+
+def load_classifier(spec: ModelSpec, task: TaskData, tokenizer: Any, seed: int) -> Any:
+    """A fresh classifier from the checkpoint; ``seed`` initialises the new head."""
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    labels = list(task.labels)
+    model, _ = load_model(spec, AutoModelForSequenceClassification, num_labels=len(labels),
+                          id2label=dict(enumerate(labels)),
+                          label2id={name: i for i, name in enumerate(labels)},
+                          ignore_mismatched_sizes=True)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def train_and_score(spec: ModelSpec, task: TaskData, tokenizer: Any, train: list[dict[str, Any]],
+                    test: list[dict[str, Any]], seed: int, options: FinetuneOptions) -> SeedResult:
+    """Fine-tune once with ``seed`` and score on ``test``."""
+    from transformers import get_linear_schedule_with_warmup
+
+    started = time.perf_counter()
+    model = load_classifier(spec, task, tokenizer, seed).to(options.device)
+    optimizer = _optimizer(model, options)
+    steps_per_epoch = math.ceil(len(train) / options.batch_size)
+    total = steps_per_epoch * options.epochs
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(options.warmup_ratio * total),
+                                                total)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    epoch_loss = math.nan
+    for _ in range(options.epochs):
+        order = torch.randperm(len(train), generator=generator).tolist()
+        losses = []
+        for start in range(0, len(order), options.batch_size):
+            chosen = order[start:start + options.batch_size]
+            batch = _collate(tokenizer, [train[i] for i in chosen], model)
+            loss = model(**batch).loss
+            if not torch.isfinite(loss):
+                raise HetlmError(f"fine-tuning {spec.name} on {task.name} (seed {seed}) diverged "
+                                 f"(loss {float(loss)}): lower --lr")
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+        epoch_loss = sum(losses) / len(losses)
+    predicted = predict(model, tokenizer, test, options.eval_batch_size)
+    gold = [f["labels"] for f in test]
+    k = len(task.labels)
+    confusion = [[0] * k for _ in range(k)]
+    for g, p in zip(gold, predicted, strict=True):
+        confusion[g][p] += 1
+    return SeedResult(seed=seed, accuracy=accuracy(gold, predicted),
+                      macro_f1=macro_f1(gold, predicted), final_train_loss=epoch_loss,
+                      confusion=confusion, seconds=time.perf_counter() - started)
+
+
+@torch.inference_mode()
+def predict(model: Any, tokenizer: Any, features: list[dict[str, Any]], batch_size: int
+            ) -> list[int]:
+    """Argmax labels, in order."""
+    model.eval()
+    predicted: list[int] = []
+    for start in range(0, len(features), batch_size):
+        batch = _collate(tokenizer, features[start:start + batch_size], model)
+        batch.pop("labels")
+        predicted.extend(model(**batch).logits.argmax(-1).tolist())
+    return predicted
+
+
+# ---------------------------------------------------------------- all seeds
+
+
+def ids_digest(examples: Sequence[Example]) -> str:
+    """SHA-256 of the example ids, in order: equal digests mean the same data."""
+    return hashlib.sha256("\n".join(e.id for e in examples).encode()).hexdigest()
+
+
+def finetune_task(spec: ModelSpec, task: TaskData, seeds: Sequence[int],
+                  options: FinetuneOptions, log: Log = print) -> TaskResult:
+    """Fine-tune ``spec`` on ``task`` once per seed; the data and its encoding are shared."""
+    tokenizer = prepare_tokenizer(spec)
+    train_examples = subsample(task.splits["train"], options.max_train_examples, task.name)
+    eval_examples = subsample(task.splits[options.eval_split], options.max_eval_examples,
+                              task.name)
+    if not eval_examples:
+        raise HetlmError(f"the {task.name} {options.eval_split} split is empty")
+    train = encode(train_examples, tokenizer, options.max_length)
+    test = encode(eval_examples, tokenizer, options.max_length)
+    result = TaskResult(spec.name, task.name, list(task.labels), options.eval_split,
+                        len(train), len(test), ids_digest(train_examples),
+                        ids_digest(eval_examples))
+    for seed in seeds:
+        run = train_and_score(spec, task, tokenizer, train, test, seed, options)
+        result.runs.append(run)
+        log(f"  {spec.name} / {task.name} / seed {seed}: accuracy {run.accuracy:.3f}, "
+            f"macro-F1 {run.macro_f1:.3f}, final train loss {run.final_train_loss:.3f} "
+            f"({run.seconds:.1f} s)")
+    return result

@@ -1,0 +1,272 @@
+"""Held-out language-model metrics of a checkpoint on a corpus.
+
+Encoders (``AutoModelForMaskedLM``): the corpus is tokenized with the checkpoint's tokenizer and
+packed exactly as `hetlm prepare` packs (documents joined by the separator, ``[CLS] chunk
+[SEP]`` rows of ``seq_len``, the last partial row dropped), then masked by ``MLMCollator`` at
+the fixed ``EVAL_EPOCH``: the masks are a pure function of (row index, tokens), so the same
+checkpoint gives the same number every time, and two checkpoints sharing a tokenizer are scored
+on the very same masked positions. Reported: loss in nats per masked token, and accuracy.
+
+Decoders (``AutoModelForCausalLM``): documents as ``[BOS] text [EOS]`` (whichever exist),
+concatenated and cut into rows of ``seq_len``; every token after the first of a row is
+predicted. Reported: loss in nats per predicted token, perplexity = exp(loss), accuracy.
+
+Per-token numbers depend on the tokenizer: compare them between checkpoints that share one.
+"""
+
+from __future__ import annotations
+
+import math
+import unicodedata
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from hetlm.errors import HetlmError
+from hetlm.evaluate.checkpoint import (
+    ModelSpec,
+    is_causal_lm,
+    load_config,
+    load_model,
+    load_tokenizer,
+    quiet_transformers,
+)
+
+
+@dataclass
+class LMResult:
+    """Held-out LM metrics of one checkpoint on one corpus (``skipped`` says why when empty)."""
+
+    kind: str                       # "mlm" or "clm"
+    corpus: str
+    loss: float | None = None       # nats per predicted token
+    accuracy: float | None = None   # top-1 on the predicted tokens
+    perplexity: float | None = None  # exp(loss), decoders only
+    predicted_tokens: int = 0
+    sequences: int = 0
+    seq_len: int = 0
+    dropped_tail_tokens: int = 0
+    skipped: str | None = None
+    missing_weights: list[str] = field(default_factory=list)  # why it was skipped
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------- corpora
+
+
+@dataclass
+class PackedCorpus:
+    """The validation split of a `hetlm prepare` dataset: rows already packed and tokenized.
+
+    Usable only by checkpoints whose tokenizer has the same vocabulary (``vocab_hash``), which
+    makes the number directly comparable with the held-out MLM of `hetlm pretrain`.
+    """
+
+    path: str
+    rows: np.ndarray
+    vocab_hash: str
+    seq_len: int
+
+
+def load_packed_corpus(path: str, max_sequences: int | None = None) -> PackedCorpus:
+    """Read the validation rows of a packed dataset (``load_packed_dataset`` checks it)."""
+    from hetlm.data.packing import load_packed_dataset
+
+    dataset, meta = load_packed_dataset(path)
+    split = dataset["validation"]
+    if max_sequences is not None:
+        split = split.select(range(min(max_sequences, len(split))))
+    rows = np.asarray(split.with_format("numpy")["input_ids"], dtype=np.int64)
+    return PackedCorpus(str(path), rows, str(meta.get("tokenizer_vocab_hash", "")),
+                        int(meta["seq_len"]))
+
+
+Corpus = Sequence[str] | PackedCorpus
+
+
+# ---------------------------------------------------------------- packing in memory
+
+
+def tokenize_texts(texts: Sequence[str], tokenizer: Any, batch: int = 256) -> Iterable[list[int]]:
+    """Token ids of each text (NFKC-normalised, no special tokens), in order."""
+    with quiet_transformers():  # "sequence longer than model_max_length": we pack it ourselves
+        for start in range(0, len(texts), batch):
+            chunk = [unicodedata.normalize("NFKC", t) for t in texts[start:start + batch]]
+            yield from tokenizer(chunk, add_special_tokens=False)["input_ids"]
+
+
+def pack_for_mlm(texts: Sequence[str], tokenizer: Any, seq_len: int) -> tuple[np.ndarray, int]:
+    """``[CLS] chunk [SEP]`` rows as `hetlm prepare` makes them; (rows, dropped tail tokens)."""
+    from hetlm.data.packing import SequencePacker
+
+    cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
+    if cls_id is None or sep_id is None:
+        raise HetlmError("the tokenizer has no CLS/SEP tokens: masked-LM evaluation packs "
+                         "[CLS] ... [SEP] rows (is this a decoder without a causal-LM config?)")
+    packer = SequencePacker(seq_len, cls_id, sep_id)
+    rows = [packer.add(ids) for ids in tokenize_texts(texts, tokenizer) if ids]
+    dropped = packer.finish().dropped_tail_tokens
+    return _stack(rows, seq_len), dropped
+
+
+def pack_for_clm(texts: Sequence[str], tokenizer: Any, seq_len: int) -> tuple[np.ndarray, int]:
+    """``[BOS] text [EOS]`` documents concatenated and cut into rows; (rows, dropped tokens)."""
+    bos = tokenizer.bos_token_id
+    end = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    stream: list[int] = []
+    for ids in tokenize_texts(texts, tokenizer):
+        if ids:
+            stream.extend(([bos] if bos is not None else []) + ids
+                          + ([end] if end is not None else []))
+    n = len(stream) // seq_len
+    rows = np.asarray(stream[:n * seq_len], dtype=np.int64).reshape(n, seq_len)
+    return rows, len(stream) - n * seq_len
+
+
+def _stack(rows: list[np.ndarray], seq_len: int) -> np.ndarray:
+    rows = [r for r in rows if len(r)]
+    return np.concatenate(rows).astype(np.int64) if rows else np.zeros((0, seq_len), np.int64)
+
+
+# ---------------------------------------------------------------- scoring
+
+
+def mlm_collator(tokenizer: Any, seq_len: int, vocab_size: int) -> Any:
+    """``MLMCollator`` (seed 0) with the tokenizer's special tokens.
+
+    Only the specials at the bottom of the vocabulary count for the random-replacement range
+    (the collator draws from ids above the highest special): RoBERTa's ``<mask>`` is the *last*
+    id, which would otherwise leave no range at all. [CLS]/[SEP]/[PAD] are never masked.
+    """
+    from hetlm.data.collators import MLMCollator
+
+    if tokenizer.mask_token_id is None:
+        raise HetlmError("the tokenizer has no mask token: masked-LM evaluation needs one")
+    core = {tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id}
+    specials = {i for i in tokenizer.all_special_ids if i < vocab_size // 2} | core
+    return MLMCollator(seq_len=seq_len, vocab_size=vocab_size, mask_id=tokenizer.mask_token_id,
+                       special_ids=sorted(i for i in specials if i is not None), seed=0)
+
+
+@torch.inference_mode()
+def score_mlm(model: Any, rows: np.ndarray, collator: Any, batch_size: int
+              ) -> tuple[float, int, int]:
+    """(summed loss, correct, predicted tokens) over the rows, masked at ``EVAL_EPOCH``."""
+    from hetlm.data.collators import EVAL_EPOCH
+
+    loss_sum, correct, count = 0.0, 0, 0
+    for start in range(0, len(rows), batch_size):
+        indices = np.arange(start, min(start + batch_size, len(rows)))
+        batch = collator(rows[indices], indices, EVAL_EPOCH)
+        device = model.device
+        input_ids = batch.input_ids.to(device)
+        logits = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).logits
+        index = batch.masked_positions.to(device).unsqueeze(-1).expand(-1, -1, logits.shape[-1])
+        picked = logits.gather(1, index).float().reshape(-1, logits.shape[-1])
+        labels = batch.masked_labels.to(device).reshape(-1)
+        loss_sum += float(F.cross_entropy(picked, labels, ignore_index=-100, reduction="sum"))
+        correct += int(((picked.argmax(-1) == labels) & (labels != -100)).sum())
+        count += batch.num_targets
+    return loss_sum, correct, count
+
+
+@torch.inference_mode()
+def score_clm(model: Any, rows: np.ndarray, batch_size: int) -> tuple[float, int, int]:
+    """(summed next-token loss, correct, predicted tokens) over the rows."""
+    loss_sum, correct, count = 0.0, 0, 0
+    for start in range(0, len(rows), batch_size):
+        ids = torch.from_numpy(rows[start:start + batch_size]).to(model.device)
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, :-1]
+        flat = logits.float().reshape(-1, logits.shape[-1])
+        labels = ids[:, 1:].reshape(-1)
+        loss_sum += float(F.cross_entropy(flat, labels, reduction="sum"))
+        correct += int((flat.argmax(-1) == labels).sum())
+        count += labels.numel()
+    return loss_sum, correct, count
+
+
+# ---------------------------------------------------------------- one checkpoint, one corpus
+
+
+def _check_fits(rows: np.ndarray, config: Any, seq_len: int, spec: ModelSpec, corpus: str,
+                vocab_size: int) -> None:
+    if len(rows) == 0:
+        raise HetlmError(f"the corpus {corpus} gives no full sequence of {seq_len} tokens with the "
+                         f"tokenizer of {spec.path}: add text or lower --mlm-seq-len")
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is not None and seq_len > positions:
+        raise HetlmError(f"--mlm-seq-len {seq_len} exceeds the {positions} positions of "
+                         f"{spec.path}: lower it")
+    if int(rows.max()) >= vocab_size:
+        raise HetlmError(f"the tokenizer of {spec.path} produces id {int(rows.max())} but the "
+                         f"model has {vocab_size} embeddings: tokenizer and model do not match")
+
+
+def evaluate_lm(spec: ModelSpec, corpora: dict[str, Corpus], *, seq_len: int = 128,
+                batch_size: int = 16, max_sequences: int | None = None,
+                device: str = "cpu") -> list[LMResult]:
+    """Held-out metrics of one checkpoint on each named corpus (the model is loaded once).
+
+    Text corpora are packed with the checkpoint's tokenizer into ``seq_len`` rows (the first
+    ``max_sequences`` kept); a :class:`PackedCorpus` is used as packed, and only by checkpoints
+    with its vocabulary.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    config = load_config(spec)
+    causal = is_causal_lm(config)
+    kind = "clm" if causal else "mlm"
+    tokenizer = load_tokenizer(spec)
+    model, info = load_model(spec, AutoModelForCausalLM if causal else AutoModelForMaskedLM)
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        reason = (f"skipped: no trained {kind.upper()} head in the checkpoint ({len(missing)} "
+                  "weights missing; e.g. an ELECTRA discriminator)")
+        return [LMResult(kind, name, seq_len=seq_len, skipped=reason, missing_weights=missing[:8])
+                for name in corpora]
+    model.to(device).eval()
+    vocab_size = int(model.get_input_embeddings().num_embeddings)
+    results = []
+    for name, corpus in corpora.items():
+        if isinstance(corpus, PackedCorpus):
+            reason = _packed_unusable(corpus, tokenizer, causal)
+            if reason:
+                results.append(LMResult(kind, name, seq_len=corpus.seq_len, skipped=reason))
+                continue
+            rows, dropped, length = corpus.rows, 0, corpus.seq_len
+        else:
+            pack = pack_for_clm if causal else pack_for_mlm
+            rows, dropped = pack(corpus, tokenizer, seq_len)
+            rows, length = rows[:max_sequences], seq_len
+        _check_fits(rows, config, length, spec, name, vocab_size)
+        if causal:
+            loss_sum, correct, count = score_clm(model, rows, batch_size)
+        else:
+            collator = mlm_collator(tokenizer, length, min(vocab_size, len(tokenizer)))
+            loss_sum, correct, count = score_mlm(model, rows, collator, batch_size)
+        loss = loss_sum / max(count, 1)
+        results.append(LMResult(kind, name, loss=loss, accuracy=correct / max(count, 1),
+                                perplexity=_exp(loss) if causal else None,
+                                predicted_tokens=count, sequences=len(rows), seq_len=length,
+                                dropped_tail_tokens=dropped))
+    return results
+
+
+def _packed_unusable(corpus: PackedCorpus, tokenizer: Any, causal: bool) -> str | None:
+    from hetlm.data.tokenizer import vocab_hash
+
+    if causal:
+        return "skipped: a packed MLM dataset; pass the text corpus for a decoder"
+    if vocab_hash(tokenizer) != corpus.vocab_hash:
+        return "skipped: the dataset was packed with another tokenizer; pass the text corpus"
+    return None
+
+
+def _exp(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else math.inf

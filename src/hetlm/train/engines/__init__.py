@@ -1,0 +1,1 @@
+"""Engine implementations; ``hetlm.train.engine`` defines the interface and picks one."""
