@@ -15,18 +15,18 @@ $(VENV)/.installed-%: pyproject.toml
 	$(PY) -m pip install -q -e ".[$*]"
 	touch $@
 
-demo: $(VENV)/.installed-test
+demo: $(VENV)/.installed-test,chat
 	$(VENV)/bin/hetlm demo
 
-test: $(VENV)/.installed-test
+test: $(VENV)/.installed-test,chat
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(PY) -m pytest -q
 
-lint: $(VENV)/.installed-test
+lint: $(VENV)/.installed-test,chat
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
 
-bench: $(VENV)/.installed-bench
+bench: $(VENV)/.installed-test,chat,bench
 	$(PY) benchmarks/bench_vs_hf_trainer.py
 
 clean:

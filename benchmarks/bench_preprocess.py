@@ -213,7 +213,8 @@ def run_system(system: str, corpus: Path, tokenizer: Path, work: Path) -> dict:
 
 
 def markdown(results: list[dict], note: str) -> str:
-    lines = ["# Preprocessing: `hetlm prepare` vs the HF run_mlm recipe", "", note, "",
+    lines = ["# Preprocessing: `hetlm prepare` vs the HF run_mlm recipe", "", note,
+             "How it is measured, and the results against the goals: docs/DATA.md.", "",
              "| system | corpus | MB | wall s | CPU s | MB/s per core (CPU) | MB/s per core "
              "(wall / 2) | peak RSS sum MB | peak PSS sum MB | processes | sequences |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -231,6 +232,9 @@ def main() -> None:
     parser.add_argument("--systems", default="hetlm,hf")
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "bench_preprocess")
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--update", action="store_true",
+                        help="keep the other rows of an existing preprocess.json (e.g. rerun "
+                             "only --sizes 100 when the machine is quieter)")
     args = parser.parse_args()
 
     from hetlm.data.tokenizer import train_tokenizer
@@ -239,13 +243,19 @@ def main() -> None:
     tokenizer = args.work / "tokenizer"
     if not (tokenizer / "tokenizer.json").is_file():
         train_tokenizer([SOURCES[0][0]], tokenizer, vocab_size=8000)
-    results = []
+    results: list[dict] = []
+    previous = args.results / "preprocess.json"
+    if args.update and previous.is_file():
+        results = json.loads(previous.read_text("utf-8"))["results"]
     for size in (int(s) for s in args.sizes.split(",")):
         corpus = build_corpus(args.work / f"corpus-{size}mb.jsonl", size)
         for system in args.systems.split(","):
             print(f"{system} on {corpus.name} ...", flush=True)
-            results.append(run_system(system, corpus, tokenizer, args.work))
-            print(json.dumps(results[-1]), flush=True)
+            result = run_system(system, corpus, tokenizer, args.work)
+            results = [r for r in results
+                       if (r["system"], r["corpus"]) != (system, corpus.name)] + [result]
+            results.sort(key=lambda r: (r["corpus_mb"], r["system"] != "hetlm"))
+            print(json.dumps(result), flush=True)
             write(results, args.results)
 
 

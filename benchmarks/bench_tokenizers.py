@@ -84,7 +84,8 @@ def main() -> None:
               f"(Aozora 2.2M characters, Economy Watchers comments, chABSA sentences; "
               f"Sudachi in split mode C, MeCab with unidic-lite), then measured with "
               f"`hetlm tokenizer compare` on the first {args.max_chars:,} characters of each "
-              f"corpus. Training time (s): {json.dumps(train_seconds)}.\n\n")
+              f"corpus. Training time (s): {json.dumps(train_seconds)}. What it shows: "
+              f"docs/DATA.md.\n\n")
     (args.results / "tokenizers.md").write_text(header + table, encoding="utf-8")
     (args.results / "tokenizers.json").write_text(json.dumps(
         {"vocab_size": args.vocab_size, "train_seconds": train_seconds,

@@ -295,5 +295,6 @@ def test_memory_stays_flat_on_a_corpus_larger_than_the_budget(tmp_path,
                              str(trained_tokenizer), str(tmp_path / "out")],
                             capture_output=True, text=True, timeout=240, env=env, check=True)
     measured = json.loads(result.stdout.strip().splitlines()[-1])
+    print(f"peak RSS growth {measured['growth'] / 2**20:.1f} MiB")  # visible with -s
     assert measured["chunks"] >= 8 and measured["tokens"] > 4_000_000
     assert measured["growth"] < 48 * 2**20, measured

@@ -129,7 +129,8 @@ def encode_batches(batches: Iterable[tuple[Any, list[str]]], spec: EncoderSpec, 
                    workers: int) -> Iterator[tuple[Any, np.ndarray, np.ndarray]]:
     """(tag, flat ids, lengths) for each (tag, texts) batch, in order.
 
-    At most ``2 * workers`` batches are in flight, so a fast reader never queues the whole corpus
+    At most ``4 * workers`` batches are in flight (enough to keep every worker busy while the
+    main process reads, or finishes a chunk), so a fast reader never queues the whole corpus
     in memory (``Pool.imap`` would consume its input eagerly). Workers are spawned, not forked:
     forking a process that already runs tokenizer/torch threads can deadlock.
     """
@@ -145,7 +146,7 @@ def encode_batches(batches: Iterable[tuple[Any, list[str]]], spec: EncoderSpec, 
         pending: deque = deque()
         for tag, texts in batches:
             pending.append((tag, pool.apply_async(_encode_arrays, (texts,))))
-            if len(pending) >= 2 * workers:
+            if len(pending) >= 4 * workers:
                 tag_out, result = pending.popleft()
                 yield (tag_out, *result.get())
         while pending:

@@ -73,8 +73,8 @@ class PrepareSummary:
     cleaning: CleaningStats | None = None
     cleaning_options: CleaningOptions | None = None
     chunks: int = 0                 # chunks in the corpus (all shards)
-    chunks_this_run: int = 0        # chunks tokenized by this invocation
-    chunks_resumed: int = 0         # chunks found finished from an earlier, stopped run
+    chunks_this_run: int | None = 0  # chunks tokenized by this invocation (None: a merge)
+    chunks_resumed: int = 0          # chunks found finished from an earlier, stopped run
     shard: tuple[int, int] | None = None  # (i, n) for a shard folder, None for a dataset
     complete: bool = True           # False when stopped early (max_chunks): run again
     notes: list[str] = field(default_factory=list)
@@ -90,7 +90,9 @@ class PrepareSummary:
                 f"{v.dropped_tail_tokens:,} validation tokens).")
         if self.documents_without_tokens:
             text += f" Skipped {self.documents_without_tokens:,} document(s) with no tokens."
-        if self.chunks:
+        if self.chunks and self.chunks_this_run is None:
+            text += f" Chunks: {self.chunks:,}."
+        elif self.chunks:
             text += (f" Chunks: {self.chunks:,} in the corpus, {self.chunks_this_run:,} "
                      f"tokenized now, {self.chunks_resumed:,} resumed from an earlier run.")
         if not self.complete:

@@ -5,7 +5,7 @@ run (``--shard i/n``) stops after its shard; ``merge_shards`` combines the n sha
 rules (chunks, shards, resume) are in :mod:`hetlm.data.shards`; the packing of one chunk is
 :func:`hetlm.data.packing.pack_documents`.
 
-Memory stays flat whatever the corpus size: documents stream through; at most ``2 * workers``
+Memory stays flat whatever the corpus size: documents stream through; at most ``4 * workers``
 tokenization batches are in flight; one chunk's token ids (``chunk_chars`` characters, ~4 bytes
 per token) are held until the chunk is packed; duplicate detection keeps 8 bytes per unique
 document (:class:`hetlm.data.cleaning.HashSet`).
@@ -19,6 +19,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -247,13 +248,25 @@ def run_shard(context: _Context, folder: Path, options: PrepareOptions,
     encoded = encode_batches(batches, context.encoder, workers=options.workers)
     new = 0
     stopped = False
-    for buffer in _chunk_buffers(encoded):
-        done[buffer.chunk] = _finish_chunk(buffer, chunks_dir, options, context.special)
-        new += 1
-        if options.max_chunks is not None and new >= options.max_chunks:
-            stopped = True
-            break
-    encoded.close()  # stops the worker pool when stopped early
+    # Packing, writing, fsync and hashing a chunk run in a thread (numpy, Arrow, file I/O and
+    # hashlib release the GIL) while the main thread keeps the tokenizer workers fed; at most
+    # one chunk is being finished while the next one is collected.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hetlm-chunk") as finisher:
+        pending = None
+        for buffer in _chunk_buffers(encoded):
+            if pending is not None:
+                marker = pending.result()
+                done[marker["chunk"]] = marker
+            pending = finisher.submit(_finish_chunk, buffer, chunks_dir, options,
+                                      context.special)
+            new += 1
+            if options.max_chunks is not None and new >= options.max_chunks:
+                stopped = True
+                break
+        encoded.close()  # stops the worker pool when stopped early
+        if pending is not None:
+            marker = pending.result()
+            done[marker["chunk"]] = marker
     mine = {c: m for c, m in done.items() if c % count == index}
     summary = _shard_summary(folder, options, context, mine, stats, cleaner, shard)
     summary.chunks_this_run, summary.chunks_resumed = new, resumed
@@ -411,7 +424,7 @@ def merge_shards(shard_dirs: Sequence[str | Path], output_dir: str | Path, *,
                                  _corpus_stats(first["corpus"]), without,
                                  _cleaning_stats(first["cleaning"]),
                                  CleaningOptions(**first["cleaning"]["options"]), chunks=total,
-                                 shard=None)
+                                 chunks_this_run=None, shard=None)
         meta = _metadata(summary, first, count)
         (built / META_FILE).write_text(json.dumps(meta, ensure_ascii=False, indent=2) + "\n",
                                        encoding="utf-8")

@@ -111,6 +111,9 @@ class DeepSpeedEngine(Engine):
     def __init__(self, module: nn.Module, ctx: DistContext, precision: Precision,
                  options: EngineOptions) -> None:
         self._deepspeed = import_deepspeed()
+        if precision.name == "fp16" and ctx.device.type != "cuda":
+            raise HetlmError("DeepSpeed's CPU accelerator has no fp16: use train.precision bf16 "
+                             "or fp32, or a torch engine (ddp, zero1, fsdp2) for fp16 on CPU")
         super().__init__(module, ctx, precision, options)
         self._inner = self.module
         self.config = deepspeed_config(options, precision.name, ctx.world_size)
