@@ -30,6 +30,12 @@ class RunSection(_Section):
 class DataSection(_Section):
     dataset: Path = Field(description="A packed dataset made by `hetlm prepare`.")
     tokenizer: Path | None = Field(None, description="Defaults to the dataset's tokenizer.")
+    local_copy: Path | None = Field(
+        None, description="A node-local copy made by `hetlm stage`; read when it is complete "
+        "and current, else the shared dataset is read (and the reason printed).")
+    whole_word_masking: bool | None = Field(
+        None, description="Mask every piece of a chosen word together; None: on when the "
+        "tokenizer segments words (MeCab/Sudachi + WordPiece).")
 
 
 class ModelSection(_Section):

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from hetlm.config import PretrainConfig
-from hetlm.data.collators import EVAL_EPOCH, MLMBatch, MLMCollator
+from hetlm.data.collators import EVAL_EPOCH, MLMBatch, MLMCollator, continuation_mask
 from hetlm.data.sampler import HeterogeneousBatchSampler
 from hetlm.errors import HetlmError
 from hetlm.models.build import build_masked_lm
@@ -80,14 +80,21 @@ def _special_ids(meta: dict[str, Any]) -> dict[str, int]:
 class PackedMLMData:
     """A packed split plus its collator: indices in, ``MLMBatch`` out."""
 
-    def __init__(self, split_dataset, meta: dict[str, Any], mlm_probability: float, seed: int):
+    def __init__(self, split_dataset, meta: dict[str, Any], mlm_probability: float, seed: int,
+                 whole_word: bool | None = None):
         self.rows = split_dataset.with_format("numpy")
         self.seq_len = int(meta["seq_len"])
         special = _special_ids(meta)
+        continuation = continuation_mask(meta)
+        if whole_word and continuation is None:
+            raise HetlmError("data.whole_word_masking needs a word-segmenting tokenizer (MeCab or "
+                             "Sudachi + WordPiece); this dataset's tokenizer marks no words")
+        use_whole_word = (continuation is not None) if whole_word is None else whole_word
         self.collator = MLMCollator(
             seq_len=self.seq_len, vocab_size=int(meta["vocab_size"]), mask_id=special["mask"],
             special_ids=[special[k] for k in ("pad", "cls", "sep", "unk", "mask") if k in special],
-            mlm_probability=mlm_probability, seed=seed)
+            mlm_probability=mlm_probability, seed=seed, whole_word=use_whole_word,
+            continuation=continuation if use_whole_word else None)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -187,11 +194,18 @@ class Pretraining:
         self.split: BatchSplit = config.batch_split(ctx.world_size, node_of_rank)
         self.node_of_rank = node_of_rank
 
-        dataset, self.meta = load_packed_dataset(config.data.dataset)
+        from hetlm.data.staging import resolve_dataset_path
+
+        dataset_path = resolve_dataset_path(config.data.dataset, config.data.local_copy,
+                                            report=print if ctx.is_main else None)
+        dataset, self.meta = load_packed_dataset(dataset_path)
         self.tokenizer_dir = Path(config.data.tokenizer or self.meta["tokenizer_dir"])
         seed = config.run.seed
-        self.train_data = PackedMLMData(dataset["train"], self.meta, self.train_cfg.mlm_probability, seed)
-        self.eval_data = PackedMLMData(dataset["validation"], self.meta, self.train_cfg.mlm_probability, seed)
+        whole_word = config.data.whole_word_masking
+        self.train_data = PackedMLMData(dataset["train"], self.meta, self.train_cfg.mlm_probability,
+                                        seed, whole_word)
+        self.eval_data = PackedMLMData(dataset["validation"], self.meta,
+                                       self.train_cfg.mlm_probability, seed, whole_word)
         self.sampler = HeterogeneousBatchSampler(len(self.train_data), self.split, ctx.rank, seed)
 
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -323,14 +337,14 @@ class Pretraining:
 
     def save_final(self) -> Path:
         """The model as ``save_pretrained`` writes it, with the tokenizer beside it."""
-        from hetlm.data.tokenizer import load_tokenizer, save_fast_tokenizer
+        from hetlm.data.tokenizer import TOKENIZER_FILES, load_tokenizer, save_tokenizer
 
         final = self.output_dir / "model"
         state = self.engine.model_state_dict()  # a collective: gathered to rank 0
         if self.ctx.is_main:
             self.hf_model.save_pretrained(final, safe_serialization=True, state_dict=dict(state))
-            save_fast_tokenizer(load_tokenizer(self.tokenizer_dir), final)
-            if not (final / "tokenizer.json").is_file():
+            save_tokenizer(load_tokenizer(self.tokenizer_dir), final)
+            if not any((final / name).is_file() for name in TOKENIZER_FILES):
                 raise HetlmError(f"the tokenizer from {self.tokenizer_dir} saved no files into "
                                  f"{final}: check data.tokenizer")
         D.barrier(self.ctx)
