@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from _dist import run_single
 from conftest import tiny_config, write_small_corpus
 
