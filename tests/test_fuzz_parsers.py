@@ -14,7 +14,9 @@ from hypothesis import strategies as st
 
 from hetlm.errors import HetlmError
 
-SETTINGS = settings(max_examples=150, deadline=None,
+# derandomize: CI sees the same 150 inputs every run (a failure is reproducible, never flaky);
+# run with HYPOTHESIS_PROFILE-free local edits (derandomize=False) to explore further.
+SETTINGS = settings(max_examples=150, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.function_scoped_fixture,
                                            HealthCheck.too_slow])
 

@@ -157,7 +157,7 @@ def _format_errors(exc: ValidationError) -> str:
     for err in exc.errors():
         where = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
         where = where if where.isprintable() else repr(where)  # keep the error on one line
-        msg = err["msg"]
+        msg = " ".join(str(err["msg"]).split())
         if err["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see `hetlm pretrain --help-config`)"
         parts.append(f"{where or '<top>'}: {msg}")

@@ -196,13 +196,14 @@ def format_validation_error(exc: ValidationError, what: str) -> str:
             str(p) for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in _TYPE_TAGS))
         ]
         path = ".".join(parts) or "(top level)"
+        path = path if path.isprintable() else repr(path)  # a key with a newline stays one line
         kind = err["type"]
         if kind == "extra_forbidden":
             message = "unknown key (check its spelling; see docs/PLANNER.md for the format)"
         elif kind == "missing":
             message = "required key is missing"
         else:
-            message = err["msg"].removeprefix("Value error, ")
+            message = " ".join(err["msg"].removeprefix("Value error, ").split())
             value = err.get("input")
             if kind != "value_error" and isinstance(value, str | int | float | bool):
                 message += f" (got {value!r})"
