@@ -154,3 +154,27 @@ def test_file_level_errors(tmp_path: Path) -> None:
     write(tmp_path, "[1, 2, 3]", "p.json")
     with pytest.raises(HetlmError, match="3 speeds but the node has 1 GPUs"):
         load_cluster(write(tmp_path, "nodes:\n  - gpus: {model: T4}\n    samples_per_s: p.json\n"))
+
+
+def test_probe_file_max_micro_batch_caps_the_plan(tmp_path):
+    """The planner's memory model may overestimate what fits; a probed cap is a ceiling."""
+    import yaml
+
+    from hetlm.cluster.planner import make_plan
+    from hetlm.cluster.spec import parse_cluster
+    from hetlm.models.presets import bert_config
+
+    (tmp_path / "p0.yaml").write_text(yaml.safe_dump(
+        {"samples_per_s": [100.0], "max_micro_batch": [5]}))
+    (tmp_path / "p1.yaml").write_text(yaml.safe_dump({"samples_per_s": [100.0]}))
+    cluster = parse_cluster({"nodes": [
+        {"gpus": {"model": "cpu", "count": 1, "memory_gib": 8}, "samples_per_s": "p0.yaml"},
+        {"gpus": {"model": "cpu", "count": 1, "memory_gib": 8}, "samples_per_s": "p1.yaml"}]},
+        base_dir=tmp_path)
+    assert cluster.devices[0].max_micro_batch == 5
+    assert cluster.devices[1].max_micro_batch is None
+    plan = make_plan(cluster, bert_config("tiny", vocab_size=1000), 40, 32)
+    row0 = plan.ranks[0]
+    assert row0.cap == 5
+    assert max(row0.micro_batches) <= 5
+    assert sum(r.share for r in plan.ranks) == 40

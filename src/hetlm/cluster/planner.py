@@ -722,7 +722,12 @@ def _choose_stage(
         for d in devices:
             usable = d.gpu.memory_bytes * memory_fraction
             model = memory_model_for(d.gpu, eng)
-            caps.append(max_micro_batch(usable, shape, seq_len, precision, stage, n, model))
+            cap = max_micro_batch(usable, shape, seq_len, precision, stage, n, model)
+            if d.max_micro_batch is not None:
+                # A probed cap is a measurement of the real process (allocator, libraries),
+                # which the memory model can underestimate: it is a ceiling at every stage.
+                cap = min(cap, d.max_micro_batch)
+            caps.append(cap)
             states = estimate_memory(shape, 0, seq_len, precision, stage, n, model).states.total
             comfortable &= states <= COMFORTABLE_STATE_FRACTION * usable
         tried.append((stage, caps))

@@ -147,6 +147,8 @@ class Device:
     local_rank: int
     gpu: GpuModel
     samples_per_s: float | None = None
+    #: Largest micro-batch ``hetlm probe`` measured to fit (a ceiling for the planner's caps).
+    max_micro_batch: int | None = None
 
 
 @dataclass(frozen=True)
@@ -246,6 +248,24 @@ def _resolve_gpu(spec: GpuSpec) -> GpuModel:
     return dataclasses.replace(known, **overrides) if overrides else known
 
 
+def _read_probe_caps(value: str, base_dir: Path) -> list[int] | None:
+    """``max_micro_batch`` of a probe file written by ``hetlm probe``, if it has one."""
+    import yaml
+
+    path = Path(value).expanduser()
+    path = path if path.is_absolute() else base_dir / path
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+    caps = data.get("max_micro_batch") if isinstance(data, dict) else None
+    if isinstance(caps, list) and caps and all(
+        isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in caps
+    ):
+        return [int(c) for c in caps]
+    return None
+
+
 def _read_probe_file(value: str, base_dir: Path, where: str) -> list[float]:
     """Measured speeds from a probe file: YAML/JSON list, or a mapping with ``samples_per_s``."""
     import yaml
@@ -295,7 +315,11 @@ def parse_cluster(data: Any, source: str = "cluster", base_dir: Path | None = No
     for i, node_spec in enumerate(spec.nodes):
         gpu = _resolve_gpu(node_spec.gpus)
         speeds: list[float | None] = [None] * node_spec.gpus.count
+        probe_caps: list[int | None] = [None] * node_spec.gpus.count
         if isinstance(node_spec.samples_per_s, str):
+            measured_caps = _read_probe_caps(node_spec.samples_per_s, base_dir)
+            if measured_caps is not None and len(measured_caps) == node_spec.gpus.count:
+                probe_caps = list(measured_caps)
             measured = _read_probe_file(
                 node_spec.samples_per_s, base_dir, f"{source}: nodes.{i}.samples_per_s"
             )
@@ -316,6 +340,7 @@ def parse_cluster(data: Any, source: str = "cluster", base_dir: Path | None = No
                     local_rank=local_rank,
                     gpu=gpu,
                     samples_per_s=speeds[local_rank],
+                    max_micro_batch=probe_caps[local_rank],
                 )
             )
             rank += 1
