@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from pathlib import Path
 
 import torch
@@ -43,6 +44,12 @@ def _worker(rank: int, world: int, port: int, config: dict, kwargs: dict, step_f
     if setup:
         _load(setup)()
     pretrain.run_pretraining(parse_config(config), **kwargs)
+    # Skip interpreter teardown: a gloo/TCPStore thread destroyed at exit has, rarely, aborted
+    # a finished rank ("terminate called without an active exception") on a loaded machine.
+    # Everything the tests read is written and closed by now.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_ranks(config: dict, world: int, step_fn: str | None = None, setup: str | None = None,
