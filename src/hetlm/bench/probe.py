@@ -69,13 +69,7 @@ def search_by_trying(fits: Callable[[int], bool], max_batch: int) -> int:
             lo = nxt
         else:
             hi = nxt
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if fits(mid):
-            lo = mid
-        else:
-            hi = mid
-    return lo
+    return _bisect(lo, hi, fits)
 
 
 def search_by_fit(peak_of: Callable[[int], int | None], budget: float, max_batch: int,
@@ -131,13 +125,7 @@ def search_by_fit(peak_of: Callable[[int], int | None], budget: float, max_batch
         # followed by a bisection step, so noisy peaks cannot make the search crawl.
         bisect_next = not bisect_next and width is not None and (hi - lo) > width / 2
     # Out of rounds (noisy peaks): close the bracket by bisection.
-    while hi is not None and hi - lo > 1:
-        mid = (lo + hi) // 2
-        if fits(mid):
-            lo = mid
-        else:
-            hi = mid
-    return lo
+    return lo if hi is None else _bisect(lo, hi, fits)
 
 
 # --------------------------------------------------------------------------- results
@@ -560,3 +548,14 @@ def _devices(device: str) -> list[str]:
             raise HetlmError(f"--device {name!r}: give cpu, cuda, auto or cuda:N with N < "
                              f"{count} (the visible GPUs)")
     return names
+
+
+def _bisect(lo: int, hi: int, fits) -> int:
+    """Largest size in [lo, hi) that fits, given that ``lo`` fits and ``hi`` does not."""
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
