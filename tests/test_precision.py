@@ -113,8 +113,8 @@ def test_nan_loss_under_fp32_stops_naming_the_last_checkpoint(tiny_packed, tmp_p
 
     original, calls = SparseMaskedLM.forward, {"n": 0}
 
-    def forward(self, *args):
-        loss_sum, correct = original(self, *args)
+    def forward(self, *args, **kwargs):
+        loss_sum, correct = original(self, *args, **kwargs)
         if self.training:
             calls["n"] += 1
             if calls["n"] == 3:  # one micro-step per step: step 3

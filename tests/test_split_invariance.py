@@ -41,7 +41,7 @@ def per_rank_mean_step(engine, precision, optimizer, scheduler, ctx, micro_batch
     from hetlm.train.pretrain import StepResult
 
     n_local = sum(mb.num_targets for mb in micro_batches)
-    loss_total = torch.zeros(())
+    loss_total = torch.zeros(1)
     for i, mb in enumerate(micro_batches):
         with engine.sync_gradients(i == len(micro_batches) - 1):
             loss_sum, _ = engine.module(mb.input_ids, mb.masked_positions, mb.masked_labels)
@@ -51,7 +51,7 @@ def per_rank_mean_step(engine, precision, optimizer, scheduler, ctx, micro_batch
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss_total, n_local, n_local * ctx.world_size, float(grad_norm), True)
+    return StepResult(loss_total, (n_local,), (n_local * ctx.world_size,), float(grad_norm), True)
 
 
 def test_per_rank_mean_loss_breaks_invariance(reference, tiny_packed, tmp_path):

@@ -38,12 +38,34 @@ class DataSection(_Section):
         "tokenizer segments words (MeCab/Sudachi + WordPiece).")
 
 
+ModelType = Literal["bert", "roberta", "deberta-v2", "llama"]
+
+
 class ModelSection(_Section):
-    type: Literal["bert"] = "bert"
-    preset: str = Field("small", description="tiny | small | base | large")
+    type: ModelType = Field("bert", description="bert | roberta | deberta-v2 (masked LM), "
+                            "llama (causal LM).")
+    preset: str = Field("small", description="Encoders: tiny | small | base | large; llama: "
+                        "tiny | small | base | 1b | 7b. Ignored with init_from.")
     dropout: float | None = Field(None, ge=0.0, lt=1.0, description="None keeps the preset's 0.1.")
     overrides: dict[str, Any] = Field(default_factory=dict,
                                       description="Extra transformers config fields.")
+    init_from: str | None = Field(
+        None, description="Continued pretraining: a save_pretrained folder or a hub name; its "
+        "tokenizer must be the dataset's.")
+    freeze_embeddings: bool = Field(False, description="Do not train the input embeddings.")
+    freeze_layers: int = Field(0, ge=0, description="Do not train the first k transformer layers.")
+
+    @model_validator(mode="after")
+    def _freezing_needs_a_checkpoint(self) -> ModelSection:
+        if (self.freeze_embeddings or self.freeze_layers) and self.init_from is None:
+            raise ValueError("freeze_embeddings / freeze_layers keep pretrained weights: set "
+                             "init_from too (freezing a random initialisation trains nothing "
+                             "useful)")
+        return self
+
+    @property
+    def causal(self) -> bool:
+        return self.type == "llama"
 
 
 class MicroBatchSection(_Section):
@@ -70,8 +92,10 @@ class TrainSection(_Section):
     plan: Path | None = Field(
         None, description="A plan from `hetlm plan` (or --plan): per-rank shares and precision.")
     max_steps: int = Field(gt=0)
-    lr: float = Field(5e-4, gt=0)
-    warmup_steps: int = Field(0, ge=0)
+    lr: float | None = Field(None, gt=0, description="None: 5e-4 from scratch, 1e-4 when "
+                             "continuing (model.init_from).")
+    warmup_steps: int | None = Field(None, ge=0, description="None: 0 from scratch, 6% of "
+                                     "max_steps when continuing (model.init_from).")
     weight_decay: float = Field(0.01, ge=0)
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = Field(1e-6, gt=0)
@@ -106,6 +130,25 @@ class PretrainConfig(_Section):
     data: DataSection
     model: ModelSection = ModelSection()
     train: TrainSection
+
+    @property
+    def continued(self) -> bool:
+        return self.model.init_from is not None
+
+    @property
+    def learning_rate(self) -> float:
+        """train.lr, or the default for training from scratch / continuing a checkpoint."""
+        if self.train.lr is not None:
+            return self.train.lr
+        return 1e-4 if self.continued else 5e-4
+
+    @property
+    def warmup(self) -> int:
+        """train.warmup_steps, or the default: none from scratch, 6% when continuing (a
+        checkpoint's Adam moments are not kept: a short warm-up avoids a jolt)."""
+        if self.train.warmup_steps is not None:
+            return self.train.warmup_steps
+        return round(0.06 * self.train.max_steps) if self.continued else 0
 
     def micro_batches_for(self, world_size: int, node_of_rank: list[int]) -> list[int]:
         """Per-rank micro-batch sizes for the launched topology (checked against it)."""

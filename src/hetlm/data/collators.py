@@ -41,6 +41,16 @@ class MLMBatch:
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
 
+    @property
+    def counts(self) -> tuple[int, ...]:
+        """Targets per loss term (``train/objectives.py``): the masked tokens."""
+        return (self.num_targets,)
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        """The keyword arguments of the objective module's forward."""
+        return {"input_ids": self.input_ids, "masked_positions": self.masked_positions,
+                "masked_labels": self.masked_labels}
+
 
 def continuation_mask(meta: dict, vocab_size: int | None = None) -> np.ndarray | None:
     """``continuation[token_id]``: True for WordPiece ``##`` pieces, from a dataset's metadata.

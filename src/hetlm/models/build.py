@@ -1,22 +1,97 @@
-"""Build the model a config names: from a preset, with a seeded initialisation."""
+"""Build the model a config names: from a preset with a seeded initialisation, or from a
+pretrained checkpoint (``model.init_from``: a local directory or a hub name)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import torch
+from torch import nn
 
 from hetlm.config import ModelSection
-from hetlm.models.presets import bert_config
+from hetlm.errors import HetlmError
+from hetlm.models.presets import DECODER_TYPES, model_config
+
+
+def auto_class(model_type: str):
+    """The ``transformers`` Auto class a model type trains as (MLM head or causal-LM head)."""
+    import transformers
+
+    if model_type in DECODER_TYPES:
+        return transformers.AutoModelForCausalLM
+    return transformers.AutoModelForMaskedLM
 
 
 def build_masked_lm(section: ModelSection, *, vocab_size: int, pad_token_id: int,
-                    max_position_embeddings: int, seed: int) -> torch.nn.Module:
-    """A fresh ``BertForMaskedLM``; the same seed gives the same weights on every rank."""
-    from transformers import BertForMaskedLM
-
-    config = bert_config(section.preset, vocab_size=vocab_size, pad_token_id=pad_token_id,
-                         max_position_embeddings=max_position_embeddings,
-                         dropout=section.dropout, overrides=section.overrides)
+                    max_position_embeddings: int, seed: int,
+                    special_ids: dict[str, int] | None = None) -> nn.Module:
+    """A fresh model of ``section.type`` (``*ForMaskedLM`` or ``*ForCausalLM``) from its preset;
+    the same seed gives the same weights on every rank."""
+    config = model_config(section.type, section.preset, vocab_size=vocab_size,
+                          pad_token_id=pad_token_id,
+                          max_position_embeddings=max_position_embeddings,
+                          dropout=section.dropout, overrides=section.overrides,
+                          special_ids=special_ids)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = BertForMaskedLM(config)
+        model = auto_class(section.type).from_config(config)
     return model
+
+
+build_model = build_masked_lm
+
+
+def load_pretrained(section: ModelSection) -> nn.Module:
+    """The checkpoint ``section.init_from`` (local folder or hub name), in fp32, with the head
+    its type trains (a missing head, e.g. from a plain ``BertModel`` checkpoint, is initialised
+    and reported by ``transformers``)."""
+    import transformers
+
+    source = str(section.init_from)
+    local = Path(source)
+    if local.exists() and not (local / "config.json").is_file():
+        raise HetlmError(f"model.init_from {source} has no config.json: point it at a folder "
+                         "written by save_pretrained (e.g. a run's model/ folder)")
+    try:
+        config = transformers.AutoConfig.from_pretrained(source)
+    except OSError as exc:
+        raise HetlmError(f"cannot load model.init_from {source!r}: "
+                         f"{str(exc).splitlines()[0]}; give a local folder or a hub name "
+                         "(and check the network or HF_HUB_OFFLINE)") from None
+    if config.model_type != section.type:
+        raise HetlmError(f"model.init_from {source} is a {config.model_type!r} model but "
+                         f"model.type is {section.type!r}: set model.type: {config.model_type}")
+    kwargs: dict[str, Any] = dict(section.overrides)
+    if section.dropout is not None and section.type not in DECODER_TYPES:
+        kwargs.update(hidden_dropout_prob=section.dropout,
+                      attention_probs_dropout_prob=section.dropout)
+    return auto_class(section.type).from_pretrained(source, dtype=torch.float32, **kwargs)
+
+
+def freeze(model: nn.Module, *, embeddings: bool, first_layers: int) -> int:
+    """Stop training the input embeddings and/or the first ``first_layers`` transformer layers
+    (continued pretraining keeps general knowledge there); returns the parameters frozen."""
+    frozen = 0
+    if embeddings:
+        for param in model.get_input_embeddings().parameters():
+            param.requires_grad_(False)
+            frozen += param.numel()
+    if first_layers:
+        layers = transformer_layers(model)
+        if first_layers > len(layers):
+            raise HetlmError(f"model.freeze_layers is {first_layers} but the model has "
+                             f"{len(layers)} layers: give at most {len(layers)}")
+        for layer in layers[:first_layers]:
+            for param in layer.parameters():
+                param.requires_grad_(False)
+                frozen += param.numel()
+    return frozen
+
+
+def transformer_layers(model: nn.Module) -> list[nn.Module]:
+    """The blocks of the (first) stack of transformer layers, input side first."""
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module):
+            return list(module)
+    return []

@@ -18,24 +18,41 @@ from torch import nn
 from hetlm.errors import HetlmError
 
 # model_type -> (encoder attribute, head attribute) of the *ForMaskedLM class
-_PARTS = {"bert": ("bert", "cls"), "roberta": ("roberta", "lm_head")}
+_PARTS = {"bert": ("bert", "cls"), "roberta": ("roberta", "lm_head"),
+          "xlm-roberta": ("roberta", "lm_head"), "electra": ("electra", None)}
+
+
+def _encoder_and_head(model: nn.Module):
+    """The encoder and a callable hidden -> vocabulary logits, per model type."""
+    model_type = model.config.model_type
+    if model_type == "deberta-v2":
+        if model.legacy:
+            return model.deberta, model.cls
+        # the non-legacy head is tied to the input embeddings and takes them as an argument
+        return model.deberta, lambda h: model.lm_predictions(h, model.deberta.embeddings.word_embeddings)
+    if model_type == "electra":  # ElectraForMaskedLM (the generator)
+        return model.electra, lambda h: model.generator_lm_head(model.generator_predictions(h))
+    if model_type not in _PARTS:
+        raise HetlmError(f"masked-LM training does not support model type {model_type!r}: use "
+                         f"one of {', '.join(sorted([*_PARTS, 'deberta-v2']))}")
+    encoder_name, head_name = _PARTS[model_type]
+    return getattr(model, encoder_name), getattr(model, head_name)
 
 
 class SparseMaskedLM(nn.Module):
     """Wraps a ``*ForMaskedLM`` model; forward gives (loss_sum, correct predictions)."""
 
+    loss_terms = ("mlm",)
+    loss_weights = (1.0,)
+
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        model_type = model.config.model_type
-        if model_type not in _PARTS:
-            raise HetlmError(f"masked-LM training does not support model type {model_type!r} yet")
+        _encoder_and_head(model)  # refuses an unsupported model type now, not at the first step
         self.model = model
-        self._encoder_name, self._head_name = _PARTS[model_type]
 
     def forward(self, input_ids: torch.Tensor, masked_positions: torch.Tensor,
                 masked_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        encoder = getattr(self.model, self._encoder_name)
-        head = getattr(self.model, self._head_name)
+        encoder, head = _encoder_and_head(self.model)
         hidden = encoder(input_ids=input_ids).last_hidden_state           # [b, s, h]
         index = masked_positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
         selected = hidden.gather(1, index)                                  # [b, slots, h]

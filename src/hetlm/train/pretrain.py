@@ -20,88 +20,104 @@ import numpy as np
 import torch
 
 from hetlm.config import PretrainConfig
-from hetlm.data.collators import EVAL_EPOCH, MLMBatch, MLMCollator, continuation_mask
+from hetlm.data.collators import EVAL_EPOCH
 from hetlm.data.sampler import HeterogeneousBatchSampler
 from hetlm.errors import HetlmError
-from hetlm.models.build import build_masked_lm
-from hetlm.models.masked_lm import SparseMaskedLM
+from hetlm.models.build import build_model, freeze, load_pretrained
 from hetlm.topology import BatchSplit
 from hetlm.train import distributed as D
 from hetlm.train.checkpoint import CheckpointManager, load_model_weights
 from hetlm.train.engine import Engine, EngineOptions, build_engine, resolve_engine
 from hetlm.train.metrics import MetricsLogger, plot_loss
+from hetlm.train.objectives import (
+    build_data,
+    loss_terms,
+    loss_weights,
+    objective_module,
+    special_ids,
+)
 from hetlm.train.optim import linear_schedule
 from hetlm.train.precision import Precision, resolve_precision
 
 
 @dataclass
 class StepResult:
-    loss_sum: torch.Tensor   # this rank's summed loss (detached)
-    num_targets: int         # this rank's masked tokens
-    num_targets_global: int
+    loss_sum: torch.Tensor             # this rank's summed loss per term, [k] (detached)
+    num_targets: tuple[int, ...]       # this rank's targets per term
+    num_targets_global: tuple[int, ...]
     grad_norm: float
-    stepped: bool            # False when an fp16 overflow skipped the update
+    stepped: bool                      # False when an fp16 overflow skipped the update
 
 
 def train_step(engine: Engine, precision: Precision, optimizer, scheduler, ctx: D.DistContext,
-               micro_batches: list[MLMBatch], max_grad_norm: float | None) -> StepResult:
+               micro_batches: list, max_grad_norm: float | None) -> StepResult:
     """One optimizer step. ``optimizer`` is the engine's (the scheduler drives it); it is passed
-    so that stand-ins for this function (tests) can step it themselves."""
-    n_local = sum(mb.num_targets for mb in micro_batches)
-    n_global = int(D.all_reduce_sum(ctx, torch.tensor([n_local], dtype=torch.int64)).item())
-    loss_sum_local = torch.zeros((), device=ctx.device)
+    so that stand-ins for this function (tests) can step it themselves. Micro-batches and the
+    module follow ``train/objectives.py``."""
+    terms = len(micro_batches[0].counts)
+    n_local = torch.tensor([sum(mb.counts[i] for mb in micro_batches) for i in range(terms)],
+                           dtype=torch.int64)
+    n_global = D.all_reduce_sum(ctx, n_local.clone())
+    # Summed, never averaged: / n_global makes each term's global token mean; * world cancels
+    # the engine's average over ranks.
+    weights = torch.tensor(loss_weights(engine.unwrapped), dtype=torch.float32)
+    scale = (weights * engine.loss_scale_world / n_global.clamp(min=1)).to(ctx.device)
+    loss_sum_local = torch.zeros(terms, device=ctx.device)
     for i, mb in enumerate(micro_batches):
+        inputs = {k: v.to(ctx.device) for k, v in mb.model_inputs().items()}
         with engine.sync_gradients(i == len(micro_batches) - 1):
             with precision.autocast():
-                loss_sum, _ = engine.module(mb.input_ids.to(ctx.device),
-                                            mb.masked_positions.to(ctx.device),
-                                            mb.masked_labels.to(ctx.device))
-            # Summed, never averaged: / n_global makes the global token mean; * world cancels
-            # the engine's average over ranks.
-            engine.backward(loss_sum * engine.loss_scale_world / n_global)
+                loss_sum, _ = engine.module(**inputs)
+            loss_sum = torch.atleast_1d(loss_sum)
+            engine.backward((loss_sum * scale).sum())
         loss_sum_local += loss_sum.detach().float()
     # unscale (fp16) -> clip -> AdamW step; on fp16 overflow every rank skips it together
     grad_norm, stepped = engine.step(max_grad_norm)
     scheduler.step()
-    return StepResult(loss_sum_local, n_local, n_global, float(grad_norm), stepped)
+    return StepResult(loss_sum_local, tuple(n_local.tolist()), tuple(n_global.tolist()),
+                      float(grad_norm), stepped)
+
+
+def combined_loss(loss_sums: torch.Tensor, counts: torch.Tensor,
+                  weights: tuple[float, ...]) -> float:
+    """sum_i weight_i * loss_sum_i / count_i: the loss one big batch would report."""
+    per_term = loss_sums.double() / counts.double().clamp(min=1)
+    return float((per_term * torch.tensor(weights, dtype=torch.float64)).sum())
 
 
 # ---------------------------------------------------------------- set-up helpers
 
 
-def _special_ids(meta: dict[str, Any]) -> dict[str, int]:
-    ids = meta.get("special_token_ids")
-    if not ids or "mask" not in ids or "pad" not in ids:
-        raise HetlmError("the dataset's hetlm_dataset.json has no special token ids: re-run "
-                         "`hetlm prepare`")
-    return {name: int(value) for name, value in ids.items()}
+def check_tokenizer_matches(init_from: str, model: torch.nn.Module, meta: dict[str, Any]) -> None:
+    """Refuse data tokenized with another vocabulary than the checkpoint was trained on: the
+    token ids would mean other words, and training would silently start from nonsense."""
+    from hetlm.data.tokenizer import vocab_hash
 
+    rows = model.get_input_embeddings().num_embeddings
+    vocab_size = int(meta["vocab_size"])
+    tokenizer = None
+    try:
+        from transformers import AutoTokenizer
 
-class PackedMLMData:
-    """A packed split plus its collator: indices in, ``MLMBatch`` out."""
-
-    def __init__(self, split_dataset, meta: dict[str, Any], mlm_probability: float, seed: int,
-                 whole_word: bool | None = None):
-        self.rows = split_dataset.with_format("numpy")
-        self.seq_len = int(meta["seq_len"])
-        special = _special_ids(meta)
-        continuation = continuation_mask(meta)
-        if whole_word and continuation is None:
-            raise HetlmError("data.whole_word_masking needs a word-segmenting tokenizer (MeCab or "
-                             "Sudachi + WordPiece); this dataset's tokenizer marks no words")
-        use_whole_word = (continuation is not None) if whole_word is None else whole_word
-        self.collator = MLMCollator(
-            seq_len=self.seq_len, vocab_size=int(meta["vocab_size"]), mask_id=special["mask"],
-            special_ids=[special[k] for k in ("pad", "cls", "sep", "unk", "mask") if k in special],
-            mlm_probability=mlm_probability, seed=seed, whole_word=use_whole_word,
-            continuation=continuation if use_whole_word else None)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def batch(self, indices: np.ndarray, epoch: int) -> MLMBatch:
-        rows = np.asarray(self.rows[indices.tolist()]["input_ids"])
-        return self.collator(rows, indices, epoch)
+        tokenizer = AutoTokenizer.from_pretrained(init_from)
+        if not tokenizer.get_vocab():
+            tokenizer = None
+    except (OSError, ValueError, TypeError):
+        tokenizer = None
+    if tokenizer is not None:
+        if vocab_hash(tokenizer) != meta.get("tokenizer_vocab_hash"):
+            raise HetlmError(
+                f"the dataset was tokenized with {meta.get('tokenizer_dir')}, not with the "
+                f"tokenizer of model.init_from {init_from} (their vocabularies differ): run "
+                f"`hetlm prepare ... --tokenizer {init_from}` and train on that dataset")
+    elif vocab_size != rows:
+        raise HetlmError(
+            f"model.init_from {init_from} has no tokenizer and {rows} token embeddings, but the "
+            f"dataset's vocabulary has {vocab_size} tokens: prepare the data with the "
+            "checkpoint's tokenizer")
+    if vocab_size > rows:
+        raise HetlmError(f"the dataset's vocabulary ({vocab_size}) is larger than model.init_from "
+                         f"{init_from}'s embeddings ({rows}): use the checkpoint's tokenizer")
 
 
 def _check_shared_dir(ctx: D.DistContext, output_dir: Path) -> None:
@@ -201,11 +217,8 @@ class Pretraining:
         dataset, self.meta = load_packed_dataset(dataset_path)
         self.tokenizer_dir = Path(config.data.tokenizer or self.meta["tokenizer_dir"])
         seed = config.run.seed
-        whole_word = config.data.whole_word_masking
-        self.train_data = PackedMLMData(dataset["train"], self.meta, self.train_cfg.mlm_probability,
-                                        seed, whole_word)
-        self.eval_data = PackedMLMData(dataset["validation"], self.meta,
-                                       self.train_cfg.mlm_probability, seed, whole_word)
+        self.train_data = build_data(config, dataset["train"], self.meta)
+        self.eval_data = build_data(config, dataset["validation"], self.meta)
         self.sampler = HeterogeneousBatchSampler(len(self.train_data), self.split, ctx.rank, seed)
 
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -213,11 +226,7 @@ class Pretraining:
             _check_shared_dir(ctx, self.output_dir)
         self.checkpoints = CheckpointManager(self.output_dir / "checkpoints", self.train_cfg.keep_last)
 
-        special = _special_ids(self.meta)
-        model = build_masked_lm(config.model, vocab_size=int(self.meta["vocab_size"]),
-                                pad_token_id=special["pad"],
-                                max_position_embeddings=max(512, self.train_data.seq_len),
-                                seed=seed)
+        model = self._build_model()
         self.fingerprint = _fingerprint(config, self.meta)
         resume_dir = self._find_resume_dir() if resume else None
         if resume_dir is not None:
@@ -227,14 +236,16 @@ class Pretraining:
         requested = self.train_cfg.precision
         if config.train.plan is not None and requested == "auto":
             requested = config.load_plan().precision  # the plan chose it for the whole cluster
-        self.engine = build_engine(SparseMaskedLM(model), ctx,
+        self.engine = build_engine(objective_module(config, model), ctx,
                                    resolve_precision(requested, ctx.device),
                                    _engine_options(config, self.split, ctx.rank))
         self.precision = self.engine.precision
+        self.weights = loss_weights(self.engine.unwrapped)
+        self.term_names = loss_terms(self.engine.unwrapped)
         self.optimizer = self.engine.build_optimizer(
-            lr=self.train_cfg.lr, weight_decay=self.train_cfg.weight_decay,
+            lr=config.learning_rate, weight_decay=self.train_cfg.weight_decay,
             betas=self.train_cfg.adam_betas, eps=self.train_cfg.adam_eps)
-        self.scheduler = linear_schedule(self.optimizer, self.train_cfg.warmup_steps,
+        self.scheduler = linear_schedule(self.optimizer, config.warmup,
                                          self.train_cfg.max_steps)
         torch.manual_seed(seed * 1009 + ctx.rank)  # dropout stream of this rank
         self.step = 0
@@ -242,6 +253,26 @@ class Pretraining:
         self.last_checkpoint: Path | None = None
         if resume_dir is not None:
             self._restore(resume_dir)
+
+    def _build_model(self) -> torch.nn.Module:
+        """From the preset (seeded: the same weights on every rank), or the checkpoint
+        ``model.init_from`` (continued pretraining: its tokenizer must be the dataset's)."""
+        section, meta = self.config.model, self.meta
+        if section.init_from is None:
+            special = special_ids(meta)
+            return build_model(section, vocab_size=int(meta["vocab_size"]),
+                               pad_token_id=special["pad"],
+                               max_position_embeddings=max(512, self.train_data.seq_len),
+                               seed=self.config.run.seed, special_ids=special)
+        model = load_pretrained(section)
+        check_tokenizer_matches(section.init_from, model, meta)
+        frozen = freeze(model, embeddings=section.freeze_embeddings,
+                        first_layers=section.freeze_layers)
+        if self.ctx.is_main:
+            total = sum(p.numel() for p in model.parameters())
+            print(f"continuing from {section.init_from}: {total / 1e6:.1f}M parameters"
+                  + (f", {frozen / 1e6:.1f}M frozen" if frozen else ""))
+        return model
 
     @property
     def hf_model(self):
@@ -306,7 +337,9 @@ class Pretraining:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Held-out MLM loss and accuracy, masking fixed by (seed, EVAL_EPOCH, index).
+        """Held-out loss and accuracy of the objective (masking fixed by (seed, EVAL_EPOCH,
+        index)); perplexity too for a causal LM. Terms beyond the first (ELECTRA's
+        discriminator) are reported as ``eval_<term>_loss`` / ``eval_<term>_accuracy``.
 
         Every rank runs the same number of batches (FSDP and ZeRO-3 all-gather parameters in
         each forward): a rank whose samples ran out runs a stand-in batch of sample 0 and does
@@ -316,24 +349,32 @@ class Pretraining:
         mine = np.arange(count)[self.ctx.rank::self.ctx.world_size]
         size = self.train_cfg.eval_batch
         batches = math.ceil(math.ceil(count / self.ctx.world_size) / size)
-        totals = torch.zeros(3, dtype=torch.float64)
+        names = loss_terms(self.engine.unwrapped)
+        totals = torch.zeros(3, len(names), dtype=torch.float64)  # loss, correct, targets
         with self.engine.evaluating() as model:
             for b in range(batches):
                 ids = mine[b * size:(b + 1) * size]
                 counted = len(ids) > 0
                 mb = self.eval_data.batch(ids if counted else np.zeros(1, dtype=np.int64),
                                           EVAL_EPOCH)
+                inputs = {k: v.to(self.ctx.device) for k, v in mb.model_inputs().items()}
                 with self.precision.autocast():
-                    loss_sum, correct = model(mb.input_ids.to(self.ctx.device),
-                                              mb.masked_positions.to(self.ctx.device),
-                                              mb.masked_labels.to(self.ctx.device))
+                    loss_sum, correct = model(**inputs)
                 if counted:
-                    totals += torch.tensor([float(loss_sum), float(correct), mb.num_targets],
-                                           dtype=torch.float64)
+                    totals += torch.stack([torch.atleast_1d(loss_sum).double().cpu(),
+                                           torch.atleast_1d(correct).double().cpu(),
+                                           torch.tensor(mb.counts, dtype=torch.float64)])
         D.all_reduce_sum(self.ctx, totals)
-        n = max(1.0, float(totals[2]))
-        return {"eval_loss": float(totals[0]) / n, "eval_accuracy": float(totals[1]) / n,
-                "eval_tokens": int(totals[2])}
+        n = totals[2].clamp(min=1.0)
+        metrics = {"eval_loss": float(totals[0, 0] / n[0]),
+                   "eval_accuracy": float(totals[1, 0] / n[0]),
+                   "eval_tokens": int(totals[2, 0])}
+        if self.config.model.causal:
+            metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
+        for i, name in enumerate(names[1:], start=1):
+            metrics[f"eval_{name}_loss"] = float(totals[0, i] / n[i])
+            metrics[f"eval_{name}_accuracy"] = float(totals[1, i] / n[i])
+        return metrics
 
     def save_final(self) -> Path:
         """The model as ``save_pretrained`` writes it, with the tokenizer beside it."""
@@ -343,10 +384,13 @@ class Pretraining:
         state = self.engine.model_state_dict()  # a collective: gathered to rank 0
         if self.ctx.is_main:
             self.hf_model.save_pretrained(final, safe_serialization=True, state_dict=dict(state))
-            save_tokenizer(load_tokenizer(self.tokenizer_dir), final)
-            if not any((final / name).is_file() for name in TOKENIZER_FILES):
-                raise HetlmError(f"the tokenizer from {self.tokenizer_dir} saved no files into "
-                                 f"{final}: check data.tokenizer")
+            tokenizer = load_tokenizer(self.tokenizer_dir, required_tokens=())
+            # a model saved as several loadable parts (ELECTRA) gets the tokenizer in each
+            for part in getattr(self.hf_model, "artifact_subdirs", ("",)):
+                save_tokenizer(tokenizer, final / part)
+                if not any((final / part / name).is_file() for name in TOKENIZER_FILES):
+                    raise HetlmError(f"the tokenizer from {self.tokenizer_dir} saved no files "
+                                     f"into {final / part}: check data.tokenizer")
         D.barrier(self.ctx)
         return final
 
@@ -373,25 +417,32 @@ class Pretraining:
                                 micro, cfg.max_grad_norm)
             self.step += 1
             busy_s = time.perf_counter() - started
-            stats = torch.tensor([float(result.loss_sum), sum(len(m) for m in micro),
-                                  sum(m.num_tokens for m in micro), busy_s,
-                                  float(result.stepped)], dtype=torch.float64)
+            terms = len(result.num_targets_global)
+            stats = torch.cat([result.loss_sum.double().cpu(), torch.tensor(
+                [sum(len(m) for m in micro), sum(m.num_tokens for m in micro), busy_s,
+                 float(result.stepped)], dtype=torch.float64)])
             per_rank = torch.stack(D.all_gather_tensor(ctx, stats))
             wall_s = time.perf_counter() - started
-            if per_rank[:, 4].min() != per_rank[:, 4].max():  # the replicas would diverge
+            if per_rank[:, -1].min() != per_rank[:, -1].max():  # the replicas would diverge
                 raise RuntimeError(f"ranks disagree whether step {self.step} was skipped "
-                                   f"(stepped per rank: {per_rank[:, 4].tolist()}): a bug")
+                                   f"(stepped per rank: {per_rank[:, -1].tolist()}): a bug")
             self.skipped_steps += not result.stepped
-            loss = float(per_rank[:, 0].sum()) / result.num_targets_global
+            term_sums = per_rank[:, :terms].sum(0)
+            global_counts = torch.tensor(result.num_targets_global, dtype=torch.float64)
+            loss = combined_loss(term_sums, global_counts, self.weights)
+            samples, tokens, busy = (per_rank[:, terms + i] for i in range(3))
             record = {"step": self.step, "epoch": batch.epoch, "loss": loss,
                       "lr": self.scheduler.get_last_lr()[0], "grad_norm": result.grad_norm,
                       "skipped": not result.stepped, "skipped_steps": self.skipped_steps,
                       "step_time_s": wall_s,
-                      "masked_tokens": result.num_targets_global,
-                      "samples_per_s": float(per_rank[:, 1].sum()) / wall_s,
-                      "tokens_per_s": float(per_rank[:, 2].sum()) / wall_s,
-                      "tokens_per_s_per_rank": [float(t) / wall_s for t in per_rank[:, 2]],
-                      "busy_s_per_rank": [float(b) for b in per_rank[:, 3]]}
+                      "masked_tokens": result.num_targets_global[0],
+                      "samples_per_s": float(samples.sum()) / wall_s,
+                      "tokens_per_s": float(tokens.sum()) / wall_s,
+                      "tokens_per_s_per_rank": [float(t) / wall_s for t in tokens],
+                      "busy_s_per_rank": [float(b) for b in busy]}
+            if terms > 1:
+                for name, value, n in zip(self.term_names, term_sums, global_counts, strict=True):
+                    record[f"loss_{name}"] = float(value / max(1.0, float(n)))
             history.append(record)
             logger.step(record)
             if not math.isfinite(loss) and self.precision.name != "fp16":
