@@ -1,5 +1,9 @@
 """``hetlm demo``: the whole path on the shipped corpus, on this machine, in minutes.
 
+``hetlm demo`` alone is the pretraining demo below; ``hetlm demo <name>`` runs one of the other
+demos, each a module ``hetlm.commands.demo_<name>`` with ``register_demo(subparsers)`` (listed
+in ``OTHER_DEMOS``).
+
 Tokenizer → packed dataset → small BERT pretrained on two emulated nodes with different
 micro-batch sizes (8 and 4) → held-out MLM metrics and a fill-mask example through the saved
 model, loaded by plain ``transformers``.
@@ -13,6 +17,7 @@ import time
 from pathlib import Path
 
 DEFAULT_CORPUS = "general_aozora/aozora_soseki_akutagawa.jsonl"
+OTHER_DEMOS: list[str] = []  # e.g. "domain" -> hetlm.commands.demo_domain
 FILL_MASK_EXAMPLES = ["吾輩は[MASK]である。", "彼は東京の[MASK]に住んでいた。"]
 
 
@@ -27,6 +32,13 @@ def register(subparsers) -> None:
     p.add_argument("--micro-batches", default="8,4", help="micro-batch of each emulated node")
     p.add_argument("--precision", default="auto", help="auto|fp32|bf16")
     p.set_defaults(func=run)
+    if OTHER_DEMOS:
+        import importlib
+
+        demos = p.add_subparsers(dest="demo", metavar="{" + ",".join(OTHER_DEMOS) + "}",
+                                 help="another demo (default: the pretraining demo)")
+        for name in OTHER_DEMOS:
+            importlib.import_module(f"hetlm.commands.demo_{name}").register_demo(demos)
 
 
 def find_data_dir() -> Path:
