@@ -29,8 +29,10 @@ def register(subparsers) -> None:
     parser.add_argument("inputs", nargs="*", metavar="INPUT",
                         help="corpus files, folders (*.txt, *.jsonl, *.json, *.parquet, *.arrow) "
                              "or glob patterns; with --merge, the shard folders")
-    parser.add_argument("--tokenizer", metavar="DIR",
-                        help="tokenizer folder (from `hetlm tokenizer train`)")
+    parser.add_argument("--tokenizer", metavar="DIR_OR_HUB_NAME",
+                        help="tokenizer folder (from `hetlm tokenizer train`), or the folder or "
+                             "hub name of a checkpoint to continue (e.g. a LLaMA-style one: rows "
+                             "are then <s> ... </s>, documents joined by </s>)")
     parser.add_argument("--output", required=True, metavar="DIR",
                         help="dataset folder to write (with --shard: this shard's folder)")
     parser.add_argument("--seq-len", type=int, default=128)

@@ -108,7 +108,7 @@ def prepare(inputs: Sequence[str | Path], tokenizer_dir: str | Path, output_dir:
             shard: tuple[int, int] | None = None, hf: HFSource | None = None,
             work_dir: Path | None = None) -> PrepareSummary:
     """Prepare a dataset (``shard`` None) or one shard folder (``shard=(i, n)``)."""
-    from hetlm.data.tokenizer import load_tokenizer, special_token_ids
+    from hetlm.data.tokenizer import boundary_ids, load_tokenizer, special_token_ids
 
     if options.chunk_chars < 1:
         raise HetlmError(f"chunk_chars must be positive, got {options.chunk_chars}")
@@ -119,10 +119,12 @@ def prepare(inputs: Sequence[str | Path], tokenizer_dir: str | Path, output_dir:
     inputs = as_input_list(inputs) if inputs else []
     files = resolve_inputs(inputs) if inputs or hf is None else []
     check_text_files(files)  # input errors before any work
-    tokenizer = load_tokenizer(tokenizer_dir)
+    # BERT-style (hetlm) tokenizers and causal-LM ones (BOS/EOS, LLaMA-style) both pack
+    tokenizer = load_tokenizer(tokenizer_dir, required_tokens=())
+    special = special_token_ids(tokenizer)
+    boundary_ids(special)  # refuses a tokenizer without a separator now
     context = _Context(files, hf, [str(i) for i in inputs], tokenizer, Path(tokenizer_dir),
-                       EncoderSpec.for_tokenizer(tokenizer, tokenizer_dir),
-                       special_token_ids(tokenizer))
+                       EncoderSpec.for_tokenizer(tokenizer, tokenizer_dir), special)
     if shard is not None:
         return _prepare_shard(context, output_dir, options, shard, overwrite)
 
@@ -306,6 +308,8 @@ def _chunk_buffers(encoded: Iterator[tuple[Any, np.ndarray, np.ndarray]]
 def _finish_chunk(buffer: ChunkBuffer, chunks_dir: Path, options: PrepareOptions,
                   special: dict[str, int]) -> dict[str, Any]:
     """Split, pack and write one chunk; its marker, renamed into place last, is the commit."""
+    from hetlm.data.tokenizer import boundary_ids
+
     indices, documents = buffer.documents()
     keep = [k for k, ids in enumerate(documents) if len(ids)]
     without_tokens = len(documents) - len(keep)
@@ -324,7 +328,7 @@ def _finish_chunk(buffer: ChunkBuffer, chunks_dir: Path, options: PrepareOptions
                               "counts": {}, "files": {}}
     for split in SPLITS:
         chosen = [documents[k] for k in keep if (k in validation) == (split == "validation")]
-        rows, counts = pack_documents(chosen, options.seq_len, special["cls"], special["sep"])
+        rows, counts = pack_documents(chosen, options.seq_len, *boundary_ids(special))
         marker["counts"][split] = asdict(counts)
         path = chunks_dir / f"{name}-{split}.arrow"
         tmp = chunks_dir / f".{name}-{split}.arrow.tmp"
@@ -505,8 +509,9 @@ def _metadata(summary: PrepareSummary, state: dict[str, Any], shards: int) -> di
         "chunks": summary.chunks,
         "shards": shards,
         "encoding": state["fingerprint"]["encoding"],
-        "packing": "per chunk: documents joined with [SEP], [CLS] + seq_len-2 tokens + [SEP] "
-                   "rows, the partial last row of each split of each chunk dropped",
+        "packing": "per chunk: documents joined with [SEP] (EOS for a causal-LM tokenizer), "
+                   "[CLS] (BOS) + seq_len-2 tokens + [SEP] (EOS) rows, the partial last row of "
+                   "each split of each chunk dropped",
         "corpus": state["corpus"],
         "cleaning": state["cleaning"],
         "manifest": MANIFEST_FILE,

@@ -468,10 +468,39 @@ def continuation_token_ids(tokenizer: Any) -> list[int] | None:
 
 
 def special_token_ids(tokenizer: Any) -> dict[str, int]:
-    """{"pad", "unk", "cls", "sep", "mask"} -> id, from the tokenizer's vocabulary."""
+    """The special tokens a dataset records, name -> id.
+
+    A BERT-style (hetlm) tokenizer: ``pad unk cls sep mask``, from the vocabulary. Any other one
+    (a causal LM's, LLaMA-style: ``<s>``, ``</s>``, often no pad): the ``pad unk bos eos cls sep
+    mask`` tokens it declares, with ``pad`` falling back to ``unk``, then ``eos`` (packed rows
+    hold no padding: the id marks what is never a target).
+    """
     vocab = tokenizer.get_vocab()
-    return {name: int(vocab[token]) for name, token in zip(SPECIAL_NAMES, SPECIAL_TOKENS,
-                                                             strict=True)}
+    if all(token in vocab for token in SPECIAL_TOKENS):
+        return {name: int(vocab[token]) for name, token in zip(SPECIAL_NAMES, SPECIAL_TOKENS,
+                                                                 strict=True)}
+    ids: dict[str, int] = {}
+    for name in ("pad", "unk", "bos", "eos", "cls", "sep", "mask"):
+        value = getattr(tokenizer, f"{name}_token_id", None)
+        if isinstance(value, int):
+            ids[name] = value
+    if "pad" not in ids:
+        fallback = ids.get("unk", ids.get("eos"))
+        if fallback is None:
+            raise HetlmError("the tokenizer declares no pad, unk or eos token: save it with "
+                             "eos_token set (e.g. tokenizer.eos_token = '</s>')")
+        ids["pad"] = fallback
+    return ids
+
+
+def boundary_ids(special: dict[str, int]) -> tuple[int, int]:
+    """(first, last) token of every packed row: ``[CLS] ... [SEP]`` for BERT-style tokenizers,
+    ``<s> ... </s>`` (BOS ... EOS) for causal-LM ones; documents are joined by the last."""
+    end = special.get("sep", special.get("eos"))
+    if end is None:
+        raise HetlmError("the tokenizer has neither [SEP] nor an EOS token to separate "
+                         "documents: use a tokenizer with one of them (set eos_token)")
+    return special.get("cls", special.get("bos", end)), end
 
 
 def vocab_hash(tokenizer: Any) -> str:

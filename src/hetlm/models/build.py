@@ -35,6 +35,10 @@ def build_masked_lm(section: ModelSection, *, vocab_size: int, pad_token_id: int
                           special_ids=special_ids)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
+        if section.type == "electra":
+            from hetlm.models.electra import build_electra_pair
+
+            return build_electra_pair(config, section.generator_fraction)
         model = auto_class(section.type).from_config(config)
     return model
 
@@ -50,6 +54,10 @@ def load_pretrained(section: ModelSection) -> nn.Module:
 
     source = str(section.init_from)
     local = Path(source)
+    if section.type == "electra":
+        from hetlm.models.electra import load_electra_pair
+
+        return load_electra_pair(source, _dropout_kwargs(section))
     if local.exists() and not (local / "config.json").is_file():
         raise HetlmError(f"model.init_from {source} has no config.json: point it at a folder "
                          "written by save_pretrained (e.g. a run's model/ folder)")
@@ -62,31 +70,52 @@ def load_pretrained(section: ModelSection) -> nn.Module:
     if config.model_type != section.type:
         raise HetlmError(f"model.init_from {source} is a {config.model_type!r} model but "
                          f"model.type is {section.type!r}: set model.type: {config.model_type}")
+    return auto_class(section.type).from_pretrained(source, dtype=torch.float32,
+                                                    **_dropout_kwargs(section))
+
+
+def _dropout_kwargs(section: ModelSection) -> dict[str, Any]:
+    """Config fields a checkpoint is loaded with: the overrides, and model.dropout if set."""
     kwargs: dict[str, Any] = dict(section.overrides)
-    if section.dropout is not None and section.type not in DECODER_TYPES:
-        kwargs.update(hidden_dropout_prob=section.dropout,
-                      attention_probs_dropout_prob=section.dropout)
-    return auto_class(section.type).from_pretrained(source, dtype=torch.float32, **kwargs)
+    if section.dropout is not None:
+        if section.type in DECODER_TYPES:
+            kwargs.update(attention_dropout=section.dropout)
+        else:
+            kwargs.update(hidden_dropout_prob=section.dropout,
+                          attention_probs_dropout_prob=section.dropout)
+    return kwargs
+
+
+def tokenizer_source(section: ModelSection) -> str:
+    """Where the tokenizer of ``model.init_from`` lives (an ELECTRA output keeps one per part;
+    the discriminator's is the one its embeddings were trained with)."""
+    source = str(section.init_from)
+    if section.type == "electra" and (Path(source) / "discriminator").is_dir():
+        return str(Path(source) / "discriminator")
+    return source
 
 
 def freeze(model: nn.Module, *, embeddings: bool, first_layers: int) -> int:
     """Stop training the input embeddings and/or the first ``first_layers`` transformer layers
-    (continued pretraining keeps general knowledge there); returns the parameters frozen."""
-    frozen = 0
+    (continued pretraining keeps general knowledge there); returns the parameters frozen.
+    A model of several parts (ELECTRA) freezes the first layers of each part."""
+    frozen: dict[int, int] = {}
     if embeddings:
         for param in model.get_input_embeddings().parameters():
-            param.requires_grad_(False)
-            frozen += param.numel()
+            frozen[id(param)] = param.numel()
     if first_layers:
-        layers = transformer_layers(model)
-        if first_layers > len(layers):
-            raise HetlmError(f"model.freeze_layers is {first_layers} but the model has "
-                             f"{len(layers)} layers: give at most {len(layers)}")
-        for layer in layers[:first_layers]:
-            for param in layer.parameters():
-                param.requires_grad_(False)
-                frozen += param.numel()
-    return frozen
+        parts = [getattr(model, p) for p in getattr(model, "artifact_subdirs", ())] or [model]
+        for part in parts:
+            layers = transformer_layers(part)
+            if first_layers > len(layers):
+                raise HetlmError(f"model.freeze_layers is {first_layers} but the model has "
+                                 f"{len(layers)} layers: give at most {len(layers)}")
+            for layer in layers[:first_layers]:
+                frozen.update((id(p), p.numel()) for p in layer.parameters())
+    for param in model.parameters():
+        if id(param) in frozen:
+            param.requires_grad_(False)
+    return sum(frozen.values())
 
 
 def transformer_layers(model: nn.Module) -> list[nn.Module]:

@@ -7,7 +7,9 @@ The loop (``train/pretrain.py: train_step``) knows nothing of masking or shiftin
   tokens, ...), ``num_tokens`` and ``len()``: ``MLMBatch``, ``CLMBatch`` here, ``SFTBatch``;
 - an **objective module** wrapping the Hugging Face model as ``.model``, whose forward returns
   (summed loss, correct predictions): 0-d tensors for one loss term, ``[k]`` tensors for k, with
-  ``loss_terms`` (names) and ``loss_weights``: ``SparseMaskedLM``, ``SparseCausalLM``.
+  ``loss_terms`` (names) and ``loss_weights``: ``SparseMaskedLM``, ``SparseCausalLM``,
+  ``ElectraObjective`` (two terms: the generator's MLM over masked tokens, the discriminator's
+  replaced-token detection over real tokens, weight 50).
 
 The step's loss is ``sum_i weight_i * loss_sum_i / n_global_i`` where ``n_global_i`` is term i's
 target count over the whole global batch (one all-reduce of the count vector): token-exact for
@@ -27,6 +29,7 @@ from hetlm.config import PretrainConfig
 from hetlm.data.collators import MLMBatch, MLMCollator, continuation_mask
 from hetlm.errors import HetlmError
 from hetlm.models.causal_lm import IGNORE_INDEX, SparseCausalLM
+from hetlm.models.electra import ElectraObjective, sample_seed
 from hetlm.models.masked_lm import SparseMaskedLM
 
 
@@ -77,6 +80,51 @@ class PackedMLMData:
 
 
 @dataclass
+class ElectraBatch:
+    """An MLM micro-batch plus what replaced-token detection needs: the per-sample sampling
+    seeds of the generator and the real (non-padding) tokens the discriminator judges."""
+
+    mlm: MLMBatch
+    sample_seeds: torch.Tensor    # [batch] int64, sample_seed(seed, epoch, index)
+    attention_mask: torch.Tensor  # [batch, seq] long, 0 on padding
+    num_real: int
+
+    def __len__(self) -> int:
+        return len(self.mlm)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.mlm.num_tokens
+
+    @property
+    def counts(self) -> tuple[int, ...]:
+        """(masked tokens: the generator's targets, real tokens: the discriminator's)."""
+        return (self.mlm.num_targets, self.num_real)
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        return {**self.mlm.model_inputs(), "sample_seeds": self.sample_seeds,
+                "attention_mask": self.attention_mask}
+
+
+class PackedElectraData(PackedMLMData):
+    """MLM masking as for BERT, plus the generator's per-sample sampling seeds."""
+
+    def __init__(self, split_dataset, meta: dict[str, Any], mlm_probability: float, seed: int,
+                 whole_word: bool | None = None):
+        super().__init__(split_dataset, meta, mlm_probability, seed, whole_word)
+        self.seed = seed
+        self.pad_id = special_ids(meta)["pad"]
+
+    def batch(self, indices: np.ndarray, epoch: int) -> ElectraBatch:
+        rows = np.asarray(self.rows[indices.tolist()]["input_ids"])
+        mlm = self.collator(rows, indices, epoch)
+        seeds = torch.tensor([sample_seed(self.seed, epoch, int(i)) for i in indices],
+                             dtype=torch.int64)
+        mask = torch.from_numpy((rows != self.pad_id).astype(np.int64))
+        return ElectraBatch(mlm, seeds, mask, num_real=int(mask.sum()))
+
+
+@dataclass
 class CLMBatch:
     """Packed causal-LM micro-batch: every non-padding token after the first is a target."""
 
@@ -120,6 +168,9 @@ def build_data(config: PretrainConfig, split_dataset, meta: dict[str, Any]):
     """The training or evaluation data of ``config.model.type`` over one packed split."""
     if config.model.causal:
         return PackedCLMData(split_dataset, meta)
+    if config.model.type == "electra":
+        return PackedElectraData(split_dataset, meta, config.train.mlm_probability,
+                                 config.run.seed, config.data.whole_word_masking)
     return PackedMLMData(split_dataset, meta, config.train.mlm_probability, config.run.seed,
                          config.data.whole_word_masking)
 
@@ -128,4 +179,6 @@ def objective_module(config: PretrainConfig, model: nn.Module) -> nn.Module:
     """The objective module that trains ``model`` (see the module docstring)."""
     if config.model.causal:
         return SparseCausalLM(model)
+    if config.model.type == "electra":
+        return ElectraObjective(model, config.model.discriminator_weight)
     return SparseMaskedLM(model)
