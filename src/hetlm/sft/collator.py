@@ -23,7 +23,7 @@ from hetlm.sft.masking import IGNORE_INDEX, TokenizedExample
 
 @dataclass
 class SFTBatch:
-    """A right-padded micro-batch."""
+    """A right-padded micro-batch, in the micro-batch interface of ``train/objectives.py``."""
 
     input_ids: torch.Tensor       # [batch, seq] long
     attention_mask: torch.Tensor  # [batch, seq] long, 0 on padding
@@ -34,6 +34,21 @@ class SFTBatch:
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
+
+    @property
+    def counts(self) -> tuple[int, ...]:
+        """Targets per loss term (``train/objectives.py``): the response tokens."""
+        return (self.num_targets,)
+
+    @property
+    def padded_tokens(self) -> int:
+        """Tokens processed, padding included."""
+        return int(self.input_ids.numel())
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        """The keyword arguments of ``SparseCausalLM.forward``."""
+        return {"input_ids": self.input_ids, "labels": self.labels,
+                "attention_mask": self.attention_mask}
 
     def to(self, device: torch.device | str) -> SFTBatch:
         return SFTBatch(self.input_ids.to(device), self.attention_mask.to(device),

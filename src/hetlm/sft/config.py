@@ -1,0 +1,180 @@
+"""The ``hetlm sft`` configuration: YAML in, one clear error out (as ``hetlm.config``).
+
+It reuses the pretraining sections where they mean the same thing (``run``, ``train``: batch
+split, per-rank micro-batches, plan, precision, engine, checkpoints) and adds what LoRA
+instruction tuning needs: the base ``model`` (a local/hub causal LM, or a preset built from
+config for tests and demos), the instruction ``data``, the ``lora`` adapter, and quantization
+(QLoRA) and gradient checkpointing in ``model``. Every section forbids unknown keys.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, model_validator
+
+from hetlm.config import (
+    PretrainConfig,
+    RunSection,
+    TrainSection,
+    _format_errors,
+    _Section,
+)
+from hetlm.errors import HetlmError
+
+Quantization = Literal["none", "8bit", "4bit"]
+DEFAULT_LR = 2e-4  # the usual LoRA rate (a full fine-tune would use ~1e-5)
+
+
+class SFTModelSection(_Section):
+    path: str | None = Field(
+        None, description="The base causal LM: a save_pretrained folder (e.g. a hetlm pretrain "
+        "run's model/) or a hub name.")
+    preset: str | None = Field(
+        None, description="Instead of path: a llama preset (tiny|small|base|1b|7b) with random "
+        "weights, for tests and demos; saved to <output_dir>/base so the adapter has a base.")
+    type: Literal["llama"] = Field("llama", description="The architecture of a preset.")
+    overrides: dict[str, Any] = Field(default_factory=dict,
+                                      description="Extra transformers config fields (preset).")
+    dropout: float | None = Field(None, ge=0.0, lt=1.0,
+                                  description="Attention dropout of a preset (default 0).")
+    tokenizer: str | None = Field(None, description="Default: the tokenizer saved with path.")
+    quantization: Quantization = Field(
+        "none", description="none | 8bit | 4bit (QLoRA: NF4, double quantization): the frozen "
+        "base loaded through bitsandbytes; needs a CUDA GPU and `pip install 'hetlm[quant]'`.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute each layer's activations in the backward: less memory, "
+        "~30% more compute.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SFTModelSection:
+        if (self.path is None) == (self.preset is None):
+            raise ValueError("give exactly one of path (a pretrained causal LM) or preset (a "
+                             "randomly initialised one, for tests)")
+        if self.preset is not None and self.tokenizer is None:
+            raise ValueError("a preset model needs tokenizer: the folder of its tokenizer")
+        if self.preset is not None and self.quantization != "none":
+            raise ValueError("quantization loads pretrained weights in 8/4 bits: give path, or "
+                             "set quantization: none for a preset")
+        return self
+
+    @property
+    def causal(self) -> bool:
+        return True
+
+    @property
+    def tokenizer_source(self) -> str:
+        return str(self.tokenizer or self.path)
+
+
+class SFTDataSection(_Section):
+    source: str | list[str] = Field(
+        description="JSONL/JSON files, folders or globs of instruction or chat rows, or a "
+        "`datasets` name (e.g. kunishou/databricks-dolly-15k-ja).")
+    split: str = Field("train", description="The split of a `datasets` name.")
+    template: str = Field("auto", description="auto | chat | ja-alpaca | ja-chat | a JSON "
+                          "template file (docs/SFT.md).")
+    validation_fraction: float = Field(0.02, ge=0.0, lt=1.0,
+                                       description="Held out by a hash of (seed, index).")
+    max_length: int = Field(1024, ge=8, description="Tokens per example, prompt + response.")
+    truncation: Literal["left", "middle"] = Field(
+        "left", description="Where an over-long prompt is cut (the response never is).")
+    min_prompt_tokens: int = Field(1, ge=1, description="Drop an example whose response leaves "
+                                   "less prompt than this.")
+    train_on_prompt: bool = Field(False, description="Loss on the prompt tokens too.")
+    length_grouping: bool = Field(
+        True, description="Sort each global batch by length before cutting rank slices and "
+        "micro-batches: less padding, the same result.")
+
+
+class LoraSection(_Section):
+    r: int = Field(16, gt=0, description="Rank of the update B @ A.")
+    alpha: float = Field(32.0, gt=0, description="Scale alpha / r.")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapter's input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="all-linear: every linear layer of attention and MLP (not the "
+        "output head); or module names, e.g. [q_proj, v_proj].")
+
+    @model_validator(mode="after")
+    def _some_modules(self) -> LoraSection:
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise ValueError("target_modules is empty: give module names or all-linear")
+        return self
+
+
+class SFTConfig(_Section):
+    run: RunSection
+    model: SFTModelSection
+    data: SFTDataSection
+    lora: LoraSection = LoraSection()
+    train: TrainSection
+
+    @property
+    def learning_rate(self) -> float:
+        return self.train.lr if self.train.lr is not None else DEFAULT_LR
+
+    @property
+    def warmup(self) -> int:
+        """train.warmup_steps, or 3% of max_steps."""
+        if self.train.warmup_steps is not None:
+            return self.train.warmup_steps
+        return round(0.03 * self.train.max_steps)
+
+    # The batch split, per-rank micro-batches and plan work as in pretraining.
+    micro_batches_for = PretrainConfig.micro_batches_for
+    batch_split = PretrainConfig.batch_split
+    load_plan = PretrainConfig.load_plan
+
+
+def parse_sft_config(raw: Any, source: str = "config") -> SFTConfig:
+    if not isinstance(raw, dict):
+        raise HetlmError(f"{source}: expected a mapping with run/model/data/lora/train sections, "
+                         f"got {type(raw).__name__}")
+    try:
+        return SFTConfig.model_validate(raw)
+    except ValidationError as exc:
+        message = _format_errors(exc).replace("hetlm pretrain --help-config",
+                                              "hetlm sft --help-config")
+        raise HetlmError(f"invalid {source}: {message}") from None
+
+
+def load_sft_config(path: str | Path) -> SFTConfig:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise HetlmError(f"config file {path} does not exist: check the path")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise HetlmError(f"config file {path} is not UTF-8 text") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "malformed YAML"
+        raise HetlmError(f"config file {path}{where}: {problem}; fix the YAML syntax") from None
+    return parse_sft_config(raw, source=str(path))
+
+
+def sft_config_help() -> str:
+    """Every key with its default and description."""
+    lines: list[str] = []
+    for section_name, field in SFTConfig.model_fields.items():
+        lines.append(f"{section_name}:")
+        for name, sub in field.annotation.model_fields.items():  # type: ignore[union-attr]
+            if section_name == "train" and name == "mlm_probability":
+                continue
+            default = "required" if sub.is_required() else repr(sub.get_default(
+                call_default_factory=True))
+            description = _SFT_DESCRIPTIONS.get(f"{section_name}.{name}", sub.description)
+            desc = f"  # {description}" if description else ""
+            lines.append(f"  {name}: {default}{desc}")
+    return "\n".join(lines)
+
+
+_SFT_DESCRIPTIONS = {
+    "train.lr": f"None: {DEFAULT_LR:g} (LoRA).",
+    "train.warmup_steps": "None: 3% of max_steps.",
+    "train.eval_samples": "Validation examples evaluated (response-token loss, perplexity).",
+}

@@ -1,0 +1,85 @@
+"""The SFT objective: ``SparseCausalLM`` with the output head and cross-entropy fused, in chunks.
+
+``SparseCausalLM`` already projects only the target positions (response tokens) onto the
+vocabulary. In instruction data a large share of the tokens are still response tokens, and with
+a 32k+ vocabulary their ``[targets, vocab]`` float32 logits, the log-softmax autograd keeps and
+the gradient of both are the largest tensors of the step. Here the head and the loss run chunk by
+chunk inside one autograd function that computes the gradient as it goes (``softmax - one-hot``
+times the head weight): no ``[targets, vocab]`` tensor outlives its chunk and nothing is
+recomputed, so the step takes the same arithmetic as the unfused head with a fraction of its
+memory. The loss is the same sum (to float rounding); under autocast the matmuls run in the
+autocast dtype as ``nn.Linear`` would, the softmax in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hetlm.models.causal_lm import IGNORE_INDEX, SparseCausalLM, decoder_and_head
+
+CHUNK = 1024  # target positions per chunk: 1024 x 32k float32 logits = 128 MB
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """(summed cross-entropy of ``hidden @ weight.T`` against ``targets``, correct top-1)."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        device = hidden.device.type
+        dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
+                 else weight.dtype)
+        with torch.autocast(device, enabled=False):
+            w = weight.detach().to(dtype)
+            h = hidden.detach().to(dtype)
+            loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            correct = torch.zeros((), dtype=torch.int64, device=hidden.device)
+            grad_h = torch.empty_like(h)
+            grad_w = torch.zeros_like(w, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+            for start in range(0, h.shape[0], chunk):
+                hc, yc = h[start:start + chunk], targets[start:start + chunk]
+                logits = (hc @ w.T).float()                                   # [c, vocab]
+                lse = torch.logsumexp(logits, dim=-1)
+                picked = logits.gather(1, yc[:, None])[:, 0]
+                loss += (lse - picked).sum()
+                correct += (logits.argmax(-1) == yc).sum()
+                # d(sum of losses)/d(logits) = softmax - one-hot, in place of the logits
+                grad = logits.sub_(lse[:, None]).exp_()
+                grad[torch.arange(len(yc), device=grad.device), yc] -= 1.0
+                grad = grad.to(dtype)
+                grad_h[start:start + chunk] = grad @ w
+                if grad_w is not None:
+                    grad_w += (grad.T @ hc).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.dtypes = (hidden.dtype, weight.dtype)
+        ctx.mark_non_differentiable(correct)
+        return loss, correct
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor, _grad_correct: torch.Tensor | None):
+        grad_h, grad_w = ctx.saved_tensors
+        hidden_dtype, weight_dtype = ctx.dtypes
+        dh = (grad_h.float() * grad_loss).to(hidden_dtype)
+        dw = (grad_w * grad_loss).to(weight_dtype) if grad_w is not None else None
+        return dh, dw, None, None
+
+
+class FusedSparseCausalLM(SparseCausalLM):
+    """``SparseCausalLM`` (same inputs and outputs) with the fused, chunked head + loss; falls
+    back to the plain head when it is not a bias-free ``nn.Linear``."""
+
+    def __init__(self, model: nn.Module, chunk: int = CHUNK) -> None:
+        super().__init__(model)
+        self.chunk = chunk
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
+                attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        decoder, head = decoder_and_head(self.model)
+        if not isinstance(head, nn.Linear) or head.bias is not None:
+            return super().forward(input_ids, labels, attention_mask)
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        return _FusedLinearCrossEntropy.apply(hidden[:, :-1][keep], head.weight, targets[keep],
+                                              self.chunk)

@@ -1,0 +1,393 @@
+"""LoRA instruction tuning in the shared training loop (``hetlm sft``).
+
+:class:`InstructionTuning` is :class:`hetlm.train.pretrain.Pretraining` with other set-up hooks:
+the data are tokenized instruction examples (response-only labels, ``hetlm.sft.masking``), the
+model is a causal LM with a peft LoRA adapter, and the final output is the adapter. Everything
+else is the pretraining loop itself: the heterogeneous sampler (per-rank micro-batch sizes,
+gradient accumulation), ``train_step`` (token-exact loss: summed over response tokens, divided
+by the response tokens of the whole global batch), the engines, checkpoints with exact resume,
+evaluation and metrics.
+
+- **Objective**: ``FusedSparseCausalLM`` (``hetlm.sft.objective``) projects only the positions
+  whose next token is a response token onto the vocabulary (the prompt's share of the output
+  head's cost, large with a 32k+ vocabulary, is never paid), and runs that head with the
+  cross-entropy in chunks that compute their gradient at once, so no ``[tokens, vocab]`` logits
+  tensor is kept for the backward.
+- **Length grouping** (``data.length_grouping``, on by default): each global batch is sorted by
+  length (``order_by_length``) before it is cut into rank slices and micro-batches, so examples
+  of similar length are padded together. Every rank computes the same order and the step sees
+  the same examples, so the result does not depend on it (nor on the split).
+- **Checkpoints** hold the adapter (``adapter_model.safetensors`` + ``adapter_config.json``,
+  written by peft) with the optimizer, scheduler, RNG and sampler states, not the frozen base.
+- **Output**: ``<output_dir>/adapter``, a peft adapter folder with the tokenizer and the prompt
+  template (``hetlm_template.json``), for ``PeftModel.from_pretrained``, ``hetlm chat
+  --adapter`` and ``hetlm export --merge``. A base built from a preset is saved to
+  ``<output_dir>/base`` so the adapter has something to load onto.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from hetlm.data.sampler import HeterogeneousBatchSampler
+from hetlm.errors import HetlmError
+from hetlm.sft.collator import SFTBatch, SFTCollator, order_by_length
+from hetlm.sft.config import LoraSection, SFTConfig, SFTModelSection
+from hetlm.sft.masking import TokenizedExample, TruncationStats
+from hetlm.sft.objective import FusedSparseCausalLM
+from hetlm.topology import BatchSplit
+from hetlm.train import distributed as D
+from hetlm.train.pretrain import Pretraining, _collective_io
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+RUN_RECORD = "hetlm_sft.json"
+
+
+# ---------------------------------------------------------------- data
+
+
+class SFTData:
+    """Tokenized examples plus the collator: indices in, :class:`SFTBatch` out."""
+
+    def __init__(self, examples: list[TokenizedExample], pad_id: int) -> None:
+        self.examples = examples
+        self.lengths = np.array([len(e) for e in examples], dtype=np.int64)
+        self.collator = SFTCollator(pad_id)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def batch(self, indices: np.ndarray, epoch: int = 0) -> SFTBatch:
+        """Nothing is random in SFT: ``epoch`` is accepted for the loop's interface only."""
+        return self.collator([self.examples[int(i)] for i in indices])
+
+
+class LengthGroupedSampler(HeterogeneousBatchSampler):
+    """The heterogeneous sampler, each global batch ordered longest first before it is cut
+    into rank slices and micro-batches (a pure function of the indices and lengths: every rank
+    computes the same order; state and resume are the base sampler's)."""
+
+    def __init__(self, lengths: np.ndarray, split: BatchSplit, rank: int, seed: int = 0) -> None:
+        super().__init__(len(lengths), split, rank, seed)
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+
+    def global_batch(self, epoch: int, step_in_epoch: int) -> np.ndarray:
+        return order_by_length(super().global_batch(epoch, step_in_epoch), self.lengths)
+
+
+# ---------------------------------------------------------------- tokenizer and model
+
+
+def load_sft_tokenizer(source: str | Path):
+    """The tokenizer, with BOS/EOS/PAD set: a hetlm SentencePiece tokenizer is BERT-style, and
+    a LLaMA pretrained by hetlm begins texts with [CLS] and ends them with [SEP] (its config's
+    bos/eos), so those become BOS and EOS; PAD falls back to EOS."""
+    from hetlm.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(source, required_tokens=())
+    if tokenizer.eos_token is None and tokenizer.sep_token is not None:
+        tokenizer.eos_token = tokenizer.sep_token
+    if tokenizer.bos_token is None and tokenizer.cls_token is not None:
+        tokenizer.bos_token = tokenizer.cls_token
+    if tokenizer.eos_token is None:
+        raise HetlmError(f"the tokenizer {source} has no eos_token (nor sep_token): responses "
+                         "must end with one; use a tokenizer that defines it")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def check_quantization(kind: str) -> None:
+    """8/4-bit loading needs bitsandbytes and a CUDA GPU: say which is missing, in one line."""
+    if kind == "none":
+        return
+    missing = []
+    if not torch.cuda.is_available():
+        missing.append("a CUDA GPU")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        missing.append("bitsandbytes (pip install 'hetlm[quant]')")
+    if missing:
+        raise HetlmError(f"model.quantization {kind} loads the base through bitsandbytes, which "
+                         f"needs {' and '.join(missing)}: run on a CUDA machine with it "
+                         "installed, or set model.quantization: none")
+
+
+def bnb_config(kind: str):
+    """QLoRA's settings: NF4 with double quantization and bf16 compute (fp16 without bf16)."""
+    from transformers import BitsAndBytesConfig
+
+    if kind == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute)
+
+
+def build_base_model(section: SFTModelSection, tokenizer, *, max_length: int, seed: int,
+                     device: torch.device) -> nn.Module:
+    """The base causal LM: from ``section.path`` (fp32, or 8/4-bit), or a seeded preset."""
+    from transformers import AutoModelForCausalLM
+
+    if section.preset is not None:
+        from hetlm.models.presets import model_config
+
+        config = model_config(
+            section.type, section.preset, vocab_size=len(tokenizer),
+            max_position_embeddings=max(512, max_length), pad_token_id=tokenizer.pad_token_id,
+            dropout=section.dropout, overrides=section.overrides,
+            special_ids={"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id})
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return AutoModelForCausalLM.from_config(config)
+    check_quantization(section.quantization)
+    kwargs: dict[str, Any] = dict(section.overrides)
+    if section.quantization != "none":
+        kwargs.update(quantization_config=bnb_config(section.quantization),
+                      device_map={"": device})
+    else:
+        kwargs.update(dtype=torch.float32)
+    source = str(section.path)
+    if Path(source).exists() and not (Path(source) / "config.json").is_file():
+        raise HetlmError(f"model.path {source} has no config.json: point it at a folder written "
+                         "by save_pretrained (e.g. a hetlm pretrain run's model/)")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise HetlmError(f"cannot load model.path {source!r} as a causal LM: {first}") from None
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise HetlmError(f"the tokenizer has {len(tokenizer)} tokens but model.path {source} "
+                         f"has {rows} token embeddings: use the model's own tokenizer")
+    return model
+
+
+def apply_lora(model: nn.Module, lora: LoraSection, *, base_name: str | None, seed: int,
+               gradient_checkpointing: bool, quantized: bool) -> nn.Module:
+    """The peft model: LoRA layers in place, only they train. The adapter's initialisation is
+    seeded, so every rank (and every split) starts from the same weights."""
+    from hetlm.sft.export import import_peft
+
+    peft = import_peft()
+    gc_kwargs = {"use_reentrant": False}
+    if quantized:
+        model = peft.prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs=gc_kwargs)
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+    model.config.use_cache = False  # no KV cache while training
+    if base_name:  # peft records the model's name_or_path as the adapter's base
+        model.name_or_path = base_name
+    config = peft.LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none",
+        target_modules=lora.target_modules, task_type="CAUSAL_LM")
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # peft reads transformers' deprecated is_gradient_checkpointing
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        torch.manual_seed(seed)
+        try:
+            return peft.get_peft_model(model, config)
+        except ValueError as exc:  # e.g. target modules not found in the model
+            message = " ".join(str(exc).split())
+            raise HetlmError(f"lora.target_modules: {message}") from None
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def _write_folder(target: Path, write) -> None:
+    """Write a folder under a temporary name and rename it into place."""
+    tmp = target.parent / f".tmp-{target.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ---------------------------------------------------------------- the run
+
+
+class InstructionTuning(Pretraining):
+    """The pretraining loop with instruction data, a LoRA model and an adapter as output."""
+
+    config: SFTConfig
+
+    def __init__(self, config: SFTConfig, ctx: D.DistContext, resume: bool) -> None:
+        check_quantization(config.model.quantization)
+        super().__init__(config, ctx, resume)  # type: ignore[arg-type]
+
+    # ---- set-up hooks
+
+    def _load_data(self) -> None:
+        from hetlm.data.tokenizer import vocab_hash
+        from hetlm.sft.data import load_examples, split_validation
+        from hetlm.sft.masking import tokenize_examples
+        from hetlm.sft.templates import resolve_template
+
+        cfg, data = self.config, self.config.data
+        self.tokenizer = load_sft_tokenizer(cfg.model.tokenizer_source)
+        self.template = resolve_template(data.template, self.tokenizer)
+        examples = load_examples(data.source, split=data.split)
+        train, validation = split_validation(examples, data.validation_fraction, cfg.run.seed)
+        options = dict(max_length=data.max_length, train_on_prompt=data.train_on_prompt,
+                       truncation=data.truncation, min_prompt_tokens=data.min_prompt_tokens)
+        train_tok, self.truncation_stats = tokenize_examples(train, self.tokenizer,
+                                                             self.template, **options)
+        eval_tok, _ = tokenize_examples(validation, self.tokenizer, self.template, **options)
+        if self.ctx.is_main:
+            print(self.truncation_stats.summary())
+        if not train_tok:
+            raise HetlmError(f"no training example of {data.source} fits data.max_length "
+                             f"{data.max_length}: raise it")
+        if self.train_cfg.eval_every and not eval_tok:
+            raise HetlmError("train.eval_every is set but there are no validation examples: "
+                             "raise data.validation_fraction or set train.eval_every: 0")
+        pad_id = self.tokenizer.pad_token_id
+        self.train_data = SFTData(train_tok, pad_id)
+        self.eval_data = SFTData(eval_tok, pad_id)
+        self.tokenizer_dir = None
+        self.meta = {"train_examples": len(train_tok), "validation_examples": len(eval_tok),
+                     "tokenizer_vocab_hash": vocab_hash(self.tokenizer)}
+
+    def _build_sampler(self) -> HeterogeneousBatchSampler:
+        if self.config.data.length_grouping:
+            return LengthGroupedSampler(self.train_data.lengths, self.split, self.ctx.rank,
+                                        self.config.run.seed)
+        return super()._build_sampler()
+
+    @property
+    def base_name(self) -> str:
+        """What the adapter records as its base: model.path, or the saved preset base."""
+        section = self.config.model
+        return str(section.path) if section.path is not None else str(self.output_dir / "base")
+
+    def _build_model(self) -> nn.Module:
+        cfg, ctx = self.config, self.ctx
+        model = build_base_model(cfg.model, self.tokenizer, max_length=cfg.data.max_length,
+                                 seed=cfg.run.seed, device=ctx.device)
+        if cfg.model.preset is not None:
+            self._save_preset_base(model)
+        model = apply_lora(model, cfg.lora, base_name=self.base_name, seed=cfg.run.seed,
+                           gradient_checkpointing=cfg.model.gradient_checkpointing,
+                           quantized=cfg.model.quantization != "none")
+        if ctx.is_main:
+            trainable, total = count_parameters(model)
+            print(f"LoRA r={cfg.lora.r} on {cfg.lora.target_modules}: {trainable / 1e6:.2f}M "
+                  f"trainable of {total / 1e6:.1f}M parameters ({trainable / total:.2%})")
+        return model
+
+    def _save_preset_base(self, model: nn.Module) -> None:
+        """(rank 0) A preset's random base, once, so the adapter can be loaded onto it."""
+        from hetlm.data.tokenizer import save_tokenizer
+
+        base = self.output_dir / "base"
+
+        def write(tmp: Path) -> None:
+            model.save_pretrained(tmp, safe_serialization=True)
+            save_tokenizer(self.tokenizer, tmp)
+
+        _collective_io(self.ctx, lambda: self.ctx.is_main and not (base / "config.json").is_file()
+                       and _write_folder(base, write))
+
+    def _run_fingerprint(self) -> dict[str, Any]:
+        cfg = self.config
+        model = cfg.model.model_dump(mode="json", exclude={"gradient_checkpointing"})
+        data = cfg.data.model_dump(mode="json", exclude={"length_grouping"})
+        return {**self.meta, "model": model, "data": data,
+                "lora": cfg.lora.model_dump(mode="json"),
+                "global_batch": cfg.train.global_batch, "seed": cfg.run.seed}
+
+    def _load_weights(self, model: nn.Module, path: Path) -> None:
+        """The checkpoint's adapter weights (the base is rebuilt from model.path / preset)."""
+        from safetensors.torch import load_file
+
+        from hetlm.sft.export import import_peft
+
+        file = path / ADAPTER_WEIGHTS
+        if not file.is_file():
+            raise HetlmError(f"checkpoint {path} has no {ADAPTER_WEIGHTS}: it was not written by "
+                             "hetlm sft; start a new run.output_dir")
+        result = import_peft().set_peft_model_state_dict(model, load_file(str(file)))
+        missing = [k for k in result.missing_keys if "lora_" in k]
+        if missing or result.unexpected_keys:
+            raise HetlmError(f"checkpoint {path} does not match the LoRA model (missing "
+                             f"{missing[:3]}, unexpected {result.unexpected_keys[:3]}): resume "
+                             "with the lora settings it was trained with")
+
+    def _objective(self, model: nn.Module) -> nn.Module:
+        return FusedSparseCausalLM(model)
+
+    # ---- evaluation and output
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Held-out response-token loss, accuracy and perplexity (none without validation)."""
+        if len(self.eval_data) == 0:
+            return {}
+        return super().evaluate()
+
+    def save_final(self) -> Path:
+        """The peft adapter folder with the tokenizer, the template and a run record."""
+        from hetlm.data.tokenizer import save_tokenizer
+        from hetlm.sft.templates import save_template
+
+        final = self.output_dir / "adapter"
+        state = self.engine.model_state_dict()  # a collective: gathered to rank 0
+
+        def write(tmp: Path) -> None:
+            self.hf_model.save_pretrained(tmp, safe_serialization=True,
+                                          state_dict=dict(state), save_embedding_layers=False)
+            save_tokenizer(self.tokenizer, tmp)
+            save_template(self.template, tmp)
+            record = {"base_model": self.base_name, "steps": self.step,
+                      "config": self.config.model_dump(mode="json"),
+                      "truncation": _stats_record(self.truncation_stats)}
+            (tmp / RUN_RECORD).write_text(json.dumps(record, ensure_ascii=False, indent=1) + "\n",
+                                          encoding="utf-8")
+
+        _collective_io(self.ctx, lambda: self.ctx.is_main and _write_folder(final, write))
+        return final
+
+    def _summary(self, history: list[dict[str, Any]], final_eval: dict[str, float],
+                 final_dir: Path) -> dict[str, Any]:
+        summary = super()._summary(history, final_eval, final_dir)
+        summary.update(adapter_dir=str(final_dir), base_model=self.base_name,
+                       train_examples=len(self.train_data),
+                       validation_examples=len(self.eval_data),
+                       response_tokens=self.truncation_stats.target_tokens)
+        return summary
+
+
+def _stats_record(stats: TruncationStats) -> dict[str, Any]:
+    return {k: getattr(stats, k) for k in ("max_length", "examples", "kept", "truncated",
+                                           "dropped", "prompt_tokens_removed", "target_tokens")}
+
+
+def run_sft(config: SFTConfig, *, resume: bool = False,
+            stop_at_step: int | None = None) -> dict[str, Any]:
+    """Run (or resume) one instruction-tuning job in this process; returns the run summary.
+    The process set-up (threads, process group, restarts, diagnosing a hung collective) is
+    pretraining's."""
+    from hetlm.train.pretrain import run_pretraining
+
+    check_quantization(config.model.quantization)  # before any process group exists
+    return run_pretraining(config, resume=resume, stop_at_step=stop_at_step,  # type: ignore[arg-type]
+                           trainer=InstructionTuning)
