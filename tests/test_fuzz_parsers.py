@@ -110,3 +110,100 @@ def test_corpus_reader_raises_only_hetlm_errors(lines, suffix, tmp_path_factory)
         return
     assert all(isinstance(d, str) and d.strip() for d in docs)
     assert stats.documents == len(docs)
+
+
+# Parsers added for the fault-injection issue (#6): every file a user hands hetlm.
+SMALL = settings(SETTINGS, max_examples=60)
+
+chabsa_like = st.fixed_dictionaries(
+    {"header": st.one_of(json_like, st.fixed_dictionaries(
+        {"document_id": st.one_of(st.text(max_size=4), st.integers())})),
+     "sentences": st.one_of(json_like, st.lists(st.fixed_dictionaries(
+         {"sentence": st.one_of(st.text(max_size=20), st.integers()),
+          "opinions": st.one_of(json_like, st.lists(st.dictionaries(
+              st.sampled_from(["from", "to", "polarity", "target", "category"]),
+              st.one_of(st.integers(-3, 30), st.text(max_size=8)), max_size=5),
+              max_size=3))}), max_size=3))})
+instruction_like = st.one_of(
+    json_like,
+    st.fixed_dictionaries({"messages": st.one_of(json_like, st.lists(st.dictionaries(
+        st.sampled_from(["role", "content", "name"]),
+        st.one_of(st.sampled_from(["user", "assistant", "system", "tool"]), json_like)),
+        max_size=4))}),
+    st.dictionaries(st.sampled_from(["instruction", "input", "output", "context"]),
+                    json_like, max_size=4))
+
+
+def _lines(records) -> st.SearchStrategy:
+    return st.lists(st.one_of(st.binary(max_size=40), st.text(max_size=40).map(str.encode),
+                              st.builds(lambda v: json.dumps(v).encode(), records)),
+                    max_size=8)
+
+
+@SMALL
+@given(lines=_lines(instruction_like), suffix=st.sampled_from([".jsonl", ".json"]))
+def test_instruction_data_reader_raises_only_hetlm_errors(lines, suffix, tmp_path_factory):
+    from hetlm.sft.data import load_examples
+
+    path = tmp_path_factory.mktemp("sft") / f"d{suffix}"
+    path.write_bytes(b"\n".join(lines))
+    try:
+        examples = load_examples(path)
+    except HetlmError as exc:
+        assert "\n" not in str(exc)
+        return
+    assert examples
+
+
+@SMALL
+@given(lines=_lines(st.one_of(chabsa_like, st.dictionaries(
+    st.sampled_from(["text", "label", "judgment", "comment", "id"]),
+    st.one_of(st.sampled_from(["◎", "○", "□", "▲", "×"]), json_like), max_size=4))),
+    task=st.sampled_from(["chabsa", "ews"]))
+def test_eval_task_readers_raise_only_hetlm_errors(lines, task, tmp_path_factory):
+    from hetlm.evaluate.tasks import load_chabsa, load_ews
+
+    path = tmp_path_factory.mktemp("task") / f"{task}.jsonl"
+    path.write_bytes(b"\n".join(lines))
+    try:
+        (load_chabsa if task == "chabsa" else load_ews)(path)
+    except HetlmError as exc:
+        assert "\n" not in str(exc)
+
+
+@SMALL
+@given(text=st.one_of(st.text(max_size=200), st.builds(json.dumps, json_like)),
+       kind=st.sampled_from(["plan", "cluster", "meta"]))
+def test_plan_cluster_and_dataset_files_raise_only_hetlm_errors(text, kind, tmp_path_factory):
+    from hetlm.cluster.planner import load_plan
+    from hetlm.cluster.spec import load_cluster
+    from hetlm.data.packing import load_packed_dataset
+
+    root = tmp_path_factory.mktemp(kind)
+    if kind == "meta":  # a dataset folder whose metadata file is garbage
+        (root / "hetlm_dataset.json").write_text(text, encoding="utf-8")
+        reader, path = load_packed_dataset, root
+    else:
+        path = root / f"{kind}.yaml"
+        path.write_text(text, encoding="utf-8")
+        reader = load_plan if kind == "plan" else load_cluster
+    try:
+        reader(path)
+    except HetlmError as exc:
+        assert "\n" not in str(exc)
+
+
+@SMALL
+@given(spec=st.one_of(st.text(max_size=40), st.lists(st.tuples(
+    st.sampled_from(["kill", "stall", "nan", "inf", "enospc", "kill_checkpoint", "boom"]),
+    st.lists(st.tuples(st.sampled_from(["step", "rank", "seconds", "restart", "x"]),
+                       st.one_of(st.integers(-2, 9).map(str), st.text(max_size=3))),
+             max_size=3)), max_size=3).map(
+    lambda faults: ";".join(":".join([k, *(f"{a}={b}" for a, b in kv)]) for k, kv in faults))))
+def test_fault_spec_parser_raises_only_hetlm_errors(spec):
+    from hetlm.train.faults import parse
+
+    try:
+        parse(spec)
+    except HetlmError as exc:
+        assert "\n" not in str(exc)

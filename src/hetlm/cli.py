@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "hetlm.commands.prepare",
     "hetlm.commands.stage",
     "hetlm.commands.pretrain",
+    "hetlm.commands.sft",
     "hetlm.commands.plan",
     "hetlm.commands.demo",
     "hetlm.commands.probe",

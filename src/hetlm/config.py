@@ -38,12 +38,12 @@ class DataSection(_Section):
         "tokenizer segments words (MeCab/Sudachi + WordPiece).")
 
 
-ModelType = Literal["bert", "roberta", "deberta-v2", "llama"]
+ModelType = Literal["bert", "roberta", "deberta-v2", "electra", "llama"]
 
 
 class ModelSection(_Section):
     type: ModelType = Field("bert", description="bert | roberta | deberta-v2 (masked LM), "
-                            "llama (causal LM).")
+                            "electra (replaced-token detection), llama (causal LM).")
     preset: str = Field("small", description="Encoders: tiny | small | base | large; llama: "
                         "tiny | small | base | 1b | 7b. Ignored with init_from.")
     dropout: float | None = Field(None, ge=0.0, lt=1.0, description="None keeps the preset's 0.1.")
@@ -54,6 +54,19 @@ class ModelSection(_Section):
         "tokenizer must be the dataset's.")
     freeze_embeddings: bool = Field(False, description="Do not train the input embeddings.")
     freeze_layers: int = Field(0, ge=0, description="Do not train the first k transformer layers.")
+    generator_fraction: float = Field(
+        0.25, gt=0.0, le=1.0, description="electra: the generator's hidden size, heads and MLP "
+        "width as a fraction of the discriminator's (same depth, shared embeddings).")
+    discriminator_weight: float = Field(50.0, gt=0.0, description="electra: weight of the "
+                                        "replaced-token-detection loss (the generator's is 1).")
+
+    @model_validator(mode="after")
+    def _electra_fields_need_electra(self) -> ModelSection:
+        given = {"generator_fraction", "discriminator_weight"} & self.model_fields_set
+        if given and self.type != "electra":
+            raise ValueError(f"{', '.join(sorted(given))}: only for model.type electra; "
+                             f"remove it for {self.type}")
+        return self
 
     @model_validator(mode="after")
     def _freezing_needs_a_checkpoint(self) -> ModelSection:
@@ -122,7 +135,15 @@ class TrainSection(_Section):
     eval_samples: int = Field(256, ge=0)
     eval_batch: int = Field(16, gt=0)
     log_every: int = Field(10, gt=0, description="Progress-bar/TensorBoard cadence; JSONL has every step.")
-    dist_timeout_s: float = Field(600.0, gt=0, description="A collective slower than this ends the run.")
+    dist_timeout_s: float = Field(600.0, gt=0, description="A collective slower than this ends "
+                                  "the run, naming the ranks that did not arrive (heartbeats).")
+    on_nonfinite: Literal["stop", "rollback"] = Field(
+        "stop", description="A NaN/inf loss (fp32/bf16): stop naming the last good checkpoint, "
+        "or roll back to it in-process with the lr times rollback_lr_factor (ddp/zero1/one "
+        "process).")
+    rollback_lr_factor: float = Field(0.5, gt=0, le=1, description="lr multiplier per rollback.")
+    max_rollbacks: int = Field(3, ge=0, description="Rollbacks before a non-finite loss stops "
+                               "the run.")
 
 
 class PretrainConfig(_Section):

@@ -4,6 +4,14 @@ Starts N ``torchrun`` agents on 127.0.0.1 (static rendezvous, gloo on CPU), exac
 nodes would be started, so a user without a cluster sees the multi-node path work. Each agent
 gets its share of the machine's cores (OMP_NUM_THREADS), since ranks on one machine that all
 use every core slow each other down.
+
+Restarts (``max_restarts``): when the job fails (a rank killed, a hung collective), every agent
+is stopped and all are started again, on a fresh port, with ``HETLM_RESTART_COUNT`` = the attempt
+number; the ranks then resume from the latest good checkpoint by themselves
+(``hetlm.train.pretrain.run_pretraining``). The launcher restarts the whole job rather than
+passing ``--max-restarts`` to torchrun: torch's static rendezvous cannot re-form a group, and
+with the c10d rendezvous an agent that restarts only because a peer re-joined keeps its restart
+count (its ranks would not know the job restarted) and its re-joined group hung in our tests.
 """
 
 from __future__ import annotations
@@ -51,15 +59,30 @@ def run_local_nodes(args: list[str], *, nodes: int, nproc_per_node: int = 1,
     network namespace, with ``master_addr`` node 0's address there) and its ranks by
     ``rank_prefixes[i]`` (e.g. a command that moves itself into a cgroup, then execs the rank).
     """
+    for attempt in range(max_restarts + 1):
+        code = _run_once(args, nodes=nodes, nproc_per_node=nproc_per_node,
+                         threads_per_rank=threads_per_rank, master_addr=master_addr,
+                         agent_prefixes=agent_prefixes, rank_prefixes=rank_prefixes,
+                         attempt=attempt)
+        if code == 0 or attempt == max_restarts:
+            return code
+        print(f"hetlm: the job failed (exit {code}); restart {attempt + 1} of {max_restarts}: "
+              "every rank resumes from the latest good checkpoint", file=sys.stderr, flush=True)
+    return code
+
+
+def _run_once(args: list[str], *, nodes: int, nproc_per_node: int, threads_per_rank: int | None,
+              master_addr: str, agent_prefixes: list[list[str]] | None,
+              rank_prefixes: list[list[str]] | None, attempt: int) -> int:
     port = free_port()
     ranks = nodes * nproc_per_node
     threads = threads_per_rank or max(1, (os.cpu_count() or 1) // ranks)
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1",
+               HETLM_RESTART_COUNT=str(attempt))
     agents = [subprocess.Popen(
         [*(agent_prefixes[i] if agent_prefixes else []),
          *torchrun_command(nnodes=nodes, node_rank=i, nproc_per_node=nproc_per_node,
                            master_addr=master_addr, master_port=port, args=args,
-                           max_restarts=max_restarts,
                            rank_prefix=rank_prefixes[i] if rank_prefixes else None)],
         env=env, start_new_session=True, stderr=subprocess.PIPE) for i in range(nodes)]
     pumps = [pump_filtered(agent.stderr, sys.stderr.fileno()) for agent in agents]

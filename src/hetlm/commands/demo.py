@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 DEFAULT_CORPUS = "general_aozora/aozora_soseki_akutagawa.jsonl"
-OTHER_DEMOS: list[str] = []  # e.g. "domain" -> hetlm.commands.demo_domain
+OTHER_DEMOS: list[str] = ["domain", "sft"]  # "domain" -> hetlm.commands.demo_domain
 FILL_MASK_EXAMPLES = ["吾輩は[MASK]である。", "彼は東京の[MASK]に住んでいた。"]
 
 

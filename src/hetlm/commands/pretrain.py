@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 
 
 def register(subparsers) -> None:
@@ -21,6 +22,10 @@ def register(subparsers) -> None:
                    help="emulate N nodes on this machine (N torchrun agents on 127.0.0.1, gloo)")
     p.add_argument("--nproc-per-node", type=int, default=1, metavar="K",
                    help="ranks per emulated node (with --local-nodes)")
+    p.add_argument("--max-restarts", type=int, default=0, metavar="K",
+                   help="(with --local-nodes) restart the whole job up to K times after a rank "
+                        "fails; it resumes from the latest good checkpoint by itself (default 0: "
+                        "a failure ends the run; see docs/FAULTS.md)")
     p.add_argument("--plan", default=None, metavar="PLAN.yaml",
                    help="a plan from `hetlm plan`: per-rank shares and precision (overrides "
                         "train.plan)")
@@ -63,6 +68,8 @@ def _launch_local(args: argparse.Namespace, config) -> int:
 
     if args.local_nodes < 1 or args.nproc_per_node < 1:
         raise HetlmError("--local-nodes and --nproc-per-node must be >= 1")
+    if args.max_restarts < 0:
+        raise HetlmError("--max-restarts must be >= 0")
     nodes, per_node = args.local_nodes, args.nproc_per_node
     node_of_rank = [r // per_node for r in range(nodes * per_node)]
     config.batch_split(nodes * per_node, node_of_rank)  # topology errors before any launch
@@ -72,7 +79,25 @@ def _launch_local(args: argparse.Namespace, config) -> int:
     forwarded += ["--plan", args.plan] if args.plan else []
     if args.stop_at_step:
         forwarded += ["--stop-at-step", str(args.stop_at_step)]
-    return run_local_nodes(forwarded, nodes=nodes, nproc_per_node=per_node)
+    started = time.time()
+    code = run_local_nodes(forwarded, nodes=nodes, nproc_per_node=per_node,
+                           max_restarts=args.max_restarts)
+    if code != 0:
+        _report_heartbeats(config.run.output_dir, nodes * per_node, since=started)
+    return code
+
+
+def _report_heartbeats(output_dir, world_size: int, since: float) -> None:
+    """After a failed run, where each rank was last seen (when the ranks could not say it
+    themselves, e.g. an NCCL watchdog ended them)."""
+    import sys
+
+    from hetlm.train.heartbeat import describe, read_all
+
+    records = read_all(output_dir, world_size)
+    if any(r is not None and r["time"] >= since for r in records):
+        print("hetlm: last heartbeats: " + "; ".join(
+            f"rank {r}: {describe(h)}" for r, h in enumerate(records)), file=sys.stderr)
 
 
 def format_summary(summary: dict) -> str:

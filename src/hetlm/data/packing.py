@@ -392,7 +392,8 @@ def _read_meta(meta_path: Path) -> dict[str, Any]:
     except (OSError, ValueError) as exc:
         raise HetlmError(f"{meta_path} is unreadable ({exc}): re-create the dataset with "
                          "`hetlm prepare --overwrite`") from exc
-    missing = [k for k in ("seq_len", "vocab_size", "special_token_ids") if k not in meta]
+    missing = [k for k in ("seq_len", "vocab_size", "special_token_ids")
+               if not isinstance(meta, dict) or k not in meta]
     if not isinstance(meta, dict) or missing:
         raise HetlmError(f"{meta_path} lacks {', '.join(missing) or 'its fields'}: re-create the "
                          "dataset with `hetlm prepare --overwrite`")

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from hetlm.errors import HetlmError
+from hetlm.train import faults
 
 MANIFEST = "manifest.json"
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -71,9 +72,15 @@ def verify_manifest(directory: Path) -> str | None:
 
 
 def load_model_weights(model: nn.Module, directory: Path) -> None:
-    """Load safetensors weights saved by ``save_pretrained`` into an existing model."""
+    """Load safetensors weights saved by ``save_pretrained`` into an existing model; a model
+    saved as several parts (ELECTRA's ``artifact_subdirs``) loads each part from its folder."""
     from safetensors.torch import load_file
 
+    parts = getattr(model, "artifact_subdirs", ())
+    if parts:
+        for part in parts:
+            load_model_weights(getattr(model, part), directory / part)
+        return
     state = load_file(str(directory / "model.safetensors"))
     try:
         result = model.load_state_dict(state, strict=False)
@@ -90,15 +97,70 @@ def load_model_weights(model: nn.Module, directory: Path) -> None:
             f"{result.unexpected_keys[:3]}): resume with the model config it was trained with")
 
 
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a (nested) state: about what ``torch.save`` writes for it."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def directory_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in Path(directory).rglob("*") if p.is_file())
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def _is_write_failure(exc: BaseException) -> bool:
+    """A failed write, however the library reports it: OSError, torch.save's RuntimeError
+    ("... file write failed", "[enforce fail at inline_container.cc] unexpected pos" on a full
+    disk), safetensors' SafetensorError ("I/O error: No space left on
+    device (os error 28)")."""
+    if isinstance(exc, OSError):
+        return True
+    text = str(exc).lower()
+    return any(key in text for key in ("no space left", "os error", "i/o error",
+                                       "permission denied", "disk quota", "read-only file",
+                                       "inline_container", "unexpected pos")) or (
+        "write" in text and "fail" in text)
+
+
 @contextlib.contextmanager
-def _write_errors(final: Path) -> Iterator[None]:
-    """An OSError while writing becomes a one-line HetlmError; the previous checkpoint stays."""
+def _write_errors(final: Path, needed_bytes: int | None = None,
+                  previous: Path | None = None, staging: Path | None = None) -> Iterator[None]:
+    """An OSError (or torch.save's failed write) while writing becomes a one-line HetlmError
+    that says how much space the checkpoint needs and how much is free; the previous
+    checkpoint stays."""
     try:
         yield
-    except OSError as exc:
+    except Exception as exc:
+        if not _is_write_failure(exc):
+            raise
+        reason = (exc.strerror or str(exc)) if isinstance(exc, OSError) else str(exc)
+        reason = " ".join(str(reason).split())[:200]
+        if staging is not None:  # removed first: the space free is then what a retry has
+            shutil.rmtree(staging, ignore_errors=True)
+        space = ""
+        try:
+            free = shutil.disk_usage(final.parent).free
+            need = f"about {human_bytes(needed_bytes)}" if needed_bytes else "an unknown amount"
+            space = f"; it needs {need}, {human_bytes(free)} is free on {final.parent}"
+        except OSError:
+            pass
+        kept = (f"the previous checkpoint {previous} is intact" if previous is not None
+                else "no earlier checkpoint exists")
         raise HetlmError(
-            f"could not write checkpoint {final} ({exc.strerror or exc}); the previous "
-            "checkpoint is intact: free space or fix permissions, then resume") from None
+            f"could not write checkpoint {final} ({reason}){space}; {kept}: free space or fix "
+            "permissions, then resume (--resume)") from None
 
 
 class CheckpointManager:
@@ -131,10 +193,16 @@ class CheckpointManager:
     def staging_dir(self, step: int) -> Path:
         return self.root / f".tmp-{self.step_dir(step).name}"
 
+    def previous(self, step: int) -> Path | None:
+        """The newest complete checkpoint before ``step`` (what a failed write leaves)."""
+        done = [path for s, path in self.complete_checkpoints() if s < step]
+        return done[-1] if done else None
+
     def prepare(self, step: int) -> Path:
         """(rank 0) An empty staging directory for checkpoint ``step``."""
         tmp = self.staging_dir(step)
-        with _write_errors(self.step_dir(step)):
+        previous = self.previous(step)
+        with _write_errors(self.step_dir(step), previous and directory_bytes(previous), previous):
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
@@ -148,11 +216,15 @@ class CheckpointManager:
         (gathered by the engine; None: the model's own). ``states`` maps file stem -> object.
         """
         final, tmp = self.step_dir(step), self.staging_dir(step)
+        needed = (tensor_bytes(model_state) if model_state else
+                  tensor_bytes(dict(model.state_dict()))) + tensor_bytes(states)
         try:
-            with _write_errors(final):
+            with _write_errors(final, needed, self.previous(step), staging=tmp):
+                faults.on_checkpoint_write(step, "begin")
                 # save_pretrained empties the dict it is given: pass a copy.
                 model.save_pretrained(tmp, safe_serialization=True,
                                       state_dict=dict(model_state) if model_state else None)
+                faults.on_checkpoint_write(step, "model")
                 for stem, obj in states.items():
                     torch.save(obj, tmp / f"{stem}.pt")
                 (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))

@@ -2,7 +2,12 @@
 
 Works the same in one process (no group, collectives are identities) and under torchrun
 (gloo on CPU, NCCL on CUDA). Test and user process groups get a finite timeout so a hung peer
-ends the run instead of waiting forever.
+ends the run instead of waiting forever: gloo raises in the waiting call; for NCCL hetlm sets
+``TORCH_NCCL_ASYNC_ERROR_HANDLING=1`` (the watchdog ends the process after the timeout instead of
+leaving it hung; unless set otherwise). Set ``TORCH_NCCL_BLOCKING_WAIT=1`` to have NCCL raise in
+the waiting call instead, so the loop can name the ranks that did not arrive (as it does on gloo),
+at some cost in overlap. Each collective here records itself in this rank's heartbeat
+(``hetlm.train.heartbeat``).
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from hetlm.train import heartbeat
 
 
 @dataclass
@@ -41,6 +48,7 @@ def init_distributed(timeout_s: float = 600.0) -> DistContext:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         backend = "nccl"
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     else:
         device = torch.device("cpu")
         backend = "gloo"
@@ -56,6 +64,7 @@ def shutdown() -> None:
 
 def all_reduce_sum(ctx: DistContext, tensor: torch.Tensor) -> torch.Tensor:
     if ctx.enabled:
+        heartbeat.enter("all_reduce")
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
@@ -63,6 +72,7 @@ def all_reduce_sum(ctx: DistContext, tensor: torch.Tensor) -> torch.Tensor:
 def all_gather_tensor(ctx: DistContext, tensor: torch.Tensor) -> list[torch.Tensor]:
     if not ctx.enabled:
         return [tensor]
+    heartbeat.enter("all_gather")
     out = [torch.empty_like(tensor) for _ in range(ctx.world_size)]
     dist.all_gather(out, tensor)
     return out
@@ -71,6 +81,7 @@ def all_gather_tensor(ctx: DistContext, tensor: torch.Tensor) -> list[torch.Tens
 def all_gather_object(ctx: DistContext, obj: object) -> list[object]:
     if not ctx.enabled:
         return [obj]
+    heartbeat.enter("all_gather_object")
     out: list[object] = [None] * ctx.world_size
     dist.all_gather_object(out, obj)
     return out
@@ -78,6 +89,7 @@ def all_gather_object(ctx: DistContext, obj: object) -> list[object]:
 
 def barrier(ctx: DistContext) -> None:
     if ctx.enabled:
+        heartbeat.enter("barrier")
         dist.barrier()
 
 

@@ -1,20 +1,28 @@
 """Run metrics: a JSON Lines file (every step), TensorBoard scalars, a progress bar, a plot.
 
-Only rank 0 writes. The JSONL file is appended to, so a resumed run continues the same file;
-each record carries the step, so a step logged twice (a crash after logging, before the
-checkpoint) can be recognised by its ``resumed_from`` marker and the repeated step number.
+Only rank 0 writes. The JSONL file is appended to, so a resumed run continues the same file.
+Each step is in it once: a run that resumes from checkpoint k (``--resume``, a torchrun restart,
+a rollback) first rewrites the file without the records of steps after k that an earlier attempt
+logged before it crashed (``rewind``: atomically, through a temporary file), keeping the
+lifecycle events (start, resume, restart, rollback, stop). A torchrun restart adds a ``restart``
+event (the attempt number, the step resumed from, the steps dropped).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
+
+# Events kept when the steps after a checkpoint are dropped; others (eval, heartbeat) belong to
+# the step they name.
+LIFECYCLE_EVENTS = {"start", "resume", "restart", "rollback", "stop", "end"}
 
 
 class MetricsLogger:
     def __init__(self, output_dir: Path, *, total_steps: int, start_step: int, enabled: bool,
-                 log_every: int) -> None:
+                 log_every: int, restart: int | None = None) -> None:
         self.enabled = enabled
         self.log_every = log_every
         self.path = Path(output_dir) / "metrics.jsonl"
@@ -25,7 +33,15 @@ class MetricsLogger:
         from tqdm.auto import tqdm
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if restart is None:
+            from hetlm.train.faults import job_restart_count
+
+            restart = job_restart_count()
+        dropped = rewind_metrics(self.path, start_step) if (start_step or restart) else []
         self._file = self.path.open("a", encoding="utf-8")
+        if restart:
+            self.event(event="restart", restart=restart, step=start_step,
+                       resumed_from=start_step or None, dropped_steps=dropped)
         self._bar = tqdm(total=total_steps, initial=start_step, desc="pretrain", unit="step",
                          dynamic_ncols=True, disable=None)
         try:
@@ -40,6 +56,15 @@ class MetricsLogger:
         if self.enabled:
             self._file.write(json.dumps(fields, ensure_ascii=False) + "\n")
             self._file.flush()
+
+    def rewind(self, step: int) -> list[int]:
+        """Drop the records of steps after ``step`` (a rollback to checkpoint ``step``)."""
+        if not self.enabled:
+            return []
+        self._file.close()
+        dropped = rewind_metrics(self.path, step)
+        self._file = self.path.open("a", encoding="utf-8")
+        return dropped
 
     def step(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -71,11 +96,45 @@ class MetricsLogger:
         self._file.close()
 
 
+def rewind_metrics(path: Path, step: int) -> list[int]:
+    """Rewrite ``path`` without the records of steps after ``step`` (step records, eval and
+    heartbeat events; lifecycle events stay); returns the dropped step numbers."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    kept, dropped = [], []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut by a crash mid-write
+            continue
+        if not isinstance(record, dict):
+            continue
+        event, at = record.get("event"), record.get("step")
+        if isinstance(at, int) and at > step and event not in LIFECYCLE_EVENTS:
+            if event is None:
+                dropped.append(at)
+            continue
+        kept.append(line)
+    if len(kept) != len(lines):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, path)
+    return sorted(dropped)
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     if not Path(path).is_file():
         return []
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()
-            if line.strip()]
+    records = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except ValueError:  # a line cut by a crash mid-write
+                continue
+    return records
 
 
 def plot_loss(metrics_path: Path, out_png: Path) -> Path | None:

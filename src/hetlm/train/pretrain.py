@@ -23,9 +23,11 @@ from hetlm.config import PretrainConfig
 from hetlm.data.collators import EVAL_EPOCH
 from hetlm.data.sampler import HeterogeneousBatchSampler
 from hetlm.errors import HetlmError
-from hetlm.models.build import build_model, freeze, load_pretrained
+from hetlm.models.build import build_model, freeze, load_pretrained, tokenizer_source
 from hetlm.topology import BatchSplit
 from hetlm.train import distributed as D
+from hetlm.train import faults
+from hetlm.train import heartbeat as HB
 from hetlm.train.checkpoint import CheckpointManager, load_model_weights
 from hetlm.train.engine import Engine, EngineOptions, build_engine, resolve_engine
 from hetlm.train.metrics import MetricsLogger, plot_loss
@@ -138,12 +140,24 @@ def _check_shared_dir(ctx: D.DistContext, output_dir: Path) -> None:
 
 
 def _fingerprint(config: PretrainConfig, meta: dict[str, Any]) -> dict[str, Any]:
-    """What must not change across a resume (the split may)."""
+    """What must not change across a resume (the split may). The dataset is identified by its
+    content (sequences per split, sequence length, the tokenizer's vocabulary hash), not by its
+    path, which may move; the paths are kept to name them in a refusal."""
     return {"dataset_vocab_hash": meta.get("tokenizer_vocab_hash"),
             "dataset_sequences": meta.get("num_sequences"),
             "seq_len": meta["seq_len"], "vocab_size": meta["vocab_size"],
             "model": config.model.model_dump(mode="json"),
-            "global_batch": config.train.global_batch, "seed": config.run.seed}
+            "global_batch": config.train.global_batch, "seed": config.run.seed,
+            "dataset_path": str(config.data.dataset),
+            "tokenizer_dir": str(meta.get("tokenizer_dir"))}
+
+
+# How a refusal names each fingerprint entry; the paths only inform (a dataset may move).
+_FINGERPRINT_NAMES = {"dataset_vocab_hash": "tokenizer (vocabulary hash of the dataset's tokenizer)",
+                      "dataset_sequences": "dataset (sequences per split)",
+                      "seq_len": "dataset sequence length", "vocab_size": "vocabulary size",
+                      "model": "model", "global_batch": "train.global_batch", "seed": "run.seed"}
+_FINGERPRINT_INFO = ("dataset_path", "tokenizer_dir")
 
 
 def _engine_options(config: PretrainConfig, split: BatchSplit, rank: int) -> EngineOptions:
@@ -188,11 +202,26 @@ def _check_engine_compatible(saved: dict[str, Any], engine: Engine, world_size: 
 
 
 def _check_resume_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
-    differs = [k for k in current if k in saved and saved[k] != current[k]]
-    if differs:
-        details = ", ".join(f"{k}: checkpoint {saved[k]!r} vs now {current[k]!r}" for k in differs)
-        raise HetlmError(f"cannot resume from {path}: {details}; resume with the original "
-                         "settings or start a new output_dir")
+    """Refuse a resume whose model, tokenizer, dataset, global batch or seed changed, naming
+    each difference (a model's differing fields one by one)."""
+    details = []
+    for key, now in current.items():
+        if key in _FINGERPRINT_INFO or key not in saved or saved[key] == now:
+            continue
+        name = _FINGERPRINT_NAMES.get(key, key)
+        was = saved[key]
+        if isinstance(was, dict) and isinstance(now, dict) and key == "model":
+            # fields added to the config since the checkpoint (absent there) do not count
+            details += [f"{name}.{k}: checkpoint {was[k]!r} vs now {now[k]!r}"
+                        for k in now if k in was and was[k] != now[k]]
+        else:
+            details.append(f"{name}: checkpoint {was!r} vs now {now!r}")
+        if key.startswith("dataset") or key in ("seq_len", "vocab_size"):
+            details[-1] += (f" (trained on {saved.get('dataset_path', '?')}, now "
+                            f"{current.get('dataset_path')})")
+    if details:
+        raise HetlmError(f"cannot resume from {path}: {'; '.join(details)}; resume with the "
+                         "original settings or start a new output_dir")
 
 
 # ---------------------------------------------------------------- the run
@@ -202,24 +231,15 @@ class Pretraining:
     """Owns the objects of one run; ``run()`` is the loop."""
 
     def __init__(self, config: PretrainConfig, ctx: D.DistContext, resume: bool) -> None:
-        from hetlm.data.packing import load_packed_dataset
-
         self.config, self.ctx, self.train_cfg = config, ctx, config.train
         self.output_dir = Path(config.run.output_dir)
         node_of_rank = [int(n) for n in D.all_gather_object(ctx, ctx.node_rank)]
         self.split: BatchSplit = config.batch_split(ctx.world_size, node_of_rank)
         self.node_of_rank = node_of_rank
 
-        from hetlm.data.staging import resolve_dataset_path
-
-        dataset_path = resolve_dataset_path(config.data.dataset, config.data.local_copy,
-                                            report=print if ctx.is_main else None)
-        dataset, self.meta = load_packed_dataset(dataset_path)
-        self.tokenizer_dir = Path(config.data.tokenizer or self.meta["tokenizer_dir"])
         seed = config.run.seed
-        self.train_data = build_data(config, dataset["train"], self.meta)
-        self.eval_data = build_data(config, dataset["validation"], self.meta)
-        self.sampler = HeterogeneousBatchSampler(len(self.train_data), self.split, ctx.rank, seed)
+        self._load_data()
+        self.sampler = self._build_sampler()
 
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if ctx.enabled:
@@ -227,16 +247,16 @@ class Pretraining:
         self.checkpoints = CheckpointManager(self.output_dir / "checkpoints", self.train_cfg.keep_last)
 
         model = self._build_model()
-        self.fingerprint = _fingerprint(config, self.meta)
+        self.fingerprint = self._run_fingerprint()
         resume_dir = self._find_resume_dir() if resume else None
         if resume_dir is not None:
             saved = CheckpointManager.load_trainer_state(resume_dir)
             _check_resume_compatible(saved["fingerprint"], self.fingerprint, resume_dir)
-            load_model_weights(model, resume_dir)
+            self._load_weights(model, resume_dir)
         requested = self.train_cfg.precision
         if config.train.plan is not None and requested == "auto":
             requested = config.load_plan().precision  # the plan chose it for the whole cluster
-        self.engine = build_engine(objective_module(config, model), ctx,
+        self.engine = build_engine(self._objective(model), ctx,
                                    resolve_precision(requested, ctx.device),
                                    _engine_options(config, self.split, ctx.rank))
         self.precision = self.engine.precision
@@ -250,9 +270,41 @@ class Pretraining:
         torch.manual_seed(seed * 1009 + ctx.rank)  # dropout stream of this rank
         self.step = 0
         self.skipped_steps = 0  # fp16 overflows so far (the same on every rank)
+        self.lr_factor, self.rollbacks = 1.0, 0  # train.on_nonfinite: rollback (persisted)
         self.last_checkpoint: Path | None = None
         if resume_dir is not None:
             self._restore(resume_dir)
+
+    # ---- set-up hooks (instruction tuning overrides them: hetlm.sft.train)
+
+    def _load_data(self) -> None:
+        """Sets ``meta``, ``tokenizer_dir`` and ``train_data`` / ``eval_data`` (each with
+        ``len()`` and ``batch(indices, epoch)`` giving a micro-batch of ``train/objectives.py``)."""
+        from hetlm.data.packing import load_packed_dataset
+        from hetlm.data.staging import resolve_dataset_path
+
+        config = self.config
+        dataset_path = resolve_dataset_path(config.data.dataset, config.data.local_copy,
+                                            report=print if self.ctx.is_main else None)
+        dataset, self.meta = load_packed_dataset(dataset_path)
+        self.tokenizer_dir = Path(config.data.tokenizer or self.meta["tokenizer_dir"])
+        self.train_data = build_data(config, dataset["train"], self.meta)
+        self.eval_data = build_data(config, dataset["validation"], self.meta)
+
+    def _build_sampler(self) -> HeterogeneousBatchSampler:
+        return HeterogeneousBatchSampler(len(self.train_data), self.split, self.ctx.rank,
+                                         self.config.run.seed)
+
+    def _run_fingerprint(self) -> dict[str, Any]:
+        """What a resume must not change (compared with the checkpoint's)."""
+        return _fingerprint(self.config, self.meta)
+
+    def _load_weights(self, model: torch.nn.Module, path: Path) -> None:
+        """The checkpoint's weights into the freshly built model (before the engine wraps it)."""
+        load_model_weights(model, path)
+
+    def _objective(self, model: torch.nn.Module) -> torch.nn.Module:
+        return objective_module(self.config, model)
 
     def _build_model(self) -> torch.nn.Module:
         """From the preset (seeded: the same weights on every rank), or the checkpoint
@@ -265,7 +317,7 @@ class Pretraining:
                                max_position_embeddings=max(512, self.train_data.seq_len),
                                seed=self.config.run.seed, special_ids=special)
         model = load_pretrained(section)
-        check_tokenizer_matches(section.init_from, model, meta)
+        check_tokenizer_matches(tokenizer_source(section), model, meta)
         frozen = freeze(model, embeddings=section.freeze_embeddings,
                         first_layers=section.freeze_layers)
         if self.ctx.is_main:
@@ -304,6 +356,8 @@ class Pretraining:
                 torch.cuda.set_rng_state(rng[self.ctx.rank]["cuda"])
         self.step = int(trainer["step"])
         self.skipped_steps = int(trainer.get("skipped_steps", 0))
+        self.lr_factor = float(trainer.get("lr_factor", 1.0))  # already in the scheduler's lrs
+        self.rollbacks = int(trainer.get("rollbacks", 0))
         self.last_checkpoint = path
 
     # ---- checkpoint, eval, final save
@@ -312,6 +366,7 @@ class Pretraining:
         """Every rank takes part: the engine gathers the full model and optimizer state to
         rank 0 (and DeepSpeed writes per-rank files); rank 0 writes and renames the folder."""
         ctx = self.ctx
+        HB.beat("checkpoint", self.step)
         rng = {"cpu": torch.get_rng_state(),
                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
         all_rng = D.all_gather_object(ctx, rng)
@@ -329,7 +384,8 @@ class Pretraining:
                          "micro_steps": self.split.micro_steps,
                          "engine": self.engine.name, "zero_stage": self.engine.zero_stage,
                          "checkpoint_format": self.engine.checkpoint_format,
-                         "skipped_steps": self.skipped_steps, "fingerprint": self.fingerprint}
+                         "skipped_steps": self.skipped_steps, "fingerprint": self.fingerprint,
+                         "lr_factor": self.lr_factor, "rollbacks": self.rollbacks}
         _collective_io(ctx, lambda: ctx.is_main and self.checkpoints.commit(
             self.step, model=self.hf_model, model_state=model_state, states=states,
             trainer_state=trainer_state))
@@ -409,8 +465,12 @@ class Pretraining:
                      time=time.time())
         self.engine.module.train()
         history: list[dict[str, Any]] = []
+        HB.install(HB.Heartbeat(self.output_dir, ctx.rank) if ctx.enabled else None)
+        faults.install(self.engine.unwrapped)  # inert unless HETLM_FAULT is set (tests)
         while self.step < end_step:
             started = time.perf_counter()
+            faults.on_step(self.step + 1, ctx.rank)
+            HB.beat("train", self.step + 1)
             batch = self.sampler.next_step()
             micro = [self.train_data.batch(ids, batch.epoch) for ids in batch.micro_batches]
             result = train_step(self.engine, self.precision, self.optimizer, self.scheduler, ctx,
@@ -445,7 +505,12 @@ class Pretraining:
                     record[f"loss_{name}"] = float(value / max(1.0, float(n)))
             history.append(record)
             logger.step(record)
+            if HB.current() is not None and self.step % cfg.log_every == 0 and ctx.is_main:
+                logger.event(event="heartbeat", step=self.step,
+                             ranks=HB.summary(self.output_dir, ctx.world_size))
             if not math.isfinite(loss) and self.precision.name != "fp16":
+                if self._rollback(loss, logger, history):
+                    continue
                 logger.close()
                 if self.last_checkpoint is None:
                     raise HetlmError(f"the loss became {loss} at step {self.step}, before any "
@@ -455,6 +520,7 @@ class Pretraining:
                                  "(--resume) with a lower lr")
             done = self.step == end_step
             if cfg.eval_every and self.step % cfg.eval_every == 0 and not done:
+                HB.beat("eval", self.step)
                 metrics = self.evaluate()
                 logger.event(event="eval", step=self.step, **metrics)
                 logger.scalar("eval/loss", metrics["eval_loss"], self.step)
@@ -466,8 +532,10 @@ class Pretraining:
             logger.close()
             return {"steps": self.step, "stopped_at": self.step,
                     "last_checkpoint": str(self.last_checkpoint)}
+        HB.beat("eval", self.step)
         final_eval = self.evaluate()
-        logger.event(event="eval", step=self.step, **final_eval)
+        if final_eval:  # empty when there is nothing held out (hetlm sft, validation 0)
+            logger.event(event="eval", step=self.step, **final_eval)
         final_dir = self.save_final()
         logger.event(event="end", step=self.step, time=time.time(), **final_eval)
         logger.close()
@@ -478,6 +546,35 @@ class Pretraining:
 
             (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         return summary
+
+    def _rollback(self, loss: float, logger: MetricsLogger, history: list[dict[str, Any]]) -> bool:
+        """``train.on_nonfinite: rollback``: reload the last good checkpoint in-process (model,
+        optimizer, scheduler, precision, sampler, RNG), lr x ``rollback_lr_factor``, continue.
+        False (the caller stops) when off, exhausted, without a checkpoint, or on an engine
+        whose weights are sharded (fsdp2, deepspeed: resume from the checkpoint instead)."""
+        cfg = self.train_cfg
+        if (cfg.on_nonfinite != "rollback" or self.last_checkpoint is None
+                or self.rollbacks >= cfg.max_rollbacks
+                or self.engine.name not in ("single", "ddp", "zero1")):
+            return False
+        bad_step, path = self.step, self.last_checkpoint
+        factor, rollbacks = self.lr_factor * cfg.rollback_lr_factor, self.rollbacks + 1
+        self._load_weights(self.hf_model, path)
+        self._restore(path)  # the checkpoint's step, lrs (with its lr_factor), sampler, RNG
+        ratio = factor / self.lr_factor
+        self.scheduler.base_lrs = [lr * ratio for lr in self.scheduler.base_lrs]
+        for group in self.optimizer.param_groups:
+            group["lr"] *= ratio
+        self.lr_factor, self.rollbacks = factor, rollbacks
+        history[:] = [r for r in history if r["step"] <= self.step]
+        dropped = logger.rewind(self.step)
+        logger.event(event="rollback", step=self.step, from_step=bad_step, loss=str(loss),
+                     checkpoint=str(path), lr_factor=factor, rollbacks=rollbacks,
+                     dropped_steps=dropped)
+        if self.ctx.is_main:
+            print(f"hetlm: the loss became {loss} at step {bad_step}: rolled back to {path} "
+                  f"(rollback {rollbacks} of {cfg.max_rollbacks}), lr x {factor:g}", flush=True)
+        return True
 
     def _summary(self, history: list[dict[str, Any]], final_eval: dict[str, float],
                  final_dir: Path) -> dict[str, Any]:
@@ -499,14 +596,33 @@ class Pretraining:
 
 
 def run_pretraining(config: PretrainConfig, *, resume: bool = False,
-                    stop_at_step: int | None = None) -> dict[str, Any]:
-    """Run (or resume) one pretraining job in this process; returns the run summary."""
+                    stop_at_step: int | None = None,
+                    trainer: type[Pretraining] = Pretraining) -> dict[str, Any]:
+    """Run (or resume) one pretraining job in this process; returns the run summary.
+    ``trainer``: the run's class (``hetlm.sft.train.InstructionTuning`` for ``hetlm sft``)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     D.set_threads_for_rank()
     ctx = D.init_distributed(config.train.dist_timeout_s)
     try:
-        return Pretraining(config, ctx, resume).run(stop_at_step)
+        # torchrun restarted the job (any rank's count: see faults.restart_count): continue
+        # from the latest good checkpoint; every rank decides alike
+        restart = max(int(n) for n in D.all_gather_object(ctx, faults.restart_count()))
+        faults.set_job_restart_count(restart)
+        if restart and not resume:
+            found = CheckpointManager(Path(config.run.output_dir) / "checkpoints", 1).latest_valid()
+            resume = found is not None
+            if ctx.is_main:
+                print(f"hetlm: restart {restart}: " + (f"resuming from {found}" if found else
+                      "no checkpoint yet, starting from step 0"), flush=True)
+        return trainer(config, ctx, resume).run(stop_at_step)
+    except RuntimeError as exc:  # a collective timed out or lost a peer: say who and where
+        if ctx.enabled and HB.is_collective_failure(exc):
+            raise HB.diagnose(exc, Path(config.run.output_dir), ctx.rank, ctx.world_size,
+                              config.train.dist_timeout_s) from None
+        raise
     finally:
+        HB.install(None)
+        faults.set_job_restart_count(None)
         D.shutdown()
