@@ -259,6 +259,14 @@ def test_length_grouping_pads_less_and_gives_the_same_adapter(reference, sft_inp
     assert max_abs_diff(adapter(reference["dir"]), adapter(tmp_path)) <= TOLERANCE
 
 
+def test_gradient_checkpointing_gives_the_same_adapter(reference, sft_inputs, tmp_path):
+    """Recomputing activations in the backward saves memory and changes nothing else."""
+    config = sft_config(sft_inputs, tmp_path)
+    config["model"]["gradient_checkpointing"] = True
+    run_single(config)
+    assert max_abs_diff(adapter(reference["dir"]), adapter(tmp_path)) <= TOLERANCE
+
+
 def test_quantization_without_cuda_is_a_one_line_error(sft_inputs, tmp_path):
     from hetlm.sft.config import parse_sft_config
     from hetlm.sft.train import run_sft

@@ -11,9 +11,10 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 
 from hetlm import __version__
-from hetlm.errors import HetlmError
+from hetlm.errors import HetlmError, HetlmWarning
 
 COMMAND_MODULES = [
     "hetlm.commands.tokenizer",
@@ -44,9 +45,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_default_formatwarning = warnings.formatwarning
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """hetlm's own warnings as one line for the user; others as Python prints them."""
+    if issubclass(category, HetlmWarning):
+        return f"hetlm: warning: {message}\n"
+    return _default_formatwarning(message, category, filename, lineno, line)
+
+
 def main(argv: list[str] | None = None) -> int:
     # Library progress bars (dataset saving, weight loading) drown hetlm's own output.
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    warnings.formatwarning = _format_warning
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

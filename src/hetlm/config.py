@@ -238,14 +238,16 @@ def parse_config(raw: Any, source: str = "config") -> PretrainConfig:
         raise HetlmError(f"invalid {source}: {_format_errors(exc)}") from None
 
 
-def load_config(path: str | Path) -> PretrainConfig:
+def read_yaml(path: str | Path) -> Any:
+    """The parsed YAML file, or one line saying what is wrong with the file (missing, not
+    UTF-8, malformed at line/column)."""
     import yaml
 
     path = Path(path)
     if not path.is_file():
         raise HetlmError(f"config file {path} does not exist: check the path")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise HetlmError(f"config file {path} is not UTF-8 text") from None
     except yaml.YAMLError as exc:
@@ -253,7 +255,10 @@ def load_config(path: str | Path) -> PretrainConfig:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or "malformed YAML"
         raise HetlmError(f"config file {path}{where}: {problem}; fix the YAML syntax") from None
-    return parse_config(raw, source=str(path))
+
+
+def load_config(path: str | Path) -> PretrainConfig:
+    return parse_config(read_yaml(path), source=str(path))
 
 
 def config_help() -> str:

@@ -10,3 +10,8 @@ class HetlmError(Exception):
     """A problem the user can fix: bad config, bad input file, mismatched topology, ..."""
 
     exit_code = 2
+
+
+class HetlmWarning(UserWarning):
+    """Something the user should know that does not stop the run (a broken checkpoint skipped
+    in favour of an older one); the CLI prints it as ``hetlm: warning: ...``."""

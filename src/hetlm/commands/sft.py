@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import os
-import time
+
+from hetlm.commands.run_options import add_run_arguments, launch_local, print_result
 
 
 def register(subparsers) -> None:
@@ -13,22 +13,7 @@ def register(subparsers) -> None:
         description="Run under torchrun on each node (torchrun ... -m hetlm.cli sft "
                     "CONFIG.yaml), or on one machine with --local-nodes N. Writes a peft "
                     "adapter to <run.output_dir>/adapter (docs/SFT.md).")
-    p.add_argument("config", nargs="?", help="run configuration (YAML)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the latest complete checkpoint in run.output_dir")
-    p.add_argument("--stop-at-step", type=int, default=None, metavar="N",
-                   help="checkpoint and stop at step N; continue later with --resume")
-    p.add_argument("--local-nodes", type=int, default=0, metavar="N",
-                   help="emulate N nodes on this machine (N torchrun agents on 127.0.0.1, gloo)")
-    p.add_argument("--nproc-per-node", type=int, default=1, metavar="K",
-                   help="ranks per emulated node (with --local-nodes)")
-    p.add_argument("--max-restarts", type=int, default=0, metavar="K",
-                   help="(with --local-nodes) restart the whole job up to K times after a rank "
-                        "fails; it resumes from the latest good checkpoint (docs/FAULTS.md)")
-    p.add_argument("--plan", default=None, metavar="PLAN.yaml",
-                   help="a plan from `hetlm plan` (overrides train.plan)")
-    p.add_argument("--quiet", action="store_true", help="do not print the summary at the end")
-    p.add_argument("--help-config", action="store_true", help="list every config key and exit")
+    add_run_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -45,46 +30,15 @@ def run(args: argparse.Namespace) -> int:
     if args.plan:
         config.train.plan = args.plan
     if args.local_nodes:
-        return _launch_local(args, config)
+        from hetlm.sft.train import check_quantization
+
+        return launch_local("sft", args, config,
+                            lambda: check_quantization(config.model.quantization))
     from hetlm.sft.train import run_sft
 
     summary = run_sft(config, resume=args.resume, stop_at_step=args.stop_at_step)
-    if int(os.environ.get("RANK", "0")) == 0 and not args.quiet:
-        if "stopped_at" in summary:
-            print(f"stopped at step {summary['stopped_at']}; checkpoint "
-                  f"{summary['last_checkpoint']}; continue with --resume")
-        else:
-            print(format_summary(summary))
+    print_result(summary, args, format_summary)
     return 0
-
-
-def _launch_local(args: argparse.Namespace, config) -> int:
-    """Check what can be checked before starting N agents, then start them."""
-    from hetlm.errors import HetlmError
-    from hetlm.launch import run_local_nodes
-    from hetlm.sft.train import check_quantization
-
-    if args.local_nodes < 1 or args.nproc_per_node < 1:
-        raise HetlmError("--local-nodes and --nproc-per-node must be >= 1")
-    if args.max_restarts < 0:
-        raise HetlmError("--max-restarts must be >= 0")
-    nodes, per_node = args.local_nodes, args.nproc_per_node
-    node_of_rank = [r // per_node for r in range(nodes * per_node)]
-    config.batch_split(nodes * per_node, node_of_rank)  # topology errors before any launch
-    check_quantization(config.model.quantization)
-    forwarded = ["sft", args.config] + (["--resume"] if args.resume else [])
-    forwarded += ["--quiet"] if args.quiet else []
-    forwarded += ["--plan", args.plan] if args.plan else []
-    if args.stop_at_step:
-        forwarded += ["--stop-at-step", str(args.stop_at_step)]
-    started = time.time()
-    code = run_local_nodes(forwarded, nodes=nodes, nproc_per_node=per_node,
-                           max_restarts=args.max_restarts)
-    if code != 0:
-        from hetlm.commands.pretrain import _report_heartbeats
-
-        _report_heartbeats(config.run.output_dir, nodes * per_node, since=started)
-    return code
 
 
 def format_summary(summary: dict) -> str:

@@ -20,6 +20,7 @@ from hetlm.config import (
     TrainSection,
     _format_errors,
     _Section,
+    read_yaml,
 )
 from hetlm.errors import HetlmError
 
@@ -140,21 +141,7 @@ def parse_sft_config(raw: Any, source: str = "config") -> SFTConfig:
 
 
 def load_sft_config(path: str | Path) -> SFTConfig:
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise HetlmError(f"config file {path} does not exist: check the path")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise HetlmError(f"config file {path} is not UTF-8 text") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or "malformed YAML"
-        raise HetlmError(f"config file {path}{where}: {problem}; fix the YAML syntax") from None
-    return parse_sft_config(raw, source=str(path))
+    return parse_sft_config(read_yaml(path), source=str(path))
 
 
 def sft_config_help() -> str:

@@ -65,6 +65,11 @@ def import_peft():
     except ImportError as exc:
         raise HetlmError("LoRA adapters need peft: pip install 'hetlm[chat]' "
                          "(or pip install peft)") from exc
+    import warnings
+
+    # peft still calls transformers 5's deprecated is_gradient_checkpointing: not the user's to fix
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing",
+                            category=FutureWarning)
     return peft
 
 

@@ -184,7 +184,10 @@ def apply_lora(model: nn.Module, lora: LoraSection, *, base_name: str | None, se
             model, use_gradient_checkpointing=gradient_checkpointing,
             gradient_checkpointing_kwargs=gc_kwargs)
     elif gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5's name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=gc_kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
     model.config.use_cache = False  # no KV cache while training
     if base_name:  # peft records the model's name_or_path as the adapter's base
         model.name_or_path = base_name

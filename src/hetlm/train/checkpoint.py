@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hetlm.errors import HetlmError
+from hetlm.errors import HetlmError, HetlmWarning
 from hetlm.train import faults
 
 MANIFEST = "manifest.json"
@@ -187,7 +187,7 @@ class CheckpointManager:
             problem = verify_manifest(path)
             if problem is None:
                 return path
-            warnings.warn(f"skipping checkpoint {path}: {problem}", stacklevel=2)
+            warnings.warn(f"skipping checkpoint {path}: {problem}", HetlmWarning, stacklevel=2)
         return None
 
     def staging_dir(self, step: int) -> Path:

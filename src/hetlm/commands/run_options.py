@@ -1,0 +1,89 @@
+"""What ``hetlm pretrain`` and ``hetlm sft`` share: the run options, the local multi-node
+launch (checked before any agent starts), and the end-of-run message."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """config, --resume, --stop-at-step, --local-nodes, --nproc-per-node, --max-restarts, --plan,
+    --quiet, --help-config."""
+    parser.add_argument("config", nargs="?", help="run configuration (YAML)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the latest complete checkpoint in run.output_dir")
+    parser.add_argument("--stop-at-step", type=int, default=None, metavar="N",
+                        help="checkpoint and stop at step N (e.g. before a Slurm time limit); "
+                             "continue later with --resume")
+    parser.add_argument("--local-nodes", type=int, default=0, metavar="N",
+                        help="emulate N nodes on this machine (N torchrun agents on 127.0.0.1, "
+                             "gloo)")
+    parser.add_argument("--nproc-per-node", type=int, default=1, metavar="K",
+                        help="ranks per emulated node (with --local-nodes)")
+    parser.add_argument("--max-restarts", type=int, default=0, metavar="K",
+                        help="(with --local-nodes) restart the whole job up to K times after a "
+                             "rank fails; it resumes from the latest good checkpoint by itself "
+                             "(default 0: a failure ends the run; see docs/FAULTS.md)")
+    parser.add_argument("--plan", default=None, metavar="PLAN.yaml",
+                        help="a plan from `hetlm plan`: per-rank shares and precision "
+                             "(overrides train.plan)")
+    parser.add_argument("--quiet", action="store_true",
+                        help="do not print the summary at the end")
+    parser.add_argument("--help-config", action="store_true",
+                        help="list every config key and exit")
+
+
+def launch_local(command: str, args: argparse.Namespace, config: Any,
+                 precheck: Callable[[], None]) -> int:
+    """Run ``hetlm <command>`` on ``--local-nodes`` torchrun agents here, after checking what can
+    be checked first (topology, then ``precheck``: a missing dataset, quantization support)."""
+    from hetlm.errors import HetlmError
+    from hetlm.launch import run_local_nodes
+
+    if args.local_nodes < 1 or args.nproc_per_node < 1:
+        raise HetlmError("--local-nodes and --nproc-per-node must be >= 1")
+    if args.max_restarts < 0:
+        raise HetlmError("--max-restarts must be >= 0")
+    nodes, per_node = args.local_nodes, args.nproc_per_node
+    node_of_rank = [r // per_node for r in range(nodes * per_node)]
+    config.batch_split(nodes * per_node, node_of_rank)  # topology errors before any launch
+    precheck()
+    forwarded = [command, args.config] + (["--resume"] if args.resume else [])
+    forwarded += ["--quiet"] if args.quiet else []
+    forwarded += ["--plan", args.plan] if args.plan else []
+    if args.stop_at_step:
+        forwarded += ["--stop-at-step", str(args.stop_at_step)]
+    started = time.time()
+    code = run_local_nodes(forwarded, nodes=nodes, nproc_per_node=per_node,
+                           max_restarts=args.max_restarts)
+    if code != 0:
+        report_heartbeats(config.run.output_dir, nodes * per_node, since=started)
+    return code
+
+
+def report_heartbeats(output_dir, world_size: int, since: float) -> None:
+    """After a failed run, where each rank was last seen (when the ranks could not say it
+    themselves, e.g. an NCCL watchdog ended them)."""
+    from hetlm.train.heartbeat import describe, read_all
+
+    records = read_all(output_dir, world_size)
+    if any(r is not None and r["time"] >= since for r in records):
+        print("hetlm: last heartbeats: " + "; ".join(
+            f"rank {r}: {describe(h)}" for r, h in enumerate(records)), file=sys.stderr)
+
+
+def print_result(summary: dict[str, Any], args: argparse.Namespace,
+                 format_summary: Callable[[dict[str, Any]], str]) -> None:
+    """Rank 0 prints the summary, or where a run stopped early and how to continue."""
+    if int(os.environ.get("RANK", "0")) != 0 or args.quiet:
+        return
+    if "stopped_at" in summary:
+        print(f"stopped at step {summary['stopped_at']}; checkpoint "
+              f"{summary['last_checkpoint']}; continue with --resume")
+    else:
+        print(format_summary(summary))
