@@ -11,15 +11,15 @@ import pytest
 
 from hetlm.cli import main
 from hetlm.evaluate.tasks import DataPaths, load_task, normalize_text
-from hetlm.experiments.domain import (
-    RUN_NAMES,
+from hetlm.experiments.domain import weight_distance
+from hetlm.experiments.domain_corpora import (
     assemble_corpora,
     check_no_leak,
     is_heldout,
     pieces,
-    weight_distance,
     write_corpora,
 )
+from hetlm.experiments.domain_report import RUN_NAMES
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data"
@@ -88,7 +88,7 @@ def test_heldout_parts_are_whole_documents_apart_from_training(corpora):
 
 
 def test_pieces_cut_at_line_ends_and_keep_every_line():
-    from hetlm.experiments.domain import Document
+    from hetlm.experiments.domain_corpora import Document
 
     doc = Document("aozora/x", "\n".join(f"{i:03d}" + "あ" * 50 for i in range(100)))
     parts = pieces(doc, max_chars=500)

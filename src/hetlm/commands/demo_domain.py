@@ -100,7 +100,8 @@ def settings_from_args(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     import time
 
-    from hetlm.experiments.domain import main_table, render, run_experiment
+    from hetlm.experiments.domain import run_experiment
+    from hetlm.experiments.domain_report import main_table, render
 
     settings = settings_from_args(args)
     started = time.perf_counter()
