@@ -57,6 +57,9 @@ def test_two_emulated_nodes_train_and_save_a_transformers_model(tiny_packed, tmp
      "per_node has 3 entries but 2 nodes"),
     (lambda c: c["data"].update(dataset="/nonexistent/data"), "/nonexistent/data"),
     (lambda c: c["train"].update(max_steps=-1), "train.max_steps"),
+    (lambda c: c["train"].update(engine="ddp", zero_stage=2), "engine ddp cannot run ZeRO stage 2"),
+    (lambda c: c["train"].update(engine="fsdp2", grad_compression="bf16"),
+     "grad_compression applies to the ddp and zero1 engines only"),
 ])
 def test_bad_config_is_one_line_error_before_launch(change, message, tiny_packed, tmp_path, capsys):
     config = tiny_config(tiny_packed, tmp_path / "run", micro_batch={"per_node": [3, 5]})

@@ -29,16 +29,25 @@ def run(args: argparse.Namespace) -> int:
     if args.plan:
         config.train.plan = args.plan
     if args.local_nodes:
-        from hetlm.data.packing import load_packed_dataset
-
-        # a missing dataset is reported before any agent starts
-        return launch_local("pretrain", args, config,
-                            lambda: load_packed_dataset(config.data.dataset))
+        return launch_local("pretrain", args, config, lambda: precheck(config, args))
     from hetlm.train.pretrain import run_pretraining
 
     summary = run_pretraining(config, resume=args.resume, stop_at_step=args.stop_at_step)
     print_result(summary, args, format_summary)
     return 0
+
+
+def precheck(config, args: argparse.Namespace) -> None:
+    """What every rank would refuse, reported once before any agent starts: a missing dataset,
+    an engine that cannot run the requested ZeRO stage, options the engine would ignore."""
+    from hetlm.data.packing import load_packed_dataset
+    from hetlm.train.engine import check_options
+    from hetlm.train.pretrain import _engine_options
+
+    load_packed_dataset(config.data.dataset)
+    world = args.local_nodes * args.nproc_per_node
+    split = config.batch_split(world, [r // args.nproc_per_node for r in range(world)])
+    check_options(_engine_options(config, split, 0))
 
 
 def format_summary(summary: dict) -> str:
