@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -120,6 +122,58 @@ def test_kill_one_rank_mid_run_torchrun_restarts_and_resumes(tiny_packed, tmp_pa
     assert _steps(out) == list(range(1, STEPS + 1))  # each step once
     assert any(r.get("event") == "heartbeat" and len(r["ranks"]) == 2 for r in records)
     assert max_abs_diff(reference, final_weights(out)) <= 1e-5
+
+
+def test_kill_one_rank_under_two_torchrun_agents_with_their_own_restarts(tiny_packed, tmp_path,
+                                                                        reference):
+    """Two plain torchrun agents (c10d rendezvous, as on two nodes) with torchrun's own
+    --max-restarts 1; rank 1 is killed at step 4. The agents re-form the group (the agent that
+    only re-joined keeps TORCHELASTIC_RESTART_COUNT 0), the new group forms on a fresh prefix of
+    the agents' store (not the dead ranks' addresses), and the run resumes from checkpoint 2."""
+    out = tmp_path / "run"
+    config = tiny_config(tiny_packed, out, max_steps=STEPS, checkpoint_every=2,
+                         micro_batch={"per_rank": [3, 5]}, dist_timeout_s=30)
+    path = _write_config(config, tmp_path / "run.yaml")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, faults.ENV: "kill:rank=1:step=4", "OMP_NUM_THREADS": "1",
+           "PYTHONUNBUFFERED": "1"}
+    env.pop("HETLM_RESTART_COUNT", None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--max-restarts=1",
+               "--monitor-interval=0.5", "-m", "hetlm.cli", "pretrain", str(path), "--quiet"]
+    agents = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True) for _ in range(2)]
+    try:
+        logs = [agent.communicate(timeout=120)[0] for agent in agents]
+    finally:
+        for agent in agents:
+            agent.kill()
+    assert [a.returncode for a in agents] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    assert "killing rank 1" in "".join(logs)
+    restart = next(r for r in _records(out) if r.get("event") == "restart")
+    assert restart["restart"] == 1 and restart["resumed_from"] == 2
+    assert _steps(out) == list(range(1, STEPS + 1))
+    assert max_abs_diff(reference, final_weights(out)) <= 1e-5
+
+
+def test_a_regrouped_attempt_does_not_read_the_previous_attempts_addresses():
+    """The agents' store outlives the ranks: a second group of ranks on it (rank 1 starting
+    late, as after a restart) must not connect to the first group's dead addresses."""
+    store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    code = ("import torch; from hetlm.train import distributed as D; ctx = D.init_distributed(20); "
+            "print('sum', D.all_reduce_sum(ctx, torch.ones(1)).item()); D.shutdown()")
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port),
+           "WORLD_SIZE": "2", "TORCHELASTIC_USE_AGENT_STORE": "True", "OMP_NUM_THREADS": "1"}
+    for delay in (0.0, 3.0):  # the first attempt, then the restarted one
+        ranks = []
+        for rank in (0, 1):
+            ranks.append(subprocess.Popen([sys.executable, "-c", code], env={**env, "RANK": str(rank)},
+                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+            time.sleep(delay)
+        outs = [r.communicate(timeout=60)[0] for r in ranks]
+        assert all("sum 2.0" in out for out in outs), "\n".join(o[-2000:] for o in outs)
 
 
 def test_kill_during_checkpoint_write_keeps_the_previous_one(tiny_packed, tmp_path, reference):

@@ -10,8 +10,8 @@ is stopped and all are started again, on a fresh port, with ``HETLM_RESTART_COUN
 number; the ranks then resume from the latest good checkpoint by themselves
 (``hetlm.train.pretrain.run_pretraining``). The launcher restarts the whole job rather than
 passing ``--max-restarts`` to torchrun: torch's static rendezvous cannot re-form a group, and
-with the c10d rendezvous an agent that restarts only because a peer re-joined keeps its restart
-count (its ranks would not know the job restarted) and its re-joined group hung in our tests.
+torchrun counts restarts per agent (K failures per node, not per job). Plain torchrun with
+``--rdzv-backend c10d --max-restarts K`` across nodes works too (docs/FAULTS.md).
 """
 
 from __future__ import annotations

@@ -8,10 +8,17 @@ leaving it hung; unless set otherwise). Set ``TORCH_NCCL_BLOCKING_WAIT=1`` to ha
 the waiting call instead, so the loop can name the ranks that did not arrive (as it does on gloo),
 at some cost in overlap. Each collective here records itself in this rank's heartbeat
 (``hetlm.train.heartbeat``).
+
+Under torchrun (c10d rendezvous) the ranks of every attempt share one store, the agents', and
+torch keys the process group's handshake by name only: after ``torchrun --max-restarts`` re-forms
+the group, a new rank could read a dead rank's address from the previous attempt ("Gloo
+connectFullMesh failed ... Connection refused", or a hang). hetlm therefore puts each attempt's
+group under its own prefix of that store (``_init_on_agent_store``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -53,8 +60,40 @@ def init_distributed(timeout_s: float = 600.0) -> DistContext:
         device = torch.device("cpu")
         backend = "gloo"
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+        timeout = timedelta(seconds=timeout_s)
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            _init_on_agent_store(backend, rank, world_size, timeout)
+        else:
+            dist.init_process_group(backend=backend, timeout=timeout)
     return DistContext(rank, world_size, local_rank, node_rank, device)
+
+
+GENERATION_KEY = "hetlm/generation"
+
+
+def _init_on_agent_store(backend: str, rank: int, world_size: int, timeout: timedelta) -> None:
+    """The process group on the torchrun agents' store, under ``hetlm/attempt-G/``.
+
+    The agents' store outlives the ranks (one per job, not per attempt), so each attempt needs
+    its own namespace, and every rank of the attempt must pick the same one. Agents count their
+    restarts apart (one restarted only because a peer re-joined keeps 0), so that count cannot
+    name it; a counter in the store can: every rank reads G, and once all of them have joined
+    (a barrier) rank 0 increments it, before any rank could fail and start the next attempt. A
+    rank whose group fails to form increments it too, so the keys of an attempt that died while
+    forming are not in the next one's way either."""
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=False, timeout=timeout)
+    generation = store.add(GENERATION_KEY, 0)
+    try:
+        dist.init_process_group(backend=backend, timeout=timeout, rank=rank, world_size=world_size,
+                                store=dist.PrefixStore(f"hetlm/attempt-{generation}", store))
+        dist.barrier()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            store.add(GENERATION_KEY, 1)
+        raise
+    if rank == 0:
+        store.add(GENERATION_KEY, 1)
 
 
 def shutdown() -> None:

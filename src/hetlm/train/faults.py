@@ -10,7 +10,7 @@
                                      rank, or ``rank=R`` only): under fp16 an inf gradient
     enospc:step=4                    writing checkpoint 4 fails with "No space left on device"
 
-A fault fires once per process, and only in the first attempt of a job (``restart_count()`` 0;
+A fault fires once per process, and only in the first attempt of a job (``job_restart_count()`` 0;
 ``restart=K``: attempt K), so a restarted job runs clean.
 ``benchmarks/fault_injection.py`` and ``tests/test_faults.py`` use it; see ``docs/FAULTS.md``.
 """
@@ -64,7 +64,7 @@ class Fault:
     fired: bool = field(default=False, compare=False)
 
     def applies(self, step: int, rank: int) -> bool:
-        return (not self.fired and step == self.step and restart_count() == self.restart
+        return (not self.fired and step == self.step and job_restart_count() == self.restart
                 and (self.rank is None or self.rank == rank))
 
 
