@@ -9,7 +9,8 @@ from hetlm.commands.run_options import add_run_arguments, launch_local, print_re
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "pretrain", help="masked-LM pretraining with per-rank micro-batches",
+        "pretrain", help="pretraining (masked LM, ELECTRA, causal LM) from scratch or continued, "
+        "with per-rank micro-batches",
         description="Run under torchrun on each node (torchrun ... -m hetlm.cli pretrain "
                     "CONFIG.yaml), or on one machine with --local-nodes N.")
     add_run_arguments(p)
