@@ -261,14 +261,22 @@ def load_config(path: str | Path) -> PretrainConfig:
     return parse_config(read_yaml(path), source=str(path))
 
 
-def config_help() -> str:
-    """Every config key with its default and description, generated from the models."""
+def config_help(config_class: type[BaseModel] = PretrainConfig, *,
+                descriptions: dict[str, str] | None = None, skip: tuple[str, ...] = ()) -> str:
+    """Every config key with its default and description, generated from the models.
+
+    ``descriptions`` replaces a key's description (``"train.lr": ...``, for a command whose
+    default differs); ``skip`` leaves keys out (``"train.mlm_probability"``)."""
     lines: list[str] = []
-    for section_name, field in PretrainConfig.model_fields.items():
+    for section_name, field in config_class.model_fields.items():
         lines.append(f"{section_name}:")
         section_type = field.annotation
         for name, sub in section_type.model_fields.items():  # type: ignore[union-attr]
+            key = f"{section_name}.{name}"
+            if key in skip:
+                continue
             default = "required" if sub.is_required() else repr(sub.get_default(call_default_factory=True))
-            desc = f"  # {sub.description}" if sub.description else ""
+            description = (descriptions or {}).get(key, sub.description)
+            desc = f"  # {description}" if description else ""
             lines.append(f"  {name}: {default}{desc}")
     return "\n".join(lines)

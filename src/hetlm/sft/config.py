@@ -20,6 +20,7 @@ from hetlm.config import (
     TrainSection,
     _format_errors,
     _Section,
+    config_help,
     read_yaml,
 )
 from hetlm.errors import HetlmError
@@ -145,19 +146,8 @@ def load_sft_config(path: str | Path) -> SFTConfig:
 
 
 def sft_config_help() -> str:
-    """Every key with its default and description."""
-    lines: list[str] = []
-    for section_name, field in SFTConfig.model_fields.items():
-        lines.append(f"{section_name}:")
-        for name, sub in field.annotation.model_fields.items():  # type: ignore[union-attr]
-            if section_name == "train" and name == "mlm_probability":
-                continue
-            default = "required" if sub.is_required() else repr(sub.get_default(
-                call_default_factory=True))
-            description = _SFT_DESCRIPTIONS.get(f"{section_name}.{name}", sub.description)
-            desc = f"  # {description}" if description else ""
-            lines.append(f"  {name}: {default}{desc}")
-    return "\n".join(lines)
+    """Every key with its default and description (SFT's own defaults where they differ)."""
+    return config_help(SFTConfig, descriptions=_SFT_DESCRIPTIONS, skip=("train.mlm_probability",))
 
 
 _SFT_DESCRIPTIONS = {
