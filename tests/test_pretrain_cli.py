@@ -87,3 +87,12 @@ def test_topology_mismatch_under_torchrun(tiny_packed, tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "per_rank has 3 entries but 2 ranks were launched" in result.stderr
+
+
+def test_help_config_lists_every_key_with_each_commands_defaults(capsys):
+    assert main(["pretrain", "--help-config"]) == 0
+    pretrain = capsys.readouterr().out
+    assert "  init_from: None" in pretrain and "  mlm_probability: 0.15" in pretrain
+    assert main(["sft", "--help-config"]) == 0
+    sft = capsys.readouterr().out
+    assert "lora:" in sft and "mlm_probability" not in sft and "(LoRA)" in sft
