@@ -22,7 +22,7 @@ import json
 import re
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -135,11 +135,12 @@ def _is_write_failure(exc: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def _write_errors(final: Path, needed_bytes: int | None = None,
+def _write_errors(final: Path, needed_bytes: Callable[[], int] | None = None,
                   previous: Path | None = None, staging: Path | None = None) -> Iterator[None]:
     """An OSError (or torch.save's failed write) while writing becomes a one-line HetlmError
     that says how much space the checkpoint needs and how much is free; the previous
-    checkpoint stays."""
+    checkpoint stays. The size is estimated only on failure: by ``needed_bytes()``, else by
+    the previous checkpoint's size."""
     try:
         yield
     except Exception as exc:
@@ -152,7 +153,9 @@ def _write_errors(final: Path, needed_bytes: int | None = None,
         space = ""
         try:
             free = shutil.disk_usage(final.parent).free
-            need = f"about {human_bytes(needed_bytes)}" if needed_bytes else "an unknown amount"
+            needed = (needed_bytes() if needed_bytes is not None else
+                      directory_bytes(previous) if previous is not None else 0)
+            need = f"about {human_bytes(needed)}" if needed else "an unknown amount"
             space = f"; it needs {need}, {human_bytes(free)} is free on {final.parent}"
         except OSError:
             pass
@@ -201,8 +204,7 @@ class CheckpointManager:
     def prepare(self, step: int) -> Path:
         """(rank 0) An empty staging directory for checkpoint ``step``."""
         tmp = self.staging_dir(step)
-        previous = self.previous(step)
-        with _write_errors(self.step_dir(step), previous and directory_bytes(previous), previous):
+        with _write_errors(self.step_dir(step), previous=self.previous(step)):
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
@@ -216,8 +218,9 @@ class CheckpointManager:
         (gathered by the engine; None: the model's own). ``states`` maps file stem -> object.
         """
         final, tmp = self.step_dir(step), self.staging_dir(step)
-        needed = (tensor_bytes(model_state) if model_state else
-                  tensor_bytes(dict(model.state_dict()))) + tensor_bytes(states)
+        def needed() -> int:
+            return tensor_bytes(model_state or dict(model.state_dict())) + tensor_bytes(states)
+
         try:
             with _write_errors(final, needed, self.previous(step), staging=tmp):
                 faults.on_checkpoint_write(step, "begin")

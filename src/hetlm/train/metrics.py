@@ -104,11 +104,7 @@ def rewind_metrics(path: Path, step: int) -> list[int]:
         return []
     kept, dropped = [], []
     lines = path.read_text(encoding="utf-8").splitlines()
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:  # a line cut by a crash mid-write
-            continue
+    for line, record in _parsed(lines):
         if not isinstance(record, dict):
             continue
         event, at = record.get("event"), record.get("step")
@@ -124,17 +120,23 @@ def rewind_metrics(path: Path, step: int) -> list[int]:
     return sorted(dropped)
 
 
+def _parsed(lines: list[str]) -> list[tuple[str, Any]]:
+    """(line, its JSON value) for each line, skipping a line cut by a crash mid-write (or
+    blank)."""
+    parsed = []
+    for line in lines:
+        try:
+            parsed.append((line, json.loads(line)))
+        except ValueError:
+            continue
+    return parsed
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     if not Path(path).is_file():
         return []
-    records = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except ValueError:  # a line cut by a crash mid-write
-                continue
-    return records
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    return [record for _line, record in _parsed(lines)]
 
 
 def plot_loss(metrics_path: Path, out_png: Path) -> Path | None:

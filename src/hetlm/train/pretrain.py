@@ -230,7 +230,9 @@ def _check_resume_compatible(saved: dict[str, Any], current: dict[str, Any], pat
 class Pretraining:
     """Owns the objects of one run; ``run()`` is the loop."""
 
-    def __init__(self, config: PretrainConfig, ctx: D.DistContext, resume: bool) -> None:
+    def __init__(self, config: PretrainConfig, ctx: D.DistContext, resume: bool | Path) -> None:
+        """``resume``: continue from the latest valid checkpoint (True), or from this one (a
+        checkpoint folder its caller has already verified)."""
         self.config, self.ctx, self.train_cfg = config, ctx, config.train
         self.output_dir = Path(config.run.output_dir)
         node_of_rank = [int(n) for n in D.all_gather_object(ctx, ctx.node_rank)]
@@ -248,7 +250,8 @@ class Pretraining:
 
         model = self._build_model()
         self.fingerprint = self._run_fingerprint()
-        resume_dir = self._find_resume_dir() if resume else None
+        resume_dir = (resume if isinstance(resume, Path) else self._find_resume_dir()) \
+            if resume else None
         if resume_dir is not None:
             saved = CheckpointManager.load_trainer_state(resume_dir)
             _check_resume_compatible(saved["fingerprint"], self.fingerprint, resume_dir)
@@ -612,7 +615,7 @@ def run_pretraining(config: PretrainConfig, *, resume: bool = False,
         faults.set_job_restart_count(restart)
         if restart and not resume:
             found = CheckpointManager(Path(config.run.output_dir) / "checkpoints", 1).latest_valid()
-            resume = found is not None
+            resume = found if found is not None else False  # verified once, not again
             if ctx.is_main:
                 print(f"hetlm: restart {restart}: " + (f"resuming from {found}" if found else
                       "no checkpoint yet, starting from step 0"), flush=True)
