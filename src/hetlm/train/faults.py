@@ -25,33 +25,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hetlm.errors import HetlmError
+from hetlm.train.distributed import job_restart_count
 
 ENV = "HETLM_FAULT"
 KINDS = ("kill", "kill_checkpoint", "stall", "nan", "inf", "enospc")
-
-
-def restart_count() -> int:
-    """Which attempt this rank is in (0: the first): torchrun's ``TORCHELASTIC_RESTART_COUNT``
-    or ``HETLM_RESTART_COUNT`` (``--local-nodes --max-restarts``), whichever is larger. torch
-    agents count only their own workers' failures (an agent that restarted because a peer node
-    re-joined keeps 0), so the job-wide count (``job_restart_count``) is the maximum over the
-    ranks."""
-    counts = [os.environ.get(name, "0") for name in ("TORCHELASTIC_RESTART_COUNT",
-                                                     "HETLM_RESTART_COUNT")]
-    return max(int(v) if v.isdigit() else 0 for v in counts)
-
-
-_job_restart: int | None = None
-
-
-def set_job_restart_count(count: int | None) -> None:
-    """(run_pretraining, after gathering every rank's count) the job-wide restart count."""
-    global _job_restart
-    _job_restart = count
-
-
-def job_restart_count() -> int:
-    return restart_count() if _job_restart is None else _job_restart
 
 
 @dataclass

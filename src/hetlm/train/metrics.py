@@ -34,7 +34,7 @@ class MetricsLogger:
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if restart is None:
-            from hetlm.train.faults import job_restart_count
+            from hetlm.train.distributed import job_restart_count
 
             restart = job_restart_count()
         dropped = rewind_metrics(self.path, start_step) if (start_step or restart) else []

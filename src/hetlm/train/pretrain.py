@@ -609,10 +609,10 @@ def run_pretraining(config: PretrainConfig, *, resume: bool = False,
     D.set_threads_for_rank()
     ctx = D.init_distributed(config.train.dist_timeout_s)
     try:
-        # torchrun restarted the job (any rank's count: see faults.restart_count): continue
+        # torchrun restarted the job (any rank's count: see D.restart_count): continue
         # from the latest good checkpoint; every rank decides alike
-        restart = max(int(n) for n in D.all_gather_object(ctx, faults.restart_count()))
-        faults.set_job_restart_count(restart)
+        restart = max(int(n) for n in D.all_gather_object(ctx, D.restart_count()))
+        D.set_job_restart_count(restart)
         if restart and not resume:
             found = CheckpointManager(Path(config.run.output_dir) / "checkpoints", 1).latest_valid()
             resume = found if found is not None else False  # verified once, not again
@@ -627,5 +627,5 @@ def run_pretraining(config: PretrainConfig, *, resume: bool = False,
         raise
     finally:
         HB.install(None)
-        faults.set_job_restart_count(None)
+        D.set_job_restart_count(None)
         D.shutdown()
