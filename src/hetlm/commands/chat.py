@@ -27,6 +27,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="longest reply in tokens (default 256)")
 
 
+def add_listen_arguments(parser: argparse.ArgumentParser, port: int) -> None:
+    """--host (this machine only by default) and --port, for ``hetlm chat`` and ``hetlm serve``."""
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=port)
+
+
 def load_engine(args: argparse.Namespace):
     """The ChatEngine and default GenerationSettings the options describe."""
     from transformers.utils import logging as hf_logging
@@ -49,9 +56,7 @@ def register(subparsers) -> None:
                     "web page that streams the replies, or in the terminal with --cli. The "
                     "conversation is formatted with the prompt template used in training.")
     add_model_arguments(parser)
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=int, default=7860)
+    add_listen_arguments(parser, port=7860)
     parser.add_argument("--share", action="store_true",
                         help="also make a public gradio share link (off by default)")
     parser.add_argument("--cli", action="store_true",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from hetlm.commands.chat import add_model_arguments, load_engine
+from hetlm.commands.chat import add_listen_arguments, add_model_arguments, load_engine
 
 
 def register(subparsers) -> None:
@@ -16,9 +16,7 @@ def register(subparsers) -> None:
                     "official openai client and tools built on it can use it. --temperature, "
                     "--top-p and --max-new-tokens are the defaults for requests that omit them.")
     add_model_arguments(parser)
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=int, default=8000)
+    add_listen_arguments(parser, port=8000)
     parser.add_argument("--model-name", metavar="NAME",
                         help="model id clients send (default: the adapter or model folder name)")
     parser.set_defaults(func=run_serve)
