@@ -174,7 +174,7 @@ def test_zero1_checkpoint_resumes_under_fsdp2(runs, reference, tiny_packed):
 
 def test_optimizer_state_by_name_round_trips_and_old_numbered_states_load():
     from hetlm.config import ModelSection
-    from hetlm.models.build import build_masked_lm
+    from hetlm.models.build import build_model
     from hetlm.models.masked_lm import SparseMaskedLM
     from hetlm.train.distributed import DistContext
     from hetlm.train.engine import build_engine
@@ -182,7 +182,7 @@ def test_optimizer_state_by_name_round_trips_and_old_numbered_states_load():
     ctx = DistContext(0, 1, 0, 0, torch.device("cpu"))
     engines = []
     for _ in range(2):
-        model = build_masked_lm(ModelSection(preset="tiny"), vocab_size=100, pad_token_id=0,
+        model = build_model(ModelSection(preset="tiny"), vocab_size=100, pad_token_id=0,
                                 max_position_embeddings=64, seed=0)
         engine = build_engine(SparseMaskedLM(model), ctx, "fp32", EngineOptions())
         engine.build_optimizer(lr=1e-3, weight_decay=0.01, betas=(0.9, 0.999), eps=1e-6)

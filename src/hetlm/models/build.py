@@ -23,7 +23,7 @@ def auto_class(model_type: str):
     return transformers.AutoModelForMaskedLM
 
 
-def build_masked_lm(section: ModelSection, *, vocab_size: int, pad_token_id: int,
+def build_model(section: ModelSection, *, vocab_size: int, pad_token_id: int,
                     max_position_embeddings: int, seed: int,
                     special_ids: dict[str, int] | None = None) -> nn.Module:
     """A fresh model of ``section.type`` (``*ForMaskedLM`` or ``*ForCausalLM``) from its preset;
@@ -33,17 +33,21 @@ def build_masked_lm(section: ModelSection, *, vocab_size: int, pad_token_id: int
                           max_position_embeddings=max_position_embeddings,
                           dropout=section.dropout, overrides=section.overrides,
                           special_ids=special_ids)
+    if section.type == "electra":
+        from hetlm.models.electra import build_electra_pair
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return build_electra_pair(config, section.generator_fraction)
+    return from_config_seeded(config, seed)
+
+
+def from_config_seeded(config, seed: int) -> nn.Module:
+    """``Auto*.from_config`` (MLM or causal-LM head, by the config's type) with the weights a
+    pure function of ``seed``: every rank builds the same model; the global RNG is untouched."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if section.type == "electra":
-            from hetlm.models.electra import build_electra_pair
-
-            return build_electra_pair(config, section.generator_fraction)
-        model = auto_class(section.type).from_config(config)
-    return model
-
-
-build_model = build_masked_lm
+        return auto_class(config.model_type).from_config(config)
 
 
 def load_pretrained(section: ModelSection) -> nn.Module:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from hetlm.data.tokenizer import TOKENIZER_FILES
@@ -73,6 +74,22 @@ def import_peft():
     return peft
 
 
+def write_folder(target: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` fills a temporary sibling folder, which then replaces ``target``: a crash
+    never leaves a half-written ``target``."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".tmp-{target.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, output_dir: str | Path, *,
                   overwrite: bool = False) -> Path:
     """Merge the LoRA adapter into the base model and save the result to ``output_dir``."""
@@ -91,10 +108,7 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, output_dir: str
     merged = model.merge_and_unload(safe_merge=True)  # safe_merge: refuse NaN weights
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.parent / f".tmp-{output.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    def write(tmp: Path) -> None:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if not has_tokenizer(tmp):
@@ -107,10 +121,6 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, output_dir: str
         record = {"base_model": str(base), "adapter": str(adapter),
                   "tokenizer_from": str(tokenizer_source), "peft_version": peft.__version__}
         (tmp / EXPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-        if output.exists():
-            shutil.rmtree(output)
-        tmp.rename(output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_folder(output, write)
     return output

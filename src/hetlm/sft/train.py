@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,7 @@ from hetlm.data.sampler import HeterogeneousBatchSampler
 from hetlm.errors import HetlmError
 from hetlm.sft.collator import SFTBatch, SFTCollator, order_by_length
 from hetlm.sft.config import LoraSection, SFTConfig, SFTModelSection
+from hetlm.sft.export import import_peft, write_folder
 from hetlm.sft.masking import TokenizedExample, TruncationStats
 from hetlm.sft.objective import FusedSparseCausalLM
 from hetlm.topology import BatchSplit
@@ -138,6 +138,7 @@ def build_base_model(section: SFTModelSection, tokenizer, *, max_length: int, se
     from transformers import AutoModelForCausalLM
 
     if section.preset is not None:
+        from hetlm.models.build import from_config_seeded
         from hetlm.models.presets import model_config
 
         config = model_config(
@@ -145,9 +146,7 @@ def build_base_model(section: SFTModelSection, tokenizer, *, max_length: int, se
             max_position_embeddings=max(512, max_length), pad_token_id=tokenizer.pad_token_id,
             dropout=section.dropout, overrides=section.overrides,
             special_ids={"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id})
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return AutoModelForCausalLM.from_config(config)
+        return from_config_seeded(config, seed)
     check_quantization(section.quantization)
     kwargs: dict[str, Any] = dict(section.overrides)
     if section.quantization != "none":
@@ -175,8 +174,6 @@ def apply_lora(model: nn.Module, lora: LoraSection, *, base_name: str | None, se
                gradient_checkpointing: bool, quantized: bool) -> nn.Module:
     """The peft model: LoRA layers in place, only they train. The adapter's initialisation is
     seeded, so every rank (and every split) starts from the same weights."""
-    from hetlm.sft.export import import_peft
-
     peft = import_peft()
     gc_kwargs = {"use_reentrant": False}
     if quantized:
@@ -209,20 +206,6 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total)."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())
-
-
-def _write_folder(target: Path, write) -> None:
-    """Write a folder under a temporary name and rename it into place."""
-    tmp = target.parent / f".tmp-{target.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        write(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # ---------------------------------------------------------------- the run
@@ -308,7 +291,7 @@ class InstructionTuning(Pretraining):
             save_tokenizer(self.tokenizer, tmp)
 
         _collective_io(self.ctx, lambda: self.ctx.is_main and not (base / "config.json").is_file()
-                       and _write_folder(base, write))
+                       and write_folder(base, write))
 
     def _run_fingerprint(self) -> dict[str, Any]:
         cfg = self.config
@@ -321,8 +304,6 @@ class InstructionTuning(Pretraining):
     def _load_weights(self, model: nn.Module, path: Path) -> None:
         """The checkpoint's adapter weights (the base is rebuilt from model.path / preset)."""
         from safetensors.torch import load_file
-
-        from hetlm.sft.export import import_peft
 
         file = path / ADAPTER_WEIGHTS
         if not file.is_file():
@@ -366,7 +347,7 @@ class InstructionTuning(Pretraining):
             (tmp / RUN_RECORD).write_text(json.dumps(record, ensure_ascii=False, indent=1) + "\n",
                                           encoding="utf-8")
 
-        _collective_io(self.ctx, lambda: self.ctx.is_main and _write_folder(final, write))
+        _collective_io(self.ctx, lambda: self.ctx.is_main and write_folder(final, write))
         return final
 
     def _summary(self, history: list[dict[str, Any]], final_eval: dict[str, float],
