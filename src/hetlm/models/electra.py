@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hetlm.errors import HetlmError
+from hetlm.models.masked_lm import masked_logits, summed_mlm_loss
 
 PARTS = ("discriminator", "generator")
 
@@ -187,12 +188,7 @@ class ElectraObjective(nn.Module):
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The generator's step: (its vocabulary logits at the masked slots [b, slots, vocab],
         the discriminator's input [b, seq], the replaced labels [b, seq])."""
-        generator = self.model.generator
-        hidden = generator.electra(input_ids=input_ids,
-                                   attention_mask=attention_mask).last_hidden_state
-        index = masked_positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
-        selected = hidden.gather(1, index)
-        logits = generator.generator_lm_head(generator.generator_predictions(selected)).float()
+        logits = masked_logits(self.model.generator, input_ids, masked_positions, attention_mask)
         with torch.no_grad():
             sampled = gumbel_sample(logits, sample_seeds)
             replaced, labels = self.corrupt(input_ids, masked_positions, masked_labels, sampled)
@@ -203,8 +199,7 @@ class ElectraObjective(nn.Module):
                 attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits, replaced, labels = self.generate(input_ids, masked_positions, masked_labels,
                                                  sample_seeds, attention_mask)
-        flat_logits, flat_labels = logits.view(-1, logits.shape[-1]), masked_labels.view(-1)
-        mlm_loss = F.cross_entropy(flat_logits, flat_labels, ignore_index=-100, reduction="sum")
+        mlm_loss, mlm_correct = summed_mlm_loss(logits, masked_labels)
         discriminator = self.model.discriminator
         hidden = discriminator.electra(input_ids=replaced,
                                        attention_mask=attention_mask).last_hidden_state
@@ -213,6 +208,5 @@ class ElectraObjective(nn.Module):
         rtd_loss = F.binary_cross_entropy_with_logits(disc_logits[real], labels[real],
                                                       reduction="sum")
         with torch.no_grad():
-            mlm_correct = ((flat_logits.argmax(-1) == flat_labels) & (flat_labels != -100)).sum()
             rtd_correct = ((disc_logits[real] > 0).float() == labels[real]).sum()
         return torch.stack([mlm_loss, rtd_loss]), torch.stack([mlm_correct, rtd_correct])

@@ -52,14 +52,27 @@ class SparseMaskedLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, masked_positions: torch.Tensor,
                 masked_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        encoder, head = _encoder_and_head(self.model)
-        hidden = encoder(input_ids=input_ids).last_hidden_state           # [b, s, h]
-        index = masked_positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
-        selected = hidden.gather(1, index)                                  # [b, slots, h]
-        logits = head(selected).float()                                     # [b, slots, vocab]
-        flat_logits = logits.view(-1, logits.shape[-1])
-        flat_labels = masked_labels.view(-1)
-        loss_sum = F.cross_entropy(flat_logits, flat_labels, ignore_index=-100, reduction="sum")
-        with torch.no_grad():
-            correct = ((flat_logits.argmax(-1) == flat_labels) & (flat_labels != -100)).sum()
-        return loss_sum, correct
+        return summed_mlm_loss(masked_logits(self.model, input_ids, masked_positions),
+                               masked_labels)
+
+
+def masked_logits(model: nn.Module, input_ids: torch.Tensor, masked_positions: torch.Tensor,
+                  attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 vocabulary logits of a ``*ForMaskedLM`` at the masked slots only:
+    [batch, slots, vocab]."""
+    encoder, head = _encoder_and_head(model)
+    hidden = encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    index = masked_positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+    return head(hidden.gather(1, index)).float()                          # [b, slots, vocab]
+
+
+def summed_mlm_loss(logits: torch.Tensor, masked_labels: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cross-entropy summed over the real slots, correct top-1 predictions); label -100 marks
+    a padding slot."""
+    flat_logits = logits.view(-1, logits.shape[-1])
+    flat_labels = masked_labels.view(-1)
+    loss_sum = F.cross_entropy(flat_logits, flat_labels, ignore_index=-100, reduction="sum")
+    with torch.no_grad():
+        correct = ((flat_logits.argmax(-1) == flat_labels) & (flat_labels != -100)).sum()
+    return loss_sum, correct
