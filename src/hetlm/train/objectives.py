@@ -49,13 +49,28 @@ def loss_terms(module: nn.Module) -> tuple[str, ...]:
     return tuple(getattr(module, "loss_terms", ("loss",)))
 
 
-class PackedMLMData:
+class PackedRows:
+    """A packed split of ``hetlm prepare``: its sequences read by index."""
+
+    def __init__(self, split_dataset, meta: dict[str, Any]):
+        self.rows = split_dataset.with_format("numpy")
+        self.seq_len = int(meta["seq_len"])
+        self.pad_id = special_ids(meta)["pad"]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def rows_at(self, indices: np.ndarray) -> np.ndarray:
+        """The token ids of the sequences ``indices``: [len(indices), seq_len]."""
+        return np.asarray(self.rows[indices.tolist()]["input_ids"])
+
+
+class PackedMLMData(PackedRows):
     """A packed split plus its MLM collator: indices in, ``MLMBatch`` out."""
 
     def __init__(self, split_dataset, meta: dict[str, Any], mlm_probability: float, seed: int,
                  whole_word: bool | None = None):
-        self.rows = split_dataset.with_format("numpy")
-        self.seq_len = int(meta["seq_len"])
+        super().__init__(split_dataset, meta)
         special = special_ids(meta)
         if "mask" not in special:
             raise HetlmError("the dataset's tokenizer has no mask token: masked-LM training "
@@ -71,12 +86,8 @@ class PackedMLMData:
             mlm_probability=mlm_probability, seed=seed, whole_word=use_whole_word,
             continuation=continuation if use_whole_word else None)
 
-    def __len__(self) -> int:
-        return len(self.rows)
-
     def batch(self, indices: np.ndarray, epoch: int) -> MLMBatch:
-        rows = np.asarray(self.rows[indices.tolist()]["input_ids"])
-        return self.collator(rows, indices, epoch)
+        return self.collator(self.rows_at(indices), indices, epoch)
 
 
 @dataclass
@@ -113,10 +124,9 @@ class PackedElectraData(PackedMLMData):
                  whole_word: bool | None = None):
         super().__init__(split_dataset, meta, mlm_probability, seed, whole_word)
         self.seed = seed
-        self.pad_id = special_ids(meta)["pad"]
 
     def batch(self, indices: np.ndarray, epoch: int) -> ElectraBatch:
-        rows = np.asarray(self.rows[indices.tolist()]["input_ids"])
+        rows = self.rows_at(indices)
         mlm = self.collator(rows, indices, epoch)
         seeds = torch.tensor([sample_seed(self.seed, epoch, int(i)) for i in indices],
                              dtype=torch.int64)
@@ -144,21 +154,12 @@ class CLMBatch:
         return {"input_ids": self.input_ids, "labels": self.labels}
 
 
-class PackedCLMData:
+class PackedCLMData(PackedRows):
     """A packed split read as next-token prediction (nothing random: split invariance and
     resume hold trivially)."""
 
-    def __init__(self, split_dataset, meta: dict[str, Any]):
-        self.rows = split_dataset.with_format("numpy")
-        self.seq_len = int(meta["seq_len"])
-        self.pad_id = special_ids(meta)["pad"]
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
     def batch(self, indices: np.ndarray, epoch: int) -> CLMBatch:
-        ids = torch.from_numpy(np.asarray(self.rows[indices.tolist()]["input_ids"],
-                                          dtype=np.int64))
+        ids = torch.from_numpy(self.rows_at(indices).astype(np.int64))
         labels = ids.masked_fill(ids == self.pad_id, IGNORE_INDEX)
         return CLMBatch(ids, labels, num_targets=int((labels[:, 1:] != IGNORE_INDEX).sum()),
                         num_tokens=int(ids.numel()))
