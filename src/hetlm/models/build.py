@@ -110,7 +110,7 @@ def freeze(model: nn.Module, *, embeddings: bool, first_layers: int) -> int:
     if first_layers:
         parts = [getattr(model, p) for p in getattr(model, "artifact_subdirs", ())] or [model]
         for part in parts:
-            layers = transformer_layers(part)
+            layers = first_layer_stack(part)
             if first_layers > len(layers):
                 raise HetlmError(f"model.freeze_layers is {first_layers} but the model has "
                                  f"{len(layers)} layers: give at most {len(layers)}")
@@ -122,8 +122,9 @@ def freeze(model: nn.Module, *, embeddings: bool, first_layers: int) -> int:
     return sum(frozen.values())
 
 
-def transformer_layers(model: nn.Module) -> list[nn.Module]:
-    """The blocks of the (first) stack of transformer layers, input side first."""
+def first_layer_stack(model: nn.Module) -> list[nn.Module]:
+    """The blocks of the model's first stack of transformer layers, input side first (unlike
+    ``engines.fsdp.transformer_layers``, every stack's blocks, which FSDP shards one by one)."""
     for module in model.modules():
         if isinstance(module, nn.ModuleList) and len(module):
             return list(module)
