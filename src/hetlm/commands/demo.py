@@ -53,13 +53,9 @@ def find_data_dir() -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    import yaml
-
     from hetlm.commands.pretrain import format_summary
     from hetlm.data.packing import prepare_dataset
     from hetlm.data.tokenizer import train_tokenizer
-    from hetlm.errors import HetlmError
-    from hetlm.launch import run_local_nodes
 
     work = Path(args.workdir)
     corpus = Path(args.corpus) if args.corpus else find_data_dir() / DEFAULT_CORPUS
@@ -88,21 +84,14 @@ def run(args: argparse.Namespace) -> int:
                   "eval_every": max(1, args.steps // 4), "eval_samples": 256, "log_every": 10},
     }
     config_path = work / "pretrain.yaml"
-    config_path.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
     print(f"[3/4] pretraining BERT-{args.preset} on {len(micro)} emulated nodes, micro-batches "
           f"{micro} (config: {config_path})")
     started = time.perf_counter()
-    if (work / "run").exists():
-        import shutil
-
-        shutil.rmtree(work / "run")
-    code = run_local_nodes(["pretrain", str(config_path), "--quiet"], nodes=len(micro))
+    run_summary = run_demo_step("pretrain", config, config_path, nodes=len(micro),
+                                what="pretraining")
     timings["pretrain"] = time.perf_counter() - started
-    if code != 0:
-        raise HetlmError(f"pretraining failed (exit code {code}); see the messages above")
 
     print("[4/4] fill-mask through the saved model (plain transformers pipeline)")
-    run_summary = json.loads((work / "run" / "summary.json").read_text())
     examples = fill_mask_examples(run_summary["model_dir"])
     print()
     print("=" * 72)
@@ -114,6 +103,26 @@ def run(args: argparse.Namespace) -> int:
           f"tensorboard --logdir {work / 'run' / 'tensorboard'})")
     print("=" * 72)
     return 0
+
+
+def run_demo_step(command: str, config: dict, config_path: Path, *, nodes: int,
+                  what: str) -> dict:
+    """Write ``config`` to ``config_path``, empty its ``run.output_dir``, run ``hetlm <command>``
+    on ``nodes`` emulated nodes and return the run's ``summary.json``."""
+    import shutil
+
+    import yaml
+
+    from hetlm.errors import HetlmError
+    from hetlm.launch import run_local_nodes
+
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
+    output_dir = Path(config["run"]["output_dir"])
+    shutil.rmtree(output_dir, ignore_errors=True)
+    code = run_local_nodes([command, str(config_path), "--quiet"], nodes=nodes)
+    if code != 0:
+        raise HetlmError(f"{what} failed (exit code {code}); see the messages above")
+    return json.loads((output_dir / "summary.json").read_text())
 
 
 def fill_mask_examples(model_dir: str) -> list[tuple[str, list[tuple[str, float]]]]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -75,20 +74,10 @@ def _write_instruction_texts(source: Path, target: Path, limit: int | None) -> P
     return target
 
 
-def _launch(args: list[str], nodes: int, what: str) -> None:
-    from hetlm.errors import HetlmError
-    from hetlm.launch import run_local_nodes
-
-    code = run_local_nodes(args, nodes=nodes)
-    if code != 0:
-        raise HetlmError(f"{what} failed (exit code {code}); see the messages above")
-
-
 def run(args: argparse.Namespace) -> int:
-    import yaml
     from transformers.utils import logging as hf_logging
 
-    from hetlm.commands.demo import DEFAULT_CORPUS, find_data_dir
+    from hetlm.commands.demo import DEFAULT_CORPUS, find_data_dir, run_demo_step
     from hetlm.commands.sft import format_summary
     from hetlm.data.packing import prepare_dataset
     from hetlm.data.tokenizer import train_tokenizer
@@ -127,13 +116,11 @@ def run(args: argparse.Namespace) -> int:
                   "precision": args.precision, "eval_samples": 64, "log_every": 25},
     }
     pretrain_path = work / "pretrain.yaml"
-    pretrain_path.write_text(yaml.safe_dump(pretrain, sort_keys=False, allow_unicode=True))
     print(f"[3/6] pretraining LLaMA-{s['preset']} for {s['pretrain_steps']} steps "
           f"(hetlm pretrain {pretrain_path})")
     started = time.perf_counter()
-    shutil.rmtree(work / "pretrain", ignore_errors=True)
-    _launch(["pretrain", str(pretrain_path), "--quiet"], 1, "pretraining")
-    base_summary = json.loads((work / "pretrain" / "summary.json").read_text())
+    base_summary = run_demo_step("pretrain", pretrain, pretrain_path, nodes=1,
+                                 what="pretraining")
     print(f"      held-out next-token loss {base_summary['eval_loss']:.3f} "
           f"(perplexity {base_summary['eval_perplexity']:.0f})")
     timings["pretrain"] = time.perf_counter() - started
@@ -151,13 +138,11 @@ def run(args: argparse.Namespace) -> int:
                   "log_every": 10},
     }
     sft_path = work / "sft.yaml"
-    sft_path.write_text(yaml.safe_dump(sft, sort_keys=False, allow_unicode=True))
     print(f"[4/6] LoRA instruction tuning on dolly-ja, {len(micro)} emulated nodes with "
           f"micro-batches {micro} (hetlm sft {sft_path} --local-nodes {len(micro)})")
     started = time.perf_counter()
-    shutil.rmtree(work / "sft", ignore_errors=True)
-    _launch(["sft", str(sft_path), "--quiet"], len(micro), "instruction tuning")
-    run_summary = json.loads((work / "sft" / "summary.json").read_text())
+    run_summary = run_demo_step("sft", sft, sft_path, nodes=len(micro),
+                                what="instruction tuning")
     timings["sft"] = time.perf_counter() - started
 
     print("[5/6] merging the adapter into the base (hetlm export --merge)")
