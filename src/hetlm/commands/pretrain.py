@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from hetlm.commands.run_options import add_run_arguments, launch_local, print_result
+from hetlm.commands.run_options import (
+    add_run_arguments,
+    launch_local,
+    print_result,
+    steps_line,
+    tokens_line,
+)
 
 
 def register(subparsers) -> None:
@@ -52,7 +58,6 @@ def precheck(config, args: argparse.Namespace) -> None:
 
 
 def format_summary(summary: dict) -> str:
-    per_rank = ", ".join(f"rank {i}: {t:,.0f}" for i, t in enumerate(summary["tokens_per_s_per_rank"]))
     if "eval_perplexity" in summary:
         held_out = (f"held-out LM      loss {summary['eval_loss']:.3f}, perplexity "
                     f"{summary['eval_perplexity']:.1f}, next-token accuracy "
@@ -60,15 +65,11 @@ def format_summary(summary: dict) -> str:
     else:
         held_out = (f"held-out MLM     loss {summary['eval_loss']:.3f}, accuracy "
                     f"{summary['eval_accuracy']:.1%}")
-    engine = summary.get("engine", "single")
-    if summary.get("zero_stage"):
-        engine += f", ZeRO-{summary['zero_stage']}"
     return "\n".join([
-        f"steps            {summary['steps']} (global batch {summary['global_batch']}, "
-        f"micro-batches per rank {summary['micro_batches']}, {summary['precision']}, {engine})",
+        steps_line(summary),
         f"train loss       {summary['loss_first']:.3f} -> {summary['loss_last']:.3f}"
         if summary["loss_first"] is not None else "train loss       (no steps run)",
         held_out,
-        f"tokens/s         {summary['tokens_per_s']:,.0f} total ({per_rank})",
+        tokens_line(summary),
         f"model            {summary['model_dir']}",
     ])

@@ -87,3 +87,19 @@ def print_result(summary: dict[str, Any], args: argparse.Namespace,
               f"{summary['last_checkpoint']}; continue with --resume")
     else:
         print(format_summary(summary))
+
+
+def steps_line(summary: dict[str, Any]) -> str:
+    """The summary's first line: steps, global batch, micro-batches per rank, precision, engine."""
+    engine = summary.get("engine", "single")
+    if summary.get("zero_stage"):
+        engine += f", ZeRO-{summary['zero_stage']}"
+    return (f"steps            {summary['steps']} (global batch {summary['global_batch']}, "
+            f"micro-batches per rank {summary['micro_batches']}, {summary['precision']}, "
+            f"{engine})")
+
+
+def tokens_line(summary: dict[str, Any]) -> str:
+    per_rank = ", ".join(f"rank {i}: {t:,.0f}"
+                         for i, t in enumerate(summary["tokens_per_s_per_rank"]))
+    return f"tokens/s         {summary['tokens_per_s']:,.0f} total ({per_rank})"

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from hetlm.commands.run_options import add_run_arguments, launch_local, print_result
+from hetlm.commands.run_options import (
+    add_run_arguments,
+    launch_local,
+    print_result,
+    steps_line,
+    tokens_line,
+)
 
 
 def register(subparsers) -> None:
@@ -42,15 +48,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def format_summary(summary: dict) -> str:
-    per_rank = ", ".join(f"rank {i}: {t:,.0f}"
-                         for i, t in enumerate(summary["tokens_per_s_per_rank"]))
     held_out = (f"loss {summary['eval_loss']:.3f}, perplexity {summary['eval_perplexity']:.1f}, "
                 f"next-token accuracy {summary['eval_accuracy']:.1%} "
                 f"({summary['eval_tokens']:,} response tokens)"
                 if "eval_loss" in summary else "(no validation examples)")
     return "\n".join([
-        f"steps            {summary['steps']} (global batch {summary['global_batch']}, "
-        f"micro-batches per rank {summary['micro_batches']}, {summary['precision']})",
+        steps_line(summary),
         f"examples         {summary['train_examples']:,} train, "
         f"{summary['validation_examples']:,} validation; "
         f"{summary['response_tokens']:,} response tokens",
@@ -58,6 +61,6 @@ def format_summary(summary: dict) -> str:
         "(response tokens only)"
         if summary["loss_first"] is not None else "train loss       (no steps run)",
         f"held-out         {held_out}",
-        f"tokens/s         {summary['tokens_per_s']:,.0f} total ({per_rank})",
+        tokens_line(summary),
         f"adapter          {summary['adapter_dir']} (base {summary['base_model']})",
     ])
