@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
+
+# The suite's references (split invariance, exact resume) are CPU numbers on gloo ranks, and its
+# multi-rank tests emulate nodes on one machine: on a GPU machine they would otherwise put every
+# rank on cuda:0. GPU paths are checked by benchmarks/gpu_check.py (its --dry-run runs here).
+os.environ.setdefault("HETLM_DEVICE", "cpu")
 
 REPO = Path(__file__).resolve().parents[1]
 AOZORA = REPO / "data" / "general_aozora" / "aozora_soseki_akutagawa.jsonl"

@@ -17,17 +17,10 @@ from _dist import run_ranks, run_single
 from conftest import tiny_config
 
 from hetlm.errors import HetlmError
-from hetlm.train.precision import Precision, resolve_precision
+from hetlm.train.precision import Precision
 
 INJECT_STEP = 4
 STEPS = 5
-
-
-def test_resolve_precision_on_cpu():
-    cpu = torch.device("cpu")
-    assert resolve_precision("auto", cpu) == "bf16"
-    assert resolve_precision("fp16", cpu) == "fp16"  # allowed: slow, for testing overflow
-    assert resolve_precision("fp32", cpu) == "fp32"
 
 
 def test_fp16_scaler_skips_the_step_on_inf_in_one_process():

@@ -1,7 +1,9 @@
 """Emulated nodes on one machine: ``hetlm pretrain --local-nodes N``.
 
-Starts N ``torchrun`` agents on 127.0.0.1 (static rendezvous, gloo on CPU), exactly as N real
-nodes would be started, so a user without a cluster sees the multi-node path work. Each agent
+Starts N ``torchrun`` agents on 127.0.0.1 (static rendezvous), exactly as N real nodes would be
+started, so a user without a cluster sees the multi-node path work. GPUs are divided among the
+emulated nodes (``CUDA_VISIBLE_DEVICES``) when there is one per rank (NCCL); otherwise every
+rank trains on the CPU with gloo, said in one line (``agent_gpus``). Each agent
 gets its share of the machine's cores (OMP_NUM_THREADS), since ranks on one machine that all
 use every core slow each other down.
 
@@ -79,12 +81,14 @@ def _run_once(args: list[str], *, nodes: int, nproc_per_node: int, threads_per_r
     threads = threads_per_rank or max(1, (os.cpu_count() or 1) // ranks)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1",
                HETLM_RESTART_COUNT=str(attempt))
+    gpus = agent_gpus(nodes, nproc_per_node, announce=attempt == 0)
     agents = [subprocess.Popen(
         [*(agent_prefixes[i] if agent_prefixes else []),
          *torchrun_command(nnodes=nodes, node_rank=i, nproc_per_node=nproc_per_node,
                            master_addr=master_addr, master_port=port, args=args,
                            rank_prefix=rank_prefixes[i] if rank_prefixes else None)],
-        env=env, start_new_session=True, stderr=subprocess.PIPE) for i in range(nodes)]
+        env=env if gpus is None else {**env, "CUDA_VISIBLE_DEVICES": gpus[i]},
+        start_new_session=True, stderr=subprocess.PIPE) for i in range(nodes)]
     pumps = [pump_filtered(agent.stderr, sys.stderr.fileno()) for agent in agents]
     try:
         code = _wait_all(agents)
@@ -94,6 +98,27 @@ def _run_once(args: list[str], *, nodes: int, nproc_per_node: int, threads_per_r
     except KeyboardInterrupt:
         _terminate(agents)
         raise
+
+
+def agent_gpus(nodes: int, nproc_per_node: int, *, announce: bool = True) -> list[str] | None:
+    """``CUDA_VISIBLE_DEVICES`` per emulated node: its own GPUs when the visible ones suffice
+    for one per rank, else none at all (all ranks on the CPU with gloo: NCCL refuses two ranks
+    on one GPU), said in one line; None when this machine has no GPU (nothing to divide)."""
+    from hetlm.train.devices import gpu_slices, visible_gpu_ids
+
+    visible = visible_gpu_ids()
+    if not visible:
+        return None
+    slices = gpu_slices(visible, nodes, nproc_per_node)
+    if slices is not None:
+        return slices
+    ranks = nodes * nproc_per_node
+    if announce:
+        print(f"hetlm: {ranks} ranks on this machine, {len(visible)} visible GPU"
+              f"{'s' if len(visible) > 1 else ''}: NCCL needs one GPU per rank, so the ranks "
+              f"train on the CPU with gloo (use --local-nodes {len(visible) // nproc_per_node}"
+              " or fewer to train on the GPUs)", file=sys.stderr, flush=True)
+    return [""] * nodes
 
 
 def _wait_all(agents: list[subprocess.Popen]) -> int:

@@ -24,8 +24,6 @@ from dataclasses import dataclass, field
 
 from hetlm.errors import HetlmError
 
-#: Precisions hetlm can train in (the others in the table are listed for information only).
-TRAINING_PRECISIONS = ("fp32", "fp16", "bf16")
 ALL_PRECISIONS = ("fp32", "tf32", "fp16", "bf16", "fp8", "int8")
 
 

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from hetlm.cluster.hardware import TRAINING_PRECISIONS, GpuModel, lookup_gpu
+from hetlm.cluster.hardware import GpuModel, lookup_gpu
 from hetlm.cluster.memory import (
     GIB,
     MemoryModel,
@@ -27,6 +27,7 @@ from hetlm.cluster.memory import (
     estimate_memory,
     max_micro_batch,
 )
+from hetlm.cluster.precision import DeviceSupport, choose_job_precision
 from hetlm.cluster.spec import Cluster, format_validation_error
 from hetlm.errors import HetlmError
 from hetlm.topology import BatchSplit
@@ -45,35 +46,11 @@ DEFAULT_EFFICIENCY = 0.4  # achieved / peak dense FLOP/s for transformer trainin
 
 
 def choose_precision(cluster: Cluster, requested: str = "auto") -> str:
-    """bf16 if every device has it, else fp16 (dynamic loss scaling), else fp32; or check a request."""
-    gpus = _distinct_gpus(cluster)
-    if requested == "auto":
-        for precision in ("bf16", "fp16"):
-            if all(gpu.supports(precision) for gpu, _ in gpus):
-                return precision
-        return "fp32"
-    if requested not in TRAINING_PRECISIONS:
-        raise HetlmError(
-            f"precision must be auto, {', '.join(TRAINING_PRECISIONS)}, not {requested!r}"
-        )
-    lacking = [(gpu, nodes) for gpu, nodes in gpus if not gpu.supports(requested)]
-    if lacking:
-        names = "; ".join(f"{gpu.describe()} on {', '.join(nodes)}" for gpu, nodes in lacking)
-        hint = (
-            " (bf16 needs compute capability >= 8.0, Ampere or newer)"
-            if requested == "bf16"
-            else ""
-        )
-        alternative = (
-            "fp16"
-            if requested == "bf16" and all(gpu.supports("fp16") for gpu, _ in gpus)
-            else "auto"
-        )
-        raise HetlmError(
-            f"precision {requested} is not supported by {names}{hint}: "
-            f"use --precision {alternative} or fp32"
-        )
-    return requested
+    """bf16 if every device has it, else fp16 (dynamic loss scaling), else fp32; or check a
+    request (the one rule: ``hetlm.cluster.precision``)."""
+    devices = [DeviceSupport(f"{gpu.describe()} on {', '.join(nodes)}", gpu.precisions)
+               for gpu, nodes in _distinct_gpus(cluster)]
+    return choose_job_precision(requested, devices, option="--precision")
 
 
 def _distinct_gpus(cluster: Cluster) -> list[tuple[GpuModel, list[str]]]:

@@ -49,12 +49,18 @@ def precheck(config, args: argparse.Namespace) -> None:
     an engine that cannot run the requested ZeRO stage, options the engine would ignore."""
     from hetlm.data.packing import load_packed_dataset
     from hetlm.train.engine import check_options
-    from hetlm.train.pretrain import _engine_options
+    from hetlm.train.pretrain import engine_options
+    from hetlm.train.run_plan import resolve_plan
 
     load_packed_dataset(config.data.dataset)
     world = args.local_nodes * args.nproc_per_node
     split = config.batch_split(world, [r // args.nproc_per_node for r in range(world)])
-    check_options(_engine_options(config, split, 0))
+    plan_file = config.load_plan() if config.train.plan is not None else None
+    # devices are checked by the ranks themselves; here only what the config decides
+    plan = resolve_plan(requested_precision=config.train.precision, engine=config.train.engine,
+                        zero_stage=config.train.zero_stage, split=split, devices=[],
+                        plan_file=plan_file, plan_path=str(config.train.plan))
+    check_options(engine_options(config, plan, 0))
 
 
 def format_summary(summary: dict) -> str:

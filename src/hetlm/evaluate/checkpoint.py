@@ -190,7 +190,9 @@ def resolve_device(name: str) -> str:
     import torch
 
     if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        from hetlm.train.devices import default_device
+
+        return default_device()
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError) as exc:

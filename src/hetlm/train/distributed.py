@@ -1,7 +1,8 @@
 """The process group and the few collectives the loop needs.
 
 Works the same in one process (no group, collectives are identities) and under torchrun
-(gloo on CPU, NCCL on CUDA). Test and user process groups get a finite timeout so a hung peer
+(gloo on CPU, NCCL on CUDA, one GPU per rank; where ranks outnumber a node's GPUs they train on
+the CPU with gloo: ``hetlm.train.devices``). Test and user process groups get a finite timeout so a hung peer
 ends the run instead of waiting forever: gloo raises in the waiting call; for NCCL hetlm sets
 ``TORCH_NCCL_ASYNC_ERROR_HANDLING=1`` (the watchdog ends the process after the timeout instead of
 leaving it hung; unless set otherwise). Set ``TORCH_NCCL_BLOCKING_WAIT=1`` to have NCCL raise in
@@ -27,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from hetlm.train import heartbeat
+from hetlm.train.devices import local_placement
 
 
 @dataclass
@@ -51,14 +53,13 @@ def init_distributed(timeout_s: float = 600.0) -> DistContext:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     node_rank = int(os.environ.get("GROUP_RANK", os.environ.get("NODE_RANK", "0")))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+    placement = local_placement()  # one GPU per rank with NCCL, else the CPU with gloo
+    device, backend = placement.device, placement.backend
+    if placement.note:
+        print(placement.note, flush=True)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-        backend = "nccl"
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
-    else:
-        device = torch.device("cpu")
-        backend = "gloo"
     if world_size > 1 and not dist.is_initialized():
         timeout = timedelta(seconds=timeout_s)
         if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":

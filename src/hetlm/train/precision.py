@@ -1,10 +1,10 @@
 """Mixed precision: autocast, scaled backward and the optimizer step, behind one object.
 
-``auto`` resolves to bf16 where the device supports it (CUDA compute capability >= 8.0, or a
-CPU, where bf16 autocast runs on AMX ~1.4x faster than fp32), fp16 with dynamic loss scaling on
-older GPUs such as the V100, fp32 otherwise. An explicit ``fp16`` also runs on CPU (autocast
-fp16 + ``torch.amp.GradScaler("cpu")``): no faster than fp32 there, and meant for testing the
-overflow logic without a GPU.
+Which precision a job uses is decided once for all ranks by the run plan
+(``hetlm.train.run_plan``, rule in ``hetlm.cluster.precision``): bf16 where every device has it,
+fp16 with dynamic loss scaling where some do not (V100), fp32 otherwise. An explicit ``fp16``
+also runs on CPU (autocast fp16 + ``torch.amp.GradScaler("cpu")``): no faster than fp32 there, and
+meant for testing the overflow logic without a GPU.
 
 fp16 overflow: the step is skipped on every rank together. The scaler's inf check reads only the
 gradients a rank holds (a shard under ZeRO-1's optimizer or FSDP), and a rank could also see an
@@ -19,22 +19,6 @@ import contextlib
 
 import torch
 import torch.distributed as dist
-
-from hetlm.errors import HetlmError
-
-
-def resolve_precision(requested: str, device: torch.device) -> str:
-    if device.type == "cuda":
-        bf16_ok = torch.cuda.is_bf16_supported()
-        if requested == "auto":
-            return "bf16" if bf16_ok else "fp16"
-        if requested == "bf16" and not bf16_ok:
-            raise HetlmError(f"{torch.cuda.get_device_name(device)} has no bf16: use precision "
-                             "fp16 or auto")
-        return requested
-    if requested == "auto":
-        return "bf16"
-    return requested  # fp16 on CPU works (slowly): see the module docstring
 
 
 class Precision:

@@ -29,7 +29,7 @@ from hetlm.train import distributed as D
 from hetlm.train import faults
 from hetlm.train import heartbeat as HB
 from hetlm.train.checkpoint import CheckpointManager, load_model_weights
-from hetlm.train.engine import Engine, EngineOptions, build_engine, resolve_engine
+from hetlm.train.engine import Engine, EngineOptions, build_engine
 from hetlm.train.metrics import MetricsLogger, plot_loss
 from hetlm.train.objectives import (
     build_data,
@@ -39,7 +39,8 @@ from hetlm.train.objectives import (
     special_ids,
 )
 from hetlm.train.optim import linear_schedule
-from hetlm.train.precision import Precision, resolve_precision
+from hetlm.train.precision import Precision
+from hetlm.train.run_plan import RunPlan, resolve_run_plan
 
 
 @dataclass
@@ -160,16 +161,14 @@ _FINGERPRINT_NAMES = {"dataset_vocab_hash": "tokenizer (vocabulary hash of the d
 _FINGERPRINT_INFO = ("dataset_path", "tokenizer_dir")
 
 
-def _engine_options(config: PretrainConfig, split: BatchSplit, rank: int) -> EngineOptions:
-    """train.engine / train.zero_stage, where ``auto`` defers to the plan (if any)."""
+def engine_options(config: PretrainConfig, plan: RunPlan, rank: int) -> EngineOptions:
+    """The engine's settings: its name and stage from the run plan, the rest from the config."""
     cfg = config.train
-    plan = config.load_plan() if cfg.plan is not None else None
-    name, stage = resolve_engine(cfg.engine, cfg.zero_stage, plan.engine if plan else None,
-                                 plan.zero_stage if plan else None)
-    return EngineOptions(name=name, zero_stage=stage, bucket_cap_mb=cfg.bucket_cap_mb,
-                         grad_compression=cfg.grad_compression,
+    return EngineOptions(name=plan.engine, zero_stage=plan.zero_stage,
+                         bucket_cap_mb=cfg.bucket_cap_mb, grad_compression=cfg.grad_compression,
                          deepspeed_config=cfg.deepspeed_config, max_grad_norm=cfg.max_grad_norm,
-                         micro_steps=split.micro_steps, micro_batch=split.max_micro_batch(rank))
+                         micro_steps=plan.split.micro_steps,
+                         micro_batch=plan.split.max_micro_batch(rank))
 
 
 def _collective_io(ctx: D.DistContext, action):
@@ -238,6 +237,12 @@ class Pretraining:
         node_of_rank = [int(n) for n in D.all_gather_object(ctx, ctx.node_rank)]
         self.split: BatchSplit = config.batch_split(ctx.world_size, node_of_rank)
         self.node_of_rank = node_of_rank
+        # precision, engine, stage and split: one plan for the whole job, or a one-line error
+        plan_file = config.load_plan() if config.train.plan is not None else None
+        self.run_plan: RunPlan = resolve_run_plan(
+            ctx, requested_precision=self.train_cfg.precision, engine=self.train_cfg.engine,
+            zero_stage=self.train_cfg.zero_stage, split=self.split, plan_file=plan_file,
+            plan_path=str(config.train.plan) if plan_file is not None else None)
 
         seed = config.run.seed
         self._load_data()
@@ -256,12 +261,8 @@ class Pretraining:
             saved = CheckpointManager.load_trainer_state(resume_dir)
             _check_resume_compatible(saved["fingerprint"], self.fingerprint, resume_dir)
             self._load_weights(model, resume_dir)
-        requested = self.train_cfg.precision
-        if config.train.plan is not None and requested == "auto":
-            requested = config.load_plan().precision  # the plan chose it for the whole cluster
-        self.engine = build_engine(self._objective(model), ctx,
-                                   resolve_precision(requested, ctx.device),
-                                   _engine_options(config, self.split, ctx.rank))
+        self.engine = build_engine(self._objective(model), ctx, self.run_plan.precision,
+                                   engine_options(config, self.run_plan, ctx.rank))
         self.precision = self.engine.precision
         self.weights = loss_weights(self.engine.unwrapped)
         self.term_names = loss_terms(self.engine.unwrapped)
@@ -386,6 +387,7 @@ class Pretraining:
                          "world_size": ctx.world_size, "shares": list(self.split.shares),
                          "micro_steps": self.split.micro_steps,
                          "engine": self.engine.name, "zero_stage": self.engine.zero_stage,
+                         "run_plan": self.run_plan.to_dict(),
                          "checkpoint_format": self.engine.checkpoint_format,
                          "skipped_steps": self.skipped_steps, "fingerprint": self.fingerprint,
                          "lr_factor": self.lr_factor, "rollbacks": self.rollbacks}
@@ -465,7 +467,7 @@ class Pretraining:
                      world_size=ctx.world_size, shares=list(self.split.shares),
                      micro_steps=self.split.micro_steps, precision=self.precision.name,
                      engine=self.engine.name, zero_stage=self.engine.zero_stage,
-                     time=time.time())
+                     devices=[d.to_dict() for d in self.run_plan.devices], time=time.time())
         self.engine.module.train()
         history: list[dict[str, Any]] = []
         HB.install(HB.Heartbeat(self.output_dir, ctx.rank) if ctx.enabled else None)
