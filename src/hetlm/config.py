@@ -144,6 +144,13 @@ class TrainSection(_Section):
     rollback_lr_factor: float = Field(0.5, gt=0, le=1, description="lr multiplier per rollback.")
     max_rollbacks: int = Field(3, ge=0, description="Rollbacks before a non-finite loss stops "
                                "the run.")
+    compile: bool | Literal["auto"] = Field(
+        "auto", description="torch.compile each transformer block (in place: parameter names "
+        "unchanged). auto: on CUDA, off on CPU (0-13% there after a 30 s compile); never with "
+        "deepspeed.")
+    prefetch: bool = Field(
+        True, description="Build the next step's micro-batches in a background thread while "
+        "the current step computes (pinned memory and non-blocking copies on CUDA).")
 
 
 class PretrainConfig(_Section):

@@ -438,19 +438,25 @@ def probe_cuda(spec: dict[str, Any], config: Any, index: int, memory_bytes: int 
 
 
 def resolve_precision(requested: str, device: str) -> str:
-    """auto: bf16 on CPUs and on GPUs that have it, else fp16 (as training resolves it)."""
+    """The precision this node's probe measures, by the job's rule (``hetlm.cluster.precision``):
+    auto is bf16 on CPUs and on GPUs of compute capability >= 8.0, else fp16."""
+    from hetlm.cluster.precision import (
+        CPU_AUTO_PRECISIONS,
+        DeviceSupport,
+        choose_job_precision,
+        cuda_precisions,
+    )
+
     if device == "cpu":
         if requested == "fp16":
             raise HetlmError("fp16 needs a CUDA GPU (on CPU use bf16 or fp32): set --precision")
-        return "bf16" if requested == "auto" else requested
-    import torch
+        support = DeviceSupport("this CPU", CPU_AUTO_PRECISIONS)
+    else:
+        import torch
 
-    bf16_ok = torch.cuda.is_bf16_supported()
-    if requested == "auto":
-        return "bf16" if bf16_ok else "fp16"
-    if requested == "bf16" and not bf16_ok:
-        raise HetlmError("this GPU has no bf16: use --precision fp16 or auto")
-    return requested
+        support = DeviceSupport(torch.cuda.get_device_name(),
+                                cuda_precisions(torch.cuda.get_device_capability()))
+    return choose_job_precision(requested, [support], option="--precision")
 
 
 def default_cpu_memory() -> tuple[int, str]:

@@ -59,8 +59,9 @@ class HeterogeneousBatchSampler:
         self.shuffle = shuffle
         self.epoch = 0
         self.step_in_epoch = 0
-        self._perm_epoch: int | None = None
-        self._perm: np.ndarray | None = None
+        # (epoch, permutation): one reference, swapped whole, so that the prefetching thread
+        # (hetlm.data.prefetch) and the loop never see one epoch's number with another's order
+        self._cached: tuple[int, np.ndarray] | None = None
 
     @property
     def steps_per_epoch(self) -> int:
@@ -72,12 +73,13 @@ class HeterogeneousBatchSampler:
         return self.num_samples % self.split.global_batch
 
     def _permutation(self, epoch: int) -> np.ndarray:
-        if self._perm_epoch != epoch:
-            self._perm = (epoch_permutation(self.num_samples, self.seed, epoch) if self.shuffle
-                          else np.arange(self.num_samples))
-            self._perm_epoch = epoch
-        assert self._perm is not None
-        return self._perm
+        cached = self._cached
+        if cached is not None and cached[0] == epoch:
+            return cached[1]
+        perm = (epoch_permutation(self.num_samples, self.seed, epoch) if self.shuffle
+                else np.arange(self.num_samples))
+        self._cached = (epoch, perm)
+        return perm
 
     def global_batch(self, epoch: int, step_in_epoch: int) -> np.ndarray:
         """All B indices of one global batch, as every rank sees it."""
@@ -90,14 +92,23 @@ class HeterogeneousBatchSampler:
         bounds = np.cumsum([0, *self.split.micro_batch_sizes(self.rank)])
         return [mine[bounds[i]:bounds[i + 1]] for i in range(self.split.micro_steps)]
 
+    def position(self, steps_ahead: int = 0) -> tuple[int, int]:
+        """(epoch, step in epoch) of the step ``steps_ahead`` after the next one; no change."""
+        total = self.step_in_epoch + steps_ahead
+        return (self.epoch + total // self.steps_per_epoch, total % self.steps_per_epoch)
+
+    def step_batch(self, epoch: int, step_in_epoch: int) -> StepBatch:
+        """This rank's micro-batches of one step (a pure function of the position)."""
+        return StepBatch(epoch, step_in_epoch, self.local_micro_batches(epoch, step_in_epoch))
+
+    def advance(self, batch: StepBatch) -> None:
+        """Record that ``batch`` was consumed: the state moves to the step after it."""
+        self.epoch, self.step_in_epoch = batch.epoch, batch.step_in_epoch + 1
+
     def next_step(self) -> StepBatch:
         """This rank's micro-batches for the next optimizer step; advances the state."""
-        if self.step_in_epoch >= self.steps_per_epoch:
-            self.epoch += 1
-            self.step_in_epoch = 0
-        batch = StepBatch(self.epoch, self.step_in_epoch,
-                          self.local_micro_batches(self.epoch, self.step_in_epoch))
-        self.step_in_epoch += 1
+        batch = self.step_batch(*self.position())
+        self.advance(batch)
         return batch
 
     def __iter__(self) -> Iterator[StepBatch]:

@@ -37,7 +37,7 @@ from torch import nn
 
 from hetlm.errors import HetlmError
 from hetlm.train.distributed import DistContext
-from hetlm.train.optim import param_groups
+from hetlm.train.optim import adamw_implementation, param_groups
 from hetlm.train.precision import Precision
 
 ENGINE_NAMES = ("ddp", "zero1", "fsdp2", "deepspeed")
@@ -148,7 +148,8 @@ class Engine:
                         eps: float) -> torch.optim.Optimizer:
         """AdamW, no decay on biases and norms; created after wrapping (FSDP swaps parameters)."""
         self.optimizer = torch.optim.AdamW(param_groups(self.unwrapped, weight_decay), lr=lr,
-                                           betas=betas, eps=eps)
+                                           betas=betas, eps=eps,
+                                           **adamw_implementation(self.ctx.device))
         return self.optimizer
 
     def sync_gradients(self, is_last_micro_step: bool) -> contextlib.AbstractContextManager:

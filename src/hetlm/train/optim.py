@@ -22,6 +22,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
+def adamw_implementation(device: torch.device) -> dict[str, bool]:
+    """AdamW's kernel choice: ``fused`` on CUDA (one kernel for all parameters instead of a few
+    per tensor: the step's optimizer time drops several-fold on a GPU, with the same update up
+    to rounding), torch's default (foreach) elsewhere, where fused is no faster."""
+    return {"fused": True} if device.type == "cuda" else {}
+
+
 def build_optimizer(model: nn.Module, *, lr: float, weight_decay: float,
                     betas: tuple[float, float], eps: float) -> torch.optim.AdamW:
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps)

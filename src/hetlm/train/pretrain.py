@@ -21,9 +21,11 @@ import torch
 
 from hetlm.config import PretrainConfig
 from hetlm.data.collators import EVAL_EPOCH
+from hetlm.data.prefetch import StepPrefetcher
 from hetlm.data.sampler import HeterogeneousBatchSampler
 from hetlm.errors import HetlmError
 from hetlm.models.build import build_model, freeze, load_pretrained, tokenizer_source
+from hetlm.models.compile import compile_blocks, should_compile
 from hetlm.topology import BatchSplit
 from hetlm.train import distributed as D
 from hetlm.train import faults
@@ -67,7 +69,8 @@ def train_step(engine: Engine, precision: Precision, optimizer, scheduler, ctx: 
     scale = (weights * engine.loss_scale_world / n_global.clamp(min=1)).to(ctx.device)
     loss_sum_local = torch.zeros(terms, device=ctx.device)
     for i, mb in enumerate(micro_batches):
-        inputs = {k: v.to(ctx.device) for k, v in mb.model_inputs().items()}
+        # non_blocking: the prefetcher pinned these on CUDA, so the copy overlaps compute
+        inputs = {k: v.to(ctx.device, non_blocking=True) for k, v in mb.model_inputs().items()}
         with engine.sync_gradients(i == len(micro_batches) - 1):
             with precision.autocast():
                 loss_sum, _ = engine.module(**inputs)
@@ -261,6 +264,8 @@ class Pretraining:
             saved = CheckpointManager.load_trainer_state(resume_dir)
             _check_resume_compatible(saved["fingerprint"], self.fingerprint, resume_dir)
             self._load_weights(model, resume_dir)
+        if should_compile(self.train_cfg.compile, ctx.device, self.run_plan.engine):
+            compile_blocks(model)
         self.engine = build_engine(self._objective(model), ctx, self.run_plan.precision,
                                    engine_options(config, self.run_plan, ctx.rank))
         self.precision = self.engine.precision
@@ -472,12 +477,23 @@ class Pretraining:
         history: list[dict[str, Any]] = []
         HB.install(HB.Heartbeat(self.output_dir, ctx.rank) if ctx.enabled else None)
         faults.install(self.engine.unwrapped)  # inert unless HETLM_FAULT is set (tests)
+        prefetcher = StepPrefetcher(
+            self.sampler, lambda batch: [self.train_data.batch(ids, batch.epoch)
+                                         for ids in batch.micro_batches],
+            enabled=cfg.prefetch, pin=ctx.device.type == "cuda")
+        try:
+            return self._loop(end_step, logger, history, prefetcher)
+        finally:
+            prefetcher.close()
+
+    def _loop(self, end_step: int, logger: MetricsLogger, history: list[dict[str, Any]],
+              prefetcher: StepPrefetcher) -> dict[str, Any]:
+        cfg, ctx = self.train_cfg, self.ctx
         while self.step < end_step:
             started = time.perf_counter()
             faults.on_step(self.step + 1, ctx.rank)
             HB.beat("train", self.step + 1)
-            batch = self.sampler.next_step()
-            micro = [self.train_data.batch(ids, batch.epoch) for ids in batch.micro_batches]
+            batch, micro = prefetcher.next()  # built while the previous step computed
             result = train_step(self.engine, self.precision, self.optimizer, self.scheduler, ctx,
                                 micro, cfg.max_grad_norm)
             self.step += 1

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from hetlm.errors import HetlmError
 from hetlm.train.distributed import DistContext
 from hetlm.train.engine import Engine, EngineOptions
-from hetlm.train.optim import param_groups
+from hetlm.train.optim import adamw_implementation, param_groups
 from hetlm.train.precision import Precision
 
 
@@ -93,7 +93,7 @@ class ZeRO1Engine(DDPEngine):
 
         self.optimizer = ZeroRedundancyOptimizer(
             param_groups(self.unwrapped, weight_decay), optimizer_class=torch.optim.AdamW,
-            lr=lr, betas=betas, eps=eps)
+            lr=lr, betas=betas, eps=eps, **adamw_implementation(self.ctx.device))
         return self.optimizer
 
     def optimizer_state_dict(self) -> dict[str, Any] | None:
