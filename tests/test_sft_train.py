@@ -198,7 +198,8 @@ def test_loss_counts_response_tokens_only(sft_inputs):
     responses = sum(sum(encode_segments(JA_ALPACA.segments(e.messages, e.context), tokenizer,
                                         bos=True)[1]) for e in examples)
     assert batch.counts == (responses,)
-    assert set(batch.model_inputs()) == {"input_ids", "labels", "attention_mask"}
+    # target_index: the predicting positions, computed on the CPU (no GPU sync in the model)
+    assert set(batch.model_inputs()) == {"input_ids", "labels", "attention_mask", "target_index"}
 
     from hetlm.sft.config import SFTModelSection
     from hetlm.sft.train import build_base_model

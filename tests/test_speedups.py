@@ -91,3 +91,30 @@ def test_compiled_blocks_keep_split_invariance_and_exact_resume(tiny_packed, tmp
     assert all(torch.equal(a[k], b[k]) for k in a), f"max diff {max_abs_diff(a, b):.2e}"
     # the checkpointed and saved names are the eager model's (nn.Module.compile, in place)
     assert set(a) == set(final_weights(reference))
+
+
+def test_target_index_selects_what_the_boolean_mask_selected():
+    """The causal-LM heads gather the predicting positions from an index built on the CPU;
+    the loss and accuracy equal those of the boolean mask (which would sync a GPU)."""
+    from hetlm.models.causal_lm import IGNORE_INDEX, SparseCausalLM, target_index
+    from hetlm.models.presets import model_config
+    from hetlm.sft.objective import FusedSparseCausalLM
+
+    torch.manual_seed(0)
+    labels = torch.randint(5, 100, (3, 9))
+    labels[0, :4] = IGNORE_INDEX  # a prompt
+    labels[2, 6:] = IGNORE_INDEX  # padding
+    index = target_index(labels)
+    keep = labels[:, 1:] != IGNORE_INDEX
+    assert len(index) == int(keep.sum())
+    assert torch.equal(labels.reshape(-1)[index + 1], labels[:, 1:][keep])
+    from transformers import AutoModelForCausalLM
+
+    config = model_config("llama", "tiny", vocab_size=100, max_position_embeddings=64,
+                          pad_token_id=0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    for objective in (SparseCausalLM(model), FusedSparseCausalLM(model, chunk=4)):
+        with torch.no_grad():
+            by_mask = objective(labels.clamp(min=0), labels)
+            by_index = objective(labels.clamp(min=0), labels, target_index=index)
+        assert torch.allclose(by_mask[0], by_index[0], rtol=1e-6) and by_mask[1] == by_index[1]

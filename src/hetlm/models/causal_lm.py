@@ -27,6 +27,27 @@ def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return decoder, model.get_output_embeddings()
 
 
+def target_index(labels: torch.Tensor) -> torch.Tensor:
+    """Flat positions ``b * seq + t`` of the hidden states that predict a label (``labels[b,
+    t + 1]`` is not ``IGNORE_INDEX``), in row-major order.
+
+    The collators compute it on the CPU with the batch, so that the model gathers the predicting
+    positions with ``index_select``: a boolean-mask index on the GPU would have to wait for the
+    GPU (a device-to-host sync) to learn how many there are, every micro-step."""
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return keep.reshape(-1).nonzero().squeeze(1)
+
+
+def predicting(hidden: torch.Tensor, labels: torch.Tensor,
+               index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden states that predict, their target tokens): [targets, hidden] and [targets]."""
+    if index is None:
+        index = target_index(labels)
+    return (hidden.reshape(-1, hidden.shape[-1]).index_select(0, index),
+            labels.reshape(-1).index_select(0, index + 1))
+
+
 class SparseCausalLM(nn.Module):
     """Wraps a ``*ForCausalLM``; forward gives (summed loss, correct top-1 predictions).
 
@@ -42,13 +63,12 @@ class SparseCausalLM(nn.Module):
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
-                attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                attention_mask: torch.Tensor | None = None,
+                target_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         decoder, head = decoder_and_head(self.model)
         hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        targets = labels[:, 1:]
-        keep = targets != IGNORE_INDEX
-        logits = head(hidden[:, :-1][keep]).float()                       # [targets, vocab]
-        wanted = targets[keep]
+        states, wanted = predicting(hidden, labels, target_index)
+        logits = head(states).float()                                     # [targets, vocab]
         loss_sum = F.cross_entropy(logits, wanted, reduction="sum")
         with torch.no_grad():
             correct = (logits.argmax(-1) == wanted).sum()

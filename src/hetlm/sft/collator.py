@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from hetlm.models.causal_lm import target_index
 from hetlm.sft.masking import IGNORE_INDEX, TokenizedExample
 
 
@@ -31,6 +32,7 @@ class SFTBatch:
     num_targets: int              # response tokens the summed loss covers
     num_tokens: int               # real (non-padding) tokens
     indices: list[int]            # data set indices of the examples, in order
+    target_index: torch.Tensor | None = None  # models.causal_lm.target_index, built on the CPU
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -47,12 +49,16 @@ class SFTBatch:
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
         """The keyword arguments of ``SparseCausalLM.forward``."""
-        return {"input_ids": self.input_ids, "labels": self.labels,
-                "attention_mask": self.attention_mask}
+        inputs = {"input_ids": self.input_ids, "labels": self.labels,
+                  "attention_mask": self.attention_mask}
+        if self.target_index is not None:
+            inputs["target_index"] = self.target_index
+        return inputs
 
     def to(self, device: torch.device | str) -> SFTBatch:
         return SFTBatch(self.input_ids.to(device), self.attention_mask.to(device),
-                        self.labels.to(device), self.num_targets, self.num_tokens, self.indices)
+                        self.labels.to(device), self.num_targets, self.num_tokens, self.indices,
+                        None if self.target_index is None else self.target_index.to(device))
 
 
 class SFTCollator:
@@ -85,6 +91,7 @@ class SFTCollator:
             num_targets=int((labels[:, 1:] != IGNORE_INDEX).sum()),
             num_tokens=int(attention_mask.sum()),
             indices=[e.index for e in examples],
+            target_index=target_index(labels),
         )
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hetlm.models.causal_lm import IGNORE_INDEX, SparseCausalLM, decoder_and_head
+from hetlm.models.causal_lm import SparseCausalLM, decoder_and_head, predicting
 
 # Logits per chunk: 8M float32 values = 32 MB (256 target positions at a 32k vocabulary, 64 at
 # Llama-3's 128k). The chunk's transient tensors (logits, their gradient, 16-bit copies) are a few
@@ -88,13 +88,12 @@ class FusedSparseCausalLM(SparseCausalLM):
         self.chunk = chunk  # None: chunk_for(the vocabulary size)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
-                attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                attention_mask: torch.Tensor | None = None,
+                target_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         decoder, head = decoder_and_head(self.model)
         if not isinstance(head, nn.Linear) or head.bias is not None:
-            return super().forward(input_ids, labels, attention_mask)
+            return super().forward(input_ids, labels, attention_mask, target_index)
         hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        targets = labels[:, 1:]
-        keep = targets != IGNORE_INDEX
+        states, wanted = predicting(hidden, labels, target_index)
         chunk = self.chunk or chunk_for(head.weight.shape[0], head.weight.device)
-        return _FusedLinearCrossEntropy.apply(hidden[:, :-1][keep], head.weight, targets[keep],
-                                              chunk)
+        return _FusedLinearCrossEntropy.apply(states, head.weight, wanted, chunk)

@@ -28,7 +28,7 @@ from torch import nn
 from hetlm.config import PretrainConfig
 from hetlm.data.collators import MLMBatch, MLMCollator, continuation_mask
 from hetlm.errors import HetlmError
-from hetlm.models.causal_lm import IGNORE_INDEX, SparseCausalLM
+from hetlm.models.causal_lm import IGNORE_INDEX, SparseCausalLM, target_index
 from hetlm.models.electra import ElectraObjective, sample_seed
 from hetlm.models.masked_lm import SparseMaskedLM
 
@@ -142,6 +142,7 @@ class CLMBatch:
     labels: torch.Tensor      # [batch, seq], IGNORE_INDEX on padding
     num_targets: int
     num_tokens: int
+    target_index: torch.Tensor | None = None  # models.causal_lm.target_index, built on the CPU
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -151,7 +152,10 @@ class CLMBatch:
         return (self.num_targets,)
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.input_ids, "labels": self.labels}
+        inputs = {"input_ids": self.input_ids, "labels": self.labels}
+        if self.target_index is not None:
+            inputs["target_index"] = self.target_index
+        return inputs
 
 
 class PackedCLMData(PackedRows):
@@ -162,7 +166,7 @@ class PackedCLMData(PackedRows):
         ids = torch.from_numpy(self.rows_at(indices).astype(np.int64))
         labels = ids.masked_fill(ids == self.pad_id, IGNORE_INDEX)
         return CLMBatch(ids, labels, num_targets=int((labels[:, 1:] != IGNORE_INDEX).sum()),
-                        num_tokens=int(ids.numel()))
+                        num_tokens=int(ids.numel()), target_index=target_index(labels))
 
 
 def build_data(config: PretrainConfig, split_dataset, meta: dict[str, Any]):
