@@ -188,3 +188,18 @@ def test_report_to_spellings_and_errors(tiny_packed, tmp_path, monkeypatch, caps
     assert "train.report_to" in err and "wandb is not installed" in err
     assert "pip install 'hetlm[track]'" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_only_rank_0_tracks(tmp_path, monkeypatch):
+    from hetlm.train import metrics
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a tracker was opened on a rank other than 0")
+
+    monkeypatch.setattr(metrics, "open_trackers", refuse)
+    logger = metrics.MetricsLogger(tmp_path, total_steps=3, start_step=0, enabled=False,
+                                   log_every=1, report_to=["wandb", "mlflow"], restart=0)
+    logger.step({"step": 1, "loss": 1.0, "lr": 1e-3, "tokens_per_s": 10.0})
+    logger.event(event="eval", step=1, eval_loss=1.0)
+    logger.close()
+    assert not any(tmp_path.iterdir())

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -237,8 +236,7 @@ class MlflowTracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(key, value, now, step) for key, value in metrics.items()
-                 if math.isfinite(value)]  # MLflow stores no NaN/inf (a diverged step)
+        batch = [Metric(key, value, now, step) for key, value in metrics.items()]
         for i in range(0, len(batch), 1000):
             self._client.log_batch(self.run_id, metrics=batch[i:i + 1000])
 
