@@ -306,3 +306,19 @@ def test_slurm_setting_errors_are_one_line(tmp_path: Path, capsys, cluster_text,
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("hetlm: error: ") and err.count("\n") == 1 and fragment in err, err
+
+
+@pytest.mark.parametrize("value", ["30", "30:00", "12:00:00", "2-00", "2-12:00", "2-00:00:00",
+                                   "UNLIMITED"])
+def test_slurm_time_formats_sbatch_accepts(value: str) -> None:
+    from hetlm.cluster.spec import check_slurm_time
+
+    assert check_slurm_time(value) == value
+
+
+@pytest.mark.parametrize("value", ["2days", "12h", "1:2:3:4", "-1", ""])
+def test_slurm_time_formats_sbatch_refuses(value: str) -> None:
+    from hetlm.cluster.spec import check_slurm_time
+
+    with pytest.raises(ValueError, match="D-HH:MM:SS"):
+        check_slurm_time(value)
