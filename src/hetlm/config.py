@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hetlm.errors import HetlmError
 from hetlm.topology import BatchSplit
@@ -134,7 +134,11 @@ class TrainSection(_Section):
     eval_every: int = Field(0, ge=0, description="0: only at the end.")
     eval_samples: int = Field(256, ge=0)
     eval_batch: int = Field(16, gt=0)
-    log_every: int = Field(10, gt=0, description="Progress-bar/TensorBoard cadence; JSONL has every step.")
+    log_every: int = Field(10, gt=0, description="Progress-bar and report_to cadence (and step "
+                           "1); JSONL has every step.")
+    report_to: list[str] = Field(
+        default_factory=lambda: ["tensorboard"], description="Experiment trackers: a list of "
+        "tensorboard, wandb, mlflow, or none (wandb/mlflow: pip install 'hetlm[track]').")
     dist_timeout_s: float = Field(600.0, gt=0, description="A collective slower than this ends "
                                   "the run, naming the ranks that did not arrive (heartbeats).")
     on_nonfinite: Literal["stop", "rollback"] = Field(
@@ -151,6 +155,17 @@ class TrainSection(_Section):
     prefetch: bool = Field(
         True, description="Build the next step's micro-batches in a background thread while "
         "the current step computes (pinned memory and non-blocking copies on CUDA).")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _trackers(cls, value: Any) -> list[str]:
+        """One name, a list, or "wandb,mlflow"; "none" for none; each one's library installed
+        (checked here, before any rank starts)."""
+        from hetlm.train.tracking import check_installed, normalize_report_to
+
+        names = normalize_report_to(value)
+        check_installed(names)
+        return names
 
 
 class PretrainConfig(_Section):

@@ -276,6 +276,7 @@ class RankPlan(_Strict):
 class NodePlan(_Strict):
     name: str
     host: str | None = None
+    hostname: str | None = None  # the Slurm node name, where the cluster file gives one
     ranks: int = Field(ge=1)
 
 
@@ -640,7 +641,8 @@ def make_plan(
         zero_stage=stage,
         engine=chosen_engine,
         nodes=[
-            {"name": node.name, "host": node.host, "ranks": len(node.devices)}
+            {"name": node.name, "host": node.host, "hostname": node.hostname,
+             "ranks": len(node.devices)}
             for node in cluster.nodes
         ],
         network={

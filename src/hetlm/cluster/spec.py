@@ -7,10 +7,16 @@ silently become the default). Example::
     nodes:
       - name: node0                 # optional, default node0, node1, ...
         host: 10.0.0.1              # optional; launch lines show NODE0_HOST until it is given
+        hostname: gpu-v100-01       # optional: the Slurm node name (--nodelist); default: host
+                                    # when host is a name rather than an IP address
         gpus: {model: V100-32GB, count: 2}
         samples_per_s: [120.0, 118.0]   # optional measured speeds, one per GPU, or a probe file
       - gpus: {memory_gib: 24, tflops: 100, count: 1, precisions: [fp32, fp16]}
     network: {inter_node_gbps: 10, intra_node_gbps: 100}
+    slurm:                          # optional: for the generated sbatch script
+      partition: gpu
+      time: "2-00:00:00"
+      env: ["source /nfs/envs/hetlm/bin/activate"]   # shell lines run before the launch
 
 Ranks are numbered node by node (node 0's GPUs first), which is how torchrun assigns global ranks
 when each node is started with its ``--node-rank``.
@@ -19,6 +25,7 @@ when each node is started with its ``--node-rank``.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -84,6 +91,8 @@ class GpuSpec(_Strict):
 class NodeSpec(_Strict):
     name: str | None = None
     host: str | None = None
+    #: The node's host name as Slurm knows it (``--nodelist`` takes names, not IP addresses).
+    hostname: str | None = None
     gpus: GpuSpec
     #: Measured samples/s per GPU (``hetlm probe``), or the path of a probe file holding them.
     samples_per_s: list[float] | str | None = None
@@ -125,9 +134,45 @@ class NetworkSpec(_Strict):
     intra_node_gbps: float = Field(100.0, gt=0)  # between GPUs of one node (PCIe/NVLink), Gbit/s
 
 
+class SlurmSpec(_Strict):
+    """Defaults for the generated sbatch script (``hetlm plan --slurm-*`` override them)."""
+
+    partition: str | None = None
+    time: str | None = None
+    account: str | None = None
+    cpus_per_gpu: int = Field(4, ge=1)
+    #: Shell lines run in the batch script before the launch (activate the environment, module
+    #: load, exports); srun passes the resulting environment on to every node.
+    env: list[str] = Field(default_factory=list)
+
+    @field_validator("env", mode="before")
+    @classmethod
+    def _lines(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("time", mode="before")
+    @classmethod
+    def _slurm_time(cls, value: Any) -> str | None:
+        return None if value is None else check_slurm_time(str(value))
+
+
+_SLURM_TIME = re.compile(r"(\d+-\d{1,2}(:\d{1,2}){0,2}|\d+(:\d{1,2}){0,2})")
+
+
+def check_slurm_time(value: str) -> str:
+    """``value`` if it is a time limit sbatch accepts (minutes, MM:SS, HH:MM:SS, D-HH,
+    D-HH:MM, D-HH:MM:SS, UNLIMITED); a ValueError saying the formats otherwise."""
+    value = value.strip()
+    if _SLURM_TIME.fullmatch(value) or value.upper() in ("UNLIMITED", "INFINITE"):
+        return value
+    raise ValueError(f"Slurm time limit {value!r} is not one of minutes, HH:MM:SS or "
+                     "D-HH:MM:SS (e.g. 2-00:00:00 for two days)")
+
+
 class ClusterSpec(_Strict):
     nodes: list[NodeSpec] = Field(min_length=1)
     network: NetworkSpec = Field(default_factory=NetworkSpec)
+    slurm: SlurmSpec = Field(default_factory=SlurmSpec)
 
     @model_validator(mode="after")
     def _unique_names(self) -> ClusterSpec:
@@ -156,6 +201,7 @@ class Node:
     name: str
     host: str | None
     devices: tuple[Device, ...]
+    hostname: str | None = None
 
 
 @dataclass(frozen=True)
@@ -164,6 +210,7 @@ class Cluster:
     inter_node_gbps: float = 10.0
     intra_node_gbps: float = 100.0
     source: str = "cluster"
+    slurm: SlurmSpec = dataclasses.field(default_factory=SlurmSpec)
 
     @property
     def devices(self) -> tuple[Device, ...]:
@@ -345,13 +392,15 @@ def parse_cluster(data: Any, source: str = "cluster", base_dir: Path | None = No
             )
             rank += 1
         nodes.append(
-            Node(name=node_spec.name or f"node{i}", host=node_spec.host, devices=tuple(devices))
+            Node(name=node_spec.name or f"node{i}", host=node_spec.host, devices=tuple(devices),
+                 hostname=node_spec.hostname)
         )
     return Cluster(
         nodes=tuple(nodes),
         inter_node_gbps=spec.network.inter_node_gbps,
         intra_node_gbps=spec.network.intra_node_gbps,
         source=source,
+        slurm=spec.slurm,
     )
 
 

@@ -73,7 +73,40 @@ def register(subparsers: Any) -> None:
         help="optimizer steps of the run, to report its duration and GPU-days",
     )
     parser.add_argument("--master-port", type=int, default=29500)
+    slurm = parser.add_argument_group(
+        "Slurm script", "override the cluster file's slurm: section (docs/PLANNER.md)")
+    slurm.add_argument("--slurm-partition", help="#SBATCH --partition")
+    slurm.add_argument("--slurm-time", help="#SBATCH --time, e.g. 2-00:00:00 or 12:00:00")
+    slurm.add_argument("--slurm-account", help="#SBATCH --account")
+    slurm.add_argument("--slurm-cpus-per-gpu", type=int,
+                       help="CPU cores per GPU for each node's torchrun (default 4)")
+    slurm.add_argument("--slurm-env", action="append", default=[], metavar="LINE",
+                       help="a shell line run before the launch, e.g. \"source "
+                       "/nfs/envs/hetlm/bin/activate\" (repeatable; after the file's slurm.env)")
     parser.set_defaults(func=run)
+
+
+def slurm_options(cluster: Any, args: argparse.Namespace) -> Any:
+    """The cluster file's ``slurm:`` section with the ``--slurm-*`` flags on top."""
+    from hetlm.cluster.launch_scripts import SlurmOptions
+    from hetlm.cluster.spec import check_slurm_time
+
+    spec = cluster.slurm
+    time = spec.time
+    if args.slurm_time:
+        try:
+            time = check_slurm_time(args.slurm_time)
+        except ValueError as exc:
+            raise HetlmError(f"--slurm-time: {exc}") from None
+    if args.slurm_cpus_per_gpu is not None and args.slurm_cpus_per_gpu < 1:
+        raise HetlmError("--slurm-cpus-per-gpu must be a positive integer")
+    return SlurmOptions(
+        partition=args.slurm_partition or spec.partition,
+        time=time,
+        account=args.slurm_account or spec.account,
+        cpus_per_gpu=args.slurm_cpus_per_gpu or spec.cpus_per_gpu,
+        env=(*spec.env, *args.slurm_env),
+    )
 
 
 def resolve_model(spec: str, vocab_size: int, seq_len: int) -> tuple[Any, str]:
@@ -110,7 +143,12 @@ def resolve_model(spec: str, vocab_size: int, seq_len: int) -> tuple[Any, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hetlm.cluster.launch_scripts import placeholders, slurm_script, torchrun_commands
+    from hetlm.cluster.launch_scripts import (
+        placeholders,
+        slurm_name,
+        slurm_script,
+        torchrun_commands,
+    )
     from hetlm.cluster.planner import make_plan
     from hetlm.cluster.spec import load_cluster
 
@@ -119,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
     if args.steps is not None and args.steps < 1:
         raise HetlmError("--steps must be a positive integer")
     cluster = load_cluster(args.cluster)
+    slurm = slurm_options(cluster, args)
     config, name = resolve_model(args.model, args.vocab_size, args.seq_len)
     plan = make_plan(
         cluster,
@@ -143,7 +182,9 @@ def run(args: argparse.Namespace) -> int:
     plan_path = plan.save(args.output)
     slurm_path = plan_path.with_suffix(".sbatch")
     slurm_path.write_text(
-        slurm_script(plan, args.config, args.output, master_port=args.master_port), encoding="utf-8"
+        slurm_script(plan, args.config, args.output, master_port=args.master_port,
+                     options=slurm),
+        encoding="utf-8",
     )
     print(f"\nplan written to {plan_path}; Slurm script written to {slurm_path}")
     print("launch (one command per node, from the same directory on a shared file system):")
@@ -151,6 +192,10 @@ def run(args: argparse.Namespace) -> int:
         torchrun_commands(plan, args.config, args.output, args.master_port)
     ):
         print(f"  [{plan.nodes[i].name}] {command}")
+    unnamed = [node.name for i, node in enumerate(plan.nodes) if slurm_name(plan, i) is None]
+    if unnamed:
+        print(f"Slurm script: no host name for {', '.join(unnamed)} (an IP address cannot go in "
+              "--nodelist): add hostname: to those nodes in the cluster file and re-plan")
     missing = placeholders(plan)
     if missing:
         print(

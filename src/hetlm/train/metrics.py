@@ -1,4 +1,5 @@
-"""Run metrics: a JSON Lines file (every step), TensorBoard scalars, a progress bar, a plot.
+"""Run metrics: a JSON Lines file (every step), the trackers of ``train.report_to`` (TensorBoard
+by default; W&B, MLflow: ``hetlm.train.tracking``), a progress bar, a plot.
 
 Only rank 0 writes. The JSONL file is appended to, so a resumed run continues the same file.
 Each step is in it once: a run that resumes from checkpoint k (``--resume``, a torchrun restart,
@@ -15,6 +16,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+from hetlm.train.tracking import (
+    DEFAULT_REPORT_TO,
+    Tracker,
+    eval_scalars,
+    open_trackers,
+    step_scalars,
+)
+
 # Events kept when the steps after a checkpoint are dropped; others (eval, heartbeat) belong to
 # the step they name.
 LIFECYCLE_EVENTS = {"start", "resume", "restart", "rollback", "stop", "end"}
@@ -22,12 +31,16 @@ LIFECYCLE_EVENTS = {"start", "resume", "restart", "rollback", "stop", "end"}
 
 class MetricsLogger:
     def __init__(self, output_dir: Path, *, total_steps: int, start_step: int, enabled: bool,
-                 log_every: int, restart: int | None = None) -> None:
+                 log_every: int, restart: int | None = None,
+                 report_to: list[str] | None = None,
+                 run_config: dict[str, Any] | None = None) -> None:
+        """``report_to``: tracker names (None: TensorBoard, as before the option existed);
+        ``run_config``: the run's config, logged as the trackers' config / params."""
         self.enabled = enabled
         self.log_every = log_every
         self.path = Path(output_dir) / "metrics.jsonl"
         self._bar = None
-        self._tb = None
+        self._trackers: list[Tracker] = []
         if not enabled:
             return
         from tqdm.auto import tqdm
@@ -44,18 +57,18 @@ class MetricsLogger:
                        resumed_from=start_step or None, dropped_steps=dropped)
         self._bar = tqdm(total=total_steps, initial=start_step, desc="pretrain", unit="step",
                          dynamic_ncols=True, disable=None)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"))
-        except ImportError:  # tensorboard is a dependency; tolerate a trimmed install
-            self._tb = None
+        names = DEFAULT_REPORT_TO if report_to is None else report_to
+        self._trackers = open_trackers(names, Path(output_dir), config=run_config or {},
+                                       resume=bool(start_step or restart))
 
     def event(self, **fields: Any) -> None:
-        """A non-step record (start, resume, eval, end)."""
+        """A non-step record (start, resume, eval, end); an eval's numbers also go to the
+        trackers as ``eval/<name>``."""
         if self.enabled:
             self._file.write(json.dumps(fields, ensure_ascii=False) + "\n")
             self._file.flush()
+            if fields.get("event") == "eval" and isinstance(fields.get("step"), int):
+                self._track(eval_scalars(fields), fields["step"])
 
     def rewind(self, step: int) -> list[int]:
         """Drop the records of steps after ``step`` (a rollback to checkpoint ``step``)."""
@@ -77,22 +90,26 @@ class MetricsLogger:
             if step % self.log_every == 0:
                 self._bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
                                       tok_s=f"{record['tokens_per_s']:.0f}")
-        if self._tb is not None and (step % self.log_every == 0 or step == 1):
-            for key in ("loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s", "step_time_s"):
-                if record.get(key) is not None:
-                    self._tb.add_scalar(f"train/{key}", record[key], step)
+        if step % self.log_every == 0 or step == 1:
+            self._track(step_scalars(record), step)
 
     def scalar(self, tag: str, value: float, step: int) -> None:
-        if self._tb is not None:
-            self._tb.add_scalar(tag, value, step)
+        """One named scalar to every tracker."""
+        if self.enabled:
+            self._track({tag: float(value)}, step)
+
+    def _track(self, metrics: dict[str, float], step: int) -> None:
+        for tracker in self._trackers:
+            tracker.log(metrics, step)
 
     def close(self) -> None:
         if not self.enabled:
             return
         if self._bar is not None:
             self._bar.close()
-        if self._tb is not None:
-            self._tb.close()
+        for tracker in self._trackers:
+            tracker.close()
+        self._trackers = []
         self._file.close()
 
 

@@ -467,7 +467,9 @@ class Pretraining:
         cfg, ctx = self.train_cfg, self.ctx
         end_step = min(cfg.max_steps, stop_at_step or cfg.max_steps)
         logger = MetricsLogger(self.output_dir, total_steps=cfg.max_steps, start_step=self.step,
-                               enabled=ctx.is_main, log_every=cfg.log_every)
+                               enabled=ctx.is_main, log_every=cfg.log_every,
+                               report_to=cfg.report_to,
+                               run_config=self.config.model_dump(mode="json"))
         logger.event(event="resume" if self.step else "start", step=self.step,
                      world_size=ctx.world_size, shares=list(self.split.shares),
                      micro_steps=self.split.micro_steps, precision=self.precision.name,
@@ -543,9 +545,7 @@ class Pretraining:
             if cfg.eval_every and self.step % cfg.eval_every == 0 and not done:
                 HB.beat("eval", self.step)
                 metrics = self.evaluate()
-                logger.event(event="eval", step=self.step, **metrics)
-                logger.scalar("eval/loss", metrics["eval_loss"], self.step)
-                logger.scalar("eval/accuracy", metrics["eval_accuracy"], self.step)
+                logger.event(event="eval", step=self.step, **metrics)  # and to the trackers
             if done or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
                 self.save_checkpoint()
         if self.step < cfg.max_steps:  # stopped early on request: resumable, no final model
