@@ -3,7 +3,7 @@
 Layout of ``<output_dir>/checkpoints/step-00000100/``: the model as ``save_pretrained`` writes
 it (safetensors + config.json, so ``transformers`` can load any checkpoint), ``optimizer.pt``,
 ``scheduler.pt``, ``precision.pt``, ``rng.pt`` (every rank's RNG states), ``trainer_state.json``
-(step, sampler position, what the run was trained on) and ``manifest.json`` (size and sha256 of
+(step, sampler position, what the run was trained on, the run id and the lr schedule) and ``manifest.json`` (size and sha256 of
 every file), written last.
 
 The model and the full optimizer state are gathered to rank 0, which writes them; engines with
@@ -184,9 +184,12 @@ class CheckpointManager:
                 found.append((int(match.group(1)), path))
         return sorted(found)
 
-    def latest_valid(self) -> Path | None:
-        """Newest checkpoint whose files match their manifest; broken ones are skipped."""
+    def latest_valid(self, accept: Callable[[Path], bool] | None = None) -> Path | None:
+        """Newest checkpoint whose files match their manifest; broken ones are skipped.
+        ``accept``: only checkpoints it accepts count (e.g. those of one run id)."""
         for _step, path in reversed(self.complete_checkpoints()):
+            if accept is not None and not accept(path):
+                continue
             problem = verify_manifest(path)
             if problem is None:
                 return path

@@ -22,8 +22,9 @@ LIFECYCLE_EVENTS = {"start", "resume", "restart", "rollback", "stop", "end"}
 
 class MetricsLogger:
     def __init__(self, output_dir: Path, *, total_steps: int, start_step: int, enabled: bool,
-                 log_every: int, restart: int | None = None) -> None:
+                 log_every: int, restart: int | None = None, run_id: str | None = None) -> None:
         self.enabled = enabled
+        self.run_id = run_id  # stamped on every event (start, resume, restart, eval, end)
         self.log_every = log_every
         self.path = Path(output_dir) / "metrics.jsonl"
         self._bar = None
@@ -52,8 +53,10 @@ class MetricsLogger:
             self._tb = None
 
     def event(self, **fields: Any) -> None:
-        """A non-step record (start, resume, eval, end)."""
+        """A non-step record (start, resume, eval, end), with the run id."""
         if self.enabled:
+            if self.run_id is not None:
+                fields = {**fields, "run_id": self.run_id}
             self._file.write(json.dumps(fields, ensure_ascii=False) + "\n")
             self._file.flush()
 
