@@ -167,9 +167,12 @@ def _write_errors(final: Path, needed_bytes: Callable[[], int] | None = None,
 
 
 class CheckpointManager:
-    def __init__(self, root: Path, keep_last: int) -> None:
+    def __init__(self, root: Path, keep_last: int, run_id: str | None = None) -> None:
+        """``run_id``: the run whose checkpoints ``keep_last`` counts and prunes (another run's
+        left in the folder are never pruned in its place; None: every checkpoint)."""
         self.root = Path(root)
         self.keep_last = keep_last
+        self.run_id = run_id
 
     def step_dir(self, step: int) -> Path:
         return self.root / f"step-{step:08d}"
@@ -254,8 +257,17 @@ class CheckpointManager:
 
     def _prune(self) -> None:
         complete = self.complete_checkpoints()
+        if self.run_id is not None:
+            complete = [(s, p) for s, p in complete if self._run_id_of(p) == self.run_id]
         for _step, path in complete[:-self.keep_last]:
             shutil.rmtree(path, ignore_errors=True)
+
+    @staticmethod
+    def _run_id_of(path: Path) -> str | None:
+        try:
+            return json.loads((path / "trainer_state.json").read_text()).get("run_id")
+        except (OSError, ValueError):
+            return None
 
     @staticmethod
     def load_trainer_state(directory: Path) -> dict[str, Any]:

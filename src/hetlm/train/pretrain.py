@@ -261,7 +261,8 @@ class Pretraining:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if ctx.enabled:
             _check_shared_dir(ctx, self.output_dir)
-        self.checkpoints = CheckpointManager(self.output_dir / "checkpoints", self.train_cfg.keep_last)
+        self.checkpoints = CheckpointManager(self.output_dir / "checkpoints",
+                                             self.train_cfg.keep_last, run_id=self.run_id)
 
         model = self._build_model()
         self.fingerprint = self._run_fingerprint()

@@ -56,17 +56,16 @@ def read_run_id(output_dir: Path) -> str | None:
 
 def checkpoint_run_id(path: Path) -> str | None:
     """The run id in a checkpoint's trainer state (None: written before run ids existed)."""
-    try:
-        return CheckpointManager.load_trainer_state(Path(path)).get("run_id")
-    except (OSError, ValueError):
-        return None
+    return CheckpointManager._run_id_of(Path(path))
 
 
 def existing_artifacts(output_dir: Path) -> list[str]:
-    """The run artifacts present in ``output_dir`` (names from RUN_ARTIFACTS)."""
+    """The run artifacts present in ``output_dir`` (names from RUN_ARTIFACTS). ``run.json``
+    alone is no run (a start refused before it wrote anything leaves only that)."""
     output_dir = Path(output_dir)
-    return [name for name in RUN_ARTIFACTS if (output_dir / name).exists()
-            and not ((output_dir / name).is_dir() and not any((output_dir / name).iterdir()))]
+    present = [name for name in RUN_ARTIFACTS if (output_dir / name).exists()
+               and not ((output_dir / name).is_dir() and not any((output_dir / name).iterdir()))]
+    return present if set(present) - {RUN_FILE} else []
 
 
 def describe_run(output_dir: Path) -> str:
@@ -158,7 +157,13 @@ def _plan_resume_latest(output_dir: Path, current: str | None, overwrite: bool) 
         raise HetlmError(f"no complete checkpoint under {root} to resume from: run without "
                          "--resume to start a new run")
     run_id = current or checkpoint_run_id(found) or new_run_id()
-    return _with_conflicts(output_dir, found, run_id, overwrite)
+    others = [p for _s, p in CheckpointManager(root, 1).complete_checkpoints()
+              if checkpoint_run_id(p) not in (None, run_id)]
+    if others and overwrite:
+        return RunStart(run_id, found, others, f"hetlm: --overwrite: deleted {len(others)} "
+                        f"checkpoint(s) of other runs in {root}")
+    return RunStart(run_id, found, message=f"hetlm: ignoring {len(others)} checkpoint(s) of "
+                    f"other runs in {root}" if others else None)
 
 
 def _plan_resume_path(output_dir: Path, path: Path, current: str | None,
@@ -189,8 +194,8 @@ def _plan_resume_path(output_dir: Path, path: Path, current: str | None,
 
 
 def _with_conflicts(output_dir: Path, chosen: Path, run_id: str, overwrite: bool) -> RunStart:
-    """Checkpoints in output_dir that would mix with ``chosen``: another run's, or this run's
-    after it (an abandoned branch). Refused, or deleted with --overwrite."""
+    """(--resume PATH) Checkpoints in output_dir that would mix with ``chosen``: another run's,
+    or this run's after it (an abandoned branch). Refused, or deleted with --overwrite."""
     step = int(CheckpointManager.load_trainer_state(chosen)["step"])
     conflicts = []
     for s, p in CheckpointManager(output_dir / "checkpoints", 1).complete_checkpoints():
