@@ -158,3 +158,15 @@ def test_a_few_replaced_characters_do_not_warn(tmp_path):
     stats = CorpusStats()
     list(iter_documents([clean], stats=stats))
     assert stats.encoding_warnings == []
+
+
+def test_instruction_data_partly_in_shift_jis_warns(tmp_path):
+    from hetlm.errors import HetlmWarning
+    from hetlm.sft.data import load_examples
+
+    rows = [json.dumps(r, ensure_ascii=False) for r in dolly_rows(8)]
+    data = tmp_path / "rows.jsonl"
+    data.write_bytes("\n".join(rows[:6]).encode("utf-8") + b"\n"
+                     + "\n".join(rows[6:]).encode("cp932", errors="replace") + b"\n")
+    with pytest.warns(HetlmWarning, match=r"rows.jsonl: .* replaced character\(s\) \(U\+FFFD\)"):
+        assert len(load_examples(data)) == 8
