@@ -137,3 +137,21 @@ def test_an_automatic_restart_resumes_this_run_without_resume(tiny_packed, tmp_p
     assert "restart 1: resuming from" in capsys.readouterr().out
     assert _steps(run) == [1, 2, 3, 4]
     assert [r["step"] for r in _records(run) if r.get("event") == "resume"] == [2]
+
+
+def test_resume_options_on_the_command_line():
+    from hetlm.cli import build_parser
+    from hetlm.commands.run_options import fix_resume_argument
+
+    parser = build_parser()
+    for argv, config, resume in (
+            (["pretrain", "run.yaml", "--resume"], "run.yaml", True),
+            (["pretrain", "--resume", "run.yaml"], "run.yaml", True),  # not a checkpoint PATH
+            (["sft", "run.yaml", "--resume", "ck/step-00000010"], "run.yaml", "ck/step-00000010"),
+            (["sft", "run.yaml"], "run.yaml", False)):
+        args = parser.parse_args(argv)
+        fix_resume_argument(args)
+        assert (args.config, args.resume) == (config, resume), argv
+    args = parser.parse_args(["pretrain", "run.yaml", "--extend", "continue"])
+    with pytest.raises(HetlmError, match="add --resume"):
+        fix_resume_argument(args)

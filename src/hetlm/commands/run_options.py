@@ -94,11 +94,17 @@ def report_heartbeats(output_dir, world_size: int, since: float) -> None:
 
 def fix_resume_argument(args: argparse.Namespace) -> None:
     """``hetlm pretrain --resume run.yaml`` (the config right after a bare --resume): argparse
-    takes the config for the checkpoint PATH; give it back to the config."""
+    takes the config for the checkpoint PATH; give it back to the config. ``--extend`` without
+    ``--resume`` is refused (there is no schedule to extend)."""
+    from hetlm.errors import HetlmError
+
     resume = args.resume
     if (args.config is None and isinstance(resume, str)
             and resume.endswith((".yaml", ".yml"))):
         args.config, args.resume = resume, True
+    if args.extend and not args.resume:
+        raise HetlmError(f"--extend {args.extend} reshapes the lr schedule of a resumed run: "
+                         "add --resume")
 
 
 def print_result(summary: dict[str, Any], args: argparse.Namespace,
