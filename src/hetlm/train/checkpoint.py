@@ -169,7 +169,8 @@ def _write_errors(final: Path, needed_bytes: Callable[[], int] | None = None,
 class CheckpointManager:
     def __init__(self, root: Path, keep_last: int, run_id: str | None = None) -> None:
         """``run_id``: the run whose checkpoints ``keep_last`` counts and prunes (another run's
-        left in the folder are never pruned in its place; None: every checkpoint)."""
+        left in the folder are never pruned in its place; ones without a run id count as this
+        run's; None: every checkpoint)."""
         self.root = Path(root)
         self.keep_last = keep_last
         self.run_id = run_id
@@ -258,7 +259,7 @@ class CheckpointManager:
     def _prune(self) -> None:
         complete = self.complete_checkpoints()
         if self.run_id is not None:
-            complete = [(s, p) for s, p in complete if self._run_id_of(p) == self.run_id]
+            complete = [(s, p) for s, p in complete if self._run_id_of(p) in (None, self.run_id)]
         for _step, path in complete[:-self.keep_last]:
             shutil.rmtree(path, ignore_errors=True)
 

@@ -91,11 +91,14 @@ class RunStart:
 
 
 def _this_runs_checkpoints(output_dir: Path, run_id: str | None) -> list[tuple[int, Path]]:
-    """Complete checkpoints of ``run_id`` (without a run.json: all of them, legacy folders)."""
+    """Complete checkpoints of ``run_id`` (without a run.json: all of them, legacy folders).
+    Checkpoints without a run id (written before run ids existed) count as this run's: a run
+    can only share a folder with them by resuming them (a fresh start over them is refused),
+    so they are its own earlier steps."""
     found = CheckpointManager(Path(output_dir) / "checkpoints", 1).complete_checkpoints()
     if run_id is None:
         return found
-    return [(s, p) for s, p in found if checkpoint_run_id(p) == run_id]
+    return [(s, p) for s, p in found if checkpoint_run_id(p) in (None, run_id)]
 
 
 def latest_of_run(output_dir: Path, run_id: str | None) -> Path | None:
