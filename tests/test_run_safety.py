@@ -155,3 +155,35 @@ def test_resume_options_on_the_command_line():
     args = parser.parse_args(["pretrain", "run.yaml", "--extend", "continue"])
     with pytest.raises(HetlmError, match="add --resume"):
         fix_resume_argument(args)
+
+
+def _fake_checkpoint(run: Path, step: int, run_id: str | None) -> Path:
+    """A complete checkpoint folder as far as run_dir looks (trainer state + manifest)."""
+    from hetlm.train.checkpoint import write_manifest
+
+    path = _ckpt(run, step)
+    path.mkdir(parents=True)
+    state = {"step": step} | ({"run_id": run_id} if run_id else {})
+    (path / "trainer_state.json").write_text(json.dumps(state))
+    write_manifest(path)
+    return path
+
+
+def test_run_dir_plans_for_folders_from_before_run_ids(tmp_path):
+    from hetlm.train.run_dir import apply_start, plan_start
+
+    legacy = tmp_path / "legacy"
+    old = _fake_checkpoint(legacy, 4, None)
+    start = plan_start(legacy, resume=True)  # adopts them: a new id, resumes the newest
+    assert start.resume_from == old and start.run_id
+    apply_start(legacy, start, report=None)
+    # a restart before this run wrote a checkpoint resumes the adopted one, not step 0
+    assert plan_start(legacy, resume=True, restart=1).resume_from == old
+    assert plan_start(legacy, restart=1).resume_from == old
+    # a legacy folder with checkpoints of two runs (ids, no run.json) is not guessed at
+    mixed = tmp_path / "mixed"
+    _fake_checkpoint(mixed, 2, "a")
+    _fake_checkpoint(mixed, 4, "b")
+    with pytest.raises(HetlmError, match="2 different runs.*--resume PATH"):
+        plan_start(mixed, resume=True)
+    assert plan_start(mixed, resume=_ckpt(mixed, 2), overwrite=True).delete == [_ckpt(mixed, 4)]
