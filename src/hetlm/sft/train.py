@@ -237,6 +237,7 @@ class InstructionTuning(Pretraining):
     """The pretraining loop with instruction data, a LoRA model and an adapter as output."""
 
     config: SFTConfig
+    command = "sft"
 
     def __init__(self, config: SFTConfig, ctx: D.DistContext, resume: bool | Path,
                  **options: Any) -> None:

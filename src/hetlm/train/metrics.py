@@ -22,7 +22,8 @@ LIFECYCLE_EVENTS = {"start", "resume", "restart", "rollback", "stop", "end"}
 
 class MetricsLogger:
     def __init__(self, output_dir: Path, *, total_steps: int, start_step: int, enabled: bool,
-                 log_every: int, restart: int | None = None, run_id: str | None = None) -> None:
+                 log_every: int, restart: int | None = None, run_id: str | None = None,
+                 desc: str = "pretrain") -> None:
         self.enabled = enabled
         self.run_id = run_id  # stamped on every event (start, resume, restart, eval, end)
         self.log_every = log_every
@@ -43,7 +44,7 @@ class MetricsLogger:
         if restart:
             self.event(event="restart", restart=restart, step=start_step,
                        resumed_from=start_step or None, dropped_steps=dropped)
-        self._bar = tqdm(total=total_steps, initial=start_step, desc="pretrain", unit="step",
+        self._bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step",
                          dynamic_ncols=True, disable=None)
         try:
             from torch.utils.tensorboard import SummaryWriter

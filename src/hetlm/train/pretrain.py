@@ -239,6 +239,8 @@ def _check_resume_compatible(saved: dict[str, Any], current: dict[str, Any], pat
 class Pretraining:
     """Owns the objects of one run; ``run()`` is the loop."""
 
+    command = "pretrain"  # the progress bar's label
+
     def __init__(self, config: PretrainConfig, ctx: D.DistContext, resume: bool | Path, *,
                  run_id: str | None = None, extend: str | None = None) -> None:
         """``resume``: continue from the latest valid checkpoint of this run (True), or from
@@ -518,7 +520,8 @@ class Pretraining:
         cfg, ctx = self.train_cfg, self.ctx
         end_step = min(cfg.max_steps, stop_at_step or cfg.max_steps)
         logger = MetricsLogger(self.output_dir, total_steps=cfg.max_steps, start_step=self.step,
-                               enabled=ctx.is_main, log_every=cfg.log_every, run_id=self.run_id)
+                               enabled=ctx.is_main, log_every=cfg.log_every, run_id=self.run_id,
+                               desc=self.command)
         logger.event(event="resume" if self.step else "start", step=self.step,
                      world_size=ctx.world_size, shares=list(self.split.shares),
                      micro_steps=self.split.micro_steps, precision=self.precision.name,
