@@ -416,8 +416,8 @@ class Pretraining:
             warmup = self.train_cfg.warmup_steps
             warmup = max(1, round(0.06 * (now - step))) if warmup is None else warmup
             self.schedule = self.schedule.restarted(step, now, warmup)
-            how = (f"a new schedule from step {step}: warm-up over {warmup} steps from "
-                   f"{current * base:.3g} to {base:.3g}, then decay to 0 at step {now}")
+            how = (f"a new schedule from step {step} (lr {current * base:.3g} there): warm-up "
+                   f"over {warmup} steps to {base:.3g}, then decay to 0 at step {now}")
         if self.ctx.is_main:
             print(f"hetlm: warning: --extend {self.extend}: max_steps {was} -> {now}; {how}",
                   flush=True)
