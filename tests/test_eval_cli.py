@@ -62,7 +62,7 @@ def _no_tokenizer(tmp_path, tiny_bert):
 
 
 @pytest.mark.parametrize("make_args, message", [
-    (lambda tmp, bert: ["--model", str(tmp / "missing")], "does not exist"),
+    (lambda tmp, bert: ["--model", str(tmp / "missing")], "no such folder"),
     (lambda tmp, bert: ["--model", str(_no_tokenizer(tmp, bert))], "has no tokenizer files"),
     (lambda tmp, bert: ["--model", str(tmp)], "has no config.json"),
     (lambda tmp, bert: ["--model", str(bert), "--tasks", "chabsa,squad"], "unknown task 'squad'"),

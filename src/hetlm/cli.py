@@ -13,7 +13,7 @@ import os
 import sys
 import warnings
 
-from hetlm import __version__
+from hetlm import __version__, quiet
 from hetlm.errors import HetlmError, HetlmWarning
 
 COMMAND_MODULES = [
@@ -58,6 +58,7 @@ def _format_warning(message, category, filename, lineno, line=None) -> str:
 def main(argv: list[str] | None = None) -> int:
     # Library progress bars (dataset saving, weight loading) drown hetlm's own output.
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    quiet.install()  # third-party noise every command would print (hetlm/quiet.py)
     warnings.formatwarning = _format_warning
     parser = build_parser()
     args = parser.parse_args(argv)

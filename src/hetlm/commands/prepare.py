@@ -82,11 +82,14 @@ def run(args: argparse.Namespace) -> int:
                                move=args.move)
         print(summary.summary())
         return 0
-    from hetlm.data.packing import prepare_dataset
-    from hetlm.data.shards import parse_shard
+    from hetlm.models.source import resolve_model_source
 
     if not args.tokenizer:
         raise HetlmError("--tokenizer is required (a folder from `hetlm tokenizer train`)")
+    resolve_model_source(args.tokenizer, "--tokenizer")  # a mistyped folder fails at once
+    from hetlm.data.packing import prepare_dataset
+    from hetlm.data.shards import parse_shard
+
     hf = hf_source(args)
     if not args.inputs and hf is None:
         raise HetlmError("no corpus given: pass INPUT files/folders or --hf-dataset")

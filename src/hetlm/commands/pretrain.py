@@ -6,6 +6,7 @@ import argparse
 
 from hetlm.commands.run_options import (
     add_run_arguments,
+    fix_resume_argument,
     launch_local,
     print_result,
     steps_line,
@@ -27,6 +28,7 @@ def run(args: argparse.Namespace) -> int:
     from hetlm.config import config_help, load_config
     from hetlm.errors import HetlmError
 
+    fix_resume_argument(args)
     if args.help_config:
         print(config_help())
         return 0
@@ -39,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
         return launch_local("pretrain", args, config, lambda: precheck(config, args))
     from hetlm.train.pretrain import run_pretraining
 
-    summary = run_pretraining(config, resume=args.resume, stop_at_step=args.stop_at_step)
+    summary = run_pretraining(config, resume=args.resume, overwrite=args.overwrite,
+                              extend=args.extend, stop_at_step=args.stop_at_step)
     print_result(summary, args, format_summary)
     return 0
 

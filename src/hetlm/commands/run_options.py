@@ -12,11 +12,19 @@ from typing import Any
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """config, --resume, --stop-at-step, --local-nodes, --nproc-per-node, --max-restarts, --plan,
-    --quiet, --help-config."""
+    """config, --resume [PATH], --overwrite, --extend, --stop-at-step, --local-nodes,
+    --nproc-per-node, --max-restarts, --plan, --quiet, --help-config."""
     parser.add_argument("config", nargs="?", help="run configuration (YAML)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the latest complete checkpoint in run.output_dir")
+    parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="PATH",
+                        help="continue this run from its newest complete checkpoint in "
+                             "run.output_dir, or from the checkpoint folder PATH")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete the run already in run.output_dir (checkpoints, metrics, "
+                             "model) and start again; without it a fresh start there is refused")
+    parser.add_argument("--extend", choices=("continue", "restart"), default=None,
+                        help="on --resume with a changed train.max_steps: 'continue' decays the "
+                             "lr from its current value to 0 at the new max_steps, 'restart' "
+                             "warms up again and decays from that step (docs/FAULTS.md)")
     parser.add_argument("--stop-at-step", type=int, default=None, metavar="N",
                         help="checkpoint and stop at step N (e.g. before a Slurm time limit); "
                              "continue later with --resume")
@@ -53,7 +61,14 @@ def launch_local(command: str, args: argparse.Namespace, config: Any,
     node_of_rank = [r // per_node for r in range(nodes * per_node)]
     config.batch_split(nodes * per_node, node_of_rank)  # topology errors before any launch
     precheck()
-    forwarded = [command, args.config] + (["--resume"] if args.resume else [])
+    from hetlm.train.run_dir import plan_start
+
+    # refuse another run's folder before any agent starts (the run itself deletes, not this)
+    plan_start(config.run.output_dir, resume=args.resume, overwrite=args.overwrite)
+    forwarded = [command, args.config] + (["--resume"] if args.resume is True else
+                                          ["--resume", str(args.resume)] if args.resume else [])
+    forwarded += ["--overwrite"] if args.overwrite else []
+    forwarded += ["--extend", args.extend] if args.extend else []
     forwarded += ["--quiet"] if args.quiet else []
     forwarded += ["--plan", args.plan] if args.plan else []
     if args.stop_at_step:
@@ -75,6 +90,21 @@ def report_heartbeats(output_dir, world_size: int, since: float) -> None:
     if any(r is not None and r["time"] >= since for r in records):
         print("hetlm: last heartbeats: " + "; ".join(
             f"rank {r}: {describe(h)}" for r, h in enumerate(records)), file=sys.stderr)
+
+
+def fix_resume_argument(args: argparse.Namespace) -> None:
+    """``hetlm pretrain --resume run.yaml`` (the config right after a bare --resume): argparse
+    takes the config for the checkpoint PATH; give it back to the config. ``--extend`` without
+    ``--resume`` is refused (there is no schedule to extend)."""
+    from hetlm.errors import HetlmError
+
+    resume = args.resume
+    if (args.config is None and isinstance(resume, str)
+            and resume.endswith((".yaml", ".yml"))):
+        args.config, args.resume = resume, True
+    if args.extend and not args.resume:
+        raise HetlmError(f"--extend {args.extend} reshapes the lr schedule of a resumed run: "
+                         "add --resume")
 
 
 def print_result(summary: dict[str, Any], args: argparse.Namespace,

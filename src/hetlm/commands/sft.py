@@ -6,6 +6,7 @@ import argparse
 
 from hetlm.commands.run_options import (
     add_run_arguments,
+    fix_resume_argument,
     launch_local,
     print_result,
     steps_line,
@@ -27,6 +28,7 @@ def run(args: argparse.Namespace) -> int:
     from hetlm.errors import HetlmError
     from hetlm.sft.config import load_sft_config, sft_config_help
 
+    fix_resume_argument(args)
     if args.help_config:
         print(sft_config_help())
         return 0
@@ -36,13 +38,17 @@ def run(args: argparse.Namespace) -> int:
     if args.plan:
         config.train.plan = args.plan
     if args.local_nodes:
-        from hetlm.sft.train import check_quantization
+        from hetlm.sft.train import check_base_model, check_quantization
 
-        return launch_local("sft", args, config,
-                            lambda: check_quantization(config.model.quantization))
+        def precheck() -> None:
+            check_quantization(config.model.quantization)
+            check_base_model(config.model, config.data.max_length)
+
+        return launch_local("sft", args, config, precheck)
     from hetlm.sft.train import run_sft
 
-    summary = run_sft(config, resume=args.resume, stop_at_step=args.stop_at_step)
+    summary = run_sft(config, resume=args.resume, overwrite=args.overwrite,
+                      extend=args.extend, stop_at_step=args.stop_at_step)
     print_result(summary, args, format_summary)
     return 0
 

@@ -139,6 +139,8 @@ def run_train(args: argparse.Namespace) -> int:
         sudachi_mode=args.sudachi_mode, sudachi_dict=args.sudachi_dict, cleaning=cleaning,
         cleaning_stats=cleaning_stats, hf=hf_source(args), workers=args.workers,
         strict=args.strict)
+    for line in stats.warning_lines():  # first: e.g. a file partly in another encoding
+        print(line)
     print(stats.summary())
     print(cleaning_stats.summary(cleaning))
     kind = args.model_type if args.tokenizer_type == "sentencepiece" else \

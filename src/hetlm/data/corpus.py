@@ -42,6 +42,10 @@ MAX_BAD_RECORD_EXAMPLES = 5
 # feed U+FFFD soup to the tokenizer. Checked over the first ENCODING_CHECK_LINES non-blank lines.
 ENCODING_CHECK_LINES = 64
 ENCODING_BAD_SHARE = 0.5
+# Beyond that check (a file half UTF-8, half Shift_JIS), a file whose replaced characters
+# (U+FFFD: undecodable bytes, or already in the text) exceed this share of its characters, or
+# that has a line mostly replaced, gets a warning first in the summary (an error with --strict).
+REPLACED_WARN_SHARE = 0.001
 COLUMNAR_BATCH_ROWS = 1024
 # Lone surrogates come from undecodable bytes (surrogateescape) or from JSON "\udXXX" escapes;
 # neither can be encoded to UTF-8 later (Arrow, tokenizers), so both become U+FFFD here.
@@ -64,6 +68,7 @@ class CorpusStats:
     bad_record_examples: list[str] = field(default_factory=list)
     bad_record_reasons: dict[str, int] = field(default_factory=dict)
     undecodable_examples: list[str] = field(default_factory=list)
+    encoding_warnings: list[str] = field(default_factory=list)
 
     def note_bad_record(self, path: Path | str, line_number: int,
                         reason: str = "bad record") -> None:
@@ -78,6 +83,11 @@ class CorpusStats:
         self.undecodable_lines += 1
         if len(self.undecodable_examples) < MAX_BAD_RECORD_EXAMPLES:
             self.undecodable_examples.append(where)
+
+    def warning_lines(self) -> list[str]:
+        """``hetlm: warning: ...`` lines, to print before any summary (files that are probably
+        not all UTF-8)."""
+        return [f"hetlm: warning: {text}" for text in self.encoding_warnings]
 
     def as_dict(self) -> dict[str, object]:
         """A JSON-ready copy, for metadata files."""
@@ -205,10 +215,29 @@ class _LineCleaner:
         self.start_file(Path())
 
     def start_file(self, path: Path) -> None:
-        """Reset the per-file encoding check."""
+        """Reset the per-file encoding check and counts of replaced characters."""
         self.path = path
         self.checked_lines = 0
         self.bad_lines = 0
+        self.file_chars = 0
+        self.replaced_chars = 0
+        self.replaced_lines = 0
+        self.mostly_replaced_lines = 0
+
+    def finish_file(self) -> None:
+        """A file whose replaced characters exceed REPLACED_WARN_SHARE of its characters, or
+        with a line mostly replaced, is probably partly in another encoding: a warning that
+        leads the summary, or with --strict an error."""
+        share = self.replaced_chars / max(1, self.file_chars)
+        if not (share > REPLACED_WARN_SHARE or self.mostly_replaced_lines):
+            return
+        text = (f"{self.path}: {self.replaced_chars:,} replaced character(s) (U+FFFD) on "
+                f"{self.replaced_lines:,} line(s), {share:.1%} of its {self.file_chars:,} "
+                "characters: is part of it in another encoding (Shift_JIS? iconv -f CP932 -t "
+                "UTF-8)?")
+        if self.strict:
+            raise HetlmError(f"{text} Convert it, or drop --strict to train on the U+FFFD")
+        self.stats.encoding_warnings.append(text + " --strict makes this an error")
 
     def repair(self, text: str, line_number: int = 0) -> str:
         """Replace lone surrogates (undecodable bytes) with U+FFFD, counting the line once.
@@ -217,6 +246,7 @@ class _LineCleaner:
         UTF-8 at all, and it is refused with a hint rather than read as U+FFFD soup.
         """
         bad = _SURROGATES.search(text) is not None
+        self._count_replaced(_SURROGATES.sub("\ufffd", text) if bad else text)
         if self.checked_lines < ENCODING_CHECK_LINES and text.strip():
             self.checked_lines += 1
             self.bad_lines += bad
@@ -234,6 +264,15 @@ class _LineCleaner:
                              "or drop --strict to replace them with U+FFFD")
         self.stats.note_undecodable(where)
         return _SURROGATES.sub("\ufffd", text)
+
+    def _count_replaced(self, repaired: str) -> None:
+        """U+FFFD in the repaired text (each run of undecodable bytes is one), for finish_file."""
+        self.file_chars += len(repaired)
+        replaced = repaired.count("\ufffd")
+        if replaced:
+            self.replaced_chars += replaced
+            self.replaced_lines += 1
+            self.mostly_replaced_lines += 2 * replaced >= len(repaired.strip())
 
     def pieces(self, line: str) -> list[str]:
         """The line, NFKC-normalised, cut into pieces of at most ``max_line_chars``."""
@@ -425,6 +464,7 @@ def iter_text_documents(texts: Iterator[object], *, where: str, text_field: str 
                 continue
             text = cleaner.repair(text, row)
             yield from _split_document(_clean_text(text, cleaner), max_document_chars, stats)
+        cleaner.finish_file()
 
     stats.files += 1
     yield from count_documents(documents(), stats)
@@ -456,6 +496,7 @@ def _documents_of_file(path: Path, text_field: str, cleaner: _LineCleaner,
             yield from _jsonl_documents(f, path, text_field, cleaner, max_document_chars, stats)
         else:
             yield from _plain_text_documents(f, cleaner, max_document_chars, stats)
+    cleaner.finish_file()
 
 
 def require_documents(stats: CorpusStats, inputs: Sequence[str | Path] | str | Path,

@@ -80,29 +80,33 @@ class PrepareSummary:
     notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        """One paragraph: sequences per split, what was dropped, where it went, the corpus."""
+        """Short lines: warnings first (``hetlm: warning: ...``, e.g. a file partly in another
+        encoding), then sequences per split, what was dropped, chunks, where it went, the corpus
+        and the cleaning."""
         t, v = self.train, self.validation
         what = "Packed" if self.shard is None else f"Shard {self.shard[0]}/{self.shard[1]}: packed"
-        text = (f"{what} {t.documents + v.documents:,} documents ({t.tokens + v.tokens:,} "
-                f"tokens) into {t.sequences:,} train and {v.sequences:,} validation sequences of "
-                f"{self.seq_len} tokens (vocabulary {self.vocab_size:,}); dropped the last "
-                f"partial sequence of each split ({t.dropped_tail_tokens:,} train and "
-                f"{v.dropped_tail_tokens:,} validation tokens).")
+        lines = list(self.corpus.warning_lines())
+        lines.append(f"{what} {t.documents + v.documents:,} documents ({t.tokens + v.tokens:,} "
+                     f"tokens) into {t.sequences:,} train and {v.sequences:,} validation "
+                     f"sequences of {self.seq_len} tokens (vocabulary {self.vocab_size:,}).")
+        lines.append(f"Dropped the last partial sequence of each split "
+                     f"({t.dropped_tail_tokens:,} train and {v.dropped_tail_tokens:,} "
+                     "validation tokens).")
         if self.documents_without_tokens:
-            text += f" Skipped {self.documents_without_tokens:,} document(s) with no tokens."
+            lines.append(f"Skipped {self.documents_without_tokens:,} document(s) with no tokens.")
         if self.chunks and self.chunks_this_run is None:
-            text += f" Chunks: {self.chunks:,}."
+            lines.append(f"Chunks: {self.chunks:,}.")
         elif self.chunks:
-            text += (f" Chunks: {self.chunks:,} in the corpus, {self.chunks_this_run:,} "
-                     f"tokenized now, {self.chunks_resumed:,} resumed from an earlier run.")
+            lines.append(f"Chunks: {self.chunks:,} in the corpus, {self.chunks_this_run:,} "
+                         f"tokenized now, {self.chunks_resumed:,} resumed from an earlier run.")
         if not self.complete:
-            text += " Stopped early: run the same command again to continue."
-        for note in self.notes:
-            text += f" {note}"
-        text += f" Saved to {self.output_dir}. {self.corpus.summary()}"
+            lines.append("Stopped early: run the same command again to continue.")
+        lines.extend(self.notes)
+        lines.append(f"Saved to {self.output_dir}.")
+        lines.append(self.corpus.summary())
         if self.cleaning is not None and self.cleaning_options is not None:
-            text += f" {self.cleaning.summary(self.cleaning_options)}"
-        return text
+            lines.append(self.cleaning.summary(self.cleaning_options))
+        return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- the split and the packer

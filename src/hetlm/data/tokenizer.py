@@ -355,13 +355,13 @@ def load_tokenizer(path_or_name: str | Path, *,
     """
     from transformers import AutoTokenizer
 
-    where = Path(path_or_name).expanduser()
+    from hetlm.models.source import resolve_model_source
+
+    # a local-looking name that does not exist fails here, at once (never tried on the hub)
+    where = Path(resolve_model_source(path_or_name, "tokenizer")).expanduser()
     if where.exists():
         _check_tokenizer_folder(where)
         path_or_name = where
-    elif _looks_like_path(path_or_name):
-        raise HetlmError(f"tokenizer folder {path_or_name} does not exist: check the path, or "
-                         "train one with `hetlm tokenizer train`")
     _check_analyser_installed(where if where.exists() else None)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path_or_name))
@@ -398,13 +398,6 @@ def _check_analyser_installed(folder: Path | None) -> None:
         require_analyser(spec)
     except HetlmError as exc:
         raise HetlmError(f"the tokenizer in {folder} uses {exc}") from exc
-
-
-def _looks_like_path(path_or_name: str | Path) -> bool:
-    """Hub ids are ``name`` or ``org/name``; anything else that does not exist is a bad path."""
-    text = str(path_or_name)
-    return (isinstance(path_or_name, Path) or text.startswith(("/", ".", "~"))
-            or text.count("/") > 1 or os.sep in text and os.sep != "/")
 
 
 def _check_tokenizer_folder(folder: Path) -> None:

@@ -9,7 +9,6 @@ plausible-looking but meaningless numbers.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,11 +76,10 @@ def _short_names(paths: Sequence[str]) -> list[str]:
 
 def check_model(spec: ModelSpec) -> None:
     """Refuse a missing folder, one without a model config, or one without tokenizer files."""
-    path = Path(spec.path).expanduser()
+    from hetlm.models.source import resolve_model_source
+
+    path = Path(resolve_model_source(spec.path, "model")).expanduser()
     if not path.exists():
-        if _looks_like_path(spec.path):
-            raise HetlmError(f"model {spec.path} does not exist: pass a folder written by "
-                             "save_pretrained (e.g. runs/NAME/model) or a hub model name")
         return  # a hub name: transformers resolves it (from the local cache when offline)
     if not path.is_dir():
         raise HetlmError(f"model {spec.path} is a file: pass the checkpoint folder")
@@ -94,10 +92,6 @@ def check_model(spec: ModelSpec) -> None:
                          "copy the tokenizer folder's files into it")
 
 
-def _looks_like_path(text: str) -> bool:
-    """Hub ids are ``name`` or ``org/name``; anything else that does not exist is a bad path."""
-    return text.startswith(("/", ".", "~")) or text.count("/") > 1 or (
-        os.sep != "/" and os.sep in text)
 
 
 @contextlib.contextmanager
@@ -152,20 +146,11 @@ def check_positions(spec: ModelSpec, length: int, option: str) -> None:
 
 
 def is_causal_lm(config: Any) -> bool:
-    """Whether a checkpoint is a decoder (next-token loss) rather than an encoder (masked LM).
+    """Whether a checkpoint is a decoder (next-token loss) rather than an encoder (masked LM);
+    the rule is ``hetlm.models.source.model_kind``."""
+    from hetlm.models.source import is_causal_lm as rule
 
-    The saved architecture decides when it says; otherwise the model type's registration, the
-    masked-LM one first (BERT has a causal-LM class too, but is an encoder).
-    """
-    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_MASKED_LM_MAPPING
-
-    for arch in getattr(config, "architectures", None) or []:
-        if arch.endswith("ForCausalLM"):
-            return True
-        if arch.endswith(("ForMaskedLM", "ForPreTraining")):
-            return False
-    masked = type(config) in MODEL_FOR_MASKED_LM_MAPPING
-    return not masked and type(config) in MODEL_FOR_CAUSAL_LM_MAPPING
+    return rule(config)
 
 
 def load_model(spec: ModelSpec, auto_class: Any, **kwargs: Any) -> tuple[Any, dict[str, Any]]:

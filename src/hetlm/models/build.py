@@ -56,7 +56,9 @@ def load_pretrained(section: ModelSection) -> nn.Module:
     and reported by ``transformers``)."""
     import transformers
 
-    source = str(section.init_from)
+    from hetlm.models.source import resolve_model_source
+
+    source = resolve_model_source(section.init_from, "model.init_from")
     local = Path(source)
     if section.type == "electra":
         from hetlm.models.electra import load_electra_pair

@@ -203,14 +203,35 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
     if _is_json_array(path):
         yield from _iter_json_array(path)
         return
+    chars = replaced = replaced_lines = 0
     with path.open(encoding="utf-8", errors="replace") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
+            chars += len(line)
+            if "\ufffd" in line:
+                replaced += line.count("\ufffd")
+                replaced_lines += 1
             try:
                 yield f"{path}:{number}", json.loads(line)
             except json.JSONDecodeError as exc:
                 yield f"{path}:{number}", exc
+    _warn_replaced(path, chars, replaced, replaced_lines)
+
+
+def _warn_replaced(path: Path, chars: int, replaced: int, lines: int) -> None:
+    """A file with more replaced characters (U+FFFD) than ``REPLACED_WARN_SHARE`` of its text
+    is probably partly in another encoding: say so (``hetlm: warning: ...``)."""
+    import warnings
+
+    from hetlm.data.corpus import REPLACED_WARN_SHARE
+    from hetlm.errors import HetlmWarning
+
+    if replaced > REPLACED_WARN_SHARE * max(1, chars):
+        warnings.warn(f"{path}: {replaced:,} replaced character(s) (U+FFFD) on {lines:,} "
+                      f"line(s), {replaced / max(1, chars):.1%} of its characters: is part of it "
+                      "in another encoding (Shift_JIS? iconv -f CP932 -t UTF-8)?", HetlmWarning,
+                      stacklevel=3)
 
 
 def _local_files(source: str | Path) -> list[Path] | None:

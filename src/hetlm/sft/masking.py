@@ -66,7 +66,7 @@ class TruncationStats:
             self.dropped_examples.append(example.source or f"example {example.index}")
 
     def summary(self) -> str:
-        """One paragraph for the training log."""
+        """Short lines for the training log: the counts, then which examples were dropped."""
         text = (f"SFT examples: {self.examples:,} read, {self.kept:,} kept, "
                 f"{self.truncated:,} truncated on the prompt side "
                 f"({self.prompt_tokens_removed:,} prompt tokens removed"
@@ -75,8 +75,8 @@ class TruncationStats:
                 + f"), {self.dropped:,} dropped because the response did not fit in "
                 f"{self.max_length} tokens; {self.target_tokens:,} response tokens to train on")
         if self.dropped_examples:
-            text += f" (dropped: {', '.join(self.dropped_examples)}"
-            text += ", ...)" if self.dropped > len(self.dropped_examples) else ")"
+            text += f"\nSFT examples dropped: {', '.join(self.dropped_examples)}"
+            text += ", ..." if self.dropped > len(self.dropped_examples) else ""
         return text
 
 

@@ -39,6 +39,7 @@ from torch import nn
 
 from hetlm.data.sampler import HeterogeneousBatchSampler
 from hetlm.errors import HetlmError
+from hetlm.models.source import check_positions, require_causal_lm, resolve_model_source
 from hetlm.sft.collator import SFTBatch, SFTCollator, order_by_length
 from hetlm.sft.config import LoraSection, SFTConfig, SFTModelSection
 from hetlm.sft.export import import_peft, write_folder
@@ -164,7 +165,7 @@ def build_base_model(section: SFTModelSection, tokenizer, *, max_length: int, se
                       device_map={"": device})
     else:
         kwargs.update(dtype=frozen_base_dtype(device, precision))
-    source = str(section.path)
+    source = resolve_model_source(section.path, "model.path")
     if Path(source).exists() and not (Path(source) / "config.json").is_file():
         raise HetlmError(f"model.path {source} has no config.json: point it at a folder written "
                          "by save_pretrained (e.g. a hetlm pretrain run's model/)")
@@ -178,6 +179,27 @@ def build_base_model(section: SFTModelSection, tokenizer, *, max_length: int, se
         raise HetlmError(f"the tokenizer has {len(tokenizer)} tokens but model.path {source} "
                          f"has {rows} token embeddings: use the model's own tokenizer")
     return model
+
+
+def check_base_model(section: SFTModelSection, max_length: int) -> None:
+    """Before any data or weights are loaded: model.path exists (a local-looking path never goes
+    to the hub), is a causal LM (a BERT would load into a causal head and fail on tensor
+    sizes), and has positions for data.max_length. A preset base is sized to max_length."""
+    if section.path is None:
+        return
+    from transformers import AutoConfig
+
+    source = resolve_model_source(section.path, "model.path")
+    if Path(source).exists() and not (Path(source) / "config.json").is_file():
+        raise HetlmError(f"model.path {source} has no config.json: point it at a folder written "
+                         "by save_pretrained (e.g. a hetlm pretrain run's model/)")
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise HetlmError(f"cannot read the config of model.path {source!r}: {first}") from None
+    require_causal_lm(config, source, "model.path", "hetlm sft")
+    check_positions(config, max_length, "data.max_length", source, "model.path")
 
 
 def apply_lora(model: nn.Module, lora: LoraSection, *, base_name: str | None, seed: int,
@@ -225,10 +247,13 @@ class InstructionTuning(Pretraining):
     """The pretraining loop with instruction data, a LoRA model and an adapter as output."""
 
     config: SFTConfig
+    command = "sft"
 
-    def __init__(self, config: SFTConfig, ctx: D.DistContext, resume: bool) -> None:
+    def __init__(self, config: SFTConfig, ctx: D.DistContext, resume: bool | Path,
+                 **options: Any) -> None:
         check_quantization(config.model.quantization)
-        super().__init__(config, ctx, resume)  # type: ignore[arg-type]
+        check_base_model(config.model, config.data.max_length)
+        super().__init__(config, ctx, resume, **options)  # type: ignore[arg-type]
 
     # ---- set-up hooks
 
@@ -376,13 +401,13 @@ def _stats_record(stats: TruncationStats) -> dict[str, Any]:
                                            "dropped", "prompt_tokens_removed", "target_tokens")}
 
 
-def run_sft(config: SFTConfig, *, resume: bool = False,
-            stop_at_step: int | None = None) -> dict[str, Any]:
+def run_sft(config: SFTConfig, *, resume: bool | str | Path = False, overwrite: bool = False,
+            extend: str | None = None, stop_at_step: int | None = None) -> dict[str, Any]:
     """Run (or resume) one instruction-tuning job in this process; returns the run summary.
-    The process set-up (threads, process group, restarts, diagnosing a hung collective) is
-    pretraining's."""
+    The process set-up (threads, process group, restarts, the output folder's run, diagnosing
+    a hung collective) is pretraining's."""
     from hetlm.train.pretrain import run_pretraining
 
     check_quantization(config.model.quantization)  # before any process group exists
-    return run_pretraining(config, resume=resume, stop_at_step=stop_at_step,  # type: ignore[arg-type]
-                           trainer=InstructionTuning)
+    return run_pretraining(config, resume=resume, overwrite=overwrite,  # type: ignore[arg-type]
+                           extend=extend, stop_at_step=stop_at_step, trainer=InstructionTuning)

@@ -3,7 +3,7 @@
 Layout of ``<output_dir>/checkpoints/step-00000100/``: the model as ``save_pretrained`` writes
 it (safetensors + config.json, so ``transformers`` can load any checkpoint), ``optimizer.pt``,
 ``scheduler.pt``, ``precision.pt``, ``rng.pt`` (every rank's RNG states), ``trainer_state.json``
-(step, sampler position, what the run was trained on) and ``manifest.json`` (size and sha256 of
+(step, sampler position, what the run was trained on, the run id and the lr schedule) and ``manifest.json`` (size and sha256 of
 every file), written last.
 
 The model and the full optimizer state are gathered to rank 0, which writes them; engines with
@@ -167,9 +167,13 @@ def _write_errors(final: Path, needed_bytes: Callable[[], int] | None = None,
 
 
 class CheckpointManager:
-    def __init__(self, root: Path, keep_last: int) -> None:
+    def __init__(self, root: Path, keep_last: int, run_id: str | None = None) -> None:
+        """``run_id``: the run whose checkpoints ``keep_last`` counts and prunes (another run's
+        left in the folder are never pruned in its place; ones without a run id count as this
+        run's; None: every checkpoint)."""
         self.root = Path(root)
         self.keep_last = keep_last
+        self.run_id = run_id
 
     def step_dir(self, step: int) -> Path:
         return self.root / f"step-{step:08d}"
@@ -184,9 +188,12 @@ class CheckpointManager:
                 found.append((int(match.group(1)), path))
         return sorted(found)
 
-    def latest_valid(self) -> Path | None:
-        """Newest checkpoint whose files match their manifest; broken ones are skipped."""
+    def latest_valid(self, accept: Callable[[Path], bool] | None = None) -> Path | None:
+        """Newest checkpoint whose files match their manifest; broken ones are skipped.
+        ``accept``: only checkpoints it accepts count (e.g. those of one run id)."""
         for _step, path in reversed(self.complete_checkpoints()):
+            if accept is not None and not accept(path):
+                continue
             problem = verify_manifest(path)
             if problem is None:
                 return path
@@ -251,8 +258,17 @@ class CheckpointManager:
 
     def _prune(self) -> None:
         complete = self.complete_checkpoints()
+        if self.run_id is not None:
+            complete = [(s, p) for s, p in complete if self._run_id_of(p) in (None, self.run_id)]
         for _step, path in complete[:-self.keep_last]:
             shutil.rmtree(path, ignore_errors=True)
+
+    @staticmethod
+    def _run_id_of(path: Path) -> str | None:
+        try:
+            return json.loads((path / "trainer_state.json").read_text()).get("run_id")
+        except (OSError, ValueError):
+            return None
 
     @staticmethod
     def load_trainer_state(directory: Path) -> dict[str, Any]:

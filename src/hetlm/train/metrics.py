@@ -33,10 +33,12 @@ class MetricsLogger:
     def __init__(self, output_dir: Path, *, total_steps: int, start_step: int, enabled: bool,
                  log_every: int, restart: int | None = None,
                  report_to: list[str] | None = None,
-                 run_config: dict[str, Any] | None = None) -> None:
+                 run_config: dict[str, Any] | None = None, run_id: str | None = None,
+                 desc: str = "pretrain") -> None:
         """``report_to``: tracker names (None: TensorBoard, as before the option existed);
         ``run_config``: the run's config, logged as the trackers' config / params."""
         self.enabled = enabled
+        self.run_id = run_id  # stamped on every event (start, resume, restart, eval, end)
         self.log_every = log_every
         self.path = Path(output_dir) / "metrics.jsonl"
         self._bar = None
@@ -55,16 +57,18 @@ class MetricsLogger:
         if restart:
             self.event(event="restart", restart=restart, step=start_step,
                        resumed_from=start_step or None, dropped_steps=dropped)
-        self._bar = tqdm(total=total_steps, initial=start_step, desc="pretrain", unit="step",
+        self._bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step",
                          dynamic_ncols=True, disable=None)
         names = DEFAULT_REPORT_TO if report_to is None else report_to
         self._trackers = open_trackers(names, Path(output_dir), config=run_config or {},
                                        resume=bool(start_step or restart))
 
     def event(self, **fields: Any) -> None:
-        """A non-step record (start, resume, eval, end); an eval's numbers also go to the
-        trackers as ``eval/<name>``."""
+        """A non-step record (start, resume, eval, end), with the run id; an eval's numbers
+        also go to the trackers as ``eval/<name>``."""
         if self.enabled:
+            if self.run_id is not None:
+                fields = {**fields, "run_id": self.run_id}
             self._file.write(json.dumps(fields, ensure_ascii=False) + "\n")
             self._file.flush()
             if fields.get("event") == "eval" and isinstance(fields.get("step"), int):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
 import torch
 from torch import nn
 
@@ -34,12 +37,45 @@ def build_optimizer(model: nn.Module, *, lr: float, weight_decay: float,
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps)
 
 
+@dataclass(frozen=True)
+class LinearSchedule:
+    """The lr factor of a step: from ``start``, a linear warm-up over ``warmup`` steps to
+    ``peak``, then a linear decay to 0 at ``end``. A fresh run is ``(warmup, max_steps)``;
+    extending a run (``--extend``) replaces it from the step it resumes at, so the lr never
+    jumps by accident: ``continued`` decays from the current factor, ``restarted`` warms up
+    again. Stored in every checkpoint (``trainer_state.json``) so a later resume keeps it."""
+
+    warmup: int
+    end: int
+    start: int = 0
+    peak: float = 1.0
+
+    def factor(self, step: int) -> float:
+        into = step - self.start
+        if self.warmup and into < self.warmup:
+            return self.peak * (into + 1) / self.warmup
+        return self.peak * max(0.0, (self.end - step) / max(1, self.end - self.start - self.warmup))
+
+    def continued(self, step: int, end: int, current: float) -> LinearSchedule:
+        """Decay from ``current`` (the factor at ``step``) to 0 at ``end``."""
+        return LinearSchedule(warmup=0, end=end, start=step, peak=current)
+
+    def restarted(self, step: int, end: int, warmup: int) -> LinearSchedule:
+        """A new warm-up (to the base lr) and decay, from ``step`` to ``end``."""
+        return LinearSchedule(warmup=warmup, end=end, start=step, peak=1.0)
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def scheduler_for(optimizer: torch.optim.Optimizer, schedule: Callable[[], LinearSchedule]
+                  ) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR that asks ``schedule()`` for the current schedule at every step (it may be
+    replaced after a resume); its state_dict holds no schedule (the trainer state does)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule().factor(step))
+
+
 def linear_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int
                     ) -> torch.optim.lr_scheduler.LambdaLR:
-    def factor(step: int) -> float:
-        if warmup_steps and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        remaining = total_steps - step
-        return max(0.0, remaining / max(1, total_steps - warmup_steps))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    schedule = LinearSchedule(warmup_steps, total_steps)
+    return scheduler_for(optimizer, lambda: schedule)

@@ -26,6 +26,7 @@ from hetlm.data.sampler import HeterogeneousBatchSampler
 from hetlm.errors import HetlmError
 from hetlm.models.build import build_model, freeze, load_pretrained, tokenizer_source
 from hetlm.models.compile import compile_blocks, should_compile
+from hetlm.models.source import check_positions
 from hetlm.topology import BatchSplit
 from hetlm.train import distributed as D
 from hetlm.train import faults
@@ -40,8 +41,16 @@ from hetlm.train.objectives import (
     objective_module,
     special_ids,
 )
-from hetlm.train.optim import linear_schedule
+from hetlm.train.optim import LinearSchedule, scheduler_for
 from hetlm.train.precision import Precision
+from hetlm.train.run_dir import (
+    RunStart,
+    apply_start,
+    latest_of_run,
+    new_run_id,
+    plan_start,
+    read_run_id,
+)
 from hetlm.train.run_plan import RunPlan, resolve_run_plan
 
 
@@ -232,10 +241,18 @@ def _check_resume_compatible(saved: dict[str, Any], current: dict[str, Any], pat
 class Pretraining:
     """Owns the objects of one run; ``run()`` is the loop."""
 
-    def __init__(self, config: PretrainConfig, ctx: D.DistContext, resume: bool | Path) -> None:
-        """``resume``: continue from the latest valid checkpoint (True), or from this one (a
-        checkpoint folder its caller has already verified)."""
+    command = "pretrain"  # the progress bar's label
+
+    def __init__(self, config: PretrainConfig, ctx: D.DistContext, resume: bool | Path, *,
+                 run_id: str | None = None, extend: str | None = None) -> None:
+        """``resume``: continue from the latest valid checkpoint of this run (True), or from
+        this one (a checkpoint folder its caller has already verified). ``run_id``: the run's
+        id (``hetlm.train.run_dir``; None: the folder's). ``extend``: how a changed
+        ``train.max_steps`` reshapes the lr schedule on resume (``continue`` / ``restart``;
+        None refuses the change)."""
         self.config, self.ctx, self.train_cfg = config, ctx, config.train
+        self.extend = extend
+        self.run_id = run_id or read_run_id(Path(config.run.output_dir)) or new_run_id()
         self.output_dir = Path(config.run.output_dir)
         node_of_rank = [int(n) for n in D.all_gather_object(ctx, ctx.node_rank)]
         self.split: BatchSplit = config.batch_split(ctx.world_size, node_of_rank)
@@ -254,7 +271,8 @@ class Pretraining:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if ctx.enabled:
             _check_shared_dir(ctx, self.output_dir)
-        self.checkpoints = CheckpointManager(self.output_dir / "checkpoints", self.train_cfg.keep_last)
+        self.checkpoints = CheckpointManager(self.output_dir / "checkpoints",
+                                             self.train_cfg.keep_last, run_id=self.run_id)
 
         model = self._build_model()
         self.fingerprint = self._run_fingerprint()
@@ -274,8 +292,8 @@ class Pretraining:
         self.optimizer = self.engine.build_optimizer(
             lr=config.learning_rate, weight_decay=self.train_cfg.weight_decay,
             betas=self.train_cfg.adam_betas, eps=self.train_cfg.adam_eps)
-        self.scheduler = linear_schedule(self.optimizer, config.warmup,
-                                         self.train_cfg.max_steps)
+        self.schedule = LinearSchedule(config.warmup, self.train_cfg.max_steps)
+        self.scheduler = scheduler_for(self.optimizer, lambda: self.schedule)
         torch.manual_seed(seed * 1009 + ctx.rank)  # dropout stream of this rank
         self.step = 0
         self.skipped_steps = 0  # fp16 overflows so far (the same on every rank)
@@ -326,6 +344,10 @@ class Pretraining:
                                max_position_embeddings=max(512, self.train_data.seq_len),
                                seed=self.config.run.seed, special_ids=special)
         model = load_pretrained(section)
+        for part in [getattr(model, p) for p in getattr(model, "artifact_subdirs", ())] or [model]:
+            check_positions(part.config, int(meta["seq_len"]), "the dataset's seq_len",
+                            str(section.init_from), "model.init_from",
+                            fix="prepare the data again with --seq-len {positions} or less")
         check_tokenizer_matches(tokenizer_source(section), model, meta)
         frozen = freeze(model, embeddings=section.freeze_embeddings,
                         first_layers=section.freeze_layers)
@@ -342,7 +364,7 @@ class Pretraining:
     # ---- resume
 
     def _find_resume_dir(self) -> Path:
-        found = self.checkpoints.latest_valid()
+        found = latest_of_run(self.output_dir, read_run_id(self.output_dir))
         if found is None:
             raise HetlmError(f"no complete checkpoint under {self.checkpoints.root} to resume "
                              "from: run without --resume to start a new run")
@@ -368,6 +390,43 @@ class Pretraining:
         self.lr_factor = float(trainer.get("lr_factor", 1.0))  # already in the scheduler's lrs
         self.rollbacks = int(trainer.get("rollbacks", 0))
         self.last_checkpoint = path
+        if trainer.get("schedule"):  # checkpoints from before it was stored keep the config's
+            self.schedule = LinearSchedule(**trainer["schedule"])
+            if self.schedule.end != self.train_cfg.max_steps:
+                self._extend_schedule(path)
+
+    def _extend_schedule(self, path: Path) -> None:
+        """train.max_steps changed since the checkpoint: reshape the lr schedule from this step
+        as ``--extend`` says (never silently: the recomputed schedule would jump the lr)."""
+        was, now, step = self.schedule.end, self.train_cfg.max_steps, self.step
+        if self.extend is None:
+            raise HetlmError(
+                f"train.max_steps is {now} but the run in {path} was scheduled for {was} steps: "
+                "add --extend continue (decay from the current lr to 0 at the new max_steps) or "
+                "--extend restart (a new warm-up and decay from this step), or set max_steps "
+                f"back to {was}")
+        if now <= step:
+            raise HetlmError(f"train.max_steps {now} is not beyond step {step} of {path}: "
+                             "raise it to extend the run")
+        base = self.scheduler.base_lrs[0]
+        current = self.scheduler.get_last_lr()[0] / base if base else 0.0
+        if self.extend == "continue":
+            if current <= 0:
+                raise HetlmError(f"--extend continue: the lr is already 0 at step {step} (the "
+                                 f"schedule of {path} ended there), so it would train at lr 0: "
+                                 "use --extend restart")
+            self.schedule = self.schedule.continued(step, now, current)
+            how = (f"the lr decays from {current * base:.3g} at step {step} to 0 at step {now} "
+                   "(no new warm-up)")
+        else:
+            warmup = self.train_cfg.warmup_steps
+            warmup = max(1, round(0.06 * (now - step))) if warmup is None else warmup
+            self.schedule = self.schedule.restarted(step, now, warmup)
+            how = (f"a new schedule from step {step} (lr {current * base:.3g} there): warm-up "
+                   f"over {warmup} steps to {base:.3g}, then decay to 0 at step {now}")
+        if self.ctx.is_main:
+            print(f"hetlm: warning: --extend {self.extend}: max_steps {was} -> {now}; {how}",
+                  flush=True)
 
     # ---- checkpoint, eval, final save
 
@@ -395,6 +454,7 @@ class Pretraining:
                          "run_plan": self.run_plan.to_dict(),
                          "checkpoint_format": self.engine.checkpoint_format,
                          "skipped_steps": self.skipped_steps, "fingerprint": self.fingerprint,
+                         "run_id": self.run_id, "schedule": self.schedule.as_dict(),
                          "lr_factor": self.lr_factor, "rollbacks": self.rollbacks}
         _collective_io(ctx, lambda: ctx.is_main and self.checkpoints.commit(
             self.step, model=self.hf_model, model_state=model_state, states=states,
@@ -469,7 +529,8 @@ class Pretraining:
         logger = MetricsLogger(self.output_dir, total_steps=cfg.max_steps, start_step=self.step,
                                enabled=ctx.is_main, log_every=cfg.log_every,
                                report_to=cfg.report_to,
-                               run_config=self.config.model_dump(mode="json"))
+                               run_config=self.config.model_dump(mode="json"),
+                               run_id=self.run_id, desc=self.command)
         logger.event(event="resume" if self.step else "start", step=self.step,
                      world_size=ctx.world_size, shares=list(self.split.shares),
                      micro_steps=self.split.micro_steps, precision=self.precision.name,
@@ -616,28 +677,37 @@ class Pretraining:
                 "last_checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None}
 
 
-def run_pretraining(config: PretrainConfig, *, resume: bool = False,
+def run_pretraining(config: PretrainConfig, *, resume: bool | str | Path = False,
+                    overwrite: bool = False, extend: str | None = None,
                     stop_at_step: int | None = None,
                     trainer: type[Pretraining] = Pretraining) -> dict[str, Any]:
     """Run (or resume) one pretraining job in this process; returns the run summary.
-    ``trainer``: the run's class (``hetlm.sft.train.InstructionTuning`` for ``hetlm sft``)."""
+    ``trainer``: the run's class (``hetlm.sft.train.InstructionTuning`` for ``hetlm sft``).
+
+    ``resume``: True (this run's newest valid checkpoint) or a checkpoint folder; ``overwrite``
+    deletes another run's artifacts in ``run.output_dir`` (a fresh start there is refused
+    without it); ``extend`` (``continue`` / ``restart``) allows a changed ``train.max_steps`` on
+    resume. See ``hetlm.train.run_dir``."""
     from transformers.utils import logging as hf_logging
 
+    if extend not in (None, "continue", "restart"):
+        raise HetlmError(f"--extend {extend}: choose continue or restart")
     hf_logging.disable_progress_bar()
     D.set_threads_for_rank()
     ctx = D.init_distributed(config.train.dist_timeout_s)
     try:
-        # torchrun restarted the job (any rank's count: see D.restart_count): continue
-        # from the latest good checkpoint; every rank decides alike
+        # torchrun restarted the job (any rank's count: see D.restart_count): the same run,
+        # continued from its newest good checkpoint; every rank decides alike
         restart = max(int(n) for n in D.all_gather_object(ctx, D.restart_count()))
         D.set_job_restart_count(restart)
-        if restart and not resume:
-            found = CheckpointManager(Path(config.run.output_dir) / "checkpoints", 1).latest_valid()
-            resume = found if found is not None else False  # verified once, not again
-            if ctx.is_main:
-                print(f"hetlm: restart {restart}: " + (f"resuming from {found}" if found else
-                      "no checkpoint yet, starting from step 0"), flush=True)
-        return trainer(config, ctx, resume).run(stop_at_step)
+        start = _start_run(ctx, Path(config.run.output_dir), resume, overwrite, restart)
+        if restart and ctx.is_main:
+            found = start.resume_from
+            print(f"hetlm: restart {restart}: " + (f"resuming from {found}" if found else
+                  "no checkpoint yet, starting from step 0"), flush=True)
+        run = trainer(config, ctx, start.resume_from or False, run_id=start.run_id,
+                      extend=extend)
+        return run.run(stop_at_step)
     except RuntimeError as exc:  # a collective timed out or lost a peer: say who and where
         if ctx.enabled and HB.is_collective_failure(exc):
             raise HB.diagnose(exc, Path(config.run.output_dir), ctx.rank, ctx.world_size,
@@ -647,3 +717,21 @@ def run_pretraining(config: PretrainConfig, *, resume: bool = False,
         HB.install(None)
         D.set_job_restart_count(None)
         D.shutdown()
+
+
+def _start_run(ctx: D.DistContext, output_dir: Path, resume: bool | str | Path,
+               overwrite: bool, restart: int) -> RunStart:
+    """Rank 0 decides how the run starts in ``output_dir`` (refusing another run's folder,
+    picking this run's checkpoint, deleting what --overwrite names) and tells every rank."""
+    start, error = None, None
+    if ctx.is_main:
+        try:
+            start = plan_start(output_dir, resume=resume, overwrite=overwrite and not restart,
+                               restart=restart)
+            apply_start(output_dir, start)
+        except (HetlmError, OSError) as exc:
+            error = str(exc)
+    start, error = D.all_gather_object(ctx, (start, error))[0]
+    if error:
+        raise HetlmError(error)
+    return start
