@@ -62,7 +62,7 @@ def test_concurrent_chat_requests_are_batched_and_answered_exactly(client, engin
     expected = [sequential.reply([Message("user", q)], GenerationSettings(0.0, 1.0, 24))[0]
                 for q in questions]
     assert expected[:3] == [a for _, a in CHAT_PAIRS]
-    assert sequential.scheduler.batch_sizes == [1] * len(questions)
+    assert list(sequential.scheduler.batch_sizes) == [1] * len(questions)
     before = len(engine.scheduler.batch_sizes)
 
     def ask(question: str) -> tuple[str, str]:
@@ -75,7 +75,7 @@ def test_concurrent_chat_requests_are_batched_and_answered_exactly(client, engin
         answers = list(pool.map(ask, questions))
     assert [text for text, _ in answers] == expected
     assert [reason for _, reason in answers[:3]] == ["stop"] * 3
-    batches = engine.scheduler.batch_sizes[before:]
+    batches = list(engine.scheduler.batch_sizes)[before:]
     assert sum(batches) == len(questions) and max(batches) > 1, batches
 
 
@@ -90,7 +90,7 @@ def test_rows_of_one_batch_keep_their_own_settings(engine):
         GenerationSettings(0.0, 1.0, 3),
         GenerationSettings(0.0, 1.0, 48, stop=("東京",)))]
     texts = [row.text() for row in rows]
-    assert engine.scheduler.batch_sizes[before:] == [4]
+    assert list(engine.scheduler.batch_sizes)[before:] == [4]
     assert texts[0] == answer and rows[0].finish_reason == "stop"
     tokens = engine.tokenizer(answer, add_special_tokens=False)["input_ids"]
     assert texts[2] == engine.tokenizer.decode(tokens[:3]) and rows[2].finish_reason == "length"
@@ -131,9 +131,11 @@ def test_health_names_the_model_and_its_limits(api):
 
     health = httpx.get(f"{api.url}/health", timeout=10)
     assert health.status_code == 200
-    assert health.json() | {"running": 0, "waiting": 0} == {
+    body = health.json()
+    assert body["requests"] >= body["batches"] >= 0
+    assert body | {"running": 0, "waiting": 0, "batches": 0, "requests": 0} == {
         "status": "ok", "model": "tiny-ja", "running": 0, "waiting": 0, "max_batch": 8,
-        "max_queue": 16}
+        "max_queue": 16, "batches": 0, "requests": 0}
 
 
 def test_a_full_queue_is_refused_with_503_and_says_which_limit(model_dir):

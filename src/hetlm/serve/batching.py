@@ -215,7 +215,10 @@ class BatchScheduler:
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.batch_wait = batch_wait
-        self.batch_sizes: list[int] = []  # of every batch run (for tests and benchmarks)
+        # Sizes of the last batches run, and totals (for /health, tests and benchmarks).
+        self.batch_sizes: deque[int] = deque(maxlen=1024)
+        self.batches_run = 0
+        self.requests_run = 0
         self._waiting: deque[Generation] = deque()
         self._cond = threading.Condition()
         self._running = 0
@@ -275,6 +278,8 @@ class BatchScheduler:
             if batch:
                 try:
                     self.batch_sizes.append(len(batch))
+                    self.batches_run += 1
+                    self.requests_run += len(batch)
                     run_batch(self.engine, batch)
                 finally:
                     with self._cond:

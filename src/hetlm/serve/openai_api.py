@@ -200,7 +200,8 @@ def create_app(engine: ChatEngine, *, model_name: str | None = None,
         scheduler = engine.scheduler
         return {"status": "ok", "model": name, "running": scheduler.running,
                 "waiting": scheduler.waiting, "max_batch": scheduler.max_batch,
-                "max_queue": scheduler.max_queue}
+                "max_queue": scheduler.max_queue, "batches": scheduler.batches_run,
+                "requests": scheduler.requests_run}
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
