@@ -7,8 +7,10 @@ import argparse
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by ``hetlm chat`` and ``hetlm serve``: which model, how to load it."""
-    parser.add_argument("--model", required=True, metavar="DIR",
-                        help="causal LM folder (save_pretrained, with its tokenizer)")
+    parser.add_argument("--model", required=True, metavar="DIR|NAME",
+                        help="causal LM: a folder (save_pretrained, with its tokenizer) or a hub "
+                             "name (resolved like from_pretrained: the HF_HOME cache first, "
+                             "offline with HF_HUB_OFFLINE=1)")
     parser.add_argument("--adapter", metavar="DIR",
                         help="LoRA adapter folder (peft save_pretrained) to apply on --model")
     quant = parser.add_mutually_exclusive_group()
@@ -25,6 +27,15 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling (default 0.9)")
     parser.add_argument("--max-new-tokens", type=int, default=256,
                         help="longest reply in tokens (default 256)")
+    parser.add_argument("--max-batch", type=int, default=8,
+                        help="most requests generated together in one batch (default 8; 1: one "
+                             "at a time)")
+    parser.add_argument("--max-queue", type=int, default=64,
+                        help="most requests waiting for a batch; more are refused (serve: HTTP "
+                             "503) (default 64)")
+    parser.add_argument("--batch-wait-ms", type=float, default=10.0,
+                        help="how long the first waiting request waits for others to join its "
+                             "batch (default 10 ms)")
 
 
 def add_listen_arguments(parser: argparse.ArgumentParser, port: int) -> None:
@@ -44,7 +55,8 @@ def load_engine(args: argparse.Namespace):
     settings = GenerationSettings(args.temperature, args.top_p, args.max_new_tokens)
     engine = load_chat_model(args.model, args.adapter, load_in_8bit=args.load_in_8bit,
                              load_in_4bit=args.load_in_4bit, template=args.template,
-                             device=args.device)
+                             device=args.device, max_batch=args.max_batch,
+                             max_queue=args.max_queue, batch_wait=args.batch_wait_ms / 1000)
     return engine, settings
 
 

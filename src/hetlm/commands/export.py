@@ -34,5 +34,7 @@ def run_export(args: argparse.Namespace) -> int:
     hf_logging.disable_progress_bar()
     output = merge_adapter(args.base, args.adapter, args.output, overwrite=args.overwrite)
     print(f"Merged {args.adapter} into {args.base}: {output} (load it with "
-          "AutoModelForCausalLM.from_pretrained, or hetlm chat --model)")
+          "AutoModelForCausalLM.from_pretrained, hetlm chat/serve --model, or, for high "
+          f"throughput, vllm serve {output}: config, safetensors, tokenizer and chat template "
+          "are in place)")
     return 0

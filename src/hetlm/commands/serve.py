@@ -11,10 +11,13 @@ def register(subparsers) -> None:
     """Add ``hetlm serve``."""
     parser = subparsers.add_parser(
         "serve", help="serve a model over an OpenAI-compatible HTTP API",
-        description="Serve a causal LM (optionally with a LoRA adapter) as "
-                    "GET /v1/models and POST /v1/chat/completions (streaming or not), so the "
-                    "official openai client and tools built on it can use it. --temperature, "
-                    "--top-p and --max-new-tokens are the defaults for requests that omit them.")
+        description="Serve a causal LM (a folder or a hub name, optionally with a LoRA "
+                    "adapter) as GET /health, GET /v1/models, POST /v1/chat/completions and "
+                    "POST /v1/completions (streaming or not), so the official openai client and "
+                    "tools built on it can use it. Concurrent requests are generated together "
+                    "in batches of up to --max-batch; up to --max-queue more wait, beyond that "
+                    "a request gets HTTP 503. --temperature, --top-p and --max-new-tokens are "
+                    "the defaults for requests that omit them.")
     add_model_arguments(parser)
     add_listen_arguments(parser, port=8000)
     parser.add_argument("--model-name", metavar="NAME",
@@ -28,6 +31,7 @@ def run_serve(args: argparse.Namespace) -> int:
     engine, settings = load_engine(args)
     name = args.model_name or engine.name
     print(f"hetlm serve: model '{name}' (template {engine.template.name}) at "
-          f"http://{args.host}:{args.port}/v1", flush=True)
+          f"http://{args.host}:{args.port}/v1 (batches of up to {args.max_batch}, "
+          f"{args.max_queue} more may wait)", flush=True)
     serve_forever(engine, host=args.host, port=args.port, model_name=name, defaults=settings)
     return 0

@@ -112,7 +112,7 @@ def launch_chat_ui(engine: ChatEngine, *, host: str = "127.0.0.1", port: int = 7
     if host not in LOOPBACK:
         print(f"hetlm chat: listening on {host}: anyone who can reach this machine can use the "
               "model (use --host 127.0.0.1 to keep it local)")
-    ui.queue(default_concurrency_limit=1)
+    ui.queue(default_concurrency_limit=engine.scheduler.max_batch)  # answered in batches
     ui.launch(server_name=host, server_port=port, share=share, inbrowser=False,
               prevent_thread_lock=not block, quiet=not block, footer_links=["api"],
               ssr_mode=False)

@@ -4,24 +4,24 @@ The prompt is built by :func:`hetlm.sft.masking.prompt_ids` with the template re
 model was trained (``hetlm_template.json`` in the adapter or model folder; otherwise ``auto``):
 a model answers well only in the format it was tuned on, token for token.
 
-Generation runs ``model.generate`` in a worker thread with a ``TextIteratorStreamer``; the
-caller iterates text pieces as they are decoded. One lock per engine lets one generation run at
-a time: a second request waits instead of doubling the memory and halving both speeds, and a
-cancelled reply (client gone, Stop pressed) stops at the next token.
+Generation runs in the engine's :class:`~hetlm.serve.batching.BatchScheduler`: one worker thread
+answers the requests waiting together with one batched ``model.generate`` call (at most
+``max_batch`` rows; ``max_batch=1`` serves them one at a time), and the caller iterates text
+pieces as they are decoded. A cancelled reply (client gone, Stop pressed) stops at the next
+token, without stopping the other rows of its batch.
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from hetlm.errors import HetlmError
+from hetlm.serve.batching import BatchScheduler, Generation
 from hetlm.sft.data import Message, RowError, check_turn_order
 from hetlm.sft.masking import prompt_ids
 from hetlm.sft.templates import PromptTemplate, load_saved_template, resolve_template
@@ -32,13 +32,15 @@ class GenerationSettings:
     """Sampling settings; ``temperature == 0`` means greedy decoding.
 
     Only temperature and top-p shape the distribution (top-k is switched off), as in the
-    OpenAI API, so the same numbers mean the same thing in the UI and the API.
+    OpenAI API, so the same numbers mean the same thing in the UI and the API. ``stop``: up to
+    four strings that end the reply where they first appear (not included in it).
     """
 
     temperature: float = 0.7
     top_p: float = 0.9
     max_new_tokens: int = 256
     seed: int | None = None
+    stop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not 0 <= self.temperature <= 2:
@@ -47,6 +49,8 @@ class GenerationSettings:
             raise HetlmError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.max_new_tokens < 1:
             raise HetlmError(f"max new tokens must be at least 1, got {self.max_new_tokens}")
+        if len(self.stop) > 4 or not all(isinstance(s, str) and s for s in self.stop):
+            raise HetlmError(f"stop must be up to 4 non-empty strings, got {list(self.stop)}")
 
     def generate_kwargs(self) -> dict[str, Any]:
         if self.temperature == 0:
@@ -72,96 +76,25 @@ def normalize_conversation(messages: Sequence[Message]) -> list[Message]:
     return merged
 
 
-class _Cancel(StoppingCriteria):
-    """A stopping criterion that ends generation when ``event`` is set."""
-
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool,
-                          device=input_ids.device)
-
-
-class Generation:
-    """One streamed reply. Iterate for text pieces; afterwards ``completion_tokens`` and
-    ``finish_reason`` ("stop": an end-of-sequence token; "length": max new tokens reached)
-    are set. ``cancel()`` stops it early (safe from any thread)."""
-
-    def __init__(self, engine: ChatEngine, ids: list[int], settings: GenerationSettings):
-        self.engine = engine
-        self.settings = settings
-        self.prompt_tokens = len(ids)
-        self.completion_tokens = 0
-        self.finish_reason: str | None = None
-        self.error: BaseException | None = None
-        self._cancelled = threading.Event()
-        self._streamer = TextIteratorStreamer(engine.tokenizer, skip_prompt=True,
-                                              skip_special_tokens=True)
-        self._stopping = StoppingCriteriaList([_Cancel(self._cancelled)])
-        self._thread = threading.Thread(target=self._run, args=(ids,), daemon=True,
-                                        name="hetlm-generate")
-        self._thread.start()
-
-    def _run(self, ids: list[int]) -> None:
-        engine = self.engine
-        try:
-            with engine.lock, torch.inference_mode():
-                if self._cancelled.is_set():
-                    self.finish_reason = "cancelled"
-                    return
-                if self.settings.seed is not None:
-                    torch.manual_seed(self.settings.seed)
-                input_ids = torch.tensor([ids], dtype=torch.long, device=engine.device)
-                output = engine.model.generate(
-                    input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                    streamer=self._streamer, stopping_criteria=self._stopping,
-                    eos_token_id=engine.eos_token_ids, pad_token_id=engine.pad_token_id,
-                    **self.settings.generate_kwargs())
-            new = output[0, len(ids):].tolist()
-            self.completion_tokens = len(new)
-            if self._cancelled.is_set():
-                self.finish_reason = "cancelled"
-            elif new and new[-1] in engine.eos_token_ids:
-                self.finish_reason = "stop"
-            else:
-                self.finish_reason = "length" if len(new) >= self.settings.max_new_tokens \
-                    else "stop"
-        except BaseException as exc:  # re-raised in the consuming thread
-            self.error = exc
-        finally:
-            if self.error is not None or self.finish_reason == "cancelled":
-                self._streamer.on_finalized_text("", stream_end=True)
-
-    def __iter__(self) -> Iterator[str]:
-        for piece in self._streamer:
-            if piece:
-                yield piece
-        self._thread.join()
-        if self.error is not None:
-            raise self.error
-
-    def text(self) -> str:
-        """Wait for the whole reply."""
-        return "".join(self)
-
-    def cancel(self) -> None:
-        self._cancelled.set()
-
-    def join(self, timeout: float | None = None) -> None:
-        self._thread.join(timeout)
-
-
 class ChatEngine:
-    """A causal LM, its tokenizer and its prompt template, ready to answer conversations."""
+    """A causal LM, its tokenizer and its prompt template, ready to answer conversations.
+
+    ``max_batch``, ``max_queue`` and ``batch_wait`` size its
+    :class:`~hetlm.serve.batching.BatchScheduler` (``hetlm serve --max-batch/--max-queue``).
+    """
 
     def __init__(self, model: Any, tokenizer: Any, template: PromptTemplate | None = None, *,
-                 name: str = "hetlm") -> None:
+                 name: str = "hetlm", max_batch: int = 8, max_queue: int = 64,
+                 batch_wait: float = 0.01) -> None:
+        from hetlm.serve.model_source import check_causal_lm
+
+        check_causal_lm(model.config, name)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.template = template or resolve_template("auto", tokenizer)
         self.name = name
-        self.lock = threading.Lock()
+        self.scheduler = BatchScheduler(self, max_batch=max_batch, max_queue=max_queue,
+                                        batch_wait=batch_wait)
         # Stop at the model's end tokens and at the tokenizer's EOS, which SFT appends after
         # every response (the two differ in some checkpoints).
         configured = model.generation_config.eos_token_id
@@ -183,24 +116,31 @@ class ChatEngine:
         """Prompt ids for the conversation (ending with a user turn), as in training."""
         return prompt_ids(normalize_conversation(messages), self.tokenizer, self.template)
 
+    def encode_text(self, prompt: str) -> list[int]:
+        """Ids of a plain-text prompt (``/v1/completions``): the tokenizer's own special
+        tokens (a BOS for LLaMA-style ones), no template."""
+        return list(self.tokenizer(prompt)["input_ids"])
+
     def stream(self, messages: Sequence[Message] | None = None,
                settings: GenerationSettings | None = None, *,
                ids: list[int] | None = None) -> Generation:
-        """Start generating a reply; iterate the result for text pieces."""
+        """Queue a reply; iterate the result for text pieces. Raises
+        :class:`~hetlm.serve.batching.QueueFull` when the queue is at its limit."""
         settings = settings or GenerationSettings()
         if ids is None:
             if messages is None:
                 raise ValueError("stream() needs messages or ids")
             ids = self.encode(messages)
+        if not ids:
+            raise HetlmError("the prompt is empty (no tokens): give some text")
         if self.context_length and len(ids) >= self.context_length:
             raise HetlmError(f"the conversation is {len(ids)} tokens, at or over the model's "
                              f"context of {self.context_length}: shorten it")
         if self.context_length:
             room = self.context_length - len(ids)
             if settings.max_new_tokens > room:
-                settings = GenerationSettings(settings.temperature, settings.top_p, room,
-                                              settings.seed)
-        return Generation(self, ids, settings)
+                settings = replace(settings, max_new_tokens=room)
+        return self.scheduler.submit(Generation(ids, settings))
 
     def reply(self, messages: Sequence[Message], settings: GenerationSettings | None = None
               ) -> tuple[str, Generation]:
@@ -236,37 +176,74 @@ def _quantization_config(load_in_8bit: bool, load_in_4bit: bool) -> Any:
 def load_chat_model(model_dir: str | Path, adapter_dir: str | Path | None = None, *,
                     load_in_8bit: bool = False, load_in_4bit: bool = False,
                     template: str | Path | None = None, device: str | None = None,
-                    name: str | None = None) -> ChatEngine:
-    """A :class:`ChatEngine` for a saved causal LM, optionally with a LoRA adapter on top and
-    quantized by bitsandbytes (the ``quant`` extra).
+                    name: str | None = None, max_batch: int = 8, max_queue: int = 64,
+                    batch_wait: float = 0.01) -> ChatEngine:
+    """A :class:`ChatEngine` for a saved causal LM (a local folder or a hub name, see
+    :mod:`hetlm.serve.model_source`), optionally with a LoRA adapter on top and quantized by
+    bitsandbytes (the ``quant`` extra).
 
     ``template`` overrides the template recorded with the adapter or model (``auto`` when none
-    is recorded). ``device`` defaults to CUDA when available.
+    is recorded). ``device`` defaults to CUDA when available. ``max_batch``, ``max_queue`` and
+    ``batch_wait`` size the engine's batch scheduler.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from hetlm.sft.export import check_adapter_dir, check_model_dir, import_peft, tokenizer_dir
+    from hetlm.serve.model_source import (
+        check_causal_lm,
+        hub_error,
+        hub_file,
+        resolve_model_source,
+    )
+    from hetlm.sft.export import check_adapter_dir, has_tokenizer, import_peft, tokenizer_dir
+    from hetlm.sft.templates import TEMPLATE_FILE
 
-    model_path = check_model_dir(model_dir)
+    source = resolve_model_source(model_dir)
     adapter_path = check_adapter_dir(adapter_dir) if adapter_dir is not None else None
     quantization = _quantization_config(load_in_8bit, load_in_4bit)
     peft = import_peft() if adapter_path is not None else None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    label = name or (adapter_path.resolve().name if adapter_path else source.label)
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(model_path, adapter_path))
-    kwargs: dict[str, Any] = {"dtype": "auto"}
-    if quantization is not None:
-        kwargs.update(quantization_config=quantization, device_map={"": device})
-    model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+    try:
+        config = AutoConfig.from_pretrained(source.location)
+    except Exception as exc:  # a hub name that is not there, or not in the offline cache
+        if source.local:
+            raise HetlmError(f"cannot read {source.location}/config.json: "
+                             f"{' '.join(str(exc).split())[:300]}") from exc
+        raise hub_error(source, exc) from exc
+    check_causal_lm(config, label)
+
+    if source.local:
+        tokenizer_from: str | Path = tokenizer_dir(Path(source.location), adapter_path)
+    else:
+        tokenizer_from = adapter_path if adapter_path and has_tokenizer(adapter_path) \
+            else source.location
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_from)
+        kwargs: dict[str, Any] = {"dtype": "auto"}
+        if quantization is not None:
+            kwargs.update(quantization_config=quantization, device_map={"": device})
+        model = AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
+    except HetlmError:
+        raise
+    except OSError as exc:
+        if source.local:
+            raise
+        raise hub_error(source, exc) from exc
     if quantization is None:
         model = model.to(device)
     if peft is not None:
         model = peft.PeftModel.from_pretrained(model, adapter_path)
 
     if template is None:
-        saved = [load_saved_template(d, tokenizer) for d in (adapter_path, model_path) if d]
+        saved = []
+        if adapter_path is not None:
+            saved.append(load_saved_template(adapter_path, tokenizer))
+        model_record = hub_file(source, TEMPLATE_FILE)
+        if model_record is not None:
+            saved.append(load_saved_template(model_record.parent, tokenizer))
         chosen = next((t for t in saved if t is not None), None)
     else:
         chosen = resolve_template(template, tokenizer)
-    label = name or (adapter_path or model_path).resolve().name
-    return ChatEngine(model, tokenizer, chosen, name=label)
+    return ChatEngine(model, tokenizer, chosen, name=label, max_batch=max_batch,
+                      max_queue=max_queue, batch_wait=batch_wait)

@@ -1,19 +1,25 @@
 """``hetlm serve``: an OpenAI-compatible HTTP API for a trained chat model (FastAPI + uvicorn).
 
-Implemented: ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/chat/completions`` with
-and without ``stream: true``. ``temperature``, ``top_p``, ``max_tokens`` (or
-``max_completion_tokens``) and ``seed`` are honoured; the non-streaming response has ``usage``,
-and a stream sends it in a last chunk when ``stream_options.include_usage`` is set, as OpenAI
-does. Streams are server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``.
+Implemented: ``GET /health``, ``GET /v1/models``, ``GET /v1/models/{id}``,
+``POST /v1/chat/completions`` and ``POST /v1/completions`` (a prompt string or a list of them,
+one choice each), with and without ``stream: true``. ``temperature``, ``top_p``, ``max_tokens``
+(or ``max_completion_tokens``), ``stop`` (up to 4 strings) and ``seed`` are honoured; the
+non-streaming response has ``usage``, and a stream sends it in a last chunk when
+``stream_options.include_usage`` is set, as OpenAI does. Streams are server-sent events in
+OpenAI's chunk format, ending with ``data: [DONE]``.
 
 Every error is OpenAI's JSON shape (``{"error": {"message", "type", "param", "code"}}``) with the
-matching HTTP status (400 bad request, 404 unknown model or path, 500 generation failure), so
-clients raise their usual exceptions. Parameters this server cannot honour (``n`` > 1, ``stop``,
-``tools``, ``logprobs``) are refused with a 400 rather than silently ignored; other fields
-(``user``, penalties, metadata) are ignored, as harmless.
+matching HTTP status (400 bad request, 404 unknown model or path, 500 generation failure, 503
+queue full), so clients raise their usual exceptions. Parameters this server cannot honour
+(``n`` > 1, ``tools``, ``logprobs``, ``echo``, ``best_of``, ``suffix``) are refused with a 400
+rather than silently ignored; other fields (``user``, penalties, metadata) are ignored, as
+harmless.
 
-One model, one generation at a time (:class:`~hetlm.serve.generation.ChatEngine` holds a lock);
-a client that disconnects mid-stream cancels its generation.
+Concurrent requests are answered together: the engine's
+:class:`~hetlm.serve.batching.BatchScheduler` runs the requests waiting at a moment as one
+batched ``generate`` call (at most ``--max-batch`` rows); at most ``--max-queue`` more may wait,
+beyond that a request gets 503 ``server_overloaded`` at once. A client that disconnects
+mid-stream cancels its generation.
 """
 
 # No ``from __future__ import annotations`` here: FastAPI reads the endpoints' annotations
@@ -28,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from hetlm.errors import HetlmError
+from hetlm.serve.batching import QueueFull
 from hetlm.serve.generation import ChatEngine, Generation, GenerationSettings
 from hetlm.sft.data import Message
 
@@ -68,8 +75,8 @@ def _content_text(content: Any, index: int) -> str:
     return "".join(texts)
 
 
-def _request_model():
-    """The pydantic request model (defined lazily: pydantic comes with the chat extra)."""
+def _request_models() -> tuple[Any, Any]:
+    """The pydantic request models (defined lazily: pydantic comes with the chat extra)."""
     from pydantic import BaseModel, ConfigDict, Field
 
     class ChatMessageIn(BaseModel):
@@ -81,23 +88,32 @@ def _request_model():
         model_config = ConfigDict(extra="ignore")
         include_usage: bool = False
 
-    class ChatCompletionRequest(BaseModel):
+    class Sampling(BaseModel):
         model_config = ConfigDict(extra="ignore")
         model: str
-        messages: list[ChatMessageIn] = Field(min_length=1)
         temperature: float | None = Field(None, ge=0, le=2)
         top_p: float | None = Field(None, gt=0, le=1)
         max_tokens: int | None = Field(None, ge=1)
-        max_completion_tokens: int | None = Field(None, ge=1)
         stream: bool = False
         stream_options: StreamOptions | None = None
         seed: int | None = None
         n: int | None = None
         stop: str | list[str] | None = None
+
+    class ChatCompletionRequest(Sampling):
+        messages: list[ChatMessageIn] = Field(min_length=1)
+        max_completion_tokens: int | None = Field(None, ge=1)
         tools: list[Any] | None = None
         logprobs: bool | None = None
 
-    return ChatCompletionRequest
+    class CompletionRequest(Sampling):
+        prompt: str | list[str] | list[int] | list[list[int]]
+        logprobs: int | None = None
+        echo: bool | None = None
+        best_of: int | None = None
+        suffix: str | None = None
+
+    return ChatCompletionRequest, CompletionRequest
 
 
 def create_app(engine: ChatEngine, *, model_name: str | None = None,
@@ -108,13 +124,14 @@ def create_app(engine: ChatEngine, *, model_name: str | None = None,
     from fastapi import Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
+    from pydantic import ValidationError
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     name = model_name or engine.name
     defaults = defaults or GenerationSettings()
     created = int(time.time())
-    request_model = _request_model()
+    chat_request, completion_request = _request_models()
     app = fastapi.FastAPI(title=f"hetlm: {name}", docs_url=None, redoc_url=None)
 
     @app.exception_handler(APIError)
@@ -139,6 +156,53 @@ def create_app(engine: ChatEngine, *, model_name: str | None = None,
     def model_card() -> dict[str, Any]:
         return {"id": name, "object": "model", "created": created, "owned_by": "hetlm"}
 
+    async def parse(request: Request, model: Any) -> Any:
+        try:
+            payload = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise APIError(400, f"the request body is not valid JSON: {exc}") from exc
+        try:
+            body = model.model_validate(payload)
+        except ValidationError as exc:
+            raise RequestValidationError(exc.errors()) from exc
+        if body.model != name:
+            raise _unknown_model(body.model, name)
+        return body
+
+    def settings_of(body: Any, max_tokens: int | None) -> GenerationSettings:
+        stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+        try:
+            return GenerationSettings(
+                temperature=defaults.temperature if body.temperature is None
+                else body.temperature,
+                top_p=defaults.top_p if body.top_p is None else body.top_p,
+                max_new_tokens=max_tokens or defaults.max_new_tokens, seed=body.seed,
+                stop=stop)
+        except HetlmError as exc:
+            raise APIError(400, str(exc), param="stop" if "stop" in str(exc) else None) \
+                from exc
+
+    def start(ids: list[int], settings: GenerationSettings, param: str) -> Generation:
+        if engine.context_length and len(ids) >= engine.context_length:
+            raise APIError(400, f"the {param} is {len(ids)} tokens, at or over this model's "
+                           f"context of {engine.context_length} tokens",
+                           param=param, code="context_length_exceeded")
+        try:
+            return engine.stream(settings=settings, ids=ids)
+        except QueueFull as exc:
+            raise APIError(503, str(exc), type="server_error", code="server_overloaded") \
+                from exc
+        except HetlmError as exc:
+            raise APIError(400, str(exc), param=param) from exc
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        scheduler = engine.scheduler
+        return {"status": "ok", "model": name, "running": scheduler.running,
+                "waiting": scheduler.waiting, "max_batch": scheduler.max_batch,
+                "max_queue": scheduler.max_queue, "batches": scheduler.batches_run,
+                "requests": scheduler.requests_run}
+
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
         return {"object": "list", "data": [model_card()]}
@@ -151,59 +215,108 @@ def create_app(engine: ChatEngine, *, model_name: str | None = None,
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
-        try:
-            payload = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise APIError(400, f"the request body is not valid JSON: {exc}") from exc
-        from pydantic import ValidationError
-
-        try:
-            body = request_model.model_validate(payload)
-        except ValidationError as exc:
-            raise RequestValidationError(exc.errors()) from exc
-        if body.model != name:
-            raise _unknown_model(body.model, name)
-        _refuse_unsupported(body)
+        body = await parse(request, chat_request)
+        _refuse_unsupported(body, ("tools", "logprobs"))
         messages = [Message("system" if m.role == "developer" else m.role,
                             _content_text(m.content, i)) for i, m in enumerate(body.messages)]
+        settings = settings_of(body, body.max_completion_tokens or body.max_tokens)
         try:
-            settings = GenerationSettings(
-                temperature=defaults.temperature if body.temperature is None
-                else body.temperature,
-                top_p=defaults.top_p if body.top_p is None else body.top_p,
-                max_new_tokens=body.max_completion_tokens or body.max_tokens
-                or defaults.max_new_tokens,
-                seed=body.seed)
             ids = engine.encode(messages)
         except HetlmError as exc:
             raise APIError(400, str(exc), param="messages") from exc
-        if engine.context_length and len(ids) >= engine.context_length:
-            raise APIError(400, f"the messages are {len(ids)} tokens, at or over this model's "
-                           f"context of {engine.context_length} tokens",
-                           param="messages", code="context_length_exceeded")
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-        generation = engine.stream(settings=settings, ids=ids)
+        generation = start(ids, settings, "messages")
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(
-                _events(generation, completion_id, name, include_usage, run_in_threadpool),
+                _chat_events(generation, completion_id, name, include_usage, run_in_threadpool),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        try:
-            text = await run_in_threadpool(generation.text)
-        except Exception as exc:
-            raise APIError(500, f"generation failed: {exc}", type="server_error") from exc
-        finally:
-            generation.cancel()
+        text = await _finish(generation, run_in_threadpool)
         return {
             "id": completion_id, "object": "chat.completion", "created": int(time.time()),
             "model": name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                          "logprobs": None, "finish_reason": generation.finish_reason}],
-            "usage": _usage(generation),
+            "usage": _usage([generation]),
+        }
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        body = await parse(request, completion_request)
+        _refuse_unsupported(body, ("logprobs", "echo", "suffix"))
+        if body.best_of not in (None, 1):
+            raise APIError(400, "only best_of=1 is supported", param="best_of")
+        prompts = _prompt_ids(body.prompt, engine)
+        settings = settings_of(body, body.max_tokens)
+        generations: list[Generation] = []
+        try:
+            for ids in prompts:
+                generations.append(start(ids, settings, "prompt"))
+        except APIError:
+            for generation in generations:
+                generation.cancel()
+            raise
+        completion_id = f"cmpl-{uuid.uuid4().hex}"
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(
+                _completion_events(generations, completion_id, name, include_usage,
+                                   run_in_threadpool),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        texts = []
+        try:
+            for generation in generations:
+                texts.append(await _finish(generation, run_in_threadpool))
+        finally:
+            for generation in generations:
+                generation.cancel()
+        return {
+            "id": completion_id, "object": "text_completion", "created": int(time.time()),
+            "model": name,
+            "choices": [{"index": i, "text": text, "logprobs": None,
+                         "finish_reason": generation.finish_reason}
+                        for i, (text, generation) in enumerate(zip(texts, generations,
+                                                                  strict=True))],
+            "usage": _usage(generations),
         }
 
     return app
+
+
+def _prompt_ids(prompt: Any, engine: ChatEngine) -> list[list[int]]:
+    """The ``prompt`` field (a string, a list of strings, token ids, or a list of those) as
+    one id list per choice."""
+    if isinstance(prompt, str):
+        prompts: list[Any] = [prompt]
+    elif prompt and all(isinstance(p, int) for p in prompt):
+        prompts = [list(prompt)]
+    else:
+        prompts = list(prompt)
+    if not prompts:
+        raise APIError(400, "prompt is an empty list: give at least one prompt", param="prompt")
+    vocab = len(engine.tokenizer)
+    out = []
+    for i, item in enumerate(prompts):
+        ids = engine.encode_text(item) if isinstance(item, str) else list(item)
+        if not ids:
+            raise APIError(400, f"prompt[{i}] is empty", param="prompt")
+        if any(not 0 <= t < vocab for t in ids):
+            raise APIError(400, f"prompt[{i}] has token ids outside the vocabulary (0..{vocab - 1})",
+                           param="prompt")
+        out.append(ids)
+    return out
+
+
+async def _finish(generation: Generation, run_in_threadpool: Any) -> str:
+    """The whole reply of a non-streaming request (a 500 if generation failed)."""
+    try:
+        return await run_in_threadpool(generation.text)
+    except Exception as exc:
+        raise APIError(500, f"generation failed: {exc}", type="server_error") from exc
+    finally:
+        generation.cancel()
 
 
 def _unknown_model(requested: str, served: str) -> APIError:
@@ -211,29 +324,38 @@ def _unknown_model(requested: str, served: str) -> APIError:
                     f"'{served}'", param="model", code="model_not_found")
 
 
-def _refuse_unsupported(body: Any) -> None:
+def _refuse_unsupported(body: Any, fields: tuple[str, ...]) -> None:
     if body.n not in (None, 1):
         raise APIError(400, "only n=1 is supported", param="n")
-    if body.stop:
-        raise APIError(400, "stop sequences are not supported by this server", param="stop")
-    if body.tools:
-        raise APIError(400, "tools are not supported by this server", param="tools")
-    if body.logprobs:
-        raise APIError(400, "logprobs are not supported by this server", param="logprobs")
+    for field in fields:
+        if getattr(body, field, None):
+            raise APIError(400, f"{field} is not supported by this server", param=field)
 
 
-def _usage(generation: Generation) -> dict[str, int]:
-    return {"prompt_tokens": generation.prompt_tokens,
-            "completion_tokens": generation.completion_tokens,
-            "total_tokens": generation.prompt_tokens + generation.completion_tokens}
+def _usage(generations: list[Generation]) -> dict[str, int]:
+    prompt = sum(g.prompt_tokens for g in generations)
+    completion = sum(g.completion_tokens for g in generations)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
 
 
 def _sse(data: dict[str, Any]) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-async def _events(generation: Generation, completion_id: str, model: str, include_usage: bool,
-                  run_in_threadpool: Any) -> AsyncIterator[str]:
+async def _pieces(generation: Generation, run_in_threadpool: Any) -> AsyncIterator[str]:
+    """The generation's text pieces, read in a worker thread so the event loop stays free."""
+    done = object()
+    pieces = iter(generation)
+    while True:
+        piece = await run_in_threadpool(next, pieces, done)
+        if piece is done:
+            return
+        yield piece
+
+
+async def _chat_events(generation: Generation, completion_id: str, model: str,
+                       include_usage: bool, run_in_threadpool: Any) -> AsyncIterator[str]:
     """The reply as OpenAI chunks; the generation is cancelled if the client goes away."""
     created = int(time.time())
 
@@ -247,27 +369,56 @@ async def _events(generation: Generation, completion_id: str, model: str, includ
             data["usage"] = None
         return data
 
-    done = object()
-    pieces = iter(generation)
     try:
         yield _sse(chunk({"role": "assistant", "content": ""}))
-        while True:
-            try:
-                piece = await run_in_threadpool(next, pieces, done)
-            except Exception as exc:
-                yield _sse(APIError(500, f"generation failed: {exc}", type="server_error").body)
-                break
-            if piece is done:
-                yield _sse(chunk({}, generation.finish_reason))
-                if include_usage:
-                    yield _sse({"id": completion_id, "object": "chat.completion.chunk",
-                                "created": created, "model": model, "choices": [],
-                                "usage": _usage(generation)})
-                break
-            yield _sse(chunk({"content": piece}))
+        try:
+            async for piece in _pieces(generation, run_in_threadpool):
+                yield _sse(chunk({"content": piece}))
+        except Exception as exc:
+            yield _sse(APIError(500, f"generation failed: {exc}", type="server_error").body)
+        else:
+            yield _sse(chunk({}, generation.finish_reason))
+            if include_usage:
+                yield _sse({"id": completion_id, "object": "chat.completion.chunk",
+                            "created": created, "model": model, "choices": [],
+                            "usage": _usage([generation])})
         yield "data: [DONE]\n\n"
     finally:
         generation.cancel()
+
+
+async def _completion_events(generations: list[Generation], completion_id: str, model: str,
+                             include_usage: bool, run_in_threadpool: Any) -> AsyncIterator[str]:
+    """``text_completion`` chunks, choice after choice (they generate together in a batch)."""
+    created = int(time.time())
+
+    def chunk(index: int, text: str, finish_reason: str | None = None) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "id": completion_id, "object": "text_completion", "created": created,
+            "model": model, "choices": [{"index": index, "text": text, "logprobs": None,
+                                         "finish_reason": finish_reason}]}
+        if include_usage:
+            data["usage"] = None
+        return data
+
+    try:
+        for index, generation in enumerate(generations):
+            try:
+                async for piece in _pieces(generation, run_in_threadpool):
+                    yield _sse(chunk(index, piece))
+            except Exception as exc:
+                yield _sse(APIError(500, f"generation failed: {exc}", type="server_error").body)
+                break
+            yield _sse(chunk(index, "", generation.finish_reason))
+        else:
+            if include_usage:
+                yield _sse({"id": completion_id, "object": "text_completion",
+                            "created": created, "model": model, "choices": [],
+                            "usage": _usage(generations)})
+        yield "data: [DONE]\n\n"
+    finally:
+        for generation in generations:
+            generation.cancel()
 
 
 # ---------------------------------------------------------------- running

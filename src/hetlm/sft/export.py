@@ -4,8 +4,10 @@ A LoRA adapter is small and loads with plain ``peft`` on top of its base model; 
 needs neither ``peft`` nor the base at serving time, and runs at the base model's speed (the
 low-rank product is folded into each weight: W' = W + scale * B @ A). The merged folder has the
 weights as safetensors, the tokenizer (the adapter's if it carries one, since training may have
-changed it, else the base's) and the prompt template record, so ``hetlm chat``/``serve`` and
-``AutoModelForCausalLM`` load it directly.
+changed it, else the base's), the prompt template record, and the training template as the
+tokenizer's chat template (:mod:`hetlm.sft.vllm_export`), so ``hetlm chat``/``serve``,
+``AutoModelForCausalLM`` and vLLM load it directly and format chats as in training; the folder is
+checked for what vLLM needs before it is put in place.
 
 The folder is written under a temporary name and renamed into place, so a failed export never
 leaves a half-written model where a good one is expected.
@@ -20,7 +22,12 @@ from pathlib import Path
 
 from hetlm.data.tokenizer import TOKENIZER_FILES
 from hetlm.errors import HetlmError
-from hetlm.sft.templates import TEMPLATE_FILE
+from hetlm.sft.templates import (
+    TEMPLATE_FILE,
+    ChatTemplate,
+    load_saved_template,
+    resolve_template,
+)
 
 EXPORT_RECORD = "hetlm_export.json"
 
@@ -107,8 +114,11 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, output_dir: str
     model = peft.PeftModel.from_pretrained(model, adapter)
     merged = model.merge_and_unload(safe_merge=True)  # safe_merge: refuse NaN weights
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    chat_template_from = set_chat_template(tokenizer, adapter, base)
 
     def write(tmp: Path) -> None:
+        from hetlm.sft.vllm_export import vllm_missing
+
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if not has_tokenizer(tmp):
@@ -119,8 +129,33 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, output_dir: str
                 shutil.copy2(source / TEMPLATE_FILE, tmp / TEMPLATE_FILE)
                 break
         record = {"base_model": str(base), "adapter": str(adapter),
-                  "tokenizer_from": str(tokenizer_source), "peft_version": peft.__version__}
+                  "tokenizer_from": str(tokenizer_source), "peft_version": peft.__version__,
+                  "chat_template_from": chat_template_from}
         (tmp / EXPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        missing = vllm_missing(tmp)
+        if missing:
+            raise HetlmError(f"the merged folder would lack {', '.join(missing)}, which vLLM "
+                             f"needs; nothing was written to {output}")
 
     write_folder(output, write)
     return output
+
+
+def set_chat_template(tokenizer: object, *folders: Path) -> str:
+    """Make the tokenizer's chat template the one the model was trained with (recorded in the
+    first of ``folders`` that has a record; else hetlm's ``auto`` choice, as ``hetlm serve``
+    makes it): a text template is written as Jinja. Returns where the template came from."""
+    from hetlm.sft.masking import adds_bos
+    from hetlm.sft.vllm_export import chat_template_jinja
+
+    template, where = None, "auto"
+    for folder in folders:
+        template = load_saved_template(folder, tokenizer)
+        if template is not None:
+            where = str(folder / TEMPLATE_FILE)
+            break
+    template = template or resolve_template("auto", tokenizer)
+    if isinstance(template, ChatTemplate):
+        return f"the tokenizer's own chat_template ({where})"
+    tokenizer.chat_template = chat_template_jinja(template, bos=adds_bos(tokenizer))
+    return f"text template {template.name!r} ({where}) as Jinja"
