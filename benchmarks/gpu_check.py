@@ -938,9 +938,12 @@ def md_env(env: dict[str, Any]) -> list[str]:
             "bf16_peak_tflops", "torch", "cuda", "cudnn", "transformers", "peft", "accelerate",
             "bitsandbytes", "datasets", "python", "cpu_count", "device_count", "git_commit",
             "missing_modules")
-    return ["| | |", "|---|---|"] + [
-        f"| {k} | {fmt(env.get(k), '.4g') if k != 'missing_modules' else ', '.join(env[k]) or '-'} |"
-        for k in keys if k in env]
+    def shown(value: Any) -> str:
+        if isinstance(value, list):
+            return ", ".join(value) or "none"
+        return f"{value:.4g}" if isinstance(value, float) else fmt(value)
+
+    return ["| | |", "|---|---|"] + [f"| {k} | {shown(env[k])} |" for k in keys if k in env]
 
 
 def md_demo(demo: dict[str, Any]) -> list[str]:

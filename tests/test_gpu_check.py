@@ -1,0 +1,120 @@
+"""benchmarks/gpu_check.py --dry-run: the GPU check's code runs on CPU, so it cannot rot.
+
+One run of the whole check with tiny shapes (about a minute on an idle machine); the report must
+name every part with a status, and every number of a part that passed must be finite.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PARTS = ("env", "demo", "mlm", "sft", "qlora", "fp16", "multirank")
+
+
+def numbers(value, where=""):
+    """Every int/float inside ``value`` with its path (booleans are not numbers here)."""
+    if isinstance(value, bool):
+        return
+    if isinstance(value, int | float):
+        yield where, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from numbers(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from numbers(item, f"{where}[{i}]")
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("gpu_check")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (str(REPO / "src"), os.environ.get("PYTHONPATH")) if p))
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"),
+                          "--dry-run", "--out", str(out)], capture_output=True, text=True,
+                         env=env, timeout=840, check=False)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return out
+
+
+@pytest.mark.timeout(900)
+def test_dry_run_reports_every_part(dry_run: Path) -> None:
+    report = json.loads((dry_run / "gpu.json").read_text())
+    markdown = (dry_run / "gpu.md").read_text()
+    assert report["dry_run"] is True
+    assert list(report["parts"]) == list(PARTS)
+    for name, part in report["parts"].items():
+        assert part["status"] in ("ok", "failed", "skipped"), name
+        if part["status"] == "skipped":
+            assert part["reason"], name
+        if part["status"] == "failed":
+            assert part["error"], name
+        if part["status"] == "ok":
+            bad = [(w, v) for w, v in numbers(part) if not math.isfinite(v)]
+            assert not bad, f"{name}: {bad}"
+    markdown_sections = [line for line in markdown.splitlines() if line.startswith("## ")]
+    assert len(markdown_sections) == len(PARTS) + 1  # the goals, then one per part
+
+
+@pytest.mark.timeout(900)
+def test_dry_run_measures_on_cpu_and_skips_what_needs_cuda(dry_run: Path) -> None:
+    parts = json.loads((dry_run / "gpu.json").read_text())["parts"]
+    # what a CPU can run, runs and passes
+    for name in ("env", "demo", "mlm", "sft", "fp16"):
+        assert parts[name]["status"] == "ok", (name, parts[name])
+    assert parts["demo"]["exit_code"] == 0 and parts["demo"]["summary"]
+    row = parts["mlm"]["seq32"]
+    assert row["trainer"]["tokens_per_s"] > 0 and row["hetlm"]["tokens_per_s"] > 0
+    assert row["ratio"] == pytest.approx(row["hetlm"]["tokens_per_s"]
+                                         / row["trainer"]["tokens_per_s"])
+    assert row["hetlm"]["mfu"] > 0  # against the CPU entry of the hardware table
+    for system in ("trainer", "hetlm", "plain"):
+        assert parts["sft"][system]["tokens_per_s"] > 0, system
+    assert parts["fp16"]["precision"] == "fp16"
+    assert parts["fp16"]["loss_last"] < parts["fp16"]["loss_first"]
+    # and what needs a GPU says so
+    for name in ("qlora", "multirank"):
+        assert (parts[name]["status"], parts[name]["reason"]) == ("skipped", "needs CUDA")
+    assert (dry_run / "gpu_check_logs" / "mlm.log").is_file()
+
+
+def gpu_check_module():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    return gpu_check
+
+
+def test_a_command_past_its_deadline_is_stopped_with_all_it_started() -> None:
+    gpu_check = gpu_check_module()
+    run = gpu_check.run_command(["bash", "-c", "setsid sleep 60 & echo $!; wait"], timeout=2)
+    assert run["timed_out"] and run["wall_s"] < 30
+    grandchild = Path(f"/proc/{int(run['output'].split()[0])}/stat")
+    time.sleep(0.5)
+    # gone, or a zombie waiting for its new parent to reap it: no longer running
+    assert not grandchild.exists() or grandchild.read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def test_the_error_line_is_the_cause_not_the_banner() -> None:
+    gpu_check = gpu_check_module()
+    torchrun = ("hetlm: error (rank 0): micro-batches [8, 8] cannot make the global batch 8\n"
+                "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:\n"
+                "====\n  exitcode  : 2\n====\n")
+    assert gpu_check.error_line(torchrun).startswith("hetlm: error (rank 0): micro-batches")
+    assert gpu_check.error_line("RuntimeError: CUDA out of memory\n=====\n") == \
+        "RuntimeError: CUDA out of memory"
+    result = {"seq128": {"status": "ok", "trainer": {"status": "ok"},
+                         "hetlm": {"status": "failed", "error": "boom"}}}
+    assert gpu_check.first_failure(result) == "seq128.hetlm: boom"
+    assert gpu_check.first_failure({"a": {"status": "ok"}}) is None
