@@ -34,6 +34,7 @@ import io
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -396,12 +397,30 @@ def run_cli_here(argv: list[str]) -> None:
     raises with the error line it printed."""
     from hetlm.cli import main as hetlm_main
 
-    errors = io.StringIO()
+    errors = Tee(sys.stderr)
     with contextlib.redirect_stderr(errors):
         code = hetlm_main(argv)
-    sys.stderr.write(errors.getvalue())
     if code != 0:
         raise PartFailed(f"hetlm {argv[0]} exited with {code}: {error_line(errors.getvalue())}")
+
+
+def fresh_dir(ctx: PartContext, name: str) -> str:
+    """An empty run folder ``<cache>/runs/<name>`` (a rerun must not resume the last run)."""
+    path = ctx.cache / "runs" / name
+    shutil.rmtree(path, ignore_errors=True)
+    return str(path)
+
+
+class Tee(io.StringIO):
+    """Keeps what is written and passes it on (the part's log still gets it as it happens)."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__()
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        self.stream.write(text)
+        return super().write(text)
 
 
 def write_yaml(path: Path, config: dict[str, Any]) -> Path:
@@ -416,12 +435,8 @@ def pretrain_config(ctx: PartContext, name: str, *, steps: int, precision: str,
                     global_batch: int, ranks: int = 1) -> Path:
     """A ``hetlm pretrain`` config of the small BERT on this check's packed data."""
     s = ctx.settings
-    out = ctx.cache / "runs" / name
-    import shutil
-
-    shutil.rmtree(out, ignore_errors=True)
     return write_yaml(ctx.cache / f"{name}.yaml", {
-        "run": {"output_dir": str(out), "seed": 0},
+        "run": {"output_dir": fresh_dir(ctx, name), "seed": 0},
         "data": {"dataset": str(mlm_dataset(ctx, s.small_seq))},
         "model": {"type": "bert", "preset": s.small_preset},
         "train": {"global_batch": global_batch, "micro_batch": global_batch // ranks,
@@ -438,16 +453,25 @@ def run_output_dir(config_path: Path) -> Path:
 # ------------------------------------------------------------------ part 1: environment
 
 
+def installed_version(distribution: str) -> str | None:
+    """From the package metadata, without importing it (an import can fail on its own)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def part_env(ctx: PartContext) -> None:
-    import peft
     import torch
-    import transformers
 
     entry = gpu_table_entry()
     info: dict[str, Any] = {
         "python": platform.python_version(), "cpu_count": os.cpu_count(),
         "torch": torch.__version__, "cuda": torch.version.cuda,
-        "transformers": transformers.__version__, "peft": peft.__version__,
+        **{name: installed_version(name) for name in ("transformers", "peft", "accelerate",
+                                                       "bitsandbytes", "datasets", "pydantic")},
         "cuda_available": torch.cuda.is_available(),
         "device_count": torch.cuda.device_count() if torch.cuda.is_available() else 0,
         "missing_modules": [m for m in OPTIONAL_MODULES if importlib.util.find_spec(m) is None],
@@ -462,9 +486,6 @@ def part_env(ctx: PartContext) -> None:
                     cudnn=torch.backends.cudnn.version())
     else:
         info.update(gpu=None, compute_capability=None, memory_gib=None, cudnn=None)
-    for name in ("accelerate", "bitsandbytes", "datasets"):
-        spec = importlib.util.find_spec(name)
-        info[name] = importlib.import_module(name).__version__ if spec else None
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         info["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                                             capture_output=True, text=True,
@@ -487,7 +508,7 @@ def part_demo(ctx: PartContext) -> None:
     summary = output.split("=" * 72)[1].strip().splitlines() if output.count("=" * 72) >= 2 \
         else []
     ctx.result.update(command="hetlm " + " ".join(args), exit_code=run["exit_code"],
-                      wall_s_demo=run["wall_s"], summary=summary,
+                      demo_wall_s=run["wall_s"], summary=summary,
                       messages=hetlm_lines(output))
     if run["timed_out"]:
         raise PartFailed(f"hetlm demo timed out after {run['wall_s']:.0f} s")
@@ -523,7 +544,7 @@ def mlm_system(ctx: PartContext, system: str, data: Path, seq_len: int, batch: i
     ns = argparse.Namespace(
         data=str(data), preset=s.mlm_preset, batch=batch, steps=s.mlm_warmup + s.mlm_steps,
         precision="bf16", device=device().type, warmup=s.mlm_warmup,
-        workdir=str(ctx.cache / "runs" / f"mlm-{system}-s{seq_len}"))
+        workdir=fresh_dir(ctx, f"mlm-{system}-s{seq_len}"))
     record: dict[str, Any] = {}
     with peak_memory(record):
         result = (mlm_bench.run_trainer if system == "trainer" else mlm_bench.run_hetlm)(ns)
@@ -566,7 +587,7 @@ def sft_namespace(ctx: PartContext, inputs: dict[str, str], name: str) -> argpar
     return argparse.Namespace(base=inputs["base"], data=inputs["data"],
                               max_length=s.sft_max_length, steps=s.sft_warmup + s.sft_steps,
                               precision="bf16", device=device().type,
-                              workdir=str(ctx.cache / "runs" / f"sft-{name}"))
+                              workdir=fresh_dir(ctx, f"sft-{name}"))
 
 
 def same_tokens_batches(ns: argparse.Namespace):
@@ -698,10 +719,7 @@ def qlora_generate(base: str, adapter: Path, load: dict[str, Any],
 
 def qlora_run(ctx: PartContext, inputs: dict[str, str], kind: str) -> dict[str, Any]:
     s = ctx.settings
-    out = ctx.cache / "runs" / f"qlora-{kind}"
-    import shutil
-
-    shutil.rmtree(out, ignore_errors=True)
+    out = Path(fresh_dir(ctx, f"qlora-{kind}"))
     config = write_yaml(ctx.cache / f"qlora-{kind}.yaml", {
         "run": {"output_dir": str(out), "seed": 0},
         "model": {"path": inputs["base"], "quantization": kind},
@@ -874,23 +892,30 @@ def run_all(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     return {"dry_run": settings.dry_run, "started": time.strftime("%Y-%m-%d %H:%M:%S UTC",
                                                                    time.gmtime(started)),
             "wall_s": time.time() - started, "budget_s": args.budget,
-            "settings": asdict(settings), "parts": parts, "goals": goals(parts)}
+            "settings": asdict(settings), "parts": parts, "goals": goals(parts, settings)}
 
 
 # ------------------------------------------------------------------ goals and the report
 
 
-def goals(parts: dict[str, Any]) -> list[dict[str, Any]]:
+def goals(parts: dict[str, Any], settings: Settings) -> list[dict[str, Any]]:
     """Issue 11's goals, each with the measured value and whether it is met (None: not
     measured)."""
     rows: list[dict[str, Any]] = []
+    try:
+        add_goals(parts, settings, rows)
+    except Exception as exc:  # a part's result in an unexpected shape: the report still goes out
+        print(f"gpu_check: goals not evaluated: {last_error_line(exc)}", file=sys.stderr)
+    return rows
 
+
+def add_goals(parts: dict[str, Any], settings: Settings, rows: list[dict[str, Any]]) -> None:
     def add(goal: str, value: float | None, met: bool | None, unit: str = "") -> None:
         rows.append({"goal": goal, "value": value, "unit": unit, "met": met})
 
     mlm = parts.get("mlm", {})
-    for key in sorted(k for k in mlm if k.startswith("seq")):
-        row = mlm[key]
+    for key in (f"seq{seq_len}" for seq_len, _ in settings.mlm_shapes):
+        row = mlm.get(key, {})
         ok = row.get("status") == "ok" and "ratio" in row
         value = row["hetlm"]["mfu"] if ok else None
         add(f"MLM {key}: hetlm MFU >= 45%", value, None if value is None else value >= 0.45, "%")
@@ -907,7 +932,6 @@ def goals(parts: dict[str, Any]) -> list[dict[str, Any]]:
         "x")
     mem = peak_ratio(sft.get("hetlm"), sft.get("trainer"))
     add("SFT: peak memory <= Trainer + PEFT's", mem, None if mem is None else mem <= 1, "x")
-    return rows
 
 
 def peak_ratio(mine: dict | None, theirs: dict | None) -> float | None:
@@ -936,8 +960,9 @@ def md_env(env: dict[str, Any]) -> list[str]:
         return []
     keys = ("gpu", "compute_capability", "memory_gib", "hardware_table_entry",
             "bf16_peak_tflops", "torch", "cuda", "cudnn", "transformers", "peft", "accelerate",
-            "bitsandbytes", "datasets", "python", "cpu_count", "device_count", "git_commit",
-            "missing_modules")
+            "bitsandbytes", "datasets", "pydantic", "python", "cpu_count", "device_count",
+            "git_commit", "missing_modules")
+
     def shown(value: Any) -> str:
         if isinstance(value, list):
             return ", ".join(value) or "none"
@@ -950,7 +975,7 @@ def md_demo(demo: dict[str, Any]) -> list[str]:
     if "command" not in demo:
         return []
     lines = [f"`{demo['command']}`: exit code {demo['exit_code']}, "
-             f"{demo['wall_s_demo']:.0f} s", ""]
+             f"{demo['demo_wall_s']:.0f} s", ""]
     lines += ["    " + line for line in demo.get("summary", [])]
     lines += [f"- {m}" for m in demo.get("messages", [])]
     return lines
@@ -967,13 +992,14 @@ def md_system_row(label: str, r: dict[str, Any], *, mfu_col: bool) -> str:
 
 
 def md_mlm(mlm: dict[str, Any]) -> list[str]:
-    lines = []
-    for key in sorted(k for k in mlm if k.startswith("seq")):
+    lines: list[str] = []
+    for key in (k for k in mlm if k.startswith("seq")):
         row = mlm[key]
+        lines += [""] if lines else []
         if row.get("status") != "ok":
-            lines += [f"- {key}: {status_line(row)}"]
+            lines.append(f"{key}: {status_line(row)}")
             continue
-        lines += ["", f"seq {row['seq_len']}, batch {row['batch']}, {row['precision']}, "
+        lines += [f"seq {row['seq_len']}, batch {row['batch']}, {row['precision']}, "
                   f"N = {row['params'] / 1e6:.1f}M parameters; hetlm / Trainer = "
                   f"**{fmt(row.get('ratio'), '.2f', 'x')}**", "",
                   "| system | tokens/s | MFU | peak memory MiB | loss (last step) |",
@@ -1069,20 +1095,29 @@ SECTIONS: dict[str, tuple[str, Callable[[dict[str, Any]], list[str]]]] = {
 }
 
 
+def rendered(render: Callable[..., list[str]], *args: Any) -> list[str]:
+    """A section's lines; a section that cannot be rendered says so (gpu.json has it all)."""
+    try:
+        return render(*args)
+    except Exception as exc:
+        return [f"(this section could not be rendered: {last_error_line(exc)}; see gpu.json)"]
+
+
 def write_report(report: dict[str, Any], out: Path) -> Path:
+    """gpu.json first (every number), then gpu.md: the goals, then one section per part."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
     title = "hetlm GPU check" + (" (dry run on CPU, tiny shapes)" if report["dry_run"] else "")
     lines = [f"# {title}", "",
              f"{report['started']}, {report['wall_s']:.0f} s of a {report['budget_s']:.0f} s "
              "budget. Reproduce: `make gpu-check` (docs/GPU_CHECK.md). Every number is also in "
-             "gpu.json.", "", "## Goals (issue 11)", "", *md_goals(report["goals"],
-                                                                   report["dry_run"])]
+             "gpu.json.", "", "## Goals (issue 11)", "",
+             *rendered(md_goals, report["goals"], report["dry_run"])]
     for name, (heading, render) in SECTIONS.items():
         part = report["parts"][name]
         lines += ["", f"## {heading}", "", status_line(part)]
-        body = render(part)
+        body = rendered(render, part)
         lines += [""] + body if body else []
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
     (out / "gpu.md").write_text("\n".join(lines) + "\n")
     return out / "gpu.md"
 
