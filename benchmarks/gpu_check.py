@@ -241,11 +241,9 @@ def peak_memory(record: dict[str, Any]) -> Iterator[None]:
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    try:
-        yield
-    finally:
-        torch.cuda.synchronize()
-        record["peak_memory_mib"] = (torch.cuda.max_memory_allocated() - before) / MIB
+    yield  # (an error in the block propagates from here: nothing to record then)
+    torch.cuda.synchronize()
+    record["peak_memory_mib"] = (torch.cuda.max_memory_allocated() - before) / MIB
 
 
 def gpu_table_entry():
@@ -555,20 +553,38 @@ def mlm_system(ctx: PartContext, system: str, data: Path, seq_len: int, batch: i
 
 
 def mlm_shape(ctx: PartContext, seq_len: int, batch: int) -> dict[str, Any]:
+    """Both systems at one sequence length; the batch is halved (for both) until it fits."""
     data = mlm_dataset(ctx, seq_len)
     params = count_bert_parameters(data, ctx.settings.mlm_preset)
     row: dict[str, Any] = {"seq_len": seq_len, "batch": batch, "params": params,
-                           "precision": "bf16"}
-    for system in ("trainer", "hetlm"):
-        try:
-            row[system] = {"status": "ok",
-                           **mlm_system(ctx, system, data, seq_len, batch, params)}
-        except Exception as exc:  # the other system's numbers are still worth having
-            traceback.print_exc()
-            row[system] = {"status": "failed", "error": last_error_line(exc)}
+                           "precision": "bf16", "out_of_memory_at": []}
+    while True:
+        for system in ("trainer", "hetlm"):
+            row[system] = mlm_system_entry(ctx, system, data, seq_len, row["batch"], params)
+        if not any(row[s].get("out_of_memory") for s in ("trainer", "hetlm")) \
+                or row["batch"] == 1:
+            break
+        row["out_of_memory_at"].append(row["batch"])
+        row["batch"] //= 2
     if row["trainer"]["status"] == row["hetlm"]["status"] == "ok":
         row["ratio"] = row["hetlm"]["tokens_per_s"] / row["trainer"]["tokens_per_s"]
     return row
+
+
+def mlm_system_entry(ctx: PartContext, system: str, data: Path, seq_len: int, batch: int,
+                     params: int) -> dict[str, Any]:
+    """One system's numbers, or its failure (the other system's numbers still count)."""
+    import torch
+
+    try:
+        return {"status": "ok", **mlm_system(ctx, system, data, seq_len, batch, params)}
+    except torch.cuda.OutOfMemoryError as exc:
+        gc.collect()
+        torch.cuda.empty_cache()
+        return {"status": "failed", "error": last_error_line(exc), "out_of_memory": True}
+    except Exception as exc:
+        traceback.print_exc()
+        return {"status": "failed", "error": last_error_line(exc)}
 
 
 def part_mlm(ctx: PartContext) -> None:

@@ -118,3 +118,25 @@ def test_the_error_line_is_the_cause_not_the_banner() -> None:
                          "hetlm": {"status": "failed", "error": "boom"}}}
     assert gpu_check.first_failure(result) == "seq128.hetlm: boom"
     assert gpu_check.first_failure({"a": {"status": "ok"}}) is None
+
+
+def test_a_shape_that_does_not_fit_is_halved_for_both_systems(monkeypatch, tmp_path) -> None:
+    import torch
+
+    gpu_check = gpu_check_module()
+    ran = []
+
+    def fake_system(ctx, system, data, seq_len, batch, params):
+        ran.append((system, batch))
+        if batch > 16:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return {"tokens_per_s": 100.0 * (2 if system == "hetlm" else 1)}
+
+    monkeypatch.setattr(gpu_check, "mlm_dataset", lambda ctx, seq_len: tmp_path)
+    monkeypatch.setattr(gpu_check, "count_bert_parameters", lambda data, preset: 1000)
+    monkeypatch.setattr(gpu_check, "mlm_system", fake_system)
+    ctx = gpu_check.PartContext("mlm", gpu_check.GPU, tmp_path, tmp_path, deadline=0.0)
+    row = gpu_check.mlm_shape(ctx, 512, 64)
+    assert row["batch"] == 16 and row["out_of_memory_at"] == [64, 32]
+    assert ran[-2:] == [("trainer", 16), ("hetlm", 16)]
+    assert row["ratio"] == 2.0 and row["hetlm"]["status"] == "ok"
