@@ -1017,7 +1017,9 @@ def md_mlm(mlm: dict[str, Any]) -> list[str]:
             continue
         lines += [f"seq {row['seq_len']}, batch {row['batch']}, {row['precision']}, "
                   f"N = {row['params'] / 1e6:.1f}M parameters; hetlm / Trainer = "
-                  f"**{fmt(row.get('ratio'), '.2f', 'x')}**", "",
+                  f"**{fmt(row.get('ratio'), '.2f', 'x')}**"
+                  + "".join(f" (batch {b} ran out of memory)"
+                            for b in row.get("out_of_memory_at", [])), "",
                   "| system | tokens/s | MFU | peak memory MiB | loss (last step) |",
                   "|---|---:|---:|---:|---:|",
                   md_system_row("HF Trainer (run_mlm recipe)", row["trainer"], mfu_col=True),
