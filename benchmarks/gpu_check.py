@@ -671,11 +671,13 @@ def sft_system(ctx: PartContext, inputs: dict[str, str], system: str) -> dict[st
     record: dict[str, Any] = {}
     with peak_memory(record):
         if system == "plain":
-            return {**plain_lora_loop(ns, warmup), **record}
-        if system == "trainer":
+            plain = plain_lora_loop(ns, warmup)
+        elif system == "trainer":
             result = sft_bench.run_trainer(ns, "sequential")
         else:
             result = sft_bench.run_hetlm(ns, grouping=True)
+    if system == "plain":
+        return {**plain, **record}
     return {"tokens_per_s": throughput(result["real_tokens"][warmup:],
                                        result["step_times"][warmup:]),
             "padded_share": 1 - sum(result["real_tokens"]) / sum(result["padded_tokens"]),

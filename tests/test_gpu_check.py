@@ -140,3 +140,32 @@ def test_a_shape_that_does_not_fit_is_halved_for_both_systems(monkeypatch, tmp_p
     assert row["batch"] == 16 and row["out_of_memory_at"] == [64, 32]
     assert ran[-2:] == [("trainer", 16), ("hetlm", 16)]
     assert row["ratio"] == 2.0 and row["hetlm"]["status"] == "ok"
+
+
+def test_every_sft_system_gets_its_peak_gpu_memory(monkeypatch, tmp_path) -> None:
+    """The CUDA path of the memory bookkeeping, with torch.cuda faked (no GPU here)."""
+    import torch
+
+    gpu_check = gpu_check_module()
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_sft_vs_hf_trainer as sft_bench
+
+    sys.path.remove(str(REPO / "benchmarks"))
+    for name, value in {"is_available": lambda: True, "synchronize": lambda: None,
+                        "empty_cache": lambda: None, "reset_peak_memory_stats": lambda: None,
+                        "memory_allocated": lambda: 100 * 2**20,
+                        "max_memory_allocated": lambda: 350 * 2**20}.items():
+        monkeypatch.setattr(torch.cuda, name, value)
+    bench_result = {"real_tokens": [90.0, 90.0, 90.0, 100.0], "padded_tokens": [100.0] * 4,
+                    "step_times": [9.0, 9.0, 9.0, 1.0], "losses": [3.0, 2.5, 2.2, 2.0]}
+    monkeypatch.setattr(sft_bench, "run_trainer", lambda ns, strategy: bench_result)
+    monkeypatch.setattr(sft_bench, "run_hetlm", lambda ns, grouping: bench_result)
+    monkeypatch.setattr(gpu_check, "plain_lora_loop",
+                        lambda ns, warmup: {"tokens_per_s": 50.0})
+    ctx = gpu_check.PartContext("sft", gpu_check.GPU, tmp_path, tmp_path, deadline=0.0)
+    for system in ("trainer", "hetlm", "plain"):
+        entry = gpu_check.sft_system(ctx, {"base": "b", "data": "d"}, system)
+        assert entry["peak_memory_mib"] == 250.0, system  # above what was allocated before
+    assert entry["tokens_per_s"] == 50.0
+    trainer = gpu_check.sft_system(ctx, {"base": "b", "data": "d"}, "trainer")
+    assert trainer["tokens_per_s"] == 100.0  # after the 3 warm-up steps of the GPU settings
