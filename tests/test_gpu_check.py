@@ -169,3 +169,18 @@ def test_every_sft_system_gets_its_peak_gpu_memory(monkeypatch, tmp_path) -> Non
     assert entry["tokens_per_s"] == 50.0
     trainer = gpu_check.sft_system(ctx, {"base": "b", "data": "d"}, "trainer")
     assert trainer["tokens_per_s"] == 100.0  # after the 3 warm-up steps of the GPU settings
+
+
+def test_qlora_without_bitsandbytes_names_the_wheel_to_carry(monkeypatch, tmp_path) -> None:
+    import importlib.util
+
+    import torch
+
+    gpu_check = gpu_check_module()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else find_spec(name, *a))
+    ctx = gpu_check.PartContext("qlora", gpu_check.GPU, tmp_path, tmp_path, deadline=0.0)
+    with pytest.raises(gpu_check.Skipped, match=r"bitsandbytes-0\.\d+\.\d+-py3-none-manylinux"):
+        gpu_check.part_qlora(ctx)
