@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench gpu-check clean
 
 $(VENV)/.installed-%: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ lint: $(VENV)/.installed-test,chat
 
 bench: $(VENV)/.installed-test,chat,bench
 	$(PY) benchmarks/bench_vs_hf_trainer.py
+
+# The GPU check (docs/GPU_CHECK.md) uses the Python already on the GPU machine: no venv, no
+# download (PYTHON=/path/to/python make gpu-check). Writes benchmarks/results/gpu.{md,json}.
+gpu-check:
+	PYTHONPATH=src $(PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

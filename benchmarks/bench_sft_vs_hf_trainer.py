@@ -53,8 +53,12 @@ SYSTEMS = {
 # ------------------------------------------------------------------ shared inputs
 
 
-def prepare(cache: Path, vocab_size: int, examples: int) -> dict[str, str]:
-    """A hetlm SentencePiece tokenizer, a random base LLaMA saved once, and the dolly subset."""
+def prepare(cache: Path, vocab_size: int, examples: int, *, preset: str = "small",
+            corpus: Path = CORPUS, text_rows: int | None = None) -> dict[str, str]:
+    """A hetlm SentencePiece tokenizer, a random base LLaMA saved once, and the dolly subset.
+
+    The tokenizer learns from ``corpus`` and the text of the first ``text_rows`` dolly rows
+    (all by default); the base is the ``preset`` shape (benchmarks/gpu_check.py uses ``1b``)."""
     cache.mkdir(parents=True, exist_ok=True)
     rows = [json.loads(line) for _, line in zip(range(examples), DOLLY.open(encoding="utf-8"),
                                                 strict=False)]
@@ -65,14 +69,15 @@ def prepare(cache: Path, vocab_size: int, examples: int) -> dict[str, str]:
     if not (tokenizer / "tokenizer.json").is_file():
         texts = cache / "dolly-texts.jsonl"
         with DOLLY.open(encoding="utf-8") as f:
-            all_rows = [json.loads(line) for line in f]
+            all_rows = [json.loads(line) for _, line in zip(range(text_rows or 10**9), f,
+                                                              strict=False)]
         texts.write_text("".join(json.dumps({"text": "\n".join(
             str(r.get(k) or "") for k in ("instruction", "input", "output"))},
             ensure_ascii=False) + "\n" for r in all_rows), encoding="utf-8")
         from hetlm.data.tokenizer import train_tokenizer
 
-        train_tokenizer([CORPUS, texts], tokenizer, vocab_size=vocab_size)
-    base = cache / f"base-v{vocab_size}"
+        train_tokenizer([corpus, texts], tokenizer, vocab_size=vocab_size)
+    base = cache / f"base-{preset}-v{vocab_size}"
     if not (base / "config.json").is_file():
         import torch
 
@@ -81,7 +86,7 @@ def prepare(cache: Path, vocab_size: int, examples: int) -> dict[str, str]:
         from hetlm.sft.train import build_base_model, load_sft_tokenizer
 
         tok = load_sft_tokenizer(tokenizer)
-        model = build_base_model(SFTModelSection(preset="small", tokenizer=str(tokenizer)), tok,
+        model = build_base_model(SFTModelSection(preset=preset, tokenizer=str(tokenizer)), tok,
                                  max_length=512, seed=0, device=torch.device("cpu"))
         model.save_pretrained(base)
         save_tokenizer(tok, base)
@@ -161,7 +166,8 @@ def run_trainer(args: argparse.Namespace, strategy: str) -> dict:
         gradient_accumulation_steps=GLOBAL_BATCH // MICRO_BATCH, max_steps=args.steps,
         learning_rate=HPARAMS["lr"], warmup_steps=0, weight_decay=HPARAMS["weight_decay"],
         adam_epsilon=HPARAMS["adam_eps"], max_grad_norm=HPARAMS["max_grad_norm"],
-        lr_scheduler_type="linear", bf16=args.precision == "bf16", use_cpu=True,
+        lr_scheduler_type="linear", bf16=args.precision == "bf16",
+        use_cpu=args.device == "cpu",
         logging_steps=1, save_strategy="no", report_to=[], seed=0,
         dataloader_num_workers=0, disable_tqdm=True, remove_unused_columns=False,
         train_sampling_strategy=strategy)
@@ -235,7 +241,8 @@ def one_run(system: str, inputs: dict[str, str], args: argparse.Namespace, index
         shutil.rmtree(workdir)
     cmd = [sys.executable, __file__, "--child", system, "--precision", args.precision,
            "--data", inputs["data"], "--base", inputs["base"], "--workdir", str(workdir),
-           "--steps", str(args.steps), "--max-length", str(args.max_length)]
+           "--steps", str(args.steps), "--max-length", str(args.max_length),
+           "--device", args.device]
     env = dict(os.environ, HF_DATASETS_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error")
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -259,6 +266,8 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int, default=32000)
     parser.add_argument("--examples", type=int, default=1000, help="dolly-ja rows used")
     parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="where the Trainer runs (hetlm takes the GPU whenever there is one)")
     parser.add_argument("--systems", default=",".join(SYSTEMS))
     parser.add_argument("--cache", default=str(ROOT / "runs" / "bench-sft"))
     parser.add_argument("--child", choices=list(SYSTEMS))

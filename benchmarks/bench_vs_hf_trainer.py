@@ -32,7 +32,9 @@ HPARAMS = {"lr": 5e-4, "warmup_steps": 5, "weight_decay": 0.01, "adam_eps": 1e-6
            "max_grad_norm": 1.0}
 
 
-def prepare(cache: Path, seq_len: int, vocab_size: int) -> Path:
+def prepare(cache: Path, seq_len: int, vocab_size: int, corpus: Path = CORPUS) -> Path:
+    """The tokenizer and the packed dataset, built once per cache folder (``corpus``: the
+    shipped Aozora corpus, or a smaller file for quick checks)."""
     from hetlm.data.packing import prepare_dataset
     from hetlm.data.tokenizer import train_tokenizer
 
@@ -40,8 +42,8 @@ def prepare(cache: Path, seq_len: int, vocab_size: int) -> Path:
     if not (data / "hetlm_dataset.json").is_file():
         tokenizer = cache / f"tokenizer-v{vocab_size}"
         if not (tokenizer / "tokenizer.json").is_file():
-            train_tokenizer([CORPUS], tokenizer, vocab_size=vocab_size)
-        prepare_dataset([CORPUS], tokenizer, data, seq_len=seq_len, overwrite=True)
+            train_tokenizer([corpus], tokenizer, vocab_size=vocab_size)
+        prepare_dataset([corpus], tokenizer, data, seq_len=seq_len, overwrite=True)
     return data
 
 
@@ -80,14 +82,14 @@ def run_trainer(args: argparse.Namespace) -> dict:
         learning_rate=HPARAMS["lr"], warmup_steps=HPARAMS["warmup_steps"],
         weight_decay=HPARAMS["weight_decay"], adam_epsilon=HPARAMS["adam_eps"],
         max_grad_norm=HPARAMS["max_grad_norm"], lr_scheduler_type="linear",
-        bf16=args.precision == "bf16", use_cpu=True, logging_steps=1, save_strategy="no",
+        bf16=args.precision == "bf16", use_cpu=args.device == "cpu", logging_steps=1, save_strategy="no",
         report_to=[], seed=0, dataloader_num_workers=0, disable_tqdm=True)
     collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15)
     trainer = Trainer(model=model, args=training_args, train_dataset=train,
                       data_collator=collator, callbacks=[Clock()])
     trainer.train()
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
-    times = [b - a for a, b in zip(step_ends, step_ends[1:], strict=False)][WARMUP_STEPS - 1:]
+    times = [b - a for a, b in zip(step_ends, step_ends[1:], strict=False)][args.warmup - 1:]
     return {"losses": losses, "step_times": times}
 
 
@@ -108,7 +110,7 @@ def run_hetlm(args: argparse.Namespace) -> dict:
     run_pretraining(config)
     steps = [r for r in read_metrics(Path(args.workdir) / "metrics.jsonl") if "event" not in r]
     return {"losses": [r["loss"] for r in steps],
-            "step_times": [r["step_time_s"] for r in steps][WARMUP_STEPS:]}
+            "step_times": [r["step_time_s"] for r in steps][args.warmup:]}
 
 
 def child(args: argparse.Namespace) -> None:
@@ -128,7 +130,8 @@ def one_run(system: str, precision: str, data: Path, args: argparse.Namespace, i
         shutil.rmtree(workdir)
     cmd = [sys.executable, __file__, "--child", system, "--precision", precision,
            "--data", str(data), "--workdir", str(workdir), "--steps", str(args.steps),
-           "--batch", str(args.batch), "--preset", args.preset]
+           "--batch", str(args.batch), "--preset", args.preset, "--device", args.device,
+           "--warmup", str(args.warmup)]
     env = dict(os.environ, HF_DATASETS_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error")
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -150,6 +153,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--preset", default="small")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="where the Trainer runs (hetlm takes the GPU whenever there is one)")
+    parser.add_argument("--warmup", type=int, default=WARMUP_STEPS,
+                        help="steps left out of the throughput")
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--vocab-sizes", default="8000,32000",
                         help="32000 is the usual Japanese BERT vocabulary (e.g. 32768)")
