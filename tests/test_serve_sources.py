@@ -13,8 +13,9 @@ import pytest
 from _sft_fixtures import CHAT_PAIRS, build_tokenizer, tiny_chat_model
 
 from hetlm.errors import HetlmError
+from hetlm.models.source import looks_local
 from hetlm.serve.generation import load_chat_model
-from hetlm.serve.model_source import looks_local, resolve_model_source
+from hetlm.serve.model_source import resolve_model_source
 
 QUESTION, ANSWER = CHAT_PAIRS[1]
 REVISION = "0123456789abcdef0123456789abcdef01234567"

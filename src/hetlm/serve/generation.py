@@ -20,11 +20,13 @@ from typing import Any
 
 import torch
 
+from hetlm.cluster.precision import cuda_precisions
 from hetlm.errors import HetlmError
 from hetlm.serve.batching import BatchScheduler, Generation
 from hetlm.sft.data import Message, RowError, check_turn_order
 from hetlm.sft.masking import prompt_ids
 from hetlm.sft.templates import PromptTemplate, load_saved_template, resolve_template
+from hetlm.train.devices import default_device
 
 
 @dataclass(frozen=True)
@@ -168,7 +170,8 @@ def _quantization_config(load_in_8bit: bool, load_in_4bit: bool) -> Any:
     if load_in_8bit:
         return BitsAndBytesConfig(load_in_8bit=True)
     # NF4 weights with bf16 compute: the QLoRA recipe (V100s lack bf16: fp16 compute there).
-    bf16 = not torch.cuda.is_available() or torch.cuda.is_bf16_supported()
+    bf16 = not torch.cuda.is_available() or "bf16" in cuda_precisions(
+        torch.cuda.get_device_capability())  # by compute capability: a V100's bf16 is emulated
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                               bnb_4bit_compute_dtype=torch.bfloat16 if bf16 else torch.float16)
 
@@ -201,7 +204,7 @@ def load_chat_model(model_dir: str | Path, adapter_dir: str | Path | None = None
     adapter_path = check_adapter_dir(adapter_dir) if adapter_dir is not None else None
     quantization = _quantization_config(load_in_8bit, load_in_4bit)
     peft = import_peft() if adapter_path is not None else None
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or default_device()
     label = name or (adapter_path.resolve().name if adapter_path else source.label)
 
     try:

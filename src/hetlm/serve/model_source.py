@@ -13,7 +13,6 @@ the checkpoint was saved with say what it is, and a masked LM is refused up fron
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,35 +33,23 @@ class ModelSource:
         return Path(self.location).resolve().name if self.local else self.location
 
 
-def looks_local(text: str) -> bool:
-    """A path, not a hub id: starts with ``./ ../ / ~`` (or is ``.``/``..``), starts with
-    ``runs/``, has more than one ``/`` (hub ids are ``name`` or ``org/name``), uses the OS's own
-    separator, or has a parent folder that exists here."""
-    if text.startswith(("/", "~", "./", "../")) or text in (".", "..") or text.startswith(
-            "runs/"):
-        return True
-    if text.count("/") > 1 or (os.sep != "/" and os.sep in text):
-        return True
-    parent = Path(text).parent
-    return str(parent) not in ("", ".") and parent.is_dir()
-
-
 def resolve_model_source(spec: str | Path, what: str = "model") -> ModelSource:
     """A local folder with a ``config.json``, or a hub id; a missing local-looking path is a
-    HetlmError that never reaches the hub."""
+    HetlmError that never reaches the hub (the rule of ``hetlm.models.source``, shared by every
+    command)."""
+    from hetlm.models.source import resolve_model_source as resolve
+
     text = str(spec)
-    path = Path(text).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise HetlmError(f"{what} {text} is a file: pass the folder save_pretrained wrote")
-        if not (path / "config.json").is_file():
-            raise HetlmError(f"{what} folder {text} has no config.json (expected a folder "
-                             "written by save_pretrained)")
-        return ModelSource(str(path), local=True)
-    if isinstance(spec, Path) or looks_local(text):
-        raise HetlmError(f"{what} {text}: no such folder (a local path is never looked up on "
-                         "the hub): check the path, or give a hub name like org/name")
-    return ModelSource(text, local=False)
+    location = resolve(spec, what)
+    path = Path(location)
+    if not path.exists():
+        return ModelSource(text, local=False)
+    if not path.is_dir():
+        raise HetlmError(f"{what} {text} is a file: pass the folder save_pretrained wrote")
+    if not (path / "config.json").is_file():
+        raise HetlmError(f"{what} folder {text} has no config.json (expected a folder "
+                         "written by save_pretrained)")
+    return ModelSource(str(path), local=True)
 
 
 def hub_error(source: ModelSource, exc: BaseException, what: str = "model") -> HetlmError:
@@ -78,38 +65,19 @@ def hub_error(source: ModelSource, exc: BaseException, what: str = "model") -> H
 
 
 def check_causal_lm(config: Any, name: str = "the model") -> None:
-    """Refuse a model that cannot generate left to right (a masked LM, a classifier)."""
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
-    )
+    """Refuse a model that cannot generate left to right (a masked LM, a classifier), by the
+    shared rule ``hetlm.models.source.model_kind``."""
+    from hetlm.models.source import model_kind
 
-    def names(mapping: dict[str, Any]) -> set[str]:
-        out: set[str] = set()
-        for value in mapping.values():
-            out.update(value if isinstance(value, (list, tuple)) else [value])
-        return out
-
-    causal = names(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
-    architectures = list(getattr(config, "architectures", None) or [])
+    kind = model_kind(config)
+    if kind == "causal":
+        return
     fix = ("hetlm chat/serve generate text left to right; pass a causal LM (a LLaMA-style model, "
            "e.g. from `hetlm sft` or its `hetlm export --merge`)")
-    if architectures:
-        if any(a in causal or a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
-            return
-        arch = architectures[0]
-        masked = arch in names(MODEL_FOR_MASKED_LM_MAPPING_NAMES) or arch.endswith(
-            ("ForMaskedLM", "ForPreTraining"))
-        kind = f"a masked LM ({arch})" if masked else f"a {arch}"
-        raise HetlmError(f"{name}: this is {kind}, not a causal LM: {fix}")
-    model_type = getattr(config, "model_type", None)
-    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder",
-                                                                        False):
-        raise HetlmError(f"{name}: this is a masked LM (model type {model_type}), not a causal "
-                         f"LM: {fix}")
-    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise HetlmError(f"{name}: model type {model_type} has no causal-LM head, so it cannot "
-                         f"generate: {fix}")
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    label = arch or f"model type {getattr(config, 'model_type', '?')}"
+    what = f"a masked LM ({label})" if kind == "masked" else f"a {label} without a causal-LM head"
+    raise HetlmError(f"{name}: this is {what}, not a causal LM: {fix}")
 
 
 def hub_file(source: ModelSource, filename: str) -> Path | None:
