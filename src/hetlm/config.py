@@ -155,6 +155,16 @@ class TrainSection(_Section):
     prefetch: bool = Field(
         True, description="Build the next step's micro-batches in a background thread while "
         "the current step computes (pinned memory and non-blocking copies on CUDA).")
+    rebalance: int = Field(
+        0, ge=0, description="Every N steps, re-split the global batch by each rank's measured "
+        "compute speed, within max_micro_batch (same model: split invariance); 0: off. ddp and "
+        "zero1 only.")
+    rebalance_min_gain: float = Field(
+        0.05, ge=0, lt=1, description="Take a new split only if it is expected to shorten the "
+        "step by at least this fraction (hysteresis against measurement noise).")
+    max_micro_batch: int | list[int] | None = Field(
+        None, description="The largest micro-batch each rank's memory holds (an int, or one "
+        "per rank): the cap for rebalance. None: the plan's caps.")
 
     @field_validator("report_to", mode="before")
     @classmethod

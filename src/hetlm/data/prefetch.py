@@ -8,7 +8,7 @@ Exact resume and split invariance are untouched: what a step gets is a pure func
 sampler's position (``HeterogeneousBatchSampler.step_batch``), and the sampler's state advances
 only when the loop takes a step, never when the thread builds one. A prefetched step whose
 position no longer matches (after a resume or a rollback moved the sampler) is dropped and the
-right one is built in place.
+right one is built in place; so is one built under a split that a rebalance has replaced.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from hetlm.data.sampler import HeterogeneousBatchSampler, StepBatch
+from hetlm.topology import BatchSplit
 
 
 def pin_batch(batch: Any) -> Any:
@@ -45,15 +46,16 @@ class StepPrefetcher:
         self._pin = pin
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="hetlm-prefetch") \
             if enabled else None
-        self._pending: tuple[tuple[int, int], Future] | None = None
+        self._pending: tuple[tuple[int, int, BatchSplit], Future] | None = None
 
-    def _make(self, position: tuple[int, int]) -> tuple[StepBatch, list]:
+    def _make(self, position: tuple[int, int, BatchSplit]) -> tuple[StepBatch, list]:
+        """The step at (epoch, step in epoch) under ``split`` (its rank's slice)."""
         batch = self.sampler.step_batch(*position)
         micro = self._build(batch)
         return batch, [pin_batch(mb) for mb in micro] if self._pin else micro
 
     def next(self) -> tuple[StepBatch, list]:
-        position = self.sampler.position()
+        position = (*self.sampler.position(), self.sampler.split)
         pending, self._pending = self._pending, None
         if pending is not None and pending[0] == position:
             batch, micro = pending[1].result()
@@ -63,7 +65,7 @@ class StepPrefetcher:
             batch, micro = self._make(position)
         self.sampler.advance(batch)
         if self._pool is not None:
-            following = self.sampler.position()
+            following = (*self.sampler.position(), self.sampler.split)
             self._pending = (following, self._pool.submit(self._make, following))
         return batch, micro
 

@@ -86,20 +86,25 @@ class HeterogeneousBatchSampler:
         b = self.split.global_batch
         return self._permutation(epoch)[step_in_epoch * b:(step_in_epoch + 1) * b]
 
-    def local_micro_batches(self, epoch: int, step_in_epoch: int) -> list[np.ndarray]:
-        start = self.split.offset(self.rank)
-        mine = self.global_batch(epoch, step_in_epoch)[start:start + self.split.shares[self.rank]]
-        bounds = np.cumsum([0, *self.split.micro_batch_sizes(self.rank)])
-        return [mine[bounds[i]:bounds[i + 1]] for i in range(self.split.micro_steps)]
+    def local_micro_batches(self, epoch: int, step_in_epoch: int,
+                            split: BatchSplit | None = None) -> list[np.ndarray]:
+        split = split or self.split
+        start = split.offset(self.rank)
+        mine = self.global_batch(epoch, step_in_epoch)[start:start + split.shares[self.rank]]
+        bounds = np.cumsum([0, *split.micro_batch_sizes(self.rank)])
+        return [mine[bounds[i]:bounds[i + 1]] for i in range(split.micro_steps)]
 
     def position(self, steps_ahead: int = 0) -> tuple[int, int]:
         """(epoch, step in epoch) of the step ``steps_ahead`` after the next one; no change."""
         total = self.step_in_epoch + steps_ahead
         return (self.epoch + total // self.steps_per_epoch, total % self.steps_per_epoch)
 
-    def step_batch(self, epoch: int, step_in_epoch: int) -> StepBatch:
-        """This rank's micro-batches of one step (a pure function of the position)."""
-        return StepBatch(epoch, step_in_epoch, self.local_micro_batches(epoch, step_in_epoch))
+    def step_batch(self, epoch: int, step_in_epoch: int,
+                   split: BatchSplit | None = None) -> StepBatch:
+        """This rank's micro-batches of one step (a pure function of the position and the
+        split; ``split``: another than the sampler's, e.g. the one a prefetch was made for)."""
+        return StepBatch(epoch, step_in_epoch,
+                         self.local_micro_batches(epoch, step_in_epoch, split))
 
     def advance(self, batch: StepBatch) -> None:
         """Record that ``batch`` was consumed: the state moves to the step after it."""

@@ -43,6 +43,7 @@ from hetlm.train.objectives import (
 )
 from hetlm.train.optim import LinearSchedule, scheduler_for
 from hetlm.train.precision import Precision
+from hetlm.train.rebalance import ComputeTimer, Rebalancer, check_rebalance
 from hetlm.train.run_dir import (
     RunStart,
     apply_start,
@@ -287,6 +288,7 @@ class Pretraining:
         self.engine = build_engine(self._objective(model), ctx, self.run_plan.precision,
                                    engine_options(config, self.run_plan, ctx.rank))
         self.precision = self.engine.precision
+        self.rebalancer = self._build_rebalancer(plan_file)
         self.weights = loss_weights(self.engine.unwrapped)
         self.term_names = loss_terms(self.engine.unwrapped)
         self.optimizer = self.engine.build_optimizer(
@@ -301,6 +303,25 @@ class Pretraining:
         self.last_checkpoint: Path | None = None
         if resume_dir is not None:
             self._restore(resume_dir)
+
+    def _build_rebalancer(self, plan_file) -> Rebalancer | None:
+        """``train.rebalance``: caps from ``train.max_micro_batch``, else the plan's."""
+        cfg, world = self.train_cfg, self.ctx.world_size
+        caps = cfg.max_micro_batch
+        if isinstance(caps, int):
+            caps = [caps] * world
+        elif caps is None and plan_file is not None:
+            caps = [r.cap for r in plan_file.ranks]
+        check_rebalance(cfg.rebalance, self.engine.name, caps, world)
+        if not cfg.rebalance or world == 1:
+            return None
+        assert caps is not None
+        return Rebalancer(cfg.rebalance, caps, cfg.rebalance_min_gain)
+
+    def _apply_split(self, split: BatchSplit) -> None:
+        """Every rank switches to ``split`` at the same step; the sampler keeps its position."""
+        self.split = split
+        self.sampler.split = split
 
     # ---- set-up hooks (instruction tuning overrides them: hetlm.sft.train)
 
@@ -379,6 +400,11 @@ class Pretraining:
         self.engine.load_sharded(path)
         self.scheduler.load_state_dict(states["scheduler"])
         self.precision.load_state_dict(states["precision"])
+        saved = BatchSplit(self.split.global_batch, int(trainer["micro_steps"]),
+                           tuple(trainer["shares"])) if "shares" in trainer else None
+        if (self.rebalancer is not None and saved is not None and saved != self.split
+                and saved.world_size == self.ctx.world_size):
+            self._apply_split(saved)  # continue with the split the run had rebalanced to
         self.sampler.load_state_dict(trainer["sampler"])
         rng = states["rng"]
         if len(rng) == self.ctx.world_size:  # same split: continue each rank's dropout stream
@@ -544,13 +570,15 @@ class Pretraining:
             self.sampler, lambda batch: [self.train_data.batch(ids, batch.epoch)
                                          for ids in batch.micro_batches],
             enabled=cfg.prefetch, pin=ctx.device.type == "cuda")
+        timer = ComputeTimer(self.engine.unwrapped, ctx.device)  # each rank's own compute
         try:
-            return self._loop(end_step, logger, history, prefetcher)
+            return self._loop(end_step, logger, history, prefetcher, timer)
         finally:
             prefetcher.close()
+            timer.close()
 
     def _loop(self, end_step: int, logger: MetricsLogger, history: list[dict[str, Any]],
-              prefetcher: StepPrefetcher) -> dict[str, Any]:
+              prefetcher: StepPrefetcher, timer: ComputeTimer) -> dict[str, Any]:
         cfg, ctx = self.train_cfg, self.ctx
         while self.step < end_step:
             started = time.perf_counter()
@@ -564,7 +592,7 @@ class Pretraining:
             terms = len(result.num_targets_global)
             stats = torch.cat([result.loss_sum.double().cpu(), torch.tensor(
                 [sum(len(m) for m in micro), sum(m.num_tokens for m in micro), busy_s,
-                 float(result.stepped)], dtype=torch.float64)])
+                 timer.take(), float(result.stepped)], dtype=torch.float64)])
             per_rank = torch.stack(D.all_gather_tensor(ctx, stats))
             wall_s = time.perf_counter() - started
             if per_rank[:, -1].min() != per_rank[:, -1].max():  # the replicas would diverge
@@ -574,7 +602,7 @@ class Pretraining:
             term_sums = per_rank[:, :terms].sum(0)
             global_counts = torch.tensor(result.num_targets_global, dtype=torch.float64)
             loss = combined_loss(term_sums, global_counts, self.weights)
-            samples, tokens, busy = (per_rank[:, terms + i] for i in range(3))
+            samples, tokens, busy, compute = (per_rank[:, terms + i] for i in range(4))
             record = {"step": self.step, "epoch": batch.epoch, "loss": loss,
                       "lr": self.scheduler.get_last_lr()[0], "grad_norm": result.grad_norm,
                       "skipped": not result.stepped, "skipped_steps": self.skipped_steps,
@@ -583,7 +611,8 @@ class Pretraining:
                       "samples_per_s": float(samples.sum()) / wall_s,
                       "tokens_per_s": float(tokens.sum()) / wall_s,
                       "tokens_per_s_per_rank": [float(t) / wall_s for t in tokens],
-                      "busy_s_per_rank": [float(b) for b in busy]}
+                      "busy_s_per_rank": [float(b) for b in busy],
+                      "compute_s_per_rank": [float(c) for c in compute]}
             if terms > 1:
                 for name, value, n in zip(self.term_names, term_sums, global_counts, strict=True):
                     record[f"loss_{name}"] = float(value / max(1.0, float(n)))
@@ -607,6 +636,10 @@ class Pretraining:
                 HB.beat("eval", self.step)
                 metrics = self.evaluate()
                 logger.event(event="eval", step=self.step, **metrics)  # and to the trackers
+            if self.rebalancer is not None:
+                self.rebalancer.observe(samples.tolist(), compute.tolist())
+                if self.rebalancer.due(self.step) and not done:
+                    self._rebalance(logger)
             if done or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
                 self.save_checkpoint()
         if self.step < cfg.max_steps:  # stopped early on request: resumable, no final model
@@ -628,6 +661,19 @@ class Pretraining:
 
             (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         return summary
+
+    def _rebalance(self, logger: MetricsLogger) -> None:
+        """``train.rebalance``: a new split from the window's measured speeds, if it pays."""
+        assert self.rebalancer is not None
+        decision = self.rebalancer.propose(self.split)
+        if decision is None:
+            return
+        self._apply_split(decision.new)
+        logger.event(event="rebalance", step=self.step, **decision.event())
+        if self.ctx.is_main:
+            print(f"hetlm: step {self.step}: rebalanced shares {list(decision.old.shares)} -> "
+                  f"{list(decision.new.shares)} ({decision.new.micro_steps} micro-steps), "
+                  f"expected {decision.expected_gain:.0%} shorter steps", flush=True)
 
     def _rollback(self, loss: float, logger: MetricsLogger, history: list[dict[str, Any]]) -> bool:
         """``train.on_nonfinite: rollback``: reload the last good checkpoint in-process (model,
