@@ -38,7 +38,7 @@ from hetlm.train.objectives import (
     objective_module,
     special_ids,
 )
-from hetlm.train.optim import linear_schedule
+from hetlm.train.optim import lr_schedule
 from hetlm.train.precision import Precision, resolve_precision
 
 
@@ -246,7 +246,8 @@ class Pretraining:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if ctx.enabled:
             _check_shared_dir(ctx, self.output_dir)
-        self.checkpoints = CheckpointManager(self.output_dir / "checkpoints", self.train_cfg.keep_last)
+        self.checkpoints = CheckpointManager(self.output_dir / "checkpoints",
+                                             self.train_cfg.save_total_limit)
 
         model = self._build_model()
         self.fingerprint = self._run_fingerprint()
@@ -267,9 +268,11 @@ class Pretraining:
         self.term_names = loss_terms(self.engine.unwrapped)
         self.optimizer = self.engine.build_optimizer(
             lr=config.learning_rate, weight_decay=self.train_cfg.weight_decay,
-            betas=self.train_cfg.adam_betas, eps=self.train_cfg.adam_eps)
-        self.scheduler = linear_schedule(self.optimizer, config.warmup,
-                                         self.train_cfg.max_steps)
+            betas=(self.train_cfg.adam_beta1, self.train_cfg.adam_beta2),
+            eps=self.train_cfg.adam_epsilon)
+        self.scheduler = lr_schedule(self.optimizer, self.train_cfg.lr_scheduler_type,
+                                     config.warmup, self.train_cfg.max_steps,
+                                     self.train_cfg.min_lr_rate)
         torch.manual_seed(seed * 1009 + ctx.rank)  # dropout stream of this rank
         self.step = 0
         self.skipped_steps = 0  # fp16 overflows so far (the same on every rank)
@@ -404,9 +407,9 @@ class Pretraining:
         each forward): a rank whose samples ran out runs a stand-in batch of sample 0 and does
         not count it.
         """
-        count = min(self.train_cfg.eval_samples, len(self.eval_data))
+        count = min(self.train_cfg.max_eval_samples, len(self.eval_data))
         mine = np.arange(count)[self.ctx.rank::self.ctx.world_size]
-        size = self.train_cfg.eval_batch
+        size = self.train_cfg.per_device_eval_batch_size
         batches = math.ceil(math.ceil(count / self.ctx.world_size) / size)
         names = loss_terms(self.engine.unwrapped)
         totals = torch.zeros(3, len(names), dtype=torch.float64)  # loss, correct, targets
@@ -460,7 +463,7 @@ class Pretraining:
         cfg, ctx = self.train_cfg, self.ctx
         end_step = min(cfg.max_steps, stop_at_step or cfg.max_steps)
         logger = MetricsLogger(self.output_dir, total_steps=cfg.max_steps, start_step=self.step,
-                               enabled=ctx.is_main, log_every=cfg.log_every)
+                               enabled=ctx.is_main, log_every=cfg.logging_steps)
         logger.event(event="resume" if self.step else "start", step=self.step,
                      world_size=ctx.world_size, shares=list(self.split.shares),
                      micro_steps=self.split.micro_steps, precision=self.precision.name,
@@ -508,7 +511,7 @@ class Pretraining:
                     record[f"loss_{name}"] = float(value / max(1.0, float(n)))
             history.append(record)
             logger.step(record)
-            if HB.current() is not None and self.step % cfg.log_every == 0 and ctx.is_main:
+            if HB.current() is not None and self.step % cfg.logging_steps == 0 and ctx.is_main:
                 logger.event(event="heartbeat", step=self.step,
                              ranks=HB.summary(self.output_dir, ctx.world_size))
             if not math.isfinite(loss) and self.precision.name != "fp16":
@@ -522,13 +525,13 @@ class Pretraining:
                                  f"checkpoint: {self.last_checkpoint}; resume from it "
                                  "(--resume) with a lower lr")
             done = self.step == end_step
-            if cfg.eval_every and self.step % cfg.eval_every == 0 and not done:
+            if cfg.eval_steps and self.step % cfg.eval_steps == 0 and not done:
                 HB.beat("eval", self.step)
                 metrics = self.evaluate()
                 logger.event(event="eval", step=self.step, **metrics)
                 logger.scalar("eval/loss", metrics["eval_loss"], self.step)
                 logger.scalar("eval/accuracy", metrics["eval_accuracy"], self.step)
-            if done or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
+            if done or (cfg.save_steps and self.step % cfg.save_steps == 0):
                 self.save_checkpoint()
         if self.step < cfg.max_steps:  # stopped early on request: resumable, no final model
             logger.event(event="stop", step=self.step, checkpoint=str(self.last_checkpoint))
