@@ -10,6 +10,7 @@ launch on rank 0 only) and means exactly the new name. docs/CONFIG.md has the ta
 
 from __future__ import annotations
 
+import argparse
 import os
 import warnings
 from typing import Any
@@ -75,3 +76,14 @@ def rename_config_keys(raw: Any) -> Any:
             raise HetlmError(f"{section}.{old} must be a pair [beta1, beta2]; better, give "
                              f"{', '.join(f'{section}.{name}' for name in targets)}")
     return raw
+
+
+class RenamedFlag(argparse.Action):
+    """A flag whose first option string is its name and the others its old spellings:
+    ``add_argument("--learning-rate", "--lr", dest="lr", action=RenamedFlag, type=float)``
+    stores the value either way and warns when an old spelling was used."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        if option_string is not None and option_string != self.option_strings[0]:
+            warn_renamed(option_string, self.option_strings[0])
+        setattr(namespace, self.dest, values)
