@@ -72,7 +72,7 @@ _ELECTRA = "ELECTRA (Clark et al. 2020) App. A, Table 6"
 _ROBERTA = "RoBERTa (Liu et al. 2019) Table 9"
 _DEBERTA = "DeBERTa (He et al. 2021) Table 8 (DeBERTaV3 §5 trains with the same settings)"
 _LLAMA2 = "Llama 2 (Touvron et al. 2023) §2.2"
-_TINYLLAMA = "TinyLlama (Zhang et al. 2024) §2.3"
+_TINYLLAMA = "TinyLlama (Zhang et al. 2024) §2"
 _GPT3 = "GPT-3 (Brown et al. 2020) Table 2.1 (125M) and App. B"
 _HF_LLAMA = "transformers LlamaConfig (attention_dropout 0; Llama 2 uses none)"
 
@@ -148,7 +148,7 @@ CONTINUED_WARMUP_RATIO = 0.06
 CONTINUED_SOURCE = ("hetlm's continued-pretraining default (6% warm-up as in Don't Stop "
                     "Pretraining, Gururangan et al. 2020, App. B)")
 
-_QLORA = "QLoRA (Dettmers et al. 2023) App. B.2"
+_QLORA = "QLoRA (Dettmers et al. 2023) App. B"
 _ALPACA = "Stanford Alpaca's train recipe (cosine, warmup_ratio 0.03, no weight decay)"
 
 # LoRA instruction tuning (hetlm sft), whatever the base.
@@ -176,24 +176,34 @@ def pretrain_recipe(model_type: str, preset: str) -> Recipe:
     return recipe
 
 
-def recipe_table() -> str:
-    """The recipes as aligned text lines (``--help-config``)."""
-    lines = [f"{'type':<11}{'preset':<11}{'lr':>7}  {'warm-up':<32}{'schedule':<19}"
-             f"{'betas':<11}{'eps':<6}{'wd':<5}{'clip':<5}{'drop':<5}{'mlm':<5}source"]
+def recipe_rows() -> list[tuple[str, str, Recipe]]:
+    """(model type, presets, recipe) with the presets that share a recipe in one row."""
+    rows = []
     for model_type, presets in PRETRAIN_RECIPES.items():
         groups: dict[int, list[str]] = {}
         for name, recipe in presets.items():
             groups.setdefault(id(recipe), []).append(name)
-        for names in groups.values():
-            lines.append(_row(model_type, "|".join(names), presets[names[0]]))
-    lines.append(_row("sft (LoRA)", "any", SFT_RECIPE))
-    return "\n".join(lines)
+        rows += [(model_type, "|".join(names), presets[names[0]]) for names in groups.values()]
+    rows.append(("sft (LoRA)", "any", SFT_RECIPE))
+    return rows
 
 
-def _row(model_type: str, presets: str, r: Recipe) -> str:
-    mlm = f"{r.mlm_probability:g}" if r.mlm_probability is not None else "-"
-    schedule = r.lr_scheduler_type + (f" {r.min_lr_rate:g}" if r.min_lr_rate else "")
-    return (f"{model_type:<11}{presets:<11}{r.learning_rate:>7.0e}  {r.describe_warmup():<32}"
-            f"{schedule:<19}{r.adam_beta1:g}/{r.adam_beta2:g}{'':<3}{r.adam_epsilon:<6.0e}"
-            f"{r.weight_decay:<5g}{r.max_grad_norm:<5g}{r.dropout:<5g}{mlm:<5}"
-            f"{r.source('learning_rate')}")
+RECIPE_COLUMNS = ("type", "preset", "lr", "warm-up", "schedule", "betas", "eps", "wd", "clip",
+                  "dropout", "mlm", "batch", "source of the lr")
+
+
+def recipe_cells(model_type: str, presets: str, r: Recipe) -> list[str]:
+    schedule = r.lr_scheduler_type + (f" (min {r.min_lr_rate:g})" if r.min_lr_rate else "")
+    return [model_type, presets, f"{r.learning_rate:.0e}", r.describe_warmup(), schedule,
+            f"{r.adam_beta1:g}/{r.adam_beta2:g}", f"{r.adam_epsilon:.0e}", f"{r.weight_decay:g}",
+            f"{r.max_grad_norm:g}" if r.max_grad_norm else "none", f"{r.dropout:g}",
+            f"{r.mlm_probability:g}" if r.mlm_probability is not None else "-", r.batch,
+            r.source("learning_rate")]
+
+
+def recipe_table() -> str:
+    """The recipes as aligned text columns (``--help-config``)."""
+    table = [list(RECIPE_COLUMNS)] + [recipe_cells(*row) for row in recipe_rows()]
+    widths = [max(len(row[i]) for row in table) for i in range(len(RECIPE_COLUMNS) - 1)]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False))
+                     + "  " + row[-1] for row in table)
