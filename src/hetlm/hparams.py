@@ -183,7 +183,7 @@ def recipe_rows() -> list[tuple[str, str, Recipe]]:
         groups: dict[int, list[str]] = {}
         for name, recipe in presets.items():
             groups.setdefault(id(recipe), []).append(name)
-        rows += [(model_type, "|".join(names), presets[names[0]]) for names in groups.values()]
+        rows += [(model_type, ", ".join(names), presets[names[0]]) for names in groups.values()]
     rows.append(("sft (LoRA)", "any", SFT_RECIPE))
     return rows
 
