@@ -36,7 +36,7 @@ EXPECTED_M = {
     ("bert", "base"): 110.7, ("bert", "large"): 336.7,
     ("roberta", "base"): 110.7, ("deberta-v2", "base"): 110.7,
     ("electra", "base"): 116.3, ("electra", "large"): 356.2,
-    ("llama", "1b"): 1100.0, ("llama", "7b"): 6738.4,
+    ("llama", "1b"): 1100.0, ("llama", "7b"): 6738.4, ("llama", "13b"): 13015.9,
 }
 
 
