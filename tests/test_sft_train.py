@@ -288,7 +288,7 @@ def test_cli_errors_are_one_line(sft_inputs, tmp_path, capsys):
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("run: {output_dir: out}\nmodel: {preset: tiny, tokenizer: t}\n"
-                   "data: {source: d.jsonl, max_lenght: 64}\ntrain: {global_batch: 8}\n")
+                   "data: {dataset: d.jsonl, max_lenght: 64}\ntrain: {global_batch: 8}\n")
     assert main(["sft", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("hetlm: error: invalid")
@@ -298,7 +298,7 @@ def test_cli_errors_are_one_line(sft_inputs, tmp_path, capsys):
     data.write_text(sft_inputs["data"].read_text().splitlines()[0] + "\n"
                     + '{"instruction": "質問", "output": ""}\n', encoding="utf-8")
     config = sft_config(sft_inputs, tmp_path / "run")
-    config["data"]["source"] = str(data)
+    config["data"]["dataset"] = str(data)
     good = tmp_path / "good.yaml"
     good.write_text(json.dumps(config))
     assert main(["sft", str(good)]) == 2

@@ -28,7 +28,7 @@ from hetlm.hparams import (
     pretrain_recipe,
     recipe_table,
 )
-from hetlm.names import rename_config_keys
+from hetlm.names import RENAMED_KEYS, rename_config_keys
 from hetlm.topology import BatchSplit
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -405,4 +405,8 @@ def config_help(config_class: type[BaseModel] = PretrainConfig, *,
     if recipes:
         lines += ["", "Defaults by model type and preset (None above: this table; an explicit "
                   "value always wins; docs/CONFIG.md):", recipe_table()]
+    sections = set(config_class.model_fields)
+    renamed = [f"{section}.{old} -> " + ", ".join(f"{section}.{n.strip()}" for n in new.split(","))
+               for (section, old), new in RENAMED_KEYS.items() if section in sections]
+    lines += ["", "Old names, still accepted (with a deprecation warning): " + "; ".join(renamed)]
     return "\n".join(lines)
