@@ -11,8 +11,9 @@ Two adaptations, both documented in docs/CONFIG.md:
 - **Warm-up** is the paper's number of steps, but at most 10% of ``max_steps`` (papers warm up
   for 10k-30k steps of 0.5-1M; a 2,000-step run would otherwise never leave its warm-up), and
   never 0 from scratch.
-- **Small presets** (tiny, small: hidden 256 or less) take ELECTRA-Small's rate (5e-4), which the
-  ELECTRA paper also used for its BERT-Small baseline; for LLaMA shapes below 1B, GPT-3 Small's.
+- **Small presets** (tiny, small: hidden 256 or less) take ELECTRA-Small's rate (5e-4), the
+  published rate for an encoder of that width (hidden 256); LLaMA shapes below 1B take GPT-3
+  Small's.
 
 The rates were tuned at the papers' batch sizes (noted per recipe): at a much larger or smaller
 global batch, scale ``train.learning_rate`` yourself.
@@ -93,7 +94,7 @@ def _encoder(lr: float, lr_source: str, warmup: int, beta2: float, clip: float,
                   mlm_probability=mlm, batch=batch, sources=sources)
 
 
-_SMALL_LR = f"{_ELECTRA}: Small (also its BERT-Small baseline)"
+_SMALL_LR = f"{_ELECTRA}: Small (hidden 256)"
 
 _BERT_SMALL = _encoder(5e-4, _SMALL_LR, 10_000, 0.999, 1.0, _BERT, batch="128",
                        eps_source=_BERT_CODE, clip_source=_BERT_CODE)
