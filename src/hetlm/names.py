@@ -32,14 +32,8 @@ RENAMED_KEYS: dict[tuple[str, str], str] = {
     ("data", "source"): "dataset",       # hetlm sft: the instruction data
 }
 
-# command -> old flag -> new flag(s).
-RENAMED_FLAGS: dict[str, dict[str, str]] = {
-    "eval": {"--lr": "--learning-rate"},
-    "demo domain": {"--lr": "--learning-rate", "--continue-lr": "--continue-learning-rate",
-                    "--finetune-lr": "--finetune-learning-rate"},
-    "plan": {"--model bert-PRESET": "--model-type bert --preset PRESET"},
-    "probe": {"--model bert-PRESET": "--model-type bert --preset PRESET"},
-}
+# Old command-line flags are declared where the flag is, with ``action=RenamedFlag`` (below), or
+# in hetlm.commands.model_args (``--model bert-base``).
 
 
 def warn_renamed(old: str, new: str) -> None:
