@@ -198,15 +198,16 @@ def run_hetlm(args: argparse.Namespace, grouping: bool) -> dict:
 
     config = parse_sft_config({
         "run": {"output_dir": args.workdir, "seed": 0},
-        "model": {"path": args.base},
-        "data": {"source": args.data, "template": "ja-alpaca", "max_length": args.max_length,
+        "model": {"init_from": args.base},
+        "data": {"dataset": args.data, "template": "ja-alpaca", "max_length": args.max_length,
                  "validation_fraction": 0.0, "length_grouping": grouping},
         "lora": {**LORA, "target_modules": "all-linear"},
         "train": {"global_batch": GLOBAL_BATCH, "micro_batch": MICRO_BATCH,
-                  "max_steps": args.steps, "lr": HPARAMS["lr"], "warmup_steps": 0,
-                  "weight_decay": HPARAMS["weight_decay"], "adam_eps": HPARAMS["adam_eps"],
+                  "max_steps": args.steps, "learning_rate": HPARAMS["lr"], "warmup_steps": 0,
+                  "lr_scheduler_type": "linear", "weight_decay": HPARAMS["weight_decay"],
+                  "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": HPARAMS["adam_eps"],
                   "max_grad_norm": HPARAMS["max_grad_norm"], "precision": args.precision,
-                  "log_every": 1000}})
+                  "logging_steps": 1000}})
     run = InstructionTuning(config, D.init_distributed(), resume=False)
     run.run()
     steps = [r for r in read_metrics(Path(args.workdir) / "metrics.jsonl") if "event" not in r]

@@ -103,10 +103,11 @@ def run_hetlm(args: argparse.Namespace) -> dict:
         "data": {"dataset": args.data},
         "model": {"type": "bert", "preset": args.preset},
         "train": {"global_batch": args.batch, "micro_batch": args.batch, "max_steps": args.steps,
-                  "lr": HPARAMS["lr"], "warmup_steps": HPARAMS["warmup_steps"],
-                  "weight_decay": HPARAMS["weight_decay"], "adam_eps": HPARAMS["adam_eps"],
+                  "learning_rate": HPARAMS["lr"], "warmup_steps": HPARAMS["warmup_steps"],
+                  "lr_scheduler_type": "linear", "weight_decay": HPARAMS["weight_decay"],
+                  "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": HPARAMS["adam_eps"],
                   "max_grad_norm": HPARAMS["max_grad_norm"], "precision": args.precision,
-                  "eval_samples": 16, "log_every": 1000}})
+                  "max_eval_samples": 16, "logging_steps": 1000}})
     run_pretraining(config)
     steps = [r for r in read_metrics(Path(args.workdir) / "metrics.jsonl") if "event" not in r]
     return {"losses": [r["loss"] for r in steps],

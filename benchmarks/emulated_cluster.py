@@ -113,7 +113,7 @@ def probe_nodes(nodes, work: Path, args: argparse.Namespace,
     for i, node in enumerate(nodes):
         out = work / f"probe-node{i}.yaml"
         command = [*node.prefix(), *hetlm_command(
-            "probe", "--model", f"bert-{args.preset}", "--vocab-size", str(args.vocab_size),
+            "probe", "--model-type", "bert", "--preset", args.preset, "--vocab-size", str(args.vocab_size),
             "--seq-len", str(args.seq_len), "--precision", "bf16", "--device", "cpu",
             "--steps", "5", "--output", str(out))]
         if args.reserve_gib is not None:
@@ -165,7 +165,7 @@ def make_plan(work: Path, cluster: Path, config: Path, args: argparse.Namespace)
 
     plan_path = work / "plan.yaml"
     result = subprocess.run(hetlm_command(
-        "plan", str(cluster), "--model", f"bert-{args.preset}", "--vocab-size",
+        "plan", str(cluster), "--model-type", "bert", "--preset", args.preset, "--vocab-size",
         str(args.vocab_size), "--global-batch", str(args.global_batch), "--seq-len",
         str(args.seq_len), "--precision", "bf16", "--output", str(plan_path),
         "--config", str(config)), capture_output=True, text=True)
@@ -199,9 +199,10 @@ def memory_proportional(caps: list[int], memory: list[float], global_batch: int
 def write_config(path: Path, output_dir: Path, data: Path, args: argparse.Namespace,
                  per_node: list[int] | None, global_batch: int) -> Path:
     train: dict[str, Any] = {
-        "global_batch": global_batch, "max_steps": args.steps, "lr": 5e-4, "warmup_steps": 2,
-        "precision": "bf16", "eval_samples": 8, "eval_batch": 8, "checkpoint_every": 0,
-        "keep_last": 1, "log_every": 1, "dist_timeout_s": 300}
+        "global_batch": global_batch, "max_steps": args.steps, "learning_rate": 5e-4,
+        "warmup_steps": 2, "precision": "bf16", "max_eval_samples": 8,
+        "per_device_eval_batch_size": 8, "save_steps": 0, "save_total_limit": 1,
+        "logging_steps": 1, "dist_timeout_s": 300}
     if per_node is not None:
         train["micro_batch"] = {"per_node": per_node}
     config = {"run": {"output_dir": str(output_dir), "seed": 0}, "data": {"dataset": str(data)},

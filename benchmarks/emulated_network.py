@@ -73,7 +73,7 @@ def plan_for(work: Path, gbit: float, args: argparse.Namespace, config: Path):
     path.write_text(yaml.safe_dump(cluster, sort_keys=False))
     plan_path = work / f"plan-{gbit:g}gbit.yaml"
     result = subprocess.run(ec.hetlm_command(
-        "plan", str(path), "--model", "bert-base", "--vocab-size", str(args.vocab_size),
+        "plan", str(path), "--model-type", "bert", "--preset", "base", "--vocab-size", str(args.vocab_size),
         "--global-batch", str(args.global_batch), "--seq-len", str(args.seq_len),
         "--precision", "bf16", "--output", str(plan_path), "--config", str(config)),
         capture_output=True, text=True)
@@ -85,9 +85,9 @@ def plan_for(work: Path, gbit: float, args: argparse.Namespace, config: Path):
 def write_config(work: Path, name: str, data: Path, args: argparse.Namespace,
                  extra: dict[str, Any]) -> Path:
     train: dict[str, Any] = {
-        "global_batch": args.global_batch, "max_steps": args.steps, "lr": 1e-4,
-        "warmup_steps": 2, "precision": "bf16", "eval_samples": 8, "eval_batch": 8,
-        "checkpoint_every": 0, "keep_last": 1, "log_every": 1, "dist_timeout_s": 600, **extra}
+        "global_batch": args.global_batch, "max_steps": args.steps, "learning_rate": 1e-4,
+        "warmup_steps": 2, "precision": "bf16", "max_eval_samples": 8,
+        "per_device_eval_batch_size": 8, "save_steps": 0, "save_total_limit": 1, "logging_steps": 1, "dist_timeout_s": 600, **extra}
     config = {"run": {"output_dir": str(work / "runs" / name), "seed": 0},
               "data": {"dataset": str(data)}, "model": {"type": "bert", "preset": "base"},
               "train": train}

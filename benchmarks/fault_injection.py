@@ -48,8 +48,8 @@ def config(data: Path, out: Path, **train) -> dict:
     from conftest import tiny_config
 
     train = {"dist_timeout_s": 60, **train}  # a bug that hangs fails within a minute
-    return tiny_config(data, out, max_steps=STEPS, checkpoint_every=EVERY, keep_last=3,
-                       eval_samples=16, **train)
+    return tiny_config(data, out, max_steps=STEPS, save_steps=EVERY, save_total_limit=3,
+                       max_eval_samples=16, **train)
 
 
 def write(cfg: dict, path: Path) -> Path:

@@ -44,7 +44,7 @@ def run(engine: str, stage: int) -> dict:
               "model": {"type": "bert", "preset": "small"},
               "train": {"global_batch": 16, "micro_batch": {"per_node": [8, 8]},
                         "max_steps": STEPS, "precision": "fp32", "engine": engine,
-                        "zero_stage": stage, "eval_samples": 16, "log_every": 100}}
+                        "zero_stage": stage, "max_eval_samples": 16, "logging_steps": 100}}
     WORK.mkdir(parents=True, exist_ok=True)
     if out.exists():
         import shutil

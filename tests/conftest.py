@@ -42,8 +42,8 @@ def tiny_packed(tmp_path_factory) -> Path:
 
 def tiny_config(dataset: Path, output_dir: Path, **train) -> dict:
     """A fp32, dropout-free tiny-BERT run configuration (split invariance needs both)."""
-    base = {"global_batch": 8, "micro_batch": 8, "max_steps": 3, "lr": 1e-3, "warmup_steps": 1,
-            "precision": "fp32", "eval_samples": 32, "log_every": 1}
+    base = {"global_batch": 8, "micro_batch": 8, "max_steps": 3, "learning_rate": 1e-3, "warmup_steps": 1,
+            "precision": "fp32", "max_eval_samples": 32, "logging_steps": 1}
     base.update(train)
     return {"run": {"output_dir": str(output_dir), "seed": 0},
             "data": {"dataset": str(dataset)},

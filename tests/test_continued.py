@@ -80,8 +80,8 @@ def encoder_checkpoints(tiny_packed, tmp_path_factory):
 
 
 def _continued(model_type: str, dataset: Path, init_from: Path, out: Path, **model) -> dict:
-    config = tiny_config(dataset, out, max_steps=2, eval_samples=8)
-    del config["train"]["lr"], config["train"]["warmup_steps"]  # the continued defaults
+    config = tiny_config(dataset, out, max_steps=2, max_eval_samples=8)
+    del config["train"]["learning_rate"], config["train"]["warmup_steps"]  # the continued defaults
     config["model"] = {"type": model_type, "init_from": str(init_from), "dropout": 0.0, **model}
     return config
 

@@ -57,7 +57,7 @@ def grad_norm_rel_diff(a: Path, b: Path) -> float:
 @pytest.fixture(scope="module")
 def reference(tiny_packed, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("reference")
-    run_single(tiny_config(tiny_packed, out, max_steps=STEPS, eval_samples=EVAL_SAMPLES))
+    run_single(tiny_config(tiny_packed, out, max_steps=STEPS, max_eval_samples=EVAL_SAMPLES))
     return out
 
 
@@ -99,7 +99,7 @@ def _run_engine(name: str, dataset: Path, root: Path) -> dict:
         # evaluation every 2 steps, 33 samples: ranks get 17 and 16, in batches of 16, so one
         # rank runs a stand-in batch (FSDP / ZeRO-3 must not hang, nor count it)
         return tiny_config(dataset, out, max_steps=STEPS, micro_batch={"per_rank": per_rank},
-                           eval_samples=EVAL_SAMPLES, eval_every=2, eval_batch=16, **settings)
+                           max_eval_samples=EVAL_SAMPLES, eval_steps=2, per_device_eval_batch_size=16, **settings)
 
     run_ranks(config(root / "straight"), world=2)
     result = {"straight": root / "straight"}

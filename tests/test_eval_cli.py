@@ -15,7 +15,7 @@ from _eval_fixtures import (  # noqa: F401
 
 from hetlm.cli import main
 
-FAST = ["--data-dir", str(EVAL_DATA), "--seeds", "0,1", "--epochs", "1", "--lr", "3e-3",
+FAST = ["--data-dir", str(EVAL_DATA), "--seeds", "0,1", "--epochs", "1", "--learning-rate", "3e-3",
         "--max-length", "32", "--max-train-examples", "64", "--mlm-seq-len", "32"]
 
 

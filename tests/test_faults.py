@@ -107,7 +107,7 @@ def test_kill_one_rank_mid_run_torchrun_restarts_and_resumes(tiny_packed, tmp_pa
     the job restarts by itself from checkpoint 2; step 3, logged before the crash, is dropped
     and re-run; the weights equal the uninterrupted run's."""
     out = tmp_path / "run"
-    config = tiny_config(tiny_packed, out, max_steps=STEPS, checkpoint_every=2,
+    config = tiny_config(tiny_packed, out, max_steps=STEPS, save_steps=2,
                          micro_batch={"per_rank": [3, 5]}, dist_timeout_s=60)
     path = _write_config(config, tmp_path / "run.yaml")
     done = _cli(["pretrain", str(path), "--local-nodes", "2", "--max-restarts", "1", "--quiet"],
@@ -131,7 +131,7 @@ def test_kill_one_rank_under_two_torchrun_agents_with_their_own_restarts(tiny_pa
     only re-joined keeps TORCHELASTIC_RESTART_COUNT 0), the new group forms on a fresh prefix of
     the agents' store (not the dead ranks' addresses), and the run resumes from checkpoint 2."""
     out = tmp_path / "run"
-    config = tiny_config(tiny_packed, out, max_steps=STEPS, checkpoint_every=2,
+    config = tiny_config(tiny_packed, out, max_steps=STEPS, save_steps=2,
                          micro_batch={"per_rank": [3, 5]}, dist_timeout_s=30)
     path = _write_config(config, tmp_path / "run.yaml")
     with socket.socket() as sock:
@@ -177,7 +177,7 @@ def test_a_regrouped_attempt_does_not_read_the_previous_attempts_addresses():
 
 
 def test_kill_during_checkpoint_write_keeps_the_previous_one(tiny_packed, tmp_path, reference):
-    config = tiny_config(tiny_packed, tmp_path, max_steps=STEPS, checkpoint_every=2)
+    config = tiny_config(tiny_packed, tmp_path, max_steps=STEPS, save_steps=2)
     path = _write_config(config, tmp_path / "run.yaml")
     died = _cli(["pretrain", str(path), "--quiet"], {faults.ENV: "kill_checkpoint:step=4"})
     assert died.returncode == -9, died.stderr[-2000:]
@@ -192,7 +192,7 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(tiny_packed, tmp_pa
 
 
 def test_truncated_checkpoint_file_falls_back_to_the_previous(tiny_packed, tmp_path, reference):
-    config = tiny_config(tiny_packed, tmp_path, max_steps=STEPS, checkpoint_every=2)
+    config = tiny_config(tiny_packed, tmp_path, max_steps=STEPS, save_steps=2)
     run_single(config, stop_at_step=4)
     weights = _ckpt(tmp_path, 4) / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
@@ -208,7 +208,7 @@ def test_truncated_checkpoint_file_falls_back_to_the_previous(tiny_packed, tmp_p
 
 def test_full_disk_while_checkpointing_keeps_the_previous_one(tiny_packed, tmp_path, fault):
     fault("enospc:step=4")
-    config = tiny_config(tiny_packed, tmp_path, max_steps=STEPS, checkpoint_every=2)
+    config = tiny_config(tiny_packed, tmp_path, max_steps=STEPS, save_steps=2)
     with pytest.raises(HetlmError, match=r"could not write checkpoint \S+step-00000004 \(No "
                                          r"space left on device\); it needs about [\d.]+ MB, "
                                          r"[\d.]+ \w+ is free on \S+; the previous checkpoint "
@@ -248,7 +248,7 @@ def test_fp16_inf_is_skipped_and_counted(tiny_packed, tmp_path, fault):
 def test_bf16_nan_stops_naming_the_last_good_checkpoint(tiny_packed, tmp_path, fault):
     fault("nan:step=3")
     config = tiny_config(tiny_packed, tmp_path, max_steps=4, precision="bf16",
-                         checkpoint_every=2)
+                         save_steps=2)
     with pytest.raises(HetlmError, match=r"loss became nan at step 3; last good checkpoint: "
                                          r"\S*step-00000002; resume from it"):
         run_single(config)
@@ -256,7 +256,7 @@ def test_bf16_nan_stops_naming_the_last_good_checkpoint(tiny_packed, tmp_path, f
 
 def test_nan_rolls_back_to_the_last_checkpoint_with_a_lower_lr(tiny_packed, tmp_path, fault):
     fault("nan:step=3")
-    config = tiny_config(tiny_packed, tmp_path, max_steps=5, checkpoint_every=2,
+    config = tiny_config(tiny_packed, tmp_path, max_steps=5, save_steps=2,
                          on_nonfinite="rollback", rollback_lr_factor=0.5)
     run_single(config)
     records = _records(tmp_path)

@@ -30,7 +30,8 @@ json_like = st.recursive(
 
 config_keys = st.sampled_from(["run", "data", "model", "train", "output_dir", "dataset",
                                "global_batch", "micro_batch", "per_node", "per_rank",
-                               "max_steps", "precision", "plan", "lr", "preset"])
+                               "max_steps", "precision", "plan", "learning_rate", "preset", "lr",
+                               "adam_betas"])
 config_like = st.recursive(
     scalars,
     lambda children: st.one_of(st.lists(children, max_size=3),

@@ -36,12 +36,12 @@ EXPECTED_M = {
     ("bert", "base"): 110.7, ("bert", "large"): 336.7,
     ("roberta", "base"): 110.7, ("deberta-v2", "base"): 110.7,
     ("electra", "base"): 116.3, ("electra", "large"): 356.2,
-    ("llama", "1b"): 1100.0, ("llama", "7b"): 6738.4,
+    ("llama", "1b"): 1100.0, ("llama", "7b"): 6738.4, ("llama", "13b"): 13015.9,
 }
 
 
 def _config(model_type: str, dataset: Path, out: Path, **train) -> dict:
-    config = tiny_config(dataset, out, max_steps=4, eval_samples=8, **train)
+    config = tiny_config(dataset, out, max_steps=4, max_eval_samples=8, **train)
     config["model"]["type"] = model_type
     return config
 
@@ -106,7 +106,7 @@ def test_training_resume_and_artifacts(model_type, straight_runs, tiny_packed, t
     reference = model_weights(root / model_type / "model")
 
     # exact resume: 2 steps, stop, resume to 4 == 4 straight
-    config = _config(model_type, tiny_packed, tmp_path / "stopped", checkpoint_every=2)
+    config = _config(model_type, tiny_packed, tmp_path / "stopped", save_steps=2)
     run_single(config, stop_at_step=2)
     run_single(config, resume=True)
     resumed = model_weights(tmp_path / "stopped" / "model")

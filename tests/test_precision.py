@@ -115,7 +115,7 @@ def test_nan_loss_under_fp32_stops_naming_the_last_checkpoint(tiny_packed, tmp_p
         return loss_sum, correct
 
     monkeypatch.setattr(SparseMaskedLM, "forward", forward)
-    config = tiny_config(tiny_packed, tmp_path, max_steps=5, checkpoint_every=1, keep_last=5)
+    config = tiny_config(tiny_packed, tmp_path, max_steps=5, save_steps=1, save_total_limit=5)
     with pytest.raises(HetlmError, match=r"loss became nan at step 3; last good checkpoint: "
                                          r"\S*step-00000002; resume from it"):
         run_single(config)

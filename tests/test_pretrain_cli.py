@@ -21,7 +21,7 @@ def _write(tmp_path, config: dict, name="run.yaml"):
 
 def test_two_emulated_nodes_train_and_save_a_transformers_model(tiny_packed, tmp_path):
     config = tiny_config(tiny_packed, tmp_path / "run", max_steps=8, micro_batch={"per_node": [3, 5]},
-                         checkpoint_every=4, eval_every=4)
+                         save_steps=4, eval_steps=4)
     path = _write(tmp_path, config)
     result = subprocess.run([sys.executable, "-m", "hetlm.cli", "pretrain", str(path),
                              "--local-nodes", "2"], capture_output=True, text=True, timeout=240)
@@ -92,7 +92,7 @@ def test_topology_mismatch_under_torchrun(tiny_packed, tmp_path):
 def test_help_config_lists_every_key_with_each_commands_defaults(capsys):
     assert main(["pretrain", "--help-config"]) == 0
     pretrain = capsys.readouterr().out
-    assert "  init_from: None" in pretrain and "  mlm_probability: 0.15" in pretrain
+    assert "  init_from: None" in pretrain and "  mlm_probability: None" in pretrain
     assert main(["sft", "--help-config"]) == 0
     sft = capsys.readouterr().out
     assert "lora:" in sft and "mlm_probability" not in sft and "(LoRA)" in sft

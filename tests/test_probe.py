@@ -79,7 +79,7 @@ def test_memory_limit_is_the_tightest_cgroup_level(tmp_path, monkeypatch) -> Non
 def tiny_probe(tmp_path_factory) -> tuple[Path, float]:
     path = tmp_path_factory.mktemp("probe") / "probe.yaml"
     started = time.perf_counter()
-    code = main(["probe", "--model", "bert-tiny", "--seq-len", "128",
+    code = main(["probe", "--model-type", "bert", "--preset", "tiny", "--seq-len", "128",
                  "--device", "cpu", "--memory-gib", "0.75", "--threads", "1", "--steps", "2",
                  "--output", str(path), "--quiet"])
     assert code == 0

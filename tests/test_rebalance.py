@@ -86,7 +86,7 @@ def test_rebalanced_run_trains_the_same_model_and_resumes_on_its_split(tiny_pack
     run_single(tiny_config(tiny_packed, reference, max_steps=6))
     config = tiny_config(tiny_packed, tmp_path / "rebalanced", max_steps=6,
                          micro_batch={"per_rank": [4, 4]}, rebalance=2, max_micro_batch=8,
-                         checkpoint_every=4)
+                         save_steps=4)
     run_ranks(config, world=2, setup="test_rebalance.slow_rank_1", stop_at_step=4,
               timeout_s=60)
     records = [json.loads(line) for line in

@@ -21,12 +21,12 @@ def test_single_process_resume_is_bitwise_exact(tiny_packed, tmp_path):
     straight = _with_dropout(tiny_config(tiny_packed, tmp_path / "straight", max_steps=6))
     run_single(straight)
     stopped = _with_dropout(tiny_config(tiny_packed, tmp_path / "stopped", max_steps=6,
-                                        checkpoint_every=2, keep_last=1))
+                                        save_steps=2, save_total_limit=1))
     summary = run_single(stopped, stop_at_step=3)
     assert summary["stopped_at"] == 3
     assert not (tmp_path / "stopped" / "model").exists()
     ckpts = sorted(p.name for p in (tmp_path / "stopped" / "checkpoints").iterdir())
-    assert ckpts == ["step-00000003"]  # keep_last=1 pruned step 2
+    assert ckpts == ["step-00000003"]  # save_total_limit=1 pruned step 2
     run_single(stopped, resume=True)
     a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "stopped")
     assert all(torch.equal(a[k], b[k]) for k in a), f"max diff {max_abs_diff(a, b):.2e}"
@@ -75,7 +75,7 @@ def test_resume_refuses_changed_settings_and_missing_checkpoint(tiny_packed, tmp
 
 
 def test_interrupted_checkpoint_write_is_skipped(tiny_packed, tmp_path):
-    config = tiny_config(tiny_packed, tmp_path, max_steps=4, checkpoint_every=1, keep_last=3)
+    config = tiny_config(tiny_packed, tmp_path, max_steps=4, save_steps=1, save_total_limit=3)
     run_single(config, stop_at_step=2)
     ckpt = tmp_path / "checkpoints" / "step-00000002"
     (ckpt / "optimizer.pt").write_bytes(b"truncated")  # corrupt the newest

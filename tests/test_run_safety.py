@@ -36,7 +36,7 @@ def _ckpt(run: Path, step: int) -> Path:
 def test_rerun_into_a_finished_dir_is_refused_and_overwrite_starts_again(
         tiny_packed, tmp_path, capsys):
     run = tmp_path / "run"
-    config = tiny_config(tiny_packed, run, max_steps=2, checkpoint_every=1, keep_last=5)
+    config = tiny_config(tiny_packed, run, max_steps=2, save_steps=1, save_total_limit=5)
     run_single(config)
     first_id = read_run_id(run)
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
@@ -62,9 +62,9 @@ def test_rerun_into_a_finished_dir_is_refused_and_overwrite_starts_again(
 
 def test_a_stale_checkpoint_of_another_run_is_never_picked(tiny_packed, tmp_path):
     old, new = tmp_path / "old", tmp_path / "new"
-    run_single(tiny_config(tiny_packed, old, max_steps=4, checkpoint_every=2, keep_last=5),
+    run_single(tiny_config(tiny_packed, old, max_steps=4, save_steps=2, save_total_limit=5),
                stop_at_step=4)
-    config = tiny_config(tiny_packed, new, max_steps=4, checkpoint_every=2, keep_last=1)
+    config = tiny_config(tiny_packed, new, max_steps=4, save_steps=2, save_total_limit=1)
     run_single(config, stop_at_step=2)
     # the old run's newer step-4 lands in the new run's folder (an old-code rerun, a copy)
     shutil.copytree(_ckpt(old, 4), _ckpt(new, 4))
@@ -80,7 +80,7 @@ def test_a_stale_checkpoint_of_another_run_is_never_picked(tiny_packed, tmp_path
 
 def test_resume_from_a_chosen_checkpoint(tiny_packed, tmp_path, capsys):
     run = tmp_path / "run"
-    config = tiny_config(tiny_packed, run, max_steps=4, checkpoint_every=1, keep_last=5)
+    config = tiny_config(tiny_packed, run, max_steps=4, save_steps=1, save_total_limit=5)
     run_single(config, stop_at_step=3)
     run_id = read_run_id(run)
     with pytest.raises(HetlmError, match="no such checkpoint folder"):
@@ -97,13 +97,13 @@ def test_resume_from_a_chosen_checkpoint(tiny_packed, tmp_path, capsys):
 
 def test_raising_max_steps_needs_extend_and_the_lr_never_jumps(tiny_packed, tmp_path, capsys):
     run = tmp_path / "run"
-    config = tiny_config(tiny_packed, run, max_steps=4, warmup_steps=1, checkpoint_every=1,
-                         keep_last=5)
+    config = tiny_config(tiny_packed, run, max_steps=4, warmup_steps=1, save_steps=1,
+                         save_total_limit=5)
     run_single(config, stop_at_step=2)
     lr_at_2 = _lrs(run)[2]  # the lr the next step uses: 1e-3 * (4 - 2) / 3
     assert lr_at_2 == pytest.approx(1e-3 * 2 / 3)
-    longer = tiny_config(tiny_packed, run, max_steps=8, warmup_steps=1, checkpoint_every=1,
-                         keep_last=5)
+    longer = tiny_config(tiny_packed, run, max_steps=8, warmup_steps=1, save_steps=1,
+                         save_total_limit=5)
     with pytest.raises(HetlmError, match="--extend continue.*--extend restart"):
         run_single(longer, resume=True)
     assert _steps(run) == [1, 2]
@@ -117,8 +117,8 @@ def test_raising_max_steps_needs_extend_and_the_lr_never_jumps(tiny_packed, tmp_
     run_single(longer, resume=_ckpt(run, 5), overwrite=True)
     assert _lrs(run)[6] == pytest.approx(lr_at_2 * 2 / 6)
     # a finished run's lr is 0: continue would train at 0, restart warms up again
-    longest = tiny_config(tiny_packed, run, max_steps=10, warmup_steps=2, checkpoint_every=1,
-                          keep_last=5)
+    longest = tiny_config(tiny_packed, run, max_steps=10, warmup_steps=2, save_steps=1,
+                          save_total_limit=5)
     with pytest.raises(HetlmError, match="already 0.*--extend restart"):
         run_single(longest, resume=True, extend="continue")
     run_single(longest, resume=True, extend="restart")
@@ -129,7 +129,7 @@ def test_raising_max_steps_needs_extend_and_the_lr_never_jumps(tiny_packed, tmp_
 def test_an_automatic_restart_resumes_this_run_without_resume(tiny_packed, tmp_path,
                                                               monkeypatch, capsys):
     run = tmp_path / "run"
-    config = tiny_config(tiny_packed, run, max_steps=4, checkpoint_every=2, keep_last=5)
+    config = tiny_config(tiny_packed, run, max_steps=4, save_steps=2, save_total_limit=5)
     run_single(config, stop_at_step=2)
     monkeypatch.setenv("HETLM_RESTART_COUNT", "1")
     # as torchrun restarts it: the same arguments, even --overwrite, which is not applied again

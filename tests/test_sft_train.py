@@ -39,12 +39,12 @@ def sft_inputs(tmp_path_factory) -> dict[str, Path]:
 def sft_config(inputs: dict[str, Path], output_dir: Path, *, lora_dropout: float = 0.0,
                length_grouping: bool = True, validation: float = 0.1, **train) -> dict:
     """fp32, dropout-free unless asked: split invariance needs both."""
-    base = {"global_batch": 8, "micro_batch": 8, "max_steps": 3, "lr": 2e-3, "warmup_steps": 0,
-            "precision": "fp32", "eval_samples": 8, "log_every": 1}
+    base = {"global_batch": 8, "micro_batch": 8, "max_steps": 3, "learning_rate": 2e-3,
+            "warmup_steps": 0, "precision": "fp32", "max_eval_samples": 8, "logging_steps": 1}
     base.update(train)
     return {"run": {"output_dir": str(output_dir), "seed": 0},
             "model": {"preset": "tiny", "tokenizer": str(inputs["tokenizer"])},
-            "data": {"source": str(inputs["data"]), "template": "ja-alpaca", "max_length": 192,
+            "data": {"dataset": str(inputs["data"]), "template": "ja-alpaca", "max_length": 192,
                      "validation_fraction": validation, "length_grouping": length_grouping},
             "lora": {"r": 4, "alpha": 8, "dropout": lora_dropout},
             "train": base}
@@ -167,7 +167,7 @@ def test_resume_is_exact(sft_inputs, tmp_path):
     summary = run_single(straight)
     assert "eval_loss" not in summary and summary["validation_examples"] == 0
     stopped = sft_config(sft_inputs, tmp_path / "stopped", lora_dropout=0.1, max_steps=4,
-                         micro_batch=4, checkpoint_every=2, validation=0.0)
+                         micro_batch=4, save_steps=2, validation=0.0)
     assert run_single(stopped, stop_at_step=2)["stopped_at"] == 2
     run_single(stopped, resume=True)
     a, b = adapter(tmp_path / "straight"), adapter(tmp_path / "stopped")
@@ -273,7 +273,7 @@ def test_quantization_without_cuda_is_a_one_line_error(sft_inputs, tmp_path):
     from hetlm.sft.train import run_sft
 
     config = sft_config(sft_inputs, tmp_path)
-    config["model"] = {"path": str(tmp_path / "base"), "quantization": "4bit"}
+    config["model"] = {"init_from": str(tmp_path / "base"), "quantization": "4bit"}
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     with pytest.raises(HetlmError, match="needs a CUDA GPU") as info:
@@ -289,7 +289,7 @@ def test_cli_errors_are_one_line(sft_inputs, tmp_path, capsys):
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("run: {output_dir: out}\nmodel: {preset: tiny, tokenizer: t}\n"
-                   "data: {source: d.jsonl, max_lenght: 64}\ntrain: {global_batch: 8}\n")
+                   "data: {dataset: d.jsonl, max_lenght: 64}\ntrain: {global_batch: 8}\n")
     assert main(["sft", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("hetlm: error: invalid")
@@ -299,7 +299,7 @@ def test_cli_errors_are_one_line(sft_inputs, tmp_path, capsys):
     data.write_text(sft_inputs["data"].read_text().splitlines()[0] + "\n"
                     + '{"instruction": "質問", "output": ""}\n', encoding="utf-8")
     config = sft_config(sft_inputs, tmp_path / "run")
-    config["data"]["source"] = str(data)
+    config["data"]["dataset"] = str(data)
     good = tmp_path / "good.yaml"
     good.write_text(json.dumps(config))
     assert main(["sft", str(good)]) == 2

@@ -84,7 +84,7 @@ def test_compiled_blocks_keep_split_invariance_and_exact_resume(tiny_packed, tmp
     straight = tiny_config(tiny_packed, tmp_path / "straight", max_steps=4, compile=True)
     run_single(straight)
     stopped = tiny_config(tiny_packed, tmp_path / "stopped", max_steps=4, compile=True,
-                          checkpoint_every=2)
+                          save_steps=2)
     run_single(stopped, stop_at_step=2)
     run_single(stopped, resume=True)
     a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "stopped")

@@ -40,7 +40,7 @@ def test_tensorboard_is_the_default_and_reads_back(tiny_packed, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "tb-run"
-    config = tiny_config(tiny_packed, out, max_steps=3, eval_every=2)
+    config = tiny_config(tiny_packed, out, max_steps=3, eval_steps=2)
     assert "report_to" not in config["train"]  # the default
     run_single(config)
     events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
@@ -67,7 +67,7 @@ def test_wandb_offline_run_reads_back(tiny_packed, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("WANDB_PROJECT", raising=False)
     out = tmp_path / "wandb-run"
-    run_single(tiny_config(tiny_packed, out, max_steps=3, eval_every=2, report_to=["wandb"]))
+    run_single(tiny_config(tiny_packed, out, max_steps=3, eval_steps=2, report_to=["wandb"]))
     assert not (out / "tensorboard").exists()  # only what report_to names
     records = read_records(find_run_file(wandb_dir))
     info = run_info(records)
@@ -106,7 +106,7 @@ def sft_inputs(tmp_path_factory) -> dict[str, Path]:
 
 def _sft_config(inputs: dict[str, Path], output_dir: Path, **train) -> dict:
     base = {"global_batch": 4, "micro_batch": 4, "max_steps": 3, "lr": 2e-3, "warmup_steps": 0,
-            "precision": "fp32", "eval_samples": 4, "log_every": 1}
+            "precision": "fp32", "max_eval_samples": 4, "logging_steps": 1}
     base.update(train)
     return {"run": {"output_dir": str(output_dir), "seed": 0},
             "model": {"preset": "tiny", "tokenizer": str(inputs["tokenizer"])},
@@ -131,7 +131,7 @@ def test_mlflow_file_store_reads_back_and_resume_continues_the_run(sft_inputs, t
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
     out = tmp_path / "sft-run"
     config = parse_sft_config(_sft_config(sft_inputs, out, report_to="mlflow",
-                                          checkpoint_every=1))
+                                          save_steps=1))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

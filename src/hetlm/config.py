@@ -10,12 +10,30 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from hetlm.errors import HetlmError
+from hetlm.hparams import (
+    CONTINUED_LR,
+    CONTINUED_SOURCE,
+    CONTINUED_WARMUP_RATIO,
+    Recipe,
+    pretrain_recipe,
+    recipe_table,
+)
+from hetlm.names import RENAMED_KEYS, rename_config_keys
 from hetlm.topology import BatchSplit
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Schedule = Literal["linear", "cosine", "cosine_with_min_lr", "constant_with_warmup"]
 
 
 class _Section(BaseModel):
@@ -45,8 +63,10 @@ class ModelSection(_Section):
     type: ModelType = Field("bert", description="bert | roberta | deberta-v2 (masked LM), "
                             "electra (replaced-token detection), llama (causal LM).")
     preset: str = Field("small", description="Encoders: tiny | small | base | large; llama: "
-                        "tiny | small | base | 1b | 7b. Ignored with init_from.")
-    dropout: float | None = Field(None, ge=0.0, lt=1.0, description="None keeps the preset's 0.1.")
+                        "tiny | small | base | 1b | 7b | 13b. Ignored with init_from.")
+    dropout: float | None = Field(
+        None, ge=0.0, lt=1.0, description="Hidden and attention dropout. None: the recipe's "
+        "(encoders 0.1, llama 0); with init_from, the checkpoint's.")
     overrides: dict[str, Any] = Field(default_factory=dict,
                                       description="Extra transformers config fields.")
     init_from: str | None = Field(
@@ -105,14 +125,29 @@ class TrainSection(_Section):
     plan: Path | None = Field(
         None, description="A plan from `hetlm plan` (or --plan): per-rank shares and precision.")
     max_steps: int = Field(gt=0)
-    lr: float | None = Field(None, gt=0, description="None: 5e-4 from scratch, 1e-4 when "
-                             "continuing (model.init_from).")
-    warmup_steps: int | None = Field(None, ge=0, description="None: 0 from scratch, 6% of "
-                                     "max_steps when continuing (model.init_from).")
-    weight_decay: float = Field(0.01, ge=0)
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    adam_eps: float = Field(1e-6, gt=0)
-    max_grad_norm: float | None = Field(1.0, description="None or 0 disables clipping.")
+    learning_rate: float | None = Field(
+        None, gt=0, description="Peak learning rate. None: the recipe's (model type and preset, "
+        "table below); 1e-4 when continuing (model.init_from).")
+    warmup_steps: int | None = Field(
+        None, ge=0, description="Linear warm-up steps. None: warmup_ratio if given, else the "
+        "recipe's (the paper's steps, at most 10% of max_steps, at least 1); 6% of max_steps "
+        "when continuing.")
+    warmup_ratio: float | None = Field(
+        None, ge=0, lt=1, description="Warm-up as a share of max_steps (instead of warmup_steps).")
+    lr_scheduler_type: Schedule | None = Field(
+        None, description="linear | cosine | cosine_with_min_lr | constant_with_warmup (after "
+        "the warm-up). None: the recipe's (encoders linear, llama cosine_with_min_lr).")
+    min_lr_rate: float | None = Field(
+        None, ge=0, lt=1, description="cosine_with_min_lr: the final lr as a share of the peak. "
+        "None: the recipe's (0.1, LLaMA).")
+    weight_decay: float | None = Field(None, ge=0, description="AdamW weight decay (never on "
+                                       "biases and norms). None: the recipe's.")
+    adam_beta1: float | None = Field(None, ge=0, lt=1, description="None: the recipe's.")
+    adam_beta2: float | None = Field(None, ge=0, lt=1, description="None: the recipe's (RoBERTa "
+                                     "0.98, LLaMA 0.95, else 0.999).")
+    adam_epsilon: float | None = Field(None, gt=0, description="None: the recipe's.")
+    max_grad_norm: float | None = Field(None, ge=0, description="Gradient clipping; 0 disables "
+                                        "it. None: the recipe's.")
     precision: Precision = Field("auto", description="auto | fp32 | bf16 | fp16 (fp16 on CPU: "
                                  "slow, for testing the overflow logic).")
     engine: Literal["auto", "ddp", "zero1", "fsdp2", "deepspeed"] = Field(
@@ -128,14 +163,16 @@ class TrainSection(_Section):
     deepspeed_config: Path | None = Field(
         None, description="A DeepSpeed JSON (engine deepspeed); batch sizes, clipping and "
         "precision are filled in from this config.")
-    mlm_probability: float = Field(0.15, gt=0, lt=1)
-    checkpoint_every: int = Field(0, ge=0, description="0: only at the end.")
-    keep_last: int = Field(2, ge=1)
-    eval_every: int = Field(0, ge=0, description="0: only at the end.")
-    eval_samples: int = Field(256, ge=0)
-    eval_batch: int = Field(16, gt=0)
-    log_every: int = Field(10, gt=0, description="Progress-bar and report_to cadence (and step "
-                           "1); JSONL has every step.")
+    mlm_probability: float | None = Field(
+        None, gt=0, lt=1, description="Share of tokens masked (masked LM, ELECTRA). None: the "
+        "recipe's (0.15; ELECTRA-large 0.25).")
+    save_steps: int = Field(0, ge=0, description="Checkpoint every N steps; 0: only at the end.")
+    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept (the newest).")
+    eval_steps: int = Field(0, ge=0, description="Evaluate every N steps; 0: only at the end.")
+    max_eval_samples: int = Field(256, ge=0, description="Validation samples evaluated.")
+    per_device_eval_batch_size: int = Field(16, gt=0, description="Evaluation batch per rank.")
+    logging_steps: int = Field(10, gt=0, description="Progress-bar and report_to cadence (and "
+                               "step 1); JSONL has every step.")
     report_to: list[str] = Field(
         default_factory=lambda: ["tensorboard"], description="Experiment trackers: a list of "
         "tensorboard, wandb, mlflow, or none (wandb/mlflow: pip install 'hetlm[track]').")
@@ -184,24 +221,57 @@ class PretrainConfig(_Section):
     model: ModelSection = ModelSection()
     train: TrainSection
 
+    _sources: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_names(cls, raw: Any) -> Any:
+        return rename_config_keys(raw)
+
+    @model_validator(mode="after")
+    def _fill_recipe_defaults(self) -> PretrainConfig:
+        """Every hyper-parameter left out takes the recipe of the model type and preset
+        (``hetlm.hparams``); continuing a checkpoint takes its own rate and warm-up."""
+        recipe = pretrain_recipe(self.model.type, self.model.preset)
+        special: dict[str, tuple[Any, str]] = {}
+        if self.continued:
+            special = {"learning_rate": (CONTINUED_LR, CONTINUED_SOURCE),
+                       "warmup_steps": (round(CONTINUED_WARMUP_RATIO * self.train.max_steps),
+                                        CONTINUED_SOURCE)}
+        self._sources = fill_defaults(self.train, recipe, special)
+        if self.model.dropout is None and not self.continued:
+            self.model.dropout = recipe.dropout
+            self._sources["model.dropout"] = recipe.source("dropout")
+        elif self.model.dropout is not None:
+            self._sources["model.dropout"] = "set in the config"
+        else:
+            self._sources["model.dropout"] = "the checkpoint's (model.init_from)"
+        if self.train.mlm_probability is None and not self.model.causal:
+            self.train.mlm_probability = recipe.mlm_probability
+            self._sources["train.mlm_probability"] = recipe.source("mlm_probability")
+        elif self.train.mlm_probability is not None:
+            self._sources["train.mlm_probability"] = "set in the config"
+        return self
+
     @property
     def continued(self) -> bool:
         return self.model.init_from is not None
 
     @property
     def learning_rate(self) -> float:
-        """train.lr, or the default for training from scratch / continuing a checkpoint."""
-        if self.train.lr is not None:
-            return self.train.lr
-        return 1e-4 if self.continued else 5e-4
+        """The peak learning rate (train.learning_rate, or its default)."""
+        assert self.train.learning_rate is not None  # filled by _fill_recipe_defaults
+        return self.train.learning_rate
 
     @property
     def warmup(self) -> int:
-        """train.warmup_steps, or the default: none from scratch, 6% when continuing (a
-        checkpoint's Adam moments are not kept: a short warm-up avoids a jolt)."""
-        if self.train.warmup_steps is not None:
-            return self.train.warmup_steps
-        return round(0.06 * self.train.max_steps) if self.continued else 0
+        """Warm-up steps (train.warmup_steps, or train.warmup_ratio, or the default)."""
+        assert self.train.warmup_steps is not None  # filled by _fill_recipe_defaults
+        return self.train.warmup_steps
+
+    def hyperparameters(self) -> list[tuple[str, Any, str]]:
+        """(key, value, where it comes from) of every resolved hyper-parameter."""
+        return resolved_rows(self, self._sources)
 
     def micro_batches_for(self, world_size: int, node_of_rank: list[int]) -> list[int]:
         """Per-rank micro-batch sizes for the launched topology (checked against it)."""
@@ -246,6 +316,58 @@ class PretrainConfig(_Section):
                 f"the plan {self.train.plan} is for global batch {plan.global_batch} but "
                 f"train.global_batch is {self.train.global_batch}: re-plan or fix the config")
         return plan
+
+
+# Train keys a recipe fills (warm-up apart: steps or ratio), in --help-config's order.
+RECIPE_KEYS = ("learning_rate", "lr_scheduler_type", "min_lr_rate", "weight_decay",
+               "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm")
+
+
+def fill_defaults(train: TrainSection, recipe: Recipe,
+                  special: dict[str, tuple[Any, str]]) -> dict[str, str]:
+    """Set every hyper-parameter of ``train`` the user left out (``special`` first, then the
+    recipe); returns where each value comes from (``train.<key>`` -> source)."""
+    if train.warmup_steps is not None and train.warmup_ratio is not None:
+        raise ValueError("train.warmup_steps and train.warmup_ratio both given: keep one")
+    sources: dict[str, str] = {}
+    for key in RECIPE_KEYS:
+        if getattr(train, key) is not None:
+            sources[f"train.{key}"] = "set in the config"
+        elif key in special:
+            setattr(train, key, special[key][0])
+            sources[f"train.{key}"] = special[key][1]
+        else:
+            setattr(train, key, getattr(recipe, key))
+            sources[f"train.{key}"] = recipe.source(key)
+    if train.lr_scheduler_type != "cosine_with_min_lr":
+        del sources["train.min_lr_rate"]  # used by that schedule only
+    if train.warmup_steps is not None:
+        sources["train.warmup_steps"] = "set in the config"
+    elif train.warmup_ratio is not None:
+        train.warmup_steps = round(train.warmup_ratio * train.max_steps)
+        sources["train.warmup_steps"] = f"train.warmup_ratio {train.warmup_ratio:g}"
+    elif "warmup_steps" in special:
+        train.warmup_steps, sources["train.warmup_steps"] = special["warmup_steps"]
+    else:
+        train.warmup_steps = recipe.resolved_warmup(train.max_steps)
+        sources["train.warmup_steps"] = f"{recipe.describe_warmup()}: {recipe.source('warmup_steps')}"
+    return sources
+
+
+def resolved_rows(config: BaseModel, sources: dict[str, str]) -> list[tuple[str, Any, str]]:
+    rows = []
+    for key, source in sources.items():
+        section, name = key.split(".")
+        rows.append((key, getattr(getattr(config, section), name), source))
+    return rows
+
+
+def resolved_help(config: BaseModel) -> str:
+    """The hyper-parameters of one config as resolved, each with its source."""
+    rows = config.hyperparameters()  # type: ignore[attr-defined]
+    width = max(len(key) for key, _, _ in rows)
+    lines = [f"{key:<{width}}  {value!s:<18} {source}" for key, value, source in rows]
+    return "\n".join(["hyper-parameters as resolved for this config (value, source):", *lines])
 
 
 def _format_errors(exc: ValidationError) -> str:
@@ -294,10 +416,11 @@ def load_config(path: str | Path) -> PretrainConfig:
 
 
 def config_help(config_class: type[BaseModel] = PretrainConfig, *,
-                descriptions: dict[str, str] | None = None, skip: tuple[str, ...] = ()) -> str:
+                descriptions: dict[str, str] | None = None, skip: tuple[str, ...] = (),
+                recipes: bool = True) -> str:
     """Every config key with its default and description, generated from the models.
 
-    ``descriptions`` replaces a key's description (``"train.lr": ...``, for a command whose
+    ``descriptions`` replaces a key's description (``"train.learning_rate": ...``, for a command whose
     default differs); ``skip`` leaves keys out (``"train.mlm_probability"``)."""
     lines: list[str] = []
     for section_name, field in config_class.model_fields.items():
@@ -311,4 +434,11 @@ def config_help(config_class: type[BaseModel] = PretrainConfig, *,
             description = (descriptions or {}).get(key, sub.description)
             desc = f"  # {description}" if description else ""
             lines.append(f"  {name}: {default}{desc}")
+    if recipes:
+        lines += ["", "Defaults by model type and preset (None above: this table; an explicit "
+                  "value always wins; docs/CONFIG.md):", recipe_table()]
+    sections = set(config_class.model_fields)
+    renamed = [f"{section}.{old} -> " + ", ".join(f"{section}.{n.strip()}" for n in new.split(","))
+               for (section, old), new in RENAMED_KEYS.items() if section in sections]
+    lines += ["", "Old names, still accepted (with a deprecation warning): " + "; ".join(renamed)]
     return "\n".join(lines)

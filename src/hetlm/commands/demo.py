@@ -79,9 +79,10 @@ def run(args: argparse.Namespace) -> int:
         "data": {"dataset": str(work / "data")},
         "model": {"type": "bert", "preset": args.preset},
         "train": {"global_batch": sum(micro), "micro_batch": {"per_node": micro},
-                  "max_steps": args.steps, "lr": 1e-3, "warmup_steps": max(1, args.steps // 10),
-                  "precision": args.precision, "checkpoint_every": max(1, args.steps // 2),
-                  "eval_every": max(1, args.steps // 4), "eval_samples": 256, "log_every": 10},
+                  "max_steps": args.steps, "learning_rate": 1e-3,
+                  "warmup_steps": max(1, args.steps // 10), "precision": args.precision,
+                  "save_steps": max(1, args.steps // 2), "eval_steps": max(1, args.steps // 4),
+                  "max_eval_samples": 256, "logging_steps": 10},
     }
     config_path = work / "pretrain.yaml"
     print(f"[3/4] pretraining BERT-{args.preset} on {len(micro)} emulated nodes, micro-batches "

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from hetlm.names import RenamedFlag
+
 # the full run (about 20-25 minutes on a busy 2-core CPU) and the quick one (tests: seconds).
 # The fine-tuning lr is higher than hetlm eval's 5e-5: these models are tiny and barely
 # pretrained, and at 5e-5 every one of them stays at the majority class.
@@ -47,8 +49,10 @@ def register_demo(subparsers) -> None:
                    help=f"tokens per sequence (default {FULL['seq_len']})")
     p.add_argument("--vocab-size", type=int, default=None,
                    help=f"tokenizer size (default {FULL['vocab_size']})")
-    p.add_argument("--lr", type=float, default=1e-3, help="lr of (a) and (b) (default 1e-3)")
-    p.add_argument("--continue-lr", type=float, default=None,
+    p.add_argument("--learning-rate", "--lr", dest="lr", type=float, default=1e-3,
+                   action=RenamedFlag, metavar="LR", help="lr of (a) and (b) (default 1e-3)")
+    p.add_argument("--continue-learning-rate", "--continue-lr", dest="continue_lr", type=float,
+                   default=None, action=RenamedFlag, metavar="LR",
                    help="lr of (c) (default: the continued-pretraining default, 1e-4)")
     p.add_argument("--precision", default="auto", help="auto|fp32|bf16 (default auto)")
     ev = p.add_argument_group("evaluation (as hetlm eval)")
@@ -60,7 +64,8 @@ def register_demo(subparsers) -> None:
                          "0: all)")
     ev.add_argument("--max-eval-examples", type=int, default=None, metavar="N",
                     help=f"test subsample per task (default {FULL['max_eval_examples']}; 0: all)")
-    ev.add_argument("--finetune-lr", type=float, default=None,
+    ev.add_argument("--finetune-learning-rate", "--finetune-lr", dest="finetune_lr", type=float,
+                    default=None, action=RenamedFlag, metavar="LR",
                     help=f"fine-tuning lr, the same for every model (default "
                          f"{FULL['finetune_lr']:g})")
     ev.add_argument("--max-length", type=int, default=None,

@@ -8,7 +8,7 @@ two emulated nodes with different micro-batches (response-only loss, ja-alpaca t
 
 A few minutes on a laptop CPU: the model is small and briefly trained, so its answers are
 Japanese-shaped rather than right. The point is the path, which is the one a real base model
-(``model.path: your/llama``) takes.
+(``model.init_from: your/llama``) takes.
 """
 
 from __future__ import annotations
@@ -112,8 +112,8 @@ def run(args: argparse.Namespace) -> int:
         "data": {"dataset": str(work / "data")},
         "model": {"type": "llama", "preset": s["preset"]},
         "train": {"global_batch": 16, "micro_batch": 16, "max_steps": s["pretrain_steps"],
-                  "lr": 1e-3, "warmup_steps": max(1, s["pretrain_steps"] // 10),
-                  "precision": args.precision, "eval_samples": 64, "log_every": 25},
+                  "learning_rate": 1e-3, "warmup_steps": max(1, s["pretrain_steps"] // 10),
+                  "precision": args.precision, "max_eval_samples": 64, "logging_steps": 25},
     }
     pretrain_path = work / "pretrain.yaml"
     print(f"[3/6] pretraining LLaMA-{s['preset']} for {s['pretrain_steps']} steps "
@@ -127,15 +127,15 @@ def run(args: argparse.Namespace) -> int:
 
     sft = {
         "run": {"output_dir": str(work / "sft"), "seed": 0},
-        "model": {"path": base_summary["model_dir"]},
-        "data": {"source": str(instructions / "instructions.jsonl"), "template": "ja-alpaca",
+        "model": {"init_from": base_summary["model_dir"]},
+        "data": {"dataset": str(instructions / "instructions.jsonl"), "template": "ja-alpaca",
                  "max_length": s["max_length"], "validation_fraction": 0.02},
         "lora": {"r": 16, "alpha": 32, "dropout": 0.05},
         "train": {"global_batch": sum(micro), "micro_batch": {"per_node": micro},
-                  "max_steps": s["sft_steps"], "lr": 1e-3,
+                  "max_steps": s["sft_steps"], "learning_rate": 1e-3,
                   "warmup_steps": max(1, s["sft_steps"] // 10), "precision": args.precision,
-                  "checkpoint_every": max(1, s["sft_steps"] // 2), "eval_samples": 64,
-                  "log_every": 10},
+                  "save_steps": max(1, s["sft_steps"] // 2), "max_eval_samples": 64,
+                  "logging_steps": 10},
     }
     sft_path = work / "sft.yaml"
     print(f"[4/6] LoRA instruction tuning on dolly-ja, {len(micro)} emulated nodes with "

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from hetlm.names import RenamedFlag
+
 DEFAULT_OUTPUT = "runs/eval"
 
 
@@ -58,7 +60,8 @@ def register(subparsers) -> None:
     ft.add_argument("--seeds", default="0,1,2", help="fine-tuning seeds (default 0,1,2)")
     ft.add_argument("--epochs", type=int, default=3)
     ft.add_argument("--batch-size", type=int, default=16)
-    ft.add_argument("--lr", type=float, default=5e-5)
+    ft.add_argument("--learning-rate", "--lr", dest="lr", type=float, default=5e-5,
+                    action=RenamedFlag, metavar="LR", help="fine-tuning peak rate (default 5e-5)")
     ft.add_argument("--max-length", type=int, default=128, help="tokens per example")
     ft.add_argument("--max-train-examples", type=int, default=None, metavar="N",
                     help="train on a fixed subsample of N (the same for every seed and model)")

@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from hetlm.commands.model_args import add_model_arguments, model_spec, split_spec
 from hetlm.errors import HetlmError
 
 
@@ -23,12 +24,7 @@ def register(subparsers: Any) -> None:
         "plan file, torchrun lines and a Slurm script.",
     )
     parser.add_argument("cluster", help="cluster description YAML (see docs/PLANNER.md)")
-    parser.add_argument(
-        "--model",
-        required=True,
-        help="preset (bert-tiny, bert-small, bert-base, bert-large) or a directory "
-        "/ config.json of a Hugging Face model config",
-    )
+    add_model_arguments(parser, default_preset=None)
     parser.add_argument(
         "--global-batch", type=int, required=True, help="samples per optimizer step"
     )
@@ -110,22 +106,23 @@ def slurm_options(cluster: Any, args: argparse.Namespace) -> Any:
 
 
 def resolve_model(spec: str, vocab_size: int, seq_len: int) -> tuple[Any, str]:
-    """(transformers config, display name) for a preset name or a config directory/file."""
-    from hetlm.models.presets import ENCODER_PRESETS, bert_config
+    """(transformers config, display name) for ``TYPE-PRESET`` (``bert-base``, ``llama-7b``)
+    or a config directory/file."""
+    from hetlm.models.presets import model_config
 
-    preset = spec.removeprefix("bert-") if spec.startswith("bert-") else spec
+    parts = split_spec(spec)
     path = Path(spec).expanduser()
-    if preset in ENCODER_PRESETS and not path.exists():
-        return bert_config(
-            preset, vocab_size=vocab_size, max_position_embeddings=max(512, seq_len)
-        ), f"bert-{preset}"
+    if parts is not None and not path.exists():
+        model_type, preset = parts
+        config = model_config(model_type, preset, vocab_size=vocab_size,
+                              max_position_embeddings=max(512, seq_len), pad_token_id=0)
+        return config, spec
     if path.is_file() and path.name.endswith(".json"):
         path = path.parent
     if not (path / "config.json").is_file():
-        names = ", ".join(f"bert-{p}" for p in ENCODER_PRESETS)
         raise HetlmError(
-            f"--model {spec!r} is neither a preset ({names}) nor a directory with a "
-            "config.json: give one of those"
+            f"--model {spec!r} is neither a preset (--model-type TYPE --preset NAME) nor a "
+            "directory with a config.json: give one of those"
         )
     from transformers import AutoConfig
 
@@ -158,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
         raise HetlmError("--steps must be a positive integer")
     cluster = load_cluster(args.cluster)
     slurm = slurm_options(cluster, args)
-    config, name = resolve_model(args.model, args.vocab_size, args.seq_len)
+    config, name = resolve_model(model_spec(args, None), args.vocab_size, args.seq_len)
     plan = make_plan(
         cluster,
         config,

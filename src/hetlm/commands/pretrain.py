@@ -25,12 +25,14 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hetlm.config import config_help, load_config
+    from hetlm.config import config_help, load_config, resolved_help
     from hetlm.errors import HetlmError
 
     fix_resume_argument(args)
     if args.help_config:
         print(config_help())
+        if args.config:
+            print("\n" + resolved_help(load_config(args.config)))
         return 0
     if not args.config:
         raise HetlmError("give a config file: hetlm pretrain CONFIG.yaml (see --help-config)")

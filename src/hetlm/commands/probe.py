@@ -10,6 +10,7 @@ import argparse
 import sys
 from typing import Any
 
+from hetlm.commands.model_args import add_model_arguments, model_spec
 from hetlm.errors import HetlmError
 
 
@@ -22,9 +23,7 @@ def register(subparsers: Any) -> None:
         "against the memory limit) and time a few steps at that size; write a probe file for the cluster file's "
         "samples_per_s.",
     )
-    parser.add_argument("--model", default="bert-small",
-                        help="preset (bert-tiny, bert-small, bert-base, bert-large) or a directory "
-                        "/ config.json of a Hugging Face model config (default bert-small)")
+    add_model_arguments(parser, default_preset="small")
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per sample (default 128)")
     parser.add_argument("--vocab-size", type=int, default=32000,
                         help="vocabulary size for presets (default 32000): use your tokenizer's")
@@ -70,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(message, file=sys.stderr, flush=True)
 
-    result = run_probe(args.model, args.seq_len, vocab_size=args.vocab_size,
+    result = run_probe(model_spec(args, "small"), args.seq_len, vocab_size=args.vocab_size,
                        precision=args.precision, device=args.device,
                        memory_gib=args.memory_gib, reserve_gib=args.reserve_gib,
                        max_batch=args.max_batch, warmup=args.warmup, steps=args.steps,

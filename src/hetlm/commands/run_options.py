@@ -43,7 +43,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true",
                         help="do not print the summary at the end")
     parser.add_argument("--help-config", action="store_true",
-                        help="list every config key and exit")
+                        help="list every config key, its default and the defaults per model "
+                        "type and size, with their sources; with CONFIG, also that config's "
+                        "hyper-parameters as resolved; then exit")
 
 
 def launch_local(command: str, args: argparse.Namespace, config: Any,

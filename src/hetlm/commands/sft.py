@@ -25,12 +25,15 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from hetlm.config import resolved_help
     from hetlm.errors import HetlmError
     from hetlm.sft.config import load_sft_config, sft_config_help
 
     fix_resume_argument(args)
     if args.help_config:
         print(sft_config_help())
+        if args.config:
+            print("\n" + resolved_help(load_sft_config(args.config)))
         return 0
     if not args.config:
         raise HetlmError("give a config file: hetlm sft CONFIG.yaml (see --help-config)")

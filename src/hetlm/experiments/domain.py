@@ -146,14 +146,14 @@ def pretrain_config(settings: DomainSettings, run: str, dataset: Path, output_di
     steps = budget["steps"]
     train: dict[str, Any] = {
         "global_batch": settings.batch_size, "micro_batch": settings.batch_size,
-        "max_steps": steps, "precision": settings.precision, "checkpoint_every": 0,
-        "keep_last": 1, "eval_every": 0, "eval_samples": 128,
-        "log_every": max(1, steps // 20)}
+        "max_steps": steps, "precision": settings.precision, "save_steps": 0,
+        "save_total_limit": 1, "eval_steps": 0, "max_eval_samples": 128,
+        "logging_steps": max(1, steps // 20)}
     if init_from is None:
-        train["lr"] = settings.lr
+        train["learning_rate"] = settings.lr
         train["warmup_steps"] = max(1, round(settings.warmup_fraction * steps))
     elif settings.continue_lr is not None:
-        train["lr"] = settings.continue_lr
+        train["learning_rate"] = settings.continue_lr
     model: dict[str, Any] = {"type": "bert", "preset": settings.preset}
     if init_from is not None:
         model["init_from"] = str(init_from)

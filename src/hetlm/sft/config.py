@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, model_validator
 
 from hetlm.config import (
     PretrainConfig,
@@ -21,27 +21,33 @@ from hetlm.config import (
     _format_errors,
     _Section,
     config_help,
+    fill_defaults,
     read_yaml,
+    resolved_rows,
 )
 from hetlm.errors import HetlmError
+from hetlm.hparams import SFT_RECIPE
+from hetlm.names import rename_config_keys
 
 Quantization = Literal["none", "8bit", "4bit"]
-DEFAULT_LR = 2e-4  # the usual LoRA rate (a full fine-tune would use ~1e-5)
+DEFAULT_LR = SFT_RECIPE.learning_rate  # the usual LoRA rate (a full fine-tune would use ~1e-5)
 
 
 class SFTModelSection(_Section):
-    path: str | None = Field(
+    init_from: str | None = Field(
         None, description="The base causal LM: a save_pretrained folder (e.g. a hetlm pretrain "
         "run's model/) or a hub name.")
     preset: str | None = Field(
-        None, description="Instead of path: a llama preset (tiny|small|base|1b|7b) with random "
-        "weights, for tests and demos; saved to <output_dir>/base so the adapter has a base.")
+        None, description="Instead of init_from: a llama preset (tiny|small|base|1b|7b|13b) with "
+        "random weights, for tests and demos; saved to <output_dir>/base so the adapter has a "
+        "base.")
     type: Literal["llama"] = Field("llama", description="The architecture of a preset.")
     overrides: dict[str, Any] = Field(default_factory=dict,
                                       description="Extra transformers config fields (preset).")
     dropout: float | None = Field(None, ge=0.0, lt=1.0,
-                                  description="Attention dropout of a preset (default 0).")
-    tokenizer: str | None = Field(None, description="Default: the tokenizer saved with path.")
+                                  description="Attention dropout of a preset (default 0); with "
+                                  "init_from, None keeps the checkpoint's.")
+    tokenizer: str | None = Field(None, description="Default: the tokenizer saved with init_from.")
     quantization: Quantization = Field(
         "none", description="none | 8bit | 4bit (QLoRA: NF4, double quantization): the frozen "
         "base loaded through bitsandbytes; needs a CUDA GPU and `pip install 'hetlm[quant]'`.")
@@ -51,14 +57,14 @@ class SFTModelSection(_Section):
 
     @model_validator(mode="after")
     def _one_source(self) -> SFTModelSection:
-        if (self.path is None) == (self.preset is None):
-            raise ValueError("give exactly one of path (a pretrained causal LM) or preset (a "
-                             "randomly initialised one, for tests)")
+        if (self.init_from is None) == (self.preset is None):
+            raise ValueError("give exactly one of init_from (a pretrained causal LM) or preset "
+                             "(a randomly initialised one, for tests)")
         if self.preset is not None and self.tokenizer is None:
             raise ValueError("a preset model needs tokenizer: the folder of its tokenizer")
         if self.preset is not None and self.quantization != "none":
-            raise ValueError("quantization loads pretrained weights in 8/4 bits: give path, or "
-                             "set quantization: none for a preset")
+            raise ValueError("quantization loads pretrained weights in 8/4 bits: give init_from, "
+                             "or set quantization: none for a preset")
         return self
 
     @property
@@ -67,11 +73,11 @@ class SFTModelSection(_Section):
 
     @property
     def tokenizer_source(self) -> str:
-        return str(self.tokenizer or self.path)
+        return str(self.tokenizer or self.init_from)
 
 
 class SFTDataSection(_Section):
-    source: str | list[str] = Field(
+    dataset: str | list[str] = Field(
         description="JSONL/JSON files, folders or globs of instruction or chat rows, or a "
         "`datasets` name (e.g. kunishou/databricks-dolly-15k-ja).")
     split: str = Field("train", description="The split of a `datasets` name.")
@@ -112,16 +118,35 @@ class SFTConfig(_Section):
     lora: LoraSection = LoraSection()
     train: TrainSection
 
+    _sources: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_names(cls, raw: Any) -> Any:
+        return rename_config_keys(raw)
+
+    @model_validator(mode="after")
+    def _fill_recipe_defaults(self) -> SFTConfig:
+        """Hyper-parameters left out take the LoRA recipe (``hetlm.hparams.SFT_RECIPE``)."""
+        self._sources = fill_defaults(self.train, SFT_RECIPE, {})
+        if self.model.dropout is None and self.model.preset is not None:
+            self.model.dropout = SFT_RECIPE.dropout
+            self._sources["model.dropout"] = SFT_RECIPE.source("dropout")
+        return self
+
     @property
     def learning_rate(self) -> float:
-        return self.train.lr if self.train.lr is not None else DEFAULT_LR
+        assert self.train.learning_rate is not None  # filled by _fill_recipe_defaults
+        return self.train.learning_rate
 
     @property
     def warmup(self) -> int:
-        """train.warmup_steps, or 3% of max_steps."""
-        if self.train.warmup_steps is not None:
-            return self.train.warmup_steps
-        return round(0.03 * self.train.max_steps)
+        assert self.train.warmup_steps is not None  # filled by _fill_recipe_defaults
+        return self.train.warmup_steps
+
+    def hyperparameters(self) -> list[tuple[str, Any, str]]:
+        """(key, value, where it comes from) of every resolved hyper-parameter."""
+        return resolved_rows(self, self._sources)
 
     # The batch split, per-rank micro-batches and plan work as in pretraining.
     micro_batches_for = PretrainConfig.micro_batches_for
@@ -147,11 +172,14 @@ def load_sft_config(path: str | Path) -> SFTConfig:
 
 def sft_config_help() -> str:
     """Every key with its default and description (SFT's own defaults where they differ)."""
-    return config_help(SFTConfig, descriptions=_SFT_DESCRIPTIONS, skip=("train.mlm_probability",))
+    return config_help(SFTConfig, descriptions=_SFT_DESCRIPTIONS,
+                       skip=("train.mlm_probability",))
 
 
 _SFT_DESCRIPTIONS = {
-    "train.lr": f"None: {DEFAULT_LR:g} (LoRA).",
-    "train.warmup_steps": "None: 3% of max_steps.",
-    "train.eval_samples": "Validation examples evaluated (response-token loss, perplexity).",
+    "train.learning_rate": f"None: {DEFAULT_LR:g} (LoRA; table below).",
+    "train.warmup_steps": "None: warmup_ratio if given, else 3% of max_steps (table below).",
+    "train.lr_scheduler_type": "linear | cosine | cosine_with_min_lr | constant_with_warmup. "
+                               "None: cosine (table below).",
+    "train.max_eval_samples": "Validation examples evaluated (response-token loss, perplexity).",
 }

@@ -144,7 +144,7 @@ def frozen_base_dtype(device: torch.device, precision: str) -> torch.dtype:
 
 def build_base_model(section: SFTModelSection, tokenizer, *, max_length: int, seed: int,
                      device: torch.device, precision: str = "fp32") -> nn.Module:
-    """The base causal LM: from ``section.path`` (fp32, or 8/4-bit computing in
+    """The base causal LM: from ``section.init_from`` (fp32, or 8/4-bit computing in
     ``precision``), or a seeded preset."""
     from transformers import AutoModelForCausalLM
 
@@ -165,18 +165,18 @@ def build_base_model(section: SFTModelSection, tokenizer, *, max_length: int, se
                       device_map={"": device})
     else:
         kwargs.update(dtype=frozen_base_dtype(device, precision))
-    source = resolve_model_source(section.path, "model.path")
+    source = resolve_model_source(section.init_from, "model.init_from")
     if Path(source).exists() and not (Path(source) / "config.json").is_file():
-        raise HetlmError(f"model.path {source} has no config.json: point it at a folder written "
+        raise HetlmError(f"model.init_from {source} has no config.json: point it at a folder written "
                          "by save_pretrained (e.g. a hetlm pretrain run's model/)")
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise HetlmError(f"cannot load model.path {source!r} as a causal LM: {first}") from None
+        raise HetlmError(f"cannot load model.init_from {source!r} as a causal LM: {first}") from None
     rows = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > rows:
-        raise HetlmError(f"the tokenizer has {len(tokenizer)} tokens but model.path {source} "
+        raise HetlmError(f"the tokenizer has {len(tokenizer)} tokens but model.init_from {source} "
                          f"has {rows} token embeddings: use the model's own tokenizer")
     return model
 
@@ -266,7 +266,7 @@ class InstructionTuning(Pretraining):
         cfg, data = self.config, self.config.data
         self.tokenizer = load_sft_tokenizer(cfg.model.tokenizer_source)
         self.template = resolve_template(data.template, self.tokenizer)
-        examples = load_examples(data.source, split=data.split)
+        examples = load_examples(data.dataset, split=data.split)
         train, validation = split_validation(examples, data.validation_fraction, cfg.run.seed)
         options = dict(max_length=data.max_length, train_on_prompt=data.train_on_prompt,
                        truncation=data.truncation, min_prompt_tokens=data.min_prompt_tokens)
@@ -276,11 +276,11 @@ class InstructionTuning(Pretraining):
         if self.ctx.is_main:
             print(self.truncation_stats.summary())
         if not train_tok:
-            raise HetlmError(f"no training example of {data.source} fits data.max_length "
+            raise HetlmError(f"no training example of {data.dataset} fits data.max_length "
                              f"{data.max_length}: raise it")
-        if self.train_cfg.eval_every and not eval_tok:
-            raise HetlmError("train.eval_every is set but there are no validation examples: "
-                             "raise data.validation_fraction or set train.eval_every: 0")
+        if self.train_cfg.eval_steps and not eval_tok:
+            raise HetlmError("train.eval_steps is set but there are no validation examples: "
+                             "raise data.validation_fraction or set train.eval_steps: 0")
         pad_id = self.tokenizer.pad_token_id
         self.train_data = SFTData(train_tok, pad_id)
         self.eval_data = SFTData(eval_tok, pad_id)
@@ -296,9 +296,9 @@ class InstructionTuning(Pretraining):
 
     @property
     def base_name(self) -> str:
-        """What the adapter records as its base: model.path, or the saved preset base."""
+        """What the adapter records as its base: model.init_from, or the saved preset base."""
         section = self.config.model
-        return str(section.path) if section.path is not None else str(self.output_dir / "base")
+        return str(section.init_from) if section.init_from is not None else str(self.output_dir / "base")
 
     def _build_model(self) -> nn.Module:
         cfg, ctx = self.config, self.ctx
@@ -338,7 +338,7 @@ class InstructionTuning(Pretraining):
                 "global_batch": cfg.train.global_batch, "seed": cfg.run.seed}
 
     def _load_weights(self, model: nn.Module, path: Path) -> None:
-        """The checkpoint's adapter weights (the base is rebuilt from model.path / preset)."""
+        """The checkpoint's adapter weights (the base is rebuilt from model.init_from / preset)."""
         from safetensors.torch import load_file
 
         file = path / ADAPTER_WEIGHTS

@@ -10,7 +10,7 @@ they happen in the ``train`` phase.
 When a collective fails (gloo raises on ``train.dist_timeout_s``; a peer that died closes its
 connections), the loop turns the error into one line naming the ranks whose heartbeat is behind
 the most advanced one, with their last phase and step and how long ago that was. Every
-``train.log_every`` steps rank 0 also copies all heartbeats into ``metrics.jsonl`` (an
+``train.logging_steps`` steps rank 0 also copies all heartbeats into ``metrics.jsonl`` (an
 ``event: heartbeat`` record).
 """
 

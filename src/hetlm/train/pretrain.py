@@ -41,7 +41,7 @@ from hetlm.train.objectives import (
     objective_module,
     special_ids,
 )
-from hetlm.train.optim import LinearSchedule, scheduler_for
+from hetlm.train.optim import Schedule, scheduler_for
 from hetlm.train.precision import Precision
 from hetlm.train.rebalance import ComputeTimer, Rebalancer, check_rebalance
 from hetlm.train.run_dir import (
@@ -273,7 +273,8 @@ class Pretraining:
         if ctx.enabled:
             _check_shared_dir(ctx, self.output_dir)
         self.checkpoints = CheckpointManager(self.output_dir / "checkpoints",
-                                             self.train_cfg.keep_last, run_id=self.run_id)
+                                             self.train_cfg.save_total_limit,
+                                             run_id=self.run_id)
 
         model = self._build_model()
         self.fingerprint = self._run_fingerprint()
@@ -293,8 +294,11 @@ class Pretraining:
         self.term_names = loss_terms(self.engine.unwrapped)
         self.optimizer = self.engine.build_optimizer(
             lr=config.learning_rate, weight_decay=self.train_cfg.weight_decay,
-            betas=self.train_cfg.adam_betas, eps=self.train_cfg.adam_eps)
-        self.schedule = LinearSchedule(config.warmup, self.train_cfg.max_steps)
+            betas=(self.train_cfg.adam_beta1, self.train_cfg.adam_beta2),
+            eps=self.train_cfg.adam_epsilon)
+        self.schedule = Schedule(config.warmup, self.train_cfg.max_steps,
+                                 kind=self.train_cfg.lr_scheduler_type,
+                                 min_lr_rate=self.train_cfg.min_lr_rate)
         self.scheduler = scheduler_for(self.optimizer, lambda: self.schedule)
         torch.manual_seed(seed * 1009 + ctx.rank)  # dropout stream of this rank
         self.step = 0
@@ -417,7 +421,7 @@ class Pretraining:
         self.rollbacks = int(trainer.get("rollbacks", 0))
         self.last_checkpoint = path
         if trainer.get("schedule"):  # checkpoints from before it was stored keep the config's
-            self.schedule = LinearSchedule(**trainer["schedule"])
+            self.schedule = Schedule(**trainer["schedule"])
             if self.schedule.end != self.train_cfg.max_steps:
                 self._extend_schedule(path)
 
@@ -497,9 +501,9 @@ class Pretraining:
         each forward): a rank whose samples ran out runs a stand-in batch of sample 0 and does
         not count it.
         """
-        count = min(self.train_cfg.eval_samples, len(self.eval_data))
+        count = min(self.train_cfg.max_eval_samples, len(self.eval_data))
         mine = np.arange(count)[self.ctx.rank::self.ctx.world_size]
-        size = self.train_cfg.eval_batch
+        size = self.train_cfg.per_device_eval_batch_size
         batches = math.ceil(math.ceil(count / self.ctx.world_size) / size)
         names = loss_terms(self.engine.unwrapped)
         totals = torch.zeros(3, len(names), dtype=torch.float64)  # loss, correct, targets
@@ -553,7 +557,7 @@ class Pretraining:
         cfg, ctx = self.train_cfg, self.ctx
         end_step = min(cfg.max_steps, stop_at_step or cfg.max_steps)
         logger = MetricsLogger(self.output_dir, total_steps=cfg.max_steps, start_step=self.step,
-                               enabled=ctx.is_main, log_every=cfg.log_every,
+                               enabled=ctx.is_main, log_every=cfg.logging_steps,
                                report_to=cfg.report_to,
                                run_config=self.config.model_dump(mode="json"),
                                run_id=self.run_id, desc=self.command)
@@ -618,7 +622,7 @@ class Pretraining:
                     record[f"loss_{name}"] = float(value / max(1.0, float(n)))
             history.append(record)
             logger.step(record)
-            if HB.current() is not None and self.step % cfg.log_every == 0 and ctx.is_main:
+            if HB.current() is not None and self.step % cfg.logging_steps == 0 and ctx.is_main:
                 logger.event(event="heartbeat", step=self.step,
                              ranks=HB.summary(self.output_dir, ctx.world_size))
             if not math.isfinite(loss) and self.precision.name != "fp16":
@@ -632,7 +636,7 @@ class Pretraining:
                                  f"checkpoint: {self.last_checkpoint}; resume from it "
                                  "(--resume) with a lower lr")
             done = self.step == end_step
-            if cfg.eval_every and self.step % cfg.eval_every == 0 and not done:
+            if cfg.eval_steps and self.step % cfg.eval_steps == 0 and not done:
                 HB.beat("eval", self.step)
                 metrics = self.evaluate()
                 logger.event(event="eval", step=self.step, **metrics)  # and to the trackers
@@ -640,7 +644,7 @@ class Pretraining:
                 self.rebalancer.observe(samples.tolist(), compute.tolist())
                 if self.rebalancer.due(self.step) and not done:
                     self._rebalance(logger)
-            if done or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
+            if done or (cfg.save_steps and self.step % cfg.save_steps == 0):
                 self.save_checkpoint()
         if self.step < cfg.max_steps:  # stopped early on request: resumable, no final model
             logger.event(event="stop", step=self.step, checkpoint=str(self.last_checkpoint))

@@ -76,7 +76,7 @@ def deepspeed_config(options: EngineOptions, precision: str, world_size: int) ->
         for key in ("optimizer", "scheduler"):
             if key in config:
                 raise HetlmError(f"train.deepspeed_config {path} has an {key!r} section: hetlm "
-                                 f"passes its own AdamW and schedule (train.lr, ...); remove it")
+                                 f"passes its own AdamW and schedule (train.learning_rate, ...); remove it")
         clip = config.get("gradient_clipping")
         if clip is not None and float(clip) != float(options.max_grad_norm or 0.0):
             raise HetlmError(f"train.deepspeed_config {path} sets gradient_clipping {clip} but "
