@@ -438,8 +438,8 @@ def pretrain_config(ctx: PartContext, name: str, *, steps: int, precision: str,
         "data": {"dataset": str(mlm_dataset(ctx, s.small_seq))},
         "model": {"type": "bert", "preset": s.small_preset},
         "train": {"global_batch": global_batch, "micro_batch": global_batch // ranks,
-                  "max_steps": steps, "lr": 1e-3, "warmup_steps": max(1, steps // 10),
-                  "precision": precision, "eval_samples": 16, "log_every": 1}})
+                  "max_steps": steps, "learning_rate": 1e-3, "warmup_steps": max(1, steps // 10),
+                  "precision": precision, "max_eval_samples": 16, "logging_steps": 1}})
 
 
 def run_output_dir(config_path: Path) -> Path:
@@ -740,12 +740,12 @@ def qlora_run(ctx: PartContext, inputs: dict[str, str], kind: str) -> dict[str, 
     out = Path(fresh_dir(ctx, f"qlora-{kind}"))
     config = write_yaml(ctx.cache / f"qlora-{kind}.yaml", {
         "run": {"output_dir": str(out), "seed": 0},
-        "model": {"path": inputs["base"], "quantization": kind},
-        "data": {"source": inputs["data"], "template": "ja-alpaca",
+        "model": {"init_from": inputs["base"], "quantization": kind},
+        "data": {"dataset": inputs["data"], "template": "ja-alpaca",
                  "max_length": s.sft_max_length, "validation_fraction": 0.0},
         "lora": {"r": 16, "alpha": 32.0, "dropout": 0.0, "target_modules": "all-linear"},
-        "train": {"global_batch": 16, "micro_batch": 4, "max_steps": s.qlora_steps, "lr": 1e-3,
-                  "warmup_steps": 0, "precision": "bf16", "log_every": 1}})
+        "train": {"global_batch": 16, "micro_batch": 4, "max_steps": s.qlora_steps, "learning_rate": 1e-3,
+                  "warmup_steps": 0, "precision": "bf16", "logging_steps": 1}})
     record: dict[str, Any] = {}
     with peak_memory(record):
         run_cli_here(["sft", str(config), "--quiet"])

@@ -46,9 +46,9 @@ def write_config(path: Path, output_dir: Path, data: Path, args: argparse.Namesp
                  per_rank: list[int], rebalance: int) -> Path:
     train: dict[str, Any] = {
         "global_batch": sum(per_rank), "micro_batch": {"per_rank": per_rank},
-        "max_steps": args.steps, "lr": 5e-4, "warmup_steps": 2, "precision": "fp32",
-        "eval_samples": 8, "eval_batch": 8, "checkpoint_every": 0, "keep_last": 1,
-        "log_every": 1, "dist_timeout_s": 300, "engine": "ddp"}
+        "max_steps": args.steps, "learning_rate": 5e-4, "warmup_steps": 2, "precision": "fp32",
+        "max_eval_samples": 8, "per_device_eval_batch_size": 8, "save_steps": 0,
+        "save_total_limit": 1, "logging_steps": 1, "dist_timeout_s": 300, "engine": "ddp"}
     if rebalance:
         train.update(rebalance=rebalance, max_micro_batch=sum(per_rank),
                      rebalance_min_gain=0.05)

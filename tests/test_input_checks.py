@@ -47,8 +47,8 @@ def bases(tmp_path_factory) -> dict[str, Path]:
 
 def _sft_yaml(tmp_path: Path, model: Path, data: Path, **data_options) -> Path:
     config = {"run": {"output_dir": str(tmp_path / "out")},
-              "model": {"path": str(model)},
-              "data": {"source": str(data), "template": "ja-alpaca", **data_options},
+              "model": {"init_from": str(model)},
+              "data": {"dataset": str(data), "template": "ja-alpaca", **data_options},
               "lora": {"r": 2, "alpha": 4},
               "train": {"global_batch": 4, "micro_batch": 4, "max_steps": 1,
                         "precision": "fp32"}}
@@ -67,7 +67,7 @@ def test_sft_on_a_masked_lm_is_one_line(bases, tmp_path, capsys):
     path = _sft_yaml(tmp_path, bases["bert"], bases["data"], max_length=256)
     assert main(["sft", str(path)]) != 0
     line = _one_line_error(capsys)
-    assert (f"model.path {bases['bert']} is a masked LM (BertForMaskedLM), hetlm sft needs a "
+    assert (f"model.init_from {bases['bert']} is a masked LM (BertForMaskedLM), hetlm sft needs a "
             "causal LM (LLaMA family)") in line
 
 

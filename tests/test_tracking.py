@@ -105,12 +105,12 @@ def sft_inputs(tmp_path_factory) -> dict[str, Path]:
 
 
 def _sft_config(inputs: dict[str, Path], output_dir: Path, **train) -> dict:
-    base = {"global_batch": 4, "micro_batch": 4, "max_steps": 3, "lr": 2e-3, "warmup_steps": 0,
+    base = {"global_batch": 4, "micro_batch": 4, "max_steps": 3, "learning_rate": 2e-3, "warmup_steps": 0,
             "precision": "fp32", "max_eval_samples": 4, "logging_steps": 1}
     base.update(train)
     return {"run": {"output_dir": str(output_dir), "seed": 0},
             "model": {"preset": "tiny", "tokenizer": str(inputs["tokenizer"])},
-            "data": {"source": str(inputs["data"]), "template": "ja-alpaca", "max_length": 192,
+            "data": {"dataset": str(inputs["data"]), "template": "ja-alpaca", "max_length": 192,
                      "validation_fraction": 0.2},
             "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
             "train": base}

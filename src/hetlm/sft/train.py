@@ -182,24 +182,24 @@ def build_base_model(section: SFTModelSection, tokenizer, *, max_length: int, se
 
 
 def check_base_model(section: SFTModelSection, max_length: int) -> None:
-    """Before any data or weights are loaded: model.path exists (a local-looking path never goes
+    """Before any data or weights are loaded: model.init_from exists (a local-looking path never goes
     to the hub), is a causal LM (a BERT would load into a causal head and fail on tensor
     sizes), and has positions for data.max_length. A preset base is sized to max_length."""
-    if section.path is None:
+    if section.init_from is None:
         return
     from transformers import AutoConfig
 
-    source = resolve_model_source(section.path, "model.path")
+    source = resolve_model_source(section.init_from, "model.init_from")
     if Path(source).exists() and not (Path(source) / "config.json").is_file():
-        raise HetlmError(f"model.path {source} has no config.json: point it at a folder written "
+        raise HetlmError(f"model.init_from {source} has no config.json: point it at a folder written "
                          "by save_pretrained (e.g. a hetlm pretrain run's model/)")
     try:
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise HetlmError(f"cannot read the config of model.path {source!r}: {first}") from None
-    require_causal_lm(config, source, "model.path", "hetlm sft")
-    check_positions(config, max_length, "data.max_length", source, "model.path")
+        raise HetlmError(f"cannot read the config of model.init_from {source!r}: {first}") from None
+    require_causal_lm(config, source, "model.init_from", "hetlm sft")
+    check_positions(config, max_length, "data.max_length", source, "model.init_from")
 
 
 def apply_lora(model: nn.Module, lora: LoraSection, *, base_name: str | None, seed: int,

@@ -76,9 +76,10 @@ class Schedule:
             return self.peak * (into + 1) / self.warmup
         if self.kind == "constant_with_warmup":
             return self.peak
-        progress = min(1.0, (into - self.warmup) / max(1, self.end - self.start - self.warmup))
-        if self.kind == "linear":
-            return self.peak * max(0.0, 1.0 - progress)
+        decay = max(1, self.end - self.start - self.warmup)
+        if self.kind == "linear":  # transformers' get_linear_schedule_with_warmup
+            return self.peak * max(0.0, (self.end - step) / decay)
+        progress = min(1.0, (into - self.warmup) / decay)
         floor = self.min_lr_rate if self.kind == "cosine_with_min_lr" else 0.0
         return self.peak * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
