@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench floors clean
 
 $(VENV)/.installed-%: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,21 @@ lint: $(VENV)/.installed-test,chat
 
 bench: $(VENV)/.installed-test,chat,bench
 	$(PY) benchmarks/bench_vs_hf_trainer.py
+
+# The lowest dependency versions pyproject.toml allows, in a throwaway venv (not part of `make
+# test`: it installs other versions). FLOOR_TORCH=torch==2.6.0 checks torch's floor too where
+# such a wheel installs; the default keeps the pinned CPU build.
+FLOOR_VENV ?= /tmp/hetlm-floors
+FLOOR_TORCH ?= $(TORCH_SPEC)
+floors:
+	rm -rf $(FLOOR_VENV)
+	$(PYTHON) -m venv $(FLOOR_VENV)
+	$(FLOOR_VENV)/bin/python -m pip install -q --upgrade pip
+	$(FLOOR_VENV)/bin/python -m pip install -q "$(FLOOR_TORCH)"
+	$(FLOOR_VENV)/bin/python -m pip install -q $$($(PYTHON) benchmarks/check_dependency_floors.py pins)
+	$(FLOOR_VENV)/bin/python -m pip install -q --no-deps -e .
+	$(FLOOR_VENV)/bin/python benchmarks/check_dependency_floors.py smoke --require-floors \
+		--workdir $(FLOOR_VENV)/work
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
