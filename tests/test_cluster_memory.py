@@ -19,6 +19,7 @@ from hetlm.cluster.memory import (
     max_micro_batch,
     model_state_bytes,
 )
+from hetlm.errors import HetlmError
 from hetlm.models.presets import bert_config
 
 GIB = 2**30
@@ -254,3 +255,122 @@ def test_per_sample_slope_matches_measurement(measured, preset: str) -> None:
     shape = ModelShape.from_config(bert_config(preset, 32000))
     predicted = activation_bytes_per_sample(shape, 128, "fp32", "eager")
     assert predicted == pytest.approx(slope, rel=MEASURED_ERROR_BOUND)
+
+
+# --------------------------------------------------------------------------- LoRA / QLoRA
+
+
+def _llama(preset: str, **overrides) -> ModelShape:
+    from hetlm.models.presets import model_config
+
+    config = model_config("llama", preset, vocab_size=32000, max_position_embeddings=2048,
+                          pad_token_id=0, overrides=overrides)
+    return ModelShape.from_config(config, name=f"llama-{preset}")
+
+
+def test_llama_presets_have_the_published_parameter_counts() -> None:
+    assert _llama("7b").n_params == 6_738_415_616  # LLaMA-2 7B
+    assert _llama("13b").n_params == 13_015_864_320  # LLaMA-2 13B
+    assert _llama("1b").n_params == 1_100_048_384  # TinyLlama 1.1B
+
+
+def test_adapter_counts_match_published_and_peft() -> None:
+    from hetlm.cluster.memory_lora import LoraSpec, lora_parameter_count
+
+    assert lora_parameter_count(_llama("7b"), LoraSpec(r=16)) == 39_976_960
+    assert lora_parameter_count(_llama("1b"), LoraSpec(r=16)) == 12_615_680  # grouped KV heads
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
+@pytest.mark.parametrize("targets", [None, ("q_proj", "v_proj"), ("down_proj", "k_proj")])
+def test_adapter_count_equals_peft_on_a_tiny_model(targets) -> None:
+    import peft
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hetlm.cluster.memory_lora import LoraSpec, lora_parameter_count
+
+    config = LlamaConfig(vocab_size=300, hidden_size=48, intermediate_size=80,
+                         num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2,
+                         max_position_embeddings=64)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    lora = peft.LoraConfig(r=4, target_modules=list(targets) if targets else "all-linear",
+                           task_type="CAUSAL_LM")
+    tuned = peft.get_peft_model(model, lora)
+    real = sum(p.numel() for p in tuned.parameters() if p.requires_grad)
+    shape = ModelShape.from_config(config)
+    assert lora_parameter_count(shape, LoraSpec(r=4, target_modules=targets)) == real
+
+
+def test_base_bytes_per_quantization() -> None:
+    from hetlm.cluster.memory_lora import LoraSpec, base_bytes, block_linear_parameters
+
+    shape = _llama("7b")
+    assert base_bytes(shape, LoraSpec(base_dtype="fp32")) == 4 * shape.n_params
+    assert base_bytes(shape, LoraSpec(base_dtype="16bit")) == 2 * shape.n_params
+    four = base_bytes(shape, LoraSpec(quantization="4bit"))
+    eight = base_bytes(shape, LoraSpec(quantization="8bit"))
+    assert 3.5e9 <= four <= 4.0e9  # QLoRA's "7B in ~3.9 GB" (NF4 + double quantization)
+    assert 6.5e9 <= eight <= 7.5e9
+    # The quantized part is every block linear; embeddings and the head stay 16-bit.
+    linear = block_linear_parameters(shape)
+    assert linear == 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
+    assert four == pytest.approx(linear * (0.5 + 1 / 64 + 4 / 16384) + 2 * (shape.n_params - linear))
+
+
+def test_lora_memory_orders_and_checkpointing() -> None:
+    from dataclasses import replace
+
+    from hetlm.cluster.memory_lora import LoraSpec, lora_activation_bytes_per_sample
+
+    shape, model = _llama("7b"), MemoryModel()
+    totals = [
+        estimate_memory(shape, 1, 512, "bf16", model=model, lora=spec).total
+        for spec in (LoraSpec(base_dtype="fp32"), LoraSpec(base_dtype="16bit"),
+                     LoraSpec(quantization="8bit"), LoraSpec(quantization="4bit"))
+    ]
+    assert totals == sorted(totals, reverse=True)
+    spec = LoraSpec(quantization="4bit")
+    full = lora_activation_bytes_per_sample(shape, 512, "bf16", "sdpa", spec)
+    checkpointed = lora_activation_bytes_per_sample(
+        shape, 512, "bf16", "sdpa", replace(spec, gradient_checkpointing=True))
+    assert checkpointed < full / 10
+    # LoRA keeps far less than full training: no gradients or Adam states for the base.
+    assert estimate_memory(shape, 1, 512, "bf16", model=model, lora=spec).total < (
+        estimate_memory(shape, 1, 512, "bf16", model=model).total / 10)
+    # A bigger micro-batch costs exactly its activations.
+    one, four = (estimate_memory(shape, b, 512, "bf16", model=model, lora=spec) for b in (1, 4))
+    assert four.activations - one.activations == pytest.approx(3 * full)
+
+
+def test_lora_micro_batch_cap_is_the_largest_that_fits() -> None:
+    from hetlm.cluster.memory_lora import LoraSpec
+
+    shape, spec, budget = _llama("7b"), LoraSpec(quantization="4bit"), 0.9 * 80 * GIB
+    cap = max_micro_batch(budget, shape, 512, "bf16", lora=spec)
+    assert cap >= 1
+    assert estimate_memory(shape, cap, 512, "bf16", lora=spec).total <= budget
+    assert estimate_memory(shape, cap + 1, 512, "bf16", lora=spec).total > budget
+    assert max_micro_batch(0.9 * 15 * GIB, _llama("13b"), 512, "fp16",
+                           lora=LoraSpec(base_dtype="fp32")) == 0
+
+
+def test_lora_spec_errors_are_one_line() -> None:
+    from hetlm.cluster.memory_lora import LoraSpec, lora_state_bytes
+
+    with pytest.raises(HetlmError, match="not LLaMA linear layers"):
+        LoraSpec(target_modules=("query",))
+    with pytest.raises(HetlmError, match="FSDP2"):
+        lora_state_bytes(_llama("tiny"), LoraSpec(quantization="4bit"), "bf16", 3, 2)
+    with pytest.raises(HetlmError, match="LLaMA-family"):
+        from hetlm.cluster.memory_lora import lora_parameter_count
+
+        lora_parameter_count(ModelShape.from_config(bert_config("tiny", 1000)), LoraSpec())
+
+
+def test_head_chunk_constant_matches_the_sft_head() -> None:
+    from hetlm.cluster.memory_lora import HEAD_CHUNK_LOGITS
+    from hetlm.sft.objective import CHUNK_LOGITS
+
+    assert HEAD_CHUNK_LOGITS == CHUNK_LOGITS

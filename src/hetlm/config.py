@@ -8,7 +8,7 @@ line that names each bad field by its path (``train.global_batch: ...``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -45,7 +45,7 @@ class ModelSection(_Section):
     type: ModelType = Field("bert", description="bert | roberta | deberta-v2 (masked LM), "
                             "electra (replaced-token detection), llama (causal LM).")
     preset: str = Field("small", description="Encoders: tiny | small | base | large; llama: "
-                        "tiny | small | base | 1b | 7b. Ignored with init_from.")
+                        "tiny | small | base | 1b | 7b | 13b. Ignored with init_from.")
     dropout: float | None = Field(None, ge=0.0, lt=1.0, description="None keeps the preset's 0.1.")
     overrides: dict[str, Any] = Field(default_factory=dict,
                                       description="Extra transformers config fields.")
@@ -147,6 +147,9 @@ class TrainSection(_Section):
 
 
 class PretrainConfig(_Section):
+    #: The `hetlm plan --task` whose plans this config accepts.
+    PLAN_TASK: ClassVar[str] = "pretrain"
+
     run: RunSection
     data: DataSection
     model: ModelSection = ModelSection()
@@ -213,6 +216,15 @@ class PretrainConfig(_Section):
             raise HetlmError(
                 f"the plan {self.train.plan} is for global batch {plan.global_batch} but "
                 f"train.global_batch is {self.train.global_batch}: re-plan or fix the config")
+        if plan.task != self.PLAN_TASK:
+            raise HetlmError(
+                f"the plan {self.train.plan} was made for hetlm {plan.task}, not hetlm "
+                f"{self.PLAN_TASK}: re-plan with `hetlm plan --task {self.PLAN_TASK}`")
+        max_length = getattr(self.data, "max_length", None)
+        if max_length is not None and plan.seq_len < max_length:
+            raise HetlmError(
+                f"the plan {self.train.plan} sized micro-batches for max_length {plan.seq_len} but "
+                f"data.max_length is {max_length}: re-plan with --max-length {max_length}")
         return plan
 
 

@@ -1,8 +1,9 @@
 """`hetlm plan`: turn a cluster file, a model and a global batch into a plan and launch lines.
 
 Prints the per-rank table and predicted throughput, writes the plan (YAML) that `hetlm pretrain
---plan` checks itself against, prints one torchrun command per node and writes a Slurm script
-next to the plan.
+--plan` (or `hetlm sft --plan`, with `--task sft` / `--sft-config`) checks itself against, prints
+one torchrun command per node and writes a Slurm script next to the plan. `--fits` prints what
+LoRA/QLoRA tuning and serving fit on common GPUs instead.
 """
 
 from __future__ import annotations
@@ -22,17 +23,51 @@ def register(subparsers: Any) -> None:
         "(speed decides, memory caps), precision, ZeRO stage and engine; writes the "
         "plan file, torchrun lines and a Slurm script.",
     )
-    parser.add_argument("cluster", help="cluster description YAML (see docs/PLANNER.md)")
+    parser.add_argument(
+        "cluster", nargs="?", help="cluster description YAML (see docs/PLANNER.md)"
+    )
     parser.add_argument(
         "--model",
-        required=True,
-        help="preset (bert-tiny, bert-small, bert-base, bert-large) or a directory "
-        "/ config.json of a Hugging Face model config",
+        help="preset (bert-tiny|small|base|large, llama-tiny|small|base|1b|7b|13b) or a "
+        "directory / config.json of a Hugging Face model config",
     )
+    parser.add_argument("--global-batch", type=int, help="samples per optimizer step")
     parser.add_argument(
-        "--global-batch", type=int, required=True, help="samples per optimizer step"
+        "--seq-len", "--max-length", type=int, dest="seq_len",
+        help="tokens per sample (sft: data.max_length)",
     )
-    parser.add_argument("--seq-len", type=int, required=True, help="tokens per sample")
+    sft = parser.add_argument_group(
+        "hetlm sft (LoRA/QLoRA)", "plan instruction tuning: a frozen base, trained adapters"
+    )
+    sft.add_argument("--task", choices=["pretrain", "sft"], default="pretrain")
+    sft.add_argument(
+        "--sft-config", metavar="SFT.yaml",
+        help="read model, lora, quantization, max_length, global batch, precision and engine "
+        "from an `hetlm sft` config (implies --task sft; other options override it)",
+    )
+    sft.add_argument("--lora-r", type=int, default=None, help="adapter rank (default 16)")
+    sft.add_argument(
+        "--lora-targets", default=None,
+        help="all-linear (default) or module names, e.g. q_proj,v_proj",
+    )
+    sft.add_argument("--lora-dropout", type=float, default=None, help="default 0.05")
+    sft.add_argument(
+        "--quantization", choices=["none", "8bit", "4bit"], default=None,
+        help="how the frozen base is loaded (default none)",
+    )
+    sft.add_argument(
+        "--base-dtype", choices=["fp32", "16bit"], default=None,
+        help="a non-quantized base: fp32 under autocast (what hetlm sft does) or 16-bit",
+    )
+    sft.add_argument(
+        "--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+        help="recompute each layer's activations in the backward",
+    )
+    sft.add_argument(
+        "--fits", action="store_true",
+        help="print what LoRA/QLoRA tuning and serving of LLaMA 1B/7B/13B fit on T4, V100, "
+        "A6000 and A100 (at --max-length, default 512, and --lora-r) and exit",
+    )
     parser.add_argument(
         "--vocab-size", type=int, default=32000, help="vocabulary size for presets (default 32000)"
     )
@@ -78,7 +113,7 @@ def register(subparsers: Any) -> None:
 
 def resolve_model(spec: str, vocab_size: int, seq_len: int) -> tuple[Any, str]:
     """(transformers config, display name) for a preset name or a config directory/file."""
-    from hetlm.models.presets import ENCODER_PRESETS, bert_config
+    from hetlm.models.presets import DECODER_PRESETS, ENCODER_PRESETS, bert_config, model_config
 
     preset = spec.removeprefix("bert-") if spec.startswith("bert-") else spec
     path = Path(spec).expanduser()
@@ -86,10 +121,17 @@ def resolve_model(spec: str, vocab_size: int, seq_len: int) -> tuple[Any, str]:
         return bert_config(
             preset, vocab_size=vocab_size, max_position_embeddings=max(512, seq_len)
         ), f"bert-{preset}"
+    if spec.startswith("llama-") and spec.removeprefix("llama-") in DECODER_PRESETS:
+        return model_config(
+            "llama", spec.removeprefix("llama-"), vocab_size=vocab_size,
+            max_position_embeddings=max(2048, seq_len), pad_token_id=0,
+        ), spec
     if path.is_file() and path.name.endswith(".json"):
         path = path.parent
     if not (path / "config.json").is_file():
-        names = ", ".join(f"bert-{p}" for p in ENCODER_PRESETS)
+        names = ", ".join(
+            [f"bert-{p}" for p in ENCODER_PRESETS] + [f"llama-{p}" for p in DECODER_PRESETS]
+        )
         raise HetlmError(
             f"--model {spec!r} is neither a preset ({names}) nor a directory with a "
             "config.json: give one of those"
@@ -114,10 +156,37 @@ def run(args: argparse.Namespace) -> int:
     from hetlm.cluster.planner import make_plan
     from hetlm.cluster.spec import load_cluster
 
+    if args.fits:
+        return print_fits(args)
+    lora, task = None, args.task
+    if args.sft_config:
+        task = "sft"
+        _fill_from_sft_config(args)
+    missing = [
+        flag
+        for flag, value in (
+            ("CLUSTER", args.cluster),
+            ("--model", args.model),
+            ("--global-batch", args.global_batch),
+            ("--seq-len" if task == "pretrain" else "--max-length", args.seq_len),
+        )
+        if value is None
+    ]
+    if missing:
+        raise HetlmError(
+            f"hetlm plan needs {', '.join(missing)} (or --sft-config for an sft run, or --fits)"
+        )
     if args.global_batch < 1 or args.seq_len < 1:
         raise HetlmError("--global-batch and --seq-len must be positive integers")
     if args.steps is not None and args.steps < 1:
         raise HetlmError("--steps must be a positive integer")
+    if task == "sft":
+        lora = lora_spec(args)
+    elif any(
+        getattr(args, k) is not None
+        for k in ("lora_r", "lora_targets", "quantization", "base_dtype", "gradient_checkpointing")
+    ):
+        raise HetlmError("the LoRA options plan an sft run: add --task sft")
     cluster = load_cluster(args.cluster)
     config, name = resolve_model(args.model, args.vocab_size, args.seq_len)
     plan = make_plan(
@@ -131,6 +200,7 @@ def run(args: argparse.Namespace) -> int:
         memory_fraction=args.memory_fraction,
         efficiency=args.efficiency,
         model_name=name,
+        lora=lora,
     )
     print(plan.format_table())
     if args.steps:
@@ -157,4 +227,71 @@ def run(args: argparse.Namespace) -> int:
             f"FILL IN: replace {', '.join(missing)} with the node host names, or add host: to "
             "the nodes in the cluster file and re-plan"
         )
+    return 0
+
+
+def lora_spec(args: argparse.Namespace):
+    """The LoRA settings of an sft plan from the options (defaults: hetlm sft's)."""
+    from hetlm.cluster.memory_lora import DEFAULT_BASE_DTYPE, LoraSpec
+
+    targets = args.lora_targets or "all-linear"
+    modules = (
+        None if targets == "all-linear"
+        else tuple(t.strip() for t in targets.split(",") if t.strip())
+    )
+    dropout = 0.05 if args.lora_dropout is None else args.lora_dropout
+    return LoraSpec(
+        r=16 if args.lora_r is None else args.lora_r,
+        target_modules=modules,
+        quantization=args.quantization or "none",
+        base_dtype=args.base_dtype or DEFAULT_BASE_DTYPE,
+        gradient_checkpointing=bool(args.gradient_checkpointing),
+        lora_dropout=dropout > 0,
+    )
+
+
+def _fill_from_sft_config(args: argparse.Namespace) -> None:
+    """Options not given on the command line, from an `hetlm sft` config."""
+    from hetlm.sft.config import load_sft_config
+
+    cfg = load_sft_config(args.sft_config)
+    model, lora, train = cfg.model, cfg.lora, cfg.train
+    if args.model is None:
+        if model.path is not None:
+            args.model = model.path
+        else:
+            args.model = f"llama-{model.preset}"
+            if model.tokenizer and (Path(model.tokenizer) / "tokenizer.json").is_file():
+                from transformers import AutoTokenizer
+
+                args.vocab_size = len(AutoTokenizer.from_pretrained(model.tokenizer))
+    defaults = {
+        "global_batch": train.global_batch,
+        "seq_len": cfg.data.max_length,
+        "lora_r": lora.r,
+        "lora_targets": lora.target_modules if isinstance(lora.target_modules, str)
+        else ",".join(lora.target_modules),
+        "lora_dropout": lora.dropout,
+        "quantization": model.quantization,
+        "gradient_checkpointing": model.gradient_checkpointing,
+    }
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.precision == "auto" and train.precision != "auto":
+        args.precision = train.precision
+    if args.engine == "auto" and train.engine != "auto":
+        args.engine = train.engine
+    if args.zero == "auto" and train.zero_stage != "auto":
+        args.zero = str(train.zero_stage)
+
+
+def print_fits(args: argparse.Namespace) -> int:
+    from hetlm.cluster.fits import fits, format_fits
+
+    max_length = args.seq_len or 512
+    r = 16 if args.lora_r is None else args.lora_r
+    if max_length < 1 or r < 1:
+        raise HetlmError("--max-length and --lora-r must be positive integers")
+    print(format_fits(fits(max_length=max_length, r=r), max_length=max_length, r=r))
     return 0

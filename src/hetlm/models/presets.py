@@ -2,7 +2,7 @@
 
 Encoders (BERT, RoBERTa, DeBERTaV2, ELECTRA) share one table: tiny (tests), small, base, large
 (the BERT paper's base/large). LLaMA-family decoders have their own, from tiny to the 7B shape
-(LLaMA-2 7B: 4096 hidden, 32 layers, 32 heads, 11008 MLP).
+(LLaMA-2 7B: 4096 hidden, 32 layers, 32 heads, 11008 MLP) and 13B (5120, 40, 40, 13824).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ ENCODER_PRESETS: dict[str, dict[str, int]] = {
     "large": {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096},
 }
 
-# LLaMA shapes: 1b is TinyLlama-1.1B's (grouped-query attention, 4 KV heads), 7b is LLaMA-2 7B's.
+# LLaMA shapes: 1b is TinyLlama-1.1B's (grouped-query attention, 4 KV heads), 7b and 13b are
+# LLaMA-2's.
 DECODER_PRESETS: dict[str, dict[str, int]] = {
     "tiny": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
              "num_key_value_heads": 2, "intermediate_size": 64},
@@ -31,6 +32,8 @@ DECODER_PRESETS: dict[str, dict[str, int]] = {
            "num_key_value_heads": 4, "intermediate_size": 5632},
     "7b": {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
            "num_key_value_heads": 32, "intermediate_size": 11008},
+    "13b": {"hidden_size": 5120, "num_hidden_layers": 40, "num_attention_heads": 40,
+            "num_key_value_heads": 40, "intermediate_size": 13824},
 }
 
 ENCODER_TYPES = ("bert", "roberta", "deberta-v2", "electra")

@@ -10,7 +10,7 @@ config for tests and demos), the instruction ``data``, the ``lora`` adapter, and
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
@@ -34,7 +34,7 @@ class SFTModelSection(_Section):
         None, description="The base causal LM: a save_pretrained folder (e.g. a hetlm pretrain "
         "run's model/) or a hub name.")
     preset: str | None = Field(
-        None, description="Instead of path: a llama preset (tiny|small|base|1b|7b) with random "
+        None, description="Instead of path: a llama preset (tiny|small|base|1b|7b|13b) with random "
         "weights, for tests and demos; saved to <output_dir>/base so the adapter has a base.")
     type: Literal["llama"] = Field("llama", description="The architecture of a preset.")
     overrides: dict[str, Any] = Field(default_factory=dict,
@@ -106,6 +106,8 @@ class LoraSection(_Section):
 
 
 class SFTConfig(_Section):
+    PLAN_TASK: ClassVar[str] = "sft"  # plans from `hetlm plan --task sft` / --sft-config
+
     run: RunSection
     model: SFTModelSection
     data: SFTDataSection
