@@ -3,8 +3,10 @@
 ``make floors`` builds a throwaway virtual environment with :data:`FLOOR_PINS` (the floors of
 pyproject.toml, exactly; a test keeps the two equal) and runs this script's ``smoke`` in it:
 
-    tokenizer train -> prepare -> pretrain a tiny BERT and a tiny LLaMA -> LoRA SFT (2 steps, two
-    emulated nodes) -> load every output with plain transformers / peft and generate
+    tokenizer train -> prepare -> pretrain a tiny BERT (ZeRO-1) and a tiny LLaMA (FSDP2) -> LoRA
+    SFT (2 steps, DDP) -> load every output with plain transformers / peft and generate
+
+(every training step on two emulated nodes with different micro-batches, gloo)
 
 Each step runs the real CLI (``python -m hetlm.cli``) in a subprocess of the venv's Python, so
 what is exercised is the installed versions, not the developer's environment. Run by hand:
@@ -99,13 +101,21 @@ def _instructions(workdir: Path, count: int = 64) -> Path:
     return path
 
 
+#: The engines the floor run exercises, on two emulated nodes with different micro-batches:
+#: torch's ZeroRedundancyOptimizer for BERT, FSDP2 (``fully_shard``, public from torch 2.6) for
+#: LLaMA; LoRA SFT runs on DDP.
+ENGINES = {"bert": ("zero1", 1), "llama": ("fsdp2", 3)}
+
+
 def _pretrain_config(workdir: Path, model_type: str) -> Path:
+    engine, stage = ENGINES[model_type]
     return _write_yaml(workdir / f"pretrain-{model_type}.yaml", {
         "run": {"output_dir": str(workdir / f"pretrain-{model_type}"), "seed": 0},
         "data": {"dataset": str(workdir / "data")},
         "model": {"type": model_type, "preset": "tiny"},
-        "train": {"global_batch": 8, "micro_batch": 8, "max_steps": 3, "lr": 1e-3,
-                  "warmup_steps": 1, "precision": "fp32", "eval_samples": 16, "log_every": 1},
+        "train": {"global_batch": 8, "micro_batch": {"per_node": [5, 3]}, "max_steps": 3,
+                  "lr": 1e-3, "warmup_steps": 1, "precision": "fp32", "engine": engine,
+                  "zero_stage": stage, "eval_samples": 16, "log_every": 1},
     })
 
 
@@ -193,7 +203,7 @@ def smoke(workdir: Path, require_floors: bool) -> int:
     _hetlm(workdir, "prepare", str(CORPUS), "--tokenizer", "tokenizer", "--output", "data",
            "--seq-len", "64", "--validation-fraction", "0.05", "--overwrite")
     for model_type in ("bert", "llama"):
-        _hetlm(workdir, "pretrain", str(_pretrain_config(workdir, model_type)))
+        _hetlm(workdir, "pretrain", str(_pretrain_config(workdir, model_type)), "--local-nodes", "2")
     _hetlm(workdir, "sft", str(_sft_config(workdir, workdir / "pretrain-llama" / "model")),
            "--local-nodes", "2")
     _load_with_plain_libraries(workdir)
