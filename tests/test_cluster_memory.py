@@ -374,3 +374,99 @@ def test_head_chunk_constant_matches_the_sft_head() -> None:
     from hetlm.sft.objective import CHUNK_LOGITS
 
     assert HEAD_CHUNK_LOGITS == CHUNK_LOGITS
+
+
+#: Largest relative error of the LoRA estimate against a measured CPU peak (docs/SFT.md has the
+#: measured values: -10% (bf16 autocast) to +26% (gradient checkpointing, over-counted)).
+LORA_MEASURED_ERROR_BOUND = 0.30
+
+MEASURE_LORA = textwrap.dedent("""
+    import json, sys, warnings
+    import peft
+    import torch
+    from transformers import LlamaForCausalLM
+    from hetlm.models.presets import model_config
+    from hetlm.sft.objective import FusedSparseCausalLM
+
+    warnings.filterwarnings("ignore")
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+
+    def status(key):
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) * 1024 for l in f if l.startswith(key))
+
+    def measure(preset, batch, seq, bf16, checkpointing):
+        config = model_config("llama", preset, vocab_size=32000, max_position_embeddings=512,
+                              pad_token_id=0)
+        config._attn_implementation = "eager"
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak-RSS mark (VmHWM)
+        before = status("VmRSS")
+        model = LlamaForCausalLM(config)  # fp32 base, as hetlm sft loads it
+        if checkpointing:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+        model = peft.get_peft_model(model, peft.LoraConfig(
+            r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
+            task_type="CAUSAL_LM"))
+        objective = FusedSparseCausalLM(model.train())  # hetlm sft's head: every token a target
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        for _ in range(2):
+            ids = torch.randint(5, 32000, (batch, seq))
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss, _ = objective(ids, ids)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return status("VmHWM") - before
+
+    measure("tiny", 2, 16, False, False)  # warm-up
+    measure("tiny", 2, 16, True, False)
+    for case in json.loads(sys.argv[1]):
+        print(json.dumps([*case, measure(*case)]), flush=True)
+""")
+
+LORA_CASES = [
+    ("small", 4, 128, False, False),
+    ("small", 16, 128, False, False),
+    ("small", 16, 128, True, False),
+    ("small", 16, 128, False, True),
+]
+
+
+@pytest.fixture(scope="module")
+def measured_lora() -> dict[tuple, int]:
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("needs Linux /proc/self/clear_refs to reset the peak RSS")
+    env = dict(
+        os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", OMP_NUM_THREADS="2"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", MEASURE_LORA, json.dumps(LORA_CASES)],
+        env=env, capture_output=True, text=True, timeout=280, check=True,
+    ).stdout
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("[")]
+    return {tuple(row[:5]): row[5] for row in rows}
+
+
+@pytest.mark.parametrize(
+    "case", LORA_CASES,
+    ids=lambda c: f"b{c[1]}-{'bf16' if c[3] else 'fp32'}{'-gc' if c[4] else ''}",
+)
+def test_lora_estimate_matches_measured_cpu_peak(measured_lora, case) -> None:
+    from hetlm.cluster.memory_lora import LoraSpec
+
+    preset, batch, seq, bf16, checkpointing = case
+    shape = _llama(preset)
+    model = MemoryModel(layout="torch", attention="eager", overhead_gib=0.0, fragmentation=0.0,
+                        foreach_optimizer=False, fused_dropout=False)
+    spec = LoraSpec(r=16, base_dtype="fp32", gradient_checkpointing=checkpointing)
+    estimate = estimate_memory(shape, batch, seq, "bf16" if bf16 else "fp32", model=model,
+                               lora=spec).total
+    got = measured_lora[case]
+    error = (estimate - got) / got
+    assert abs(error) <= LORA_MEASURED_ERROR_BOUND, (
+        f"{case}: estimated {estimate / MIB:.0f} MiB, measured {got / MIB:.0f} MiB ({error:+.1%})"
+    )

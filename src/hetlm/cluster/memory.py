@@ -338,12 +338,14 @@ class MemoryModel:
     overhead_gib: float = 1.0  # CUDA context + cuBLAS workspaces + NCCL buffers; CPU: own RSS
     fragmentation: float = 0.05  # caching-allocator slack, as a fraction of tensor bytes
     foreach_optimizer: bool = True  # CUDA AdamW (foreach): one fp32 temporary of its partition
+    fused_dropout: bool = True  # CUDA's dropout keeps a 1-byte mask; CPU's a tensor like its input
 
     @classmethod
     def for_device(cls, is_cpu: bool, layout: Layout = "torch") -> MemoryModel:
         """GPU defaults, or CPU ones: eager attention (SDPA's math fallback), no CUDA context."""
         if is_cpu:
-            return cls(layout=layout, attention="eager", overhead_gib=0.5, foreach_optimizer=False)
+            return cls(layout=layout, attention="eager", overhead_gib=0.5, foreach_optimizer=False,
+                       fused_dropout=False)
         return cls(layout=layout)
 
 
@@ -390,7 +392,7 @@ def estimate_memory(
 
         states = ml.lora_state_bytes(shape, lora, precision, zero_stage, world_size)
         per_sample = ml.lora_activation_bytes_per_sample(
-            shape, seq_len, precision, model.attention, lora
+            shape, seq_len, precision, model.attention, lora, model.fused_dropout
         )
         activations = micro_batch * per_sample + (ml.head_chunk_bytes(shape) if micro_batch else 0)
         trained = float(ml.lora_parameter_count(shape, lora))

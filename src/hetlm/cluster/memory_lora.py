@@ -66,10 +66,6 @@ DEFAULT_BASE_DTYPE: BaseDtype = "fp32"
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 #: NF4 with double quantization: 4 bits + an 8-bit absmax per 64 weights + an fp32 absmax per
 #: 256 blocks (QLoRA, section 2).
-#: Linear layers that read the same input tensor (one group each).
-_INPUT_GROUP = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "o_proj": "o",
-                "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "down"}
-_GROUP_FIRST = {"qkv": "q_proj", "o": "o_proj", "mlp": "gate_proj", "down": "down_proj"}
 NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)
 HEAD_CHUNK_BYTES_PER_LOGIT = 10  # fp32 logits + their 16-bit gradient + the fp32 softmax
 #: Logits per chunk of the fused SFT head: hetlm.sft.objective.CHUNK_LOGITS (a test keeps them
@@ -212,35 +208,65 @@ def lora_state_bytes(
 
 
 def lora_activation_bytes_per_sample(
-    shape: ModelShape, seq_len: int, precision: str, attention: str, spec: LoraSpec
+    shape: ModelShape,
+    seq_len: int,
+    precision: str,
+    attention: str,
+    spec: LoraSpec,
+    fused_dropout: bool = True,
 ) -> float:
-    """Bytes one sample of ``seq_len`` tokens keeps for the backward (module docstring)."""
-    from dataclasses import replace
+    """Bytes one sample of ``seq_len`` tokens keeps for the backward (module docstring).
 
-    from hetlm.cluster.memory import activation_bytes_per_sample, bytes_per_element
+    Counted tensor by tensor for a LLaMA block with peft LoRA layers, in the dtypes they have:
+    linear outputs in the compute dtype ``c``; the residual stream (and so the inputs of q/k/v
+    and gate/up) in the base's dtype ``res`` (fp32 for an fp32 base, also under autocast);
+    RMSNorm saves an fp32 copy of its input. Dropout masks are 1 byte with CUDA's fused dropout
+    and a tensor of the input's dtype on CPU (``fused_dropout=False``).
+    """
+    from hetlm.cluster.memory import bytes_per_element
 
-    p = bytes_per_element(precision)
-    s, h = seq_len, shape.hidden_size
-    # The base's activations without its vocabulary head (hetlm's fused head is counted below).
-    body_shape = replace(shape, predicted_fraction=0.0)
-    body = activation_bytes_per_sample(body_shape, seq_len, precision, attention)  # type: ignore[arg-type]
-    embeddings = s * h * p
-    per_layer = (body - embeddings) / shape.num_layers
+    c = bytes_per_element(precision)
+    res = 4 if (spec.quantization == "none" and spec.base_dtype == "fp32") else c
+    if precision == "fp32":
+        res = 4
+    s, h, a = seq_len, shape.hidden_size, shape.num_heads
+    i = shape.intermediate_size
     linears = block_linears(shape)
-    extra = sum(spec.r * p for _ in spec.modules)  # x @ A, kept for B's gradient
-    if spec.lora_dropout:
-        # Each adapted module keeps its own dropped-out input (and mask) for A's gradient; the
-        # shared input that the pretraining formula counts is then kept by nobody.
-        extra += sum(linears[m][0] * (p + 1) for m in spec.modules)
-        groups = {_INPUT_GROUP[m] for m in spec.modules}
-        extra -= p * sum(linears[_GROUP_FIRST[g]][0] for g in groups)
-    per_layer += s * extra
-    if spec.gradient_checkpointing:
-        layers = shape.num_layers * s * h * p + per_layer  # inputs kept, one layer recomputed
+    adapted = set(spec.modules)
+
+    def mask(input_bytes: int) -> int:
+        return 1 if fused_dropout else input_bytes
+
+    per_token = 2 * 4 * h  # two RMSNorms keep an fp32 copy of their input
+    # attention: q (after RoPE), k and v repeated to every head, and what the kernel keeps
+    per_token += 3 * c * h
+    if attention == "eager":
+        per_token += a * s * (4 + (c if c != 4 else 0))  # fp32 softmax (+ its cast for @ v)
     else:
-        layers = shape.num_layers * per_layer
-    head = s * 2 * h * p  # final hidden state + its gradient, per target token
-    return embeddings + layers + head
+        per_token += c * h + 4 * a  # SDPA's output and fp32 log-sum-exp
+    per_token += 3 * c * i  # gate output (SiLU's input), SiLU output, up output
+    # LoRA: each adapted layer keeps its (dropped-out) input, cast to c, for A's gradient,
+    # and x @ A (r wide) for B's gradient.
+    for group, members in (("qkv", ("q_proj", "k_proj", "v_proj")), ("o", ("o_proj",)),
+                           ("mlp", ("gate_proj", "up_proj")), ("down", ("down_proj",))):
+        used = [m for m in members if m in adapted]
+        if not used:
+            continue
+        width = linears[used[0]][0]
+        in_bytes = res if group in ("qkv", "mlp") else c
+        if spec.lora_dropout:
+            per_token += len(used) * width * (c + mask(in_bytes))
+        else:
+            copies = 1 if in_bytes == c else len(used)  # autocast casts once per layer
+            per_token += copies * width * c
+        per_token += len(used) * spec.r * c
+    layer = s * per_token
+    if spec.gradient_checkpointing:
+        layers = shape.num_layers * s * res * h + layer  # inputs kept, one layer recomputed
+    else:
+        layers = shape.num_layers * layer
+    head = s * (4 * h + c * h)  # final RMSNorm's fp32 input, the fused head's saved gradient
+    return layers + head
 
 
 def head_chunk_bytes(shape: ModelShape) -> float:
