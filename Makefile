@@ -1,5 +1,5 @@
 # Two commands do all set-up on a fresh machine: `make demo` and `make test`.
-# torch is installed first and pinned, so the project's range (torch>=2.6) keeps it and never
+# torch is installed first and pinned, so the project's range (torch>=2.7) keeps it and never
 # pulls a multi-GB CUDA build on a CPU machine.
 PYTHON ?= python3
 VENV ?= .venv
@@ -30,8 +30,8 @@ bench: $(VENV)/.installed-test,chat,bench
 	$(PY) benchmarks/bench_vs_hf_trainer.py
 
 # The lowest dependency versions pyproject.toml allows, in a throwaway venv (not part of `make
-# test`: it installs other versions). FLOOR_TORCH=torch==2.6.0 checks torch's floor too where
-# such a wheel installs; the default keeps the pinned CPU build.
+# test`: it installs other versions). FLOOR_TORCH=torch==2.7.0 checks torch's floor too (a
+# CUDA wheel of several GB); the default keeps the pinned CPU build.
 FLOOR_VENV ?= /tmp/hetlm-floors
 FLOOR_TORCH ?= $(TORCH_SPEC)
 floors:

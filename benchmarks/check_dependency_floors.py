@@ -14,9 +14,10 @@ what is exercised is the installed versions, not the developer's environment. Ru
     python benchmarks/check_dependency_floors.py pins           # the pip requirement lines
     python benchmarks/check_dependency_floors.py smoke --workdir /tmp/floors
 
-torch is the exception: its floor (``TORCH_FLOOR``) is checked where a wheel of it can be
-installed (``make floors FLOOR_TORCH=torch==2.6.0``); on a CPU-only mirror the venv takes the
-project's pinned CPU build (see the Makefile), and the report says which torch ran.
+torch is installed first, as the Makefile does: ``make floors`` keeps the project's pinned CPU
+build, ``make floors FLOOR_TORCH=torch==2.7.0`` checks torch's floor (``TORCH_FLOOR``; the PyPI
+wheel is a CUDA build, which runs this on a CPU as well). torch 2.6.0 fails here: FSDP2 on CPU
+ranks calls ``torch.cpu.Stream.record_event``, which 2.6 lacks, so the floor is 2.7.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ FLOOR_PINS: dict[str, str] = {
 #: Installed for the floor run but not hetlm's own dependencies: the lowest that the floors above
 #: accept (transformers 5.0 needs hub >= 1.3).
 TRANSITIVE = ("huggingface-hub",)
-TORCH_FLOOR = "2.6.0"
+TORCH_FLOOR = "2.7.0"
 CORPUS = REPO / "data" / "general_aozora" / "aozora_soseki_akutagawa.jsonl"
 DOLLY = REPO / "data" / "instruct_dolly_ja" / "databricks-dolly-15k-ja_v0_every3rd.jsonl"
 
