@@ -377,7 +377,8 @@ def test_head_chunk_constant_matches_the_sft_head() -> None:
 
 
 #: Largest relative error of the LoRA estimate against a measured CPU peak (docs/SFT.md has the
-#: measured values: -10% (bf16 autocast) to +26% (gradient checkpointing, over-counted)).
+#: measured values: -13% (bf16 autocast) to +26% (gradient checkpointing, over-counted)).
+#: Peak RSS of one CPU process; ~150 s on 2 loaded cores.
 LORA_MEASURED_ERROR_BOUND = 0.30
 
 MEASURE_LORA = textwrap.dedent("""
