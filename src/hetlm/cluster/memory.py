@@ -43,6 +43,9 @@ The framework overhead is a constant per process: the CUDA context, cuBLAS works
 buffers (0.5-1 GiB; 1 GiB by default) on a GPU, the torch process's own RSS (~0.5 GiB) on a CPU.
 ``fragmentation`` is a fraction added on top of the tensors for the caching allocator's slack.
 
+LoRA/QLoRA instruction tuning (a frozen base, trained adapters) has its own states and activations:
+:mod:`hetlm.cluster.memory_lora`, reached through ``estimate_memory(..., lora=LoraSpec(...))``.
+
 Validated on CPU (fp32 and bf16 autocast, tiny and small BERT, see tests/test_cluster_memory.py
 and docs/PLANNER.md for the measured error); the GPU constants are from the papers above.
 """
