@@ -375,6 +375,12 @@ def test_plans_are_for_their_command(tmp_path: Path) -> None:
         longer.load_plan()
     assert parse_sft_config({**sft, "data": {"source": "s", "max_length": 256},
                              "train": {**train, "plan": str(sft_plan)}}).load_plan().task == "sft"
+    other = parse_sft_config({**sft, "model": {"path": "m", "gradient_checkpointing": True},
+                              "data": {"source": "s", "max_length": 256}, "lora": {"r": 8},
+                              "train": {**train, "plan": str(sft_plan)}})
+    with pytest.raises(HetlmError, match=r"other LoRA settings: r 16 \(this config: 8\); "
+                                         r"gradient_checkpointing False"):
+        other.load_plan()
 
 
 def test_cli_plans_sft_from_options_and_from_an_sft_config(tmp_path: Path, capsys) -> None:

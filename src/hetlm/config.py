@@ -207,6 +207,9 @@ class PretrainConfig(_Section):
         return BatchSplit.from_micro_batches(self.train.global_batch,
                                              self.micro_batches_for(world_size, node_of_rank))
 
+    def check_plan_settings(self, plan) -> None:
+        """Refuse a plan made for other memory-relevant settings (nothing beyond the task here)."""
+
     def load_plan(self):
         from hetlm.cluster.planner import load_plan
 
@@ -220,6 +223,7 @@ class PretrainConfig(_Section):
             raise HetlmError(
                 f"the plan {self.train.plan} was made for hetlm {plan.task}, not hetlm "
                 f"{self.PLAN_TASK}: re-plan with `hetlm plan --task {self.PLAN_TASK}`")
+        self.check_plan_settings(plan)
         max_length = getattr(self.data, "max_length", None)
         if max_length is not None and plan.seq_len < max_length:
             raise HetlmError(

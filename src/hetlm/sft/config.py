@@ -125,6 +125,20 @@ class SFTConfig(_Section):
             return self.train.warmup_steps
         return round(0.03 * self.train.max_steps)
 
+    def check_plan_settings(self, plan) -> None:
+        """The plan's LoRA settings must be this run's: they sized every rank's micro-batch."""
+        if plan.lora is None:
+            return
+        targets = self.lora.target_modules
+        run = {"quantization": self.model.quantization, "r": self.lora.r,
+               "target_modules": targets if isinstance(targets, str) else list(targets),
+               "gradient_checkpointing": self.model.gradient_checkpointing}
+        differ = [f"{key} {plan.lora.get(key)!r} (this config: {value!r})"
+                  for key, value in run.items() if plan.lora.get(key) != value]
+        if differ:
+            raise HetlmError(f"the plan {self.train.plan} was made for other LoRA settings: "
+                             f"{'; '.join(differ)}: re-plan with `hetlm plan --sft-config`")
+
     # The batch split, per-rank micro-batches and plan work as in pretraining.
     micro_batches_for = PretrainConfig.micro_batches_for
     batch_split = PretrainConfig.batch_split
