@@ -295,3 +295,134 @@ def test_micro_batch_display() -> None:
     assert format_micro_batches([30, 30]) == "30x2"
     assert format_micro_batches([31, 31, 30]) == "31x2+30"
     assert format_micro_batches([7]) == "7"
+
+
+# --------------------------------------------------------------------------- hetlm sft (LoRA)
+
+
+def _llama(preset: str):
+    from hetlm.models.presets import model_config
+
+    return model_config("llama", preset, vocab_size=32000, max_position_embeddings=2048,
+                        pad_token_id=0)
+
+
+def test_sft_plan_gives_per_rank_micro_batches(tmp_path: Path) -> None:
+    from hetlm.cluster.launch_scripts import torchrun_commands
+    from hetlm.cluster.memory_lora import LoraSpec
+
+    c = cluster(("V100-32GB", 2), ("RTX-A6000", 2))
+    plan = make_plan(c, _llama("7b"), 64, 512, model_name="llama-7b",
+                     lora=LoraSpec(r=16, quantization="4bit"))
+    assert plan.task == "sft" and plan.lora["quantization"] == "4bit"
+    assert plan.lora["trainable_params"] == 39_976_960
+    assert sum(r.share for r in plan.ranks) == 64
+    assert all(len(r.micro_batches) == plan.micro_steps for r in plan.ranks)
+    v100, a6000 = plan.ranks[0], plan.ranks[2]
+    assert 1 <= v100.cap < a6000.cap  # more memory, more samples per micro-step
+    assert v100.precision == "fp16" and plan.engine == "ddp"
+    assert all(r.est_memory_gib <= 0.9 * r.memory_gib for r in plan.ranks)
+    loaded = load_plan(plan.save(tmp_path / "plan.yaml"))
+    assert loaded == plan
+    assert " -m hetlm.cli sft " in torchrun_commands(loaded)[0]
+    assert "LoRA r 16 on all-linear" in plan.format_table()
+
+
+def test_sft_plan_memory_follows_the_base() -> None:
+    from hetlm.cluster.memory_lora import LoraSpec
+
+    c = cluster(("A100-80GB", 1))
+    caps = [make_plan(c, _llama("7b"), 8, 512, lora=spec).ranks[0].cap
+            for spec in (LoraSpec(base_dtype="fp32"), LoraSpec(base_dtype="16bit"),
+                         LoraSpec(quantization="4bit"),
+                         LoraSpec(quantization="4bit", gradient_checkpointing=True))]
+    assert caps == sorted(caps) and caps[0] < caps[-1]
+
+
+def test_sft_plan_refusals_name_the_fix() -> None:
+    from hetlm.cluster.memory_lora import LoraSpec
+
+    with pytest.raises(HetlmError, match=r"does not fit .*--quantization 4bit"):
+        make_plan(cluster(("T4", 1)), _llama("13b"), 8, 512, lora=LoraSpec(base_dtype="fp32"))
+    with pytest.raises(HetlmError, match="FSDP2"):
+        make_plan(cluster(("A100-80GB", 2)), _llama("1b"), 8, 512, zero_stage=3,
+                  lora=LoraSpec(quantization="4bit"))
+    # auto never shards a quantized base: DDP on every rank
+    plan = make_plan(cluster(("T4", 2)), _llama("7b"), 8, 512,
+                     lora=LoraSpec(quantization="4bit", gradient_checkpointing=True))
+    assert plan.zero_stage == 0
+
+
+def test_plans_are_for_their_command(tmp_path: Path) -> None:
+    from hetlm.cluster.memory_lora import LoraSpec
+    from hetlm.config import parse_config
+    from hetlm.sft.config import parse_sft_config
+
+    c = cluster(("A100-80GB", 1))
+    sft_plan = make_plan(c, _llama("tiny"), 8, 256, lora=LoraSpec()).save(tmp_path / "sft.yaml")
+    pre_plan = make_plan(c, bert_config("tiny", 1000), 8, 128).save(tmp_path / "pre.yaml")
+    train = {"global_batch": 8, "max_steps": 1}
+    pretrain = parse_config({"run": {"output_dir": "x"}, "data": {"dataset": "d"},
+                             "train": {**train, "plan": str(sft_plan)}})
+    with pytest.raises(HetlmError, match="made for hetlm sft.*--task pretrain"):
+        pretrain.load_plan()
+    sft = {"run": {"output_dir": "x"}, "model": {"path": "m"}, "data": {"source": "s"}}
+    with pytest.raises(HetlmError, match="made for hetlm pretrain.*--task sft"):
+        parse_sft_config({**sft, "train": {**train, "plan": str(pre_plan)}}).load_plan()
+    longer = parse_sft_config({**sft, "data": {"source": "s", "max_length": 512},
+                               "train": {**train, "plan": str(sft_plan)}})
+    with pytest.raises(HetlmError, match="max_length 256 .* --max-length 512"):
+        longer.load_plan()
+    assert parse_sft_config({**sft, "data": {"source": "s", "max_length": 256},
+                             "train": {**train, "plan": str(sft_plan)}}).load_plan().task == "sft"
+    other = parse_sft_config({**sft, "model": {"path": "m", "gradient_checkpointing": True},
+                              "data": {"source": "s", "max_length": 256}, "lora": {"r": 8},
+                              "train": {**train, "plan": str(sft_plan)}})
+    with pytest.raises(HetlmError, match=r"other LoRA settings: r 16 \(this config: 8\); "
+                                         r"gradient_checkpointing False"):
+        other.load_plan()
+
+
+def test_cli_plans_sft_from_options_and_from_an_sft_config(tmp_path: Path, capsys) -> None:
+    from hetlm.cli import main
+
+    spec = tmp_path / "cluster.yaml"
+    spec.write_text("nodes:\n  - gpus: {model: RTX-A6000, count: 1}\n"
+                    "  - gpus: {model: T4, count: 1}\n", encoding="utf-8")
+    out = tmp_path / "plan.yaml"
+    assert main(["plan", str(spec), "--task", "sft", "--model", "llama-7b", "--global-batch",
+                 "16", "--max-length", "512", "--quantization", "4bit", "--lora-r", "8",
+                 "--output", str(out)]) == 0
+    plan = load_plan(out)
+    assert plan.task == "sft" and plan.lora["r"] == 8 and plan.seq_len == 512
+    assert "-m hetlm.cli sft" in capsys.readouterr().out
+    config = tmp_path / "sft.yaml"
+    config.write_text(yaml.safe_dump({
+        "run": {"output_dir": "runs/sft"}, "model": {"path": "llama", "quantization": "8bit",
+                                                     "gradient_checkpointing": True},
+        "data": {"source": "x.jsonl", "max_length": 256},
+        "lora": {"r": 4, "target_modules": ["q_proj", "v_proj"]},
+        "train": {"global_batch": 12, "max_steps": 1}}), encoding="utf-8")
+    assert main(["plan", str(spec), "--sft-config", str(config), "--model", "llama-1b",
+                 "--output", str(out)]) == 0
+    plan = load_plan(out)
+    assert (plan.global_batch, plan.seq_len, plan.lora["quantization"]) == (12, 256, "8bit")
+    assert plan.lora["target_modules"] == ["q_proj", "v_proj"]
+    assert plan.lora["gradient_checkpointing"] is True
+    assert main(["plan", str(spec), "--model", "bert-tiny", "--global-batch", "8", "--seq-len",
+                 "64", "--quantization", "4bit", "--output", str(out)]) == 2
+    assert "add --task sft" in capsys.readouterr().err
+
+
+def test_fits_table_is_computed_and_in_the_docs() -> None:
+    from hetlm.cluster.fits import fits, format_fits
+
+    cells = fits()
+    by = {(c.model, c.base, c.gpu): c for c in cells}
+    # the reference work: LLaMA-13B LoRA on one A100, an 8-bit model served on a 15 GB T4
+    assert by[("13b", "bf16/fp16", "A100-80GB")].micro_batch >= 1
+    assert by[("7b", "8-bit", "T4")].serve_gib <= 15 * 0.9
+    assert by[("13b", "fp32 + autocast", "T4")].micro_batch_gc == 0
+    table = format_fits(cells)
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "SFT.md").read_text(encoding="utf-8")
+    assert table in docs, "docs/SFT.md's table is stale: paste `hetlm plan --fits` into it"

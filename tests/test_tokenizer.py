@@ -194,3 +194,15 @@ def test_cli_tokenizer_train_bad_input_is_one_line(tmp_path, capsys):
     assert code == 2
     assert err.startswith("hetlm: error: ") and err.count("\n") == 1
     assert "nope.txt does not exist" in err
+
+
+def test_bpe_encodes_like_sentencepiece_without_transformers_converter(tmp_path, aozora_slice):  # noqa: F811
+    """hetlm builds the backend itself (transformers' converter differs between 5.x releases)."""
+    import sentencepiece as spm
+
+    out = train_tokenizer([aozora_slice], tmp_path / "bpe", model_type="bpe", vocab_size=1800,
+                          character_coverage=0.98)
+    tok = load_tokenizer(out)
+    sp = spm.SentencePieceProcessor(model_file=str(out / "sentencepiece.model"))
+    for text in (SENTENCE, *PAIR, "  前後に空白  と 二重  空白 ", "改行\nのある\n文"):
+        assert tok(text, add_special_tokens=False)["input_ids"] == sp.encode(text), text

@@ -8,7 +8,7 @@ line that names each bad field by its path (``train.global_batch: ...``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -216,6 +216,9 @@ class TrainSection(_Section):
 
 
 class PretrainConfig(_Section):
+    #: The `hetlm plan --task` whose plans this config accepts.
+    PLAN_TASK: ClassVar[str] = "pretrain"
+
     run: RunSection
     data: DataSection
     model: ModelSection = ModelSection()
@@ -306,6 +309,9 @@ class PretrainConfig(_Section):
         return BatchSplit.from_micro_batches(self.train.global_batch,
                                              self.micro_batches_for(world_size, node_of_rank))
 
+    def check_plan_settings(self, plan) -> None:
+        """Refuse a plan made for other memory-relevant settings (nothing beyond the task here)."""
+
     def load_plan(self):
         from hetlm.cluster.planner import load_plan
 
@@ -315,6 +321,16 @@ class PretrainConfig(_Section):
             raise HetlmError(
                 f"the plan {self.train.plan} is for global batch {plan.global_batch} but "
                 f"train.global_batch is {self.train.global_batch}: re-plan or fix the config")
+        if plan.task != self.PLAN_TASK:
+            raise HetlmError(
+                f"the plan {self.train.plan} was made for hetlm {plan.task}, not hetlm "
+                f"{self.PLAN_TASK}: re-plan with `hetlm plan --task {self.PLAN_TASK}`")
+        self.check_plan_settings(plan)
+        max_length = getattr(self.data, "max_length", None)
+        if max_length is not None and plan.seq_len < max_length:
+            raise HetlmError(
+                f"the plan {self.train.plan} sized micro-batches for max_length {plan.seq_len} but "
+                f"data.max_length is {max_length}: re-plan with --max-length {max_length}")
         return plan
 
 

@@ -57,7 +57,7 @@ def torchrun_command(
         str(master_port),
         "-m",
         "hetlm.cli",
-        "pretrain",
+        plan.task,  # the command the plan is for: pretrain or sft
         config_path,
         "--plan",
         plan_path,

@@ -43,6 +43,9 @@ The framework overhead is a constant per process: the CUDA context, cuBLAS works
 buffers (0.5-1 GiB; 1 GiB by default) on a GPU, the torch process's own RSS (~0.5 GiB) on a CPU.
 ``fragmentation`` is a fraction added on top of the tensors for the caching allocator's slack.
 
+LoRA/QLoRA instruction tuning (a frozen base, trained adapters) has its own states and activations:
+:mod:`hetlm.cluster.memory_lora`, reached through ``estimate_memory(..., lora=LoraSpec(...))``.
+
 Validated on CPU (fp32 and bf16 autocast, tiny and small BERT, see tests/test_cluster_memory.py
 and docs/PLANNER.md for the measured error); the GPU constants are from the papers above.
 """
@@ -51,9 +54,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from hetlm.errors import HetlmError
+
+if TYPE_CHECKING:
+    from hetlm.cluster.memory_lora import LoraSpec
 
 GIB = 2**30
 #: Bytes per predicted vocabulary logit alive at the activation peak (see module docstring).
@@ -106,6 +112,8 @@ class ModelShape:
     causal: bool = False
     dropout: bool = True
     predicted_fraction: float = MLM_PREDICTED_FRACTION  # tokens whose vocab logits are computed
+    q_dim: int = 0  # attention heads x head size (0: hidden_size); LoRA's q/o projections
+    kv_dim: int = 0  # key/value heads x head size (0: hidden_size; less with grouped queries)
 
     @classmethod
     def from_config(
@@ -141,6 +149,8 @@ class ModelShape:
             )
         )
         n_params, layer_params = count_parameters(config)
+        head_dim = getattr(config, "head_dim", None) or hidden // heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
         if predicted_fraction is None:
             predicted_fraction = 1.0 if causal else MLM_PREDICTED_FRACTION
         return cls(
@@ -157,6 +167,8 @@ class ModelShape:
             causal=causal,
             dropout=dropout,
             predicted_fraction=predicted_fraction,
+            q_dim=heads * head_dim,
+            kv_dim=kv_heads * head_dim,
         )
 
     def predicted_positions(self, seq_len: int) -> int:
@@ -329,12 +341,14 @@ class MemoryModel:
     overhead_gib: float = 1.0  # CUDA context + cuBLAS workspaces + NCCL buffers; CPU: own RSS
     fragmentation: float = 0.05  # caching-allocator slack, as a fraction of tensor bytes
     foreach_optimizer: bool = True  # CUDA AdamW (foreach): one fp32 temporary of its partition
+    fused_dropout: bool = True  # CUDA's dropout keeps a 1-byte mask; CPU's a tensor like its input
 
     @classmethod
     def for_device(cls, is_cpu: bool, layout: Layout = "torch") -> MemoryModel:
         """GPU defaults, or CPU ones: eager attention (SDPA's math fallback), no CUDA context."""
         if is_cpu:
-            return cls(layout=layout, attention="eager", overhead_gib=0.5, foreach_optimizer=False)
+            return cls(layout=layout, attention="eager", overhead_gib=0.5, foreach_optimizer=False,
+                       fused_dropout=False)
         return cls(layout=layout)
 
 
@@ -368,18 +382,34 @@ def estimate_memory(
     zero_stage: int = 0,
     world_size: int = 1,
     model: MemoryModel | None = None,
+    lora: LoraSpec | None = None,
 ) -> MemoryEstimate:
-    """Peak bytes on one rank for one micro-batch of ``micro_batch`` samples."""
+    """Peak bytes on one rank for one micro-batch of ``micro_batch`` samples.
+
+    ``lora``: plan LoRA/QLoRA instruction tuning instead of pretraining
+    (:mod:`hetlm.cluster.memory_lora`): frozen base, trainable adapters, ``seq_len`` = max_length.
+    """
     model = model or MemoryModel()
-    states = model_state_bytes(
-        shape.n_params, precision, zero_stage, world_size, model.layout, shape.layer_params
-    )
-    activations = micro_batch * activation_bytes_per_sample(
-        shape, seq_len, precision, model.attention
-    )
+    if lora is not None:
+        from hetlm.cluster import memory_lora as ml
+
+        states = ml.lora_state_bytes(shape, lora, precision, zero_stage, world_size)
+        per_sample = ml.lora_activation_bytes_per_sample(
+            shape, seq_len, precision, model.attention, lora, model.fused_dropout
+        )
+        activations = micro_batch * per_sample + (ml.head_chunk_bytes(shape) if micro_batch else 0)
+        trained = float(ml.lora_parameter_count(shape, lora))
+    else:
+        states = model_state_bytes(
+            shape.n_params, precision, zero_stage, world_size, model.layout, shape.layer_params
+        )
+        activations = micro_batch * activation_bytes_per_sample(
+            shape, seq_len, precision, model.attention
+        )
+        trained = float(shape.n_params)
     # foreach AdamW materialises e.g. sqrt(v) for all of its parameters at once.
     step = (
-        4.0 * shape.n_params / (world_size if zero_stage >= 1 else 1)
+        4.0 * trained / (world_size if zero_stage >= 1 else 1)
         if model.foreach_optimizer
         else 0.0
     )
@@ -401,21 +431,23 @@ def max_micro_batch(
     zero_stage: int = 0,
     world_size: int = 1,
     model: MemoryModel | None = None,
+    lora: LoraSpec | None = None,
 ) -> int:
     """The largest micro-batch whose estimated peak fits in ``device_memory_bytes`` (0: none)."""
     model = model or MemoryModel()
-    per_sample = activation_bytes_per_sample(shape, seq_len, precision, model.attention)
-    base = estimate_memory(shape, 0, seq_len, precision, zero_stage, world_size, model)
-    budget = (device_memory_bytes - base.overhead) / (1 + model.fragmentation)
-    budget -= base.states.persistent + base.states.working
-    if budget < per_sample or base.total > device_memory_bytes:
+
+    def estimate(batch: int) -> MemoryEstimate:
+        return estimate_memory(shape, batch, seq_len, precision, zero_stage, world_size, model,
+                               lora)
+
+    one = estimate(1)
+    if one.total > device_memory_bytes:
         return 0
-    batch = int(budget // per_sample)
+    per_sample = estimate(2).activations - one.activations
+    budget = (device_memory_bytes - one.overhead) / (1 + model.fragmentation)
+    budget -= one.states.persistent + one.states.working + one.activations
+    batch = 1 + int(budget // per_sample)
     # The closed form ignores the optimizer-step term and float rounding: confirm and step back.
-    while (
-        batch > 0
-        and estimate_memory(shape, batch, seq_len, precision, zero_stage, world_size, model).total
-        > device_memory_bytes
-    ):
+    while batch > 1 and estimate(batch).total > device_memory_bytes:
         batch -= 1
     return batch

@@ -27,6 +27,12 @@ from hetlm.cluster.memory import (
     estimate_memory,
     max_micro_batch,
 )
+from hetlm.cluster.memory_lora import (
+    LoraSpec,
+    base_bytes,
+    lora_flops_per_sample,
+    lora_parameter_count,
+)
 from hetlm.cluster.precision import DeviceSupport, choose_job_precision
 from hetlm.cluster.spec import Cluster, format_validation_error
 from hetlm.errors import HetlmError
@@ -308,6 +314,10 @@ class Plan(_Strict):
     ranks: list[RankPlan] = Field(min_length=1)
     step_s: float = Field(ge=0)
     samples_per_s: float = Field(ge=0)
+    #: What the plan is for: ``hetlm pretrain`` or ``hetlm sft`` (LoRA/QLoRA; ``seq_len`` is then
+    #: data.max_length and ``lora`` says how the base is held and what trains).
+    task: Literal["pretrain", "sft"] = "pretrain"
+    lora: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> Plan:
@@ -345,6 +355,8 @@ class Plan(_Strict):
                     problems.append(
                         f"rank {r.rank}: micro-batch {max(r.micro_batches)} exceeds its cap {r.cap}"
                     )
+        if (self.task == "sft") != (self.lora is not None):
+            problems.append("an sft plan needs its lora settings, a pretrain plan has none")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -481,14 +493,26 @@ class Plan(_Strict):
         ]
         lines.insert(1, "  ".join("-" * w for w in widths))
         tokens = self.samples_per_s * self.seq_len
+        what = f"seq {self.seq_len}"
+        if self.lora is not None:
+            what = f"max_length {self.seq_len}"
         lines += [
             "",
             f"model {self.model.name} ({self.model.n_params / 1e6:.1f}M parameters), global batch "
-            f"{self.global_batch} x seq {self.seq_len}, {self.micro_steps} micro-step(s) per step, "
+            f"{self.global_batch} x {what}, {self.micro_steps} micro-step(s) per step, "
             f"{self.precision}, ZeRO-{self.zero_stage} ({self.engine})",
             f"predicted step {self.step_s:.3f} s = {self.samples_per_s:.1f} samples/s "
             f"({tokens:,.0f} tokens/s)",
         ]
+        if self.lora is not None:
+            lora = self.lora
+            lines.insert(
+                len(lines) - 1,
+                f"hetlm sft: LoRA r {lora['r']} on {_targets(lora['target_modules'])}, "
+                f"{lora['trainable_params'] / 1e6:.2f}M trainable, base "
+                f"{_base_words(lora)} ({lora['base_gib']:.2f} GiB)"
+                + (", gradient checkpointing" if lora["gradient_checkpointing"] else ""),
+            )
         if any(r.speed_source == "peak" for r in self.ranks):
             eff = self.assumptions.get("efficiency", DEFAULT_EFFICIENCY)
             lines.append(
@@ -496,6 +520,16 @@ class Plan(_Strict):
                 "in the cluster file replace it"
             )
         return "\n".join(lines)
+
+
+def _targets(modules: Any) -> str:
+    return modules if isinstance(modules, str) else "+".join(modules)
+
+
+def _base_words(lora: dict[str, Any]) -> str:
+    return {"none": f"{lora['base_dtype']}", "8bit": "8-bit", "4bit": "4-bit NF4"}[
+        lora["quantization"]
+    ]
 
 
 def format_micro_batches(sizes: list[int]) -> str:
@@ -549,12 +583,14 @@ def make_plan(
     memory_fraction: float = 0.9,
     efficiency: float = DEFAULT_EFFICIENCY,
     model_name: str | None = None,
+    lora: LoraSpec | None = None,
 ) -> Plan:
     """Plan a data-parallel run of ``model_config`` on ``cluster`` (see the module docstring).
 
     ``model_config`` is a ``transformers`` config or a ``ModelShape``. ``memory_fraction`` of each
     device's memory is planned for (the rest is headroom); ``efficiency`` converts peak TFLOP/s
-    into speed where no measured samples/s are given.
+    into speed where no measured samples/s are given. ``lora`` plans ``hetlm sft`` (LoRA/QLoRA:
+    frozen base, trained adapters; ``seq_len`` is data.max_length) instead of pretraining.
     """
     if global_batch < 1 or seq_len < 1:
         raise HetlmError(
@@ -567,9 +603,11 @@ def make_plan(
     shape = ModelShape.from_config(model_config, name=model_name)
     chosen_precision = choose_precision(cluster, precision)
     stages = candidate_stages(zero_stage, engine)
+    if lora is not None:
+        stages = _lora_stages(stages, lora, zero_stage == "auto")
     devices = cluster.devices
     n = len(devices)
-    flops = flops_per_sample(shape, seq_len)
+    flops = lora_flops_per_sample(shape, seq_len, lora) if lora else flops_per_sample(shape, seq_len)
     speeds = [_speed(d.gpu, d.samples_per_s, chosen_precision, efficiency, flops) for d in devices]
 
     stage, caps = _choose_stage(
@@ -581,10 +619,15 @@ def make_plan(
         engine,
         memory_fraction,
         auto=zero_stage == "auto",
+        lora=lora,
     )
     chosen_engine = engine_for_stage(stage, engine)
     steps, shares = allocate_shares(global_batch, caps, speeds)
-    comm_s = comm_bytes(stage, chosen_engine, shape.n_params, chosen_precision, n, steps) / (
+    if lora is not None:
+        sent = lora_comm_bytes(stage, chosen_engine, shape, lora, chosen_precision, n, steps)
+    else:
+        sent = comm_bytes(stage, chosen_engine, shape.n_params, chosen_precision, n, steps)
+    comm_s = sent / (
         cluster.slowest_link_gbps * 1e9 / 8
     )
     split = BatchSplit(global_batch=global_batch, micro_steps=steps, shares=tuple(shares))
@@ -600,6 +643,7 @@ def make_plan(
             stage,
             n,
             memory_model_for(d.gpu, chosen_engine),
+            lora,
         )
         rows.append(
             RankPlan(
@@ -659,6 +703,12 @@ def make_plan(
         },
         ranks=rows,
         step_s=_round(step_s),
+        task="sft" if lora is not None else "pretrain",
+        lora=None if lora is None else {
+            **lora.as_dict(),
+            "trainable_params": lora_parameter_count(shape, lora),
+            "base_gib": round(base_bytes(shape, lora) / GIB, 3),
+        },
         samples_per_s=_round(global_batch / step_s if step_s > 0 else 0.0),
     )
 
@@ -690,6 +740,7 @@ def _choose_stage(
     engine: str,
     memory_fraction: float,
     auto: bool,
+    lora: LoraSpec | None = None,
 ) -> tuple[int, list[int]]:
     """The first stage in ``stages`` whose caps are all >= 1 (stage 0 only if comfortable)."""
     devices = cluster.devices
@@ -701,13 +752,15 @@ def _choose_stage(
         for d in devices:
             usable = d.gpu.memory_bytes * memory_fraction
             model = memory_model_for(d.gpu, eng)
-            cap = max_micro_batch(usable, shape, seq_len, precision, stage, n, model)
+            cap = max_micro_batch(usable, shape, seq_len, precision, stage, n, model, lora)
             if d.max_micro_batch is not None:
                 # A probed cap is a measurement of the real process (allocator, libraries),
                 # which the memory model can underestimate: it is a ceiling at every stage.
                 cap = min(cap, d.max_micro_batch)
             caps.append(cap)
-            states = estimate_memory(shape, 0, seq_len, precision, stage, n, model).states.total
+            states = estimate_memory(
+                shape, 0, seq_len, precision, stage, n, model, lora
+            ).states.total
             comfortable &= states <= COMFORTABLE_STATE_FRACTION * usable
         tried.append((stage, caps))
         if min(caps) < 1:
@@ -729,10 +782,60 @@ def _choose_stage(
         stage,
         n,
         memory_model_for(d.gpu, engine_for_stage(stage, engine)),
+        lora,
     )
+    if lora is None:
+        what, fixes = f"at seq {seq_len}", "shorten --seq-len, use a smaller model, --zero 3"
+    else:
+        what = f"({lora.describe()}) at max_length {seq_len}"
+        fixes = "lower --max-length, --gradient-checkpointing, --quantization 4bit"
+        if lora.quantization == "none":
+            fixes += ", --zero 3"
     raise HetlmError(
-        f"{shape.name} at seq {seq_len} does not fit on rank {d.rank} ({d.gpu.describe()}) even "
+        f"{shape.name} {what} does not fit on rank {d.rank} ({d.gpu.describe()}) even "
         f"with one sample per micro-step and ZeRO-{stage}: it needs ~{est.total_gib:.1f} GiB but "
-        f"{memory_fraction:g} x {d.gpu.memory_gib:g} GiB is planned; shorten --seq-len, use a "
-        "smaller model, --zero 3, or more ranks"
+        f"{memory_fraction:g} x {d.gpu.memory_gib:g} GiB is planned; {fixes}, a smaller model "
+        "or more ranks"
     )
+
+
+def _lora_stages(stages: list[int], lora: LoraSpec, auto: bool) -> list[int]:
+    """Stages worth trying for LoRA: ZeRO-1 only partitions the adapters' tiny optimizer states,
+    so auto skips it; FSDP2 (2/3) shards a 16/32-bit base, never a quantized one."""
+    if lora.quantization != "none":
+        bad = [s for s in stages if s >= 2]
+        if bad and not auto:
+            raise HetlmError(
+                f"ZeRO stage {bad[0]} (FSDP2) shards the base, which hetlm does not do for a "
+                f"{lora.quantization} base: use --zero 0 or 1, or --quantization none"
+            )
+        stages = [s for s in stages if s < 2]
+    if auto:
+        stages = [s for s in stages if s != 1] or stages
+    if not stages:
+        raise HetlmError(
+            f"no engine can run a {lora.quantization} base with the requested --engine: "
+            "use --engine ddp"
+        )
+    return stages
+
+
+def lora_comm_bytes(
+    stage: int,
+    engine: str,
+    shape: ModelShape,
+    lora: LoraSpec,
+    precision: str,
+    world_size: int,
+    micro_steps: int,
+) -> float:
+    """Bytes each rank sends per step for LoRA: the adapters' gradients as in pretraining, and
+    at stage 2/3 the all-gather of the (frozen, never reduced) base in every micro-step, once
+    (stage 2) or for forward and backward (stage 3)."""
+    adapters = lora_parameter_count(shape, lora)
+    sent = comm_bytes(min(stage, 1), engine, adapters, precision, world_size, micro_steps)
+    if world_size <= 1 or stage < 2:
+        return sent
+    gathers = micro_steps * (1 if stage == 2 else 2)
+    param_b = bytes_per_element(precision)
+    return sent + gathers * (world_size - 1) / world_size * param_b * float(shape.n_params)

@@ -1,8 +1,9 @@
 """`hetlm plan`: turn a cluster file, a model and a global batch into a plan and launch lines.
 
 Prints the per-rank table and predicted throughput, writes the plan (YAML) that `hetlm pretrain
---plan` checks itself against, prints one torchrun command per node and writes a Slurm script
-next to the plan.
+--plan` (or `hetlm sft --plan`, with `--task sft` / `--sft-config`) checks itself against, prints
+one torchrun command per node and writes a Slurm script next to the plan. `--fits` prints what
+LoRA/QLoRA tuning and serving fit on common GPUs instead.
 """
 
 from __future__ import annotations
@@ -23,12 +24,48 @@ def register(subparsers: Any) -> None:
         "(speed decides, memory caps), precision, ZeRO stage and engine; writes the "
         "plan file, torchrun lines and a Slurm script.",
     )
-    parser.add_argument("cluster", help="cluster description YAML (see docs/PLANNER.md)")
-    add_model_arguments(parser, default_preset=None)
     parser.add_argument(
-        "--global-batch", type=int, required=True, help="samples per optimizer step"
+        "cluster", nargs="?", help="cluster description YAML (see docs/PLANNER.md)"
     )
-    parser.add_argument("--seq-len", type=int, required=True, help="tokens per sample")
+    add_model_arguments(parser, default_preset=None)
+    parser.add_argument("--global-batch", type=int, help="samples per optimizer step")
+    parser.add_argument(
+        "--seq-len", "--max-length", type=int, dest="seq_len",
+        help="tokens per sample (sft: data.max_length)",
+    )
+    sft = parser.add_argument_group(
+        "hetlm sft (LoRA/QLoRA)", "plan instruction tuning: a frozen base, trained adapters"
+    )
+    sft.add_argument("--task", choices=["pretrain", "sft"], default="pretrain")
+    sft.add_argument(
+        "--sft-config", metavar="SFT.yaml",
+        help="read model, lora, quantization, max_length, global batch, precision and engine "
+        "from an `hetlm sft` config (implies --task sft; other options override it)",
+    )
+    sft.add_argument("--lora-r", type=int, default=None, help="adapter rank (default 16)")
+    sft.add_argument(
+        "--lora-targets", default=None,
+        help="all-linear (default) or module names, e.g. q_proj,v_proj",
+    )
+    sft.add_argument("--lora-dropout", type=float, default=None, help="default 0.05")
+    sft.add_argument(
+        "--quantization", choices=["none", "8bit", "4bit"], default=None,
+        help="how the frozen base is loaded (default none)",
+    )
+    sft.add_argument(
+        "--base-dtype", choices=["fp32", "16bit"], default=None,
+        help="a non-quantized base: fp32 under autocast or 16-bit (default: what hetlm sft "
+        "does there: 16-bit on GPUs training in bf16, else fp32)",
+    )
+    sft.add_argument(
+        "--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+        help="recompute each layer's activations in the backward",
+    )
+    sft.add_argument(
+        "--fits", action="store_true",
+        help="print what LoRA/QLoRA tuning and serving of LLaMA 1B/7B/13B fit on T4, V100, "
+        "A6000 and A100 (at --max-length, default 512, and --lora-r) and exit",
+    )
     parser.add_argument(
         "--vocab-size", type=int, default=32000, help="vocabulary size for presets (default 32000)"
     )
@@ -149,13 +186,40 @@ def run(args: argparse.Namespace) -> int:
     from hetlm.cluster.planner import make_plan
     from hetlm.cluster.spec import load_cluster
 
+    if args.fits:
+        return print_fits(args)
+    lora, task = None, args.task
+    if args.sft_config:
+        task = "sft"
+        _fill_from_sft_config(args)
+    missing = [
+        flag
+        for flag, value in (
+            ("CLUSTER", args.cluster),
+            ("--global-batch", args.global_batch),
+            ("--seq-len" if task == "pretrain" else "--max-length", args.seq_len),
+        )
+        if value is None
+    ]
+    if missing:
+        raise HetlmError(
+            f"hetlm plan needs {', '.join(missing)} (or --sft-config for an sft run, or --fits)"
+        )
     if args.global_batch < 1 or args.seq_len < 1:
         raise HetlmError("--global-batch and --seq-len must be positive integers")
     if args.steps is not None and args.steps < 1:
         raise HetlmError("--steps must be a positive integer")
     cluster = load_cluster(args.cluster)
+    if task == "sft":
+        lora = lora_spec(args, sft_base_dtype(cluster, args.precision))
+    elif any(
+        getattr(args, k) is not None
+        for k in ("lora_r", "lora_targets", "quantization", "base_dtype", "gradient_checkpointing")
+    ):
+        raise HetlmError("the LoRA options plan an sft run: add --task sft")
+    spec = model_spec(args, None)
     slurm = slurm_options(cluster, args)
-    config, name = resolve_model(model_spec(args, None), args.vocab_size, args.seq_len)
+    config, name = resolve_model(spec, args.vocab_size, args.seq_len)
     plan = make_plan(
         cluster,
         config,
@@ -167,6 +231,7 @@ def run(args: argparse.Namespace) -> int:
         memory_fraction=args.memory_fraction,
         efficiency=args.efficiency,
         model_name=name,
+        lora=lora,
     )
     print(plan.format_table())
     if args.steps:
@@ -199,4 +264,82 @@ def run(args: argparse.Namespace) -> int:
             f"FILL IN: replace {', '.join(missing)} with the node host names, or add host: to "
             "the nodes in the cluster file and re-plan"
         )
+    return 0
+
+
+def sft_base_dtype(cluster: Any, precision: str) -> str:
+    """How ``hetlm sft`` will hold a non-quantized base on this cluster: 16-bit on GPUs when
+    the job trains in bf16 (``hetlm.sft.train.frozen_base_dtype``), fp32 otherwise."""
+    from hetlm.cluster.memory_lora import DEFAULT_BASE_DTYPE
+    from hetlm.cluster.planner import choose_precision
+
+    on_gpus = all(not d.gpu.is_cpu for node in cluster.nodes for d in node.devices)
+    bf16 = choose_precision(cluster, precision) == "bf16"
+    return "16bit" if on_gpus and bf16 else DEFAULT_BASE_DTYPE
+
+
+def lora_spec(args: argparse.Namespace, default_base_dtype: str = "fp32"):
+    """The LoRA settings of an sft plan from the options (defaults: hetlm sft's)."""
+    from hetlm.cluster.memory_lora import LoraSpec
+
+    targets = args.lora_targets or "all-linear"
+    modules = (
+        None if targets == "all-linear"
+        else tuple(t.strip() for t in targets.split(",") if t.strip())
+    )
+    dropout = 0.05 if args.lora_dropout is None else args.lora_dropout
+    return LoraSpec(
+        r=16 if args.lora_r is None else args.lora_r,
+        target_modules=modules,
+        quantization=args.quantization or "none",
+        base_dtype=args.base_dtype or default_base_dtype,
+        gradient_checkpointing=bool(args.gradient_checkpointing),
+        lora_dropout=dropout > 0,
+    )
+
+
+def _fill_from_sft_config(args: argparse.Namespace) -> None:
+    """Options not given on the command line, from an `hetlm sft` config."""
+    from hetlm.sft.config import load_sft_config
+
+    cfg = load_sft_config(args.sft_config)
+    model, lora, train = cfg.model, cfg.lora, cfg.train
+    if args.model is None and args.preset is None and args.model_type is None:
+        if model.init_from is not None:
+            args.model = model.init_from
+        else:
+            args.model_type, args.preset = "llama", model.preset
+            if model.tokenizer and (Path(model.tokenizer) / "tokenizer.json").is_file():
+                from transformers import AutoTokenizer
+
+                args.vocab_size = len(AutoTokenizer.from_pretrained(model.tokenizer))
+    defaults = {
+        "global_batch": train.global_batch,
+        "seq_len": cfg.data.max_length,
+        "lora_r": lora.r,
+        "lora_targets": lora.target_modules if isinstance(lora.target_modules, str)
+        else ",".join(lora.target_modules),
+        "lora_dropout": lora.dropout,
+        "quantization": model.quantization,
+        "gradient_checkpointing": model.gradient_checkpointing,
+    }
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.precision == "auto" and train.precision != "auto":
+        args.precision = train.precision
+    if args.engine == "auto" and train.engine != "auto":
+        args.engine = train.engine
+    if args.zero == "auto" and train.zero_stage != "auto":
+        args.zero = str(train.zero_stage)
+
+
+def print_fits(args: argparse.Namespace) -> int:
+    from hetlm.cluster.fits import fits, format_fits
+
+    max_length = args.seq_len or 512
+    r = 16 if args.lora_r is None else args.lora_r
+    if max_length < 1 or r < 1:
+        raise HetlmError("--max-length and --lora-r must be positive integers")
+    print(format_fits(fits(max_length=max_length, r=r), max_length=max_length, r=r))
     return 0

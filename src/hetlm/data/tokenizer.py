@@ -286,24 +286,22 @@ def _training_record(inputs: Sequence[str | Path], files: list[Path], options: d
 def build_fast_tokenizer(model_bytes: bytes, model_max_length: int = 512):
     """A ``PreTrainedTokenizerFast`` that encodes like the SentencePiece model, BERT-style.
 
-    transformers' own SentencePiece conversion builds the backend (normaliser with the model's
-    precompiled NFKC map, whitespace handling, unigram/BPE model, decoder); we add the BERT
-    post-processor and declare the special tokens, which already exist as pieces 0..4.
+    :mod:`hetlm.data.spm_backend` builds the backend (normaliser with the model's precompiled NFKC
+    map, whitespace handling, unigram/BPE model, decoder) from ``tokenizers`` primitives, the same
+    in every transformers 5.x; we add the BERT post-processor and declare the special tokens,
+    which already exist as pieces 0..4.
     """
     from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import SpmConverter, import_protobuf
 
-    proto = import_protobuf().ModelProto()
-    proto.ParseFromString(model_bytes)
-    pieces = [(p.piece, p.score) for p in proto.pieces]
-    if [p for p, _ in pieces[:len(SPECIAL_TOKENS)]] != list(SPECIAL_TOKENS):
+    from hetlm.data.spm_backend import parse_model_proto, spm_backend
+
+    proto = parse_model_proto(model_bytes)
+    pieces = [p.piece for p in proto.pieces[:len(SPECIAL_TOKENS)]]
+    if pieces != list(SPECIAL_TOKENS):
         raise HetlmError("the SentencePiece model does not start with [PAD] [UNK] [CLS] [SEP] "
                          "[MASK]: train it with `hetlm tokenizer train`")
-    # BPE takes a piece->id dict, unigram a (piece, score) list. legacy=False: the "▁" prefix is
-    # added at the start of the text only, not after every special token such as [MASK].
-    vocab = {p: i for i, (p, _) in enumerate(pieces)} if proto.trainer_spec.model_type == 2 else pieces
-    backend = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab, legacy=False)
+    backend = spm_backend(proto)
     backend.post_processor = processors.TemplateProcessing(
         single=f"{CLS}:0 $A:0 {SEP}:0",
         pair=f"{CLS}:0 $A:0 {SEP}:0 $B:1 {SEP}:1",

@@ -1,7 +1,7 @@
 """Where a model or tokenizer comes from, decided once for every command.
 
 ``resolve_model_source(name_or_path, what)`` is the one rule (``prepare --tokenizer``, ``sft``'s
-``model.path``, ``pretrain``'s ``model.init_from``, ``eval --model``; ``chat``/``serve`` may
+``model.init_from``, ``pretrain``'s ``model.init_from``, ``eval --model``; ``chat``/``serve`` may
 use it too): an existing folder is used as it is; a name that *looks* local never goes to the
 hub, where a typo would cost a minute of retries and end in a connection error, but fails at
 once with "no such folder". Hub ids are ``name`` or ``org/name``; local-looking is anything
@@ -47,7 +47,7 @@ def looks_local(name_or_path: str | Path) -> bool:
 def resolve_model_source(name_or_path: str | Path, what: str) -> str:
     """An existing local path (``~`` expanded), or a hub name unchanged; a local-looking name
     that does not exist raises a one-line HetlmError at once. ``what`` names the option in the
-    message (e.g. ``"model.path"``, ``"--tokenizer"``)."""
+    message (e.g. ``"model.init_from"``, ``"--tokenizer"``)."""
     text = str(name_or_path)
     path = Path(text).expanduser()
     if path.exists():

@@ -10,7 +10,7 @@ config for tests and demos), the instruction ``data``, the ``lora`` adapter, and
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, PrivateAttr, ValidationError, model_validator
 
@@ -112,6 +112,8 @@ class LoraSection(_Section):
 
 
 class SFTConfig(_Section):
+    PLAN_TASK: ClassVar[str] = "sft"  # plans from `hetlm plan --task sft` / --sft-config
+
     run: RunSection
     model: SFTModelSection
     data: SFTDataSection
@@ -147,6 +149,20 @@ class SFTConfig(_Section):
     def hyperparameters(self) -> list[tuple[str, Any, str]]:
         """(key, value, where it comes from) of every resolved hyper-parameter."""
         return resolved_rows(self, self._sources)
+
+    def check_plan_settings(self, plan) -> None:
+        """The plan's LoRA settings must be this run's: they sized every rank's micro-batch."""
+        if plan.lora is None:
+            return
+        targets = self.lora.target_modules
+        run = {"quantization": self.model.quantization, "r": self.lora.r,
+               "target_modules": targets if isinstance(targets, str) else list(targets),
+               "gradient_checkpointing": self.model.gradient_checkpointing}
+        differ = [f"{key} {plan.lora.get(key)!r} (this config: {value!r})"
+                  for key, value in run.items() if plan.lora.get(key) != value]
+        if differ:
+            raise HetlmError(f"the plan {self.train.plan} was made for other LoRA settings: "
+                             f"{'; '.join(differ)}: re-plan with `hetlm plan --sft-config`")
 
     # The batch split, per-rank micro-batches and plan work as in pretraining.
     micro_batches_for = PretrainConfig.micro_batches_for
