@@ -79,14 +79,18 @@ def register(subparsers) -> None:
 
 def run_chat(args: argparse.Namespace) -> int:
     engine, settings = load_engine(args)
-    if args.cli:
-        from hetlm.serve.terminal import run_terminal_chat
+    try:
+        if args.cli:
+            from hetlm.serve.terminal import run_terminal_chat
 
-        run_terminal_chat(engine, settings, system=args.system)
+            run_terminal_chat(engine, settings, system=args.system)
+            return 0
+        from hetlm.serve.chat_ui import launch_chat_ui
+
+        print(f"hetlm chat: {engine.name} (template {engine.template.name}) on "
+              f"http://{args.host}:{args.port}/ (Ctrl-C to stop)", flush=True)
+        launch_chat_ui(engine, host=args.host, port=args.port, share=args.share,
+                       defaults=settings)
         return 0
-    from hetlm.serve.chat_ui import launch_chat_ui
-
-    print(f"hetlm chat: {engine.name} (template {engine.template.name}) on "
-          f"http://{args.host}:{args.port}/ (Ctrl-C to stop)", flush=True)
-    launch_chat_ui(engine, host=args.host, port=args.port, share=args.share, defaults=settings)
-    return 0
+    finally:
+        engine.close()

@@ -33,5 +33,9 @@ def run_serve(args: argparse.Namespace) -> int:
     print(f"hetlm serve: model '{name}' (template {engine.template.name}) at "
           f"http://{args.host}:{args.port}/v1 (batches of up to {args.max_batch}, "
           f"{args.max_queue} more may wait)", flush=True)
-    serve_forever(engine, host=args.host, port=args.port, model_name=name, defaults=settings)
+    try:
+        serve_forever(engine, host=args.host, port=args.port, model_name=name,
+                      defaults=settings)
+    finally:
+        engine.close()
     return 0

@@ -223,6 +223,7 @@ class BatchScheduler:
         self._cond = threading.Condition()
         self._running = 0
         self._worker: threading.Thread | None = None
+        self._closed = False
 
     @property
     def waiting(self) -> int:
@@ -247,6 +248,16 @@ class BatchScheduler:
             self._cond.notify()
         return generation
 
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the worker once the batch it runs (if any) is done, and wait for it: a
+        generation thread still alive at interpreter exit can abort the process (seen: "terminate
+        called without an active exception" after ``hetlm chat --cli`` answered)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._worker is not None:
+            self._worker.join(timeout)
+
     def _take(self) -> list[Generation]:
         """The next batch, in arrival order: a seeded request alone, else up to max_batch
         unseeded ones (stopping at the next seeded one). Called with the lock held."""
@@ -266,8 +277,10 @@ class BatchScheduler:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._waiting:
+                while not self._waiting and not self._closed:
                     self._cond.wait()
+                if self._closed:
+                    return
                 first_seeded = self._waiting[0].settings.seed is not None
                 deadline = time.monotonic() + self.batch_wait
                 while (not first_seeded and len(self._waiting) < self.max_batch

@@ -144,6 +144,10 @@ class ChatEngine:
                 settings = replace(settings, max_new_tokens=room)
         return self.scheduler.submit(Generation(ids, settings))
 
+    def close(self) -> None:
+        """Stop the generation worker (before the process exits)."""
+        self.scheduler.close()
+
     def reply(self, messages: Sequence[Message], settings: GenerationSettings | None = None
               ) -> tuple[str, Generation]:
         """The whole reply, and the finished generation (token counts, finish reason)."""
