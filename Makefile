@@ -20,10 +20,12 @@ demo: $(VENV)/.installed-test,chat
 
 test: $(VENV)/.installed-test,chat
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 lint: $(VENV)/.installed-test,chat
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/ruff format --check src tests benchmarks
 
 bench: $(VENV)/.installed-test,chat,bench

@@ -162,9 +162,9 @@ def test_mlflow_file_store_reads_back_and_resume_continues_the_run(sft_inputs, t
 
 
 def test_report_to_spellings_and_errors(tiny_packed, tmp_path, monkeypatch, capsys):
+    from hetlm import tracker_names as tracking
     from hetlm.cli import main
     from hetlm.config import parse_config
-    from hetlm.train import tracking
 
     def report_to(value):
         return parse_config(tiny_config(tiny_packed, tmp_path, report_to=value)).train.report_to

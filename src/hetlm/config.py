@@ -208,7 +208,7 @@ class TrainSection(_Section):
     def _trackers(cls, value: Any) -> list[str]:
         """One name, a list, or "wandb,mlflow"; "none" for none; each one's library installed
         (checked here, before any rank starts)."""
-        from hetlm.train.tracking import check_installed, normalize_report_to
+        from hetlm.tracker_names import check_installed, normalize_report_to
 
         names = normalize_report_to(value)
         check_installed(names)

@@ -224,8 +224,8 @@ def _answer(data: dict[str, Any]) -> None:
 
 def resolve_model(spec: dict[str, Any]) -> tuple[Any, str]:
     """(transformers config, name) for the probe spec's model, checked for what probe runs."""
-    from hetlm.commands.plan import resolve_model as resolve
     from hetlm.errors import HetlmError
+    from hetlm.models.spec import resolve_model as resolve
 
     config, name = resolve(spec["model"], int(spec["vocab_size"]), int(spec["seq_len"]))
     if getattr(config, "model_type", None) not in ("bert", "roberta"):

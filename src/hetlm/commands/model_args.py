@@ -12,6 +12,7 @@ from pathlib import Path
 
 from hetlm.errors import HetlmError
 from hetlm.models.presets import MODEL_TYPES, presets_for
+from hetlm.models.spec import split_spec
 from hetlm.names import warn_renamed
 
 
@@ -25,16 +26,6 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_preset: str | N
     parser.add_argument("--model", default=None, metavar="DIR",
                         help="instead of a preset: a directory / config.json of a Hugging Face "
                         "model config (e.g. the model.init_from of the run)")
-
-
-def split_spec(spec: str) -> tuple[str, str] | None:
-    """("bert", "base") for "bert-base" (any model type and its presets), else None."""
-    for model_type in sorted(MODEL_TYPES, key=len, reverse=True):  # deberta-v2 before others
-        if spec.startswith(model_type + "-"):
-            preset = spec[len(model_type) + 1:]
-            if preset in presets_for(model_type):
-                return model_type, preset
-    return None
 
 
 def model_spec(args: argparse.Namespace, default_preset: str | None) -> str:

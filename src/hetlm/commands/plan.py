@@ -12,8 +12,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from hetlm.commands.model_args import add_model_arguments, model_spec, split_spec
+from hetlm.commands.model_args import add_model_arguments, model_spec
 from hetlm.errors import HetlmError
+from hetlm.models.spec import resolve_model
 
 
 def register(subparsers: Any) -> None:
@@ -140,40 +141,6 @@ def slurm_options(cluster: Any, args: argparse.Namespace) -> Any:
         cpus_per_gpu=args.slurm_cpus_per_gpu or spec.cpus_per_gpu,
         env=(*spec.env, *args.slurm_env),
     )
-
-
-def resolve_model(spec: str, vocab_size: int, seq_len: int) -> tuple[Any, str]:
-    """(transformers config, display name) for ``TYPE-PRESET`` (``bert-base``, ``llama-7b``)
-    or a config directory/file."""
-    from hetlm.models.presets import model_config
-
-    parts = split_spec(spec)
-    path = Path(spec).expanduser()
-    if parts is not None and not path.exists():
-        model_type, preset = parts
-        config = model_config(model_type, preset, vocab_size=vocab_size,
-                              max_position_embeddings=max(512, seq_len), pad_token_id=0)
-        return config, spec
-    if path.is_file() and path.name.endswith(".json"):
-        path = path.parent
-    if not (path / "config.json").is_file():
-        raise HetlmError(
-            f"--model {spec!r} is neither a preset (--model-type TYPE --preset NAME) nor a "
-            "directory with a config.json: give one of those"
-        )
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
-        raise HetlmError(f"cannot read the model config in {path}: {exc}") from None
-    limit = getattr(config, "max_position_embeddings", None)
-    if limit and seq_len > limit:
-        raise HetlmError(
-            f"--seq-len {seq_len} exceeds the model's max_position_embeddings "
-            f"{limit}: use --seq-len {limit} or less"
-        )
-    return config, path.name
 
 
 def run(args: argparse.Namespace) -> int:
