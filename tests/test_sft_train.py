@@ -293,7 +293,7 @@ def test_cli_errors_are_one_line(sft_inputs, tmp_path, capsys):
     assert main(["sft", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("hetlm: error: invalid")
-    assert "data.max_lenght: unknown key" in err and "train.max_steps: Field required" in err
+    assert "data.max_lenght: unknown key" in err and "train.max_steps: required key is missing" in err
     # a bad row is named by file and line, before any training
     data = tmp_path / "rows.jsonl"
     data.write_text(sft_inputs["data"].read_text().splitlines()[0] + "\n"

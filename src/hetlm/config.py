@@ -31,6 +31,7 @@ from hetlm.hparams import (
 )
 from hetlm.names import RENAMED_KEYS, rename_config_keys
 from hetlm.topology import BatchSplit
+from hetlm.user_files import format_validation_error
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Schedule = Literal["linear", "cosine", "cosine_with_min_lr", "constant_with_warmup"]
@@ -386,18 +387,6 @@ def resolved_help(config: BaseModel) -> str:
     return "\n".join(["hyper-parameters as resolved for this config (value, source):", *lines])
 
 
-def _format_errors(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
-        where = where if where.isprintable() else repr(where)  # keep the error on one line
-        msg = " ".join(str(err["msg"]).split())
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see `hetlm pretrain --help-config`)"
-        parts.append(f"{where or '<top>'}: {msg}")
-    return "; ".join(dict.fromkeys(parts))
-
-
 def parse_config(raw: Any, source: str = "config") -> PretrainConfig:
     if not isinstance(raw, dict):
         raise HetlmError(f"{source}: expected a mapping with run/data/model/train sections, "
@@ -405,26 +394,16 @@ def parse_config(raw: Any, source: str = "config") -> PretrainConfig:
     try:
         return PretrainConfig.model_validate(raw)
     except ValidationError as exc:
-        raise HetlmError(f"invalid {source}: {_format_errors(exc)}") from None
+        raise HetlmError(format_validation_error(
+            exc, f"invalid {source}", keys_help="`hetlm pretrain --help-config`")) from None
 
 
 def read_yaml(path: str | Path) -> Any:
-    """The parsed YAML file, or one line saying what is wrong with the file (missing, not
-    UTF-8, malformed at line/column)."""
-    import yaml
+    """A run config file, parsed (one line for a missing or malformed file)."""
+    from hetlm.user_files import read_yaml as read
 
-    path = Path(path)
-    if not path.is_file():
-        raise HetlmError(f"config file {path} does not exist: check the path")
-    try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise HetlmError(f"config file {path} is not UTF-8 text") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or "malformed YAML"
-        raise HetlmError(f"config file {path}{where}: {problem}; fix the YAML syntax") from None
+    return read(path, "config file", missing_fix="check the path",
+                syntax_fix="fix the YAML syntax there")
 
 
 def load_config(path: str | Path) -> PretrainConfig:

@@ -547,24 +547,12 @@ def _plus(counts: list[int]) -> str:
 
 def load_plan(path: str | Path) -> Plan:
     """Read a plan written by ``Plan.save``; every problem is a one-line HetlmError."""
-    import yaml
 
-    path = Path(path)
-    if not path.is_file():
-        raise HetlmError(
-            f"plan file {path} does not exist: create it with `hetlm plan "
-            "CLUSTER.yaml --model ... --output PLAN.yaml`"
-        )
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise HetlmError(
-            f"plan file {path} is not valid YAML{where}: re-run `hetlm plan`"
-        ) from None
-    if data is None:
-        raise HetlmError(f"plan file {path} is empty: re-run `hetlm plan`")
+    from hetlm.user_files import read_yaml
+
+    data = read_yaml(path, "plan file", allow_empty=False,
+                     missing_fix="create it with `hetlm plan CLUSTER.yaml ... --output PLAN.yaml`",
+                     syntax_fix="re-run `hetlm plan`")
     return Plan.from_dict(data, source=str(path))
 
 

@@ -230,36 +230,11 @@ class Cluster:
         return self.inter_node_gbps if len(self.nodes) > 1 else self.intra_node_gbps
 
 
-_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
-
-
 def format_validation_error(exc: ValidationError, what: str) -> str:
-    """All of pydantic's complaints as one line: ``field.path: message; ...``.
+    """A cluster or plan file's validation errors as one line (``hetlm.user_files``)."""
+    from hetlm.user_files import format_validation_error as format_errors
 
-    Union members show up in pydantic's locations as type tags (``tflops.float``,
-    ``tflops.dict[...]``); they are dropped so the path is the one the user wrote.
-    """
-    problems: list[str] = []
-    for err in exc.errors():
-        parts = [
-            str(p) for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in _TYPE_TAGS))
-        ]
-        path = ".".join(parts) or "(top level)"
-        path = path if path.isprintable() else repr(path)  # a key with a newline stays one line
-        kind = err["type"]
-        if kind == "extra_forbidden":
-            message = "unknown key (check its spelling; see docs/PLANNER.md for the format)"
-        elif kind == "missing":
-            message = "required key is missing"
-        else:
-            message = " ".join(err["msg"].removeprefix("Value error, ").split())
-            value = err.get("input")
-            if kind != "value_error" and isinstance(value, str | int | float | bool):
-                message += f" (got {value!r})"
-        problem = f"{path}: {message}"
-        if problem not in problems:
-            problems.append(problem)
-    return f"{what}: " + "; ".join(problems)
+    return format_errors(exc, what, keys_help="docs/PLANNER.md for the format")
 
 
 def _resolve_gpu(spec: GpuSpec) -> GpuModel:
@@ -406,31 +381,10 @@ def parse_cluster(data: Any, source: str = "cluster", base_dir: Path | None = No
 
 def load_cluster(path: str | Path) -> Cluster:
     """Read a cluster YAML file; every problem is a one-line HetlmError."""
-    import yaml
+    from hetlm.user_files import read_yaml
 
-    path = Path(path)
-    if not path.is_file():
-        what = "is a directory" if path.is_dir() else "does not exist"
-        raise HetlmError(
-            f"cluster file {path} {what}: give the path of a YAML file describing "
-            "the nodes (see docs/PLANNER.md)"
-        )
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise HetlmError(f"cannot read cluster file {path}: {exc}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or "syntax error"
-        raise HetlmError(
-            f"cluster file {path} is not valid YAML{where}: {problem}: "
-            "fix the indentation or quoting there"
-        ) from None
-    if data is None:
-        raise HetlmError(
-            f"cluster file {path} is empty: describe at least one node (see docs/PLANNER.md)"
-        )
-    return parse_cluster(data, source=str(path), base_dir=path.parent)
+    data = read_yaml(path, "cluster file", allow_empty=False,
+                     missing_fix="give the path of a YAML file describing the nodes, at least "
+                     "one (see docs/PLANNER.md)",
+                     syntax_fix="fix the indentation or quoting there")
+    return parse_cluster(data, source=str(path), base_dir=Path(path).parent)

@@ -18,7 +18,6 @@ from hetlm.config import (
     PretrainConfig,
     RunSection,
     TrainSection,
-    _format_errors,
     _Section,
     config_help,
     fill_defaults,
@@ -28,6 +27,7 @@ from hetlm.config import (
 from hetlm.errors import HetlmError
 from hetlm.hparams import SFT_RECIPE
 from hetlm.names import rename_config_keys
+from hetlm.user_files import format_validation_error
 
 Quantization = Literal["none", "8bit", "4bit"]
 DEFAULT_LR = SFT_RECIPE.learning_rate  # the usual LoRA rate (a full fine-tune would use ~1e-5)
@@ -177,9 +177,8 @@ def parse_sft_config(raw: Any, source: str = "config") -> SFTConfig:
     try:
         return SFTConfig.model_validate(raw)
     except ValidationError as exc:
-        message = _format_errors(exc).replace("hetlm pretrain --help-config",
-                                              "hetlm sft --help-config")
-        raise HetlmError(f"invalid {source}: {message}") from None
+        raise HetlmError(format_validation_error(
+            exc, f"invalid {source}", keys_help="`hetlm sft --help-config`")) from None
 
 
 def load_sft_config(path: str | Path) -> SFTConfig:
