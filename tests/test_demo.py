@@ -39,5 +39,5 @@ def test_demo_summary_prints_the_baseline(tmp_path, capfd):
     assert 0 < base_accuracy < 100 and float(baseline.group(2)) > 0
     assert float(baseline.group(3)) == pytest.approx(accuracy / base_accuracy, abs=0.06)
     # 4 steps cannot leave the plateau, and the summary says so
-    assert "still near the token-frequency plateau" in out
+    assert "still on the token-frequency plateau" in out
     assert "fill-mask" in out
