@@ -41,3 +41,20 @@ def test_demo_summary_prints_the_baseline(tmp_path, capfd):
     # 4 steps cannot leave the plateau, and the summary says so
     assert "still on the token-frequency plateau" in out
     assert "fill-mask" in out
+
+
+def test_causal_demo_prints_next_token_baseline(tmp_path, capfd):
+    corpus = write_small_corpus(tmp_path / "corpus.jsonl")
+    code = main(["demo", "--model", "llama", "--workdir", str(tmp_path / "demo"), "--corpus",
+                 str(corpus), "--vocab-size", "3000", "--seq-len", "32", "--steps", "4",
+                 "--micro-batches", "2,1", "--precision", "fp32"])
+    out = capfd.readouterr().out
+    assert code == 0
+    held_out = re.search(r"held-out LM +loss [\d.]+, perplexity [\d.]+, next-token accuracy "
+                         r"([\d.]+)%", out)
+    baseline = re.search(r"baseline +always guessing '.+': accuracy ([\d.]+)%.+The model: "
+                         r"([\d.]+)x", out)
+    assert held_out and baseline, out
+    assert float(baseline.group(2)) == pytest.approx(
+        float(held_out.group(1)) / float(baseline.group(1)), abs=0.06)
+    assert "next token" in out

@@ -24,9 +24,13 @@ from pathlib import Path
 
 DEFAULT_CORPUS = "general_aozora/aozora_soseki_akutagawa.jsonl"
 OTHER_DEMOS: list[str] = ["domain", "sft"]  # "domain" -> hetlm.commands.demo_domain
-# The demo's model: BERT of 2 layers, width 128 (the shape of Google's BERT-Tiny), no dropout.
-DEMO_MODEL = {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
-              "intermediate_size": 512}
+# The demo's models: 2 layers of width 128 (BERT: the shape of Google's BERT-Tiny), no dropout.
+DEMO_MODELS = {
+    "bert": {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+             "intermediate_size": 512},
+    "llama": {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "num_key_value_heads": 2, "intermediate_size": 344},
+}
 FILL_MASK_SENTENCES = 2  # held-out sentences shown with one token masked
 # A masked token is the first of these (particles and the like: the context decides them)
 # after the sentence's third token; chosen before the model is asked, never after.
@@ -40,6 +44,8 @@ def register(subparsers) -> None:
     p.add_argument("--steps", type=int, default=1500, help="optimizer steps")
     p.add_argument("--vocab-size", type=int, default=4000)
     p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--model", default="bert", choices=sorted(DEMO_MODELS),
+                   help="bert: masked LM, fill-mask (default); llama: causal LM, next token")
     p.add_argument("--preset", default=None, help="model preset (tiny|small|base|large); "
                    "default: 2 layers of width 128, minutes on a CPU")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (5%% warm-up, "
@@ -89,8 +95,9 @@ def run(args: argparse.Namespace) -> int:
     print(summary.summary())
     timings["prepare"] = time.perf_counter() - started
 
-    model = ({"type": "bert", "preset": args.preset} if args.preset else
-             {"type": "bert", "preset": "small", "overrides": DEMO_MODEL, "dropout": 0.0})
+    shape = DEMO_MODELS[args.model]
+    model = ({"type": args.model, "preset": args.preset} if args.preset else
+             {"type": args.model, "preset": "small", "overrides": shape, "dropout": 0.0})
     # Every hyper-parameter written out: the demo shows what these settings reach, whatever
     # hetlm's defaults become.
     config = {
@@ -106,29 +113,33 @@ def run(args: argparse.Namespace) -> int:
                   "eval_every": max(1, args.steps // 4), "eval_samples": 512, "log_every": 10},
     }
     config_path = work / "pretrain.yaml"
-    shape = (f"BERT-{args.preset}" if args.preset else
-             f"BERT ({DEMO_MODEL['num_hidden_layers']} layers of {DEMO_MODEL['hidden_size']})")
-    print(f"[3/4] pretraining {shape} on {len(micro)} emulated nodes, micro-batches "
+    name = {"bert": "BERT", "llama": "LLaMA"}[args.model]
+    name = (f"{name}-{args.preset}" if args.preset else
+            f"{name} ({shape['num_hidden_layers']} layers of {shape['hidden_size']})")
+    print(f"[3/4] pretraining {name} on {len(micro)} emulated nodes, micro-batches "
           f"{micro} (config: {config_path})")
     started = time.perf_counter()
     run_summary = run_demo_step("pretrain", config, config_path, nodes=len(micro),
                                 what="pretraining")
     timings["pretrain"] = time.perf_counter() - started
 
-    print("[4/4] the most-frequent-token baseline, and fill-mask on held-out sentences through "
-          "the saved model (plain transformers pipeline)")
+    causal = args.model == "llama"
+    task = "next token" if causal else "fill-mask"
+    print(f"[4/4] the most-frequent-token baseline, and {task} on held-out sentences through "
+          "the saved model (plain transformers)")
     baseline = heldout_baseline(config)
-    examples = fill_mask_examples(run_summary["model_dir"],
-                                  held_out_sentences(work / "data", run_summary["model_dir"]))
+    model_dir = run_summary["model_dir"]
+    sentences = held_out_sentences(work / "data", model_dir)
+    examples = (next_token_examples if causal else fill_mask_examples)(model_dir, sentences)
     print()
     print("=" * 72)
     print(format_summary(run_summary))
-    print(baseline_line(run_summary, baseline, run_summary["model_dir"]))
+    print(baseline_line(run_summary, baseline, model_dir, causal))
     for text, answer, predictions in examples:
-        print(f"fill-mask        {text} (held out; answer {answer}) -> "
+        print(f"{task:16s} {text} (held out; answer {answer}) -> "
               + ", ".join(f"{t} ({s:.2f})" for t, s in predictions))
     if not examples:
-        print("fill-mask        (no held-out sentence of 10-40 characters found)")
+        print(f"{task:16s} (no held-out sentence of 10-40 characters found)")
     print("time             " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
     print(f"metrics          {work / 'run' / 'metrics.jsonl'} (plot: {work / 'run' / 'loss.png'}; "
           f"tensorboard --logdir {work / 'run' / 'tensorboard'})")
@@ -164,9 +175,10 @@ def heldout_baseline(config: dict):
     return pretraining_heldout(parse_config(config))[2]
 
 
-def baseline_line(summary: dict, baseline, model_dir: str) -> str:
+def baseline_line(summary: dict, baseline, model_dir: str, causal: bool = False) -> str:
     """Held-out accuracy against always guessing the most frequent token, said plainly (both
-    on the same held-out positions, every one shown to the model as [MASK])."""
+    on the same held-out targets: every one shown to a masked LM as [MASK], every next token
+    for a causal LM)."""
     from transformers import AutoTokenizer
 
     token = AutoTokenizer.from_pretrained(model_dir).convert_ids_to_tokens(baseline.token_id)
@@ -180,9 +192,9 @@ def baseline_line(summary: dict, baseline, model_dir: str) -> str:
 
 
 def held_out_sentences(dataset_dir: Path, model_dir: str,
-                       count: int = FILL_MASK_SENTENCES) -> list[tuple[str, str]]:
-    """``count`` sentences of the held-out documents, each with one token masked (the first
-    of ``MASK_CANDIDATES`` after its third token): (text with [MASK], the masked token).
+                       count: int = FILL_MASK_SENTENCES) -> list[tuple[list[int], int]]:
+    """``count`` sentences of the held-out documents, each with the position of the token to
+    guess (the first of ``MASK_CANDIDATES`` after its third token): (token ids, position).
 
     Taken from the validation split (whole documents never trained on), between two ``。``
     of one row, and checked against the training split: a sentence whose tokens also occur
@@ -208,9 +220,9 @@ def held_out_sentences(dataset_dir: Path, model_dir: str,
             if np.isin(ids, special).any() or _occurs_in(ids, train):
                 continue
             sentence = tokenizer.decode(ids.tolist()).strip()
-            masked = _mask_one(ids, tokenizer) if 10 <= len(sentence) <= 40 else None
-            if masked is not None:
-                found.append(masked)
+            position = _guess_position(ids, tokenizer) if 10 <= len(sentence) <= 40 else None
+            if position is not None:
+                found.append((ids.tolist(), position))
             if len(found) == count:
                 return found
     return found
@@ -225,25 +237,48 @@ def _occurs_in(ids, stream) -> bool:
     return any((stream[s:s + n] == ids).all() for s in starts)
 
 
-def _mask_one(ids, tokenizer) -> tuple[str, str] | None:
+def _guess_position(ids, tokenizer) -> int | None:
     pieces = tokenizer.convert_ids_to_tokens(ids.tolist())
-    for k in range(3, len(pieces) - 1):
-        if pieces[k] in MASK_CANDIDATES:
-            text = (tokenizer.decode(ids[:k].tolist()).strip() + tokenizer.mask_token
-                    + tokenizer.decode(ids[k + 1:].tolist()))
-            return text, pieces[k]
-    return None
+    return next((k for k in range(3, len(pieces) - 1) if pieces[k] in MASK_CANDIDATES), None)
 
 
-def fill_mask_examples(model_dir: str, sentences: list[tuple[str, str]]
-                       ) -> list[tuple[str, str, list[tuple[str, float]]]]:
-    from transformers import pipeline
+Example = tuple[str, str, list[tuple[str, float]]]  # shown text, answer, top-5 (token, p)
+
+
+def fill_mask_examples(model_dir: str, sentences: list[tuple[list[int], int]]) -> list[Example]:
+    """Each sentence with its token masked, through the plain fill-mask pipeline."""
+    from transformers import AutoTokenizer, pipeline
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     fill = pipeline("fill-mask", model=model_dir, tokenizer=model_dir, device="cpu")
     out = []
-    for text, answer in sentences:
+    for ids, k in sentences:
+        text = (tokenizer.decode(ids[:k]).strip() + tokenizer.mask_token
+                + tokenizer.decode(ids[k + 1:]))
         predictions = fill(text, top_k=5)
-        out.append((text, answer, [(p["token_str"], float(p["score"])) for p in predictions]))
+        out.append((text, tokenizer.convert_ids_to_tokens(ids[k]),
+                    [(p["token_str"], float(p["score"])) for p in predictions]))
+    return out
+
+
+def next_token_examples(model_dir: str, sentences: list[tuple[list[int], int]]
+                        ) -> list[Example]:
+    """Each sentence cut before its token: the causal LM's five likeliest next tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    start = [model.config.bos_token_id] if model.config.bos_token_id is not None else []
+    out = []
+    for ids, k in sentences:
+        with torch.inference_mode():
+            logits = model(input_ids=torch.tensor([start + ids[:k]])).logits[0, -1]
+        top = logits.float().softmax(-1).topk(5)
+        out.append((tokenizer.decode(ids[:k]).strip() + "___",
+                    tokenizer.convert_ids_to_tokens(ids[k]),
+                    [(tokenizer.convert_ids_to_tokens(int(i)), float(p))
+                     for p, i in zip(top.values, top.indices, strict=True)]))
     return out

@@ -342,23 +342,25 @@ TRAIN_ROWS_COUNTED = 50_000  # training rows whose tokens give the frequencies (
 
 
 def pretraining_heldout(config: Any) -> tuple[np.ndarray, Any, FrequencyBaseline]:
-    """The held-out rows and collator that `hetlm pretrain` scores for this masked-LM config
-    (the first ``train.eval_samples`` validation sequences, masked at ``EVAL_EPOCH`` with
-    ``run.seed``), and their :class:`FrequencyBaseline`. Token frequencies come from at most
-    ``TRAIN_ROWS_COUNTED`` training rows, evenly spaced over the split."""
+    """The held-out rows and collator that `hetlm pretrain` scores for this config (the first
+    ``train.eval_samples`` validation sequences; a masked LM's masked at ``EVAL_EPOCH`` with
+    ``run.seed``, a causal LM's every next token: collator None), and their
+    :class:`FrequencyBaseline`. Token frequencies come from at most ``TRAIN_ROWS_COUNTED``
+    training rows, evenly spaced over the split."""
     from hetlm.data.packing import load_packed_dataset
     from hetlm.train.objectives import build_data, special_ids
 
-    if config.model.causal:
-        raise HetlmError("the frequency baseline here is for masked LMs (model.type bert, "
-                         "roberta, deberta-v2, electra)")
     dataset, meta = load_packed_dataset(config.data.dataset)
     validation = build_data(config, dataset["validation"], meta)
     train = build_data(config, dataset["train"], meta)
     rows = validation.rows_at(np.arange(min(config.train.eval_samples, len(validation))))
     counted = np.unique(np.linspace(0, len(train) - 1, min(len(train), TRAIN_ROWS_COUNTED))
                         .astype(np.int64))
-    counts = token_counts(train.rows_at(counted), int(meta["vocab_size"]),
-                          special_ids(meta).values())
+    special = special_ids(meta)
+    if config.model.causal:  # every token after a row's first is a target, padding aside
+        counts = token_counts(train.rows_at(counted), int(meta["vocab_size"]), [special["pad"]])
+        targets = rows[:, 1:][rows[:, 1:] != special["pad"]]
+        return rows, None, frequency_baseline(targets, counts)
+    counts = token_counts(train.rows_at(counted), int(meta["vocab_size"]), special.values())
     targets = masked_targets(rows, validation.collator)
     return rows, validation.collator, frequency_baseline(targets, counts)
