@@ -1,5 +1,6 @@
-"""``hetlm demo``: the pretraining demo runs end to end (a few steps on a corpus slice) and its
-summary sets the held-out accuracy next to the most-frequent-token baseline."""
+"""``hetlm demo``: the pretraining demo runs end to end (a few steps on a corpus slice), for the
+causal LM (default) and BERT, and its summary sets the held-out accuracy next to the
+most-frequent-token baseline."""
 
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ def test_frequency_baseline_by_hand():
 
 def test_demo_summary_prints_the_baseline(tmp_path, capfd):
     corpus = write_small_corpus(tmp_path / "corpus.jsonl")
-    code = main(["demo", "--workdir", str(tmp_path / "demo"), "--corpus", str(corpus),
-                 "--vocab-size", "3000", "--seq-len", "32", "--steps", "4",
+    code = main(["demo", "--model", "bert", "--workdir", str(tmp_path / "demo"), "--corpus",
+                 str(corpus), "--vocab-size", "3000", "--seq-len", "32", "--steps", "4",
                  "--micro-batches", "2,1", "--precision", "fp32"])
     out = capfd.readouterr().out
     assert code == 0

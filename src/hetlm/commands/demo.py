@@ -4,15 +4,17 @@
 demos, each a module ``hetlm.commands.demo_<name>`` with ``register_demo(subparsers)`` (listed
 in ``OTHER_DEMOS``).
 
-Tokenizer → packed dataset → a small BERT pretrained on two emulated nodes with different
-micro-batch sizes (8 and 4) → held-out MLM metrics next to the most-frequent-token baseline, and
-fill-mask on held-out sentences through the saved model, loaded by plain ``transformers``.
+Tokenizer → packed dataset → a small LLaMA (``--model llama``, the default) or BERT
+(``--model bert``) pretrained on two emulated nodes with different micro-batch sizes (8 and 4)
+→ held-out accuracy next to the most-frequent-token baseline, and next-token guesses (LLaMA)
+or fill-mask (BERT) on held-out sentences through the saved model, loaded by plain
+``transformers``.
 
-A masked LM first sits on the token-frequency plateau (it predicts `、 。 の` whatever the
-sentence); the summary says plainly whether the run got past it, against the most-frequent-token
-baseline on the held-out [MASK] positions. The defaults (a 4k vocabulary, 64-token sequences, a
-2-layer BERT of width 128, lr 2e-3 with 5% warm-up) keep the demo at ~2 minutes on two CPU
-cores; what they and longer runs reach is in docs/MODELS.md, "Does it learn?".
+A language model first sits on the token-frequency plateau (it predicts `、 。 の` whatever the
+sentence); the summary says plainly whether the run got past it. With the defaults (a 4k
+vocabulary, 64-token sequences, 2 layers of width 128, lr 2e-3 with 5% warm-up, 1,500 steps,
+~2.5 minutes on two CPU cores) the causal LM does (measured: 21% next-token accuracy against
+4.4%); the masked LM does not, even in 10,000 steps (docs/MODELS.md, "Does it learn?").
 """
 
 from __future__ import annotations
@@ -44,8 +46,10 @@ def register(subparsers) -> None:
     p.add_argument("--steps", type=int, default=1500, help="optimizer steps")
     p.add_argument("--vocab-size", type=int, default=4000)
     p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--model", default="bert", choices=sorted(DEMO_MODELS),
-                   help="bert: masked LM, fill-mask (default); llama: causal LM, next token")
+    p.add_argument("--model", default="llama", choices=sorted(DEMO_MODELS),
+                   help="llama: causal LM, next-token guesses (default: it gets past the "
+                   "token-frequency plateau on a CPU in minutes); bert: masked LM, fill-mask "
+                   "(stays on the plateau at this scale, and says so)")
     p.add_argument("--preset", default=None, help="model preset (tiny|small|base|large); "
                    "default: 2 layers of width 128, minutes on a CPU")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (5%% warm-up, "
