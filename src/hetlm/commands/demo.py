@@ -189,7 +189,7 @@ def baseline_line(summary: dict, baseline, model_dir: str, causal: bool = False)
     ratio = summary["eval_accuracy"] / max(baseline.accuracy, 1e-12)
     verdict = ("it predicts from the context" if ratio >= 2 else
                "still on the token-frequency plateau (it has learnt which tokens are frequent, "
-               "not yet to read the context): train longer (--steps)")
+               "not yet to read the context; docs/MODELS.md, 'Does it learn?')")
     return (f"baseline         always guessing {token!r}: accuracy {baseline.accuracy:.1%}; "
             f"token frequencies alone: loss {baseline.loss:.3f}. The model: "
             f"{ratio:.1f}x the baseline accuracy, {verdict}")
