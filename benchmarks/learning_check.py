@@ -494,6 +494,8 @@ def write_results(setup: Setup, seeds: list[int], baselines: list[dict], runs: d
         + (" --dry-run" if setup.name.startswith("dry_run") else
            " --device cuda" if setup.name.startswith("cuda") else "")
         + (" --causal" if setup.causal else "")
+        + (f" --steps {setup.steps}"
+           if setup.steps != SETUPS[setup.name.removesuffix("_llama")].steps else "")
         + (f" --seeds {args.seeds}" if len(seeds) > 1 else "")
         + (f" --threads {args.threads}" if args.threads else "") + "`."]
     (out / f"{stem}.md").write_text("\n".join(text) + "\n")

@@ -72,3 +72,19 @@ def test_both_are_scored_on_the_same_positions(dry_run):
     _, correct, count = score_mlm(model, rows, collator, batch_size=16)
     assert count == baseline.targets
     assert correct / count == pytest.approx(results["runs"]["hetlm"][0]["eval"][-1]["accuracy"])
+
+
+def test_causal_dry_run_scores_both_on_next_tokens(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--causal", "--threads", "1",
+                           "--out", str(tmp_path), "--cache", str(tmp_path / "cache")],
+                          capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "learning_check_dry_run_llama.json").read_text())
+    assert results["setup"]["model_type"] == "llama"
+    rows, seq_len = results["setup"]["eval_samples"], results["setup"]["seq_len"]
+    assert results["baselines"][0]["targets"] <= rows * (seq_len - 1)
+    for system in ("hetlm", "trainer"):
+        final = results["runs"][system][0]["eval"][-1]
+        assert final["step"] == results["setup"]["steps"] and math.isfinite(final["loss"])
+    assert "--causal" in (tmp_path / "learning_check_dry_run_llama.md").read_text()
