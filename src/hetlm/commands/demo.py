@@ -33,8 +33,8 @@ DEMO_MODELS = {
     "llama": {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
               "num_key_value_heads": 2, "intermediate_size": 344},
 }
-FILL_MASK_SENTENCES = 2  # held-out sentences shown with one token masked
-# A masked token is the first of these (particles and the like: the context decides them)
+FILL_MASK_SENTENCES = 2  # held-out sentences shown with one token to guess
+# The token to guess is the first of these (particles and the like: the context decides them)
 # after the sentence's third token; chosen before the model is asked, never after.
 MASK_CANDIDATES = ("の", "に", "を", "は", "が", "と", "で", "も", "た", "て")
 
@@ -190,8 +190,9 @@ def baseline_line(summary: dict, baseline, model_dir: str, causal: bool = False)
     verdict = ("it predicts from the context" if ratio >= 2 else
                "still on the token-frequency plateau (it has learnt which tokens are frequent, "
                "not yet to read the context; docs/MODELS.md, 'Does it learn?')")
-    return (f"baseline         always guessing {token!r}: accuracy {baseline.accuracy:.1%}; "
-            f"token frequencies alone: loss {baseline.loss:.3f}. The model: "
+    targets = "next tokens" if causal else "[MASK]s"
+    return (f"baseline         always guessing {token!r}: accuracy {baseline.accuracy:.1%} on the "
+            f"held-out {targets}; token frequencies alone: loss {baseline.loss:.3f}. The model: "
             f"{ratio:.1f}x the baseline accuracy, {verdict}")
 
 
