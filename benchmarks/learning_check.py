@@ -142,12 +142,14 @@ def hetlm_config(setup: Setup, data: Path, workdir: Path, seed: int) -> dict:
         "model": {"type": setup.model_type, "preset": "small", "dropout": setup.dropout,
                   "overrides": shape_overrides(setup)},
         "train": {"global_batch": setup.batch, "micro_batch": setup.batch,
-                  "max_steps": setup.steps, "lr": setup.lr, "warmup_steps": setup.warmup_steps,
-                  "adam_betas": list(setup.betas), "adam_eps": setup.adam_eps,
+                  "max_steps": setup.steps, "learning_rate": setup.lr,
+                  "warmup_steps": setup.warmup_steps, "lr_scheduler_type": "linear",
+                  "adam_beta1": setup.betas[0], "adam_beta2": setup.betas[1],
+                  "adam_epsilon": setup.adam_eps,
                   "weight_decay": setup.weight_decay, "max_grad_norm": setup.max_grad_norm,
                   "mlm_probability": setup.mlm_probability, "precision": setup.precision,
-                  "eval_every": setup.eval_every, "eval_samples": setup.eval_samples,
-                  "eval_batch": 64, "log_every": 100},
+                  "eval_steps": setup.eval_every, "max_eval_samples": setup.eval_samples,
+                  "per_device_eval_batch_size": 64, "logging_steps": 100},
     }
 
 

@@ -110,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
         "model": model,
         "train": {"global_batch": sum(micro), "micro_batch": {"per_node": micro},
                   "max_steps": args.steps, "learning_rate": args.learning_rate,
+                  "lr_scheduler_type": "linear",
                   "warmup_steps": max(1, round(0.05 * args.steps)), "adam_beta1": 0.9,
                   "adam_beta2": 0.98, "adam_epsilon": 1e-6, "weight_decay": 0.01,
                   "max_grad_norm": 1.0, "mlm_probability": 0.15, "precision": args.precision,

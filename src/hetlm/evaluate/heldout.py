@@ -312,7 +312,7 @@ def frequency_baseline(labels: np.ndarray, train_counts: np.ndarray) -> Frequenc
     labels = labels[labels != -100]
     if labels.size == 0:
         raise HetlmError("no held-out targets to compute the frequency baseline on: hold out "
-                         "more text (validation_fraction) or more samples (train.eval_samples)")
+                         "more text (validation_fraction) or more samples (train.max_eval_samples)")
     if int(labels.max()) >= len(train_counts):
         raise ValueError(f"target id {int(labels.max())} is outside the {len(train_counts)} "
                          "token counts: count the training rows over the whole vocabulary")
@@ -343,7 +343,7 @@ TRAIN_ROWS_COUNTED = 50_000  # training rows whose tokens give the frequencies (
 
 def pretraining_heldout(config: Any) -> tuple[np.ndarray, Any, FrequencyBaseline]:
     """The held-out rows and collator that `hetlm pretrain` scores for this config (the first
-    ``train.eval_samples`` validation sequences; a masked LM's masked at ``EVAL_EPOCH`` with
+    ``train.max_eval_samples`` validation sequences; a masked LM's masked at ``EVAL_EPOCH`` with
     ``run.seed``, a causal LM's every next token: collator None), and their
     :class:`FrequencyBaseline`. Token frequencies come from at most ``TRAIN_ROWS_COUNTED``
     training rows, evenly spaced over the split."""
@@ -353,7 +353,7 @@ def pretraining_heldout(config: Any) -> tuple[np.ndarray, Any, FrequencyBaseline
     dataset, meta = load_packed_dataset(config.data.dataset)
     validation = build_data(config, dataset["validation"], meta)
     train = build_data(config, dataset["train"], meta)
-    rows = validation.rows_at(np.arange(min(config.train.eval_samples, len(validation))))
+    rows = validation.rows_at(np.arange(min(config.train.max_eval_samples, len(validation))))
     counted = np.unique(np.linspace(0, len(train) - 1, min(len(train), TRAIN_ROWS_COUNTED))
                         .astype(np.int64))
     special = special_ids(meta)
