@@ -55,6 +55,13 @@ def test_mlm_rows_are_packed_like_prepare_and_masks_are_fixed(tiny_bert, corpora
     assert (a.input_ids == b.input_ids).all()
     masked = a.masked_positions[a.masked_labels != -100]
     assert (masked > 0).all() and (masked < 31).all()  # [CLS]/[SEP] never predicted
+    # held-out targets are all [MASK]: no kept token lets a copying model score without context
+    real = a.masked_labels != -100
+    shown = a.input_ids.gather(1, a.masked_positions)
+    assert (shown[real] == tokenizer.mask_token_id).all()
+    training = collator(rows[:4], np.arange(4), 0)  # training keeps BERT's 80/10/10
+    assert (training.input_ids.gather(1, training.masked_positions)
+            != tokenizer.mask_token_id)[training.masked_labels != -100].any()
 
 
 def test_decoder_gets_perplexity(tiny_llama, corpora):

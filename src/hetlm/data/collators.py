@@ -14,6 +14,9 @@ import numpy as np
 import torch
 
 # A fixed "epoch" for evaluation masking, so held-out metrics compare across steps and runs.
+# At this epoch every chosen position becomes [MASK] (no 10% kept / 10% random): with kept
+# tokens among the targets, a model that only copies its input scores ~10% accuracy without
+# using any context (seen: 13.6% held-out accuracy from copying alone, 3.9% at the [MASK]s).
 EVAL_EPOCH = 2**31 - 1
 
 
@@ -161,6 +164,8 @@ class MLMCollator:
         labels = np.full((batch, self.slots), -100, dtype=np.int64)
         for row, (ids, index) in enumerate(zip(rows, indices, strict=True)):
             masked, chosen, target = self.mask_one(ids.astype(np.int64), epoch, int(index))
+            if epoch == EVAL_EPOCH:  # held-out scoring: prediction from the context alone
+                masked[chosen] = self.mask_id
             input_ids[row] = masked
             positions[row, :len(chosen)] = chosen
             labels[row, :len(chosen)] = target

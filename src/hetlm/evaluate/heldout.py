@@ -270,3 +270,97 @@ def _packed_unusable(corpus: PackedCorpus, tokenizer: Any, causal: bool) -> str 
 
 def _exp(loss: float) -> float:
     return math.exp(loss) if loss < 700 else math.inf
+
+
+# ---------------------------------------------------------------- the token-frequency baseline
+
+
+@dataclass
+class FrequencyBaseline:
+    """What a model that ignores the context scores on held-out targets: the plateau to leave.
+
+    A masked LM first learns how frequent each token is and predicts that, whatever the sentence
+    (the "token-frequency plateau"); only a model above this baseline uses the context.
+    ``accuracy``: always predicting the most frequent held-out target (chosen on the held-out
+    targets themselves, so no constant guess does better); ``loss``: the cross-entropy in nats
+    of the held-out targets under the training tokens' frequencies (add-one smoothed), which is
+    what a model that learnt only those frequencies reports.
+    """
+
+    token_id: int
+    accuracy: float
+    loss: float
+    targets: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def token_counts(rows: np.ndarray, vocab_size: int, exclude: Iterable[int] = ()) -> np.ndarray:
+    """How often each token id occurs in ``rows`` (the ids in ``exclude``, e.g. [CLS]/[SEP]/
+    [PAD], which are never masked, count 0)."""
+    counts = np.bincount(np.asarray(rows, dtype=np.int64).reshape(-1), minlength=vocab_size)
+    counts = counts[:vocab_size].astype(np.float64)
+    counts[[i for i in exclude if 0 <= i < vocab_size]] = 0
+    return counts
+
+
+def frequency_baseline(labels: np.ndarray, train_counts: np.ndarray) -> FrequencyBaseline:
+    """The baseline of held-out target ids ``labels`` (``-100`` slots ignored), with the
+    frequencies ``train_counts`` (:func:`token_counts` of the training rows)."""
+    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    labels = labels[labels != -100]
+    if labels.size == 0:
+        raise HetlmError("no held-out targets to compute the frequency baseline on: hold out "
+                         "more text (validation_fraction) or more samples (train.max_eval_samples)")
+    if int(labels.max()) >= len(train_counts):
+        raise ValueError(f"target id {int(labels.max())} is outside the {len(train_counts)} "
+                         "token counts: count the training rows over the whole vocabulary")
+    held_out = np.bincount(labels)
+    smoothed = np.asarray(train_counts, dtype=np.float64) + 1.0
+    smoothed = smoothed / smoothed.sum()
+    loss = float(-np.log(smoothed[labels]).mean())
+    return FrequencyBaseline(token_id=int(held_out.argmax()),
+                             accuracy=float(held_out.max() / labels.size), loss=loss,
+                             targets=int(labels.size))
+
+
+def masked_targets(rows: np.ndarray, collator: Any, batch_size: int = 256) -> np.ndarray:
+    """The target ids of ``rows`` masked at ``EVAL_EPOCH`` (row i as sample index i): the very
+    positions that ``score_mlm`` and `hetlm pretrain`'s held-out evaluation score."""
+    from hetlm.data.collators import EVAL_EPOCH
+
+    out = []
+    for start in range(0, len(rows), batch_size):
+        indices = np.arange(start, min(start + batch_size, len(rows)))
+        labels = collator(rows[indices], indices, EVAL_EPOCH).masked_labels.numpy().reshape(-1)
+        out.append(labels[labels != -100])
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+
+TRAIN_ROWS_COUNTED = 50_000  # training rows whose tokens give the frequencies (evenly spaced)
+
+
+def pretraining_heldout(config: Any) -> tuple[np.ndarray, Any, FrequencyBaseline]:
+    """The held-out rows and collator that `hetlm pretrain` scores for this config (the first
+    ``train.max_eval_samples`` validation sequences; a masked LM's masked at ``EVAL_EPOCH`` with
+    ``run.seed``, a causal LM's every next token: collator None), and their
+    :class:`FrequencyBaseline`. Token frequencies come from at most ``TRAIN_ROWS_COUNTED``
+    training rows, evenly spaced over the split."""
+    from hetlm.data.packing import load_packed_dataset
+    from hetlm.train.objectives import build_data, special_ids
+
+    dataset, meta = load_packed_dataset(config.data.dataset)
+    validation = build_data(config, dataset["validation"], meta)
+    train = build_data(config, dataset["train"], meta)
+    rows = validation.rows_at(np.arange(min(config.train.max_eval_samples, len(validation))))
+    counted = np.unique(np.linspace(0, len(train) - 1, min(len(train), TRAIN_ROWS_COUNTED))
+                        .astype(np.int64))
+    special = special_ids(meta)
+    if config.model.causal:  # every token after a row's first is a target, padding aside
+        counts = token_counts(train.rows_at(counted), int(meta["vocab_size"]), [special["pad"]])
+        targets = rows[:, 1:][rows[:, 1:] != special["pad"]]
+        return rows, None, frequency_baseline(targets, counts)
+    counts = token_counts(train.rows_at(counted), int(meta["vocab_size"]), special.values())
+    targets = masked_targets(rows, validation.collator)
+    return rows, validation.collator, frequency_baseline(targets, counts)
