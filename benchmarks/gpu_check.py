@@ -51,7 +51,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 CORPUS = ROOT / "data" / "general_aozora" / "aozora_soseki_akutagawa.jsonl"
 sys.path.insert(0, str(ROOT / "src"))  # this checkout's hetlm, installed or not
 
-PARTS = ("env", "demo", "mlm", "sft", "qlora", "fp16", "multirank")
+PARTS = ("env", "demo", "mlm", "sft", "qlora", "fp16", "multirank", "learning")
 NEEDS_CUDA = ("qlora", "multirank")
 # The wheels a machine without internet needs for QLoRA (pip download --no-deps on another).
 BNB_WHEEL = "bitsandbytes-0.50.2-py3-none-manylinux_2_24_x86_64.whl"
@@ -92,30 +92,33 @@ class Settings:
     small_batch: int
     fp16_steps: int
     multirank_steps: int
+    learning_args: list[str]            # benchmarks/learning_check.py (issue 13's learning check)
 
 
 GPU = Settings(
     dry_run=False, budget_s=470.0,
-    part_budget_s={"env": 15, "demo": 80, "mlm": 110, "sft": 130, "qlora": 70, "fp16": 25,
-                   "multirank": 40},
+    part_budget_s={"env": 15, "demo": 70, "mlm": 100, "sft": 120, "qlora": 60, "fp16": 25,
+                   "multirank": 35, "learning": 45},
     corpus_docs=None, vocab_size=32000,
     demo_args=["--steps", "30"],
     mlm_preset="base", mlm_shapes=[(128, 256), (512, 64)], mlm_warmup=5, mlm_steps=40,
     sft_preset="1b", sft_examples=1000, sft_text_rows=None, sft_max_length=512, sft_warmup=3,
     sft_steps=10, qlora_steps=4, new_tokens=8,
-    small_preset="small", small_seq=128, small_batch=32, fp16_steps=30, multirank_steps=10)
+    small_preset="small", small_seq=128, small_batch=32, fp16_steps=30, multirank_steps=10,
+    learning_args=["--device", "cuda", "--steps", "1000"])
 
 DRY_RUN = Settings(
     dry_run=True, budget_s=600.0,  # ~1 minute on an idle machine; the rest is for a busy CI
     part_budget_s={"env": 40, "demo": 160, "mlm": 100, "sft": 160, "qlora": 10, "fp16": 100,
-                   "multirank": 10},
+                   "multirank": 10, "learning": 120},
     corpus_docs=8, vocab_size=3000,
     demo_args=["--steps", "3", "--preset", "tiny", "--seq-len", "32", "--vocab-size", "3000",
                "--micro-batches", "2,2"],
     mlm_preset="tiny", mlm_shapes=[(32, 4)], mlm_warmup=1, mlm_steps=2,
     sft_preset="tiny", sft_examples=120, sft_text_rows=200, sft_max_length=128, sft_warmup=1,
     sft_steps=2, qlora_steps=2, new_tokens=4,
-    small_preset="tiny", small_seq=32, small_batch=4, fp16_steps=8, multirank_steps=3)
+    small_preset="tiny", small_seq=32, small_batch=4, fp16_steps=8, multirank_steps=3,
+    learning_args=["--dry-run"])
 
 
 # ------------------------------------------------------------------ one part, in its own process
@@ -832,6 +835,36 @@ def multirank_run(ctx: PartContext, name: str, command: list[str]) -> dict[str, 
     return entry
 
 
+def part_learning(ctx: PartContext) -> None:
+    """Issue 13's learning check at a size this budget allows: hetlm and the Trainer on the
+    same BERT, data and batches; does either leave the token-frequency plateau? (The full GPU
+    run: ``python benchmarks/learning_check.py --device cuda``.)"""
+    out = ctx.out / "learning"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "learning_check.py"),
+           *ctx.settings.learning_args, "--out", str(out),
+           "--cache", str(ctx.cache / "learning")]
+    with (ctx.out / "gpu_check_logs" / "learning-output.log").open("w") as log:
+        run = run_command(cmd, ctx.time_left() - 2, log)
+    ctx.result.update(command=shown(cmd), exit_code=run["exit_code"], wall_s=run["wall_s"])
+    if run["timed_out"]:
+        raise PartFailed(f"the learning check timed out after {run['wall_s']:.0f} s")
+    if run["exit_code"] != 0:
+        raise PartFailed(f"the learning check exited with {run['exit_code']}: "
+                         f"{error_line(run['output'])}")
+    found = sorted(out.glob("learning_check*.json"))
+    if not found:
+        raise PartFailed(f"the learning check wrote no JSON under {out}")
+    summary = json.loads(found[-1].read_text())["summary"]
+    systems = summary["systems"]
+    ctx.result.update(
+        baseline_accuracy=summary["baseline_accuracy"],
+        hetlm_accuracy=systems["hetlm"]["final_accuracy"],
+        trainer_accuracy=systems["trainer"]["final_accuracy"],
+        hetlm_train_s=systems["hetlm"]["train_time_s"],
+        trainer_train_s=systems["trainer"]["train_time_s"],
+        both_leave_plateau=summary["both_leave_plateau"], within_noise=summary["within_noise"])
+
+
 def part_multirank(ctx: PartContext) -> None:
     import torch
 
@@ -852,6 +885,7 @@ def part_multirank(ctx: PartContext) -> None:
 
 
 PART_FUNCTIONS: dict[str, Callable[[PartContext], None]] = {
+    "learning": part_learning,
     "env": part_env, "demo": part_demo, "mlm": part_mlm, "sft": part_sft, "qlora": part_qlora,
     "fp16": part_fp16, "multirank": part_multirank}
 
@@ -1091,6 +1125,18 @@ def md_multirank(multi: dict[str, Any]) -> list[str]:
     return lines
 
 
+def md_learning(learning: dict[str, Any]) -> list[str]:
+    if "hetlm_accuracy" not in learning:
+        return []
+    return [f"`{learning['command']}`: held-out accuracy hetlm "
+            f"{100 * learning['hetlm_accuracy']:.1f}%, Trainer "
+            f"{100 * learning['trainer_accuracy']:.1f}%, most-frequent-token baseline "
+            f"{100 * learning['baseline_accuracy']:.1f}% (goal: 2x); both leave the plateau: "
+            f"{learning['both_leave_plateau']}; curves within noise: {learning['within_noise']}; "
+            f"training {learning['hetlm_train_s']:.0f} s (hetlm) vs "
+            f"{learning['trainer_train_s']:.0f} s (Trainer)."]
+
+
 def md_goals(rows: list[dict[str, Any]], dry_run: bool) -> list[str]:
     lines = ["| goal | measured | met |", "|---|---:|---|"]
     for g in rows:
@@ -1112,6 +1158,7 @@ SECTIONS: dict[str, tuple[str, Callable[[dict[str, Any]], list[str]]]] = {
     "qlora": ("5. QLoRA end to end (bitsandbytes)", md_qlora),
     "fp16": ("6. fp16 with loss scaling", md_fp16),
     "multirank": ("7. Several ranks", md_multirank),
+    "learning": ("8. Does it learn? (issue 13's learning check)", md_learning),
 }
 
 

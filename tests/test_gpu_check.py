@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PARTS = ("env", "demo", "mlm", "sft", "qlora", "fp16", "multirank")
+PARTS = ("env", "demo", "mlm", "sft", "qlora", "fp16", "multirank", "learning")
 
 
 def numbers(value, where=""):
@@ -69,8 +69,9 @@ def test_dry_run_reports_every_part(dry_run: Path) -> None:
 def test_dry_run_measures_on_cpu_and_skips_what_needs_cuda(dry_run: Path) -> None:
     parts = json.loads((dry_run / "gpu.json").read_text())["parts"]
     # what a CPU can run, runs and passes
-    for name in ("env", "demo", "mlm", "sft", "fp16"):
+    for name in ("env", "demo", "mlm", "sft", "fp16", "learning"):
         assert parts[name]["status"] == "ok", (name, parts[name])
+    assert 0 <= parts["learning"]["hetlm_accuracy"] <= 1 and parts["learning"]["baseline_accuracy"] > 0
     assert parts["demo"]["exit_code"] == 0 and parts["demo"]["summary"]
     row = parts["mlm"]["seq32"]
     assert row["trainer"]["tokens_per_s"] > 0 and row["hetlm"]["tokens_per_s"] > 0
