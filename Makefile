@@ -20,6 +20,7 @@ demo: $(VENV)/.installed-test,chat
 
 test: $(VENV)/.installed-test,chat
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 

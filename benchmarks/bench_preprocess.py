@@ -49,12 +49,15 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data"
 SOURCES = [
     (DATA / "general_aozora" / "aozora_soseki_akutagawa.jsonl", "text"),
-    (DATA / "finance_economy_watchers" / "ews_current_2024H2.jsonl", "追加説明及び具体的状況の説明"),
+    (
+        DATA / "finance_economy_watchers" / "ews_current_2024H2.jsonl",
+        "追加説明及び具体的状況の説明",
+    ),
     (DATA / "instruct_dolly_ja" / "databricks-dolly-15k-ja_v0_every3rd.jsonl", "output"),
 ]
 SEQ_LEN = 512
 
-HF_RECIPE = r'''
+HF_RECIPE = r"""
 import sys
 from itertools import chain
 from datasets import load_dataset
@@ -78,7 +81,7 @@ def group_texts(examples):
 
 grouped = tokenized.map(group_texts, batched=True, num_proc=2)
 print("SEQUENCES", len(grouped))
-'''
+"""
 
 
 # ---------------------------------------------------------------- corpora
@@ -167,8 +170,13 @@ class TreeSampler(threading.Thread):
 def run_measured(command: list[str], log: Path) -> dict:
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    env = {**os.environ, "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM":
-           "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+    }
     with log.open("w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
         sampler = TreeSampler(process.pid)
@@ -181,9 +189,13 @@ def run_measured(command: list[str], log: Path) -> dict:
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if code != 0:
         raise SystemExit(f"{command[:4]} failed ({code}); see {log}")
-    return {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
-            "peak_rss_mb": round(sampler.peak_rss / 1e6), "peak_pss_mb":
-            round(sampler.peak_pss / 1e6), "processes": sampler.peak_processes}
+    return {
+        "wall_s": round(wall, 1),
+        "cpu_s": round(cpu, 1),
+        "peak_rss_mb": round(sampler.peak_rss / 1e6),
+        "peak_pss_mb": round(sampler.peak_pss / 1e6),
+        "processes": sampler.peak_processes,
+    }
 
 
 def run_system(system: str, corpus: Path, tokenizer: Path, work: Path) -> dict:
@@ -191,12 +203,31 @@ def run_system(system: str, corpus: Path, tokenizer: Path, work: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     if system == "hetlm":
-        command = [sys.executable, "-m", "hetlm.cli", "prepare", str(corpus), "--tokenizer",
-                   str(tokenizer), "--output", str(out / "dataset"), "--seq-len", str(SEQ_LEN),
-                   "--workers", "2"]
+        command = [
+            sys.executable,
+            "-m",
+            "hetlm.cli",
+            "prepare",
+            str(corpus),
+            "--tokenizer",
+            str(tokenizer),
+            "--output",
+            str(out / "dataset"),
+            "--seq-len",
+            str(SEQ_LEN),
+            "--workers",
+            "2",
+        ]
     else:
-        command = [sys.executable, "-c", HF_RECIPE, str(corpus), str(tokenizer),
-                   str(out / "cache"), str(SEQ_LEN)]
+        command = [
+            sys.executable,
+            "-c",
+            HF_RECIPE,
+            str(corpus),
+            str(tokenizer),
+            str(out / "cache"),
+            str(SEQ_LEN),
+        ]
     result = run_measured(command, out / "log.txt")
     log = (out / "log.txt").read_text(errors="replace")
     if system == "hetlm":
@@ -205,24 +236,35 @@ def run_system(system: str, corpus: Path, tokenizer: Path, work: Path) -> dict:
     else:
         result["sequences"] = int(log.split("SEQUENCES")[-1].split()[0])
     size = corpus.stat().st_size / 1e6
-    result.update(system=system, corpus=corpus.name, corpus_mb=round(size, 1),
-                  mb_s_per_core_cpu=round(size / max(result["cpu_s"], 1e-9), 2),
-                  mb_s_per_core_wall=round(size / result["wall_s"] / 2, 2))
+    result.update(
+        system=system,
+        corpus=corpus.name,
+        corpus_mb=round(size, 1),
+        mb_s_per_core_cpu=round(size / max(result["cpu_s"], 1e-9), 2),
+        mb_s_per_core_wall=round(size / result["wall_s"] / 2, 2),
+    )
     shutil.rmtree(out, ignore_errors=True)  # outputs are large; the numbers are what we keep
     return result
 
 
 def markdown(results: list[dict], note: str) -> str:
-    lines = ["# Preprocessing: `hetlm prepare` vs the HF run_mlm recipe", "", note,
-             "How it is measured, and the results against the goals: docs/DATA.md.", "",
-             "| system | corpus | MB | wall s | CPU s | MB/s per core (CPU) | MB/s per core "
-             "(wall / 2) | peak RSS sum MB | peak PSS sum MB | processes | sequences |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "# Preprocessing: `hetlm prepare` vs the HF run_mlm recipe",
+        "",
+        note,
+        "How it is measured, and the results against the goals: docs/DATA.md.",
+        "",
+        "| system | corpus | MB | wall s | CPU s | MB/s per core (CPU) | MB/s per core "
+        "(wall / 2) | peak RSS sum MB | peak PSS sum MB | processes | sequences |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in results:
-        lines.append(f"| {r['system']} | {r['corpus']} | {r['corpus_mb']:,.0f} | "
-                     f"{r['wall_s']:,.1f} | {r['cpu_s']:,.1f} | {r['mb_s_per_core_cpu']:.2f} | "
-                     f"{r['mb_s_per_core_wall']:.2f} | {r['peak_rss_mb']:,} | "
-                     f"{r['peak_pss_mb']:,} | {r['processes']} | {r['sequences']:,} |")
+        lines.append(
+            f"| {r['system']} | {r['corpus']} | {r['corpus_mb']:,.0f} | "
+            f"{r['wall_s']:,.1f} | {r['cpu_s']:,.1f} | {r['mb_s_per_core_cpu']:.2f} | "
+            f"{r['mb_s_per_core_wall']:.2f} | {r['peak_rss_mb']:,} | "
+            f"{r['peak_pss_mb']:,} | {r['processes']} | {r['sequences']:,} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -232,9 +274,12 @@ def main() -> None:
     parser.add_argument("--systems", default="hetlm,hf")
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "bench_preprocess")
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
-    parser.add_argument("--update", action="store_true",
-                        help="keep the other rows of an existing preprocess.json (e.g. rerun "
-                             "only --sizes 100 when the machine is quieter)")
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="keep the other rows of an existing preprocess.json (e.g. rerun "
+        "only --sizes 100 when the machine is quieter)",
+    )
     args = parser.parse_args()
 
     from hetlm.data.tokenizer import train_tokenizer
@@ -252,8 +297,9 @@ def main() -> None:
         for system in args.systems.split(","):
             print(f"{system} on {corpus.name} ...", flush=True)
             result = run_system(system, corpus, tokenizer, args.work)
-            results = [r for r in results
-                       if (r["system"], r["corpus"]) != (system, corpus.name)] + [result]
+            results = [
+                r for r in results if (r["system"], r["corpus"]) != (system, corpus.name)
+            ] + [result]
             results.sort(key=lambda r: (r["corpus_mb"], r["system"] != "hetlm"))
             print(json.dumps(result), flush=True)
             write(results, args.results)
@@ -261,14 +307,17 @@ def main() -> None:
 
 def write(results: list[dict], folder: Path) -> None:
     load = os.getloadavg()
-    note = (f"`python benchmarks/bench_preprocess.py` on {platform.machine()} with "
-            f"{os.cpu_count()} cores, Python {platform.python_version()}; SentencePiece "
-            f"unigram 8,000 tokenizer, {SEQ_LEN}-token sequences, 2 worker processes each. "
-            f"Load average at the end: {load[0]:.1f} (other processes on the machine).")
+    note = (
+        f"`python benchmarks/bench_preprocess.py` on {platform.machine()} with "
+        f"{os.cpu_count()} cores, Python {platform.python_version()}; SentencePiece "
+        f"unigram 8,000 tokenizer, {SEQ_LEN}-token sequences, 2 worker processes each. "
+        f"Load average at the end: {load[0]:.1f} (other processes on the machine)."
+    )
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "preprocess.md").write_text(markdown(results, note), encoding="utf-8")
-    (folder / "preprocess.json").write_text(json.dumps({"note": note, "results": results},
-                                                       indent=2) + "\n", encoding="utf-8")
+    (folder / "preprocess.json").write_text(
+        json.dumps({"note": note, "results": results}, indent=2) + "\n", encoding="utf-8"
+    )
 
 
 if __name__ == "__main__":

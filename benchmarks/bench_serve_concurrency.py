@@ -63,11 +63,17 @@ def prepare(cache: Path, vocab_size: int = 8000) -> Path:
             row = json.loads(line)
             text = "\n".join(str(row.get(k) or "") for k in ("instruction", "input", "output"))
             out.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
-    tokenizer_dir = train_tokenizer([texts], cache / f"tokenizer-v{vocab_size}",
-                                    vocab_size=vocab_size)
+    tokenizer_dir = train_tokenizer(
+        [texts], cache / f"tokenizer-v{vocab_size}", vocab_size=vocab_size
+    )
     tokenizer = load_sft_tokenizer(tokenizer_dir)
-    model = build_base_model(SFTModelSection(preset="small", tokenizer=str(tokenizer_dir)),
-                             tokenizer, max_length=512, seed=0, device=torch.device("cpu"))
+    model = build_base_model(
+        SFTModelSection(preset="small", tokenizer=str(tokenizer_dir)),
+        tokenizer,
+        max_length=512,
+        seed=0,
+        device=torch.device("cpu"),
+    )
     model.save_pretrained(model_dir)
     save_tokenizer(tokenizer, model_dir)
     return model_dir
@@ -91,13 +97,38 @@ class Server:
     def __init__(self, model_dir: Path, max_batch: int, device: str, threads: int):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads),
-               "PYTHONPATH": str(ROOT / "src")}
+        env = {
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "OMP_NUM_THREADS": str(threads),
+            "PYTHONPATH": str(ROOT / "src"),
+        }
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "hetlm.cli", "serve", "--model", str(model_dir), "--port",
-             str(self.port), "--model-name", "bench", "--temperature", "0", "--device", device,
-             "--max-batch", str(max_batch), "--max-queue", "64"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+            [
+                sys.executable,
+                "-m",
+                "hetlm.cli",
+                "serve",
+                "--model",
+                str(model_dir),
+                "--port",
+                str(self.port),
+                "--model-name",
+                "bench",
+                "--temperature",
+                "0",
+                "--device",
+                device,
+                "--max-batch",
+                str(max_batch),
+                "--max-queue",
+                "64",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
 
     def __enter__(self) -> Server:
         import httpx
@@ -131,10 +162,16 @@ def run_clients(url: str, prompts: list[str], clients: int, max_tokens: int) -> 
     def ask(prompt: str) -> tuple[str, int, float]:
         start = time.perf_counter()
         reply = client.chat.completions.create(
-            model="bench", messages=[{"role": "user", "content": prompt}], temperature=0,
-            max_tokens=max_tokens)
-        return (reply.choices[0].message.content, reply.usage.completion_tokens,
-                time.perf_counter() - start)
+            model="bench",
+            messages=[{"role": "user", "content": prompt}],
+            temperature=0,
+            max_tokens=max_tokens,
+        )
+        return (
+            reply.choices[0].message.content,
+            reply.usage.completion_tokens,
+            time.perf_counter() - start,
+        )
 
     import httpx
 
@@ -149,13 +186,18 @@ def run_clients(url: str, prompts: list[str], clients: int, max_tokens: int) -> 
     batches = after["batches"] - before["batches"]
     tokens = sum(a[1] for a in answers)
     latencies = sorted(a[2] for a in answers)
-    return {"clients": clients, "requests": len(prompts), "seconds": round(elapsed, 3),
-            "requests_per_s": round(len(prompts) / elapsed, 3),
-            "tokens_per_s": round(tokens / elapsed, 1), "completion_tokens": tokens,
-            "latency_p50_s": round(statistics.median(latencies), 3),
-            "latency_max_s": round(latencies[-1], 3),
-            "mean_batch": round((after["requests"] - before["requests"]) / max(batches, 1), 2),
-            "texts": [a[0] for a in answers]}
+    return {
+        "clients": clients,
+        "requests": len(prompts),
+        "seconds": round(elapsed, 3),
+        "requests_per_s": round(len(prompts) / elapsed, 3),
+        "tokens_per_s": round(tokens / elapsed, 1),
+        "completion_tokens": tokens,
+        "latency_p50_s": round(statistics.median(latencies), 3),
+        "latency_max_s": round(latencies[-1], 3),
+        "mean_batch": round((after["requests"] - before["requests"]) / max(batches, 1), 2),
+        "texts": [a[0] for a in answers],
+    }
 
 
 def main() -> None:
@@ -173,18 +215,21 @@ def main() -> None:
     prompts = questions(args.requests)
     runs: dict[str, list[dict]] = {name: [] for name in SERVERS}
     with contextlib.ExitStack() as stack:
-        servers = {name: stack.enter_context(Server(model_dir, max_batch, args.device,
-                                                    args.threads))
-                   for name, max_batch in SERVERS.items()}
+        servers = {
+            name: stack.enter_context(Server(model_dir, max_batch, args.device, args.threads))
+            for name, max_batch in SERVERS.items()
+        }
         for clients in CLIENTS:
             best: dict[str, dict] = {}
             for _ in range(args.repeats):
                 for name, server in servers.items():
                     result = run_clients(server.url, prompts, clients, args.max_tokens)
-                    print(f"{name:14s} clients {clients:2d}: {result['requests_per_s']:7.2f} "
-                          f"req/s {result['tokens_per_s']:8.1f} tok/s p50 "
-                          f"{result['latency_p50_s']:.2f} s, mean batch {result['mean_batch']}",
-                          flush=True)
+                    print(
+                        f"{name:14s} clients {clients:2d}: {result['requests_per_s']:7.2f} "
+                        f"req/s {result['tokens_per_s']:8.1f} tok/s p50 "
+                        f"{result['latency_p50_s']:.2f} s, mean batch {result['mean_batch']}",
+                        flush=True,
+                    )
                     if name not in best or result["seconds"] < best[name]["seconds"]:
                         best[name] = result
             for name in SERVERS:
@@ -197,17 +242,27 @@ def main() -> None:
     write(args, model_dir, runs, same)
 
 
-def write(args: argparse.Namespace, model_dir: Path, runs: dict[str, list[dict]],
-          same: bool) -> None:
+def write(
+    args: argparse.Namespace, model_dir: Path, runs: dict[str, list[dict]], same: bool
+) -> None:
     import torch
 
-    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-               f"torch {torch.__version__}, device {args.device}, server torch threads "
-               f"{args.threads}")
+    machine = (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__}, device {args.device}, server torch threads "
+        f"{args.threads}"
+    )
     load = os.getloadavg()[1]
-    record = {"machine": machine, "load_average_5min": round(load, 1), "model": "random LLaMA 'small' (hidden 256, 4 layers), "
-              "8k SentencePiece vocabulary", "requests": args.requests,
-              "max_tokens": args.max_tokens, "repeats": args.repeats, "greedy_replies_identical": same, "runs": runs}
+    record = {
+        "machine": machine,
+        "load_average_5min": round(load, 1),
+        "model": "random LLaMA 'small' (hidden 256, 4 layers), 8k SentencePiece vocabulary",
+        "requests": args.requests,
+        "max_tokens": args.max_tokens,
+        "repeats": args.repeats,
+        "greedy_replies_identical": same,
+        "runs": runs,
+    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
@@ -228,15 +283,21 @@ def write(args: argparse.Namespace, model_dir: Path, runs: dict[str, list[dict]]
     ]
     for clients in CLIENTS:
         s, b = seq[clients], bat[clients]
-        lines.append(f"| {clients} | {s['requests_per_s']:.2f} | {s['tokens_per_s']:.0f} | "
-                     f"{s['latency_p50_s']:.2f} | {b['requests_per_s']:.2f} | "
-                     f"{b['tokens_per_s']:.0f} | {b['latency_p50_s']:.2f} | "
-                     f"{b['mean_batch']:.1f} | {b['tokens_per_s'] / s['tokens_per_s']:.2f}x |")
-    lines += ["", f"Batched greedy replies identical to one-at-a-time replies: "
-              f"{'yes' if same else 'NO'}. Mean batch: requests per `generate` call of the "
-              f"batched server. Load average (5 min) at the end: {load:.1f} on "
-              f"{os.cpu_count()} CPUs (a shared machine: absolute numbers are noisy, hence "
-              "best-of runs; the ratio is the point).", ""]
+        lines.append(
+            f"| {clients} | {s['requests_per_s']:.2f} | {s['tokens_per_s']:.0f} | "
+            f"{s['latency_p50_s']:.2f} | {b['requests_per_s']:.2f} | "
+            f"{b['tokens_per_s']:.0f} | {b['latency_p50_s']:.2f} | "
+            f"{b['mean_batch']:.1f} | {b['tokens_per_s'] / s['tokens_per_s']:.2f}x |"
+        )
+    lines += [
+        "",
+        f"Batched greedy replies identical to one-at-a-time replies: "
+        f"{'yes' if same else 'NO'}. Mean batch: requests per `generate` call of the "
+        f"batched server. Load average (5 min) at the end: {load:.1f} on "
+        f"{os.cpu_count()} CPUs (a shared machine: absolute numbers are noisy, hence "
+        "best-of runs; the ratio is the point).",
+        "",
+    ]
     out.with_suffix(".md").write_text("\n".join(lines), encoding="utf-8")
     print("\n".join(lines))
 

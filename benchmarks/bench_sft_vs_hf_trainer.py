@@ -53,27 +53,50 @@ SYSTEMS = {
 # ------------------------------------------------------------------ shared inputs
 
 
-def prepare(cache: Path, vocab_size: int, examples: int, *, preset: str = "small",
-            corpus: Path = CORPUS, text_rows: int | None = None) -> dict[str, str]:
+def prepare(
+    cache: Path,
+    vocab_size: int,
+    examples: int,
+    *,
+    preset: str = "small",
+    corpus: Path = CORPUS,
+    text_rows: int | None = None,
+) -> dict[str, str]:
     """A hetlm SentencePiece tokenizer, a random base LLaMA saved once, and the dolly subset.
 
     The tokenizer learns from ``corpus`` and the text of the first ``text_rows`` dolly rows
     (all by default); the base is the ``preset`` shape (benchmarks/gpu_check.py uses ``1b``)."""
     cache.mkdir(parents=True, exist_ok=True)
-    rows = [json.loads(line) for _, line in zip(range(examples), DOLLY.open(encoding="utf-8"),
-                                                strict=False)]
+    rows = [
+        json.loads(line)
+        for _, line in zip(range(examples), DOLLY.open(encoding="utf-8"), strict=False)
+    ]
     data = cache / f"dolly-{examples}.jsonl"
-    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
-                    encoding="utf-8")
+    data.write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
+    )
     tokenizer = cache / f"tokenizer-v{vocab_size}"
     if not (tokenizer / "tokenizer.json").is_file():
         texts = cache / "dolly-texts.jsonl"
         with DOLLY.open(encoding="utf-8") as f:
-            all_rows = [json.loads(line) for _, line in zip(range(text_rows or 10**9), f,
-                                                              strict=False)]
-        texts.write_text("".join(json.dumps({"text": "\n".join(
-            str(r.get(k) or "") for k in ("instruction", "input", "output"))},
-            ensure_ascii=False) + "\n" for r in all_rows), encoding="utf-8")
+            all_rows = [
+                json.loads(line) for _, line in zip(range(text_rows or 10**9), f, strict=False)
+            ]
+        texts.write_text(
+            "".join(
+                json.dumps(
+                    {
+                        "text": "\n".join(
+                            str(r.get(k) or "") for k in ("instruction", "input", "output")
+                        )
+                    },
+                    ensure_ascii=False,
+                )
+                + "\n"
+                for r in all_rows
+            ),
+            encoding="utf-8",
+        )
         from hetlm.data.tokenizer import train_tokenizer
 
         train_tokenizer([corpus, texts], tokenizer, vocab_size=vocab_size)
@@ -86,8 +109,13 @@ def prepare(cache: Path, vocab_size: int, examples: int, *, preset: str = "small
         from hetlm.sft.train import build_base_model, load_sft_tokenizer
 
         tok = load_sft_tokenizer(tokenizer)
-        model = build_base_model(SFTModelSection(preset=preset, tokenizer=str(tokenizer)), tok,
-                                 max_length=512, seed=0, device=torch.device("cpu"))
+        model = build_base_model(
+            SFTModelSection(preset=preset, tokenizer=str(tokenizer)),
+            tok,
+            max_length=512,
+            seed=0,
+            device=torch.device("cpu"),
+        )
         model.save_pretrained(base)
         save_tokenizer(tok, base)
     return {"data": str(data), "base": str(base)}
@@ -101,8 +129,9 @@ def tokenized_examples(args: argparse.Namespace):
     from hetlm.sft.train import load_sft_tokenizer
 
     tokenizer = load_sft_tokenizer(args.base)
-    examples, _ = tokenize_examples(load_examples(args.data), tokenizer, JA_ALPACA,
-                                    max_length=args.max_length)
+    examples, _ = tokenize_examples(
+        load_examples(args.data), tokenizer, JA_ALPACA, max_length=args.max_length
+    )
     return tokenizer, examples
 
 
@@ -111,8 +140,9 @@ def hetlm_order(num_examples: int, steps: int) -> list[int]:
     from hetlm.data.sampler import HeterogeneousBatchSampler
     from hetlm.topology import BatchSplit
 
-    sampler = HeterogeneousBatchSampler(num_examples, BatchSplit.from_micro_batches(
-        GLOBAL_BATCH, [MICRO_BATCH]), rank=0, seed=0)
+    sampler = HeterogeneousBatchSampler(
+        num_examples, BatchSplit.from_micro_batches(GLOBAL_BATCH, [MICRO_BATCH]), rank=0, seed=0
+    )
     return [int(i) for s in range(steps) for i in sampler.global_batch(0, s)]
 
 
@@ -134,20 +164,30 @@ def run_trainer(args: argparse.Namespace, strategy: str) -> dict:
     tokenizer, examples = tokenized_examples(args)
     if strategy == "sequential":  # exactly hetlm's global batches, in order
         examples = [examples[i] for i in hetlm_order(len(examples), args.steps)]
-    dataset = datasets.Dataset.from_dict({
-        "input_ids": [e.input_ids for e in examples],
-        "attention_mask": [[1] * len(e) for e in examples],
-        "labels": [e.labels for e in examples]})
+    dataset = datasets.Dataset.from_dict(
+        {
+            "input_ids": [e.input_ids for e in examples],
+            "attention_mask": [[1] * len(e) for e in examples],
+            "labels": [e.labels for e in examples],
+        }
+    )
     model = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32)
     model.config.use_cache = False
-    config = peft.LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
-                             bias="none", target_modules="all-linear", task_type="CAUSAL_LM")
+    config = peft.LoraConfig(
+        r=LORA["r"],
+        lora_alpha=LORA["alpha"],
+        lora_dropout=LORA["dropout"],
+        bias="none",
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+    )
     torch.manual_seed(0)  # the adapter's initialisation, as hetlm seeds it
     model = peft.get_peft_model(model, config)
     padded: list[int] = []
     real: list[int] = []
-    base_collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100,
-                                           return_tensors="pt")
+    base_collator = DataCollatorForSeq2Seq(
+        tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt"
+    )
 
     def collate(features):
         batch = base_collator(features)
@@ -162,17 +202,34 @@ def run_trainer(args: argparse.Namespace, strategy: str) -> dict:
             step_ends.append(time.perf_counter())
 
     training_args = TrainingArguments(
-        output_dir=args.workdir, per_device_train_batch_size=MICRO_BATCH,
-        gradient_accumulation_steps=GLOBAL_BATCH // MICRO_BATCH, max_steps=args.steps,
-        learning_rate=HPARAMS["lr"], warmup_steps=0, weight_decay=HPARAMS["weight_decay"],
-        adam_epsilon=HPARAMS["adam_eps"], max_grad_norm=HPARAMS["max_grad_norm"],
-        lr_scheduler_type="linear", bf16=args.precision == "bf16",
+        output_dir=args.workdir,
+        per_device_train_batch_size=MICRO_BATCH,
+        gradient_accumulation_steps=GLOBAL_BATCH // MICRO_BATCH,
+        max_steps=args.steps,
+        learning_rate=HPARAMS["lr"],
+        warmup_steps=0,
+        weight_decay=HPARAMS["weight_decay"],
+        adam_epsilon=HPARAMS["adam_eps"],
+        max_grad_norm=HPARAMS["max_grad_norm"],
+        lr_scheduler_type="linear",
+        bf16=args.precision == "bf16",
         use_cpu=args.device == "cpu",
-        logging_steps=1, save_strategy="no", report_to=[], seed=0,
-        dataloader_num_workers=0, disable_tqdm=True, remove_unused_columns=False,
-        train_sampling_strategy=strategy)
-    trainer = Trainer(model=model, args=training_args, train_dataset=dataset,
-                      data_collator=collate, callbacks=[Clock()])
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        train_sampling_strategy=strategy,
+    )
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset,
+        data_collator=collate,
+        callbacks=[Clock()],
+    )
     started = time.perf_counter()
     trainer.train()
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
@@ -181,12 +238,16 @@ def run_trainer(args: argparse.Namespace, strategy: str) -> dict:
         real_per_step = [sum(real) / args.steps] * args.steps
         padded_per_step = [sum(padded) / args.steps] * args.steps
     else:
-        real_per_step = [sum(real[i * accum:(i + 1) * accum]) for i in range(args.steps)]
-        padded_per_step = [sum(padded[i * accum:(i + 1) * accum]) for i in range(args.steps)]
+        real_per_step = [sum(real[i * accum : (i + 1) * accum]) for i in range(args.steps)]
+        padded_per_step = [sum(padded[i * accum : (i + 1) * accum]) for i in range(args.steps)]
     ends = [started, *step_ends]
     times = [b - a for a, b in zip(ends, ends[1:], strict=False)]
-    return {"losses": losses, "step_times": times, "real_tokens": real_per_step,
-            "padded_tokens": padded_per_step}
+    return {
+        "losses": losses,
+        "step_times": times,
+        "real_tokens": real_per_step,
+        "padded_tokens": padded_per_step,
+    }
 
 
 def run_hetlm(args: argparse.Namespace, grouping: bool) -> dict:
@@ -196,34 +257,59 @@ def run_hetlm(args: argparse.Namespace, grouping: bool) -> dict:
     from hetlm.train import distributed as D
     from hetlm.train.metrics import read_metrics
 
-    config = parse_sft_config({
-        "run": {"output_dir": args.workdir, "seed": 0},
-        "model": {"init_from": args.base},
-        "data": {"dataset": args.data, "template": "ja-alpaca", "max_length": args.max_length,
-                 "validation_fraction": 0.0, "length_grouping": grouping},
-        "lora": {**LORA, "target_modules": "all-linear"},
-        "train": {"global_batch": GLOBAL_BATCH, "micro_batch": MICRO_BATCH,
-                  "max_steps": args.steps, "learning_rate": HPARAMS["lr"], "warmup_steps": 0,
-                  "lr_scheduler_type": "linear", "weight_decay": HPARAMS["weight_decay"],
-                  "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": HPARAMS["adam_eps"],
-                  "max_grad_norm": HPARAMS["max_grad_norm"], "precision": args.precision,
-                  "logging_steps": 1000}})
+    config = parse_sft_config(
+        {
+            "run": {"output_dir": args.workdir, "seed": 0},
+            "model": {"init_from": args.base},
+            "data": {
+                "dataset": args.data,
+                "template": "ja-alpaca",
+                "max_length": args.max_length,
+                "validation_fraction": 0.0,
+                "length_grouping": grouping,
+            },
+            "lora": {**LORA, "target_modules": "all-linear"},
+            "train": {
+                "global_batch": GLOBAL_BATCH,
+                "micro_batch": MICRO_BATCH,
+                "max_steps": args.steps,
+                "learning_rate": HPARAMS["lr"],
+                "warmup_steps": 0,
+                "lr_scheduler_type": "linear",
+                "weight_decay": HPARAMS["weight_decay"],
+                "adam_beta1": 0.9,
+                "adam_beta2": 0.999,
+                "adam_epsilon": HPARAMS["adam_eps"],
+                "max_grad_norm": HPARAMS["max_grad_norm"],
+                "precision": args.precision,
+                "logging_steps": 1000,
+            },
+        }
+    )
     run = InstructionTuning(config, D.init_distributed(), resume=False)
     run.run()
     steps = [r for r in read_metrics(Path(args.workdir) / "metrics.jsonl") if "event" not in r]
     sampler = run._build_sampler()  # a fresh one: the same micro-batches again, for padding
-    padded = [padded_tokens(sampler.next_step().micro_batches, run.train_data.lengths)
-              for _ in range(args.steps)]
-    return {"losses": [r["loss"] for r in steps], "step_times": [r["step_time_s"] for r in steps],
-            "real_tokens": [r["tokens_per_s"] * r["step_time_s"] for r in steps],
-            "padded_tokens": padded}
+    padded = [
+        padded_tokens(sampler.next_step().micro_batches, run.train_data.lengths)
+        for _ in range(args.steps)
+    ]
+    return {
+        "losses": [r["loss"] for r in steps],
+        "step_times": [r["step_time_s"] for r in steps],
+        "real_tokens": [r["tokens_per_s"] * r["step_time_s"] for r in steps],
+        "padded_tokens": padded,
+    }
 
 
 def child(args: argparse.Namespace) -> None:
     system = args.child
     if system.startswith("trainer"):
-        strategy = {"trainer": "sequential", "trainer_grouped": "group_by_length",
-                    "trainer_rebalance": "batch_rebalance"}[system]
+        strategy = {
+            "trainer": "sequential",
+            "trainer_grouped": "group_by_length",
+            "trainer_rebalance": "batch_rebalance",
+        }[system]
         result = run_trainer(args, strategy)
     else:
         result = run_hetlm(args, grouping=system == "hetlm")
@@ -240,22 +326,40 @@ def one_run(system: str, inputs: dict[str, str], args: argparse.Namespace, index
         import shutil
 
         shutil.rmtree(workdir)
-    cmd = [sys.executable, __file__, "--child", system, "--precision", args.precision,
-           "--data", inputs["data"], "--base", inputs["base"], "--workdir", str(workdir),
-           "--steps", str(args.steps), "--max-length", str(args.max_length),
-           "--device", args.device]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        system,
+        "--precision",
+        args.precision,
+        "--data",
+        inputs["data"],
+        "--base",
+        inputs["base"],
+        "--workdir",
+        str(workdir),
+        "--steps",
+        str(args.steps),
+        "--max-length",
+        str(args.max_length),
+        "--device",
+        args.device,
+    ]
     env = dict(os.environ, HF_DATASETS_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error")
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
     if out.returncode != 0 or line is None:
         raise SystemExit(f"{system} failed:\n{out.stderr[-4000:]}")
-    r = json.loads(line[len("RESULT "):])
+    r = json.loads(line[len("RESULT ") :])
     timed = slice(WARMUP_STEPS, None)
     r["tokens_per_s"] = sum(r["real_tokens"][timed]) / sum(r["step_times"][timed])
     r["padded_share"] = 1 - sum(r["real_tokens"]) / sum(r["padded_tokens"])
-    print(f"  {system:18s} {r['tokens_per_s']:7.0f} tok/s, peak RSS {r['peak_rss_mib']:6.0f} MiB, "
-          f"padding {r['padded_share']:.1%}, loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}",
-          flush=True)
+    print(
+        f"  {system:18s} {r['tokens_per_s']:7.0f} tok/s, peak RSS {r['peak_rss_mib']:6.0f} MiB, "
+        f"padding {r['padded_share']:.1%}, loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}",
+        flush=True,
+    )
     return r
 
 
@@ -267,8 +371,12 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int, default=32000)
     parser.add_argument("--examples", type=int, default=1000, help="dolly-ja rows used")
     parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
-                        help="where the Trainer runs (hetlm takes the GPU whenever there is one)")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        choices=["cpu", "cuda"],
+        help="where the Trainer runs (hetlm takes the GPU whenever there is one)",
+    )
     parser.add_argument("--systems", default=",".join(SYSTEMS))
     parser.add_argument("--cache", default=str(ROOT / "runs" / "bench-sft"))
     parser.add_argument("--child", choices=list(SYSTEMS))
@@ -317,8 +425,12 @@ NOTES = [
 ]
 
 
-def write_results(runs: dict[str, list[dict]], args: argparse.Namespace,
-                  load_before: tuple[float, ...], load_after: tuple[float, ...]) -> None:
+def write_results(
+    runs: dict[str, list[dict]],
+    args: argparse.Namespace,
+    load_before: tuple[float, ...],
+    load_after: tuple[float, ...],
+) -> None:
     import peft
     import torch
     import transformers
@@ -331,49 +443,74 @@ def write_results(runs: dict[str, list[dict]], args: argparse.Namespace,
             "tokens_per_s": max(r["tokens_per_s"] for r in rs),
             "peak_rss_mib": max(r["peak_rss_mib"] for r in rs),
             "padded_share": statistics.mean(r["padded_share"] for r in rs),
-            "losses": rs[0]["losses"]}
+            "losses": rs[0]["losses"],
+        }
     ref = rows.get("trainer")
-    setup = (f"LLaMA hidden 256, 4 layers, 4 heads, MLP 688, vocab {args.vocab_size:,} (hetlm "
-             f"SentencePiece on Aozora + dolly-ja text; the output head is ~70% of the matmul "
-             f"work per token), LoRA r {LORA['r']} alpha {LORA['alpha']:g} on all linear layers of "
-             f"attention and MLP, dropout 0; first {args.examples} rows of the shipped dolly-ja "
-             f"sample, ja-alpaca template, response-only labels, max_length {args.max_length}; "
-             f"global batch {GLOBAL_BATCH} = {GLOBAL_BATCH // MICRO_BATCH} micro-batches of "
-             f"{MICRO_BATCH}; AdamW lr {HPARAMS['lr']:g}, linear decay, no warm-up, weight decay "
-             f"0, clip 1.0; {args.precision}; {args.steps} steps, throughput over steps "
-             f"{WARMUP_STEPS + 1}-{args.steps}, best of {args.repeats} alternating run(s); "
-             f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), load "
-             f"average {load_before[0]:.1f} before / {load_after[0]:.1f} after (shared machine); "
-             f"torch {torch.__version__}, transformers {transformers.__version__}, peft "
-             f"{peft.__version__}")
-    lines = ["# hetlm LoRA SFT vs Hugging Face Trainer + PEFT, on CPU", "", setup, "",
-             "| system | tokens/s | vs Trainer (sequential) | peak RSS MiB | padding | "
-             "loss step 1 -> last |", "|---|---:|---:|---:|---:|---|"]
+    setup = (
+        f"LLaMA hidden 256, 4 layers, 4 heads, MLP 688, vocab {args.vocab_size:,} (hetlm "
+        f"SentencePiece on Aozora + dolly-ja text; the output head is ~70% of the matmul "
+        f"work per token), LoRA r {LORA['r']} alpha {LORA['alpha']:g} on all linear layers of "
+        f"attention and MLP, dropout 0; first {args.examples} rows of the shipped dolly-ja "
+        f"sample, ja-alpaca template, response-only labels, max_length {args.max_length}; "
+        f"global batch {GLOBAL_BATCH} = {GLOBAL_BATCH // MICRO_BATCH} micro-batches of "
+        f"{MICRO_BATCH}; AdamW lr {HPARAMS['lr']:g}, linear decay, no warm-up, weight decay "
+        f"0, clip 1.0; {args.precision}; {args.steps} steps, throughput over steps "
+        f"{WARMUP_STEPS + 1}-{args.steps}, best of {args.repeats} alternating run(s); "
+        f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), load "
+        f"average {load_before[0]:.1f} before / {load_after[0]:.1f} after (shared machine); "
+        f"torch {torch.__version__}, transformers {transformers.__version__}, peft "
+        f"{peft.__version__}"
+    )
+    lines = [
+        "# hetlm LoRA SFT vs Hugging Face Trainer + PEFT, on CPU",
+        "",
+        setup,
+        "",
+        "| system | tokens/s | vs Trainer (sequential) | peak RSS MiB | padding | "
+        "loss step 1 -> last |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
     for r in rows.values():
         ratio = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref else "-"
-        lines.append(f"| {r['label']} | {r['tokens_per_s']:,.0f} | {ratio} | "
-                     f"{r['peak_rss_mib']:,.0f} | {r['padded_share']:.1%} | "
-                     f"{r['losses'][0]:.4f} -> {r['losses'][-1]:.4f} |")
+        lines.append(
+            f"| {r['label']} | {r['tokens_per_s']:,.0f} | {ratio} | "
+            f"{r['peak_rss_mib']:,.0f} | {r['padded_share']:.1%} | "
+            f"{r['losses'][0]:.4f} -> {r['losses'][-1]:.4f} |"
+        )
     same = [s for s in ("trainer", "hetlm", "hetlm_ungrouped") if s in rows]
     if len(same) > 1:
-        lines += ["", "Loss per step (response tokens only) on the same batches:", "",
-                  "| step | " + " | ".join(rows[s]["label"] for s in same) + " |",
-                  "|---:|" + "---:|" * len(same)]
+        lines += [
+            "",
+            "Loss per step (response tokens only) on the same batches:",
+            "",
+            "| step | " + " | ".join(rows[s]["label"] for s in same) + " |",
+            "|---:|" + "---:|" * len(same),
+        ]
         for step in range(args.steps):
-            lines.append(f"| {step + 1} | " + " | ".join(
-                f"{rows[s]['losses'][step]:.4f}" for s in same) + " |")
+            lines.append(
+                f"| {step + 1} | "
+                + " | ".join(f"{rows[s]['losses'][step]:.4f}" for s in same)
+                + " |"
+            )
         if "trainer" in rows and "hetlm" in rows:
-            gap = max(abs(a - b) for a, b in zip(rows["trainer"]["losses"],
-                                                 rows["hetlm"]["losses"], strict=False))
-            lines += ["", f"Largest per-step loss difference Trainer (sequential) vs hetlm: "
-                      f"{gap:.2e}."]
+            gap = max(
+                abs(a - b)
+                for a, b in zip(rows["trainer"]["losses"], rows["hetlm"]["losses"], strict=False)
+            )
+            lines += [
+                "",
+                f"Largest per-step loss difference Trainer (sequential) vs hetlm: {gap:.2e}.",
+            ]
     lines += [line for note in NOTES for line in ("", note)]
     lines += [
-              "", "Reproduce: `python benchmarks/bench_sft_vs_hf_trainer.py` (see its docstring; "
-              "not part of `make bench`)."]
+        "",
+        "Reproduce: `python benchmarks/bench_sft_vs_hf_trainer.py` (see its docstring; "
+        "not part of `make bench`).",
+    ]
     (RESULTS / "sft_vs_hf_trainer.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / "sft_vs_hf_trainer.json").write_text(json.dumps(
-        {"setup": setup, "rows": rows, "runs": runs}, indent=1))
+    (RESULTS / "sft_vs_hf_trainer.json").write_text(
+        json.dumps({"setup": setup, "rows": rows, "runs": runs}, indent=1)
+    )
     print("\n".join(lines))
 
 

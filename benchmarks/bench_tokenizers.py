@@ -28,8 +28,11 @@ TYPES = (("sentencepiece", {}), ("mecab", {}), ("sudachi", {"sudachi_mode": "C"}
 def write_text_corpora(work: Path) -> dict[str, Path]:
     """JSON Lines with a "text" field for each corpus (chABSA: one document per report)."""
     work.mkdir(parents=True, exist_ok=True)
-    out = {"aozora": work / "aozora.jsonl", "ews": work / "ews.jsonl",
-           "chabsa": work / "chabsa.jsonl"}
+    out = {
+        "aozora": work / "aozora.jsonl",
+        "ews": work / "ews.jsonl",
+        "chabsa": work / "chabsa.jsonl",
+    }
     with AOZORA.open(encoding="utf-8") as src, out["aozora"].open("w", encoding="utf-8") as dst:
         for line in src:
             dst.write(json.dumps({"text": json.loads(line)["text"]}, ensure_ascii=False) + "\n")
@@ -61,36 +64,55 @@ def main() -> None:
     for kind, options in TYPES:
         folder = args.work / f"{kind}-{args.vocab_size}"
         started = time.perf_counter()
-        train_tokenizer(list(corpora.values()), folder, tokenizer_type=kind,
-                        vocab_size=args.vocab_size, **options)
+        train_tokenizer(
+            list(corpora.values()),
+            folder,
+            tokenizer_type=kind,
+            vocab_size=args.vocab_size,
+            **options,
+        )
         train_seconds[kind] = round(time.perf_counter() - started, 1)
         tokenizers.append(folder)
         print(f"trained {kind} in {train_seconds[kind]} s")
-    labels = {"aozora": "general: Aozora (Soseki, Akutagawa)",
-              "ews": "finance: Economy Watchers comments",
-              "chabsa": "finance: chABSA report sentences"}
+    labels = {
+        "aozora": "general: Aozora (Soseki, Akutagawa)",
+        "ews": "finance: Economy Watchers comments",
+        "chabsa": "finance: chABSA report sentences",
+    }
     reports = []
     for name, path in corpora.items():
-        reports += compare_tokenizers([path], tokenizers, max_chars=args.max_chars,
-                                      corpus_label=labels[name])
+        reports += compare_tokenizers(
+            [path], tokenizers, max_chars=args.max_chars, corpus_label=labels[name]
+        )
     table = markdown_table(reports)
     print(table)
     args.results.mkdir(parents=True, exist_ok=True)
     machine = f"{platform.machine()}, {platform.python_version()}"
-    header = (f"# Tokenizers: SentencePiece vs MeCab+WordPiece vs Sudachi+WordPiece\n\n"
-              f"`python benchmarks/bench_tokenizers.py --vocab-size {args.vocab_size}` "
-              f"({machine}). Each type trained with `hetlm tokenizer train` defaults at "
-              f"vocabulary {args.vocab_size:,} on the three shipped corpora together "
-              f"(Aozora 2.2M characters, Economy Watchers comments, chABSA sentences; "
-              f"Sudachi in split mode C, MeCab with unidic-lite), then measured with "
-              f"`hetlm tokenizer compare` on the first {args.max_chars:,} characters of each "
-              f"corpus. Training time (s): {json.dumps(train_seconds)}. What it shows: "
-              f"docs/DATA.md.\n\n")
+    header = (
+        f"# Tokenizers: SentencePiece vs MeCab+WordPiece vs Sudachi+WordPiece\n\n"
+        f"`python benchmarks/bench_tokenizers.py --vocab-size {args.vocab_size}` "
+        f"({machine}). Each type trained with `hetlm tokenizer train` defaults at "
+        f"vocabulary {args.vocab_size:,} on the three shipped corpora together "
+        f"(Aozora 2.2M characters, Economy Watchers comments, chABSA sentences; "
+        f"Sudachi in split mode C, MeCab with unidic-lite), then measured with "
+        f"`hetlm tokenizer compare` on the first {args.max_chars:,} characters of each "
+        f"corpus. Training time (s): {json.dumps(train_seconds)}. What it shows: "
+        f"docs/DATA.md.\n\n"
+    )
     (args.results / "tokenizers.md").write_text(header + table, encoding="utf-8")
-    (args.results / "tokenizers.json").write_text(json.dumps(
-        {"vocab_size": args.vocab_size, "train_seconds": train_seconds,
-         "reports": reports_json(reports)}, ensure_ascii=False, indent=2) + "\n",
-        encoding="utf-8")
+    (args.results / "tokenizers.json").write_text(
+        json.dumps(
+            {
+                "vocab_size": args.vocab_size,
+                "train_seconds": train_seconds,
+                "reports": reports_json(reports),
+            },
+            ensure_ascii=False,
+            indent=2,
+        )
+        + "\n",
+        encoding="utf-8",
+    )
 
 
 if __name__ == "__main__":

@@ -73,17 +73,26 @@ def pins() -> list[str]:
 def _hetlm(workdir: Path, *args: str) -> None:
     """One CLI call in this interpreter's environment; its output goes to a log file."""
     log = workdir / "logs" / f"{len(list((workdir / 'logs').glob('*.log'))):02d}-{args[0]}.log"
-    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), HF_HUB_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false")
+    env = dict(
+        os.environ, PYTHONPATH=str(REPO / "src"), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false"
+    )
     started = time.perf_counter()
     with log.open("w", encoding="utf-8") as out:
-        result = subprocess.run([sys.executable, "-m", "hetlm.cli", *args], cwd=workdir,
-                                stdout=out, stderr=subprocess.STDOUT, env=env, check=False)
+        result = subprocess.run(
+            [sys.executable, "-m", "hetlm.cli", *args],
+            cwd=workdir,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            check=False,
+        )
     took = time.perf_counter() - started
     if result.returncode != 0:
         tail = log.read_text(encoding="utf-8").strip().splitlines()[-25:]
-        raise SystemExit(f"FAILED: hetlm {' '.join(args)} (exit {result.returncode}, {took:.0f}s)"
-                         f"\n" + "\n".join(tail))
+        raise SystemExit(
+            f"FAILED: hetlm {' '.join(args)} (exit {result.returncode}, {took:.0f}s)"
+            f"\n" + "\n".join(tail)
+        )
     print(f"ok   hetlm {' '.join(args)}  ({took:.0f}s)", flush=True)
 
 
@@ -110,27 +119,53 @@ ENGINES = {"bert": ("zero1", 1), "llama": ("fsdp2", 3)}
 
 def _pretrain_config(workdir: Path, model_type: str) -> Path:
     engine, stage = ENGINES[model_type]
-    return _write_yaml(workdir / f"pretrain-{model_type}.yaml", {
-        "run": {"output_dir": str(workdir / f"pretrain-{model_type}"), "seed": 0},
-        "data": {"dataset": str(workdir / "data")},
-        "model": {"type": model_type, "preset": "tiny"},
-        "train": {"global_batch": 8, "micro_batch": {"per_node": [5, 3]}, "max_steps": 3,
-                  "lr": 1e-3, "warmup_steps": 1, "precision": "fp32", "engine": engine,
-                  "zero_stage": stage, "eval_samples": 16, "log_every": 1},
-    })
+    return _write_yaml(
+        workdir / f"pretrain-{model_type}.yaml",
+        {
+            "run": {"output_dir": str(workdir / f"pretrain-{model_type}"), "seed": 0},
+            "data": {"dataset": str(workdir / "data")},
+            "model": {"type": model_type, "preset": "tiny"},
+            "train": {
+                "global_batch": 8,
+                "micro_batch": {"per_node": [5, 3]},
+                "max_steps": 3,
+                "lr": 1e-3,
+                "warmup_steps": 1,
+                "precision": "fp32",
+                "engine": engine,
+                "zero_stage": stage,
+                "eval_samples": 16,
+                "log_every": 1,
+            },
+        },
+    )
 
 
 def _sft_config(workdir: Path, base: Path) -> Path:
-    return _write_yaml(workdir / "sft.yaml", {
-        "run": {"output_dir": str(workdir / "sft"), "seed": 0},
-        "model": {"path": str(base)},
-        "data": {"source": str(_instructions(workdir)), "template": "ja-alpaca",
-                 "max_length": 128, "validation_fraction": 0.1},
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-        "train": {"global_batch": 6, "micro_batch": {"per_node": [4, 2]}, "max_steps": 2,
-                  "lr": 1e-3, "warmup_steps": 1, "precision": "fp32", "eval_samples": 8,
-                  "log_every": 1},
-    })
+    return _write_yaml(
+        workdir / "sft.yaml",
+        {
+            "run": {"output_dir": str(workdir / "sft"), "seed": 0},
+            "model": {"path": str(base)},
+            "data": {
+                "source": str(_instructions(workdir)),
+                "template": "ja-alpaca",
+                "max_length": 128,
+                "validation_fraction": 0.1,
+            },
+            "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+            "train": {
+                "global_batch": 6,
+                "micro_batch": {"per_node": [4, 2]},
+                "max_steps": 2,
+                "lr": 1e-3,
+                "warmup_steps": 1,
+                "precision": "fp32",
+                "eval_samples": 8,
+                "log_every": 1,
+            },
+        },
+    )
 
 
 def _load_with_plain_libraries(workdir: Path) -> None:
@@ -159,8 +194,11 @@ def _load_with_plain_libraries(workdir: Path) -> None:
     assert not any("lora_" in name for name, _ in merged.named_parameters())
     assert any((workdir / "pretrain-bert" / "tensorboard").iterdir()), "no tensorboard events"
     _plot(workdir / "logs" / "loss.png")
-    print("ok   plain transformers/peft: tokenizer, BERT MLM, LLaMA + LoRA adapter (generate, "
-          "merge); tensorboard events; a matplotlib plot", flush=True)
+    print(
+        "ok   plain transformers/peft: tokenizer, BERT MLM, LLaMA + LoRA adapter (generate, "
+        "merge); tensorboard events; a matplotlib plot",
+        flush=True,
+    )
 
 
 def _plot(path: Path) -> None:
@@ -196,21 +234,56 @@ def smoke(workdir: Path, require_floors: bool) -> int:
     print("versions: " + ", ".join(f"{k} {v}" for k, v in found.items()), flush=True)
     off = {k: v for k, v in found.items() if k in FLOOR_PINS and v != FLOOR_PINS[k]}
     if require_floors and off:
-        raise SystemExit(f"not the floor set: {off} (expected {FLOOR_PINS}); build the venv "
-                         "with `make floors`")
+        raise SystemExit(
+            f"not the floor set: {off} (expected {FLOOR_PINS}); build the venv with `make floors`"
+        )
     started = time.perf_counter()
-    _hetlm(workdir, "tokenizer", "train", str(CORPUS), "--output", "tokenizer",
-           "--vocab-size", "4000", "--input-sentence-size", "20000")
-    _hetlm(workdir, "prepare", str(CORPUS), "--tokenizer", "tokenizer", "--output", "data",
-           "--seq-len", "64", "--validation-fraction", "0.05", "--overwrite")
+    _hetlm(
+        workdir,
+        "tokenizer",
+        "train",
+        str(CORPUS),
+        "--output",
+        "tokenizer",
+        "--vocab-size",
+        "4000",
+        "--input-sentence-size",
+        "20000",
+    )
+    _hetlm(
+        workdir,
+        "prepare",
+        str(CORPUS),
+        "--tokenizer",
+        "tokenizer",
+        "--output",
+        "data",
+        "--seq-len",
+        "64",
+        "--validation-fraction",
+        "0.05",
+        "--overwrite",
+    )
     for model_type in ("bert", "llama"):
-        _hetlm(workdir, "pretrain", str(_pretrain_config(workdir, model_type)), "--local-nodes", "2")
-    _hetlm(workdir, "sft", str(_sft_config(workdir, workdir / "pretrain-llama" / "model")),
-           "--local-nodes", "2")
+        _hetlm(
+            workdir, "pretrain", str(_pretrain_config(workdir, model_type)), "--local-nodes", "2"
+        )
+    _hetlm(
+        workdir,
+        "sft",
+        str(_sft_config(workdir, workdir / "pretrain-llama" / "model")),
+        "--local-nodes",
+        "2",
+    )
     _load_with_plain_libraries(workdir)
     took = time.perf_counter() - started
-    result = {"ok": True, "seconds": round(took, 1), "versions": found,
-              "floor_set": not off, "python": sys.version.split()[0]}
+    result = {
+        "ok": True,
+        "seconds": round(took, 1),
+        "versions": found,
+        "floor_set": not off,
+        "python": sys.version.split()[0],
+    }
     (workdir / "floors.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(f"PASSED in {took:.0f}s with " + ", ".join(f"{k} {v}" for k, v in found.items()))
     return 0
@@ -222,8 +295,11 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("pins", help="print the floor pins, one pip requirement a line")
     run = sub.add_parser("smoke", help="run the end-to-end smoke test in this environment")
     run.add_argument("--workdir", type=Path, default=Path("runs/floors"))
-    run.add_argument("--require-floors", action="store_true",
-                     help="refuse to run unless the installed versions are the floor set")
+    run.add_argument(
+        "--require-floors",
+        action="store_true",
+        help="refuse to run unless the installed versions are the floor set",
+    )
     args = parser.parse_args(argv)
     if args.command == "pins":
         print("\n".join(pins()))

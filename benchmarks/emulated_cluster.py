@@ -91,8 +91,9 @@ def prepare_data(work: Path, vocab_size: int, seq_len: int) -> Path:
         tokenizer = work / f"tokenizer-v{vocab_size}"
         if not (tokenizer / "tokenizer.json").is_file():
             train_tokenizer([CORPUS], tokenizer, vocab_size=vocab_size)
-        prepare_dataset([CORPUS], tokenizer, data, seq_len=seq_len, validation_fraction=0.02,
-                        overwrite=True)
+        prepare_dataset(
+            [CORPUS], tokenizer, data, seq_len=seq_len, validation_fraction=0.02, overwrite=True
+        )
     return data
 
 
@@ -102,26 +103,53 @@ def hetlm_command(*args: str) -> list[str]:
 
 def one_thread_env() -> dict[str, str]:
     """One intra-op thread per rank: each node owns one core."""
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-                HF_DATASETS_DISABLE_PROGRESS_BARS="1")
+    return dict(
+        os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1"
+    )
 
 
-def probe_nodes(nodes, work: Path, args: argparse.Namespace,
-                extra: list[str] | None = None) -> list[dict[str, Any]]:
+def probe_nodes(
+    nodes, work: Path, args: argparse.Namespace, extra: list[str] | None = None
+) -> list[dict[str, Any]]:
     """``hetlm probe`` inside each node's cgroups (both at once: each has its own core)."""
     procs = []
     for i, node in enumerate(nodes):
         out = work / f"probe-node{i}.yaml"
-        command = [*node.prefix(), *hetlm_command(
-            "probe", "--model-type", "bert", "--preset", args.preset, "--vocab-size", str(args.vocab_size),
-            "--seq-len", str(args.seq_len), "--precision", "bf16", "--device", "cpu",
-            "--steps", "5", "--output", str(out))]
+        command = [
+            *node.prefix(),
+            *hetlm_command(
+                "probe",
+                "--model-type",
+                "bert",
+                "--preset",
+                args.preset,
+                "--vocab-size",
+                str(args.vocab_size),
+                "--seq-len",
+                str(args.seq_len),
+                "--precision",
+                "bf16",
+                "--device",
+                "cpu",
+                "--steps",
+                "5",
+                "--output",
+                str(out),
+            ),
+        ]
         if args.reserve_gib is not None:
             command += ["--reserve-gib", str(args.reserve_gib)]
         command += extra or []
         log = (work / f"probe-node{i}.log").open("w")
-        procs.append((subprocess.Popen(command, env=one_thread_env(), stdout=log,
-                                       stderr=subprocess.STDOUT), out, log))
+        procs.append(
+            (
+                subprocess.Popen(
+                    command, env=one_thread_env(), stdout=log, stderr=subprocess.STDOUT
+                ),
+                out,
+                log,
+            )
+        )
     probes = []
     for proc, out, log in procs:
         code = proc.wait()
@@ -138,10 +166,23 @@ def bench_net(nodes, work: Path) -> dict[str, Any]:
     from hetlm.launch import run_local_nodes
 
     prefix = work / "net"
-    code = run_local_nodes(["bench", "net", "--min-size", "1M", "--max-size", "64M",
-                            "--iters", "10", "--output", str(prefix)],
-                           nodes=2, threads_per_rank=1,
-                           rank_prefixes=[node.prefix() for node in nodes])
+    code = run_local_nodes(
+        [
+            "bench",
+            "net",
+            "--min-size",
+            "1M",
+            "--max-size",
+            "64M",
+            "--iters",
+            "10",
+            "--output",
+            str(prefix),
+        ],
+        nodes=2,
+        threads_per_rank=1,
+        rank_prefixes=[node.prefix() for node in nodes],
+    )
     if code != 0:
         raise SystemExit(f"hetlm bench net failed ({code})")
     return json.loads(prefix.with_suffix(".json").read_text())
@@ -150,9 +191,15 @@ def bench_net(nodes, work: Path) -> dict[str, Any]:
 def write_cluster(work: Path, setups: list[NodeSetup], gbps: float) -> Path:
     """The cluster file: CPU 'GPUs' with their memory caps and the probe files' speeds."""
     cluster = {
-        "nodes": [{"name": s.name, "host": "127.0.0.1",
-                   "gpus": {"model": "cpu", "memory_gib": s.memory_gib, "count": 1},
-                   "samples_per_s": f"probe-node{i}.yaml"} for i, s in enumerate(setups)],
+        "nodes": [
+            {
+                "name": s.name,
+                "host": "127.0.0.1",
+                "gpus": {"model": "cpu", "memory_gib": s.memory_gib, "count": 1},
+                "samples_per_s": f"probe-node{i}.yaml",
+            }
+            for i, s in enumerate(setups)
+        ],
         "network": {"inter_node_gbps": round(gbps, 3), "intra_node_gbps": 100},
     }
     path = work / "cluster.yaml"
@@ -164,11 +211,30 @@ def make_plan(work: Path, cluster: Path, config: Path, args: argparse.Namespace)
     from hetlm.cluster.planner import load_plan
 
     plan_path = work / "plan.yaml"
-    result = subprocess.run(hetlm_command(
-        "plan", str(cluster), "--model-type", "bert", "--preset", args.preset, "--vocab-size",
-        str(args.vocab_size), "--global-batch", str(args.global_batch), "--seq-len",
-        str(args.seq_len), "--precision", "bf16", "--output", str(plan_path),
-        "--config", str(config)), capture_output=True, text=True)
+    result = subprocess.run(
+        hetlm_command(
+            "plan",
+            str(cluster),
+            "--model-type",
+            "bert",
+            "--preset",
+            args.preset,
+            "--vocab-size",
+            str(args.vocab_size),
+            "--global-batch",
+            str(args.global_batch),
+            "--seq-len",
+            str(args.seq_len),
+            "--precision",
+            "bf16",
+            "--output",
+            str(plan_path),
+            "--config",
+            str(config),
+        ),
+        capture_output=True,
+        text=True,
+    )
     print(result.stdout, result.stderr, end="")
     if result.returncode != 0:
         raise SystemExit("hetlm plan failed")
@@ -184,29 +250,47 @@ def equal_micro_batches(cap_small: int, global_batch: int) -> list[int] | None:
     return None
 
 
-def memory_proportional(caps: list[int], memory: list[float], global_batch: int
-                        ) -> list[int] | None:
+def memory_proportional(
+    caps: list[int], memory: list[float], global_batch: int
+) -> list[int] | None:
     """(b): micro-batches in the ratio of the nodes' memory, the smaller node at most its cap."""
     small = min(range(len(caps)), key=lambda i: memory[i])
     for m in range(caps[small], 0, -1):
         sizes = [round(m * memory[i] / memory[small]) for i in range(len(caps))]
-        if all(s <= c for s, c in zip(sizes, caps, strict=True)) and \
-                global_batch % sum(sizes) == 0:
+        if all(s <= c for s, c in zip(sizes, caps, strict=True)) and global_batch % sum(sizes) == 0:
             return sizes
     return None
 
 
-def write_config(path: Path, output_dir: Path, data: Path, args: argparse.Namespace,
-                 per_node: list[int] | None, global_batch: int) -> Path:
+def write_config(
+    path: Path,
+    output_dir: Path,
+    data: Path,
+    args: argparse.Namespace,
+    per_node: list[int] | None,
+    global_batch: int,
+) -> Path:
     train: dict[str, Any] = {
-        "global_batch": global_batch, "max_steps": args.steps, "learning_rate": 5e-4,
-        "warmup_steps": 2, "precision": "bf16", "max_eval_samples": 8,
-        "per_device_eval_batch_size": 8, "save_steps": 0, "save_total_limit": 1,
-        "logging_steps": 1, "dist_timeout_s": 300}
+        "global_batch": global_batch,
+        "max_steps": args.steps,
+        "learning_rate": 5e-4,
+        "warmup_steps": 2,
+        "precision": "bf16",
+        "max_eval_samples": 8,
+        "per_device_eval_batch_size": 8,
+        "save_steps": 0,
+        "save_total_limit": 1,
+        "logging_steps": 1,
+        "dist_timeout_s": 300,
+    }
     if per_node is not None:
         train["micro_batch"] = {"per_node": per_node}
-    config = {"run": {"output_dir": str(output_dir), "seed": 0}, "data": {"dataset": str(data)},
-              "model": {"type": "bert", "preset": args.preset}, "train": train}
+    config = {
+        "run": {"output_dir": str(output_dir), "seed": 0},
+        "data": {"dataset": str(data)},
+        "model": {"type": "bert", "preset": args.preset},
+        "train": train,
+    }
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
@@ -242,8 +326,10 @@ class NodeMemory:
         self._thread.join()
         self.charge_peaks = [(node.max_memory_bytes() or 0) / GIB for node in self.nodes]
         self.failcnt = [node.memory_failcnt() or 0 for node in self.nodes]
-        self.oom_kills = [node.oom_kills() - before
-                          for node, before in zip(self.nodes, self._oom_before, strict=True)]
+        self.oom_kills = [
+            node.oom_kills() - before
+            for node, before in zip(self.nodes, self._oom_before, strict=True)
+        ]
 
     def _sample(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -263,14 +349,22 @@ def read_throughput(output_dir: Path, warmup_steps: int) -> dict[str, Any]:
         raise SystemExit(f"{output_dir}: no steps after the warm-up")
     wall = sum(r["step_time_s"] for r in timed)
     samples = sum(r["samples_per_s"] * r["step_time_s"] for r in timed)
-    busy = [statistics.mean(r["busy_s_per_rank"][i] for r in timed)
-            for i in range(len(timed[0]["busy_s_per_rank"]))]
-    return {"samples_per_s": samples / wall, "step_s": wall / len(timed), "steps": len(timed),
-            "busy_s_per_rank": busy, "loss_last": steps[-1]["loss"]}
+    busy = [
+        statistics.mean(r["busy_s_per_rank"][i] for r in timed)
+        for i in range(len(timed[0]["busy_s_per_rank"]))
+    ]
+    return {
+        "samples_per_s": samples / wall,
+        "step_s": wall / len(timed),
+        "steps": len(timed),
+        "busy_s_per_rank": busy,
+        "loss_last": steps[-1]["loss"],
+    }
 
 
-def train_distributed(label: str, repeat: int, config: Path, plan: Path | None, nodes,
-                      args: argparse.Namespace) -> RunResult:
+def train_distributed(
+    label: str, repeat: int, config: Path, plan: Path | None, nodes, args: argparse.Namespace
+) -> RunResult:
     """``hetlm pretrain CONFIG [--plan PLAN]`` on two agents, each node's rank in its cgroups:
     what ``hetlm pretrain --local-nodes 2`` runs, plus the per-node command prefix."""
     from hetlm.config import load_config
@@ -288,24 +382,47 @@ def train_distributed(label: str, repeat: int, config: Path, plan: Path | None, 
         shutil.rmtree(out)
     load = os.getloadavg()[0]
     with NodeMemory(nodes) as memory:
-        code = run_local_nodes(forwarded, nodes=2, threads_per_rank=1,
-                               rank_prefixes=[node.prefix() for node in nodes])
+        code = run_local_nodes(
+            forwarded, nodes=2, threads_per_rank=1, rank_prefixes=[node.prefix() for node in nodes]
+        )
     micro = [split.micro_batch_sizes(r) for r in (0, 1)]
     if code != 0:
-        print(f"  {label} repeat {repeat}: exit code {code}, OOM kills per node "
-              f"{memory.oom_kills}")
-        return RunResult(label, repeat, 0.0, 0.0, 0, micro, peak_memory_gib=memory.peaks,
-                         peak_charge_gib=memory.charge_peaks, memory_failcnt=memory.failcnt,
-                         oom_kills=memory.oom_kills, load_avg=load, returncode=code)
+        print(f"  {label} repeat {repeat}: exit code {code}, OOM kills per node {memory.oom_kills}")
+        return RunResult(
+            label,
+            repeat,
+            0.0,
+            0.0,
+            0,
+            micro,
+            peak_memory_gib=memory.peaks,
+            peak_charge_gib=memory.charge_peaks,
+            memory_failcnt=memory.failcnt,
+            oom_kills=memory.oom_kills,
+            load_avg=load,
+            returncode=code,
+        )
     measured = read_throughput(out, args.warmup_steps)
-    return RunResult(label, repeat, measured["samples_per_s"], measured["step_s"],
-                     measured["steps"], micro, measured["busy_s_per_rank"], memory.peaks,
-                     memory.charge_peaks, memory.failcnt, memory.oom_kills,
-                     measured["loss_last"], load)
+    return RunResult(
+        label,
+        repeat,
+        measured["samples_per_s"],
+        measured["step_s"],
+        measured["steps"],
+        micro,
+        measured["busy_s_per_rank"],
+        memory.peaks,
+        memory.charge_peaks,
+        memory.failcnt,
+        memory.oom_kills,
+        measured["loss_last"],
+        load,
+    )
 
 
-def train_standalone(repeat: int, configs: list[Path], nodes,
-                     args: argparse.Namespace) -> list[RunResult]:
+def train_standalone(
+    repeat: int, configs: list[Path], nodes, args: argparse.Namespace
+) -> list[RunResult]:
     """Each node alone (one process, no communication), both at once on their own cores."""
     from hetlm.config import load_config
 
@@ -318,22 +435,44 @@ def train_standalone(repeat: int, configs: list[Path], nodes,
                 import shutil
 
                 shutil.rmtree(out)
-            procs.append((subprocess.Popen(
-                [*node.prefix(), *hetlm_command("pretrain", str(config), "--quiet")],
-                env=one_thread_env()), out))
+            procs.append(
+                (
+                    subprocess.Popen(
+                        [*node.prefix(), *hetlm_command("pretrain", str(config), "--quiet")],
+                        env=one_thread_env(),
+                    ),
+                    out,
+                )
+            )
         codes = [proc.wait() for proc, _ in procs]
     results = []
     for i, ((_, out), code) in enumerate(zip(procs, codes, strict=True)):
         label = f"node{i} alone"
         if code != 0:
-            results.append(RunResult(label, repeat, 0.0, 0.0, 0, [],
-                                     oom_kills=[memory.oom_kills[i]], returncode=code))
+            results.append(
+                RunResult(
+                    label, repeat, 0.0, 0.0, 0, [], oom_kills=[memory.oom_kills[i]], returncode=code
+                )
+            )
             continue
         m = read_throughput(out, args.warmup_steps)
-        results.append(RunResult(label, repeat, m["samples_per_s"], m["step_s"], m["steps"],
-                                 [], m["busy_s_per_rank"], [memory.peaks[i]],
-                                 [memory.charge_peaks[i]], [memory.failcnt[i]],
-                                 [memory.oom_kills[i]], m["loss_last"], load))
+        results.append(
+            RunResult(
+                label,
+                repeat,
+                m["samples_per_s"],
+                m["step_s"],
+                m["steps"],
+                [],
+                m["busy_s_per_rank"],
+                [memory.peaks[i]],
+                [memory.charge_peaks[i]],
+                [memory.failcnt[i]],
+                [memory.oom_kills[i]],
+                m["loss_last"],
+                load,
+            )
+        )
     return results
 
 
@@ -345,10 +484,15 @@ def summarize(results: list[RunResult]) -> dict[str, dict[str, float]]:
     for label in dict.fromkeys(r.label for r in results):
         values = [r.samples_per_s for r in results if r.label == label and r.returncode == 0]
         if values:
-            out[label] = {"mean": statistics.mean(values), "min": min(values),
-                          "max": max(values), "runs": len(values),
-                          "step_s": statistics.mean(r.step_s for r in results
-                                                    if r.label == label and r.returncode == 0)}
+            out[label] = {
+                "mean": statistics.mean(values),
+                "min": min(values),
+                "max": max(values),
+                "runs": len(values),
+                "step_s": statistics.mean(
+                    r.step_s for r in results if r.label == label and r.returncode == 0
+                ),
+            }
     return out
 
 
@@ -377,7 +521,8 @@ def render(report: dict[str, Any]) -> str:
             f"| {setup['name']} | {setup['cpus']} | "
             f"{setup['cpu_quota'] if setup['cpu_quota'] else 'none'} | "
             f"{setup['memory_gib']} GiB | {dev['max_micro_batch']} | "
-            f"{dev['samples_per_s']:.1f} | {dev['planner_memory_model_cap']} |")
+            f"{dev['samples_per_s']:.1f} | {dev['planner_memory_model_cap']} |"
+        )
     net = report["net"]
     peak = max(r["busbw_gbps"] for r in net["rows"])
     lines += [
@@ -393,15 +538,18 @@ def render(report: dict[str, Any]) -> str:
     base = s.get("a", {}).get("mean")
     for key, title in ALLOCATIONS.items():
         if key not in s:
-            lines.append(f"| ({key}) {title} | {report['micro_batches'].get(key)} | failed | | |"
-                         " | |")
+            lines.append(
+                f"| ({key}) {title} | {report['micro_batches'].get(key)} | failed | | | | |"
+            )
             continue
         mb = report["micro_batches"][key]
         ratio = f"{s[key]['mean'] / base:.2f}x" if base else "-"
         predicted = f"{report['plan']['step_s']:.2f}" if key == "c" else ""
-        lines.append(f"| ({key}) {title} | {mb[0]}; {mb[1]} | {s[key]['mean']:.1f} | "
-                     f"{s[key]['min']:.1f} - {s[key]['max']:.1f} | {ratio} | "
-                     f"{s[key]['step_s']:.2f} | {predicted} |")
+        lines.append(
+            f"| ({key}) {title} | {mb[0]}; {mb[1]} | {s[key]['mean']:.1f} | "
+            f"{s[key]['min']:.1f} - {s[key]['max']:.1f} | {ratio} | "
+            f"{s[key]['step_s']:.2f} | {predicted} |"
+        )
     alone = [s.get(f"node{i} alone", {}).get("mean", 0.0) for i in range(2)]
     total = sum(alone)
     lines += [
@@ -439,9 +587,11 @@ def render(report: dict[str, Any]) -> str:
         fails = ", ".join(str(f) for f in r["memory_failcnt"])
         ooms = ", ".join(str(k) for k in r["oom_kills"])
         load = f"{r['load_avg']:.1f}" if r["load_avg"] is not None else ""
-        lines.append(f"| {r['label']} | {r['repeat']} | {r['samples_per_s']:.1f} | "
-                     f"{r['step_s']:.2f} | {busy} | {rss} | {charge} | {fails} | {ooms} | "
-                     f"{load} | {r['returncode']} |")
+        lines.append(
+            f"| {r['label']} | {r['repeat']} | {r['samples_per_s']:.1f} | "
+            f"{r['step_s']:.2f} | {busy} | {rss} | {charge} | {fails} | {ooms} | "
+            f"{load} | {r['returncode']} |"
+        )
     table = report["plan_table"].split("\n\nplan written")[0].rstrip()  # not the launch lines
     lines += ["", "The plan (`hetlm plan`):", "", "```", table, "```"]
     return "\n".join(lines) + "\n"
@@ -467,9 +617,12 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax.bar(x, alone[1], bottom=alone[0], color="#8fd19e", label="node1 alone")
     ax.set_xticks(range(len(labels)), labels)
     ax.set_ylabel("samples/s (global)")
-    ax.set_title(f"bert-{report['preset']}, global batch {report['global_batch']}: node0 = 1 core, "
-                 f"node1 = 0.5 core,\nmemory caps {report['nodes'][0]['memory_gib']} / "
-                 f"{report['nodes'][1]['memory_gib']} GiB", fontsize=10)
+    ax.set_title(
+        f"bert-{report['preset']}, global batch {report['global_batch']}: node0 = 1 core, "
+        f"node1 = 0.5 core,\nmemory caps {report['nodes'][0]['memory_gib']} / "
+        f"{report['nodes'][1]['memory_gib']} GiB",
+        fontsize=10,
+    )
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -491,14 +644,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--memory-gib", default="1.35,0.9", help="memory cap of node0,node1")
     p.add_argument("--slow-quota", type=float, default=0.5, help="node1's CPU quota (cores)")
-    p.add_argument("--cpu-shares", type=int, default=16384,
-                   help="cpu.shares of the nodes (and 2x for their parent) against the "
-                   "machine's other tasks; 1024 = one ordinary task")
-    p.add_argument("--reserve-gib", type=float, default=None,
-                   help="passed to hetlm probe (default: its own, 10%% of the memory limit)")
+    p.add_argument(
+        "--cpu-shares",
+        type=int,
+        default=16384,
+        help="cpu.shares of the nodes (and 2x for their parent) against the "
+        "machine's other tasks; 1024 = one ordinary task",
+    )
+    p.add_argument(
+        "--reserve-gib",
+        type=float,
+        default=None,
+        help="passed to hetlm probe (default: its own, 10%% of the memory limit)",
+    )
     p.add_argument("--output", default=str(RESULTS / "emulated_cluster"))
-    p.add_argument("--render-only", action="store_true",
-                   help="rewrite OUTPUT.md and OUTPUT.png from OUTPUT.json, run nothing")
+    p.add_argument(
+        "--render-only",
+        action="store_true",
+        help="rewrite OUTPUT.md and OUTPUT.png from OUTPUT.json, run nothing",
+    )
     return p.parse_args(argv)
 
 
@@ -520,15 +684,24 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     memory = [float(m) for m in args.memory_gib.split(",")]
-    setups = [NodeSetup("node0", "0", None, memory[0]),
-              NodeSetup("node1", "1", args.slow_quota, memory[1])]
+    setups = [
+        NodeSetup("node0", "0", None, memory[0]),
+        NodeSetup("node1", "1", args.slow_quota, memory[1]),
+    ]
     print(f"[1/5] data: {CORPUS.name}, vocab {args.vocab_size}, seq {args.seq_len}", flush=True)
     data = prepare_data(work, args.vocab_size, args.seq_len)
 
     parent = f"hetlm-emu-{os.getpid()}"
-    nodes = [cgroups.NodeCgroup(f"{parent}/{s.name}", cpus=s.cpus, cpu_quota=s.cpu_quota,
-                                memory_bytes=int(s.memory_gib * GIB), cpu_shares=args.cpu_shares)
-             for s in setups]
+    nodes = [
+        cgroups.NodeCgroup(
+            f"{parent}/{s.name}",
+            cpus=s.cpus,
+            cpu_quota=s.cpu_quota,
+            memory_bytes=int(s.memory_gib * GIB),
+            cpu_shares=args.cpu_shares,
+        )
+        for s in setups
+    ]
     results: list[RunResult] = []
     try:
         for node in nodes:
@@ -539,43 +712,74 @@ def main(argv: list[str] | None = None) -> int:
         net = bench_net(nodes, work)
         gbps = max(r["busbw_gbps"] for r in net["rows"]) * 8
         cluster = write_cluster(work, setups, gbps)
-        config_c = write_config(work / "config-c.yaml", work / "runs" / "c", data, args, None,
-                                args.global_batch)
+        config_c = write_config(
+            work / "config-c.yaml", work / "runs" / "c", data, args, None, args.global_batch
+        )
         plan = make_plan(work, cluster, config_c, args)
         caps = [p["devices"][0]["max_micro_batch"] for p in probes]
-        micro = {"a": equal_micro_batches(min(caps), args.global_batch),
-                 "b": memory_proportional(caps, memory, args.global_batch)}
+        micro = {
+            "a": equal_micro_batches(min(caps), args.global_batch),
+            "b": memory_proportional(caps, memory, args.global_batch),
+        }
         configs = {"c": config_c}
         for key in ("a", "b"):
             if micro[key] is None:
-                raise SystemExit(f"no micro-batches for ({key}) divide the global batch "
-                                 f"{args.global_batch} under caps {caps}: change --global-batch")
-            configs[key] = write_config(work / f"config-{key}.yaml", work / "runs" / key, data,
-                                        args, micro[key], args.global_batch)
+                raise SystemExit(
+                    f"no micro-batches for ({key}) divide the global batch "
+                    f"{args.global_batch} under caps {caps}: change --global-batch"
+                )
+            configs[key] = write_config(
+                work / f"config-{key}.yaml",
+                work / "runs" / key,
+                data,
+                args,
+                micro[key],
+                args.global_batch,
+            )
         micro["c"] = [plan.ranks[r].micro_batches[0] for r in (0, 1)]
         shares = [plan.ranks[r].share for r in (0, 1)]
         # Alone, a node runs its largest micro-batch of (c) for the plan's number of micro-steps
         # (its share rounded up to a multiple: one config micro-batch size per node).
         alone_batches = [[plan.ranks[i].micro_batches[0]] * plan.micro_steps for i in (0, 1)]
         alone_configs = [
-            write_config(work / f"config-alone{i}.yaml", work / "runs" / f"alone{i}", data, args,
-                         [alone_batches[i][0]], sum(alone_batches[i]))
-            for i in (0, 1)]
-        print(f"[4/5] training: {args.repeats} x (a) {micro['a']}, (b) {micro['b']}, "
-              f"(c) shares {shares}, then each node alone", flush=True)
+            write_config(
+                work / f"config-alone{i}.yaml",
+                work / "runs" / f"alone{i}",
+                data,
+                args,
+                [alone_batches[i][0]],
+                sum(alone_batches[i]),
+            )
+            for i in (0, 1)
+        ]
+        print(
+            f"[4/5] training: {args.repeats} x (a) {micro['a']}, (b) {micro['b']}, "
+            f"(c) shares {shares}, then each node alone",
+            flush=True,
+        )
         for repeat in range(args.repeats):
             for key in ALLOCATIONS:
-                result = train_distributed(key, repeat, configs[key],
-                                           work / "plan.yaml" if key == "c" else None, nodes,
-                                           args)
+                result = train_distributed(
+                    key,
+                    repeat,
+                    configs[key],
+                    work / "plan.yaml" if key == "c" else None,
+                    nodes,
+                    args,
+                )
                 results.append(result)
                 peaks = ", ".join(f"{p:.2f}" for p in result.peak_memory_gib)
-                print(f"  ({key}) repeat {repeat}: {result.samples_per_s:.1f} samples/s, step "
-                      f"{result.step_s:.2f} s, peak memory {peaks} GiB", flush=True)
+                print(
+                    f"  ({key}) repeat {repeat}: {result.samples_per_s:.1f} samples/s, step "
+                    f"{result.step_s:.2f} s, peak memory {peaks} GiB",
+                    flush=True,
+                )
             for result in train_standalone(repeat, alone_configs, nodes, args):
                 results.append(result)
-                print(f"  {result.label} repeat {repeat}: {result.samples_per_s:.1f} samples/s",
-                      flush=True)
+                print(
+                    f"  {result.label} repeat {repeat}: {result.samples_per_s:.1f} samples/s",
+                    flush=True,
+                )
     finally:
         for node in nodes:
             node.destroy()
@@ -589,21 +793,34 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "machine": f"{platform.node()}, {os.cpu_count()} cores ({platform.processor() or 'cpu'})",
         "date": time.strftime("%Y-%m-%d %H:%M"),
-        "preset": args.preset, "vocab_size": args.vocab_size, "seq_len": args.seq_len,
-        "global_batch": args.global_batch, "steps": args.steps,
-        "warmup_steps": args.warmup_steps, "repeats": args.repeats,
+        "preset": args.preset,
+        "vocab_size": args.vocab_size,
+        "seq_len": args.seq_len,
+        "global_batch": args.global_batch,
+        "steps": args.steps,
+        "warmup_steps": args.warmup_steps,
+        "repeats": args.repeats,
         "cpu_shares": args.cpu_shares,
-        "nodes": [vars(s) for s in setups], "probes": probes, "net": net,
-        "plan": {"step_s": plan.step_s, "samples_per_s": plan.samples_per_s,
-                 "shares": shares, "micro_steps": plan.micro_steps,
-                 "caps": [r.cap for r in plan.ranks],
-                 "compute_s": [r.compute_s for r in plan.ranks],
-                 "comm_s": [r.comm_s for r in plan.ranks]},
+        "nodes": [vars(s) for s in setups],
+        "probes": probes,
+        "net": net,
+        "plan": {
+            "step_s": plan.step_s,
+            "samples_per_s": plan.samples_per_s,
+            "shares": shares,
+            "micro_steps": plan.micro_steps,
+            "caps": [r.cap for r in plan.ranks],
+            "compute_s": [r.compute_s for r in plan.ranks],
+            "comm_s": [r.comm_s for r in plan.ranks],
+        },
         "plan_table": (work / "plan.txt").read_text(),
-        "micro_batches": micro, "standalone_batches": alone_batches,
+        "micro_batches": micro,
+        "standalone_batches": alone_batches,
         "summary": summary,
-        "goals": {"c_over_a": c / a if a else math.nan,
-                  "c_over_standalone": c / alone_sum if alone_sum else math.nan},
+        "goals": {
+            "c_over_a": c / a if a else math.nan,
+            "c_over_standalone": c / alone_sum if alone_sum else math.nan,
+        },
         "runs": [vars(r) for r in results],
     }
     out.parent.mkdir(parents=True, exist_ok=True)

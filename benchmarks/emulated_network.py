@@ -53,10 +53,26 @@ def bench_net(pair, nodes, work: Path, gbit: float, max_size: str) -> dict[str, 
     from hetlm.launch import run_local_nodes
 
     prefix = work / f"net-{gbit:g}gbit"
-    code = run_local_nodes(["bench", "net", "--min-size", "1M", "--max-size", max_size,
-                            "--factor", "4", "--iters", "5", "--output", str(prefix)],
-                           nodes=2, threads_per_rank=1, master_addr=pair.addresses[0],
-                           agent_prefixes=node_prefixes(pair, nodes))
+    code = run_local_nodes(
+        [
+            "bench",
+            "net",
+            "--min-size",
+            "1M",
+            "--max-size",
+            max_size,
+            "--factor",
+            "4",
+            "--iters",
+            "5",
+            "--output",
+            str(prefix),
+        ],
+        nodes=2,
+        threads_per_rank=1,
+        master_addr=pair.addresses[0],
+        agent_prefixes=node_prefixes(pair, nodes),
+    )
     if code != 0:
         raise SystemExit(f"hetlm bench net over {gbit:g} Gbit/s failed ({code})")
     return json.loads(prefix.with_suffix(".json").read_text())
@@ -65,32 +81,73 @@ def bench_net(pair, nodes, work: Path, gbit: float, max_size: str) -> dict[str, 
 def plan_for(work: Path, gbit: float, args: argparse.Namespace, config: Path):
     from hetlm.cluster.planner import load_plan
 
-    cluster = {"nodes": [{"name": f"node{i}", "host": f"10.77.0.{i + 1}",
-                          "gpus": {"model": "cpu", "count": 1},
-                          "samples_per_s": f"probe-node{i}.yaml"} for i in (0, 1)],
-               "network": {"inter_node_gbps": gbit, "intra_node_gbps": 100}}
+    cluster = {
+        "nodes": [
+            {
+                "name": f"node{i}",
+                "host": f"10.77.0.{i + 1}",
+                "gpus": {"model": "cpu", "count": 1},
+                "samples_per_s": f"probe-node{i}.yaml",
+            }
+            for i in (0, 1)
+        ],
+        "network": {"inter_node_gbps": gbit, "intra_node_gbps": 100},
+    }
     path = work / f"cluster-{gbit:g}gbit.yaml"
     path.write_text(yaml.safe_dump(cluster, sort_keys=False))
     plan_path = work / f"plan-{gbit:g}gbit.yaml"
-    result = subprocess.run(ec.hetlm_command(
-        "plan", str(path), "--model-type", "bert", "--preset", "base", "--vocab-size", str(args.vocab_size),
-        "--global-batch", str(args.global_batch), "--seq-len", str(args.seq_len),
-        "--precision", "bf16", "--output", str(plan_path), "--config", str(config)),
-        capture_output=True, text=True)
+    result = subprocess.run(
+        ec.hetlm_command(
+            "plan",
+            str(path),
+            "--model-type",
+            "bert",
+            "--preset",
+            "base",
+            "--vocab-size",
+            str(args.vocab_size),
+            "--global-batch",
+            str(args.global_batch),
+            "--seq-len",
+            str(args.seq_len),
+            "--precision",
+            "bf16",
+            "--output",
+            str(plan_path),
+            "--config",
+            str(config),
+        ),
+        capture_output=True,
+        text=True,
+    )
     if result.returncode != 0:
         raise SystemExit(f"hetlm plan failed: {result.stderr}")
     return load_plan(plan_path), result.stdout
 
 
-def write_config(work: Path, name: str, data: Path, args: argparse.Namespace,
-                 extra: dict[str, Any]) -> Path:
+def write_config(
+    work: Path, name: str, data: Path, args: argparse.Namespace, extra: dict[str, Any]
+) -> Path:
     train: dict[str, Any] = {
-        "global_batch": args.global_batch, "max_steps": args.steps, "learning_rate": 1e-4,
-        "warmup_steps": 2, "precision": "bf16", "max_eval_samples": 8,
-        "per_device_eval_batch_size": 8, "save_steps": 0, "save_total_limit": 1, "logging_steps": 1, "dist_timeout_s": 600, **extra}
-    config = {"run": {"output_dir": str(work / "runs" / name), "seed": 0},
-              "data": {"dataset": str(data)}, "model": {"type": "bert", "preset": "base"},
-              "train": train}
+        "global_batch": args.global_batch,
+        "max_steps": args.steps,
+        "learning_rate": 1e-4,
+        "warmup_steps": 2,
+        "precision": "bf16",
+        "max_eval_samples": 8,
+        "per_device_eval_batch_size": 8,
+        "save_steps": 0,
+        "save_total_limit": 1,
+        "logging_steps": 1,
+        "dist_timeout_s": 600,
+        **extra,
+    }
+    config = {
+        "run": {"output_dir": str(work / "runs" / name), "seed": 0},
+        "data": {"dataset": str(data)},
+        "model": {"type": "bert", "preset": "base"},
+        "train": train,
+    }
     path = work / f"config-{name}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
@@ -104,9 +161,13 @@ def train(pair, nodes, config: Path, plan: Path, args: argparse.Namespace) -> di
     if out.exists():
         shutil.rmtree(out)
     started = time.perf_counter()
-    code = run_local_nodes(["pretrain", str(config), "--plan", str(plan), "--quiet"], nodes=2,
-                           threads_per_rank=1, master_addr=pair.addresses[0],
-                           agent_prefixes=node_prefixes(pair, nodes))
+    code = run_local_nodes(
+        ["pretrain", str(config), "--plan", str(plan), "--quiet"],
+        nodes=2,
+        threads_per_rank=1,
+        master_addr=pair.addresses[0],
+        agent_prefixes=node_prefixes(pair, nodes),
+    )
     if code != 0:
         return {"returncode": code, "wall_s": time.perf_counter() - started}
     measured = ec.read_throughput(out, args.warmup_steps)
@@ -134,8 +195,9 @@ def render(report: dict[str, Any]) -> str:
     for link in report["links"]:
         busbw = max(r["busbw_gbps"] for r in link["net"]["rows"])
         plan = link["plan"]
-        predicted = (f"{plan['step_s']:.2f} ({max(plan['compute_s']):.2f} + "
-                     f"{max(plan['comm_s']):.2f})")
+        predicted = (
+            f"{plan['step_s']:.2f} ({max(plan['compute_s']):.2f} + {max(plan['comm_s']):.2f})"
+        )
         for name, runs in link["runs"].items():
             good = [r for r in runs if r["returncode"] == 0]
             if not good:
@@ -146,12 +208,18 @@ def render(report: dict[str, Any]) -> str:
             mean = sum(steps) / len(steps)
             spread = " / ".join(f"{x:.2f}" for x in steps)
             speed = sum(r["samples_per_s"] for r in good) / len(good)
-            lines.append(f"| {link['gbit']:g} Gb/s | {busbw * 8:.2f} Gbit/s | {name} | "
-                         f"{mean:.2f} ({spread}) | {predicted} | {mean / plan['step_s']:.2f} | "
-                         f"{speed:.2f} |")
-    lines += ["", "bench net (algbw = busbw for 2 ranks), GB/s:", "",
-              "| size | " + " | ".join(f"{link['gbit']:g} Gb/s" for link in report["links"])
-              + " |", "|---:|" + "---:|" * len(report["links"])]
+            lines.append(
+                f"| {link['gbit']:g} Gb/s | {busbw * 8:.2f} Gbit/s | {name} | "
+                f"{mean:.2f} ({spread}) | {predicted} | {mean / plan['step_s']:.2f} | "
+                f"{speed:.2f} |"
+            )
+    lines += [
+        "",
+        "bench net (algbw = busbw for 2 ranks), GB/s:",
+        "",
+        "| size | " + " | ".join(f"{link['gbit']:g} Gb/s" for link in report["links"]) + " |",
+        "|---:|" + "---:|" * len(report["links"]),
+    ]
     sizes = [r["size_bytes"] for r in report["links"][0]["net"]["rows"]]
     for i, size in enumerate(sizes):
         cells = [f"{link['net']['rows'][i]['busbw_gbps']:.3f}" for link in report["links"]]
@@ -183,8 +251,10 @@ def main(argv: list[str] | None = None) -> int:
     data = ec.prepare_data(ec.ROOT / "runs" / "emulated", args.vocab_size, args.seq_len)
     tag = str(os.getpid() % 100000)
     parent = f"hetlm-net-{tag}"
-    nodes = [cgroups.NodeCgroup(f"{parent}/node{i}", cpus=str(i), cpu_shares=args.cpu_shares)
-             for i in (0, 1)]
+    nodes = [
+        cgroups.NodeCgroup(f"{parent}/node{i}", cpus=str(i), cpu_shares=args.cpu_shares)
+        for i in (0, 1)
+    ]
     pair = netns.NetnsPair(tag)
     micro = args.global_batch // 2
     links = []
@@ -193,11 +263,14 @@ def main(argv: list[str] | None = None) -> int:
             node.create()
         pair.create()
         print("probe: bert-base in each node", flush=True)
-        probe_args = argparse.Namespace(preset="base", vocab_size=args.vocab_size,
-                                        seq_len=args.seq_len, reserve_gib=None)
+        probe_args = argparse.Namespace(
+            preset="base", vocab_size=args.vocab_size, seq_len=args.seq_len, reserve_gib=None
+        )
         probes = ec.probe_nodes(nodes, work, probe_args, extra=["--max-batch", str(micro)])
-        configs = {name: write_config(work, f"v{i}", data, args, extra)
-                   for i, (name, extra) in enumerate(VARIANTS.items())}
+        configs = {
+            name: write_config(work, f"v{i}", data, args, extra)
+            for i, (name, extra) in enumerate(VARIANTS.items())
+        }
         for gbit in (float(r) for r in args.rates.split(",")):
             pair.set_rate(gbit)
             print(f"link {gbit:g} Gbit/s: bench net", flush=True)
@@ -210,22 +283,39 @@ def main(argv: list[str] | None = None) -> int:
                     run = train(pair, nodes, config, work / f"plan-{gbit:g}gbit.yaml", args)
                     runs[name].append(run)
                     print(f"  {name}, repeat {repeat}: {run}", flush=True)
-            links.append({"gbit": gbit, "net": net, "runs": runs, "plan_table": table,
-                          "plan": {"step_s": plan.step_s,
-                                   "compute_s": [r.compute_s for r in plan.ranks],
-                                   "comm_s": [r.comm_s for r in plan.ranks],
-                                   "shares": [r.share for r in plan.ranks]}})
+            links.append(
+                {
+                    "gbit": gbit,
+                    "net": net,
+                    "runs": runs,
+                    "plan_table": table,
+                    "plan": {
+                        "step_s": plan.step_s,
+                        "compute_s": [r.compute_s for r in plan.ranks],
+                        "comm_s": [r.comm_s for r in plan.ranks],
+                        "shares": [r.share for r in plan.ranks],
+                    },
+                }
+            )
     finally:
         pair.destroy()
         for node in nodes:
             node.destroy()
         cgroups.remove_parent(parent)
-    report = {"date": time.strftime("%Y-%m-%d %H:%M"), "vocab_size": args.vocab_size,
-              "seq_len": args.seq_len, "global_batch": args.global_batch, "micro": micro,
-              "steps": args.steps, "warmup_steps": args.warmup_steps, "repeats": args.repeats,
-              "n_params": probes[0]["model"]["n_params"],
-              "probe_samples_per_s": [pr["samples_per_s"][0] for pr in probes],
-              "probes": probes, "links": links}
+    report = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "vocab_size": args.vocab_size,
+        "seq_len": args.seq_len,
+        "global_batch": args.global_batch,
+        "micro": micro,
+        "steps": args.steps,
+        "warmup_steps": args.warmup_steps,
+        "repeats": args.repeats,
+        "n_params": probes[0]["model"]["n_params"],
+        "probe_samples_per_s": [pr["samples_per_s"][0] for pr in probes],
+        "probes": probes,
+        "links": links,
+    }
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str) + "\n")

@@ -39,8 +39,9 @@ def prepare_data(root: Path) -> Path:
 
     corpus = write_small_corpus(root / "corpus.jsonl")
     tokenizer = train_tokenizer([corpus], root / "tokenizer", vocab_size=3000)
-    prepare_dataset([corpus], tokenizer, root / "data", seq_len=32, validation_fraction=0.2,
-                    workers=1)
+    prepare_dataset(
+        [corpus], tokenizer, root / "data", seq_len=32, validation_fraction=0.2, workers=1
+    )
     return root / "data"
 
 
@@ -48,8 +49,15 @@ def config(data: Path, out: Path, **train) -> dict:
     from conftest import tiny_config
 
     train = {"dist_timeout_s": 60, **train}  # a bug that hangs fails within a minute
-    return tiny_config(data, out, max_steps=STEPS, save_steps=EVERY, save_total_limit=3,
-                       max_eval_samples=16, **train)
+    return tiny_config(
+        data,
+        out,
+        max_steps=STEPS,
+        save_steps=EVERY,
+        save_total_limit=3,
+        max_eval_samples=16,
+        **train,
+    )
 
 
 def write(cfg: dict, path: Path) -> Path:
@@ -63,8 +71,14 @@ class Run:
     def __init__(self, args: list[str], env: dict[str, str] | None = None, timeout: float = 300):
         started = time.perf_counter()
         self.args, self.env = args, env or {}
-        proc = subprocess.run([*HETLM, *args], env={**os.environ, **self.env}, text=True,
-                              capture_output=True, timeout=timeout, cwd=REPO)
+        proc = subprocess.run(
+            [*HETLM, *args],
+            env={**os.environ, **self.env},
+            text=True,
+            capture_output=True,
+            timeout=timeout,
+            cwd=REPO,
+        )
         self.seconds = time.perf_counter() - started
         self.code, self.out, self.err = proc.returncode, proc.stdout, proc.stderr
 
@@ -75,8 +89,11 @@ class Run:
 
     def message(self) -> str:
         """hetlm's own lines (errors, fault announcements, restarts), shortened."""
-        lines = [line.strip() for line in (self.out + "\n" + self.err).splitlines()
-                 if line.startswith("hetlm:") and "fault injection" not in line]
+        lines = [
+            line.strip()
+            for line in (self.out + "\n" + self.err).splitlines()
+            if line.startswith("hetlm:") and "fault injection" not in line
+        ]
         seen = list(dict.fromkeys(re.sub(r"\(rank \d+\)", "(rank r)", x) for x in lines))
         return " / ".join(seen) or f"exit {self.code}"
 
@@ -123,50 +140,76 @@ def scenarios(data: Path, work: Path, refs: dict) -> dict:
 
     def kill_restart():
         cfg = write(config(data, out("kill_restart"), **two), work / "kill_restart.yaml")
-        run = Run(["pretrain", str(cfg), *local2, "--max-restarts", "1", "--quiet"],
-                  {"HETLM_FAULT": "kill:rank=1:step=6"})
-        restart = next((r for r in metrics(out("kill_restart")) if r.get("event") == "restart"),
-                       {})
-        return dict(fault="kill -9 of rank 1 at step 6 (2 torchrun agents, --max-restarts 1)",
-                    runs=[run], did=run.message() + f"; restart event: resumed from step "
-                    f"{restart.get('resumed_from')}, dropped steps {restart.get('dropped_steps')}",
-                    steps_lost=len(restart.get("dropped_steps", [])) + 1,
-                    equal=equal(refs["two"], weights(out("kill_restart"))),
-                    once=steps_once(out("kill_restart")))
+        run = Run(
+            ["pretrain", str(cfg), *local2, "--max-restarts", "1", "--quiet"],
+            {"HETLM_FAULT": "kill:rank=1:step=6"},
+        )
+        restart = next((r for r in metrics(out("kill_restart")) if r.get("event") == "restart"), {})
+        return dict(
+            fault="kill -9 of rank 1 at step 6 (2 torchrun agents, --max-restarts 1)",
+            runs=[run],
+            did=run.message() + f"; restart event: resumed from step "
+            f"{restart.get('resumed_from')}, dropped steps {restart.get('dropped_steps')}",
+            steps_lost=len(restart.get("dropped_steps", [])) + 1,
+            equal=equal(refs["two"], weights(out("kill_restart"))),
+            once=steps_once(out("kill_restart")),
+        )
 
     def kill_manual():
         cfg = write(config(data, out("kill_manual"), **two), work / "kill_manual.yaml")
-        first = Run(["pretrain", str(cfg), *local2, "--quiet"], {"HETLM_FAULT": "kill:rank=1:step=6"})
+        first = Run(
+            ["pretrain", str(cfg), *local2, "--quiet"], {"HETLM_FAULT": "kill:rank=1:step=6"}
+        )
         second = Run(["pretrain", str(cfg), *local2, "--resume", "--quiet"])
-        return dict(fault="kill -9 of rank 1 at step 6, no restarts; then --resume by hand",
-                    runs=[first, second], did=first.message(), steps_lost=1,
-                    equal=equal(refs["two"], weights(out("kill_manual"))),
-                    once=steps_once(out("kill_manual")))
+        return dict(
+            fault="kill -9 of rank 1 at step 6, no restarts; then --resume by hand",
+            runs=[first, second],
+            did=first.message(),
+            steps_lost=1,
+            equal=equal(refs["two"], weights(out("kill_manual"))),
+            once=steps_once(out("kill_manual")),
+        )
 
     def kill_checkpoint():
         cfg = write(config(data, out("kill_ckpt")), work / "kill_ckpt.yaml")
         first = Run(["pretrain", str(cfg), "--quiet"], {"HETLM_FAULT": "kill_checkpoint:step=4"})
         staging = (out("kill_ckpt") / "checkpoints" / ".tmp-step-00000004").is_dir()
         second = Run(["pretrain", str(cfg), "--resume", "--quiet"])
-        return dict(fault="kill -9 while writing checkpoint 4 (one process)", runs=[first, second],
-                    did=f"killed (exit {first.code}); half-written .tmp-step-00000004 left: "
-                    f"{staging}, ignored; --resume continued from step 2",
-                    steps_lost=2, equal=equal(refs["one"], weights(out("kill_ckpt"))),
-                    once=steps_once(out("kill_ckpt")))
+        return dict(
+            fault="kill -9 while writing checkpoint 4 (one process)",
+            runs=[first, second],
+            did=f"killed (exit {first.code}); half-written .tmp-step-00000004 left: "
+            f"{staging}, ignored; --resume continued from step 2",
+            steps_lost=2,
+            equal=equal(refs["one"], weights(out("kill_ckpt"))),
+            once=steps_once(out("kill_ckpt")),
+        )
 
     def disk_full():
         name = out("disk_full")
         if os.geteuid() != 0 or not shutil.which("mount"):
-            return dict(fault="full disk (tmpfs) while writing checkpoint 4", runs=[],
-                        did="skipped: mounting a tmpfs needs root", steps_lost="-", equal="-")
+            return dict(
+                fault="full disk (tmpfs) while writing checkpoint 4",
+                runs=[],
+                did="skipped: mounting a tmpfs needs root",
+                steps_lost="-",
+                equal="-",
+            )
         name.mkdir(parents=True, exist_ok=True)
         size = int(refs["checkpoint_bytes"] * 1.5) + 200_000  # one checkpoint fits, not two
-        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
-                                  str(name)], capture_output=True, text=True)
+        mounted = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(name)],
+            capture_output=True,
+            text=True,
+        )
         if mounted.returncode != 0:
-            return dict(fault="full disk (tmpfs) while writing checkpoint 4", runs=[],
-                        did=f"skipped: mount failed ({mounted.stderr.strip()})", steps_lost="-",
-                        equal="-")
+            return dict(
+                fault="full disk (tmpfs) while writing checkpoint 4",
+                runs=[],
+                did=f"skipped: mount failed ({mounted.stderr.strip()})",
+                steps_lost="-",
+                equal="-",
+            )
         try:
             cfg = write(config(data, name), work / "disk_full.yaml")
             first = Run(["pretrain", str(cfg), "--quiet"])
@@ -184,55 +227,85 @@ def scenarios(data: Path, work: Path, refs: dict) -> dict:
             if (name / "metrics.jsonl").is_file():
                 shutil.copy(name / "metrics.jsonl", kept)
             subprocess.run(["umount", str(name)], capture_output=True)
-        return dict(fault=f"full disk: output_dir on a {size / 1e6:.1f} MB tmpfs (room for one "
-                    "checkpoint); then remounted larger and --resume", runs=[first, second],
-                    did=first.message() + f"; checkpoints left {kept_steps}, intact: {intact}; "
-                    f"staging folders left: {len(staging)}", steps_lost=0 if intact else "?",
-                    equal=equal(refs["one"], result), note=f"tmpfs size={size}")
+        return dict(
+            fault=f"full disk: output_dir on a {size / 1e6:.1f} MB tmpfs (room for one "
+            "checkpoint); then remounted larger and --resume",
+            runs=[first, second],
+            did=first.message() + f"; checkpoints left {kept_steps}, intact: {intact}; "
+            f"staging folders left: {len(staging)}",
+            steps_lost=0 if intact else "?",
+            equal=equal(refs["one"], result),
+            note=f"tmpfs size={size}",
+        )
 
     def disk_full_injected():
         cfg = write(config(data, out("enospc")), work / "enospc.yaml")
         first = Run(["pretrain", str(cfg), "--quiet"], {"HETLM_FAULT": "enospc:step=4"})
         second = Run(["pretrain", str(cfg), "--resume", "--quiet"])
-        return dict(fault="ENOSPC injected while writing checkpoint 4", runs=[first, second],
-                    did=first.message(), steps_lost=0,
-                    equal=equal(refs["one"], weights(out("enospc"))),
-                    once=steps_once(out("enospc")))
+        return dict(
+            fault="ENOSPC injected while writing checkpoint 4",
+            runs=[first, second],
+            did=first.message(),
+            steps_lost=0,
+            equal=equal(refs["one"], weights(out("enospc"))),
+            once=steps_once(out("enospc")),
+        )
 
     def stall():
         cfg = write(config(data, out("stall"), dist_timeout_s=15, **two), work / "stall.yaml")
-        run = Run(["pretrain", str(cfg), *local2, "--quiet"],
-                  {"HETLM_FAULT": "stall:rank=1:step=5:seconds=60"})
-        return dict(fault="rank 1 hangs at step 5 (train.dist_timeout_s 15)", runs=[run],
-                    did=run.message(), steps_lost=0, equal="- (stopped; resumable from step 4)")
+        run = Run(
+            ["pretrain", str(cfg), *local2, "--quiet"],
+            {"HETLM_FAULT": "stall:rank=1:step=5:seconds=60"},
+        )
+        return dict(
+            fault="rank 1 hangs at step 5 (train.dist_timeout_s 15)",
+            runs=[run],
+            did=run.message(),
+            steps_lost=0,
+            equal="- (stopped; resumable from step 4)",
+        )
 
     def nan_stop():
         cfg = write(config(data, out("nan_bf16"), precision="bf16"), work / "nan_bf16.yaml")
         run = Run(["pretrain", str(cfg), "--quiet"], {"HETLM_FAULT": "nan:step=5"})
-        return dict(fault="NaN loss at step 5, bf16 (on_nonfinite: stop)", runs=[run],
-                    did=run.message(), steps_lost=1, equal="- (stopped)")
+        return dict(
+            fault="NaN loss at step 5, bf16 (on_nonfinite: stop)",
+            runs=[run],
+            did=run.message(),
+            steps_lost=1,
+            equal="- (stopped)",
+        )
 
     def nan_rollback():
-        cfg = write(config(data, out("nan_rollback"), on_nonfinite="rollback"),
-                    work / "nan_rollback.yaml")
+        cfg = write(
+            config(data, out("nan_rollback"), on_nonfinite="rollback"), work / "nan_rollback.yaml"
+        )
         run = Run(["pretrain", str(cfg), "--quiet"], {"HETLM_FAULT": "nan:step=5"})
-        event = next((r for r in metrics(out("nan_rollback")) if r.get("event") == "rollback"),
-                     {})
-        return dict(fault="NaN loss at step 5, fp32, on_nonfinite: rollback", runs=[run],
-                    did=run.message() + f"; rollback event to step {event.get('step')}, "
-                    f"lr x {event.get('lr_factor')}", steps_lost=1,
-                    equal=equal(refs["one"], weights(out("nan_rollback")))
-                    + " (expected: lr halved from step 5)", once=steps_once(out("nan_rollback")))
+        event = next((r for r in metrics(out("nan_rollback")) if r.get("event") == "rollback"), {})
+        return dict(
+            fault="NaN loss at step 5, fp32, on_nonfinite: rollback",
+            runs=[run],
+            did=run.message() + f"; rollback event to step {event.get('step')}, "
+            f"lr x {event.get('lr_factor')}",
+            steps_lost=1,
+            equal=equal(refs["one"], weights(out("nan_rollback")))
+            + " (expected: lr halved from step 5)",
+            once=steps_once(out("nan_rollback")),
+        )
 
     def inf_fp16():
         cfg = write(config(data, out("inf_fp16"), precision="fp16"), work / "inf_fp16.yaml")
         run = Run(["pretrain", str(cfg), "--quiet"], {"HETLM_FAULT": "inf:step=5"})
         steps = [r for r in metrics(out("inf_fp16")) if "event" not in r]
         skipped = [r["step"] for r in steps if r.get("skipped")]
-        return dict(fault="inf loss at step 5, fp16", runs=[run],
-                    did=f"exit {run.code}; steps skipped by the scaler: {skipped} (counted: "
-                    f"skipped_steps={steps[-1]['skipped_steps'] if steps else '?'})",
-                    steps_lost=len(skipped), equal="- (a skipped step changes the result)")
+        return dict(
+            fault="inf loss at step 5, fp16",
+            runs=[run],
+            did=f"exit {run.code}; steps skipped by the scaler: {skipped} (counted: "
+            f"skipped_steps={steps[-1]['skipped_steps'] if steps else '?'})",
+            steps_lost=len(skipped),
+            equal="- (a skipped step changes the result)",
+        )
 
     def truncated():
         name = out("truncated")
@@ -242,16 +315,25 @@ def scenarios(data: Path, work: Path, refs: dict) -> dict:
         target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
         second = Run(["pretrain", str(cfg), "--resume", "--quiet"])
         warn = [x.strip() for x in second.err.splitlines() if "skipping checkpoint" in x]
-        return dict(fault="checkpoint 6's model.safetensors truncated to half, then --resume",
-                    runs=[first, second], did=(warn[0] if warn else second.message())[-220:]
-                    + "; resumed from step 4", steps_lost=2,
-                    equal=equal(refs["one"], weights(name)), once=steps_once(name))
+        return dict(
+            fault="checkpoint 6's model.safetensors truncated to half, then --resume",
+            runs=[first, second],
+            did=(warn[0] if warn else second.message())[-220:] + "; resumed from step 4",
+            steps_lost=2,
+            equal=equal(refs["one"], weights(name)),
+            once=steps_once(name),
+        )
 
     def missing_dataset():
         cfg = write(config(work / "no-such-dataset", out("missing")), work / "missing.yaml")
         run = Run(["pretrain", str(cfg)])
-        return dict(fault="data.dataset points at a missing folder", runs=[run],
-                    did=run.message(), steps_lost="-", equal="-")
+        return dict(
+            fault="data.dataset points at a missing folder",
+            runs=[run],
+            did=run.message(),
+            steps_lost="-",
+            equal="-",
+        )
 
     def wrong_dataset():
         name = out("wrong_data")
@@ -263,10 +345,16 @@ def scenarios(data: Path, work: Path, refs: dict) -> dict:
             meta = json.loads((other / "hetlm_dataset.json").read_text())
             meta["tokenizer_vocab_hash"] = "f" * 16  # as if tokenized with another tokenizer
             (other / "hetlm_dataset.json").write_text(json.dumps(meta))
-        second = Run(["pretrain", str(write(config(other, name), work / "wrong_data2.yaml")),
-                      "--resume"])
-        return dict(fault="--resume with a dataset tokenized by another tokenizer",
-                    runs=[first, second], did=second.message(), steps_lost="-", equal="-")
+        second = Run(
+            ["pretrain", str(write(config(other, name), work / "wrong_data2.yaml")), "--resume"]
+        )
+        return dict(
+            fault="--resume with a dataset tokenized by another tokenizer",
+            runs=[first, second],
+            did=second.message(),
+            steps_lost="-",
+            equal="-",
+        )
 
     def changed_model():
         name = out("changed_model")
@@ -275,24 +363,55 @@ def scenarios(data: Path, work: Path, refs: dict) -> dict:
         changed = config(data, name, global_batch=16, micro_batch=16)
         changed["model"]["preset"] = "small"
         second = Run(["pretrain", str(write(changed, work / "changed_model2.yaml")), "--resume"])
-        return dict(fault="--resume with another model preset and global batch",
-                    runs=[first, second], did=second.message(), steps_lost="-", equal="-")
+        return dict(
+            fault="--resume with another model preset and global batch",
+            runs=[first, second],
+            did=second.message(),
+            steps_lost="-",
+            equal="-",
+        )
 
     def changed_split():
         name = out("changed_split")
         cfg = write(config(data, name), work / "changed_split.yaml")
         first = Run(["pretrain", str(cfg), "--stop-at-step", "4", "--quiet"])
-        second = Run(["pretrain", str(write(config(data, name, **two), work / "split2.yaml")),
-                      *local2, "--resume", "--quiet"])
-        return dict(fault="--resume on 2 nodes, split (3, 5), of a 1-process run (same global "
-                    "batch)", runs=[first, second], did=f"continued (exit {second.code})",
-                    steps_lost=0, equal=equal(refs["one"], weights(name), tol=1e-5),
-                    once=steps_once(name))
+        second = Run(
+            [
+                "pretrain",
+                str(write(config(data, name, **two), work / "split2.yaml")),
+                *local2,
+                "--resume",
+                "--quiet",
+            ]
+        )
+        return dict(
+            fault="--resume on 2 nodes, split (3, 5), of a 1-process run (same global batch)",
+            runs=[first, second],
+            did=f"continued (exit {second.code})",
+            steps_lost=0,
+            equal=equal(refs["one"], weights(name), tol=1e-5),
+            once=steps_once(name),
+        )
 
-    return {f.__name__: f for f in (kill_restart, kill_manual, kill_checkpoint, disk_full,
-                                     disk_full_injected, stall, nan_stop, nan_rollback,
-                                     inf_fp16, truncated, missing_dataset, wrong_dataset,
-                                     changed_model, changed_split)}
+    return {
+        f.__name__: f
+        for f in (
+            kill_restart,
+            kill_manual,
+            kill_checkpoint,
+            disk_full,
+            disk_full_injected,
+            stall,
+            nan_stop,
+            nan_rollback,
+            inf_fp16,
+            truncated,
+            missing_dataset,
+            wrong_dataset,
+            changed_model,
+            changed_split,
+        )
+    }
 
 
 def main() -> None:
@@ -307,16 +426,29 @@ def main() -> None:
         (work / "prep").mkdir(exist_ok=True)
         prepare_data(work / "prep")
     refs: dict = {}
-    ref_one = Run(["pretrain", str(write(config(data, work / "ref_one"), work / "ref_one.yaml")),
-                   "--quiet"])
-    ref_two = Run(["pretrain", str(write(config(data, work / "ref_two",
-                                                 micro_batch={"per_rank": [3, 5]}),
-                                          work / "ref_two.yaml")), "--local-nodes", "2",
-                   "--quiet"])
+    ref_one = Run(
+        ["pretrain", str(write(config(data, work / "ref_one"), work / "ref_one.yaml")), "--quiet"]
+    )
+    ref_two = Run(
+        [
+            "pretrain",
+            str(
+                write(
+                    config(data, work / "ref_two", micro_batch={"per_rank": [3, 5]}),
+                    work / "ref_two.yaml",
+                )
+            ),
+            "--local-nodes",
+            "2",
+            "--quiet",
+        ]
+    )
     assert ref_one.code == 0 and ref_two.code == 0, (ref_one.err[-2000:], ref_two.err[-2000:])
-    refs.update(one=weights(work / "ref_one"), two=weights(work / "ref_two"),
-                checkpoint_bytes=dir_bytes(sorted((work / "ref_one" / "checkpoints")
-                                                  .glob("step-*"))[-1]))
+    refs.update(
+        one=weights(work / "ref_one"),
+        two=weights(work / "ref_two"),
+        checkpoint_bytes=dir_bytes(sorted((work / "ref_one" / "checkpoints").glob("step-*"))[-1]),
+    )
     rows = []
     previous = RESULTS / "fault_injection.json"
     if args.only and previous.is_file():  # re-run some rows, keep the others
@@ -327,19 +459,29 @@ def main() -> None:
         print(f"== {name}", flush=True)
         row = scenario()
         runs = row.pop("runs")
-        row.update(name=name, commands=[r.command for r in runs],
-                   exit_codes=[r.code for r in runs],
-                   seconds=round(sum(r.seconds for r in runs), 1))
+        row.update(
+            name=name,
+            commands=[r.command for r in runs],
+            exit_codes=[r.code for r in runs],
+            seconds=round(sum(r.seconds for r in runs), 1),
+        )
         print(json.dumps(row, ensure_ascii=False, indent=1), flush=True)
         rows.append(row)
     order = list(scenarios(data, work, refs))
     rows.sort(key=lambda r: order.index(r["name"]))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    meta = {"steps": STEPS, "checkpoint_every": EVERY, "model": "tiny BERT, fp32 unless noted",
-            "global_batch": 8, "reference_checkpoint_bytes": refs["checkpoint_bytes"],
-            "torch": __import__("torch").__version__, "cpus": os.cpu_count()}
-    (RESULTS / "fault_injection.json").write_text(json.dumps({"meta": meta, "rows": rows},
-                                                             indent=1, ensure_ascii=False))
+    meta = {
+        "steps": STEPS,
+        "checkpoint_every": EVERY,
+        "model": "tiny BERT, fp32 unless noted",
+        "global_batch": 8,
+        "reference_checkpoint_bytes": refs["checkpoint_bytes"],
+        "torch": __import__("torch").__version__,
+        "cpus": os.cpu_count(),
+    }
+    (RESULTS / "fault_injection.json").write_text(
+        json.dumps({"meta": meta, "rows": rows}, indent=1, ensure_ascii=False)
+    )
     (RESULTS / "fault_injection.md").write_text(markdown(rows, meta))
     print(f"wrote {RESULTS / 'fault_injection.md'} (runs in {work})")
 
@@ -349,21 +491,39 @@ def markdown(rows: list[dict], meta: dict) -> str:
         work = str(text).replace("|", "\\|").replace("\n", " ")
         return re.sub(r"/tmp/hetlm-faults-[^/ ]+/", "WORK/", work)
 
-    lines = ["# Fault injection", "",
-             f"`benchmarks/fault_injection.py`: {meta['model']}, global batch "
-             f"{meta['global_batch']}, {meta['steps']} steps, a checkpoint every "
-             f"{meta['checkpoint_every']} steps (one is {meta['reference_checkpoint_bytes'] / 1e6:.1f}"
-             f" MB), torch {meta['torch']}, {meta['cpus']} CPUs. *Steps lost*: optimizer steps "
-             "computed and then thrown away (re-run from the checkpoint). *Data lost*: samples "
-             "never trained on. *Final weights equal*: against an uninterrupted run of the same "
-             "topology. WORK is the scenario's temporary folder.", "",
-             "| fault / bad input | what hetlm did | steps lost | data lost | each step logged "
-             "once | final weights equal | s | reproduce |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Fault injection",
+        "",
+        f"`benchmarks/fault_injection.py`: {meta['model']}, global batch "
+        f"{meta['global_batch']}, {meta['steps']} steps, a checkpoint every "
+        f"{meta['checkpoint_every']} steps (one is {meta['reference_checkpoint_bytes'] / 1e6:.1f}"
+        f" MB), torch {meta['torch']}, {meta['cpus']} CPUs. *Steps lost*: optimizer steps "
+        "computed and then thrown away (re-run from the checkpoint). *Data lost*: samples "
+        "never trained on. *Final weights equal*: against an uninterrupted run of the same "
+        "topology. WORK is the scenario's temporary folder.",
+        "",
+        "| fault / bad input | what hetlm did | steps lost | data lost | each step logged "
+        "once | final weights equal | s | reproduce |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
-        lines.append("| " + " | ".join(cell(x) for x in (
-            row["fault"], row["did"], row["steps_lost"], row.get("data_lost", "none"),
-            {True: "yes", False: "NO"}.get(row.get("once"), "-"), row["equal"], row["seconds"],
-            "<br>".join(f"`{c}`" for c in row["commands"]))) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                cell(x)
+                for x in (
+                    row["fault"],
+                    row["did"],
+                    row["steps_lost"],
+                    row.get("data_lost", "none"),
+                    {True: "yes", False: "NO"}.get(row.get("once"), "-"),
+                    row["equal"],
+                    row["seconds"],
+                    "<br>".join(f"`{c}`" for c in row["commands"]),
+                )
+            )
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 

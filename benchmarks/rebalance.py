@@ -42,25 +42,43 @@ from emulated_cluster import prepare_data  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def write_config(path: Path, output_dir: Path, data: Path, args: argparse.Namespace,
-                 per_rank: list[int], rebalance: int) -> Path:
+def write_config(
+    path: Path,
+    output_dir: Path,
+    data: Path,
+    args: argparse.Namespace,
+    per_rank: list[int],
+    rebalance: int,
+) -> Path:
     train: dict[str, Any] = {
-        "global_batch": sum(per_rank), "micro_batch": {"per_rank": per_rank},
-        "max_steps": args.steps, "learning_rate": 5e-4, "warmup_steps": 2, "precision": "fp32",
-        "max_eval_samples": 8, "per_device_eval_batch_size": 8, "save_steps": 0,
-        "save_total_limit": 1, "logging_steps": 1, "dist_timeout_s": 300, "engine": "ddp"}
+        "global_batch": sum(per_rank),
+        "micro_batch": {"per_rank": per_rank},
+        "max_steps": args.steps,
+        "learning_rate": 5e-4,
+        "warmup_steps": 2,
+        "precision": "fp32",
+        "max_eval_samples": 8,
+        "per_device_eval_batch_size": 8,
+        "save_steps": 0,
+        "save_total_limit": 1,
+        "logging_steps": 1,
+        "dist_timeout_s": 300,
+        "engine": "ddp",
+    }
     if rebalance:
-        train.update(rebalance=rebalance, max_micro_batch=sum(per_rank),
-                     rebalance_min_gain=0.05)
-    config = {"run": {"output_dir": str(output_dir), "seed": 0}, "data": {"dataset": str(data)},
-              "model": {"type": "bert", "preset": args.preset, "dropout": 0.0}, "train": train}
+        train.update(rebalance=rebalance, max_micro_batch=sum(per_rank), rebalance_min_gain=0.05)
+    config = {
+        "run": {"output_dir": str(output_dir), "seed": 0},
+        "data": {"dataset": str(data)},
+        "model": {"type": "bert", "preset": args.preset, "dropout": 0.0},
+        "train": train,
+    }
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
 
 def read_steps(output_dir: Path) -> tuple[list[dict], list[dict]]:
-    records = [json.loads(line) for line in
-               (output_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     return [r for r in records if "event" not in r], [r for r in records if "event" in r]
 
 
@@ -76,15 +94,16 @@ def throttle_at(node, output_dir: Path, step: int, quota: float, stop: threading
 
     metrics = output_dir / "metrics.jsonl"
     while not stop.wait(0.2):
-        if metrics.is_file() and any(f'"step": {step},' in line
-                                     for line in metrics.read_text().splitlines()):
-            (node.path("cpu") / "cpu.cfs_quota_us").write_text(
-                str(int(quota * DEFAULT_PERIOD_US)))
+        if metrics.is_file() and any(
+            f'"step": {step},' in line for line in metrics.read_text().splitlines()
+        ):
+            (node.path("cpu") / "cpu.cfs_quota_us").write_text(str(int(quota * DEFAULT_PERIOD_US)))
             return
 
 
-def run(label: str, config: Path, nodes, throttle: tuple[int, float] | None = None
-        ) -> dict[str, Any]:
+def run(
+    label: str, config: Path, nodes, throttle: tuple[int, float] | None = None
+) -> dict[str, Any]:
     from hetlm.bench.cgroups import DEFAULT_PERIOD_US
     from hetlm.config import load_config
     from hetlm.launch import run_local_nodes
@@ -94,16 +113,22 @@ def run(label: str, config: Path, nodes, throttle: tuple[int, float] | None = No
         shutil.rmtree(out)
     for node, quota in zip(nodes, (None, 0.5), strict=True):  # the cluster as built
         (node.path("cpu") / "cpu.cfs_quota_us").write_text(
-            "-1" if quota is None else str(int(quota * DEFAULT_PERIOD_US)))
+            "-1" if quota is None else str(int(quota * DEFAULT_PERIOD_US))
+        )
     stop = threading.Event()
     watcher = None
     if throttle is not None:
-        watcher = threading.Thread(target=throttle_at, args=(nodes[0], out, *throttle, stop),
-                                   daemon=True)
+        watcher = threading.Thread(
+            target=throttle_at, args=(nodes[0], out, *throttle, stop), daemon=True
+        )
         watcher.start()
     started = time.time()
-    code = run_local_nodes(["pretrain", str(config), "--quiet"], nodes=2, threads_per_rank=1,
-                           rank_prefixes=[node.prefix() for node in nodes])
+    code = run_local_nodes(
+        ["pretrain", str(config), "--quiet"],
+        nodes=2,
+        threads_per_rank=1,
+        rank_prefixes=[node.prefix() for node in nodes],
+    )
     stop.set()
     if watcher is not None:
         watcher.join()
@@ -111,8 +136,11 @@ def run(label: str, config: Path, nodes, throttle: tuple[int, float] | None = No
         raise SystemExit(f"{label}: exit code {code}")
     steps, events = read_steps(out)
     rebalances = [e for e in events if e["event"] == "rebalance"]
-    print(f"  {label}: {time.time() - started:.0f} s, rebalances at "
-          f"{[e['step'] for e in rebalances]}", flush=True)
+    print(
+        f"  {label}: {time.time() - started:.0f} s, rebalances at "
+        f"{[e['step'] for e in rebalances]}",
+        flush=True,
+    )
     return {"label": label, "output_dir": str(out), "steps": steps, "rebalances": rebalances}
 
 
@@ -142,14 +170,19 @@ def main(argv: list[str] | None = None) -> int:
     configs = {
         "right": write_config(work / "right.yaml", work / "runs" / "right", data, args, right, 0),
         "wrong": write_config(work / "wrong.yaml", work / "runs" / "wrong", data, args, equal, 0),
-        "wrong+rb": write_config(work / "wrong-rb.yaml", work / "runs" / "wrong-rb", data, args,
-                                 equal, args.every),
+        "wrong+rb": write_config(
+            work / "wrong-rb.yaml", work / "runs" / "wrong-rb", data, args, equal, args.every
+        ),
         "throttled": write_config(work / "thr.yaml", work / "runs" / "thr", data, args, right, 0),
-        "throttled+rb": write_config(work / "thr-rb.yaml", work / "runs" / "thr-rb", data, args,
-                                     right, args.every)}
+        "throttled+rb": write_config(
+            work / "thr-rb.yaml", work / "runs" / "thr-rb", data, args, right, args.every
+        ),
+    }
     parent = f"hetlm-rebalance-{os.getpid()}"
-    nodes = [cgroups.NodeCgroup(f"{parent}/node0", cpus="0", cpu_shares=16384),
-             cgroups.NodeCgroup(f"{parent}/node1", cpus="1", cpu_quota=0.5, cpu_shares=16384)]
+    nodes = [
+        cgroups.NodeCgroup(f"{parent}/node0", cpus="0", cpu_shares=16384),
+        cgroups.NodeCgroup(f"{parent}/node1", cpus="1", cpu_quota=0.5, cpu_shares=16384),
+    ]
     runs: dict[str, dict[str, Any]] = {}
     try:
         for node in nodes:
@@ -157,8 +190,9 @@ def main(argv: list[str] | None = None) -> int:
         for label in ("right", "wrong", "wrong+rb"):
             runs[label] = run(label, configs[label], nodes)
         for label in ("throttled", "throttled+rb"):
-            runs[label] = run(label, configs[label], nodes,
-                              throttle=(args.throttle_step, args.throttle_quota))
+            runs[label] = run(
+                label, configs[label], nodes, throttle=(args.throttle_step, args.throttle_quota)
+            )
     finally:
         for node in nodes:
             node.destroy()
@@ -166,8 +200,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from safetensors.torch import load_file
 
-    first_rb = runs["wrong+rb"]["rebalances"][0]["step"] if runs["wrong+rb"]["rebalances"] \
-        else args.steps
+    first_rb = (
+        runs["wrong+rb"]["rebalances"][0]["step"] if runs["wrong+rb"]["rebalances"] else args.steps
+    )
     after = first_rb + 1  # the first step on the new split
     speeds = {k: throughput(runs[k]["steps"], after) for k in ("right", "wrong", "wrong+rb")}
     thr_after = args.throttle_step + args.every + 1
@@ -176,11 +211,18 @@ def main(argv: list[str] | None = None) -> int:
     a = load_file(str(Path(runs["wrong"]["output_dir"]) / "model" / "model.safetensors"))
     c = load_file(str(Path(runs["wrong+rb"]["output_dir"]) / "model" / "model.safetensors"))
     diff = max(float((a[k] - c[k]).abs().max()) for k in a)
-    report = {"machine": f"{platform.node()}, {os.cpu_count()} cores", "load_avg":
-              os.getloadavg()[0], "date": time.strftime("%Y-%m-%d %H:%M"), "args": vars(args),
-              "right": right, "equal": equal, "samples_per_s": speeds,
-              "first_rebalance_step": first_rb, "weights_max_abs_diff": diff,
-              "rebalances": {k: runs[k]["rebalances"] for k in runs}}
+    report = {
+        "machine": f"{platform.node()}, {os.cpu_count()} cores",
+        "load_avg": os.getloadavg()[0],
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "args": vars(args),
+        "right": right,
+        "equal": equal,
+        "samples_per_s": speeds,
+        "first_rebalance_step": first_rb,
+        "weights_max_abs_diff": diff,
+        "rebalances": {k: runs[k]["rebalances"] for k in runs},
+    }
     out = Path(args.output)
     out.with_suffix(".json").write_text(json.dumps(report, indent=1))
     out.with_suffix(".md").write_text(render(report))
@@ -191,13 +233,19 @@ def main(argv: list[str] | None = None) -> int:
 def render(r: dict[str, Any]) -> str:
     s, a = r["samples_per_s"], r["args"]
     rows = [
-        ("right split " + str(r["right"]) + ", no rebalancing", s["right"], "after step "
-         f"{r['first_rebalance_step']}"),
+        (
+            "right split " + str(r["right"]) + ", no rebalancing",
+            s["right"],
+            f"after step {r['first_rebalance_step']}",
+        ),
         ("equal split " + str(r["equal"]) + ", no rebalancing", s["wrong"], "same steps"),
         (f"equal split, rebalance every {a['every']}", s["wrong+rb"], "same steps"),
-        (f"right split, node0 throttled to {a['throttle_quota']} core at step "
-         f"{a['throttle_step']}, no rebalancing", s["throttled"],
-         f"after step {a['throttle_step'] + a['every']}"),
+        (
+            f"right split, node0 throttled to {a['throttle_quota']} core at step "
+            f"{a['throttle_step']}, no rebalancing",
+            s["throttled"],
+            f"after step {a['throttle_step'] + a['every']}",
+        ),
         ("the same, rebalance every " + str(a["every"]), s["throttled+rb"], "same steps"),
     ]
     lines = [
@@ -225,8 +273,10 @@ def render(r: dict[str, Any]) -> str:
     ]
     for label, events in r["rebalances"].items():
         for e in events:
-            lines.append(f"- {label}, step {e['step']}: {e['old_shares']} -> {e['new_shares']} "
-                         f"({e['expected_gain']:.0%})")
+            lines.append(
+                f"- {label}, step {e['step']}: {e['old_shares']} -> {e['new_shares']} "
+                f"({e['expected_gain']:.0%})"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -83,8 +83,9 @@ def _wordpiece_tokenizer(kind: str, tmp_path_factory, corpus: Path, **options) -
         from hetlm.data.tokenizer import train_tokenizer
 
         out = tmp_path_factory.mktemp(f"tok_{kind}") / kind
-        _CACHE[key] = train_tokenizer([corpus], out, tokenizer_type=kind,
-                                      **{**WORDPIECE_OPTIONS, **options})
+        _CACHE[key] = train_tokenizer(
+            [corpus], out, tokenizer_type=kind, **{**WORDPIECE_OPTIONS, **options}
+        )
     return _CACHE[key]
 
 

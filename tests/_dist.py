@@ -30,11 +30,24 @@ def _load(dotted: str):
     return getattr(importlib.import_module(module_name), name)
 
 
-def _worker(rank: int, world: int, port: int, config: dict, kwargs: dict, step_fn: str | None,
-            setup: str | None = None):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK="0", GROUP_RANK=str(rank),
-                      OMP_NUM_THREADS="1")
+def _worker(
+    rank: int,
+    world: int,
+    port: int,
+    config: dict,
+    kwargs: dict,
+    step_fn: str | None,
+    setup: str | None = None,
+):
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK="0",
+        GROUP_RANK=str(rank),
+        OMP_NUM_THREADS="1",
+    )
     torch.set_num_threads(1)
     from hetlm.config import parse_config
     from hetlm.train import pretrain
@@ -52,12 +65,19 @@ def _worker(rank: int, world: int, port: int, config: dict, kwargs: dict, step_f
     os._exit(0)
 
 
-def run_ranks(config: dict, world: int, step_fn: str | None = None, setup: str | None = None,
-              timeout_s: float = 60, **kwargs) -> None:
+def run_ranks(
+    config: dict,
+    world: int,
+    step_fn: str | None = None,
+    setup: str | None = None,
+    timeout_s: float = 60,
+    **kwargs,
+) -> None:
     """Run ``config`` on ``world`` ranks; raises if any rank fails."""
     config = {**config, "train": {**config["train"], "dist_timeout_s": timeout_s}}
-    mp.spawn(_worker, args=(world, _free_port(), config, kwargs, step_fn, setup), nprocs=world,
-             join=True)
+    mp.spawn(
+        _worker, args=(world, _free_port(), config, kwargs, step_fn, setup), nprocs=world, join=True
+    )
 
 
 def run_single(config: dict, step_fn: str | None = None, **kwargs) -> dict:

@@ -39,8 +39,10 @@ def _tokenizer(root: Path) -> Path:
         from hetlm.data.tokenizer import train_tokenizer
 
         corpus = root / "fixture_text.jsonl"
-        corpus.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n"
-                                  for t in fixture_texts()), encoding="utf-8")
+        corpus.write_text(
+            "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in fixture_texts()),
+            encoding="utf-8",
+        )
         _CACHE["tokenizer"] = train_tokenizer([corpus], root / "tokenizer", vocab_size=300)
     return _CACHE["tokenizer"]
 
@@ -79,13 +81,21 @@ def tiny_llama_fixture(tmp_path_factory, tiny_bert) -> Path:
 
         tokenizer_dir = _CACHE["tokenizer"]
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                             num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                             max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id)
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            pad_token_id=tokenizer.pad_token_id,
+        )
         torch.manual_seed(0)
         model = LlamaForCausalLM(config)
-        _CACHE["llama"] = _save_with_tokenizer(model, tokenizer_dir,
-                                               tiny_bert.parent / "tiny-llama")
+        _CACHE["llama"] = _save_with_tokenizer(
+            model, tokenizer_dir, tiny_bert.parent / "tiny-llama"
+        )
     return _CACHE["llama"]
 
 

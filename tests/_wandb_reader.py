@@ -34,8 +34,8 @@ def read_records(path: Path) -> list[Any]:
         if left_in_block < CHUNK_HEADER:  # the block's tail is padding
             pos += left_in_block
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + CHUNK_HEADER])
-        chunk = data[pos + CHUNK_HEADER:pos + CHUNK_HEADER + length]
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + CHUNK_HEADER])
+        chunk = data[pos + CHUNK_HEADER : pos + CHUNK_HEADER + length]
         pos += CHUNK_HEADER + length
         if kind == 0:  # zeros: nothing written past here
             break
@@ -63,8 +63,12 @@ def history(records: list[Any]) -> list[dict[str, Any]]:
     rows = []
     for record in records:
         if record.WhichOneof("record_type") == "history":
-            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                         for item in record.history.item})
+            rows.append(
+                {
+                    item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                    for item in record.history.item
+                }
+            )
     return rows
 
 
@@ -74,8 +78,12 @@ def run_info(records: list[Any]) -> dict[str, Any]:
         if record.WhichOneof("record_type") == "run":
             run = record.run
             config = {item.key: json.loads(item.value_json) for item in run.config.update}
-            return {"id": run.run_id, "name": run.display_name, "project": run.project,
-                    "config": config}
+            return {
+                "id": run.run_id,
+                "name": run.display_name,
+                "project": run.project,
+                "config": config,
+            }
     raise AssertionError("no run record")
 
 

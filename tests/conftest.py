@@ -35,17 +35,28 @@ def tiny_packed(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny_packed")
     corpus = write_small_corpus(root / "corpus.jsonl")
     tokenizer = train_tokenizer([corpus], root / "tokenizer", vocab_size=3000)
-    prepare_dataset([corpus], tokenizer, root / "data", seq_len=32, validation_fraction=0.2,
-                    workers=1)
+    prepare_dataset(
+        [corpus], tokenizer, root / "data", seq_len=32, validation_fraction=0.2, workers=1
+    )
     return root / "data"
 
 
 def tiny_config(dataset: Path, output_dir: Path, **train) -> dict:
     """A fp32, dropout-free tiny-BERT run configuration (split invariance needs both)."""
-    base = {"global_batch": 8, "micro_batch": 8, "max_steps": 3, "learning_rate": 1e-3, "warmup_steps": 1,
-            "precision": "fp32", "max_eval_samples": 32, "logging_steps": 1}
+    base = {
+        "global_batch": 8,
+        "micro_batch": 8,
+        "max_steps": 3,
+        "learning_rate": 1e-3,
+        "warmup_steps": 1,
+        "precision": "fp32",
+        "max_eval_samples": 32,
+        "logging_steps": 1,
+    }
     base.update(train)
-    return {"run": {"output_dir": str(output_dir), "seed": 0},
-            "data": {"dataset": str(dataset)},
-            "model": {"type": "bert", "preset": "tiny", "dropout": 0.0},
-            "train": base}
+    return {
+        "run": {"output_dir": str(output_dir), "seed": 0},
+        "data": {"dataset": str(dataset)},
+        "model": {"type": "bert", "preset": "tiny", "dropout": 0.0},
+        "train": base,
+    }

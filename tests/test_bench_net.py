@@ -43,10 +43,29 @@ def test_outside_torchrun_is_a_one_line_error(capsys, monkeypatch) -> None:
 def test_two_local_ranks_on_gloo_give_a_positive_table(tmp_path) -> None:
     prefix = tmp_path / "net"
     result = subprocess.run(
-        [sys.executable, "-m", "hetlm.cli", "bench", "net", "--local-nodes", "2",
-         "--min-size", "1M", "--max-size", "4M", "--iters", "5", "--output", str(prefix),
-         "--timeout-s", "60"],
-        capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "hetlm.cli",
+            "bench",
+            "net",
+            "--local-nodes",
+            "2",
+            "--min-size",
+            "1M",
+            "--max-size",
+            "4M",
+            "--iters",
+            "5",
+            "--output",
+            str(prefix),
+            "--timeout-s",
+            "60",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(prefix.with_suffix(".json").read_text())
     assert data["backend"] == "gloo" and data["world_size"] == 2 and data["nodes"] == 2

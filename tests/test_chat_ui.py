@@ -43,16 +43,30 @@ class DevTools:
         self.profile = tempfile.mkdtemp(prefix="hetlm-chromium-")
         to_chrome_r, self._to_chrome = os.pipe()
         self._from_chrome, from_chrome_w = os.pipe()
-        args = [executable, "--headless", "--no-sandbox", "--disable-gpu",
-                "--disable-background-networking", "--disable-component-update",
-                "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
-                f"--user-data-dir={self.profile}", "--remote-debugging-pipe", "about:blank"]
+        args = [
+            executable,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            "--disable-dev-shm-usage",
+            f"--user-data-dir={self.profile}",
+            "--remote-debugging-pipe",
+            "about:blank",
+        ]
         # Chromium reads commands on fd 3 and writes replies on fd 4: move the pipe ends there.
-        script = (f'exec "$@" 3<&{to_chrome_r} 4>&{from_chrome_w} '
-                  f'{to_chrome_r}<&- {from_chrome_w}>&-')
-        self.proc = subprocess.Popen(["bash", "-c", script, "bash", *args],
-                                     pass_fds=(to_chrome_r, from_chrome_w),
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        script = (
+            f'exec "$@" 3<&{to_chrome_r} 4>&{from_chrome_w} {to_chrome_r}<&- {from_chrome_w}>&-'
+        )
+        self.proc = subprocess.Popen(
+            ["bash", "-c", script, "bash", *args],
+            pass_fds=(to_chrome_r, from_chrome_w),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         os.close(to_chrome_r)
         os.close(from_chrome_w)
         self._last_id = 0
@@ -72,8 +86,13 @@ class DevTools:
                         self._replies[message["id"]] = message
                         self._cond.notify_all()
 
-    def call(self, method: str, params: dict | None = None, session: str | None = None,
-             timeout: float = 15.0) -> dict[str, Any]:
+    def call(
+        self,
+        method: str,
+        params: dict | None = None,
+        session: str | None = None,
+        timeout: float = 15.0,
+    ) -> dict[str, Any]:
         self._last_id += 1
         message_id = self._last_id
         message: dict[str, Any] = {"id": message_id, "method": method, "params": params or {}}
@@ -95,8 +114,9 @@ class DevTools:
         return session["sessionId"]
 
     def evaluate(self, session: str, expression: str) -> Any:
-        result = self.call("Runtime.evaluate", {"expression": expression,
-                                                "returnByValue": True}, session)
+        result = self.call(
+            "Runtime.evaluate", {"expression": expression, "returnByValue": True}, session
+        )
         return result["result"].get("value")
 
     def close(self) -> None:
@@ -128,14 +148,20 @@ def free_port() -> int:
 
 
 def test_gradio_history_is_read_as_text_messages():
-    history = [{"role": "user", "content": "こんにちは"},
-               {"role": "assistant", "content": [{"type": "text", "text": "はい、"},
-                                                 {"type": "text", "text": "どうぞ。"}]},
-               {"role": "user", "content": {"path": "/tmp/image.png"}},  # files are skipped
-               {"role": "assistant", "content": ""}]
+    history = [
+        {"role": "user", "content": "こんにちは"},
+        {
+            "role": "assistant",
+            "content": [{"type": "text", "text": "はい、"}, {"type": "text", "text": "どうぞ。"}],
+        },
+        {"role": "user", "content": {"path": "/tmp/image.png"}},  # files are skipped
+        {"role": "assistant", "content": ""},
+    ]
     assert history_messages(history, system="丁寧に") == [
-        Message("system", "丁寧に"), Message("user", "こんにちは"),
-        Message("assistant", "はい、どうぞ。")]
+        Message("system", "丁寧に"),
+        Message("user", "こんにちは"),
+        Message("assistant", "はい、どうぞ。"),
+    ]
     assert text_of(None) == ""
 
 
@@ -143,32 +169,48 @@ def test_gradio_page_in_headless_chromium_shows_a_streamed_reply(tmp_path_factor
     pytest.importorskip("gradio", reason="the web chat needs gradio (hetlm[chat])")
     chromium = find_chromium()
     if chromium is None:
-        pytest.skip(f"no Chromium found (looked for {', '.join(BROWSERS)} on PATH and "
-                    "$HETLM_CHROMIUM); install it with: apt-get install -y chromium")
+        pytest.skip(
+            f"no Chromium found (looked for {', '.join(BROWSERS)} on PATH and "
+            "$HETLM_CHROMIUM); install it with: apt-get install -y chromium"
+        )
     from hetlm.serve.chat_ui import launch_chat_ui
 
-    engine = load_chat_model(tiny_chat_model(tmp_path_factory.getbasetemp() / "sft"),
-                             device="cpu")
+    engine = load_chat_model(tiny_chat_model(tmp_path_factory.getbasetemp() / "sft"), device="cpu")
     # The tiny model writes its ~20 tokens in milliseconds; 60 ms per forward pass makes the
     # stream slow enough for the page to show it growing.
     slow = engine.model.register_forward_pre_hook(lambda *args: time.sleep(0.06))
     port = free_port()
-    ui = launch_chat_ui(engine, port=port, block=False,
-                        defaults=GenerationSettings(temperature=0.0, max_new_tokens=48))
+    ui = launch_chat_ui(
+        engine,
+        port=port,
+        block=False,
+        defaults=GenerationSettings(temperature=0.0, max_new_tokens=48),
+    )
     browser = DevTools(chromium)
     try:
         assert ui.share is False and ui.server_name == "127.0.0.1"
         page = browser.open_page(f"http://127.0.0.1:{port}/")
-        assert wait_for(lambda: browser.evaluate(page, "!!document.querySelector('textarea')"),
-                        timeout=20), "the chat page did not load"
+        assert wait_for(
+            lambda: browser.evaluate(page, "!!document.querySelector('textarea')"), timeout=20
+        ), "the chat page did not load"
         browser.evaluate(page, "document.querySelector('textarea').focus()")
         browser.call("Input.insertText", {"text": QUESTION}, page)
         for kind in ("keyDown", "keyUp"):
-            browser.call("Input.dispatchKeyEvent", {
-                "type": kind, "key": "Enter", "code": "Enter", "windowsVirtualKeyCode": 13,
-                **({"text": "\r"} if kind == "keyDown" else {})}, page)
-        reply_js = ("(() => { const m = document.querySelectorAll('[data-testid=\"bot\"]');"
-                    " return m.length ? m[m.length - 1].innerText.trim() : ''; })()")
+            browser.call(
+                "Input.dispatchKeyEvent",
+                {
+                    "type": kind,
+                    "key": "Enter",
+                    "code": "Enter",
+                    "windowsVirtualKeyCode": 13,
+                    **({"text": "\r"} if kind == "keyDown" else {}),
+                },
+                page,
+            )
+        reply_js = (
+            "(() => { const m = document.querySelectorAll('[data-testid=\"bot\"]');"
+            " return m.length ? m[m.length - 1].innerText.trim() : ''; })()"
+        )
         seen: list[str] = []
         deadline = time.monotonic() + 25
         while time.monotonic() < deadline:

@@ -94,8 +94,9 @@ def test_slurm_script_for_unequal_nodes_is_a_heterogeneous_job(plan) -> None:
     assert len(sruns) == 2 and "--het-group=0" in sruns[0] and "--het-group=1" in sruns[1]
     assert all(line.endswith("&") for line in sruns) and script.rstrip().endswith("wait")
     assert '--node-rank 1 --nproc-per-node 1 --master-addr "$MASTER_ADDR"' in sruns[1]
-    assert ('MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST_HET_GROUP_0" | '
-            "head -n 1)") in script
+    assert (
+        'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST_HET_GROUP_0" | head -n 1)'
+    ) in script
 
 
 def test_cli_plan_writes_plan_and_slurm_script(tmp_path: Path, capsys) -> None:
@@ -228,16 +229,36 @@ def _plan_cli(tmp_path: Path, cluster_text: str, *extra: str) -> str:
     cluster = tmp_path / "cluster.yaml"
     cluster.write_text(cluster_text)
     out = tmp_path / "plan.yaml"
-    args = ["plan", str(cluster), "--model", "bert-small", "--global-batch", "96",
-            "--seq-len", "128", "--output", str(out), "--config", "run.yaml", *extra]
+    args = [
+        "plan",
+        str(cluster),
+        "--model",
+        "bert-small",
+        "--global-batch",
+        "96",
+        "--seq-len",
+        "128",
+        "--output",
+        str(out),
+        "--config",
+        "run.yaml",
+        *extra,
+    ]
     assert main(args) == 0
     return out.with_suffix(".sbatch").read_text()
 
 
-def test_slurm_script_uses_host_names_partition_time_gres_and_activation(tmp_path: Path,
-                                                                         capsys) -> None:
-    script = _plan_cli(tmp_path, NAMED_CLUSTER, "--slurm-env", "export NCCL_SOCKET_IFNAME=eno1",
-                       "--slurm-cpus-per-gpu", "6")
+def test_slurm_script_uses_host_names_partition_time_gres_and_activation(
+    tmp_path: Path, capsys
+) -> None:
+    script = _plan_cli(
+        tmp_path,
+        NAMED_CLUSTER,
+        "--slurm-env",
+        "export NCCL_SOCKET_IFNAME=eno1",
+        "--slurm-cpus-per-gpu",
+        "6",
+    )
     directives = _sbatch_directives(script)
     # the host name, not the IP address, even where the file gives both; a host that is a
     # name is used as it is
@@ -256,7 +277,7 @@ def test_slurm_script_uses_host_names_partition_time_gres_and_activation(tmp_pat
     for i, index in enumerate(sruns):
         words = shlex.split(lines[index].removesuffix(" &"))
         assert words[0] == "srun" and "torchrun" in words
-        torchrun = words[words.index("torchrun"):]
+        torchrun = words[words.index("torchrun") :]
         assert torchrun[torchrun.index("--master-addr") + 1] == "$MASTER_ADDR"
         assert torchrun[torchrun.index("--node-rank") + 1] == str(i)
         assert f"--het-group={i}" in words
@@ -270,8 +291,7 @@ nodes:
   - {hostname: a100-2, host: 192.168.1.12, gpus: {model: A100-80GB, count: 4}}
 slurm: {partition: short, time: "01:00:00", account: lab}
 """
-    script = _plan_cli(tmp_path, cluster, "--slurm-partition", "long", "--slurm-time",
-                       "7-00:00:00")
+    script = _plan_cli(tmp_path, cluster, "--slurm-partition", "long", "--slurm-time", "7-00:00:00")
     directives = _sbatch_directives(script)
     assert "--partition=long" in directives and "--time=7-00:00:00" in directives
     assert "--account=lab" in directives and "--nodes=2" in directives
@@ -292,24 +312,40 @@ def test_without_slurm_settings_the_script_says_what_to_fill_in(tmp_path: Path) 
     assert "# FILL IN: activate the environment that has hetlm" in script
 
 
-@pytest.mark.parametrize(("cluster_text", "extra", "fragment"), [
-    (CLUSTER, ["--slurm-time", "2days"], "--slurm-time: Slurm time limit '2days'"),
-    (CLUSTER + "slurm: {time: soon}\n", [], "slurm.time: Slurm time limit 'soon'"),
-    (CLUSTER + "slurm: {partiton: gpu}\n", [], "slurm.partiton: unknown key"),
-])
-def test_slurm_setting_errors_are_one_line(tmp_path: Path, capsys, cluster_text, extra,
-                                           fragment) -> None:
+@pytest.mark.parametrize(
+    ("cluster_text", "extra", "fragment"),
+    [
+        (CLUSTER, ["--slurm-time", "2days"], "--slurm-time: Slurm time limit '2days'"),
+        (CLUSTER + "slurm: {time: soon}\n", [], "slurm.time: Slurm time limit 'soon'"),
+        (CLUSTER + "slurm: {partiton: gpu}\n", [], "slurm.partiton: unknown key"),
+    ],
+)
+def test_slurm_setting_errors_are_one_line(
+    tmp_path: Path, capsys, cluster_text, extra, fragment
+) -> None:
     cluster = tmp_path / "cluster.yaml"
     cluster.write_text(cluster_text)
-    args = ["plan", str(cluster), "--model", "bert-tiny", "--global-batch", "8", "--seq-len",
-            "64", "--output", str(tmp_path / "plan.yaml"), *extra]
+    args = [
+        "plan",
+        str(cluster),
+        "--model",
+        "bert-tiny",
+        "--global-batch",
+        "8",
+        "--seq-len",
+        "64",
+        "--output",
+        str(tmp_path / "plan.yaml"),
+        *extra,
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("hetlm: error: ") and err.count("\n") == 1 and fragment in err, err
 
 
-@pytest.mark.parametrize("value", ["30", "30:00", "12:00:00", "2-00", "2-12:00", "2-00:00:00",
-                                   "UNLIMITED"])
+@pytest.mark.parametrize(
+    "value", ["30", "30:00", "12:00:00", "2-00", "2-12:00", "2-00:00:00", "UNLIMITED"]
+)
 def test_slurm_time_formats_sbatch_accepts(value: str) -> None:
     from hetlm.cluster.spec import check_slurm_time
 

@@ -263,8 +263,14 @@ def test_per_sample_slope_matches_measurement(measured, preset: str) -> None:
 def _llama(preset: str, **overrides) -> ModelShape:
     from hetlm.models.presets import model_config
 
-    config = model_config("llama", preset, vocab_size=32000, max_position_embeddings=2048,
-                          pad_token_id=0, overrides=overrides)
+    config = model_config(
+        "llama",
+        preset,
+        vocab_size=32000,
+        max_position_embeddings=2048,
+        pad_token_id=0,
+        overrides=overrides,
+    )
     return ModelShape.from_config(config, name=f"llama-{preset}")
 
 
@@ -290,13 +296,20 @@ def test_adapter_count_equals_peft_on_a_tiny_model(targets) -> None:
 
     from hetlm.cluster.memory_lora import LoraSpec, lora_parameter_count
 
-    config = LlamaConfig(vocab_size=300, hidden_size=48, intermediate_size=80,
-                         num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2,
-                         max_position_embeddings=64)
+    config = LlamaConfig(
+        vocab_size=300,
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=3,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
-    lora = peft.LoraConfig(r=4, target_modules=list(targets) if targets else "all-linear",
-                           task_type="CAUSAL_LM")
+    lora = peft.LoraConfig(
+        r=4, target_modules=list(targets) if targets else "all-linear", task_type="CAUSAL_LM"
+    )
     tuned = peft.get_peft_model(model, lora)
     real = sum(p.numel() for p in tuned.parameters() if p.requires_grad)
     shape = ModelShape.from_config(config)
@@ -316,7 +329,9 @@ def test_base_bytes_per_quantization() -> None:
     # The quantized part is every block linear; embeddings and the head stay 16-bit.
     linear = block_linear_parameters(shape)
     assert linear == 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
-    assert four == pytest.approx(linear * (0.5 + 1 / 64 + 4 / 16384) + 2 * (shape.n_params - linear))
+    assert four == pytest.approx(
+        linear * (0.5 + 1 / 64 + 4 / 16384) + 2 * (shape.n_params - linear)
+    )
 
 
 def test_lora_memory_orders_and_checkpointing() -> None:
@@ -327,18 +342,24 @@ def test_lora_memory_orders_and_checkpointing() -> None:
     shape, model = _llama("7b"), MemoryModel()
     totals = [
         estimate_memory(shape, 1, 512, "bf16", model=model, lora=spec).total
-        for spec in (LoraSpec(base_dtype="fp32"), LoraSpec(base_dtype="16bit"),
-                     LoraSpec(quantization="8bit"), LoraSpec(quantization="4bit"))
+        for spec in (
+            LoraSpec(base_dtype="fp32"),
+            LoraSpec(base_dtype="16bit"),
+            LoraSpec(quantization="8bit"),
+            LoraSpec(quantization="4bit"),
+        )
     ]
     assert totals == sorted(totals, reverse=True)
     spec = LoraSpec(quantization="4bit")
     full = lora_activation_bytes_per_sample(shape, 512, "bf16", "sdpa", spec)
     checkpointed = lora_activation_bytes_per_sample(
-        shape, 512, "bf16", "sdpa", replace(spec, gradient_checkpointing=True))
+        shape, 512, "bf16", "sdpa", replace(spec, gradient_checkpointing=True)
+    )
     assert checkpointed < full / 10
     # LoRA keeps far less than full training: no gradients or Adam states for the base.
     assert estimate_memory(shape, 1, 512, "bf16", model=model, lora=spec).total < (
-        estimate_memory(shape, 1, 512, "bf16", model=model).total / 10)
+        estimate_memory(shape, 1, 512, "bf16", model=model).total / 10
+    )
     # A bigger micro-batch costs exactly its activations.
     one, four = (estimate_memory(shape, b, 512, "bf16", model=model, lora=spec) for b in (1, 4))
     assert four.activations - one.activations == pytest.approx(3 * full)
@@ -352,8 +373,12 @@ def test_lora_micro_batch_cap_is_the_largest_that_fits() -> None:
     assert cap >= 1
     assert estimate_memory(shape, cap, 512, "bf16", lora=spec).total <= budget
     assert estimate_memory(shape, cap + 1, 512, "bf16", lora=spec).total > budget
-    assert max_micro_batch(0.9 * 15 * GIB, _llama("13b"), 512, "fp16",
-                           lora=LoraSpec(base_dtype="fp32")) == 0
+    assert (
+        max_micro_batch(
+            0.9 * 15 * GIB, _llama("13b"), 512, "fp16", lora=LoraSpec(base_dtype="fp32")
+        )
+        == 0
+    )
 
 
 def test_lora_spec_errors_are_one_line() -> None:
@@ -446,14 +471,19 @@ def measured_lora() -> dict[tuple, int]:
     )
     out = subprocess.run(
         [sys.executable, "-c", MEASURE_LORA, json.dumps(LORA_CASES)],
-        env=env, capture_output=True, text=True, timeout=280, check=True,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=280,
+        check=True,
     ).stdout
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("[")]
     return {tuple(row[:5]): row[5] for row in rows}
 
 
 @pytest.mark.parametrize(
-    "case", LORA_CASES,
+    "case",
+    LORA_CASES,
     ids=lambda c: f"b{c[1]}-{'bf16' if c[3] else 'fp32'}{'-gc' if c[4] else ''}",
 )
 def test_lora_estimate_matches_measured_cpu_peak(measured_lora, case) -> None:
@@ -461,11 +491,18 @@ def test_lora_estimate_matches_measured_cpu_peak(measured_lora, case) -> None:
 
     preset, batch, seq, bf16, checkpointing = case
     shape = _llama(preset)
-    model = MemoryModel(layout="torch", attention="eager", overhead_gib=0.0, fragmentation=0.0,
-                        foreach_optimizer=False, fused_dropout=False)
+    model = MemoryModel(
+        layout="torch",
+        attention="eager",
+        overhead_gib=0.0,
+        fragmentation=0.0,
+        foreach_optimizer=False,
+        fused_dropout=False,
+    )
     spec = LoraSpec(r=16, base_dtype="fp32", gradient_checkpointing=checkpointing)
-    estimate = estimate_memory(shape, batch, seq, "bf16" if bf16 else "fp32", model=model,
-                               lora=spec).total
+    estimate = estimate_memory(
+        shape, batch, seq, "bf16" if bf16 else "fp32", model=model, lora=spec
+    ).total
     got = measured_lora[case]
     error = (estimate - got) / got
     assert abs(error) <= LORA_MEASURED_ERROR_BOUND, (

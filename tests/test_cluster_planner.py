@@ -303,8 +303,9 @@ def test_micro_batch_display() -> None:
 def _llama(preset: str):
     from hetlm.models.presets import model_config
 
-    return model_config("llama", preset, vocab_size=32000, max_position_embeddings=2048,
-                        pad_token_id=0)
+    return model_config(
+        "llama", preset, vocab_size=32000, max_position_embeddings=2048, pad_token_id=0
+    )
 
 
 def test_sft_plan_gives_per_rank_micro_batches(tmp_path: Path) -> None:
@@ -312,8 +313,9 @@ def test_sft_plan_gives_per_rank_micro_batches(tmp_path: Path) -> None:
     from hetlm.cluster.memory_lora import LoraSpec
 
     c = cluster(("V100-32GB", 2), ("RTX-A6000", 2))
-    plan = make_plan(c, _llama("7b"), 64, 512, model_name="llama-7b",
-                     lora=LoraSpec(r=16, quantization="4bit"))
+    plan = make_plan(
+        c, _llama("7b"), 64, 512, model_name="llama-7b", lora=LoraSpec(r=16, quantization="4bit")
+    )
     assert plan.task == "sft" and plan.lora["quantization"] == "4bit"
     assert plan.lora["trainable_params"] == 39_976_960
     assert sum(r.share for r in plan.ranks) == 64
@@ -332,10 +334,15 @@ def test_sft_plan_memory_follows_the_base() -> None:
     from hetlm.cluster.memory_lora import LoraSpec
 
     c = cluster(("A100-80GB", 1))
-    caps = [make_plan(c, _llama("7b"), 8, 512, lora=spec).ranks[0].cap
-            for spec in (LoraSpec(base_dtype="fp32"), LoraSpec(base_dtype="16bit"),
-                         LoraSpec(quantization="4bit"),
-                         LoraSpec(quantization="4bit", gradient_checkpointing=True))]
+    caps = [
+        make_plan(c, _llama("7b"), 8, 512, lora=spec).ranks[0].cap
+        for spec in (
+            LoraSpec(base_dtype="fp32"),
+            LoraSpec(base_dtype="16bit"),
+            LoraSpec(quantization="4bit"),
+            LoraSpec(quantization="4bit", gradient_checkpointing=True),
+        )
+    ]
     assert caps == sorted(caps) and caps[0] < caps[-1]
 
 
@@ -345,11 +352,22 @@ def test_sft_plan_refusals_name_the_fix() -> None:
     with pytest.raises(HetlmError, match=r"does not fit .*--quantization 4bit"):
         make_plan(cluster(("T4", 1)), _llama("13b"), 8, 512, lora=LoraSpec(base_dtype="fp32"))
     with pytest.raises(HetlmError, match="FSDP2"):
-        make_plan(cluster(("A100-80GB", 2)), _llama("1b"), 8, 512, zero_stage=3,
-                  lora=LoraSpec(quantization="4bit"))
+        make_plan(
+            cluster(("A100-80GB", 2)),
+            _llama("1b"),
+            8,
+            512,
+            zero_stage=3,
+            lora=LoraSpec(quantization="4bit"),
+        )
     # auto never shards a quantized base: DDP on every rank
-    plan = make_plan(cluster(("T4", 2)), _llama("7b"), 8, 512,
-                     lora=LoraSpec(quantization="4bit", gradient_checkpointing=True))
+    plan = make_plan(
+        cluster(("T4", 2)),
+        _llama("7b"),
+        8,
+        512,
+        lora=LoraSpec(quantization="4bit", gradient_checkpointing=True),
+    )
     assert plan.zero_stage == 0
 
 
@@ -362,24 +380,53 @@ def test_plans_are_for_their_command(tmp_path: Path) -> None:
     sft_plan = make_plan(c, _llama("tiny"), 8, 256, lora=LoraSpec()).save(tmp_path / "sft.yaml")
     pre_plan = make_plan(c, bert_config("tiny", 1000), 8, 128).save(tmp_path / "pre.yaml")
     train = {"global_batch": 8, "max_steps": 1}
-    pretrain = parse_config({"run": {"output_dir": "x"}, "data": {"dataset": "d"},
-                             "train": {**train, "plan": str(sft_plan)}})
+    pretrain = parse_config(
+        {
+            "run": {"output_dir": "x"},
+            "data": {"dataset": "d"},
+            "train": {**train, "plan": str(sft_plan)},
+        }
+    )
     with pytest.raises(HetlmError, match="made for hetlm sft.*--task pretrain"):
         pretrain.load_plan()
     sft = {"run": {"output_dir": "x"}, "model": {"path": "m"}, "data": {"source": "s"}}
     with pytest.raises(HetlmError, match="made for hetlm pretrain.*--task sft"):
         parse_sft_config({**sft, "train": {**train, "plan": str(pre_plan)}}).load_plan()
-    longer = parse_sft_config({**sft, "data": {"source": "s", "max_length": 512},
-                               "train": {**train, "plan": str(sft_plan)}})
+    longer = parse_sft_config(
+        {
+            **sft,
+            "data": {"source": "s", "max_length": 512},
+            "train": {**train, "plan": str(sft_plan)},
+        }
+    )
     with pytest.raises(HetlmError, match="max_length 256 .* --max-length 512"):
         longer.load_plan()
-    assert parse_sft_config({**sft, "data": {"source": "s", "max_length": 256},
-                             "train": {**train, "plan": str(sft_plan)}}).load_plan().task == "sft"
-    other = parse_sft_config({**sft, "model": {"path": "m", "gradient_checkpointing": True},
-                              "data": {"source": "s", "max_length": 256}, "lora": {"r": 8},
-                              "train": {**train, "plan": str(sft_plan)}})
-    with pytest.raises(HetlmError, match=r"other LoRA settings: r 16 \(this config: 8\); "
-                                         r"gradient_checkpointing False"):
+    assert (
+        parse_sft_config(
+            {
+                **sft,
+                "data": {"source": "s", "max_length": 256},
+                "train": {**train, "plan": str(sft_plan)},
+            }
+        )
+        .load_plan()
+        .task
+        == "sft"
+    )
+    other = parse_sft_config(
+        {
+            **sft,
+            "model": {"path": "m", "gradient_checkpointing": True},
+            "data": {"source": "s", "max_length": 256},
+            "lora": {"r": 8},
+            "train": {**train, "plan": str(sft_plan)},
+        }
+    )
+    with pytest.raises(
+        HetlmError,
+        match=r"other LoRA settings: r 16 \(this config: 8\); "
+        r"gradient_checkpointing False",
+    ):
         other.load_plan()
 
 
@@ -387,30 +434,88 @@ def test_cli_plans_sft_from_options_and_from_an_sft_config(tmp_path: Path, capsy
     from hetlm.cli import main
 
     spec = tmp_path / "cluster.yaml"
-    spec.write_text("nodes:\n  - gpus: {model: RTX-A6000, count: 1}\n"
-                    "  - gpus: {model: T4, count: 1}\n", encoding="utf-8")
+    spec.write_text(
+        "nodes:\n  - gpus: {model: RTX-A6000, count: 1}\n  - gpus: {model: T4, count: 1}\n",
+        encoding="utf-8",
+    )
     out = tmp_path / "plan.yaml"
-    assert main(["plan", str(spec), "--task", "sft", "--model", "llama-7b", "--global-batch",
-                 "16", "--max-length", "512", "--quantization", "4bit", "--lora-r", "8",
-                 "--output", str(out)]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                str(spec),
+                "--task",
+                "sft",
+                "--model",
+                "llama-7b",
+                "--global-batch",
+                "16",
+                "--max-length",
+                "512",
+                "--quantization",
+                "4bit",
+                "--lora-r",
+                "8",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     plan = load_plan(out)
     assert plan.task == "sft" and plan.lora["r"] == 8 and plan.seq_len == 512
     assert "-m hetlm.cli sft" in capsys.readouterr().out
     config = tmp_path / "sft.yaml"
-    config.write_text(yaml.safe_dump({
-        "run": {"output_dir": "runs/sft"}, "model": {"path": "llama", "quantization": "8bit",
-                                                     "gradient_checkpointing": True},
-        "data": {"source": "x.jsonl", "max_length": 256},
-        "lora": {"r": 4, "target_modules": ["q_proj", "v_proj"]},
-        "train": {"global_batch": 12, "max_steps": 1}}), encoding="utf-8")
-    assert main(["plan", str(spec), "--sft-config", str(config), "--model", "llama-1b",
-                 "--output", str(out)]) == 0
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "run": {"output_dir": "runs/sft"},
+                "model": {"path": "llama", "quantization": "8bit", "gradient_checkpointing": True},
+                "data": {"source": "x.jsonl", "max_length": 256},
+                "lora": {"r": 4, "target_modules": ["q_proj", "v_proj"]},
+                "train": {"global_batch": 12, "max_steps": 1},
+            }
+        ),
+        encoding="utf-8",
+    )
+    assert (
+        main(
+            [
+                "plan",
+                str(spec),
+                "--sft-config",
+                str(config),
+                "--model",
+                "llama-1b",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     plan = load_plan(out)
     assert (plan.global_batch, plan.seq_len, plan.lora["quantization"]) == (12, 256, "8bit")
     assert plan.lora["target_modules"] == ["q_proj", "v_proj"]
     assert plan.lora["gradient_checkpointing"] is True
-    assert main(["plan", str(spec), "--model", "bert-tiny", "--global-batch", "8", "--seq-len",
-                 "64", "--quantization", "4bit", "--output", str(out)]) == 2
+    assert (
+        main(
+            [
+                "plan",
+                str(spec),
+                "--model",
+                "bert-tiny",
+                "--global-batch",
+                "8",
+                "--seq-len",
+                "64",
+                "--quantization",
+                "4bit",
+                "--output",
+                str(out),
+            ]
+        )
+        == 2
+    )
     assert "add --task sft" in capsys.readouterr().err
 
 

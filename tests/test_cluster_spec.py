@@ -164,13 +164,19 @@ def test_probe_file_max_micro_batch_caps_the_plan(tmp_path):
     from hetlm.cluster.spec import parse_cluster
     from hetlm.models.presets import bert_config
 
-    (tmp_path / "p0.yaml").write_text(yaml.safe_dump(
-        {"samples_per_s": [100.0], "max_micro_batch": [5]}))
+    (tmp_path / "p0.yaml").write_text(
+        yaml.safe_dump({"samples_per_s": [100.0], "max_micro_batch": [5]})
+    )
     (tmp_path / "p1.yaml").write_text(yaml.safe_dump({"samples_per_s": [100.0]}))
-    cluster = parse_cluster({"nodes": [
-        {"gpus": {"model": "cpu", "count": 1, "memory_gib": 8}, "samples_per_s": "p0.yaml"},
-        {"gpus": {"model": "cpu", "count": 1, "memory_gib": 8}, "samples_per_s": "p1.yaml"}]},
-        base_dir=tmp_path)
+    cluster = parse_cluster(
+        {
+            "nodes": [
+                {"gpus": {"model": "cpu", "count": 1, "memory_gib": 8}, "samples_per_s": "p0.yaml"},
+                {"gpus": {"model": "cpu", "count": 1, "memory_gib": 8}, "samples_per_s": "p1.yaml"},
+            ]
+        },
+        base_dir=tmp_path,
+    )
     assert cluster.devices[0].max_micro_batch == 5
     assert cluster.devices[1].max_micro_batch is None
     plan = make_plan(cluster, bert_config("tiny", vocab_size=1000), 40, 32)

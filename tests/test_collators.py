@@ -22,9 +22,12 @@ def test_masking_depends_only_on_seed_epoch_index():
     rows, idx = _rows(), np.array([10, 11, 12, 13, 14, 15])
     whole = _collator()(rows, idx, epoch=0)
     parts = [_collator()(rows[a:b], idx[a:b], epoch=0) for a, b in [(0, 1), (1, 4), (4, 6)]]
-    assert np.array_equal(whole.input_ids.numpy(), np.concatenate([p.input_ids.numpy() for p in parts]))
-    assert np.array_equal(whole.masked_labels.numpy(),
-                          np.concatenate([p.masked_labels.numpy() for p in parts]))
+    assert np.array_equal(
+        whole.input_ids.numpy(), np.concatenate([p.input_ids.numpy() for p in parts])
+    )
+    assert np.array_equal(
+        whole.masked_labels.numpy(), np.concatenate([p.masked_labels.numpy() for p in parts])
+    )
     # reversed order in the batch: each sample masked the same way
     rev = _collator()(rows[::-1], idx[::-1], epoch=0)
     assert np.array_equal(rev.input_ids.numpy()[::-1], whole.input_ids.numpy())
@@ -55,7 +58,11 @@ def test_80_10_10_proportions():
     rows = np.tile(_rows(1, 128), (400, 1))
     col = MLMCollator(seq_len=128, vocab_size=500, mask_id=4, special_ids=SPECIAL)
     batch = col(rows, np.arange(400), epoch=0)
-    ids, pos, lab = batch.input_ids.numpy(), batch.masked_positions.numpy(), batch.masked_labels.numpy()
+    ids, pos, lab = (
+        batch.input_ids.numpy(),
+        batch.masked_positions.numpy(),
+        batch.masked_labels.numpy(),
+    )
     real = lab != -100
     chosen = np.take_along_axis(ids, pos, 1)[real]
     original = lab[real]

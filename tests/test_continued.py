@@ -35,20 +35,37 @@ def llama_style(tmp_path_factory):
     backend = Tokenizer(models.BPE(unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Metaspace()
     backend.decoder = decoders.Metaspace()
-    backend.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=600, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False))
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A",
-                                                           special_tokens=[("<s>", 1)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>",
-                                        eos_token="</s>", unk_token="<unk>")
+    backend.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=600, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False
+        ),
+    )
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", 1)]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
     tokenizer.save_pretrained(root / "tokenizer")
-    prepare_dataset([corpus], root / "tokenizer", root / "data", seq_len=32,
-                    validation_fraction=0.2, workers=1)
+    prepare_dataset(
+        [corpus], root / "tokenizer", root / "data", seq_len=32, validation_fraction=0.2, workers=1
+    )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
-        bos_token_id=1, eos_token_id=2, tie_word_embeddings=False))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=64,
+            bos_token_id=1,
+            eos_token_id=2,
+            tie_word_embeddings=False,
+        )
+    )
     model.save_pretrained(root / "checkpoint")
     tokenizer.save_pretrained(root / "checkpoint")
     return root / "tokenizer", root / "data", root / "checkpoint"
@@ -66,13 +83,25 @@ def encoder_checkpoints(tiny_packed, tmp_path_factory):
     meta = json.loads((tiny_packed / "hetlm_dataset.json").read_text())
     tokenizer = transformers.AutoTokenizer.from_pretrained(meta["tokenizer_dir"])
     torch.manual_seed(0)
-    bert = transformers.BertForMaskedLM(transformers.BertConfig(
-        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=64))
+    bert = transformers.BertForMaskedLM(
+        transformers.BertConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=64,
+        )
+    )
     bert.save_pretrained(root / "bert")
     tokenizer.save_pretrained(root / "bert")
-    pair = build_model(ModelSection(type="electra", preset="tiny"), vocab_size=len(tokenizer),
-                       pad_token_id=0, max_position_embeddings=64, seed=1)
+    pair = build_model(
+        ModelSection(type="electra", preset="tiny"),
+        vocab_size=len(tokenizer),
+        pad_token_id=0,
+        max_position_embeddings=64,
+        seed=1,
+    )
     pair.save_pretrained(root / "electra")
     for part in ("discriminator", "generator"):
         tokenizer.save_pretrained(root / "electra" / part)
@@ -89,8 +118,11 @@ def _continued(model_type: str, dataset: Path, init_from: Path, out: Path, **mod
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
     if (folder / "model.safetensors").is_file():
         return load_file(str(folder / "model.safetensors"))
-    return {f"{part}.{k}": v for part in ("discriminator", "generator")
-            for k, v in load_file(str(folder / part / "model.safetensors")).items()}
+    return {
+        f"{part}.{k}": v
+        for part in ("discriminator", "generator")
+        for k, v in load_file(str(folder / part / "model.safetensors")).items()
+    }
 
 
 def _load_checkpoint(model_type: str, folder: Path) -> torch.nn.Module:
@@ -102,9 +134,13 @@ def _load_checkpoint(model_type: str, folder: Path) -> torch.nn.Module:
 
         return ElectraPair(
             transformers.ElectraForPreTraining.from_pretrained(folder / "discriminator"),
-            transformers.ElectraForMaskedLM.from_pretrained(folder / "generator"))
-    auto = (transformers.AutoModelForCausalLM if model_type == "llama"
-            else transformers.AutoModelForMaskedLM)
+            transformers.ElectraForMaskedLM.from_pretrained(folder / "generator"),
+        )
+    auto = (
+        transformers.AutoModelForCausalLM
+        if model_type == "llama"
+        else transformers.AutoModelForMaskedLM
+    )
     return auto.from_pretrained(folder)
 
 
@@ -118,14 +154,16 @@ def _first_batch_loss(config_dict: dict, model: torch.nn.Module) -> float:
     config = parse_config(config_dict)
     dataset, meta = load_packed_dataset(config.data.dataset)
     data = build_data(config, dataset["train"], meta)
-    step = HeterogeneousBatchSampler(len(data), config.batch_split(1, [0]), 0,
-                                     config.run.seed).next_step()
+    step = HeterogeneousBatchSampler(
+        len(data), config.batch_split(1, [0]), 0, config.run.seed
+    ).next_step()
     batch = data.batch(step.micro_batches[0], step.epoch)
     module = objective_module(config, model).eval()
     with torch.no_grad():
         loss_sum, _ = module(**batch.model_inputs())
-    return combined_loss(torch.atleast_1d(loss_sum), torch.tensor(batch.counts),
-                         loss_weights(module))
+    return combined_loss(
+        torch.atleast_1d(loss_sum), torch.tensor(batch.counts), loss_weights(module)
+    )
 
 
 def test_prepare_packs_with_a_llama_style_tokenizer(llama_style):
@@ -137,22 +175,23 @@ def test_prepare_packs_with_a_llama_style_tokenizer(llama_style):
     assert meta["special_token_ids"] == {"unk": 0, "bos": 1, "eos": 2, "pad": 0}
     rows = np.asarray(dataset["train"]["input_ids"])
     assert (rows[:, 0] == 1).all() and (rows[:, -1] == 2).all()  # <s> ... </s>
-    assert (rows[:, 1:-1] == 2).any()                             # documents joined by </s>
+    assert (rows[:, 1:-1] == 2).any()  # documents joined by </s>
     masked = parse_config(tiny_config(data_dir, data_dir.parent / "unused"))
     with pytest.raises(HetlmError, match="no mask token"):
         build_data(masked, dataset["train"], meta)
 
 
 @pytest.mark.parametrize("model_type", ["bert", "electra", "llama"])
-def test_continued_starts_from_the_checkpoint_and_freezes(model_type, llama_style,
-                                                          encoder_checkpoints, tiny_packed,
-                                                          tmp_path):
+def test_continued_starts_from_the_checkpoint_and_freezes(
+    model_type, llama_style, encoder_checkpoints, tiny_packed, tmp_path
+):
     if model_type == "llama":
         _, dataset, checkpoint = llama_style
     else:
         dataset, checkpoint = tiny_packed, encoder_checkpoints[model_type]
-    config = _continued(model_type, dataset, checkpoint, tmp_path,
-                        freeze_embeddings=True, freeze_layers=1)
+    config = _continued(
+        model_type, dataset, checkpoint, tmp_path, freeze_embeddings=True, freeze_layers=1
+    )
     parsed = parse_config(config)
     assert (parsed.learning_rate, parsed.warmup) == (1e-4, 0)  # round(6% of 2 steps)
     summary = run_single(config)
@@ -162,8 +201,11 @@ def test_continued_starts_from_the_checkpoint_and_freezes(model_type, llama_styl
 
     before, after = _weights(checkpoint), _weights(tmp_path / "model")
     shared = sorted(set(before) & set(after))
-    frozen = [k for k in shared if "word_embeddings" in k or "embed_tokens" in k
-              or ".layer.0." in k or ".layers.0." in k]
+    frozen = [
+        k
+        for k in shared
+        if "word_embeddings" in k or "embed_tokens" in k or ".layer.0." in k or ".layers.0." in k
+    ]
     trained = [k for k in shared if ".layer.1." in k or ".layers.1." in k]
     assert frozen and trained
     assert all(torch.equal(before[k], after[k]) for k in frozen)
@@ -178,8 +220,13 @@ def _checkpoint_with(model_type: str, tokenizer_dir: Path, out: Path) -> Path:
     from hetlm.models.build import build_model
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
-    model = build_model(ModelSection(type=model_type, preset="tiny"), vocab_size=len(tokenizer),
-                        pad_token_id=0, max_position_embeddings=64, seed=0)
+    model = build_model(
+        ModelSection(type=model_type, preset="tiny"),
+        vocab_size=len(tokenizer),
+        pad_token_id=0,
+        max_position_embeddings=64,
+        seed=0,
+    )
     model.save_pretrained(out)
     for part in getattr(model, "artifact_subdirs", ("",)):
         tokenizer.save_pretrained(out / part)
@@ -190,18 +237,33 @@ def test_checkpoint_and_data_must_match(llama_style, encoder_checkpoints, tiny_p
     llama_tokenizer, _, llama_checkpoint = llama_style
     mismatch = "not with the tokenizer of model.init_from"
     refused = [
-        (_continued("bert", tiny_packed,
-                    _checkpoint_with("bert", llama_tokenizer, tmp_path / "bert"), tmp_path / "a"),
-         mismatch),
-        (_continued("electra", tiny_packed,
-                    _checkpoint_with("electra", llama_tokenizer, tmp_path / "electra"),
-                    tmp_path / "b"),
-         rf"{mismatch} .*discriminator"),
+        (
+            _continued(
+                "bert",
+                tiny_packed,
+                _checkpoint_with("bert", llama_tokenizer, tmp_path / "bert"),
+                tmp_path / "a",
+            ),
+            mismatch,
+        ),
+        (
+            _continued(
+                "electra",
+                tiny_packed,
+                _checkpoint_with("electra", llama_tokenizer, tmp_path / "electra"),
+                tmp_path / "b",
+            ),
+            rf"{mismatch} .*discriminator",
+        ),
         (_continued("llama", tiny_packed, llama_checkpoint, tmp_path / "c"), mismatch),
-        (_continued("electra", tiny_packed, encoder_checkpoints["bert"], tmp_path / "d"),
-         "not a hetlm ELECTRA output folder"),
-        (_continued("bert", tiny_packed, llama_checkpoint, tmp_path / "e"),
-         "set model.type: llama"),
+        (
+            _continued("electra", tiny_packed, encoder_checkpoints["bert"], tmp_path / "d"),
+            "not a hetlm ELECTRA output folder",
+        ),
+        (
+            _continued("bert", tiny_packed, llama_checkpoint, tmp_path / "e"),
+            "set model.type: llama",
+        ),
     ]
     for config, message in refused:
         with pytest.raises(HetlmError, match=message):

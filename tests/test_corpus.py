@@ -35,8 +35,9 @@ def test_crlf_and_bom_are_handled(tmp_path):
 def test_jsonl_with_a_custom_text_field(tmp_path):
     path = tmp_path / "b.jsonl"
     rows = [{"body": "本文その一", "text": "x"}, {"body": "本文\nその二"}]
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
-                    encoding="utf-8")
+    path.write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
+    )
     docs, stats = read([path], text_field="body")
     assert docs == ["本文その一", "本文\nその二"]
     assert stats.bad_records == 0
@@ -98,8 +99,9 @@ def test_lone_surrogate_escapes_in_json_are_replaced(tmp_path):
 
 def test_empty_documents_are_skipped_and_counted(tmp_path):
     path = tmp_path / "e.jsonl"
-    path.write_text('{"text": ""}\n{"text": "  \\n\\u3000 "}\n{"text": "中身"}\n\n',
-                    encoding="utf-8")
+    path.write_text(
+        '{"text": ""}\n{"text": "  \\n\\u3000 "}\n{"text": "中身"}\n\n', encoding="utf-8"
+    )
     docs, stats = read([path])
     assert docs == ["中身"]
     assert stats.empty_skipped == 2
@@ -132,14 +134,20 @@ def test_long_lines_inside_json_text_are_split(tmp_path):
 
 def test_bad_json_records_are_skipped_with_locations(tmp_path):
     path = tmp_path / "mixed.jsonl"
-    path.write_text("\n".join([
-        '{"text": "一"}',
-        '{"text": "broken',           # invalid JSON
-        '{"title": "no text"}',       # missing field
-        '{"text": 42}',               # not a string
-        '["a", "list"]',              # not an object
-        '{"text": "二"}',
-    ]) + "\n", encoding="utf-8")
+    path.write_text(
+        "\n".join(
+            [
+                '{"text": "一"}',
+                '{"text": "broken',  # invalid JSON
+                '{"title": "no text"}',  # missing field
+                '{"text": 42}',  # not a string
+                '["a", "list"]',  # not an object
+                '{"text": "二"}',
+            ]
+        )
+        + "\n",
+        encoding="utf-8",
+    )
     docs, stats = read([path])
     assert docs == ["一", "二"]
     assert stats.bad_records == 4
@@ -183,9 +191,16 @@ def test_streaming_reads_lazily(tmp_path):
 
 
 def test_summary_is_one_paragraph(tmp_path):
-    stats = CorpusStats(files=2, documents=10, characters=1234, empty_skipped=1, bad_records=1,
-                        bad_record_examples=["f.jsonl:3"], undecodable_lines=2,
-                        long_lines_split=1)
+    stats = CorpusStats(
+        files=2,
+        documents=10,
+        characters=1234,
+        empty_skipped=1,
+        bad_records=1,
+        bad_record_examples=["f.jsonl:3"],
+        undecodable_lines=2,
+        long_lines_split=1,
+    )
     text = stats.summary()
     assert "\n" not in text
     for part in ("2 file(s)", "10 documents", "1,234 characters", "f.jsonl:3", "overlong"):
@@ -200,8 +215,10 @@ def test_bad_records_name_the_reason_and_strict_stops_at_file_and_line(tmp_path)
     path.write_text('{"text": "一"}\n{"title": "no text"}\n{"text": 42}\n', encoding="utf-8")
     docs, stats = read([path])
     assert docs == ["一"]
-    assert stats.bad_record_reasons == {"missing field 'text'": 1,
-                                        "field 'text' is not a string": 1}
+    assert stats.bad_record_reasons == {
+        "missing field 'text'": 1,
+        "field 'text' is not a string": 1,
+    }
     assert "1 missing field 'text'" in stats.summary() and f"{path}:2" in stats.summary()
     with pytest.raises(HetlmError, match=rf"{path}:2: missing field 'text'"):
         read([path], strict=True)
@@ -222,8 +239,9 @@ def test_a_shift_jis_file_is_refused_with_a_hint(tmp_path):
     with pytest.raises(HetlmError, match=r"sjis.txt is not UTF-8.*iconv -f CP932"):
         read([path])
     jsonl = tmp_path / "sjis.jsonl"
-    jsonl.write_bytes("".join(f'{{"text": "{t}"}}\n' for t in ("売上高", "前年同期", "増加"))
-                      .encode("cp932"))
+    jsonl.write_bytes(
+        "".join(f'{{"text": "{t}"}}\n' for t in ("売上高", "前年同期", "増加")).encode("cp932")
+    )
     with pytest.raises(HetlmError, match="not UTF-8"):
         read([jsonl])
 
@@ -234,8 +252,10 @@ def test_parquet_and_arrow_columns_stream_with_row_locations(tmp_path):
 
     table = pa.table({"text": ["ＡＢＣ一", None, "二\n三"], "n": [1, 2, 3]})
     pq.write_table(table, tmp_path / "t.parquet", row_group_size=1)
-    with pa.OSFile(str(tmp_path / "t.arrow"), "wb") as sink, \
-            pa.ipc.new_file(sink, table.schema) as writer:  # the IPC *file* format
+    with (
+        pa.OSFile(str(tmp_path / "t.arrow"), "wb") as sink,
+        pa.ipc.new_file(sink, table.schema) as writer,
+    ):  # the IPC *file* format
         writer.write_table(table)
     for name in ("t.parquet", "t.arrow"):
         docs, stats = read([tmp_path / name])
@@ -255,8 +275,16 @@ def test_cleaner_strips_control_characters_and_counts():
     from hetlm.data.cleaning import CleaningOptions, DocumentCleaner
 
     cleaner = DocumentCleaner()
-    kept = list(cleaner.filter(["正常な文書です。ここまで", "制御\x00文字\x1bを含む\t文書。\n次の行",
-                                "正常な文書です。ここまで", "短い"]))
+    kept = list(
+        cleaner.filter(
+            [
+                "正常な文書です。ここまで",
+                "制御\x00文字\x1bを含む\t文書。\n次の行",
+                "正常な文書です。ここまで",
+                "短い",
+            ]
+        )
+    )
     assert kept == ["正常な文書です。ここまで", "制御文字を含む\t文書。\n次の行"]
     stats = cleaner.stats
     assert (stats.kept, stats.duplicates_removed, stats.short_removed) == (2, 1, 1)

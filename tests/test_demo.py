@@ -27,15 +27,36 @@ def test_frequency_baseline_by_hand():
 
 def test_demo_summary_prints_the_baseline(tmp_path, capfd):
     corpus = write_small_corpus(tmp_path / "corpus.jsonl")
-    code = main(["demo", "--model", "bert", "--workdir", str(tmp_path / "demo"), "--corpus",
-                 str(corpus), "--vocab-size", "3000", "--seq-len", "32", "--steps", "4",
-                 "--micro-batches", "2,1", "--precision", "fp32"])
+    code = main(
+        [
+            "demo",
+            "--model",
+            "bert",
+            "--workdir",
+            str(tmp_path / "demo"),
+            "--corpus",
+            str(corpus),
+            "--vocab-size",
+            "3000",
+            "--seq-len",
+            "32",
+            "--steps",
+            "4",
+            "--micro-batches",
+            "2,1",
+            "--precision",
+            "fp32",
+        ]
+    )
     out = capfd.readouterr().out
     assert code == 0
     held_out = re.search(r"held-out MLM +loss [\d.]+, accuracy ([\d.]+)%", out)
-    baseline = re.search(r"baseline +always guessing '.+': accuracy ([\d.]+)% on the held-out "
-                         r"\[MASK\]s; token frequencies alone: loss ([\d.]+)\. The model: "
-                         r"([\d.]+)x", out)
+    baseline = re.search(
+        r"baseline +always guessing '.+': accuracy ([\d.]+)% on the held-out "
+        r"\[MASK\]s; token frequencies alone: loss ([\d.]+)\. The model: "
+        r"([\d.]+)x",
+        out,
+    )
     assert held_out and baseline, out
     accuracy, base_accuracy = float(held_out.group(1)), float(baseline.group(1))
     assert 0 < base_accuracy < 100 and float(baseline.group(2)) > 0
@@ -47,16 +68,41 @@ def test_demo_summary_prints_the_baseline(tmp_path, capfd):
 
 def test_causal_demo_prints_next_token_baseline(tmp_path, capfd):
     corpus = write_small_corpus(tmp_path / "corpus.jsonl")
-    code = main(["demo", "--model", "llama", "--workdir", str(tmp_path / "demo"), "--corpus",
-                 str(corpus), "--vocab-size", "3000", "--seq-len", "32", "--steps", "4",
-                 "--micro-batches", "2,1", "--precision", "fp32"])
+    code = main(
+        [
+            "demo",
+            "--model",
+            "llama",
+            "--workdir",
+            str(tmp_path / "demo"),
+            "--corpus",
+            str(corpus),
+            "--vocab-size",
+            "3000",
+            "--seq-len",
+            "32",
+            "--steps",
+            "4",
+            "--micro-batches",
+            "2,1",
+            "--precision",
+            "fp32",
+        ]
+    )
     out = capfd.readouterr().out
     assert code == 0
-    held_out = re.search(r"held-out LM +loss [\d.]+, perplexity [\d.]+, next-token accuracy "
-                         r"([\d.]+)%", out)
-    baseline = re.search(r"baseline +always guessing '.+': accuracy ([\d.]+)% on the held-out "
-                         r"next tokens;.+The model: ([\d.]+)x", out)
+    held_out = re.search(
+        r"held-out LM +loss [\d.]+, perplexity [\d.]+, next-token accuracy "
+        r"([\d.]+)%",
+        out,
+    )
+    baseline = re.search(
+        r"baseline +always guessing '.+': accuracy ([\d.]+)% on the held-out "
+        r"next tokens;.+The model: ([\d.]+)x",
+        out,
+    )
     assert held_out and baseline, out
     assert float(baseline.group(2)) == pytest.approx(
-        float(held_out.group(1)) / float(baseline.group(1)), abs=0.06)
+        float(held_out.group(1)) / float(baseline.group(1)), abs=0.06
+    )
     assert "next token" in out

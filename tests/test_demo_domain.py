@@ -39,8 +39,7 @@ def corpora():
 def test_finance_corpus_uses_only_the_evaluation_train_split(corpora, tmp_path):
     paths = DataPaths(data_dir=DATA)
     chabsa, ews = load_task("chabsa", paths), load_task("ews", paths)
-    chabsa_split = {split: {e.group for e in examples} for split, examples in
-                    chabsa.splits.items()}
+    chabsa_split = {split: {e.group for e in examples} for split, examples in chabsa.splits.items()}
     ews_split = {split: {e.text for e in examples} for split, examples in ews.splits.items()}
     assert chabsa_split["test"] and ews_split["test"]
 
@@ -64,11 +63,15 @@ def test_finance_corpus_uses_only_the_evaluation_train_split(corpora, tmp_path):
     assert used_texts <= ews_split["train"]
     # no EWS test comment hides inside a training piece either
     finance_text = "\n".join(
-        normalize_text(json.loads(line)["text"]) for line in
-        Path(manifest["parts"]["finance_train"]["file"]).read_text(encoding="utf-8").splitlines())
+        normalize_text(json.loads(line)["text"])
+        for line in Path(manifest["parts"]["finance_train"]["file"])
+        .read_text(encoding="utf-8")
+        .splitlines()
+    )
     assert not [t for t in ews_split["test"] if len(t) > 30 and t in finance_text]
     assert check_no_leak(corpora, paths)["finance_units_checked"] == len(
-        corpora.finance_train) + sum(len(v) for v in corpora.finance_heldout.values())
+        corpora.finance_train
+    ) + sum(len(v) for v in corpora.finance_heldout.values())
 
 
 def test_heldout_parts_are_whole_documents_apart_from_training(corpora):
@@ -77,8 +80,9 @@ def test_heldout_parts_are_whole_documents_apart_from_training(corpora):
         assert docs, source
         held = {d.id for d in docs}
         assert not held & train
-        assert all(is_heldout(source, d.id.split("/", 1)[1], 0.1) for d in docs
-                   if source == "chabsa")
+        assert all(
+            is_heldout(source, d.id.split("/", 1)[1], 0.1) for d in docs if source == "chabsa"
+        )
     general_train = {d.id for d in corpora.general_train}
     general_held = {d.id for d in corpora.general_heldout}
     assert general_held and not general_held & general_train

@@ -74,8 +74,9 @@ RESUMED = ("zero1", "fsdp2-stage2", "fsdp2-stage3", "deepspeed-stage3")
 
 
 def engine_params(names) -> list:
-    return [pytest.param(n, marks=[needs_deepspeed] if n.startswith("deepspeed") else [])
-            for n in names]
+    return [
+        pytest.param(n, marks=[needs_deepspeed] if n.startswith("deepspeed") else []) for n in names
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +99,16 @@ def _run_engine(name: str, dataset: Path, root: Path) -> dict:
     def config(out: Path) -> dict:
         # evaluation every 2 steps, 33 samples: ranks get 17 and 16, in batches of 16, so one
         # rank runs a stand-in batch (FSDP / ZeRO-3 must not hang, nor count it)
-        return tiny_config(dataset, out, max_steps=STEPS, micro_batch={"per_rank": per_rank},
-                           max_eval_samples=EVAL_SAMPLES, eval_steps=2, per_device_eval_batch_size=16, **settings)
+        return tiny_config(
+            dataset,
+            out,
+            max_steps=STEPS,
+            micro_batch={"per_rank": per_rank},
+            max_eval_samples=EVAL_SAMPLES,
+            eval_steps=2,
+            per_device_eval_batch_size=16,
+            **settings,
+        )
 
     run_ranks(config(root / "straight"), world=2)
     result = {"straight": root / "straight"}
@@ -108,8 +117,11 @@ def _run_engine(name: str, dataset: Path, root: Path) -> dict:
         for copy in ("at-step-3", "at-step-3-other-engine"):  # for resumes elsewhere
             shutil.copytree(root / "stopped", root / copy)
         run_ranks(config(root / "stopped"), world=2, resume=True)
-        result.update(stopped=root / "stopped", at_step_3=root / "at-step-3",
-                      at_step_3_other=root / "at-step-3-other-engine")
+        result.update(
+            stopped=root / "stopped",
+            at_step_3=root / "at-step-3",
+            at_step_3_other=root / "at-step-3-other-engine",
+        )
     return result
 
 
@@ -165,8 +177,18 @@ def test_checkpoint_resumes_in_one_process(name, runs, reference, tiny_packed):
 def test_zero1_checkpoint_resumes_under_fsdp2(runs, reference, tiny_packed):
     """Numbered (DDP/ZeRO-1) optimizer states, saved by name, load into FSDP2's DTensors."""
     out = runs("zero1")["at_step_3_other"]
-    run_ranks(tiny_config(tiny_packed, out, max_steps=STEPS, micro_batch={"per_rank": [1, 3]},
-                          engine="fsdp2", zero_stage=3), world=2, resume=True)
+    run_ranks(
+        tiny_config(
+            tiny_packed,
+            out,
+            max_steps=STEPS,
+            micro_batch={"per_rank": [1, 3]},
+            engine="fsdp2",
+            zero_stage=3,
+        ),
+        world=2,
+        resume=True,
+    )
     diff = max_abs_diff(final_weights(reference), final_weights(out))
     print(f"zero1 checkpoint resumed under fsdp2 stage 3: max abs diff {diff:.2e}")
     assert diff <= TOLERANCE
@@ -182,14 +204,20 @@ def test_optimizer_state_by_name_round_trips_and_old_numbered_states_load():
     ctx = DistContext(0, 1, 0, 0, torch.device("cpu"))
     engines = []
     for _ in range(2):
-        model = build_model(ModelSection(preset="tiny"), vocab_size=100, pad_token_id=0,
-                                max_position_embeddings=64, seed=0)
+        model = build_model(
+            ModelSection(preset="tiny"),
+            vocab_size=100,
+            pad_token_id=0,
+            max_position_embeddings=64,
+            seed=0,
+        )
         engine = build_engine(SparseMaskedLM(model), ctx, "fp32", EngineOptions())
         engine.build_optimizer(lr=1e-3, weight_decay=0.01, betas=(0.9, 0.999), eps=1e-6)
         engines.append(engine)
     first, second = engines
-    loss, _ = first.module(torch.randint(5, 100, (2, 16)), torch.tensor([[1, 2]] * 2),
-                           torch.randint(5, 100, (2, 2)))
+    loss, _ = first.module(
+        torch.randint(5, 100, (2, 16)), torch.tensor([[1, 2]] * 2), torch.randint(5, 100, (2, 2))
+    )
     first.backward(loss)
     first.step(1.0)
     named = first.optimizer_state_dict()
@@ -198,19 +226,30 @@ def test_optimizer_state_by_name_round_trips_and_old_numbered_states_load():
     numbered = first.optimizer.state_dict()
     state = second.optimizer.state_dict()
     assert state["param_groups"] == numbered["param_groups"]
-    assert all(torch.equal(state["state"][i]["exp_avg"], numbered["state"][i]["exp_avg"])
-               for i in numbered["state"])
+    assert all(
+        torch.equal(state["state"][i]["exp_avg"], numbered["state"][i]["exp_avg"])
+        for i in numbered["state"]
+    )
     second.load_optimizer_state_dict(numbered)  # a hetlm 0.1 checkpoint
-    assert torch.equal(second.optimizer.state_dict()["state"][0]["exp_avg_sq"],
-                       numbered["state"][0]["exp_avg_sq"])
+    assert torch.equal(
+        second.optimizer.state_dict()["state"][0]["exp_avg_sq"], numbered["state"][0]["exp_avg_sq"]
+    )
 
 
-@pytest.mark.parametrize("engine,compression,tolerance", [
-    ("ddp", "fp16", 1e-3), ("zero1", "bf16", 5e-3)])
+@pytest.mark.parametrize(
+    "engine,compression,tolerance", [("ddp", "fp16", 1e-3), ("zero1", "bf16", 5e-3)]
+)
 def test_gradient_compression(engine, compression, tolerance, reference, tiny_packed, tmp_path):
     """16-bit all-reduce: close to the reference, but not equal (the hook really ran)."""
-    config = tiny_config(tiny_packed, tmp_path, max_steps=STEPS, micro_batch={"per_rank": [3, 5]},
-                         engine=engine, grad_compression=compression, bucket_cap_mb=0.05)
+    config = tiny_config(
+        tiny_packed,
+        tmp_path,
+        max_steps=STEPS,
+        micro_batch={"per_rank": [3, 5]},
+        engine=engine,
+        grad_compression=compression,
+        bucket_cap_mb=0.05,
+    )
     run_ranks(config, world=2)
     diff = max_abs_diff(final_weights(reference), final_weights(tmp_path))
     print(f"{engine} with {compression} compression: max abs diff {diff:.2e}")
@@ -229,7 +268,9 @@ def test_engine_resolution():
     # the plan decides what the config leaves on auto; explicit values win
     assert resolve_engine("auto", "auto", "fsdp2", 3) == ("fsdp2", 3)
     assert resolve_engine("ddp", 0, "fsdp2", 3) == ("ddp", 0)
-    with pytest.raises(HetlmError, match="engine fsdp2 cannot run ZeRO stage 1.*train.engine: zero1"):
+    with pytest.raises(
+        HetlmError, match="engine fsdp2 cannot run ZeRO stage 1.*train.engine: zero1"
+    ):
         resolve_engine("fsdp2", 1)
     with pytest.raises(HetlmError, match="engine zero1 cannot run ZeRO stage 2"):
         resolve_engine("auto", 2, "zero1", 1)
@@ -260,28 +301,44 @@ def test_deepspeed_config_per_rank(tmp_path):
     """Each rank's own batch keys satisfy DeepSpeed's assertion; clipping is always explicit."""
     from hetlm.train.engines.deepspeed import deepspeed_config
 
-    opts = EngineOptions(name="deepspeed", zero_stage=2, max_grad_norm=None, micro_steps=2,
-                         micro_batch=3)
+    opts = EngineOptions(
+        name="deepspeed", zero_stage=2, max_grad_norm=None, micro_steps=2, micro_batch=3
+    )
     config = deepspeed_config(opts, "bf16", world_size=2)
     assert config["train_batch_size"] == 3 * 2 * 2
     assert config["gradient_clipping"] == 0.0  # not DeepSpeed's default 1.0
     assert config["zero_optimization"]["stage"] == 2
     assert config["bf16"]["enabled"] and not config["fp16"]["enabled"]
     user = tmp_path / "ds.json"
-    user.write_text(json.dumps({"zero_optimization": {"stage": 2, "overlap_comm": False},
-                                "train_batch_size": 999}))
-    config = deepspeed_config(EngineOptions(name="deepspeed", zero_stage=2, deepspeed_config=user,
-                                            max_grad_norm=1.0, micro_batch=5), "fp32", 2)
+    user.write_text(
+        json.dumps(
+            {"zero_optimization": {"stage": 2, "overlap_comm": False}, "train_batch_size": 999}
+        )
+    )
+    config = deepspeed_config(
+        EngineOptions(
+            name="deepspeed", zero_stage=2, deepspeed_config=user, max_grad_norm=1.0, micro_batch=5
+        ),
+        "fp32",
+        2,
+    )
     assert config["zero_optimization"] == {"stage": 2, "overlap_comm": False}
     assert config["train_batch_size"] == 10 and config["gradient_clipping"] == 1.0
-    for bad, match in (({"gradient_clipping": 0.5}, "train.max_grad_norm"),
-                       ({"zero_optimization": {"stage": 3}}, "train.zero_stage"),
-                       ({"optimizer": {"type": "Adam"}}, "own AdamW"),
-                       ({"fp16": {"enabled": True}}, "train.precision: fp16")):
+    for bad, match in (
+        ({"gradient_clipping": 0.5}, "train.max_grad_norm"),
+        ({"zero_optimization": {"stage": 3}}, "train.zero_stage"),
+        ({"optimizer": {"type": "Adam"}}, "own AdamW"),
+        ({"fp16": {"enabled": True}}, "train.precision: fp16"),
+    ):
         user.write_text(json.dumps(bad))
         with pytest.raises(HetlmError, match=match):
-            deepspeed_config(EngineOptions(name="deepspeed", zero_stage=2, deepspeed_config=user,
-                                           max_grad_norm=1.0), "fp32", 2)
+            deepspeed_config(
+                EngineOptions(
+                    name="deepspeed", zero_stage=2, deepspeed_config=user, max_grad_norm=1.0
+                ),
+                "fp32",
+                2,
+            )
 
 
 def test_missing_deepspeed_is_a_clear_error(monkeypatch):

@@ -15,23 +15,54 @@ from _eval_fixtures import (  # noqa: F401
 
 from hetlm.cli import main
 
-FAST = ["--data-dir", str(EVAL_DATA), "--seeds", "0,1", "--epochs", "1", "--learning-rate", "3e-3",
-        "--max-length", "32", "--max-train-examples", "64", "--mlm-seq-len", "32"]
+FAST = [
+    "--data-dir",
+    str(EVAL_DATA),
+    "--seeds",
+    "0,1",
+    "--epochs",
+    "1",
+    "--learning-rate",
+    "3e-3",
+    "--max-length",
+    "32",
+    "--max-train-examples",
+    "64",
+    "--mlm-seq-len",
+    "32",
+]
 
 
 def test_two_models_land_in_one_table(tiny_bert, tiny_llama, tmp_path, capsys):
     out = tmp_path / "eval"
-    code = main(["eval", "--model", str(tiny_bert), "--model", f"llama={tiny_llama}",
-                 "--output", str(out), *FAST])
+    code = main(
+        [
+            "eval",
+            "--model",
+            str(tiny_bert),
+            "--model",
+            f"llama={tiny_llama}",
+            "--output",
+            str(out),
+            *FAST,
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0
     report = json.loads((out / "eval.json").read_text(encoding="utf-8"))
     rows = {(r["model"], r["task"]): r for r in report["rows"]}
     assert set(rows) == {
-        ("(majority class)", "chabsa"), ("(majority class)", "ews"),
-        ("tiny-bert", "chabsa"), ("tiny-bert", "ews"), ("llama", "chabsa"), ("llama", "ews"),
-        ("tiny-bert", "mlm:chabsa-test"), ("tiny-bert", "mlm:ews-test"),
-        ("llama", "clm:chabsa-test"), ("llama", "clm:ews-test")}
+        ("(majority class)", "chabsa"),
+        ("(majority class)", "ews"),
+        ("tiny-bert", "chabsa"),
+        ("tiny-bert", "ews"),
+        ("llama", "chabsa"),
+        ("llama", "ews"),
+        ("tiny-bert", "mlm:chabsa-test"),
+        ("tiny-bert", "mlm:ews-test"),
+        ("llama", "clm:chabsa-test"),
+        ("llama", "clm:ews-test"),
+    }
     for key in [("tiny-bert", "chabsa"), ("llama", "ews")]:
         row = rows[key]
         assert row["seeds"] == [0, 1] and row["accuracy_std"] is not None
@@ -47,8 +78,7 @@ def test_two_models_land_in_one_table(tiny_bert, tiny_llama, tmp_path, capsys):
 
 
 def test_export_splits_alone(tmp_path, capsys):
-    assert main(["eval", "--data-dir", str(EVAL_DATA), "--export-splits",
-                 str(tmp_path / "s")]) == 0
+    assert main(["eval", "--data-dir", str(EVAL_DATA), "--export-splits", str(tmp_path / "s")]) == 0
     assert (tmp_path / "s" / "chabsa_train_documents.jsonl").is_file()
     assert "chABSA documents train" in capsys.readouterr().out
 
@@ -61,21 +91,38 @@ def _no_tokenizer(tmp_path, tiny_bert):
     return folder
 
 
-@pytest.mark.parametrize("make_args, message", [
-    (lambda tmp, bert: ["--model", str(tmp / "missing")], "no such folder"),
-    (lambda tmp, bert: ["--model", str(_no_tokenizer(tmp, bert))], "has no tokenizer files"),
-    (lambda tmp, bert: ["--model", str(tmp)], "has no config.json"),
-    (lambda tmp, bert: ["--model", str(bert), "--tasks", "chabsa,squad"], "unknown task 'squad'"),
-    (lambda tmp, bert: ["--model", str(bert), "--seeds", "0,x"], "--seeds"),
-    (lambda tmp, bert: ["--model", str(bert), "--data-dir", str(tmp)], "not found"),
-    (lambda tmp, bert: ["--model", str(bert), "--ews-path", str(tmp / "bad.jsonl")],
-     "bad.jsonl:1: not valid JSON"),
-    (lambda tmp, bert: ["--model", str(bert), "--tasks", "mlm", "--mlm-corpus",
-                        str(tmp / "nothing.jsonl")], "does not exist"),
-    (lambda tmp, bert: ["--model", str(bert), "--epochs", "0"], "epochs must be at least 1"),
-    (lambda tmp, bert: [], "no model given"),
-    (lambda tmp, bert: ["--model", str(bert), "--device", "cuda:7"], "cuda:7"),
-])
+@pytest.mark.parametrize(
+    "make_args, message",
+    [
+        (lambda tmp, bert: ["--model", str(tmp / "missing")], "no such folder"),
+        (lambda tmp, bert: ["--model", str(_no_tokenizer(tmp, bert))], "has no tokenizer files"),
+        (lambda tmp, bert: ["--model", str(tmp)], "has no config.json"),
+        (
+            lambda tmp, bert: ["--model", str(bert), "--tasks", "chabsa,squad"],
+            "unknown task 'squad'",
+        ),
+        (lambda tmp, bert: ["--model", str(bert), "--seeds", "0,x"], "--seeds"),
+        (lambda tmp, bert: ["--model", str(bert), "--data-dir", str(tmp)], "not found"),
+        (
+            lambda tmp, bert: ["--model", str(bert), "--ews-path", str(tmp / "bad.jsonl")],
+            "bad.jsonl:1: not valid JSON",
+        ),
+        (
+            lambda tmp, bert: [
+                "--model",
+                str(bert),
+                "--tasks",
+                "mlm",
+                "--mlm-corpus",
+                str(tmp / "nothing.jsonl"),
+            ],
+            "does not exist",
+        ),
+        (lambda tmp, bert: ["--model", str(bert), "--epochs", "0"], "epochs must be at least 1"),
+        (lambda tmp, bert: [], "no model given"),
+        (lambda tmp, bert: ["--model", str(bert), "--device", "cuda:7"], "cuda:7"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(make_args, message, tiny_bert, tmp_path, capsys):
     (tmp_path / "bad.jsonl").write_text("{broken\n", encoding="utf-8")
     args = ["eval", *make_args(tmp_path, tiny_bert), "--output", str(tmp_path / "out")]

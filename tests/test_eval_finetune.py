@@ -17,10 +17,12 @@ FAST = dict(epochs=6, lr=3e-3, batch_size=16, max_length=48)
 
 def test_fine_tuning_beats_the_majority_class(tiny_bert):
     task = load_chabsa(CHABSA)
-    result = finetune_task(ModelSpec("bert", str(tiny_bert)), task, [0], FinetuneOptions(**FAST),
-                           log=lambda _: None)
-    floor = majority_baseline([e.label for e in task.splits["train"]],
-                              [e.label for e in task.splits["test"]])
+    result = finetune_task(
+        ModelSpec("bert", str(tiny_bert)), task, [0], FinetuneOptions(**FAST), log=lambda _: None
+    )
+    floor = majority_baseline(
+        [e.label for e in task.splits["train"]], [e.label for e in task.splits["test"]]
+    )
     run = result.runs[0]
     assert result.eval_examples == len(task.splits["test"])
     assert run.accuracy > floor["accuracy"] + 0.15, (run, floor)
@@ -30,8 +32,9 @@ def test_fine_tuning_beats_the_majority_class(tiny_bert):
 
 def test_seeds_change_the_model_not_the_data(tiny_bert):
     task = load_ews(EWS)
-    options = FinetuneOptions(epochs=1, lr=3e-3, max_length=32, max_train_examples=64,
-                              max_eval_examples=40)
+    options = FinetuneOptions(
+        epochs=1, lr=3e-3, max_length=32, max_train_examples=64, max_eval_examples=40
+    )
     spec = ModelSpec("bert", str(tiny_bert))
     a = finetune_task(spec, task, [0], options, log=lambda _: None)
     b = finetune_task(spec, task, [1], options, log=lambda _: None)
@@ -74,8 +77,14 @@ def test_segment_ids_only_go_to_models_with_a_segment_table():
 
     from hetlm.evaluate.finetune import _uses_segments
 
-    shape = dict(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                 intermediate_size=16, max_position_embeddings=40)
+    shape = dict(
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        max_position_embeddings=40,
+    )
     assert _uses_segments(BertForSequenceClassification(BertConfig(**shape)))
     roberta = RobertaForSequenceClassification(RobertaConfig(type_vocab_size=1, **shape))
     assert not _uses_segments(roberta)  # token_type_ids of 1 would index past its table

@@ -60,8 +60,9 @@ def test_mlm_rows_are_packed_like_prepare_and_masks_are_fixed(tiny_bert, corpora
     shown = a.input_ids.gather(1, a.masked_positions)
     assert (shown[real] == tokenizer.mask_token_id).all()
     training = collator(rows[:4], np.arange(4), 0)  # training keeps BERT's 80/10/10
-    assert (training.input_ids.gather(1, training.masked_positions)
-            != tokenizer.mask_token_id)[training.masked_labels != -100].any()
+    assert (training.input_ids.gather(1, training.masked_positions) != tokenizer.mask_token_id)[
+        training.masked_labels != -100
+    ].any()
 
 
 def test_decoder_gets_perplexity(tiny_llama, corpora):
@@ -91,9 +92,15 @@ def test_a_checkpoint_without_an_mlm_head_is_skipped_not_scored(tiny_bert, tmp_p
     from transformers import ElectraConfig, ElectraForPreTraining
 
     tokenizer = load_tokenizer(ModelSpec("bert", str(tiny_bert)))
-    config = ElectraConfig(vocab_size=len(tokenizer), embedding_size=16, hidden_size=32,
-                           num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                           max_position_embeddings=64)
+    config = ElectraConfig(
+        vocab_size=len(tokenizer),
+        embedding_size=16,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     folder = tmp_path / "electra-discriminator"
     ElectraForPreTraining(config).save_pretrained(folder)
@@ -117,10 +124,13 @@ def test_packed_dataset_scores_like_the_pretraining_objective(tiny_bert, tiny_ll
     from hetlm.models.masked_lm import SparseMaskedLM
 
     corpus = tmp_path / "text.jsonl"
-    corpus.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n"
-                              for t in fixture_texts()[:300]), encoding="utf-8")
-    prepare_dataset([corpus], tiny_bert, tmp_path / "data", seq_len=32,
-                    validation_fraction=0.2, workers=1)
+    corpus.write_text(
+        "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in fixture_texts()[:300]),
+        encoding="utf-8",
+    )
+    prepare_dataset(
+        [corpus], tiny_bert, tmp_path / "data", seq_len=32, validation_fraction=0.2, workers=1
+    )
     packed = load_packed_corpus(str(tmp_path / "data"), max_sequences=12)
     assert packed.rows.shape == (12, 32)
     [result] = evaluate_lm(ModelSpec("bert", str(tiny_bert)), {"v": packed}, batch_size=5)
@@ -130,8 +140,9 @@ def test_packed_dataset_scores_like_the_pretraining_objective(tiny_bert, tiny_ll
     tokenizer = load_tokenizer(ModelSpec("bert", str(tiny_bert)))
     batch = mlm_collator(tokenizer, 32, len(tokenizer))(packed.rows, np.arange(12), EVAL_EPOCH)
     with torch.no_grad():
-        loss_sum, correct = SparseMaskedLM(model)(batch.input_ids, batch.masked_positions,
-                                                  batch.masked_labels)
+        loss_sum, correct = SparseMaskedLM(model)(
+            batch.input_ids, batch.masked_positions, batch.masked_labels
+        )
     assert result.predicted_tokens == batch.num_targets
     assert result.loss == pytest.approx(float(loss_sum) / batch.num_targets, abs=1e-5)
     [decoder] = evaluate_lm(ModelSpec("llama", str(tiny_llama)), {"v": packed})

@@ -26,9 +26,30 @@ from hetlm.evaluate.tasks import (
 
 # The shipped chABSA test reports under split rule v1: a changed rule must show up here.
 CHABSA_TEST_DOCUMENTS = [
-    "E00030", "E00273", "E00308", "E00693", "E00840", "E00909", "E00939", "E01156", "E01183",
-    "E01624", "E01629", "E01719", "E01987", "E02105", "E02152", "E02289", "E02608", "E04136",
-    "E04291", "E04360", "E05110", "E05714", "E27633"]
+    "E00030",
+    "E00273",
+    "E00308",
+    "E00693",
+    "E00840",
+    "E00909",
+    "E00939",
+    "E01156",
+    "E01183",
+    "E01624",
+    "E01629",
+    "E01719",
+    "E01987",
+    "E02105",
+    "E02152",
+    "E02289",
+    "E02608",
+    "E04136",
+    "E04291",
+    "E04360",
+    "E05110",
+    "E05714",
+    "E27633",
+]
 
 
 @pytest.fixture(scope="module")
@@ -64,16 +85,19 @@ def test_chabsa_split_does_not_depend_on_file_order(tmp_path):
     forward, backward = load_chabsa(CHABSA), load_chabsa(reversed_file)
     for name in forward.splits:
         assert sorted(e.id for e in forward.splits[name]) == sorted(
-            e.id for e in backward.splits[name])
+            e.id for e in backward.splits[name]
+        )
 
 
 def test_ews_has_no_text_in_two_splits_and_no_duplicates(shipped):
     task = load_ews(shipped.ews_path())
-    texts = {name: [normalize_text(e.text) for e in examples]
-             for name, examples in task.splits.items()}
+    texts = {
+        name: [normalize_text(e.text) for e in examples] for name, examples in task.splits.items()
+    }
     assert not set(texts["train"]) & set(texts["test"])
     assert not set(texts["train"]) & set(texts["dev"]) and not set(texts["dev"]) & set(
-        texts["test"])
+        texts["test"]
+    )
     everything = [t for ts in texts.values() for t in ts]
     assert len(everything) == len(set(everything))  # deduplicated
     # the shipped file: 7,033 records, 6,988 distinct texts, 4 with disagreeing labels
@@ -88,8 +112,9 @@ def test_ews_fixture_repeats_are_merged_and_conflicts_dropped():
     assert len(records) == 612 and len(all_texts) == 600
     assert "特に変化はみられない。" not in all_texts
     repeated = Counter(normalize_text(r["追加説明及び具体的状況の説明"]) for r in records)
-    assert max(repeated.values()) == 2 and all(all_texts.count(t) == 1 for t in repeated
-                                               if t in all_texts)
+    assert max(repeated.values()) == 2 and all(
+        all_texts.count(t) == 1 for t in repeated if t in all_texts
+    )
 
 
 def test_split_rule_is_a_pure_function_of_task_and_key():
@@ -111,8 +136,10 @@ def test_subsample_is_fixed_and_keeps_order():
 
 def test_export_writes_train_documents_without_test_ones(tmp_path):
     manifest = export_splits(DataPaths(data_dir=EVAL_DATA), tmp_path / "splits")
-    train_ids = {json.loads(line)["id"] for line in
-                 (tmp_path / "splits" / "chabsa_train_documents.jsonl").read_text().splitlines()}
+    train_ids = {
+        json.loads(line)["id"]
+        for line in (tmp_path / "splits" / "chabsa_train_documents.jsonl").read_text().splitlines()
+    }
     test_ids = set(manifest["tasks"]["chabsa"]["document_ids"]["test"])
     assert train_ids and test_ids and not train_ids & test_ids
     documents = {d.id: d.text for d in read_chabsa(CHABSA)}
@@ -136,8 +163,10 @@ def test_metrics_match_hand_computed_values():
     assert accuracy(gold, predicted) == pytest.approx(0.6)
     # F1 per class: 0 -> 2*1/(2+2)=0.5, 1 -> 2*2/(2+3)=0.8, 2 -> 0
     assert macro_f1(gold, predicted) == pytest.approx((0.5 + 0.8 + 0.0) / 3)
-    assert majority_baseline([1, 1, 0], [1, 0, 1, 2]) == {"accuracy": 0.5,
-                                                          "macro_f1": pytest.approx(2 / 9)}
+    assert majority_baseline([1, 1, 0], [1, 0, 1, 2]) == {
+        "accuracy": 0.5,
+        "macro_f1": pytest.approx(2 / 9),
+    }
     assert mean_std([0.5, 0.7]) == (pytest.approx(0.6), pytest.approx(0.1414213, rel=1e-5))
     assert mean_std([0.5]) == (0.5, None)
 

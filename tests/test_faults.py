@@ -63,8 +63,13 @@ def reference(tiny_packed, tmp_path_factory):
 
 
 def _cli(args: list[str], env: dict[str, str], timeout: float = 240):
-    return subprocess.run([sys.executable, "-m", "hetlm.cli", *args], env={**os.environ, **env},
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "hetlm.cli", *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _write_config(config: dict, path: Path) -> Path:
@@ -77,26 +82,45 @@ def _write_config(config: dict, path: Path) -> Path:
 
 def test_fault_spec_parsing():
     parsed = faults.parse("kill:rank=1:step=3; stall:rank=0:step=2:seconds=1.5;nan:step=4")
-    assert [(f.kind, f.rank, f.step) for f in parsed] == [("kill", 1, 3), ("stall", 0, 2),
-                                                          ("nan", None, 4)]
+    assert [(f.kind, f.rank, f.step) for f in parsed] == [
+        ("kill", 1, 3),
+        ("stall", 0, 2),
+        ("nan", None, 4),
+    ]
     assert parsed[1].seconds == 1.5
     assert faults.parse("kill_checkpoint:step=4")[0].rank == 0
     assert faults.parse("") == []
-    for bad, message in [("explode:step=1", "unknown fault"), ("kill:rank=1", "needs step"),
-                         ("kill:step=x", "bad setting"), ("kill:when=3:step=1", "bad setting")]:
+    for bad, message in [
+        ("explode:step=1", "unknown fault"),
+        ("kill:rank=1", "needs step"),
+        ("kill:step=x", "bad setting"),
+        ("kill:when=3:step=1", "bad setting"),
+    ]:
         with pytest.raises(HetlmError, match=message):
             faults.parse(bad)
 
 
 def test_rewind_drops_later_steps_and_keeps_lifecycle_events(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    lines = [{"event": "start", "step": 0}, {"step": 1}, {"step": 2},
-             {"event": "eval", "step": 2}, {"step": 3}, {"event": "eval", "step": 3},
-             {"event": "heartbeat", "step": 3}, {"event": "stop", "step": 3}]
+    lines = [
+        {"event": "start", "step": 0},
+        {"step": 1},
+        {"step": 2},
+        {"event": "eval", "step": 2},
+        {"step": 3},
+        {"event": "eval", "step": 3},
+        {"event": "heartbeat", "step": 3},
+        {"event": "stop", "step": 3},
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 4, "lo')  # cut
     assert rewind_metrics(path, 2) == [3]
-    assert read_metrics(path) == [{"event": "start", "step": 0}, {"step": 1}, {"step": 2},
-                                  {"event": "eval", "step": 2}, {"event": "stop", "step": 3}]
+    assert read_metrics(path) == [
+        {"event": "start", "step": 0},
+        {"step": 1},
+        {"step": 2},
+        {"event": "eval", "step": 2},
+        {"event": "stop", "step": 3},
+    ]
 
 
 # ---------------------------------------------------------------- crashes
@@ -107,11 +131,19 @@ def test_kill_one_rank_mid_run_torchrun_restarts_and_resumes(tiny_packed, tmp_pa
     the job restarts by itself from checkpoint 2; step 3, logged before the crash, is dropped
     and re-run; the weights equal the uninterrupted run's."""
     out = tmp_path / "run"
-    config = tiny_config(tiny_packed, out, max_steps=STEPS, save_steps=2,
-                         micro_batch={"per_rank": [3, 5]}, dist_timeout_s=60)
+    config = tiny_config(
+        tiny_packed,
+        out,
+        max_steps=STEPS,
+        save_steps=2,
+        micro_batch={"per_rank": [3, 5]},
+        dist_timeout_s=60,
+    )
     path = _write_config(config, tmp_path / "run.yaml")
-    done = _cli(["pretrain", str(path), "--local-nodes", "2", "--max-restarts", "1", "--quiet"],
-                {faults.ENV: "kill:rank=1:step=4"})
+    done = _cli(
+        ["pretrain", str(path), "--local-nodes", "2", "--max-restarts", "1", "--quiet"],
+        {faults.ENV: "kill:rank=1:step=4"},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "killing rank 1" in done.stdout + done.stderr
     assert "restart 1 of 1" in done.stderr
@@ -124,27 +156,55 @@ def test_kill_one_rank_mid_run_torchrun_restarts_and_resumes(tiny_packed, tmp_pa
     assert max_abs_diff(reference, final_weights(out)) <= 1e-5
 
 
-def test_kill_one_rank_under_two_torchrun_agents_with_their_own_restarts(tiny_packed, tmp_path,
-                                                                        reference):
+def test_kill_one_rank_under_two_torchrun_agents_with_their_own_restarts(
+    tiny_packed, tmp_path, reference
+):
     """Two plain torchrun agents (c10d rendezvous, as on two nodes) with torchrun's own
     --max-restarts 1; rank 1 is killed at step 4. The agents re-form the group (the agent that
     only re-joined keeps TORCHELASTIC_RESTART_COUNT 0), the new group forms on a fresh prefix of
     the agents' store (not the dead ranks' addresses), and the run resumes from checkpoint 2."""
     out = tmp_path / "run"
-    config = tiny_config(tiny_packed, out, max_steps=STEPS, save_steps=2,
-                         micro_batch={"per_rank": [3, 5]}, dist_timeout_s=30)
+    config = tiny_config(
+        tiny_packed,
+        out,
+        max_steps=STEPS,
+        save_steps=2,
+        micro_batch={"per_rank": [3, 5]},
+        dist_timeout_s=30,
+    )
     path = _write_config(config, tmp_path / "run.yaml")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = {**os.environ, faults.ENV: "kill:rank=1:step=4", "OMP_NUM_THREADS": "1",
-           "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        faults.ENV: "kill:rank=1:step=4",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
     env.pop("HETLM_RESTART_COUNT", None)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
-               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--max-restarts=1",
-               "--monitor-interval=0.5", "-m", "hetlm.cli", "pretrain", str(path), "--quiet"]
-    agents = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True) for _ in range(2)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=2",
+        "--nproc-per-node=1",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{port}",
+        "--max-restarts=1",
+        "--monitor-interval=0.5",
+        "-m",
+        "hetlm.cli",
+        "pretrain",
+        str(path),
+        "--quiet",
+    ]
+    agents = [
+        subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for _ in range(2)
+    ]
     try:
         logs = [agent.communicate(timeout=120)[0] for agent in agents]
     finally:
@@ -162,15 +222,30 @@ def test_a_regrouped_attempt_does_not_read_the_previous_attempts_addresses():
     """The agents' store outlives the ranks: a second group of ranks on it (rank 1 starting
     late, as after a restart) must not connect to the first group's dead addresses."""
     store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    code = ("import torch; from hetlm.train import distributed as D; ctx = D.init_distributed(20); "
-            "print('sum', D.all_reduce_sum(ctx, torch.ones(1)).item()); D.shutdown()")
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port),
-           "WORLD_SIZE": "2", "TORCHELASTIC_USE_AGENT_STORE": "True", "OMP_NUM_THREADS": "1"}
+    code = (
+        "import torch; from hetlm.train import distributed as D; ctx = D.init_distributed(20); "
+        "print('sum', D.all_reduce_sum(ctx, torch.ones(1)).item()); D.shutdown()"
+    )
+    env = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(store.port),
+        "WORLD_SIZE": "2",
+        "TORCHELASTIC_USE_AGENT_STORE": "True",
+        "OMP_NUM_THREADS": "1",
+    }
     for delay in (0.0, 3.0):  # the first attempt, then the restarted one
         ranks = []
         for rank in (0, 1):
-            ranks.append(subprocess.Popen([sys.executable, "-c", code], env={**env, "RANK": str(rank)},
-                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+            ranks.append(
+                subprocess.Popen(
+                    [sys.executable, "-c", code],
+                    env={**env, "RANK": str(rank)},
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                )
+            )
             time.sleep(delay)
         outs = [r.communicate(timeout=60)[0] for r in ranks]
         assert all("sum 2.0" in out for out in outs), "\n".join(o[-2000:] for o in outs)
@@ -209,10 +284,13 @@ def test_truncated_checkpoint_file_falls_back_to_the_previous(tiny_packed, tmp_p
 def test_full_disk_while_checkpointing_keeps_the_previous_one(tiny_packed, tmp_path, fault):
     fault("enospc:step=4")
     config = tiny_config(tiny_packed, tmp_path, max_steps=STEPS, save_steps=2)
-    with pytest.raises(HetlmError, match=r"could not write checkpoint \S+step-00000004 \(No "
-                                         r"space left on device\); it needs about [\d.]+ MB, "
-                                         r"[\d.]+ \w+ is free on \S+; the previous checkpoint "
-                                         r"\S+step-00000002 is intact"):
+    with pytest.raises(
+        HetlmError,
+        match=r"could not write checkpoint \S+step-00000004 \(No "
+        r"space left on device\); it needs about [\d.]+ MB, "
+        r"[\d.]+ \w+ is free on \S+; the previous checkpoint "
+        r"\S+step-00000002 is intact",
+    ):
         run_single(config)
     assert not (tmp_path / "checkpoints" / ".tmp-step-00000004").exists()
     assert verify_manifest(_ckpt(tmp_path, 2)) is None
@@ -223,11 +301,13 @@ def test_full_disk_while_checkpointing_keeps_the_previous_one(tiny_packed, tmp_p
 
 def test_stalled_rank_is_named_when_the_collective_times_out(tiny_packed, tmp_path, fault):
     fault("stall:rank=1:step=3:seconds=60")
-    config = tiny_config(tiny_packed, tmp_path, max_steps=STEPS,
-                         micro_batch={"per_rank": [3, 5]})
-    with pytest.raises(Exception, match=r"did not complete within train.dist_timeout_s=5 s on "
-                                        r"rank 0 .*ranks \[1\] did not arrive \(rank 1: last "
-                                        r"seen at train step 2"):
+    config = tiny_config(tiny_packed, tmp_path, max_steps=STEPS, micro_batch={"per_rank": [3, 5]})
+    with pytest.raises(
+        Exception,
+        match=r"did not complete within train.dist_timeout_s=5 s on "
+        r"rank 0 .*ranks \[1\] did not arrive \(rank 1: last "
+        r"seen at train step 2",
+    ):
         run_ranks(config, world=2, timeout_s=5)
     beats = [r for r in _records(tmp_path) if r.get("event") == "heartbeat"]
     assert [b["step"] for b in beats] == [1, 2]
@@ -247,17 +327,25 @@ def test_fp16_inf_is_skipped_and_counted(tiny_packed, tmp_path, fault):
 
 def test_bf16_nan_stops_naming_the_last_good_checkpoint(tiny_packed, tmp_path, fault):
     fault("nan:step=3")
-    config = tiny_config(tiny_packed, tmp_path, max_steps=4, precision="bf16",
-                         save_steps=2)
-    with pytest.raises(HetlmError, match=r"loss became nan at step 3; last good checkpoint: "
-                                         r"\S*step-00000002; resume from it"):
+    config = tiny_config(tiny_packed, tmp_path, max_steps=4, precision="bf16", save_steps=2)
+    with pytest.raises(
+        HetlmError,
+        match=r"loss became nan at step 3; last good checkpoint: "
+        r"\S*step-00000002; resume from it",
+    ):
         run_single(config)
 
 
 def test_nan_rolls_back_to_the_last_checkpoint_with_a_lower_lr(tiny_packed, tmp_path, fault):
     fault("nan:step=3")
-    config = tiny_config(tiny_packed, tmp_path, max_steps=5, save_steps=2,
-                         on_nonfinite="rollback", rollback_lr_factor=0.5)
+    config = tiny_config(
+        tiny_packed,
+        tmp_path,
+        max_steps=5,
+        save_steps=2,
+        on_nonfinite="rollback",
+        rollback_lr_factor=0.5,
+    )
     run_single(config)
     records = _records(tmp_path)
     rollback = next(r for r in records if r.get("event") == "rollback")
@@ -303,8 +391,11 @@ def test_resume_on_another_dataset_or_model_names_the_difference(tiny_packed, tm
     meta["tokenizer_vocab_hash"] = "0" * 16
     meta_path.write_text(json.dumps(meta))
     moved = tiny_config(other, tmp_path / "run", max_steps=4)
-    with pytest.raises(HetlmError, match=r"tokenizer \(vocabulary hash.*trained on \S+, now "
-                                         r"\S+other-data"):
+    with pytest.raises(
+        HetlmError,
+        match=r"tokenizer \(vocabulary hash.*trained on \S+, now "
+        r"\S+other-data",
+    ):
         run_single(moved, resume=True)
     bigger = tiny_config(tiny_packed, tmp_path / "run", max_steps=4)
     bigger["model"]["preset"] = "small"

@@ -37,11 +37,20 @@ def numbers(value, where=""):
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("gpu_check")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        p for p in (str(REPO / "src"), os.environ.get("PYTHONPATH")) if p))
-    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"),
-                          "--dry-run", "--out", str(out)], capture_output=True, text=True,
-                         env=env, timeout=840, check=False)
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(
+            p for p in (str(REPO / "src"), os.environ.get("PYTHONPATH")) if p
+        ),
+    )
+    run = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--dry-run", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=840,
+        check=False,
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return out
 
@@ -71,12 +80,15 @@ def test_dry_run_measures_on_cpu_and_skips_what_needs_cuda(dry_run: Path) -> Non
     # what a CPU can run, runs and passes
     for name in ("env", "demo", "mlm", "sft", "fp16", "learning"):
         assert parts[name]["status"] == "ok", (name, parts[name])
-    assert 0 <= parts["learning"]["hetlm_accuracy"] <= 1 and parts["learning"]["baseline_accuracy"] > 0
+    assert (
+        0 <= parts["learning"]["hetlm_accuracy"] <= 1 and parts["learning"]["baseline_accuracy"] > 0
+    )
     assert parts["demo"]["exit_code"] == 0 and parts["demo"]["summary"]
     row = parts["mlm"]["seq32"]
     assert row["trainer"]["tokens_per_s"] > 0 and row["hetlm"]["tokens_per_s"] > 0
-    assert row["ratio"] == pytest.approx(row["hetlm"]["tokens_per_s"]
-                                         / row["trainer"]["tokens_per_s"])
+    assert row["ratio"] == pytest.approx(
+        row["hetlm"]["tokens_per_s"] / row["trainer"]["tokens_per_s"]
+    )
     assert row["hetlm"]["mfu"] > 0  # against the CPU entry of the hardware table
     for system in ("trainer", "hetlm", "plain"):
         assert parts["sft"][system]["tokens_per_s"] > 0, system
@@ -109,14 +121,23 @@ def test_a_command_past_its_deadline_is_stopped_with_all_it_started() -> None:
 
 def test_the_error_line_is_the_cause_not_the_banner() -> None:
     gpu_check = gpu_check_module()
-    torchrun = ("hetlm: error (rank 0): micro-batches [8, 8] cannot make the global batch 8\n"
-                "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:\n"
-                "====\n  exitcode  : 2\n====\n")
+    torchrun = (
+        "hetlm: error (rank 0): micro-batches [8, 8] cannot make the global batch 8\n"
+        "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:\n"
+        "====\n  exitcode  : 2\n====\n"
+    )
     assert gpu_check.error_line(torchrun).startswith("hetlm: error (rank 0): micro-batches")
-    assert gpu_check.error_line("RuntimeError: CUDA out of memory\n=====\n") == \
-        "RuntimeError: CUDA out of memory"
-    result = {"seq128": {"status": "ok", "trainer": {"status": "ok"},
-                         "hetlm": {"status": "failed", "error": "boom"}}}
+    assert (
+        gpu_check.error_line("RuntimeError: CUDA out of memory\n=====\n")
+        == "RuntimeError: CUDA out of memory"
+    )
+    result = {
+        "seq128": {
+            "status": "ok",
+            "trainer": {"status": "ok"},
+            "hetlm": {"status": "failed", "error": "boom"},
+        }
+    }
     assert gpu_check.first_failure(result) == "seq128.hetlm: boom"
     assert gpu_check.first_failure({"a": {"status": "ok"}}) is None
 
@@ -152,17 +173,24 @@ def test_every_sft_system_gets_its_peak_gpu_memory(monkeypatch, tmp_path) -> Non
     import bench_sft_vs_hf_trainer as sft_bench
 
     sys.path.remove(str(REPO / "benchmarks"))
-    for name, value in {"is_available": lambda: True, "synchronize": lambda: None,
-                        "empty_cache": lambda: None, "reset_peak_memory_stats": lambda: None,
-                        "memory_allocated": lambda: 100 * 2**20,
-                        "max_memory_allocated": lambda: 350 * 2**20}.items():
+    for name, value in {
+        "is_available": lambda: True,
+        "synchronize": lambda: None,
+        "empty_cache": lambda: None,
+        "reset_peak_memory_stats": lambda: None,
+        "memory_allocated": lambda: 100 * 2**20,
+        "max_memory_allocated": lambda: 350 * 2**20,
+    }.items():
         monkeypatch.setattr(torch.cuda, name, value)
-    bench_result = {"real_tokens": [90.0, 90.0, 90.0, 100.0], "padded_tokens": [100.0] * 4,
-                    "step_times": [9.0, 9.0, 9.0, 1.0], "losses": [3.0, 2.5, 2.2, 2.0]}
+    bench_result = {
+        "real_tokens": [90.0, 90.0, 90.0, 100.0],
+        "padded_tokens": [100.0] * 4,
+        "step_times": [9.0, 9.0, 9.0, 1.0],
+        "losses": [3.0, 2.5, 2.2, 2.0],
+    }
     monkeypatch.setattr(sft_bench, "run_trainer", lambda ns, strategy: bench_result)
     monkeypatch.setattr(sft_bench, "run_hetlm", lambda ns, grouping: bench_result)
-    monkeypatch.setattr(gpu_check, "plain_lora_loop",
-                        lambda ns, warmup: {"tokens_per_s": 50.0})
+    monkeypatch.setattr(gpu_check, "plain_lora_loop", lambda ns, warmup: {"tokens_per_s": 50.0})
     ctx = gpu_check.PartContext("sft", gpu_check.GPU, tmp_path, tmp_path, deadline=0.0)
     for system in ("trainer", "hetlm", "plain"):
         entry = gpu_check.sft_system(ctx, {"base": "b", "data": "d"}, system)
@@ -180,8 +208,11 @@ def test_qlora_without_bitsandbytes_names_the_wheel_to_carry(monkeypatch, tmp_pa
     gpu_check = gpu_check_module()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "bitsandbytes" else find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "bitsandbytes" else find_spec(name, *a),
+    )
     ctx = gpu_check.PartContext("qlora", gpu_check.GPU, tmp_path, tmp_path, deadline=0.0)
     with pytest.raises(gpu_check.Skipped, match=r"bitsandbytes-0\.\d+\.\d+-py3-none-manylinux"):
         gpu_check.part_qlora(ctx)

@@ -46,18 +46,25 @@ def test_round_trip_through_auto_tokenizer(kind, folders, tmp_path):
     from transformers import AutoTokenizer
 
     folder = folders[kind]
-    assert {"vocab.txt", "tokenizer_config.json", "hetlm_tokenizer.json"} <= \
-        {p.name for p in folder.iterdir()}
+    assert {"vocab.txt", "tokenizer_config.json", "hetlm_tokenizer.json"} <= {
+        p.name for p in folder.iterdir()
+    }
     tok = AutoTokenizer.from_pretrained(str(folder))
     assert type(tok).__name__ == "BertJapaneseTokenizer" and tok.word_tokenizer_type == kind
-    assert tok.convert_tokens_to_ids(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]) == \
-        [0, 1, 2, 3, 4]
+    assert tok.convert_tokens_to_ids(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]) == [
+        0,
+        1,
+        2,
+        3,
+        4,
+    ]
     assert 1000 < len(tok) <= 2000
     pair = tok("吾輩は猫である。", "名前はまだ無い。")
     first_sep = pair["input_ids"].index(3)
     assert pair["input_ids"][0] == 2 and pair["input_ids"][-1] == 3
-    assert pair["token_type_ids"] == [0] * (first_sep + 1) + \
-        [1] * (len(pair["input_ids"]) - first_sep - 1)
+    assert pair["token_type_ids"] == [0] * (first_sep + 1) + [1] * (
+        len(pair["input_ids"]) - first_sep - 1
+    )
     # save and load again: the same encoding; decoding gives the text back (spaces aside)
     tok.save_pretrained(str(tmp_path / "again"))
     again = AutoTokenizer.from_pretrained(str(tmp_path / "again"))
@@ -91,8 +98,9 @@ def test_segmentation_is_what_the_analyser_gives(folders):
         assert loaded.word_tokenizer.tokenize(FINANCE_SENTENCE) == expected
         # WordPiece pieces of each word concatenate back to the word
         pieces = loaded.tokenize(FINANCE_SENTENCE)
-        words = "".join(p.removeprefix("##") if p.startswith("##") else f" {p}"
-                        for p in pieces).split()
+        words = "".join(
+            p.removeprefix("##") if p.startswith("##") else f" {p}" for p in pieces
+        ).split()
         assert words == [w for w in expected] or loaded.unk_token in pieces
 
 
@@ -112,14 +120,24 @@ def test_the_record_says_how_it_was_made(folders):
 
 
 def test_input_sentence_size_samples_lines(tmp_path, aozora_slice):  # noqa: F811
-    out = train_tokenizer([aozora_slice], tmp_path / "small", tokenizer_type="mecab",
-                          vocab_size=1000, input_sentence_size=200, workers=1)
+    out = train_tokenizer(
+        [aozora_slice],
+        tmp_path / "small",
+        tokenizer_type="mecab",
+        vocab_size=1000,
+        input_sentence_size=200,
+        workers=1,
+    )
     options = json.loads((out / "hetlm_tokenizer.json").read_text("utf-8"))["wordpiece_options"]
     assert options["sentences_sampled"] == 200 < options["sentences_seen"]
 
 
-def test_missing_analyser_names_the_extra(tmp_path, monkeypatch, aozora_slice,  # noqa: F811
-                                          folders):
+def test_missing_analyser_names_the_extra(
+    tmp_path,
+    monkeypatch,
+    aozora_slice,  # noqa: F811
+    folders,
+):
     monkeypatch.setitem(sys.modules, "sudachipy", None)  # import sudachipy now fails
     with pytest.raises(HetlmError, match=r"sudachipy.*pip install 'hetlm\[ja\]'"):
         train_tokenizer([aozora_slice], tmp_path / "t", tokenizer_type="sudachi")
@@ -127,18 +145,23 @@ def test_missing_analyser_names_the_extra(tmp_path, monkeypatch, aozora_slice,  
         load_tokenizer(folders["sudachi"])
     monkeypatch.setitem(sys.modules, "ipadic", None)
     with pytest.raises(HetlmError, match="pip install ipadic"):
-        train_tokenizer([aozora_slice], tmp_path / "t", tokenizer_type="mecab",
-                        mecab_dic="ipadic")
+        train_tokenizer([aozora_slice], tmp_path / "t", tokenizer_type="mecab", mecab_dic="ipadic")
 
 
-def test_packing_with_a_slow_tokenizer_in_workers(tmp_path, folders,
-                                                  paragraph_corpus):  # noqa: F811
+def test_packing_with_a_slow_tokenizer_in_workers(tmp_path, folders, paragraph_corpus):  # noqa: F811
     """Two worker processes load the MeCab tokenizer from its folder; the stream is exact."""
     from transformers import AutoTokenizer
 
     out = tmp_path / "ds"
-    summary = prepare_dataset([paragraph_corpus], folders["mecab"], out, seq_len=32,
-                              validation_fraction=0.1, workers=2, batch_docs=20)
+    summary = prepare_dataset(
+        [paragraph_corpus],
+        folders["mecab"],
+        out,
+        seq_len=32,
+        validation_fraction=0.1,
+        workers=2,
+        batch_docs=20,
+    )
     tok = AutoTokenizer.from_pretrained(str(folders["mecab"]))
     train_stream: list[int] = []
     seen = set()
@@ -148,50 +171,109 @@ def test_packing_with_a_slow_tokenizer_in_workers(tmp_path, folders,
         seen.add(doc)
         if is_validation_document(index, 0, 0.1):
             continue
-        ids = [i for piece in document_pieces(doc)
-               for i in tok(piece, add_special_tokens=False)["input_ids"]]
+        ids = [
+            i
+            for piece in document_pieces(doc)
+            for i in tok(piece, add_special_tokens=False)["input_ids"]
+        ]
         train_stream.extend(([3] if train_stream else []) + ids)
     dataset, meta = load_packed_dataset(out)
     inner = np.asarray(dataset["train"]["input_ids"])[:, 1:-1].reshape(-1).tolist()
-    assert inner == train_stream[:len(inner)] and summary.train.sequences == len(inner) // 30
+    assert inner == train_stream[: len(inner)] and summary.train.sequences == len(inner) // 30
     # the metadata says how to mask whole words
     assert meta["tokenizer_type"] == "mecab" and meta["whole_word_masking"]["available"]
     continuation = continuation_mask(meta)
     vocab = tok.get_vocab()
-    assert {t for t, i in vocab.items() if continuation[i]} == \
-        {t for t in vocab if t.startswith("##")}
-    collator = MLMCollator(seq_len=32, vocab_size=meta["vocab_size"], mask_id=4,
-                           special_ids=[0, 1, 2, 3, 4], whole_word=True,
-                           continuation=continuation)
+    assert {t for t, i in vocab.items() if continuation[i]} == {
+        t for t in vocab if t.startswith("##")
+    }
+    collator = MLMCollator(
+        seq_len=32,
+        vocab_size=meta["vocab_size"],
+        mask_id=4,
+        special_ids=[0, 1, 2, 3, 4],
+        whole_word=True,
+        continuation=continuation,
+    )
     rows = np.asarray(dataset["train"][:8]["input_ids"])
     assert collator(rows, np.arange(8), epoch=0).num_targets > 0
 
 
-def test_sentencepiece_datasets_have_no_word_pieces(tmp_path, trained_tokenizer,  # noqa: F811
-                                                    paragraph_corpus):  # noqa: F811
-    prepare_dataset([paragraph_corpus], trained_tokenizer, tmp_path / "sp", seq_len=32,
-                    validation_fraction=0.1, workers=1)
+def test_sentencepiece_datasets_have_no_word_pieces(
+    tmp_path,
+    trained_tokenizer,  # noqa: F811
+    paragraph_corpus,
+):  # noqa: F811
+    prepare_dataset(
+        [paragraph_corpus],
+        trained_tokenizer,
+        tmp_path / "sp",
+        seq_len=32,
+        validation_fraction=0.1,
+        workers=1,
+    )
     meta = load_packed_dataset(tmp_path / "sp")[1]
     assert meta["tokenizer_type"] == "sentencepiece"
     assert meta["continuation_token_ids"] is None and continuation_mask(meta) is None
 
 
-def test_cli_train_sudachi_and_compare(tmp_path, capsys, aozora_slice, folders,  # noqa: F811
-                                       trained_tokenizer):  # noqa: F811
+def test_cli_train_sudachi_and_compare(
+    tmp_path,
+    capsys,
+    aozora_slice,
+    folders,  # noqa: F811
+    trained_tokenizer,
+):  # noqa: F811
     out = tmp_path / "sudachi_b"
-    assert main(["tokenizer", "train", str(aozora_slice), "--output", str(out), "--type",
-                 "sudachi", "--sudachi-mode", "B", "--vocab-size", "1500",
-                 "--workers", "1"]) == 0
+    assert (
+        main(
+            [
+                "tokenizer",
+                "train",
+                str(aozora_slice),
+                "--output",
+                str(out),
+                "--type",
+                "sudachi",
+                "--sudachi-mode",
+                "B",
+                "--vocab-size",
+                "1500",
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert "sudachi+WordPiece" in capsys.readouterr().out
     config = json.loads((out / "tokenizer_config.json").read_text("utf-8"))
     assert config["sudachi_kwargs"]["sudachi_split_mode"] == "B"
 
-    finance = write_jsonl(tmp_path / "finance.jsonl", [FINANCE_SENTENCE * 3] * 2 +
-                          ["売上高は前年同期比で減少しました。" * 4])
+    finance = write_jsonl(
+        tmp_path / "finance.jsonl",
+        [FINANCE_SENTENCE * 3] * 2 + ["売上高は前年同期比で減少しました。" * 4],
+    )
     report = tmp_path / "report.md"
-    assert main(["tokenizer", "compare", str(finance), "--tokenizer", str(trained_tokenizer),
-                 "--tokenizer", str(folders["mecab"]), "--max-chars", "5000",
-                 "--output", str(report), "--json", str(tmp_path / "r.json")]) == 0
+    assert (
+        main(
+            [
+                "tokenizer",
+                "compare",
+                str(finance),
+                "--tokenizer",
+                str(trained_tokenizer),
+                "--tokenizer",
+                str(folders["mecab"]),
+                "--max-chars",
+                "5000",
+                "--output",
+                str(report),
+                "--json",
+                str(tmp_path / "r.json"),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "chars/token" in printed and "| mecab |" in printed
     rows = json.loads((tmp_path / "r.json").read_text("utf-8"))

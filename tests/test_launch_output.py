@@ -31,7 +31,7 @@ ZeroDivisionError: division by zero
 
 def _run(data: bytes, chunk: int) -> bytes:
     f = AgentReportFilter()
-    out = b"".join(f.feed(data[i:i + chunk]) for i in range(0, len(data), chunk))
+    out = b"".join(f.feed(data[i : i + chunk]) for i in range(0, len(data), chunk))
     return out + f.flush()
 
 

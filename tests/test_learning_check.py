@@ -21,9 +21,24 @@ SCRIPT = REPO / "benchmarks" / "learning_check.py"
 def dry_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("learning-check")
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--threads", "1", "--out",
-                           str(out), "--cache", str(out / "cache")],
-                          capture_output=True, text=True, env=env, timeout=600, check=False)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--dry-run",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+            "--cache",
+            str(out / "cache"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return out
 
@@ -37,9 +52,9 @@ def test_dry_run_writes_table_json_and_plot(dry_run):
         (run,) = results["runs"][system]
         assert len(run["losses"]) == setup["steps"]
         assert all(math.isfinite(x) for x in run["losses"])
-        assert [e["step"] for e in run["eval"]] == list(range(setup["eval_every"],
-                                                              setup["steps"] + 1,
-                                                              setup["eval_every"]))
+        assert [e["step"] for e in run["eval"]] == list(
+            range(setup["eval_every"], setup["steps"] + 1, setup["eval_every"])
+        )
         assert run["train_time_s"] > 0
     hetlm, trainer = results["runs"]["hetlm"][0], results["runs"]["trainer"][0]
     # the same initial weights: the first steps' losses agree up to the masking's sampling
@@ -67,8 +82,9 @@ def test_both_are_scored_on_the_same_positions(dry_run):
     data = next((dry_run / "cache").glob("data-*"))
     rows, collator, baseline = module.held_out(setup, data, seed=0)
     assert baseline.as_dict() == results["baselines"][0]
-    model = AutoModelForMaskedLM.from_pretrained(dry_run / "cache" / "run-dry_run-hetlm-seed0"
-                                                 / "model").eval()
+    model = AutoModelForMaskedLM.from_pretrained(
+        dry_run / "cache" / "run-dry_run-hetlm-seed0" / "model"
+    ).eval()
     _, correct, count = score_mlm(model, rows, collator, batch_size=16)
     assert count == baseline.targets
     assert correct / count == pytest.approx(results["runs"]["hetlm"][0]["eval"][-1]["accuracy"])
@@ -76,9 +92,25 @@ def test_both_are_scored_on_the_same_positions(dry_run):
 
 def test_causal_dry_run_scores_both_on_next_tokens(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--causal", "--threads", "1",
-                           "--out", str(tmp_path), "--cache", str(tmp_path / "cache")],
-                          capture_output=True, text=True, env=env, timeout=600, check=False)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--dry-run",
+            "--causal",
+            "--threads",
+            "1",
+            "--out",
+            str(tmp_path),
+            "--cache",
+            str(tmp_path / "cache"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "learning_check_dry_run_llama.json").read_text())
     assert results["setup"]["model_type"] == "llama"

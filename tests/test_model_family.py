@@ -33,10 +33,15 @@ SPLIT_TOLERANCE = 1e-5  # as tests/test_split_invariance.py
 
 # parameters at vocabulary 32,000 (docs/MODELS.md), millions, +-1%
 EXPECTED_M = {
-    ("bert", "base"): 110.7, ("bert", "large"): 336.7,
-    ("roberta", "base"): 110.7, ("deberta-v2", "base"): 110.7,
-    ("electra", "base"): 116.3, ("electra", "large"): 356.2,
-    ("llama", "1b"): 1100.0, ("llama", "7b"): 6738.4, ("llama", "13b"): 13015.9,
+    ("bert", "base"): 110.7,
+    ("bert", "large"): 336.7,
+    ("roberta", "base"): 110.7,
+    ("deberta-v2", "base"): 110.7,
+    ("electra", "base"): 116.3,
+    ("electra", "large"): 356.2,
+    ("llama", "1b"): 1100.0,
+    ("llama", "7b"): 6738.4,
+    ("llama", "13b"): 13015.9,
 }
 
 
@@ -51,8 +56,11 @@ def model_weights(model_dir: Path) -> dict[str, torch.Tensor]:
     model_dir = Path(model_dir)
     if (model_dir / "model.safetensors").is_file():
         return load_file(str(model_dir / "model.safetensors"))
-    return {f"{part}.{k}": v for part in ("discriminator", "generator")
-            for k, v in load_file(str(model_dir / part / "model.safetensors")).items()}
+    return {
+        f"{part}.{k}": v
+        for part in ("discriminator", "generator")
+        for k, v in load_file(str(model_dir / part / "model.safetensors")).items()
+    }
 
 
 # ---------------------------------------------------------------- presets
@@ -64,12 +72,19 @@ def test_every_preset_builds(model_type):
     for preset, shape in presets_for(model_type).items():
         device = "cpu" if preset in ("tiny", "small") else "meta"
         with torch.device(device):
-            model = build_model(ModelSection(type=model_type, preset=preset), vocab_size=32000,
-                                pad_token_id=0, max_position_embeddings=512, seed=0,
-                                special_ids=SPECIAL)
+            model = build_model(
+                ModelSection(type=model_type, preset=preset),
+                vocab_size=32000,
+                pad_token_id=0,
+                max_position_embeddings=512,
+                seed=0,
+                special_ids=SPECIAL,
+            )
         config = model.config
-        assert (config.hidden_size, config.num_hidden_layers) == (shape["hidden_size"],
-                                                                  shape["num_hidden_layers"])
+        assert (config.hidden_size, config.num_hidden_layers) == (
+            shape["hidden_size"],
+            shape["num_hidden_layers"],
+        )
         assert next(model.parameters()).device.type == device
         count = sum(p.numel() for p in model.parameters()) / 1e6
         expected = EXPECTED_M.get((model_type, preset))
@@ -77,14 +92,26 @@ def test_every_preset_builds(model_type):
             assert abs(count - expected) <= 0.01 * expected, f"{preset}: {count:.1f}M"
     if model_type == "electra":  # the generator: a quarter of the width, same depth, shared
         with torch.device("meta"):
-            model = build_model(ModelSection(type="electra", preset="base"), vocab_size=32000,
-                                pad_token_id=0, max_position_embeddings=512, seed=0)
+            model = build_model(
+                ModelSection(type="electra", preset="base"),
+                vocab_size=32000,
+                pad_token_id=0,
+                max_position_embeddings=512,
+                seed=0,
+            )
         gen = model.generator.config
-        assert (gen.hidden_size, gen.num_attention_heads, gen.intermediate_size,
-                gen.num_hidden_layers, gen.embedding_size) == (192, 3, 768, 12, 768)
+        assert (
+            gen.hidden_size,
+            gen.num_attention_heads,
+            gen.intermediate_size,
+            gen.num_hidden_layers,
+            gen.embedding_size,
+        ) == (192, 3, 768, 12, 768)
         assert model.generator.electra.embeddings is model.discriminator.electra.embeddings
-        assert (model.generator.generator_lm_head.weight
-                is model.discriminator.electra.embeddings.word_embeddings.weight)
+        assert (
+            model.generator.generator_lm_head.weight
+            is model.discriminator.electra.embeddings.word_embeddings.weight
+        )
 
 
 # ---------------------------------------------------------------- training, resume, artifacts
@@ -127,13 +154,18 @@ def _check_artifacts(model_type: str, model_dir: Path, summary: dict) -> None:
         gen = transformers.AutoModelForMaskedLM.from_pretrained(model_dir / "generator")
         assert type(gen).__name__ == "ElectraForMaskedLM"
         assert gen.config.hidden_size == disc.config.hidden_size // 4
-        assert torch.equal(gen.electra.embeddings.word_embeddings.weight,
-                           disc.electra.embeddings.word_embeddings.weight)
+        assert torch.equal(
+            gen.electra.embeddings.word_embeddings.weight,
+            disc.electra.embeddings.word_embeddings.weight,
+        )
         assert disc(ids).logits.shape == ids.shape
         assert "eval_rtd_loss" in summary and "eval_rtd_accuracy" in summary
         return
-    auto = (transformers.AutoModelForCausalLM if model_type == "llama"
-            else transformers.AutoModelForMaskedLM)
+    auto = (
+        transformers.AutoModelForCausalLM
+        if model_type == "llama"
+        else transformers.AutoModelForMaskedLM
+    )
     model = auto.from_pretrained(model_dir)
     assert model.config.model_type == model_type
     assert torch.isfinite(model(ids).logits).all()
@@ -158,9 +190,15 @@ def _many_runs_worker(rank: int, world: int, ports: list[int], configs: list[dic
     from hetlm.train import pretrain
 
     for port, config in zip(ports, configs, strict=True):
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                          WORLD_SIZE=str(world), LOCAL_RANK="0", GROUP_RANK=str(rank),
-                          OMP_NUM_THREADS="1")
+        os.environ.update(
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            RANK=str(rank),
+            WORLD_SIZE=str(world),
+            LOCAL_RANK="0",
+            GROUP_RANK=str(rank),
+            OMP_NUM_THREADS="1",
+        )
         pretrain.run_pretraining(parse_config(config))
     sys.stdout.flush()
     sys.stderr.flush()
@@ -169,10 +207,13 @@ def _many_runs_worker(rank: int, world: int, ports: list[int], configs: list[dic
 
 def test_split_invariance_of_every_new_type(straight_runs, tiny_packed, tmp_path):
     root, _ = straight_runs
-    configs = [_config(t, tiny_packed, tmp_path / t, micro_batch={"per_rank": [3, 5]},
-                       dist_timeout_s=60) for t in NEW_TYPES]
-    mp.spawn(_many_runs_worker, args=(2, [_free_port() for _ in configs], configs), nprocs=2,
-             join=True)
+    configs = [
+        _config(t, tiny_packed, tmp_path / t, micro_batch={"per_rank": [3, 5]}, dist_timeout_s=60)
+        for t in NEW_TYPES
+    ]
+    mp.spawn(
+        _many_runs_worker, args=(2, [_free_port() for _ in configs], configs), nprocs=2, join=True
+    )
     for model_type in NEW_TYPES:
         reference = model_weights(root / model_type / "model")
         diff = max_abs_diff(reference, model_weights(tmp_path / model_type / "model"))
@@ -191,9 +232,13 @@ def test_electra_samples_are_seeded_per_sample(tiny_packed, tmp_path):
     config = parse_config(_config("electra", tiny_packed, tmp_path))
     dataset, meta = load_packed_dataset(tiny_packed)
     data = build_data(config, dataset["train"], meta)
-    model = build_model(config.model, vocab_size=int(meta["vocab_size"]),
-                        pad_token_id=special_ids(meta)["pad"], max_position_embeddings=512,
-                        seed=0)
+    model = build_model(
+        config.model,
+        vocab_size=int(meta["vocab_size"]),
+        pad_token_id=special_ids(meta)["pad"],
+        max_position_embeddings=512,
+        seed=0,
+    )
     objective = objective_module(config, model).eval()
 
     def replaced(indices: list[int], epoch: int = 0) -> dict[int, torch.Tensor]:
@@ -205,7 +250,7 @@ def test_electra_samples_are_seeded_per_sample(tiny_packed, tmp_path):
 
     a, b = replaced([5, 7]), replaced([7, 3, 5])
     assert torch.equal(a[7], b[7]) and torch.equal(a[5], b[5])  # other batch, other row
-    assert not torch.equal(a[7], replaced([7], epoch=1)[7])     # other epoch
+    assert not torch.equal(a[7], replaced([7], epoch=1)[7])  # other epoch
 
     # the sampler alone: the seed decides, not the row; other seeds give other tokens
     logits = torch.randn(1, 6, 3000).expand(3, -1, -1)

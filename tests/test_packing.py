@@ -35,8 +35,15 @@ CLS, SEP = 2, 3
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, paragraph_corpus, trained_tokenizer):  # noqa: F811
     out = tmp_path_factory.mktemp("prepared") / "ds"
-    summary = prepare_dataset([paragraph_corpus], trained_tokenizer, out, seq_len=SEQ_LEN,
-                              validation_fraction=FRACTION, workers=1, batch_docs=16)
+    summary = prepare_dataset(
+        [paragraph_corpus],
+        trained_tokenizer,
+        out,
+        seq_len=SEQ_LEN,
+        validation_fraction=FRACTION,
+        workers=1,
+        batch_docs=16,
+    )
     return out, summary
 
 
@@ -50,8 +57,9 @@ def rows(dataset_dir, split) -> np.ndarray:
     return column.flatten().to_numpy().reshape(-1, column.type.list_size)
 
 
-def expected_streams(corpus, tokenizer_dir, fraction, seed=0, extra=(),
-                     min_doc_chars=10) -> dict[str, list[int]]:
+def expected_streams(
+    corpus, tokenizer_dir, fraction, seed=0, extra=(), min_doc_chars=10
+) -> dict[str, list[int]]:
     """An independent re-statement of the cleaning, split and join rules, using the plain HF
     tokenizer: documents shorter than ``min_doc_chars`` and repeats are dropped, the others keep
     their index in the stream read."""
@@ -76,7 +84,7 @@ def assert_packs_streams(dataset_dir, summary, streams, seq_len):
     for split, counts in (("train", summary.train), ("validation", summary.validation)):
         inner = rows(dataset_dir, split)[:, 1:-1].reshape(-1).tolist()
         stream = streams[split]
-        assert inner == stream[:len(inner)]  # overflow carried, nothing skipped or repeated
+        assert inner == stream[: len(inner)]  # overflow carried, nothing skipped or repeated
         assert counts.dropped_tail_tokens == len(stream) - len(inner) < chunk
         assert counts.sequences == len(inner) // chunk > 0
 
@@ -90,22 +98,33 @@ def test_every_sequence_is_cls_chunk_sep_of_seq_len(prepared):
         assert not (data[:, 1:-1] == CLS).any()
 
 
-def test_inner_tokens_reproduce_the_joined_stream_exactly(prepared, paragraph_corpus,  # noqa: F811
-                                                          trained_tokenizer):  # noqa: F811
+def test_inner_tokens_reproduce_the_joined_stream_exactly(
+    prepared,
+    paragraph_corpus,  # noqa: F811
+    trained_tokenizer,
+):  # noqa: F811
     out, summary = prepared
     streams = expected_streams(paragraph_corpus, trained_tokenizer, FRACTION)
     assert_packs_streams(out, summary, streams, SEQ_LEN)
 
 
-def test_validation_is_topped_up_with_the_lowest_scored_documents(tmp_path,
-                                                                  trained_tokenizer):  # noqa: F811
+def test_validation_is_topped_up_with_the_lowest_scored_documents(tmp_path, trained_tokenizer):  # noqa: F811
     """3 documents at fraction 0.01: the hash picks none, so the lowest-scored one is moved."""
-    texts = ["吾輩は猫である。名前はまだ無い。" * 4, "どこで生れたかとんと見当がつかぬ。" * 4,
-             "何でも薄暗いじめじめした所でニャーニャー泣いていた。" * 4]
+    texts = [
+        "吾輩は猫である。名前はまだ無い。" * 4,
+        "どこで生れたかとんと見当がつかぬ。" * 4,
+        "何でも薄暗いじめじめした所でニャーニャー泣いていた。" * 4,
+    ]
     corpus = write_jsonl(tmp_path / "three.jsonl", texts)
     assert not any(is_validation_document(i, 0, 0.01) for i in range(3))
-    summary = prepare_dataset([corpus], trained_tokenizer, tmp_path / "out", seq_len=16,
-                              validation_fraction=0.01, workers=1)
+    summary = prepare_dataset(
+        [corpus],
+        trained_tokenizer,
+        tmp_path / "out",
+        seq_len=16,
+        validation_fraction=0.01,
+        workers=1,
+    )
     lowest = min(range(3), key=lambda i: split_score(i, 0))
     assert (summary.train.documents, summary.validation.documents) == (2, 1)
     streams = expected_streams(corpus, trained_tokenizer, 0.01, extra={lowest})
@@ -150,13 +169,31 @@ def test_packer_carries_overflow_and_reports_the_tail():
     assert counts.dropped_tail_tokens == 3  # 24 25 26
 
 
-def test_deterministic_across_runs_and_worker_counts(tmp_path, paragraph_corpus,  # noqa: F811
-                                                     trained_tokenizer, prepared):  # noqa: F811
+def test_deterministic_across_runs_and_worker_counts(
+    tmp_path,
+    paragraph_corpus,  # noqa: F811
+    trained_tokenizer,
+    prepared,
+):  # noqa: F811
     reference, _ = prepared
-    one = prepare_dataset([paragraph_corpus], trained_tokenizer, tmp_path / "one",
-                          seq_len=SEQ_LEN, validation_fraction=FRACTION, workers=1, batch_docs=5)
-    two = prepare_dataset([paragraph_corpus], trained_tokenizer, tmp_path / "two",
-                          seq_len=SEQ_LEN, validation_fraction=FRACTION, workers=2, batch_docs=5)
+    one = prepare_dataset(
+        [paragraph_corpus],
+        trained_tokenizer,
+        tmp_path / "one",
+        seq_len=SEQ_LEN,
+        validation_fraction=FRACTION,
+        workers=1,
+        batch_docs=5,
+    )
+    two = prepare_dataset(
+        [paragraph_corpus],
+        trained_tokenizer,
+        tmp_path / "two",
+        seq_len=SEQ_LEN,
+        validation_fraction=FRACTION,
+        workers=2,
+        batch_docs=5,
+    )
     for split in ("train", "validation"):
         expected = rows(reference, split)
         assert np.array_equal(rows(tmp_path / "one", split), expected)
@@ -171,18 +208,29 @@ def test_metadata_describes_the_dataset(prepared, trained_tokenizer):  # noqa: F
     assert meta["special_token_ids"] == {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
     assert meta["tokenizer_dir"] == str(trained_tokenizer.resolve())
     assert meta["tokenizer_vocab_hash"].startswith("sha256:")
-    assert meta["num_sequences"] == {"train": len(dataset["train"]),
-                                     "validation": len(dataset["validation"])}
-    assert meta["splits"]["validation"]["dropped_tail_tokens"] == \
-        summary.validation.dropped_tail_tokens
+    assert meta["num_sequences"] == {
+        "train": len(dataset["train"]),
+        "validation": len(dataset["validation"]),
+    }
+    assert (
+        meta["splits"]["validation"]["dropped_tail_tokens"]
+        == summary.validation.dropped_tail_tokens
+    )
     cleaning = meta["cleaning"]
-    assert meta["corpus"]["documents"] - cleaning["short_removed"] - \
-        cleaning["duplicates_removed"] == meta["documents"] == cleaning["kept"]
+    assert (
+        meta["corpus"]["documents"] - cleaning["short_removed"] - cleaning["duplicates_removed"]
+        == meta["documents"]
+        == cleaning["kept"]
+    )
     assert "Packed" in summary.summary() and str(out) in summary.summary()
 
 
-def test_output_dir_is_never_clobbered(tmp_path, paragraph_corpus, trained_tokenizer,  # noqa: F811
-                                       prepared):
+def test_output_dir_is_never_clobbered(
+    tmp_path,
+    paragraph_corpus,
+    trained_tokenizer,  # noqa: F811
+    prepared,
+):
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "precious.txt").write_text("keep me", encoding="utf-8")
@@ -242,9 +290,11 @@ def test_load_packed_dataset_errors(tmp_path, prepared):
 
 
 def test_bad_options_are_refused(tmp_path, paragraph_corpus, trained_tokenizer):  # noqa: F811
-    for kwargs, message in ((dict(seq_len=2), "seq_len"),
-                            (dict(validation_fraction=0.0), "validation_fraction"),
-                            (dict(workers=0), "workers")):
+    for kwargs, message in (
+        (dict(seq_len=2), "seq_len"),
+        (dict(validation_fraction=0.0), "validation_fraction"),
+        (dict(workers=0), "workers"),
+    ):
         with pytest.raises(HetlmError, match=message):
             prepare_dataset([paragraph_corpus], trained_tokenizer, tmp_path / "o", **kwargs)
     empty = tmp_path / "no_tokenizer"
@@ -255,9 +305,22 @@ def test_bad_options_are_refused(tmp_path, paragraph_corpus, trained_tokenizer):
 
 def test_cli_prepare(tmp_path, capsys, paragraph_corpus, trained_tokenizer):  # noqa: F811
     out = tmp_path / "cli_ds"
-    code = main(["prepare", str(paragraph_corpus), "--tokenizer", str(trained_tokenizer),
-                 "--output", str(out), "--seq-len", "48", "--workers", "1",
-                 "--validation-fraction", "0.05"])
+    code = main(
+        [
+            "prepare",
+            str(paragraph_corpus),
+            "--tokenizer",
+            str(trained_tokenizer),
+            "--output",
+            str(out),
+            "--seq-len",
+            "48",
+            "--workers",
+            "1",
+            "--validation-fraction",
+            "0.05",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0
     assert "Packed" in captured.out and "validation sequences of 48 tokens" in captured.out
@@ -266,8 +329,18 @@ def test_cli_prepare(tmp_path, capsys, paragraph_corpus, trained_tokenizer):  # 
 
 def test_cli_prepare_bad_input_is_one_line(tmp_path, capsys, trained_tokenizer):  # noqa: F811
     corpus = write_jsonl(tmp_path / "wrong_field.jsonl", ["a", "b"], field="body")
-    code = main(["prepare", str(corpus), "--tokenizer", str(trained_tokenizer),
-                 "--output", str(tmp_path / "o"), "--workers", "1"])
+    code = main(
+        [
+            "prepare",
+            str(corpus),
+            "--tokenizer",
+            str(trained_tokenizer),
+            "--output",
+            str(tmp_path / "o"),
+            "--workers",
+            "1",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert err.startswith("hetlm: error: ") and err.count("\n") == 1

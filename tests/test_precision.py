@@ -58,8 +58,9 @@ def inject_inf_on_rank_1() -> None:
     def unscale(self, optimizer):
         calls["n"] += 1
         if calls["n"] == INJECT_STEP and dist.get_rank() == 1:
-            param = next(p for g in optimizer.param_groups for p in g["params"]
-                         if p.grad is not None)
+            param = next(
+                p for g in optimizer.param_groups for p in g["params"] if p.grad is not None
+            )
             grad = param.grad.to_local() if hasattr(param.grad, "to_local") else param.grad
             grad.view(-1)[0] = float("inf")
         original_unscale(self, optimizer)
@@ -70,19 +71,28 @@ def inject_inf_on_rank_1() -> None:
     def save_final(self):
         path = original_final(self)
         if self.engine.name in ("ddp", "zero1"):  # replicated weights: each rank has a copy
-            torch.save(self.engine.unwrapped.state_dict(),
-                       self.output_dir / f"replica-{self.ctx.rank}.pt")
+            torch.save(
+                self.engine.unwrapped.state_dict(), self.output_dir / f"replica-{self.ctx.rank}.pt"
+            )
         return path
 
     pretrain.Pretraining.save_final = save_final
 
 
-@pytest.mark.parametrize("engine", [{"engine": "ddp"}, {"engine": "zero1"},
-                                    {"engine": "fsdp2", "zero_stage": 3}],
-                         ids=["ddp", "zero1", "fsdp2-stage3"])
+@pytest.mark.parametrize(
+    "engine",
+    [{"engine": "ddp"}, {"engine": "zero1"}, {"engine": "fsdp2", "zero_stage": 3}],
+    ids=["ddp", "zero1", "fsdp2-stage3"],
+)
 def test_fp16_overflow_on_one_rank_skips_the_step_on_every_rank(engine, tiny_packed, tmp_path):
-    config = tiny_config(tiny_packed, tmp_path, max_steps=STEPS, precision="fp16",
-                         micro_batch={"per_rank": [3, 5]}, **engine)
+    config = tiny_config(
+        tiny_packed,
+        tmp_path,
+        max_steps=STEPS,
+        precision="fp16",
+        micro_batch={"per_rank": [3, 5]},
+        **engine,
+    )
     run_ranks(config, world=2, setup="test_precision.inject_inf_on_rank_1", timeout_s=30)
     # The loop raises if the ranks' `stepped` flags ever differ: finishing means they agreed.
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -100,8 +110,7 @@ def test_fp16_overflow_on_one_rank_skips_the_step_on_every_rank(engine, tiny_pac
         assert all(torch.equal(a[k], b[k]) for k in a), "the ranks' weights diverged"
 
 
-def test_nan_loss_under_fp32_stops_naming_the_last_checkpoint(tiny_packed, tmp_path,
-                                                               monkeypatch):
+def test_nan_loss_under_fp32_stops_naming_the_last_checkpoint(tiny_packed, tmp_path, monkeypatch):
     from hetlm.models.masked_lm import SparseMaskedLM
 
     original, calls = SparseMaskedLM.forward, {"n": 0}
@@ -116,7 +125,10 @@ def test_nan_loss_under_fp32_stops_naming_the_last_checkpoint(tiny_packed, tmp_p
 
     monkeypatch.setattr(SparseMaskedLM, "forward", forward)
     config = tiny_config(tiny_packed, tmp_path, max_steps=5, save_steps=1, save_total_limit=5)
-    with pytest.raises(HetlmError, match=r"loss became nan at step 3; last good checkpoint: "
-                                         r"\S*step-00000002; resume from it"):
+    with pytest.raises(
+        HetlmError,
+        match=r"loss became nan at step 3; last good checkpoint: "
+        r"\S*step-00000002; resume from it",
+    ):
         run_single(config)
     assert not (tmp_path / "checkpoints" / "step-00000003").exists()

@@ -20,11 +20,21 @@ def _write(tmp_path, config: dict, name="run.yaml"):
 
 
 def test_two_emulated_nodes_train_and_save_a_transformers_model(tiny_packed, tmp_path):
-    config = tiny_config(tiny_packed, tmp_path / "run", max_steps=8, micro_batch={"per_node": [3, 5]},
-                         save_steps=4, eval_steps=4)
+    config = tiny_config(
+        tiny_packed,
+        tmp_path / "run",
+        max_steps=8,
+        micro_batch={"per_node": [3, 5]},
+        save_steps=4,
+        eval_steps=4,
+    )
     path = _write(tmp_path, config)
-    result = subprocess.run([sys.executable, "-m", "hetlm.cli", "pretrain", str(path),
-                             "--local-nodes", "2"], capture_output=True, text=True, timeout=240)
+    result = subprocess.run(
+        [sys.executable, "-m", "hetlm.cli", "pretrain", str(path), "--local-nodes", "2"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "held-out MLM" in result.stdout and "rank 1" in result.stdout
     run = tmp_path / "run"
@@ -49,18 +59,30 @@ def test_two_emulated_nodes_train_and_save_a_transformers_model(tiny_packed, tmp
     assert len(predictions) == 3 and all("token_str" in p for p in predictions)
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda c: c["train"].update(lr_rate=1), "train.lr_rate: unknown key"),
-    (lambda c: c["train"].update(global_batch=10, micro_batch={"per_node": [3, 5]}),
-     "cannot make the global batch 10"),
-    (lambda c: c["train"].update(micro_batch={"per_node": [2, 3, 3]}),
-     "per_node has 3 entries but 2 nodes"),
-    (lambda c: c["data"].update(dataset="/nonexistent/data"), "/nonexistent/data"),
-    (lambda c: c["train"].update(max_steps=-1), "train.max_steps"),
-    (lambda c: c["train"].update(engine="ddp", zero_stage=2), "engine ddp cannot run ZeRO stage 2"),
-    (lambda c: c["train"].update(engine="fsdp2", grad_compression="bf16"),
-     "grad_compression applies to the ddp and zero1 engines only"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda c: c["train"].update(lr_rate=1), "train.lr_rate: unknown key"),
+        (
+            lambda c: c["train"].update(global_batch=10, micro_batch={"per_node": [3, 5]}),
+            "cannot make the global batch 10",
+        ),
+        (
+            lambda c: c["train"].update(micro_batch={"per_node": [2, 3, 3]}),
+            "per_node has 3 entries but 2 nodes",
+        ),
+        (lambda c: c["data"].update(dataset="/nonexistent/data"), "/nonexistent/data"),
+        (lambda c: c["train"].update(max_steps=-1), "train.max_steps"),
+        (
+            lambda c: c["train"].update(engine="ddp", zero_stage=2),
+            "engine ddp cannot run ZeRO stage 2",
+        ),
+        (
+            lambda c: c["train"].update(engine="fsdp2", grad_compression="bf16"),
+            "grad_compression applies to the ddp and zero1 engines only",
+        ),
+    ],
+)
 def test_bad_config_is_one_line_error_before_launch(change, message, tiny_packed, tmp_path, capsys):
     config = tiny_config(tiny_packed, tmp_path / "run", micro_batch={"per_node": [3, 5]})
     change(config)
@@ -82,9 +104,21 @@ def test_malformed_yaml_names_the_line(tmp_path, capsys):
 def test_topology_mismatch_under_torchrun(tiny_packed, tmp_path):
     config = tiny_config(tiny_packed, tmp_path / "run", micro_batch={"per_rank": [3, 2, 3]})
     path = _write(tmp_path, config)
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
-                             "-m", "hetlm.cli", "pretrain", str(path)],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node=2",
+            "-m",
+            "hetlm.cli",
+            "pretrain",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode != 0
     assert "per_rank has 3 entries but 2 ranks were launched" in result.stderr
 

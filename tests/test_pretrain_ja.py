@@ -20,8 +20,9 @@ def mecab_packed(tmp_path_factory):
     root = tmp_path_factory.mktemp("mecab")
     corpus = write_small_corpus(root / "corpus.jsonl", documents=6, chars=6000)
     tokenizer = train_tokenizer([corpus], root / "tok", vocab_size=3000, tokenizer_type="mecab")
-    prepare_dataset([corpus], tokenizer, root / "data", seq_len=32, validation_fraction=0.2,
-                    workers=1)
+    prepare_dataset(
+        [corpus], tokenizer, root / "data", seq_len=32, validation_fraction=0.2, workers=1
+    )
     return root / "data"
 
 
@@ -62,8 +63,9 @@ def test_whole_word_masking_refused_for_sentencepiece(tiny_packed, tmp_path):
         run_single(config)
 
 
-def test_training_reads_a_complete_local_copy_and_falls_back_otherwise(tiny_packed, tmp_path,
-                                                                          capsys):
+def test_training_reads_a_complete_local_copy_and_falls_back_otherwise(
+    tiny_packed, tmp_path, capsys
+):
     from hetlm.data.staging import stage_dataset
 
     local = tmp_path / "local" / "data"

@@ -29,9 +29,16 @@ def test_trying_finds_the_largest_size_that_fits(answer: int) -> None:
     assert search_by_trying(lambda b: True, 100) == 100
 
 
-@pytest.mark.parametrize("base, per_sample, budget", [
-    (450e6, 10.5e6, 1.0 * GIB), (450e6, 10.5e6, 0.6 * GIB), (2e9, 80e6, 8 * GIB),
-    (300e6, 1e6, 0.31 * GIB), (300e6, 1e6, 0.9 * GIB)])
+@pytest.mark.parametrize(
+    "base, per_sample, budget",
+    [
+        (450e6, 10.5e6, 1.0 * GIB),
+        (450e6, 10.5e6, 0.6 * GIB),
+        (2e9, 80e6, 8 * GIB),
+        (300e6, 1e6, 0.31 * GIB),
+        (300e6, 1e6, 0.9 * GIB),
+    ],
+)
 def test_fit_search_ends_with_a_measured_bracket(base, per_sample, budget) -> None:
     """Linear peaks with allocator noise (up to half a sample): the answer was measured under
     the budget and the next size up over it, after a handful of measurements."""
@@ -79,9 +86,28 @@ def test_memory_limit_is_the_tightest_cgroup_level(tmp_path, monkeypatch) -> Non
 def tiny_probe(tmp_path_factory) -> tuple[Path, float]:
     path = tmp_path_factory.mktemp("probe") / "probe.yaml"
     started = time.perf_counter()
-    code = main(["probe", "--model-type", "bert", "--preset", "tiny", "--seq-len", "128",
-                 "--device", "cpu", "--memory-gib", "0.75", "--threads", "1", "--steps", "2",
-                 "--output", str(path), "--quiet"])
+    code = main(
+        [
+            "probe",
+            "--model-type",
+            "bert",
+            "--preset",
+            "tiny",
+            "--seq-len",
+            "128",
+            "--device",
+            "cpu",
+            "--memory-gib",
+            "0.75",
+            "--threads",
+            "1",
+            "--steps",
+            "2",
+            "--output",
+            str(path),
+            "--quiet",
+        ]
+    )
     assert code == 0
     return path, time.perf_counter() - started
 
@@ -105,11 +131,23 @@ def test_cpu_probe_writes_the_file_the_planner_reads(tiny_probe) -> None:
     assert len(device["measured"]) <= 9, "the search should need a handful of measurements"
     assert seconds < 90  # ~7 s on an idle 2-core machine; generous for a busy one
 
-    cluster = parse_cluster({"nodes": [
-        {"name": "probed", "gpus": {"model": "cpu", "memory_gib": 0.75},
-         "samples_per_s": path.name},
-        {"name": "other", "gpus": {"model": "cpu", "memory_gib": 0.75},
-         "samples_per_s": [speed / 2]}]}, base_dir=path.parent)
+    cluster = parse_cluster(
+        {
+            "nodes": [
+                {
+                    "name": "probed",
+                    "gpus": {"model": "cpu", "memory_gib": 0.75},
+                    "samples_per_s": path.name,
+                },
+                {
+                    "name": "other",
+                    "gpus": {"model": "cpu", "memory_gib": 0.75},
+                    "samples_per_s": [speed / 2],
+                },
+            ]
+        },
+        base_dir=path.parent,
+    )
     assert cluster.devices[0].samples_per_s == pytest.approx(speed)
     plan = make_plan(cluster, bert_config("tiny", 32000), 30, 128)
     assert [r.speed_source for r in plan.ranks] == ["measured", "measured"]
@@ -118,8 +156,7 @@ def test_cpu_probe_writes_the_file_the_planner_reads(tiny_probe) -> None:
 
 def test_a_smaller_memory_limit_gives_a_smaller_micro_batch(tiny_probe) -> None:
     big = yaml.safe_load(tiny_probe[0].read_text())["devices"][0]
-    result = run_probe("bert-tiny", 128, device="cpu", memory_gib=0.6,
-                       threads=1, steps=1)
+    result = run_probe("bert-tiny", 128, device="cpu", memory_gib=0.6, threads=1, steps=1)
     small = result.devices[0]
     assert 1 <= small.max_micro_batch < big["max_micro_batch"]
     assert small.peak_bytes <= 0.6 * GIB
@@ -142,8 +179,9 @@ def test_cuda_search_catches_out_of_memory_and_times_the_answer(monkeypatch) -> 
             tried.append(size)
             if size > 45:
                 return probe_worker.Measurement(size, fits=False, note="out of memory")
-            return probe_worker.Measurement(size, True, peak_bytes=size * 2**20,
-                                            step_s=[size / 100.0] * steps)
+            return probe_worker.Measurement(
+                size, True, peak_bytes=size * 2**20, step_s=[size / 100.0] * steps
+            )
 
         def close(self) -> None:
             pass
@@ -155,8 +193,11 @@ def test_cuda_search_catches_out_of_memory_and_times_the_answer(monkeypatch) -> 
     fractions: list[float] = []
     monkeypatch.setattr(probe_worker, "StepRunner", FakeRunner)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: Props)
-    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction",
-                        lambda fraction, index: fractions.append(fraction))
+    monkeypatch.setattr(
+        torch.cuda,
+        "set_per_process_memory_fraction",
+        lambda fraction, index: fractions.append(fraction),
+    )
     spec = {"seq_len": 128, "precision": "bf16"}
     result = probe.probe_cuda(spec, None, 0, 20 * GIB, 0, 1024, 1, 3, lambda m: None)
     assert result.max_micro_batch == 45 and result.samples_per_s == pytest.approx(100.0)

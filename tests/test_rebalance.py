@@ -84,25 +84,37 @@ def slow_rank_1() -> None:
 def test_rebalanced_run_trains_the_same_model_and_resumes_on_its_split(tiny_packed, tmp_path):
     reference = tmp_path / "one"
     run_single(tiny_config(tiny_packed, reference, max_steps=6))
-    config = tiny_config(tiny_packed, tmp_path / "rebalanced", max_steps=6,
-                         micro_batch={"per_rank": [4, 4]}, rebalance=2, max_micro_batch=8,
-                         save_steps=4)
-    run_ranks(config, world=2, setup="test_rebalance.slow_rank_1", stop_at_step=4,
-              timeout_s=60)
-    records = [json.loads(line) for line in
-               (tmp_path / "rebalanced" / "metrics.jsonl").read_text().splitlines()]
+    config = tiny_config(
+        tiny_packed,
+        tmp_path / "rebalanced",
+        max_steps=6,
+        micro_batch={"per_rank": [4, 4]},
+        rebalance=2,
+        max_micro_batch=8,
+        save_steps=4,
+    )
+    run_ranks(config, world=2, setup="test_rebalance.slow_rank_1", stop_at_step=4, timeout_s=60)
+    records = [
+        json.loads(line)
+        for line in (tmp_path / "rebalanced" / "metrics.jsonl").read_text().splitlines()
+    ]
     events = [r for r in records if r.get("event") == "rebalance"]
     assert events and events[0]["step"] == 2 and events[0]["old_shares"] == [4, 4]
     moved = events[-1]["new_shares"]
     assert moved[0] > moved[1] and sum(moved) == 8  # samples went to the fast rank
     steps = [r for r in records if "event" not in r]
     assert steps[-1]["compute_s_per_rank"][1] > steps[-1]["compute_s_per_rank"][0]
-    state = json.loads((tmp_path / "rebalanced" / "checkpoints" / "step-00000004" /
-                        "trainer_state.json").read_text())
+    state = json.loads(
+        (
+            tmp_path / "rebalanced" / "checkpoints" / "step-00000004" / "trainer_state.json"
+        ).read_text()
+    )
     assert state["shares"] == moved
     run_ranks(config, world=2, setup="test_rebalance.slow_rank_1", resume=True, timeout_s=60)
-    records = [json.loads(line) for line in
-               (tmp_path / "rebalanced" / "metrics.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(line)
+        for line in (tmp_path / "rebalanced" / "metrics.jsonl").read_text().splitlines()
+    ]
     resumed = next(r for r in records if r.get("event") == "resume")
     assert resumed["shares"] == moved  # continued on the rebalanced split
     diff = max_abs_diff(final_weights(reference), final_weights(tmp_path / "rebalanced"))

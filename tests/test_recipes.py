@@ -24,14 +24,21 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def pretrain_raw(model: dict, max_steps: int = 1000, **train) -> dict:
-    return {"run": {"output_dir": "out"}, "data": {"dataset": "data"}, "model": model,
-            "train": {"global_batch": 8, "micro_batch": 8, "max_steps": max_steps, **train}}
+    return {
+        "run": {"output_dir": "out"},
+        "data": {"dataset": "data"},
+        "model": model,
+        "train": {"global_batch": 8, "micro_batch": 8, "max_steps": max_steps, **train},
+    }
 
 
 def sft_raw(max_steps: int = 1000, **train) -> dict:
-    return {"run": {"output_dir": "out"}, "model": {"init_from": "base"},
-            "data": {"dataset": "rows.jsonl"},
-            "train": {"global_batch": 8, "micro_batch": 8, "max_steps": max_steps, **train}}
+    return {
+        "run": {"output_dir": "out"},
+        "model": {"init_from": "base"},
+        "data": {"dataset": "rows.jsonl"},
+        "train": {"global_batch": 8, "micro_batch": 8, "max_steps": max_steps, **train},
+    }
 
 
 # What the papers say, written out independently of hetlm/hparams.py:
@@ -56,19 +63,33 @@ PAPERS = [
     ("deberta-v2", "base", 1_000_000, 2e-4, 10_000, "linear", 0.999, 1e-6, 0.01, 1.0, 0.1, 0.15),
     # Llama 2: 3e-4, 2000 warm-up, cosine to 10%, 0.9/0.95, eps 1e-5, wd 0.1, clip 1.0
     ("llama", "7b", 500_000, 3e-4, 2_000, "cosine_with_min_lr", 0.95, 1e-5, 0.1, 1.0, 0.0, None),
-    ("llama", "13b", 500_000, 3e-4, 2_000, "cosine_with_min_lr", 0.95, 1e-5, 0.1, 1.0, 0.0,
-     None),
+    ("llama", "13b", 500_000, 3e-4, 2_000, "cosine_with_min_lr", 0.95, 1e-5, 0.1, 1.0, 0.0, None),
     # TinyLlama: 4e-4; GPT-3 125M: 6e-4, eps 1e-8
-    ("llama", "1b", 1_000_000, 4e-4, 2_000, "cosine_with_min_lr", 0.95, 1e-8, 0.1, 1.0, 0.0,
-     None),
+    ("llama", "1b", 1_000_000, 4e-4, 2_000, "cosine_with_min_lr", 0.95, 1e-8, 0.1, 1.0, 0.0, None),
     ("llama", "small", 5_000, 6e-4, 500, "cosine_with_min_lr", 0.95, 1e-8, 0.1, 1.0, 0.0, None),
 ]
 
 
-@pytest.mark.parametrize(("model_type", "preset", "steps", "lr", "warmup", "schedule", "beta2",
-                          "eps", "wd", "clip", "dropout", "mlm"), PAPERS)
-def test_defaults_resolve_to_the_papers_recipe(model_type, preset, steps, lr, warmup, schedule,
-                                               beta2, eps, wd, clip, dropout, mlm):
+@pytest.mark.parametrize(
+    (
+        "model_type",
+        "preset",
+        "steps",
+        "lr",
+        "warmup",
+        "schedule",
+        "beta2",
+        "eps",
+        "wd",
+        "clip",
+        "dropout",
+        "mlm",
+    ),
+    PAPERS,
+)
+def test_defaults_resolve_to_the_papers_recipe(
+    model_type, preset, steps, lr, warmup, schedule, beta2, eps, wd, clip, dropout, mlm
+):
     config = parse_config(pretrain_raw({"type": model_type, "preset": preset}, steps))
     t = config.train
     assert (config.learning_rate, config.warmup, t.lr_scheduler_type) == (lr, warmup, schedule)
@@ -86,8 +107,9 @@ def test_every_preset_has_a_recipe():
 
 
 def test_continued_pretraining_keeps_its_own_rate_and_warmup():
-    config = parse_config(pretrain_raw({"type": "roberta", "preset": "base",
-                                        "init_from": "ckpt"}, 1000))
+    config = parse_config(
+        pretrain_raw({"type": "roberta", "preset": "base", "init_from": "ckpt"}, 1000)
+    )
     assert (config.learning_rate, config.warmup) == (1e-4, 60)  # 6% of 1000
     assert config.train.adam_beta2 == 0.98 and config.model.dropout is None  # the checkpoint's
 
@@ -96,19 +118,31 @@ def test_sft_defaults_are_the_lora_recipe():
     config = parse_sft_config(sft_raw(1000))
     t = config.train
     assert (config.learning_rate, config.warmup, t.lr_scheduler_type) == (2e-4, 30, "cosine")
-    assert (t.weight_decay, t.max_grad_norm, t.adam_beta2, t.adam_epsilon) == (0.0, 0.3, 0.999,
-                                                                               1e-8)
+    assert (t.weight_decay, t.max_grad_norm, t.adam_beta2, t.adam_epsilon) == (
+        0.0,
+        0.3,
+        0.999,
+        1e-8,
+    )
 
 
 def test_an_explicit_value_always_wins():
-    config = parse_config(pretrain_raw(
-        {"type": "llama", "preset": "7b", "dropout": 0.05}, 1000, learning_rate=1e-3,
-        warmup_steps=0, lr_scheduler_type="linear", adam_beta2=0.999, adam_epsilon=1e-6,
-        weight_decay=0.0, max_grad_norm=0.0))
+    config = parse_config(
+        pretrain_raw(
+            {"type": "llama", "preset": "7b", "dropout": 0.05},
+            1000,
+            learning_rate=1e-3,
+            warmup_steps=0,
+            lr_scheduler_type="linear",
+            adam_beta2=0.999,
+            adam_epsilon=1e-6,
+            weight_decay=0.0,
+            max_grad_norm=0.0,
+        )
+    )
     t = config.train
     assert (config.learning_rate, config.warmup, t.lr_scheduler_type) == (1e-3, 0, "linear")
-    assert (t.adam_beta2, t.adam_epsilon, t.weight_decay, t.max_grad_norm) == (0.999, 1e-6, 0,
-                                                                               0)
+    assert (t.adam_beta2, t.adam_epsilon, t.weight_decay, t.max_grad_norm) == (0.999, 1e-6, 0, 0)
     assert config.model.dropout == 0.05
     sources = {key: source for key, _, source in config.hyperparameters()}
     assert sources["train.learning_rate"] == sources["train.warmup_steps"] == "set in the config"
@@ -123,9 +157,17 @@ def _renamed(record) -> list[str]:
 
 
 def test_old_names_are_accepted_with_one_warning_each():
-    old = {"lr": 1e-3, "adam_betas": [0.9, 0.98], "adam_eps": 1e-8, "keep_last": 3,
-           "checkpoint_every": 5, "eval_every": 7, "log_every": 2, "eval_batch": 4,
-           "eval_samples": 32}
+    old = {
+        "lr": 1e-3,
+        "adam_betas": [0.9, 0.98],
+        "adam_eps": 1e-8,
+        "keep_last": 3,
+        "checkpoint_every": 5,
+        "eval_every": 7,
+        "log_every": 2,
+        "eval_batch": 4,
+        "eval_samples": 32,
+    }
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         config = parse_config(pretrain_raw({"type": "bert", "preset": "tiny"}, 100, **old))
@@ -141,12 +183,19 @@ def test_old_names_are_accepted_with_one_warning_each():
 
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        sft = parse_sft_config({"run": {"output_dir": "o"}, "model": {"path": "base"},
-                                "data": {"source": "rows.jsonl"},
-                                "train": {"global_batch": 8, "max_steps": 3}})
+        sft = parse_sft_config(
+            {
+                "run": {"output_dir": "o"},
+                "model": {"path": "base"},
+                "data": {"source": "rows.jsonl"},
+                "train": {"global_batch": 8, "max_steps": 3},
+            }
+        )
     assert (sft.model.init_from, sft.data.dataset) == ("base", "rows.jsonl")
-    assert sorted(_renamed(record)) == ["data.source is deprecated, use data.dataset",
-                                        "model.path is deprecated, use model.init_from"]
+    assert sorted(_renamed(record)) == [
+        "data.source is deprecated, use data.dataset",
+        "model.path is deprecated, use model.init_from",
+    ]
 
 
 def test_an_old_and_a_new_name_together_is_an_error():
@@ -167,15 +216,23 @@ def test_other_ranks_do_not_repeat_the_warning(monkeypatch):
 
 def test_the_cli_prints_one_deprecation_line(tmp_path):
     path = tmp_path / "old.yaml"
-    path.write_text(yaml.safe_dump(pretrain_raw({"type": "bert", "preset": "tiny"}, 10, lr=1e-3,
-                                                keep_last=1)), encoding="utf-8")
-    result = subprocess.run([sys.executable, "-m", "hetlm.cli", "pretrain", str(path),
-                             "--help-config"], capture_output=True, text=True, timeout=120,
-                            cwd=tmp_path)
+    path.write_text(
+        yaml.safe_dump(pretrain_raw({"type": "bert", "preset": "tiny"}, 10, lr=1e-3, keep_last=1)),
+        encoding="utf-8",
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "hetlm.cli", "pretrain", str(path), "--help-config"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines == ["hetlm: warning: train.lr is deprecated, use train.learning_rate",
-                     "hetlm: warning: train.keep_last is deprecated, use train.save_total_limit"]
+    assert lines == [
+        "hetlm: warning: train.lr is deprecated, use train.learning_rate",
+        "hetlm: warning: train.keep_last is deprecated, use train.save_total_limit",
+    ]
     assert "train.learning_rate      0.001" in result.stdout
 
 
@@ -197,8 +254,9 @@ def test_plan_takes_model_type_and_preset(tmp_path, capsys):
     common = ["--global-batch", "8", "--seq-len", "512", "--output", str(tmp_path / "p.yaml")]
     assert main(["plan", str(cluster), "--model-type", "llama", "--preset", "1b", *common]) == 0
     assert "model llama-1b" in capsys.readouterr().out
-    with pytest.warns(HetlmWarning, match="--model bert-tiny is deprecated, use --model-type "
-                      "bert --preset tiny"):
+    with pytest.warns(
+        HetlmWarning, match="--model bert-tiny is deprecated, use --model-type bert --preset tiny"
+    ):
         assert main(["plan", str(cluster), "--model", "bert-tiny", *common]) == 0
     assert main(["plan", str(cluster), "--model-type", "bert", "--preset", "7b", *common]) == 2
     assert "--preset '7b' is not a bert preset" in capsys.readouterr().err
@@ -207,9 +265,15 @@ def test_plan_takes_model_type_and_preset(tmp_path, capsys):
 def test_help_config_lists_the_defaults_and_their_sources(capsys):
     assert main(["pretrain", "--help-config"]) == 0
     out = capsys.readouterr().out
-    for needle in ("learning_rate: None", "lr_scheduler_type: None", "warmup_ratio: None",
-                   "RoBERTa (Liu et al. 2019) Table 9", "Llama 2 (Touvron et al. 2023)",
-                   "BERT (Devlin et al. 2019) App. A.2", "cosine_with_min_lr (min 0.1)"):
+    for needle in (
+        "learning_rate: None",
+        "lr_scheduler_type: None",
+        "warmup_ratio: None",
+        "RoBERTa (Liu et al. 2019) Table 9",
+        "Llama 2 (Touvron et al. 2023)",
+        "BERT (Devlin et al. 2019) App. A.2",
+        "cosine_with_min_lr (min 0.1)",
+    ):
         assert needle in out, needle
     assert main(["sft", "--help-config"]) == 0
     assert "QLoRA (Dettmers et al. 2023)" in capsys.readouterr().out
@@ -224,8 +288,7 @@ def test_the_docs_table_is_the_recipes():
         assert "| " + " | ".join(cells) + " |" in doc, cells
 
 
-@pytest.mark.parametrize("kind", ["linear", "cosine", "cosine_with_min_lr",
-                                  "constant_with_warmup"])
+@pytest.mark.parametrize("kind", ["linear", "cosine", "cosine_with_min_lr", "constant_with_warmup"])
 def test_schedules_match_transformers_after_the_warmup(kind):
     import torch
     from transformers import get_scheduler
@@ -233,12 +296,16 @@ def test_schedules_match_transformers_after_the_warmup(kind):
     warmup, total = 5, 40
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     extra = {"scheduler_specific_kwargs": {"min_lr_rate": 0.1}} if kind.endswith("min_lr") else {}
-    scheduler = get_scheduler(kind, optimizer, num_warmup_steps=warmup,
-                              num_training_steps=total, **extra)
+    scheduler = get_scheduler(
+        kind, optimizer, num_warmup_steps=warmup, num_training_steps=total, **extra
+    )
     for step in range(total + 1):
         if step >= warmup:
-            assert math.isclose(lr_factor(kind, step, warmup, total, 0.1),
-                                optimizer.param_groups[0]["lr"], abs_tol=1e-9), step
+            assert math.isclose(
+                lr_factor(kind, step, warmup, total, 0.1),
+                optimizer.param_groups[0]["lr"],
+                abs_tol=1e-9,
+            ), step
         else:  # hetlm's warm-up reaches the peak one step earlier: step t runs at (t+1)/warmup
             assert lr_factor(kind, step, warmup, total, 0.1) == (step + 1) / warmup
         optimizer.step()

@@ -20,8 +20,11 @@ def _with_dropout(config: dict) -> dict:
 def test_single_process_resume_is_bitwise_exact(tiny_packed, tmp_path):
     straight = _with_dropout(tiny_config(tiny_packed, tmp_path / "straight", max_steps=6))
     run_single(straight)
-    stopped = _with_dropout(tiny_config(tiny_packed, tmp_path / "stopped", max_steps=6,
-                                        save_steps=2, save_total_limit=1))
+    stopped = _with_dropout(
+        tiny_config(
+            tiny_packed, tmp_path / "stopped", max_steps=6, save_steps=2, save_total_limit=1
+        )
+    )
     summary = run_single(stopped, stop_at_step=3)
     assert summary["stopped_at"] == 3
     assert not (tmp_path / "stopped" / "model").exists()
@@ -31,19 +34,23 @@ def test_single_process_resume_is_bitwise_exact(tiny_packed, tmp_path):
     a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "stopped")
     assert all(torch.equal(a[k], b[k]) for k in a), f"max diff {max_abs_diff(a, b):.2e}"
     # the metrics show the resume and count no step twice
-    records = [json.loads(line) for line in
-               (tmp_path / "stopped" / "metrics.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(line)
+        for line in (tmp_path / "stopped" / "metrics.jsonl").read_text().splitlines()
+    ]
     steps = [r["step"] for r in records if "event" not in r]
     assert steps == list(range(1, 7))
     assert any(r.get("event") == "resume" and r["step"] == 3 for r in records)
 
 
 def test_two_rank_resume_and_resume_with_another_split(tiny_packed, tmp_path):
-    straight = tiny_config(tiny_packed, tmp_path / "straight", max_steps=6,
-                           micro_batch={"per_rank": [3, 5]})
+    straight = tiny_config(
+        tiny_packed, tmp_path / "straight", max_steps=6, micro_batch={"per_rank": [3, 5]}
+    )
     run_ranks(straight, world=2)
-    stopped = tiny_config(tiny_packed, tmp_path / "stopped", max_steps=6,
-                          micro_batch={"per_rank": [3, 5]})
+    stopped = tiny_config(
+        tiny_packed, tmp_path / "stopped", max_steps=6, micro_batch={"per_rank": [3, 5]}
+    )
     run_ranks(stopped, world=2, stop_at_step=3)
     run_ranks(stopped, world=2, resume=True)
     a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "stopped")
@@ -64,8 +71,9 @@ def test_resume_refuses_changed_settings_and_missing_checkpoint(tiny_packed, tmp
         run_single(tiny_config(tiny_packed, tmp_path / "none"), resume=True)
     config = tiny_config(tiny_packed, tmp_path / "run", max_steps=4)
     run_single(config, stop_at_step=2)
-    changed = tiny_config(tiny_packed, tmp_path / "run", max_steps=4, global_batch=16,
-                          micro_batch=16)
+    changed = tiny_config(
+        tiny_packed, tmp_path / "run", max_steps=4, global_batch=16, micro_batch=16
+    )
     with pytest.raises(HetlmError, match="global_batch"):
         run_single(changed, resume=True)
     other_model = tiny_config(tiny_packed, tmp_path / "run", max_steps=4)

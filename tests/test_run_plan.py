@@ -31,18 +31,33 @@ def report(rank: int, gpu: tuple[str, tuple[int, int]] | None) -> DeviceReport:
     return DeviceReport(rank, f"node{rank}", "cuda", gpu[0], gpu[1], 32 * 2**30)
 
 
-@pytest.mark.parametrize(("capability", "expected"), [
-    ((9, 0), {"bf16", "fp16", "fp32"}), ((8, 0), {"bf16", "fp16", "fp32"}),
-    ((7, 5), {"fp16", "fp32"}), ((7, 0), {"fp16", "fp32"}), ((6, 0), {"fp16", "fp32"}),
-    ((5, 2), {"fp32"})])
+@pytest.mark.parametrize(
+    ("capability", "expected"),
+    [
+        ((9, 0), {"bf16", "fp16", "fp32"}),
+        ((8, 0), {"bf16", "fp16", "fp32"}),
+        ((7, 5), {"fp16", "fp32"}),
+        ((7, 0), {"fp16", "fp32"}),
+        ((6, 0), {"fp16", "fp32"}),
+        ((5, 2), {"fp32"}),
+    ],
+)
 def test_bf16_is_decided_by_compute_capability(capability, expected):
     # not by torch.cuda.is_bf16_supported(), which says True on a V100 (emulated bf16)
     assert cuda_precisions(capability) == expected
 
 
-@pytest.mark.parametrize(("gpus", "expected"), [
-    ([A6000, A6000], "bf16"), ([A6000, V100], "fp16"), ([V100, V100], "fp16"),
-    ([None, None], "bf16"), ([None, V100], "fp32"), ([("GTX 980", (5, 2)), A6000], "fp32")])
+@pytest.mark.parametrize(
+    ("gpus", "expected"),
+    [
+        ([A6000, A6000], "bf16"),
+        ([A6000, V100], "fp16"),
+        ([V100, V100], "fp16"),
+        ([None, None], "bf16"),
+        ([None, V100], "fp32"),
+        ([("GTX 980", (5, 2)), A6000], "fp32"),
+    ],
+)
 def test_auto_is_what_every_rank_supports(gpus, expected):
     # a CPU beside a V100: fp32, since auto never picks fp16 on a CPU (test-only there)
     devices = [report(r, g).support() for r, g in enumerate(gpus)]
@@ -74,10 +89,24 @@ def test_plan_file_precision_is_checked_against_the_present_devices():
     split = BatchSplit.from_micro_batches(8, [4, 4])
     devices = [report(0, A6000), report(1, V100)]
     with pytest.raises(HetlmError, match=r"rank 1 \(Tesla V100.*the plan p.yaml chose bf16"):
-        resolve_plan(requested_precision="auto", engine="auto", zero_stage="auto", split=split,
-                     devices=devices, plan_file=PlanFile(), plan_path="p.yaml")
-    plan = resolve_plan(requested_precision="fp16", engine="auto", zero_stage="auto",
-                        split=split, devices=devices, plan_file=PlanFile(), plan_path="p.yaml")
+        resolve_plan(
+            requested_precision="auto",
+            engine="auto",
+            zero_stage="auto",
+            split=split,
+            devices=devices,
+            plan_file=PlanFile(),
+            plan_path="p.yaml",
+        )
+    plan = resolve_plan(
+        requested_precision="fp16",
+        engine="auto",
+        zero_stage="auto",
+        split=split,
+        devices=devices,
+        plan_file=PlanFile(),
+        plan_path="p.yaml",
+    )
     assert (plan.precision, plan.engine, plan.zero_stage) == ("fp16", "ddp", 0)
     assert plan.to_dict()["devices"][1]["capability"] == [7, 0]
 
@@ -85,8 +114,11 @@ def test_plan_file_precision_is_checked_against_the_present_devices():
 def test_disagreeing_ranks_are_named():
     devices = [report(0, A6000), report(1, V100)]
     check_agreement([("fp16",), ("fp16",)], devices, ["a", "a"])
-    with pytest.raises(HetlmError, match=r"rank 0 resolved fp16.*rank 1 \(Tesla V100.*resolved "
-                                         r"fp32.*same config"):
+    with pytest.raises(
+        HetlmError,
+        match=r"rank 0 resolved fp16.*rank 1 \(Tesla V100.*resolved "
+        r"fp32.*same config",
+    ):
         check_agreement([("fp16",), ("fp32",)], devices, ["fp16", "fp32"])
 
 
@@ -118,8 +150,9 @@ def rank_1_reads_another_precision() -> None:
 
 
 def test_mixed_generations_train_in_fp16_on_every_rank(tiny_packed, tmp_path):
-    config = tiny_config(tiny_packed, tmp_path, max_steps=2, precision="auto",
-                         micro_batch={"per_rank": [3, 5]})
+    config = tiny_config(
+        tiny_packed, tmp_path, max_steps=2, precision="auto", micro_batch={"per_rank": [3, 5]}
+    )
     run_ranks(config, world=2, setup="test_run_plan.report_a6000_and_v100", timeout_s=30)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     start = next(r for r in records if r.get("event") == "start")
@@ -128,24 +161,28 @@ def test_mixed_generations_train_in_fp16_on_every_rank(tiny_packed, tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["precision"] == "fp16"
     state = json.loads(
-        (tmp_path / "checkpoints" / "step-00000002" / "trainer_state.json").read_text())
+        (tmp_path / "checkpoints" / "step-00000002" / "trainer_state.json").read_text()
+    )
     assert state["run_plan"]["precision"] == "fp16"
     assert state["run_plan"]["devices"][1]["capability"] == [7, 0]
 
 
 def test_explicit_bf16_on_a_v100_fails_on_every_rank_naming_it(tiny_packed, tmp_path):
-    config = tiny_config(tiny_packed, tmp_path, max_steps=2, precision="bf16",
-                         micro_batch={"per_rank": [3, 5]})
+    config = tiny_config(
+        tiny_packed, tmp_path, max_steps=2, precision="bf16", micro_batch={"per_rank": [3, 5]}
+    )
     with pytest.raises(Exception, match=r"rank 1 \(Tesla V100-SXM2-32GB, compute capability 7\.0"):
         run_ranks(config, world=2, setup="test_run_plan.report_a6000_and_v100", timeout_s=30)
 
 
 def test_a_rank_with_another_plan_stops_the_job_by_name(tiny_packed, tmp_path):
-    config = tiny_config(tiny_packed, tmp_path, max_steps=2, precision="bf16",
-                         micro_batch={"per_rank": [3, 5]})
+    config = tiny_config(
+        tiny_packed, tmp_path, max_steps=2, precision="bf16", micro_batch={"per_rank": [3, 5]}
+    )
     with pytest.raises(Exception, match=r"disagree on the run plan.*rank 1 \(cpu\).*fp32"):
-        run_ranks(config, world=2, setup="test_run_plan.rank_1_reads_another_precision",
-                  timeout_s=30)
+        run_ranks(
+            config, world=2, setup="test_run_plan.rank_1_reads_another_precision", timeout_s=30
+        )
 
 
 # ---------------------------------------------------------------- where each rank runs

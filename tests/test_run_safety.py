@@ -34,7 +34,8 @@ def _ckpt(run: Path, step: int) -> Path:
 
 
 def test_rerun_into_a_finished_dir_is_refused_and_overwrite_starts_again(
-        tiny_packed, tmp_path, capsys):
+    tiny_packed, tmp_path, capsys
+):
     run = tmp_path / "run"
     config = tiny_config(tiny_packed, run, max_steps=2, save_steps=1, save_total_limit=5)
     run_single(config)
@@ -62,8 +63,9 @@ def test_rerun_into_a_finished_dir_is_refused_and_overwrite_starts_again(
 
 def test_a_stale_checkpoint_of_another_run_is_never_picked(tiny_packed, tmp_path):
     old, new = tmp_path / "old", tmp_path / "new"
-    run_single(tiny_config(tiny_packed, old, max_steps=4, save_steps=2, save_total_limit=5),
-               stop_at_step=4)
+    run_single(
+        tiny_config(tiny_packed, old, max_steps=4, save_steps=2, save_total_limit=5), stop_at_step=4
+    )
     config = tiny_config(tiny_packed, new, max_steps=4, save_steps=2, save_total_limit=1)
     run_single(config, stop_at_step=2)
     # the old run's newer step-4 lands in the new run's folder (an old-code rerun, a copy)
@@ -97,13 +99,15 @@ def test_resume_from_a_chosen_checkpoint(tiny_packed, tmp_path, capsys):
 
 def test_raising_max_steps_needs_extend_and_the_lr_never_jumps(tiny_packed, tmp_path, capsys):
     run = tmp_path / "run"
-    config = tiny_config(tiny_packed, run, max_steps=4, warmup_steps=1, save_steps=1,
-                         save_total_limit=5)
+    config = tiny_config(
+        tiny_packed, run, max_steps=4, warmup_steps=1, save_steps=1, save_total_limit=5
+    )
     run_single(config, stop_at_step=2)
     lr_at_2 = _lrs(run)[2]  # the lr the next step uses: 1e-3 * (4 - 2) / 3
     assert lr_at_2 == pytest.approx(1e-3 * 2 / 3)
-    longer = tiny_config(tiny_packed, run, max_steps=8, warmup_steps=1, save_steps=1,
-                         save_total_limit=5)
+    longer = tiny_config(
+        tiny_packed, run, max_steps=8, warmup_steps=1, save_steps=1, save_total_limit=5
+    )
     with pytest.raises(HetlmError, match="--extend continue.*--extend restart"):
         run_single(longer, resume=True)
     assert _steps(run) == [1, 2]
@@ -117,8 +121,9 @@ def test_raising_max_steps_needs_extend_and_the_lr_never_jumps(tiny_packed, tmp_
     run_single(longer, resume=_ckpt(run, 5), overwrite=True)
     assert _lrs(run)[6] == pytest.approx(lr_at_2 * 2 / 6)
     # a finished run's lr is 0: continue would train at 0, restart warms up again
-    longest = tiny_config(tiny_packed, run, max_steps=10, warmup_steps=2, save_steps=1,
-                          save_total_limit=5)
+    longest = tiny_config(
+        tiny_packed, run, max_steps=10, warmup_steps=2, save_steps=1, save_total_limit=5
+    )
     with pytest.raises(HetlmError, match="already 0.*--extend restart"):
         run_single(longest, resume=True, extend="continue")
     run_single(longest, resume=True, extend="restart")
@@ -126,8 +131,9 @@ def test_raising_max_steps_needs_extend_and_the_lr_never_jumps(tiny_packed, tmp_
     assert lrs[8] == 0.0 and lrs[9] == pytest.approx(1e-3) and lrs[10] == 0.0
 
 
-def test_an_automatic_restart_resumes_this_run_without_resume(tiny_packed, tmp_path,
-                                                              monkeypatch, capsys):
+def test_an_automatic_restart_resumes_this_run_without_resume(
+    tiny_packed, tmp_path, monkeypatch, capsys
+):
     run = tmp_path / "run"
     config = tiny_config(tiny_packed, run, max_steps=4, save_steps=2, save_total_limit=5)
     run_single(config, stop_at_step=2)
@@ -145,10 +151,11 @@ def test_resume_options_on_the_command_line():
 
     parser = build_parser()
     for argv, config, resume in (
-            (["pretrain", "run.yaml", "--resume"], "run.yaml", True),
-            (["pretrain", "--resume", "run.yaml"], "run.yaml", True),  # not a checkpoint PATH
-            (["sft", "run.yaml", "--resume", "ck/step-00000010"], "run.yaml", "ck/step-00000010"),
-            (["sft", "run.yaml"], "run.yaml", False)):
+        (["pretrain", "run.yaml", "--resume"], "run.yaml", True),
+        (["pretrain", "--resume", "run.yaml"], "run.yaml", True),  # not a checkpoint PATH
+        (["sft", "run.yaml", "--resume", "ck/step-00000010"], "run.yaml", "ck/step-00000010"),
+        (["sft", "run.yaml"], "run.yaml", False),
+    ):
         args = parser.parse_args(argv)
         fix_resume_argument(args)
         assert (args.config, args.resume) == (config, resume), argv

@@ -77,8 +77,9 @@ def test_resume_jumps_to_the_same_batch():
     resumed = HeterogeneousBatchSampler(50, split, 0, seed=3)
     resumed.load_state_dict(state)
     for _ in range(5):
-        assert [m.tolist() for m in resumed.next_step().micro_batches] == \
-               [m.tolist() for m in straight.next_step().micro_batches]
+        assert [m.tolist() for m in resumed.next_step().micro_batches] == [
+            m.tolist() for m in straight.next_step().micro_batches
+        ]
 
 
 def test_resume_with_another_split_same_global_batch_continues_the_data():

@@ -45,8 +45,10 @@ def test_engine_streams_the_trained_reply_with_the_training_template(engine):
         assert "".join(pieces) == answer
         assert len(pieces) > 3  # streamed, not in one piece
         assert generation.finish_reason == "stop"
-        assert generation.completion_tokens == len(
-            engine.tokenizer(answer, add_special_tokens=False)["input_ids"]) + 1  # + EOS
+        assert (
+            generation.completion_tokens
+            == len(engine.tokenizer(answer, add_special_tokens=False)["input_ids"]) + 1
+        )  # + EOS
 
 
 def test_serving_prompt_is_the_training_prompt_token_for_token(engine):
@@ -54,31 +56,40 @@ def test_serving_prompt_is_the_training_prompt_token_for_token(engine):
     from hetlm.sft.masking import IGNORE_INDEX, SFTTokenizer
     from hetlm.sft.templates import resolve_template
 
-    turns = (Message("system", "簡潔に答えてください。"), Message("user", "こんにちは"),
-             Message("assistant", "こんにちは。"), Message("user", "富士山の高さは？"),
-             Message("assistant", "3776メートルです。"))
+    turns = (
+        Message("system", "簡潔に答えてください。"),
+        Message("user", "こんにちは"),
+        Message("assistant", "こんにちは。"),
+        Message("user", "富士山の高さは？"),
+        Message("assistant", "3776メートルです。"),
+    )
     for template in ("ja-alpaca", "ja-chat"):
         engine.template = resolve_template(template, engine.tokenizer)
         try:
             trained = SFTTokenizer(engine.tokenizer, engine.template, max_length=4096)(
-                Example(turns))
+                Example(turns)
+            )
             response = engine.tokenizer("3776メートルです。", add_special_tokens=False)[
-                "input_ids"] + [engine.tokenizer.eos_token_id]
+                "input_ids"
+            ] + [engine.tokenizer.eos_token_id]
             served = engine.encode(turns[:-1])
         finally:
             engine.template = resolve_template("ja-alpaca", engine.tokenizer)
         assert trained.input_ids == served + response
-        assert trained.labels[len(served):] == response
+        assert trained.labels[len(served) :] == response
         assert trained.labels[len(served) - 1] == IGNORE_INDEX
 
 
 def test_max_new_tokens_and_sampling_settings_are_honoured(engine):
     short = engine.stream([Message("user", QUESTION)], GenerationSettings(0.0, 1.0, 3))
     assert short.text() == engine.tokenizer.decode(
-        engine.tokenizer(ANSWER, add_special_tokens=False)["input_ids"][:3])
+        engine.tokenizer(ANSWER, add_special_tokens=False)["input_ids"][:3]
+    )
     assert (short.finish_reason, short.completion_tokens) == ("length", 3)
-    sampled = [engine.reply([Message("user", QUESTION)],
-                            GenerationSettings(2.0, 1.0, 12, seed=seed))[0] for seed in (1, 1, 2)]
+    sampled = [
+        engine.reply([Message("user", QUESTION)], GenerationSettings(2.0, 1.0, 12, seed=seed))[0]
+        for seed in (1, 1, 2)
+    ]
     assert sampled[0] == sampled[1]  # a seed makes sampling repeatable
     with pytest.raises(HetlmError, match="temperature"):
         GenerationSettings(temperature=3.0)
@@ -98,8 +109,10 @@ def test_adapter_is_applied_and_its_template_used(model_dir, tmp_path):
 
     from hetlm.sft.templates import JA_CHAT, resolve_template, save_template
 
-    model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
-                                peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    model = peft.get_peft_model(
+        AutoModelForCausalLM.from_pretrained(model_dir),
+        peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]),
+    )
     model.save_pretrained(tmp_path / "adapter")
     save_template(JA_CHAT, tmp_path / "adapter")
     engine = load_chat_model(model_dir, tmp_path / "adapter", device="cpu")
@@ -140,44 +153,62 @@ def test_openai_client_lists_the_model(client):
 
 def test_openai_client_chat_completion(client, engine):
     messages = [{"role": "user", "content": QUESTION}]
-    response = client.chat.completions.create(model="tiny-ja", messages=messages,
-                                              temperature=0)
+    response = client.chat.completions.create(model="tiny-ja", messages=messages, temperature=0)
     choice = response.choices[0]
     assert choice.message.role == "assistant" and choice.message.content == ANSWER
     assert choice.finish_reason == "stop"
     prompt_tokens = len(engine.encode([Message("user", QUESTION)]))
     assert response.usage.prompt_tokens == prompt_tokens
-    assert response.usage.completion_tokens == len(
-        engine.tokenizer(ANSWER, add_special_tokens=False)["input_ids"]) + 1
+    assert (
+        response.usage.completion_tokens
+        == len(engine.tokenizer(ANSWER, add_special_tokens=False)["input_ids"]) + 1
+    )
     assert response.usage.total_tokens == prompt_tokens + response.usage.completion_tokens
-    short = client.chat.completions.create(model="tiny-ja", messages=messages, temperature=0,
-                                           max_tokens=2)
+    short = client.chat.completions.create(
+        model="tiny-ja", messages=messages, temperature=0, max_tokens=2
+    )
     assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 2
 
 
 def test_openai_client_streaming(client, engine):
     stream = client.chat.completions.create(
-        model="tiny-ja", messages=[{"role": "system", "content": "以下は、タスクを説明する指示"
-                                    "です。要求を適切に満たす応答を書きなさい。"},
-                                   {"role": "user", "content": QUESTION}],
-        temperature=0, top_p=1.0, stream=True, stream_options={"include_usage": True})
+        model="tiny-ja",
+        messages=[
+            {
+                "role": "system",
+                "content": "以下は、タスクを説明する指示です。要求を適切に満たす応答を書きなさい。",
+            },
+            {"role": "user", "content": QUESTION},
+        ],
+        temperature=0,
+        top_p=1.0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
-    content = [c.choices[0].delta.content for c in chunks if c.choices and
-               c.choices[0].delta.content]
+    content = [
+        c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content
+    ]
     assert "".join(content) == ANSWER and len(content) > 3
     assert chunks[0].choices[0].delta.role == "assistant"
     finishing = [c.choices[0].finish_reason for c in chunks if c.choices]
     assert finishing[-1] == "stop" and not any(finishing[:-1])
     assert chunks[-1].choices == []  # include_usage: a last chunk with the usage only
-    assert chunks[-1].usage.completion_tokens == len(
-        engine.tokenizer(ANSWER, add_special_tokens=False)["input_ids"]) + 1
+    assert (
+        chunks[-1].usage.completion_tokens
+        == len(engine.tokenizer(ANSWER, add_special_tokens=False)["input_ids"]) + 1
+    )
 
 
 def test_stream_is_server_sent_events_ending_with_done(api):
     import httpx
 
-    body = {"model": "tiny-ja", "messages": [{"role": "user", "content": QUESTION}],
-            "stream": True, "temperature": 0}
+    body = {
+        "model": "tiny-ja",
+        "messages": [{"role": "user", "content": QUESTION}],
+        "stream": True,
+        "temperature": 0,
+    }
     with httpx.stream("POST", f"{api.url}/v1/chat/completions", json=body, timeout=30) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         lines = [line for line in r.iter_lines() if line]
@@ -199,14 +230,20 @@ def test_errors_have_openai_shape_and_status(client, api):
     with pytest.raises(openai.BadRequestError, match="only n=1"):
         client.chat.completions.create(model="tiny-ja", messages=user, n=2)
     with pytest.raises(openai.BadRequestError, match="must end with a user message"):
-        client.chat.completions.create(model="tiny-ja", messages=[
-            *user, {"role": "assistant", "content": "はい"}])
+        client.chat.completions.create(
+            model="tiny-ja", messages=[*user, {"role": "assistant", "content": "はい"}]
+        )
     bad_json = httpx.post(f"{api.url}/v1/chat/completions", content=b"{oops", timeout=10)
-    assert bad_json.status_code == 400 and bad_json.json()["error"]["type"] == \
-        "invalid_request_error"
+    assert (
+        bad_json.status_code == 400 and bad_json.json()["error"]["type"] == "invalid_request_error"
+    )
     missing = httpx.get(f"{api.url}/v1/nothing", timeout=10)
     assert missing.status_code == 404 and set(missing.json()["error"]) == {
-        "message", "type", "param", "code"}
+        "message",
+        "type",
+        "param",
+        "code",
+    }
 
 
 # ---------------------------------------------------------------- hetlm chat --cli
@@ -215,10 +252,25 @@ def test_errors_have_openai_shape_and_status(client, api):
 def test_cli_chat_answers_a_prompt_from_stdin(model_dir):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "hetlm.cli", "chat", "--model", str(model_dir), "--cli",
-         "--temperature", "0", "--device", "cpu"],
-        input=f"{QUESTION}\n/exit\nこれは読まれない\n", capture_output=True, text=True,
-        timeout=120, env=env)
+        [
+            sys.executable,
+            "-m",
+            "hetlm.cli",
+            "chat",
+            "--model",
+            str(model_dir),
+            "--cli",
+            "--temperature",
+            "0",
+            "--device",
+            "cpu",
+        ],
+        input=f"{QUESTION}\n/exit\nこれは読まれない\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"{ANSWER}\n"
 
@@ -237,9 +289,27 @@ def test_serve_command_answers_on_its_port(model_dir):
         port = s.getsockname()[1]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     server = subprocess.Popen(
-        [sys.executable, "-m", "hetlm.cli", "serve", "--model", str(model_dir), "--port",
-         str(port), "--model-name", "tiny-ja", "--temperature", "0", "--device", "cpu"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        [
+            sys.executable,
+            "-m",
+            "hetlm.cli",
+            "serve",
+            "--model",
+            str(model_dir),
+            "--port",
+            str(port),
+            "--model-name",
+            "tiny-ja",
+            "--temperature",
+            "0",
+            "--device",
+            "cpu",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
     try:
         url = f"http://127.0.0.1:{port}/v1"
         deadline = time.monotonic() + 90
@@ -253,8 +323,11 @@ def test_serve_command_answers_on_its_port(model_dir):
             output = server.stdout.read() if server.poll() is not None else "(still running)"
             pytest.fail(f"hetlm serve did not answer on port {port}: {output}")
         assert models["data"][0]["id"] == "tiny-ja"
-        reply = httpx.post(f"{url}/chat/completions", timeout=30, json={
-            "model": "tiny-ja", "messages": [{"role": "user", "content": QUESTION}]}).json()
+        reply = httpx.post(
+            f"{url}/chat/completions",
+            timeout=30,
+            json={"model": "tiny-ja", "messages": [{"role": "user", "content": QUESTION}]},
+        ).json()
         assert reply["choices"][0]["message"]["content"] == ANSWER  # --temperature 0 default
     finally:
         server.terminate()

@@ -59,16 +59,21 @@ def test_concurrent_chat_requests_are_batched_and_answered_exactly(client, engin
     unseen = [row["instruction"] for row in dolly_rows(5, start=500)]
     questions = [q for q, _ in CHAT_PAIRS] + unseen  # 8 requests
     sequential = load_chat_model(model_dir, device="cpu", max_batch=1)
-    expected = [sequential.reply([Message("user", q)], GenerationSettings(0.0, 1.0, 24))[0]
-                for q in questions]
+    expected = [
+        sequential.reply([Message("user", q)], GenerationSettings(0.0, 1.0, 24))[0]
+        for q in questions
+    ]
     assert expected[:3] == [a for _, a in CHAT_PAIRS]
     assert list(sequential.scheduler.batch_sizes) == [1] * len(questions)
     before = len(engine.scheduler.batch_sizes)
 
     def ask(question: str) -> tuple[str, str]:
         reply = client.chat.completions.create(
-            model="tiny-ja", messages=[{"role": "user", "content": question}], temperature=0,
-            max_tokens=24)
+            model="tiny-ja",
+            messages=[{"role": "user", "content": question}],
+            temperature=0,
+            max_tokens=24,
+        )
         return reply.choices[0].message.content, reply.choices[0].finish_reason
 
     with ThreadPoolExecutor(len(questions)) as pool:
@@ -84,24 +89,27 @@ def test_rows_of_one_batch_keep_their_own_settings(engine):
     question, answer = CHAT_PAIRS[1]
     ids = engine.encode([Message("user", question)])
     before = len(engine.scheduler.batch_sizes)
-    rows = [engine.stream(ids=ids, settings=s) for s in (
-        GenerationSettings(0.0, 1.0, 48),
-        GenerationSettings(1.5, 0.9, 48),
-        GenerationSettings(0.0, 1.0, 3),
-        GenerationSettings(0.0, 1.0, 48, stop=("東京",)))]
+    rows = [
+        engine.stream(ids=ids, settings=s)
+        for s in (
+            GenerationSettings(0.0, 1.0, 48),
+            GenerationSettings(1.5, 0.9, 48),
+            GenerationSettings(0.0, 1.0, 3),
+            GenerationSettings(0.0, 1.0, 48, stop=("東京",)),
+        )
+    ]
     texts = [row.text() for row in rows]
     assert list(engine.scheduler.batch_sizes)[before:] == [4]
     assert texts[0] == answer and rows[0].finish_reason == "stop"
     tokens = engine.tokenizer(answer, add_special_tokens=False)["input_ids"]
     assert texts[2] == engine.tokenizer.decode(tokens[:3]) and rows[2].finish_reason == "length"
-    assert texts[3] == answer[:answer.index("東京")] and rows[3].finish_reason == "stop"
+    assert texts[3] == answer[: answer.index("東京")] and rows[3].finish_reason == "stop"
     assert rows[1].completion_tokens >= 1
 
 
 def test_completions_endpoint_with_a_prompt_list_stop_and_stream(client, engine):
     prompts = [prompt_text(engine, q) for q, _ in CHAT_PAIRS[:2]]
-    reply = client.completions.create(model="tiny-ja", prompt=prompts, temperature=0,
-                                      max_tokens=48)
+    reply = client.completions.create(model="tiny-ja", prompt=prompts, temperature=0, max_tokens=48)
     assert reply.object == "text_completion"
     assert [c.text for c in reply.choices] == [a for _, a in CHAT_PAIRS[:2]]
     assert [c.index for c in reply.choices] == [0, 1]
@@ -109,14 +117,18 @@ def test_completions_endpoint_with_a_prompt_list_stop_and_stream(client, engine)
     prompt_tokens = sum(len(engine.encode_text(p)) for p in prompts)
     assert reply.usage.prompt_tokens == prompt_tokens
     _, answer = CHAT_PAIRS[1]
-    stopped = client.completions.create(model="tiny-ja", prompt=prompts[1], temperature=0,
-                                        stop=["東京"], max_tokens=48)
-    assert stopped.choices[0].text == answer[:answer.index("東京")]
+    stopped = client.completions.create(
+        model="tiny-ja", prompt=prompts[1], temperature=0, stop=["東京"], max_tokens=48
+    )
+    assert stopped.choices[0].text == answer[: answer.index("東京")]
     assert stopped.choices[0].finish_reason == "stop"
     short = client.completions.create(model="tiny-ja", prompt=prompts[1], max_tokens=2)
     assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 2
-    chunks = list(client.completions.create(model="tiny-ja", prompt=prompts[1], temperature=0,
-                                            max_tokens=48, stream=True))
+    chunks = list(
+        client.completions.create(
+            model="tiny-ja", prompt=prompts[1], temperature=0, max_tokens=48, stream=True
+        )
+    )
     pieces = [c.choices[0].text for c in chunks if c.choices and c.choices[0].text]
     assert "".join(pieces) == answer and len(pieces) > 3
     assert chunks[-1].choices[0].finish_reason == "stop"
@@ -134,8 +146,15 @@ def test_health_names_the_model_and_its_limits(api):
     body = health.json()
     assert body["requests"] >= body["batches"] >= 0
     assert body | {"running": 0, "waiting": 0, "batches": 0, "requests": 0} == {
-        "status": "ok", "model": "tiny-ja", "running": 0, "waiting": 0, "max_batch": 8,
-        "max_queue": 16, "batches": 0, "requests": 0}
+        "status": "ok",
+        "model": "tiny-ja",
+        "running": 0,
+        "waiting": 0,
+        "max_batch": 8,
+        "max_queue": 16,
+        "batches": 0,
+        "requests": 0,
+    }
 
 
 def test_a_full_queue_is_refused_with_503_and_says_which_limit(model_dir):
@@ -144,19 +163,21 @@ def test_a_full_queue_is_refused_with_503_and_says_which_limit(model_dir):
     engine = load_chat_model(model_dir, device="cpu", max_batch=1, max_queue=1, batch_wait=0)
     slow = engine.model.register_forward_pre_hook(lambda *args: time.sleep(0.05))
     server = start_server(create_app(engine, model_name="tiny-ja", defaults=GREEDY))
-    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=60,
-                           max_retries=0)
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=60, max_retries=0)
     question = [{"role": "user", "content": CHAT_PAIRS[1][0]}]
     try:
-        running = client.chat.completions.create(model="tiny-ja", messages=question,
-                                                 stream=True, max_tokens=48, temperature=0)
+        running = client.chat.completions.create(
+            model="tiny-ja", messages=question, stream=True, max_tokens=48, temperature=0
+        )
         first = next(iter(running))  # the first request is generating now
         assert first.choices[0].delta.role == "assistant"
         deadline = time.monotonic() + 10
         while engine.scheduler.running != 1 and time.monotonic() < deadline:
             time.sleep(0.01)
-        waiting = threading.Thread(target=client.chat.completions.create, kwargs={
-            "model": "tiny-ja", "messages": question, "max_tokens": 2})
+        waiting = threading.Thread(
+            target=client.chat.completions.create,
+            kwargs={"model": "tiny-ja", "messages": question, "max_tokens": 2},
+        )
         waiting.start()
         while engine.scheduler.waiting != 1 and time.monotonic() < deadline:
             time.sleep(0.01)

@@ -32,9 +32,14 @@ def fake_hub_cache(hf_home: Path, repo_id: str, folder: Path) -> None:
 
 
 def run_cli(args: list[str], env: dict[str, str], stdin: str = "") -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hetlm.cli", *args], input=stdin,
-                          capture_output=True, text=True, timeout=180,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+    return subprocess.run(
+        [sys.executable, "-m", "hetlm.cli", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **env},
+    )
 
 
 def test_chat_loads_a_hub_name_offline_from_the_cache(tmp_path_factory, tmp_path):
@@ -42,10 +47,21 @@ def test_chat_loads_a_hub_name_offline_from_the_cache(tmp_path_factory, tmp_path
     hf_home = tmp_path / "hf-home"
     fake_hub_cache(hf_home, "hetlm-test/tiny-chat-ja", model_dir)
     # HF_HUB_CACHE too, in case the calling environment sets it (it overrides HF_HOME).
-    env = {"HF_HOME": str(hf_home), "HF_HUB_CACHE": str(hf_home / "hub"),
-           "HF_HUB_OFFLINE": "1"}
-    result = run_cli(["chat", "--model", "hetlm-test/tiny-chat-ja", "--cli", "--temperature",
-                      "0", "--device", "cpu"], env, stdin=f"{QUESTION}\n/exit\n")
+    env = {"HF_HOME": str(hf_home), "HF_HUB_CACHE": str(hf_home / "hub"), "HF_HUB_OFFLINE": "1"}
+    result = run_cli(
+        [
+            "chat",
+            "--model",
+            "hetlm-test/tiny-chat-ja",
+            "--cli",
+            "--temperature",
+            "0",
+            "--device",
+            "cpu",
+        ],
+        env,
+        stdin=f"{QUESTION}\n/exit\n",
+    )
     # The exact answer also shows that the template recorded in the repo was used.
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"{ANSWER}\n"
@@ -57,11 +73,19 @@ def test_chat_loads_a_hub_name_offline_from_the_cache(tmp_path_factory, tmp_path
     assert "HF_HUB_OFFLINE" in lines[0] and "Traceback" not in missing.stderr
 
 
-@pytest.mark.parametrize("spec", ["runs/sft-typo/model", "./nothing-here", "../nothing-here",
-                                  "/no/such/model/dir", "~/no-such-hetlm-model",
-                                  "existing-parent/typo", "a/b/c"])
-def test_a_missing_local_looking_path_never_goes_to_the_hub(spec, tmp_path, monkeypatch,
-                                                             capsys):
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "runs/sft-typo/model",
+        "./nothing-here",
+        "../nothing-here",
+        "/no/such/model/dir",
+        "~/no-such-hetlm-model",
+        "existing-parent/typo",
+        "a/b/c",
+    ],
+)
+def test_a_missing_local_looking_path_never_goes_to_the_hub(spec, tmp_path, monkeypatch, capsys):
     import huggingface_hub
     import transformers
 
@@ -75,15 +99,18 @@ def test_a_missing_local_looking_path_never_goes_to_the_hub(spec, tmp_path, monk
         asked.append(str(args[:1]))
         raise AssertionError("went to the hub")
 
-    for owner, attr in ((transformers.AutoConfig, "from_pretrained"),
-                        (transformers.AutoTokenizer, "from_pretrained"),
-                        (transformers.AutoModelForCausalLM, "from_pretrained"),
-                        (huggingface_hub, "hf_hub_download")):
+    for owner, attr in (
+        (transformers.AutoConfig, "from_pretrained"),
+        (transformers.AutoTokenizer, "from_pretrained"),
+        (transformers.AutoModelForCausalLM, "from_pretrained"),
+        (huggingface_hub, "hf_hub_download"),
+    ):
         monkeypatch.setattr(owner, attr, no_hub)
     assert looks_local(spec)
     for command in ("chat", "serve"):
-        args = [command, "--model", spec, "--device", "cpu"] + (["--cli"] if command == "chat"
-                                                                  else [])
+        args = [command, "--model", spec, "--device", "cpu"] + (
+            ["--cli"] if command == "chat" else []
+        )
         assert main(args) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "no such folder" in err and spec in err, err
@@ -104,9 +131,15 @@ def bert_dir(tmp_path_factory) -> Path:
 
     directory = tmp_path_factory.mktemp("tiny-bert")
     tokenizer = build_tokenizer(directory)
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
-                        num_attention_heads=2, intermediate_size=64,
-                        max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     BertForMaskedLM(config).save_pretrained(directory)
     return directory
 
@@ -114,8 +147,11 @@ def bert_dir(tmp_path_factory) -> Path:
 def test_a_masked_lm_is_refused_as_not_a_causal_lm(bert_dir, capsys):
     from hetlm.cli import main
 
-    with pytest.raises(HetlmError, match=r"this is a masked LM \(BertForMaskedLM\), not a "
-                                         r"causal LM: "):
+    with pytest.raises(
+        HetlmError,
+        match=r"this is a masked LM \(BertForMaskedLM\), not a "
+        r"causal LM: ",
+    ):
         load_chat_model(bert_dir, device="cpu")
     for command in (["chat", "--cli"], ["serve"]):
         assert main([*command, "--model", str(bert_dir), "--device", "cpu"]) == 2

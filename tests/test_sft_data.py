@@ -29,8 +29,10 @@ from hetlm.sft.templates import (
     save_template,
 )
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
-          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +65,15 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
 
 def dolly_examples(count: int, start: int = 0) -> list[Example]:
-    return [Example((Message("user", r["instruction"]), Message("assistant", r["output"])),
-                    context=r["input"], index=i, source=f"dolly:{i}")
-            for i, r in enumerate(dolly_rows(count, start))]
+    return [
+        Example(
+            (Message("user", r["instruction"]), Message("assistant", r["output"])),
+            context=r["input"],
+            index=i,
+            source=f"dolly:{i}",
+        )
+        for i, r in enumerate(dolly_rows(count, start))
+    ]
 
 
 def ids_of(tokenizer, text: str) -> list[int]:
@@ -77,49 +85,66 @@ def ids_of(tokenizer, text: str) -> list[int]:
 
 def test_reads_instruction_and_chat_rows(tmp_path):
     rows = dolly_rows(3) + [
-        {"messages": [{"role": "system", "content": "丁寧に答える。"},
-                      {"role": "user", "content": "こんにちは"},
-                      {"role": "assistant", "content": "こんにちは。"},
-                      {"role": "user", "content": "元気？"},
-                      {"role": "assistant", "content": "元気です。"}]},
+        {
+            "messages": [
+                {"role": "system", "content": "丁寧に答える。"},
+                {"role": "user", "content": "こんにちは"},
+                {"role": "assistant", "content": "こんにちは。"},
+                {"role": "user", "content": "元気？"},
+                {"role": "assistant", "content": "元気です。"},
+            ]
+        },
         {"instruction": "翻訳して", "context": "cat", "response": "猫"},  # English dolly names
     ]
     examples = load_examples(write_jsonl(tmp_path / "data.jsonl", rows))
     assert [e.index for e in examples] == [0, 1, 2, 3, 4]
     first = examples[0]
-    assert first.messages == (Message("user", rows[0]["instruction"]),
-                              Message("assistant", rows[0]["output"]))
+    assert first.messages == (
+        Message("user", rows[0]["instruction"]),
+        Message("assistant", rows[0]["output"]),
+    )
     assert first.context == rows[0]["input"] and first.source.endswith("data.jsonl:1")
-    assert [m.role for m in examples[3].messages] == ["system", "user", "assistant", "user",
-                                                      "assistant"]
+    assert [m.role for m in examples[3].messages] == [
+        "system",
+        "user",
+        "assistant",
+        "user",
+        "assistant",
+    ]
     assert examples[4].context == "cat" and examples[4].response == "猫"
 
 
 def test_bad_rows_are_reported_with_file_and_line(tmp_path):
     good = {"instruction": "質問", "input": "", "output": "答え"}
-    path = write_jsonl(tmp_path / "data.jsonl", [
-        good,
-        {"instruction": "質問", "input": ""},                       # 2: no output
-        {"instruction": "質問", "input": "", "output": "  "},      # 3: empty output
-        "{not json",                                                # 4
-        "",                                                         # 5: blank, ignored
-        {"messages": [{"role": "user", "content": "x"},
-                      {"role": "bot", "content": "y"}]},            # 6: bad role
-        {"messages": [{"role": "user", "content": "x"}]},          # 7: no response
-        {"text": "pretraining row"},                                # 8: neither shape
-        good,
-    ])
+    path = write_jsonl(
+        tmp_path / "data.jsonl",
+        [
+            good,
+            {"instruction": "質問", "input": ""},  # 2: no output
+            {"instruction": "質問", "input": "", "output": "  "},  # 3: empty output
+            "{not json",  # 4
+            "",  # 5: blank, ignored
+            {
+                "messages": [{"role": "user", "content": "x"}, {"role": "bot", "content": "y"}]
+            },  # 6: bad role
+            {"messages": [{"role": "user", "content": "x"}]},  # 7: no response
+            {"text": "pretraining row"},  # 8: neither shape
+            good,
+        ],
+    )
     with pytest.raises(HetlmError) as info:
         load_examples(path)
     message = str(info.value)
     assert "\n" not in message  # the CLI prints it as one line
     assert "6 problems" in message and "2 good rows" in message
-    for expected in ("data.jsonl:2: missing field 'output'",
-                     "data.jsonl:3: field 'output' is empty",
-                     "data.jsonl:4: invalid JSON",
-                     "data.jsonl:6: messages[1].role 'bot' is not one of system/user/assistant",
-                     "data.jsonl:7: messages must end with an assistant message",
-                     "data.jsonl:8: neither a 'messages' list nor an 'instruction' field"):
+    for expected in (
+        "data.jsonl:2: missing field 'output'",
+        "data.jsonl:3: field 'output' is empty",
+        "data.jsonl:4: invalid JSON",
+        "data.jsonl:6: messages[1].role 'bot' is not one of system/user/assistant",
+        "data.jsonl:7: messages must end with an assistant message",
+        "data.jsonl:8: neither a 'messages' list nor an 'instruction' field",
+    ):
         assert expected in message
 
 
@@ -127,8 +152,9 @@ def test_datasets_loader_gives_the_same_examples(tmp_path):
     path = write_jsonl(tmp_path / "data.jsonl", dolly_rows(20))
     local = load_examples(path)
     via_datasets = load_examples("json", data_files=str(path))
-    assert [(e.messages, e.context) for e in via_datasets] == \
-        [(e.messages, e.context) for e in local]
+    assert [(e.messages, e.context) for e in via_datasets] == [
+        (e.messages, e.context) for e in local
+    ]
     assert via_datasets[3].source == "json[train]:row 3"
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "q", "input": "", "output": ""}])
     with pytest.raises(HetlmError, match=r"json\[train\]:row 0: field 'output' is empty"):
@@ -137,8 +163,9 @@ def test_datasets_loader_gives_the_same_examples(tmp_path):
 
 def test_reads_a_json_array_file_like_alpaca_data_json(tmp_path):
     rows = dolly_rows(3)
-    (tmp_path / "alpaca_data.json").write_text(json.dumps(rows, ensure_ascii=False, indent=1),
-                                               encoding="utf-8")
+    (tmp_path / "alpaca_data.json").write_text(
+        json.dumps(rows, ensure_ascii=False, indent=1), encoding="utf-8"
+    )
     examples = load_examples(tmp_path / "alpaca_data.json")
     assert [e.response for e in examples] == [r["output"] for r in rows]
     assert examples[2].source.endswith("alpaca_data.json:item 2")
@@ -166,11 +193,14 @@ def test_validation_split_is_a_pure_function_of_index_and_seed():
 
 
 def test_ja_alpaca_renders_the_japanese_instruction_format():
-    with_input = JA_ALPACA.segments((Message("user", "要約して"), Message("assistant", "要約")),
-                                    "本文")
+    with_input = JA_ALPACA.segments(
+        (Message("user", "要約して"), Message("assistant", "要約")), "本文"
+    )
     assert [s.text for s in with_input] == [
         "以下は、タスクを説明する指示と、文脈のある入力の組み合わせです。要求を適切に満たす応答を"
-        "書きなさい。\n\n### 指示:\n要約して\n\n### 入力:\n本文\n\n### 応答:\n", "要約"]
+        "書きなさい。\n\n### 指示:\n要約して\n\n### 入力:\n本文\n\n### 応答:\n",
+        "要約",
+    ]
     assert [(s.response, s.eos) for s in with_input] == [(False, False), (True, True)]
     plain = JA_ALPACA.segments((Message("user", "質問"),), generation=True)
     assert plain[0].text.startswith("以下は、タスクを説明する指示です。要求を適切に満たす応答を")
@@ -182,8 +212,10 @@ def test_template_from_file_and_saved_record(tmp_path, tokenizer, chatml_tokeniz
     path.write_text(json.dumps({"user_format": "Q: {content}\n", "assistant_prefix": "A: "}))
     mine = resolve_template(path, tokenizer)
     assert isinstance(mine, TextTemplate) and mine.name == "mine"
-    assert "".join(s.text for s in mine.segments((Message("user", "x"),), generation=True)) \
+    assert (
+        "".join(s.text for s in mine.segments((Message("user", "x"),), generation=True))
         == "Q: x\nA: "
+    )
     (tmp_path / "bad.json").write_text(json.dumps({"usr_format": "{content}"}))
     with pytest.raises(HetlmError, match="unknown template keys"):
         resolve_template(tmp_path / "bad.json", tokenizer)
@@ -216,17 +248,24 @@ def test_exactly_the_prompt_tokens_are_masked(tokenizer, template_name):
 
 
 def test_train_on_prompt_labels_every_predicted_token(tokenizer):
-    (tokenized,), _ = tokenize_examples(dolly_examples(1), tokenizer, JA_ALPACA,
-                                        max_length=4096, train_on_prompt=True)
+    (tokenized,), _ = tokenize_examples(
+        dolly_examples(1), tokenizer, JA_ALPACA, max_length=4096, train_on_prompt=True
+    )
     assert tokenized.labels[0] == IGNORE_INDEX  # never predicted: nothing comes before it
     assert tokenized.labels[1:] == tokenized.input_ids[1:]
 
 
 def test_chat_template_masks_every_assistant_turn(chatml_tokenizer):
     tok = chatml_tokenizer
-    example = Example((Message("system", "丁寧に"), Message("user", "こんにちは"),
-                       Message("assistant", "こんにちは。"), Message("user", "元気？"),
-                       Message("assistant", "元気です。")))
+    example = Example(
+        (
+            Message("system", "丁寧に"),
+            Message("user", "こんにちは"),
+            Message("assistant", "こんにちは。"),
+            Message("user", "元気？"),
+            Message("assistant", "元気です。"),
+        )
+    )
     template = resolve_template("auto", tok)
     tokenized = SFTTokenizer(tok, template, max_length=4096)(example)
     runs, current = [], []
@@ -238,11 +277,14 @@ def test_chat_template_masks_every_assistant_turn(chatml_tokenizer):
             runs.append(current)
             current = []
     runs.append(current)
-    assert [tok.decode(r) for r in runs] == ["こんにちは。<|im_end|>\n</s>",
-                                             "元気です。<|im_end|>\n</s>"]
+    assert [tok.decode(r) for r in runs] == [
+        "こんにちは。<|im_end|>\n</s>",
+        "元気です。<|im_end|>\n</s>",
+    ]
     # The segments, tokenized apart and joined, are the template's own rendering, token-exact.
     rendered = tok.apply_chat_template(
-        [{"role": m.role, "content": m.content} for m in example.messages], tokenize=False)
+        [{"role": m.role, "content": m.content} for m in example.messages], tokenize=False
+    )
     assert tok.decode(tokenized.input_ids).replace("</s>", "") == rendered
     generation = prompt_ids(example.messages[:3], tok, template)
     assert tok.decode(generation).endswith("<|im_start|>assistant\n")
@@ -251,9 +293,16 @@ def test_chat_template_masks_every_assistant_turn(chatml_tokenizer):
 def test_chat_template_that_rewrites_history_is_refused(chatml_tokenizer):
     chatml_tokenizer.chat_template = (
         "{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}"
-        "{% if not add_generation_prompt %}<END>{% endif %}")
-    example = Example((Message("user", "a"), Message("assistant", "b"), Message("user", "c"),
-                       Message("assistant", "d")))
+        "{% if not add_generation_prompt %}<END>{% endif %}"
+    )
+    example = Example(
+        (
+            Message("user", "a"),
+            Message("assistant", "b"),
+            Message("user", "c"),
+            Message("assistant", "d"),
+        )
+    )
     with pytest.raises(HetlmError, match="does not render a conversation as an extension"):
         SFTTokenizer(chatml_tokenizer, ChatTemplate(chatml_tokenizer), max_length=512)(example)
 
@@ -265,18 +314,19 @@ def test_truncation_never_drops_response_tokens_silently(tokenizer):
     examples = dolly_examples(300)
     for truncation in ("left", "middle"):
         for max_length in (48, 96, 200):
-            kept, stats = tokenize_examples(examples, tokenizer, JA_ALPACA,
-                                            max_length=max_length, truncation=truncation)
-            full = {e.index: SFTTokenizer(tokenizer, JA_ALPACA, max_length=10**6)(e)
-                    for e in examples}
+            kept, stats = tokenize_examples(
+                examples, tokenizer, JA_ALPACA, max_length=max_length, truncation=truncation
+            )
+            full = {
+                e.index: SFTTokenizer(tokenizer, JA_ALPACA, max_length=10**6)(e) for e in examples
+            }
             assert stats.kept == len(kept) and stats.kept + stats.dropped == len(examples)
             for t in kept:
                 whole = full[t.index]
-                response = ids_of(tokenizer, examples[t.index].response) + [
-                    tokenizer.eos_token_id]
+                response = ids_of(tokenizer, examples[t.index].response) + [tokenizer.eos_token_id]
                 assert len(t) <= max_length
-                assert t.input_ids[-len(response):] == response
-                assert t.labels[-len(response):] == response
+                assert t.input_ids[-len(response) :] == response
+                assert t.labels[-len(response) :] == response
                 assert t.num_targets == len(response)
                 assert t.input_ids[0] == tokenizer.bos_token_id
                 if len(whole) <= max_length:
@@ -298,21 +348,30 @@ def test_left_and_middle_truncation_keep_the_right_prompt_tokens(tokenizer):
     response_len = whole.num_targets
     max_length = response_len + 40
     left = SFTTokenizer(tokenizer, JA_ALPACA, max_length=max_length, truncation="left")(example)
-    middle = SFTTokenizer(tokenizer, JA_ALPACA, max_length=max_length,
-                          truncation="middle")(example)
+    middle = SFTTokenizer(tokenizer, JA_ALPACA, max_length=max_length, truncation="middle")(example)
     prompt_end = len(whole) - response_len
     # left: BOS, then the last 39 prompt tokens (the end of the input and "### 応答:\n").
-    assert left.input_ids[:-response_len] == [tokenizer.bos_token_id] + \
-        whole.input_ids[prompt_end - 39:prompt_end]
+    assert (
+        left.input_ids[:-response_len]
+        == [tokenizer.bos_token_id] + whole.input_ids[prompt_end - 39 : prompt_end]
+    )
     # middle: the first 20 prompt tokens (BOS + preamble) and the last 20.
-    assert middle.input_ids[:-response_len] == whole.input_ids[:20] + \
-        whole.input_ids[prompt_end - 20:prompt_end]
+    assert (
+        middle.input_ids[:-response_len]
+        == whole.input_ids[:20] + whole.input_ids[prompt_end - 20 : prompt_end]
+    )
 
 
 def test_multi_turn_truncation_counts_earlier_response_tokens(tokenizer):
     long_answer = "東京は日本の首都で、人口が多い都市です。" * 8
-    example = Example((Message("user", "東京について"), Message("assistant", long_answer),
-                       Message("user", "ありがとう"), Message("assistant", "どういたしまして。")))
+    example = Example(
+        (
+            Message("user", "東京について"),
+            Message("assistant", long_answer),
+            Message("user", "ありがとう"),
+            Message("assistant", "どういたしまして。"),
+        )
+    )
     whole = SFTTokenizer(tokenizer, JA_ALPACA, max_length=10**6)(example)
     first_prompt = len(prompt_ids(example.messages[:1], tokenizer, JA_ALPACA))
     removed = first_prompt - 1 + 10  # all of the first prompt but BOS, 10 tokens of the answer
@@ -358,7 +417,8 @@ def test_summed_loss_is_a_sum_over_response_tokens_independent_of_padding(tokeni
             alone.append(summed_next_token_loss(one_logits, one.labels))
         # The same as the library's mean over the same tokens, times their number.
         mean = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), batch.labels[:, 1:].reshape(-1))
+            logits[:, :-1].reshape(-1, logits.shape[-1]), batch.labels[:, 1:].reshape(-1)
+        )
     assert torch.allclose(total, sum(alone), rtol=1e-5)
     assert torch.allclose(total, mean * batch.num_targets, rtol=1e-5)
 
@@ -368,11 +428,11 @@ def test_length_grouping_is_deterministic_and_reduces_padding():
     lengths = rng.integers(10, 500, size=1000)
     batch = rng.choice(1000, size=64, replace=False)
     ordered = order_by_length(batch, lengths)
-    assert sorted(ordered.tolist()) == sorted(batch.tolist())      # same examples
-    assert (np.diff(lengths[ordered]) <= 0).all()                   # longest first
+    assert sorted(ordered.tolist()) == sorted(batch.tolist())  # same examples
+    assert (np.diff(lengths[ordered]) <= 0).all()  # longest first
     assert order_by_length(batch[::-1], lengths).tolist() == ordered.tolist()  # pure
-    micro = [ordered[i:i + 8] for i in range(0, 64, 8)]
-    unordered = [batch[i:i + 8] for i in range(0, 64, 8)]
+    micro = [ordered[i : i + 8] for i in range(0, 64, 8)]
+    unordered = [batch[i : i + 8] for i in range(0, 64, 8)]
     assert padded_tokens(micro, lengths) < 0.8 * padded_tokens(unordered, lengths)
 
 
@@ -396,9 +456,21 @@ def lora_adapter(model_dir, tmp_path_factory) -> tuple[Path, torch.Tensor]:
 
     base = AutoModelForCausalLM.from_pretrained(model_dir)
     config = peft.LoraConfig(
-        r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False, task_type="CAUSAL_LM",
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                        "down_proj"])
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+        target_modules=[
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ],
+    )
     torch.manual_seed(1)
     model = peft.get_peft_model(base, config).eval()
     out = tmp_path_factory.mktemp("adapter")
@@ -415,8 +487,9 @@ def test_lora_adapter_saved_loads_in_plain_peft_with_the_same_logits(model_dir, 
     assert (adapter_dir / "adapter_model.safetensors").is_file()
     base_logits = _logits(AutoModelForCausalLM.from_pretrained(model_dir))
     assert (trained_logits - base_logits).abs().max() > 1e-2  # the adapter matters
-    loaded = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir),
-                                            adapter_dir)
+    loaded = peft.PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(model_dir), adapter_dir
+    )
     torch.testing.assert_close(_logits(loaded), trained_logits, atol=1e-6, rtol=1e-6)
 
 
@@ -428,8 +501,21 @@ def test_merged_export_gives_the_same_logits_without_peft(model_dir, lora_adapte
 
     adapter_dir, trained_logits = lora_adapter
     merged_dir = tmp_path / "merged"
-    assert main(["export", "--merge", "--base", str(model_dir), "--adapter", str(adapter_dir),
-                 "--output", str(merged_dir)]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--merge",
+                "--base",
+                str(model_dir),
+                "--adapter",
+                str(adapter_dir),
+                "--output",
+                str(merged_dir),
+            ]
+        )
+        == 0
+    )
     assert list(merged_dir.glob("*.safetensors")) and (merged_dir / "tokenizer.json").is_file()
     assert (merged_dir / "hetlm_template.json").is_file()
     assert not (merged_dir / "adapter_config.json").exists()
@@ -437,5 +523,18 @@ def test_merged_export_gives_the_same_logits_without_peft(model_dir, lora_adapte
     assert type(merged).__name__ == "LlamaForCausalLM"
     torch.testing.assert_close(_logits(merged), trained_logits, atol=1e-4, rtol=1e-4)
     # An existing output is not overwritten by accident.
-    assert main(["export", "--merge", "--base", str(model_dir), "--adapter", str(adapter_dir),
-                 "--output", str(merged_dir)]) == 2
+    assert (
+        main(
+            [
+                "export",
+                "--merge",
+                "--base",
+                str(model_dir),
+                "--adapter",
+                str(adapter_dir),
+                "--output",
+                str(merged_dir),
+            ]
+        )
+        == 2
+    )

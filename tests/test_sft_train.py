@@ -28,26 +28,52 @@ def sft_inputs(tmp_path_factory) -> dict[str, Path]:
     """A tokenizer and 48 short dolly-ja rows (varied lengths) as JSON Lines."""
     root = tmp_path_factory.mktemp("sft_train")
     build_tokenizer(root / "tokenizer")
-    rows = [r for r in dolly_rows(400, start=400)
-            if len(r["instruction"]) + len(r["input"]) + len(r["output"]) < 160][:48]
+    rows = [
+        r
+        for r in dolly_rows(400, start=400)
+        if len(r["instruction"]) + len(r["input"]) + len(r["output"]) < 160
+    ][:48]
     data = root / "data.jsonl"
-    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
-                    encoding="utf-8")
+    data.write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
+    )
     return {"tokenizer": root / "tokenizer", "data": data}
 
 
-def sft_config(inputs: dict[str, Path], output_dir: Path, *, lora_dropout: float = 0.0,
-               length_grouping: bool = True, validation: float = 0.1, **train) -> dict:
+def sft_config(
+    inputs: dict[str, Path],
+    output_dir: Path,
+    *,
+    lora_dropout: float = 0.0,
+    length_grouping: bool = True,
+    validation: float = 0.1,
+    **train,
+) -> dict:
     """fp32, dropout-free unless asked: split invariance needs both."""
-    base = {"global_batch": 8, "micro_batch": 8, "max_steps": 3, "learning_rate": 2e-3,
-            "warmup_steps": 0, "precision": "fp32", "max_eval_samples": 8, "logging_steps": 1}
+    base = {
+        "global_batch": 8,
+        "micro_batch": 8,
+        "max_steps": 3,
+        "learning_rate": 2e-3,
+        "warmup_steps": 0,
+        "precision": "fp32",
+        "max_eval_samples": 8,
+        "logging_steps": 1,
+    }
     base.update(train)
-    return {"run": {"output_dir": str(output_dir), "seed": 0},
-            "model": {"preset": "tiny", "tokenizer": str(inputs["tokenizer"])},
-            "data": {"dataset": str(inputs["data"]), "template": "ja-alpaca", "max_length": 192,
-                     "validation_fraction": validation, "length_grouping": length_grouping},
-            "lora": {"r": 4, "alpha": 8, "dropout": lora_dropout},
-            "train": base}
+    return {
+        "run": {"output_dir": str(output_dir), "seed": 0},
+        "model": {"preset": "tiny", "tokenizer": str(inputs["tokenizer"])},
+        "data": {
+            "dataset": str(inputs["data"]),
+            "template": "ja-alpaca",
+            "max_length": 192,
+            "validation_fraction": validation,
+            "length_grouping": length_grouping,
+        },
+        "lora": {"r": 4, "alpha": 8, "dropout": lora_dropout},
+        "train": base,
+    }
 
 
 def adapter(output_dir: Path, where: str = "adapter") -> dict[str, torch.Tensor]:
@@ -60,9 +86,15 @@ def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> floa
 
 
 def _worker(rank: int, world: int, port: int, config: dict, kwargs: dict) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK="0", GROUP_RANK=str(rank),
-                      OMP_NUM_THREADS="1")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK="0",
+        GROUP_RANK=str(rank),
+        OMP_NUM_THREADS="1",
+    )
     torch.set_num_threads(1)
     from hetlm.sft.config import parse_sft_config
     from hetlm.sft.train import run_sft
@@ -101,8 +133,9 @@ def reference(sft_inputs, tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        trainer = InstructionTuning(parse_sft_config(sft_config(sft_inputs, out)),
-                                    D.init_distributed(), resume=False)
+        trainer = InstructionTuning(
+            parse_sft_config(sft_config(sft_inputs, out)), D.init_distributed(), resume=False
+        )
         summary = trainer.run()
     finally:
         torch.set_num_threads(threads)
@@ -121,8 +154,9 @@ def test_split_invariance_on_two_ranks(reference, sft_inputs, tmp_path):
     assert summary["micro_batches"] == [[3], [5]]
     # the loss per step is the same too (token-exact over response tokens)
     steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    ref_steps = [json.loads(line) for line in
-                 (reference["dir"] / "metrics.jsonl").read_text().splitlines()]
+    ref_steps = [
+        json.loads(line) for line in (reference["dir"] / "metrics.jsonl").read_text().splitlines()
+    ]
     losses = [r["loss"] for r in steps if "event" not in r]
     ref_losses = [r["loss"] for r in ref_steps if "event" not in r]
     assert np.allclose(losses, ref_losses, rtol=0, atol=1e-6)
@@ -154,7 +188,8 @@ def test_adapter_loads_with_plain_peft_and_gives_the_same_logits(reference):
     assert {"adapter_model.safetensors", "adapter_config.json", "optimizer.pt"} <= names
     assert "model.safetensors" not in names
     assert (ckpt / "adapter_model.safetensors").stat().st_size < 0.2 * (
-        out / "base" / "model.safetensors").stat().st_size
+        out / "base" / "model.safetensors"
+    ).stat().st_size
     summary = reference["summary"]
     assert summary["adapter_dir"] == str(folder) and "eval_perplexity" in summary
 
@@ -162,18 +197,37 @@ def test_adapter_loads_with_plain_peft_and_gives_the_same_logits(reference):
 def test_resume_is_exact(sft_inputs, tmp_path):
     """4 steps straight == 2 steps, stop, resume, 2 more (LoRA dropout on: RNG restored).
     Nothing held out (validation 0): the run ends without an evaluation."""
-    straight = sft_config(sft_inputs, tmp_path / "straight", lora_dropout=0.1, max_steps=4,
-                          micro_batch=4, validation=0.0)
+    straight = sft_config(
+        sft_inputs,
+        tmp_path / "straight",
+        lora_dropout=0.1,
+        max_steps=4,
+        micro_batch=4,
+        validation=0.0,
+    )
     summary = run_single(straight)
     assert "eval_loss" not in summary and summary["validation_examples"] == 0
-    stopped = sft_config(sft_inputs, tmp_path / "stopped", lora_dropout=0.1, max_steps=4,
-                         micro_batch=4, save_steps=2, validation=0.0)
+    stopped = sft_config(
+        sft_inputs,
+        tmp_path / "stopped",
+        lora_dropout=0.1,
+        max_steps=4,
+        micro_batch=4,
+        save_steps=2,
+        validation=0.0,
+    )
     assert run_single(stopped, stop_at_step=2)["stopped_at"] == 2
     run_single(stopped, resume=True)
     a, b = adapter(tmp_path / "straight"), adapter(tmp_path / "stopped")
     assert all(torch.equal(a[k], b[k]) for k in a), f"max diff {max_abs_diff(a, b):.2e}"
-    changed = sft_config(sft_inputs, tmp_path / "stopped", lora_dropout=0.1, max_steps=4,
-                         micro_batch=4, validation=0.0)
+    changed = sft_config(
+        sft_inputs,
+        tmp_path / "stopped",
+        lora_dropout=0.1,
+        max_steps=4,
+        micro_batch=4,
+        validation=0.0,
+    )
     changed["lora"]["r"] = 8
     with pytest.raises(HetlmError, match="lora"):
         run_single(changed, resume=True)
@@ -195,8 +249,10 @@ def test_loss_counts_response_tokens_only(sft_inputs):
     examples = load_examples(sft_inputs["data"])[:4]
     tokenized, _ = tokenize_examples(examples, tokenizer, JA_ALPACA, max_length=192)
     batch = SFTData(tokenized, tokenizer.pad_token_id).batch(np.arange(4))
-    responses = sum(sum(encode_segments(JA_ALPACA.segments(e.messages, e.context), tokenizer,
-                                        bos=True)[1]) for e in examples)
+    responses = sum(
+        sum(encode_segments(JA_ALPACA.segments(e.messages, e.context), tokenizer, bos=True)[1])
+        for e in examples
+    )
     assert batch.counts == (responses,)
     # target_index: the predicting positions, computed on the CPU (no GPU sync in the model)
     assert set(batch.model_inputs()) == {"input_ids", "labels", "attention_mask", "target_index"}
@@ -204,8 +260,13 @@ def test_loss_counts_response_tokens_only(sft_inputs):
     from hetlm.sft.config import SFTModelSection
     from hetlm.sft.train import build_base_model
 
-    model = build_base_model(SFTModelSection(preset="tiny", tokenizer="x"), tokenizer,
-                             max_length=192, seed=0, device=torch.device("cpu")).eval()
+    model = build_base_model(
+        SFTModelSection(preset="tiny", tokenizer="x"),
+        tokenizer,
+        max_length=192,
+        seed=0,
+        device=torch.device("cpu"),
+    ).eval()
     with torch.no_grad():
         loss_sum, _ = SparseCausalLM(model)(**batch.model_inputs())
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
@@ -222,14 +283,21 @@ def test_loss_counts_response_tokens_only(sft_inputs):
         model.zero_grad()
         loss, correct = objective(**batch.model_inputs())
         loss.backward()
-        grads.append((loss.detach(), correct, model.lm_head.weight.grad.clone(),
-                      model.model.embed_tokens.weight.grad.clone()))
+        grads.append(
+            (
+                loss.detach(),
+                correct,
+                model.lm_head.weight.grad.clone(),
+                model.model.embed_tokens.weight.grad.clone(),
+            )
+        )
     (l1, c1, *g1), (l2, c2, *g2) = grads
     assert torch.allclose(l1, l2, rtol=1e-6) and int(c1) == int(c2)
     for a, b in zip(g1, g2, strict=True):
         assert torch.allclose(a, b, atol=1e-5 * float(a.abs().max()), rtol=0)
-    everything, _ = tokenize_examples(examples, tokenizer, JA_ALPACA, max_length=192,
-                                      train_on_prompt=True)
+    everything, _ = tokenize_examples(
+        examples, tokenizer, JA_ALPACA, max_length=192, train_on_prompt=True
+    )
     all_batch = SFTData(everything, tokenizer.pad_token_id).batch(np.arange(4))
     assert all_batch.counts[0] == sum(len(t) - 1 for t in everything) > 2 * responses
 
@@ -288,16 +356,24 @@ def test_cli_errors_are_one_line(sft_inputs, tmp_path, capsys):
     from hetlm.cli import main
 
     bad = tmp_path / "bad.yaml"
-    bad.write_text("run: {output_dir: out}\nmodel: {preset: tiny, tokenizer: t}\n"
-                   "data: {dataset: d.jsonl, max_lenght: 64}\ntrain: {global_batch: 8}\n")
+    bad.write_text(
+        "run: {output_dir: out}\nmodel: {preset: tiny, tokenizer: t}\n"
+        "data: {dataset: d.jsonl, max_lenght: 64}\ntrain: {global_batch: 8}\n"
+    )
     assert main(["sft", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("hetlm: error: invalid")
-    assert "data.max_lenght: unknown key" in err and "train.max_steps: required key is missing" in err
+    assert (
+        "data.max_lenght: unknown key" in err and "train.max_steps: required key is missing" in err
+    )
     # a bad row is named by file and line, before any training
     data = tmp_path / "rows.jsonl"
-    data.write_text(sft_inputs["data"].read_text().splitlines()[0] + "\n"
-                    + '{"instruction": "質問", "output": ""}\n', encoding="utf-8")
+    data.write_text(
+        sft_inputs["data"].read_text().splitlines()[0]
+        + "\n"
+        + '{"instruction": "質問", "output": ""}\n',
+        encoding="utf-8",
+    )
     config = sft_config(sft_inputs, tmp_path / "run")
     config["data"]["dataset"] = str(data)
     good = tmp_path / "good.yaml"

@@ -35,10 +35,18 @@ def load(path: Path):
 
 def test_the_shipped_configs_exist():
     names = {p.stem for p in RUN_CONFIGS}
-    assert {"bert-base-finance-scratch", "bert-base-finance-continued",
-            "deberta-v2-base-sentencepiece", "llama-13b-lora", "llama-7b-qlora-24gb",
-            "llama-1b-lora-24gb", "bert-tiny-finance-scratch", "bert-tiny-finance-continued",
-            "deberta-v2-tiny-sentencepiece", "llama-tiny-lora"} <= names
+    assert {
+        "bert-base-finance-scratch",
+        "bert-base-finance-continued",
+        "deberta-v2-base-sentencepiece",
+        "llama-13b-lora",
+        "llama-7b-qlora-24gb",
+        "llama-1b-lora-24gb",
+        "bert-tiny-finance-scratch",
+        "bert-tiny-finance-continued",
+        "deberta-v2-tiny-sentencepiece",
+        "llama-tiny-lora",
+    } <= names
     assert len(CLUSTERS) >= 3
 
 
@@ -91,15 +99,18 @@ def cpu_data(tmp_path_factory, aozora_slice, mecab_tokenizer, trained_tokenizer)
             out.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
     dolly = root / "dolly.jsonl"
     with DOLLY.open(encoding="utf-8") as src:
-        dolly.write_text("".join(line for _, line in zip(range(200), src, strict=False)),
-                         encoding="utf-8")
+        dolly.write_text(
+            "".join(line for _, line in zip(range(200), src, strict=False)), encoding="utf-8"
+        )
     data = {"tok-mecab": mecab_tokenizer, "tok-sp": trained_tokenizer, "dolly": dolly}
     for name, inputs, tokenizer in (
-            ("general-finance-mecab", [aozora_slice, finance], mecab_tokenizer),
-            ("finance-mecab", [finance], mecab_tokenizer),
-            ("general-finance-sp", [aozora_slice, finance], trained_tokenizer)):
-        prepare_dataset(inputs, tokenizer, root / name, seq_len=64, validation_fraction=0.05,
-                        workers=1)
+        ("general-finance-mecab", [aozora_slice, finance], mecab_tokenizer),
+        ("finance-mecab", [finance], mecab_tokenizer),
+        ("general-finance-sp", [aozora_slice, finance], trained_tokenizer),
+    ):
+        prepare_dataset(
+            inputs, tokenizer, root / name, seq_len=64, validation_fraction=0.05, workers=1
+        )
         data[name] = root / name
     return data
 
@@ -127,15 +138,26 @@ def two_steps(path: Path, output_dir: Path, **replace) -> dict:
 
 def test_each_cpu_config_runs_two_steps(cpu_data, tmp_path):
     cpu = CONFIGS / "cpu"
-    scratch = two_steps(cpu / "bert-tiny-finance-scratch.yaml", tmp_path / "scratch",
-                        **{"data.dataset": cpu_data["general-finance-mecab"]})
-    continued = two_steps(cpu / "bert-tiny-finance-continued.yaml", tmp_path / "continued",
-                          **{"data.dataset": cpu_data["finance-mecab"],
-                             "model.init_from": scratch["model_dir"]})
-    deberta = two_steps(cpu / "deberta-v2-tiny-sentencepiece.yaml", tmp_path / "deberta",
-                        **{"data.dataset": cpu_data["general-finance-sp"]})
-    lora = two_steps(cpu / "llama-tiny-lora.yaml", tmp_path / "lora",
-                     **{"data.dataset": cpu_data["dolly"], "model.tokenizer": cpu_data["tok-sp"]})
+    scratch = two_steps(
+        cpu / "bert-tiny-finance-scratch.yaml",
+        tmp_path / "scratch",
+        **{"data.dataset": cpu_data["general-finance-mecab"]},
+    )
+    continued = two_steps(
+        cpu / "bert-tiny-finance-continued.yaml",
+        tmp_path / "continued",
+        **{"data.dataset": cpu_data["finance-mecab"], "model.init_from": scratch["model_dir"]},
+    )
+    deberta = two_steps(
+        cpu / "deberta-v2-tiny-sentencepiece.yaml",
+        tmp_path / "deberta",
+        **{"data.dataset": cpu_data["general-finance-sp"]},
+    )
+    lora = two_steps(
+        cpu / "llama-tiny-lora.yaml",
+        tmp_path / "lora",
+        **{"data.dataset": cpu_data["dolly"], "model.tokenizer": cpu_data["tok-sp"]},
+    )
     for summary in (scratch, continued, deberta, lora):
         assert summary["steps"] == 2 and torch.isfinite(torch.tensor(summary["loss_last"]))
     assert Path(scratch["model_dir"], "config.json").is_file()

@@ -38,8 +38,10 @@ def test_prefetched_steps_are_the_sampler_steps_across_epochs():
             expected = plain.next_step()
             batch, micro = prefetcher.next()
             assert (batch.epoch, batch.step_in_epoch) == (expected.epoch, expected.step_in_epoch)
-            assert all(np.array_equal(m, e * 10)
-                       for m, e in zip(micro, expected.micro_batches, strict=True))
+            assert all(
+                np.array_equal(m, e * 10)
+                for m, e in zip(micro, expected.micro_batches, strict=True)
+            )
             assert ahead.state_dict() == plain.state_dict()  # advanced by the step taken only
         prefetcher._pending[1].result()  # the thread has built the step after them
         assert built[-1] == (3, 1) and len(built) == 8  # one step ahead, none skipped
@@ -64,8 +66,9 @@ def test_pin_batch_pins_every_tensor_field_and_keeps_the_rest(monkeypatch):
 
     monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
     ids = torch.ones(2, 4, dtype=torch.long)
-    batch = MLMBatch(ids, torch.zeros(2, 1, dtype=torch.long),
-                     torch.zeros(2, 1, dtype=torch.long), 2, 8)
+    batch = MLMBatch(
+        ids, torch.zeros(2, 1, dtype=torch.long), torch.zeros(2, 1, dtype=torch.long), 2, 8
+    )
     out = pin_batch(batch)
     assert len(pinned) == 3 and out.input_ids is not ids and torch.equal(out.input_ids, ids)
     assert (out.num_targets, out.num_tokens) == (2, 8)
@@ -76,15 +79,17 @@ def test_pin_batch_pins_every_tensor_field_and_keeps_the_rest(monkeypatch):
 def test_compiled_blocks_keep_split_invariance_and_exact_resume(tiny_packed, tmp_path):
     reference = tmp_path / "eager"
     run_single(tiny_config(tiny_packed, reference, max_steps=4, compile=False, prefetch=False))
-    split = tiny_config(tiny_packed, tmp_path / "split", max_steps=4, compile=True,
-                        micro_batch={"per_rank": [3, 5]})
+    split = tiny_config(
+        tiny_packed, tmp_path / "split", max_steps=4, compile=True, micro_batch={"per_rank": [3, 5]}
+    )
     run_ranks(split, world=2, timeout_s=300)
     diff = max_abs_diff(final_weights(reference), final_weights(tmp_path / "split"))
     assert diff <= 1e-5, f"compiled [3, 5] vs eager 8: {diff:.2e}"
     straight = tiny_config(tiny_packed, tmp_path / "straight", max_steps=4, compile=True)
     run_single(straight)
-    stopped = tiny_config(tiny_packed, tmp_path / "stopped", max_steps=4, compile=True,
-                          save_steps=2)
+    stopped = tiny_config(
+        tiny_packed, tmp_path / "stopped", max_steps=4, compile=True, save_steps=2
+    )
     run_single(stopped, stop_at_step=2)
     run_single(stopped, resume=True)
     a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "stopped")
@@ -110,8 +115,9 @@ def test_target_index_selects_what_the_boolean_mask_selected():
     assert torch.equal(labels.reshape(-1)[index + 1], labels[:, 1:][keep])
     from transformers import AutoModelForCausalLM
 
-    config = model_config("llama", "tiny", vocab_size=100, max_position_embeddings=64,
-                          pad_token_id=0)
+    config = model_config(
+        "llama", "tiny", vocab_size=100, max_position_embeddings=64, pad_token_id=0
+    )
     model = AutoModelForCausalLM.from_config(config).eval()
     for objective in (SparseCausalLM(model), FusedSparseCausalLM(model, chunk=4)):
         with torch.no_grad():

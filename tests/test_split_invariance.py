@@ -31,8 +31,9 @@ def test_split_gives_the_single_process_model(per_rank, reference, tiny_packed, 
     print(f"split {per_rank}: max abs diff {diff:.2e}")
     assert diff <= TOLERANCE, f"split {per_rank}: max abs diff {diff:.2e}"
     # the run really trained: weights moved away from the initialisation
-    init = tiny_config(tiny_packed, tmp_path / "init", max_steps=1, learning_rate=1e-12,
-                       warmup_steps=0)
+    init = tiny_config(
+        tiny_packed, tmp_path / "init", max_steps=1, learning_rate=1e-12, warmup_steps=0
+    )
     run_single(init)
     assert max_abs_diff(reference, final_weights(tmp_path / "init")) > 1e-3
 

@@ -19,8 +19,15 @@ from hetlm.errors import HetlmError
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory, paragraph_corpus, trained_tokenizer):  # noqa: F811
     out = tmp_path_factory.mktemp("nfs") / "ds"
-    prepare_dataset([paragraph_corpus], trained_tokenizer, out, seq_len=32,
-                    validation_fraction=0.1, workers=1, chunk_chars=10000)
+    prepare_dataset(
+        [paragraph_corpus],
+        trained_tokenizer,
+        out,
+        seq_len=32,
+        validation_fraction=0.1,
+        workers=1,
+        chunk_chars=10000,
+    )
     return out
 
 
@@ -52,10 +59,10 @@ def test_a_stopped_copy_resumes_and_keeps_good_files(tmp_path, shared):
     manifest = json.loads((shared / MANIFEST_FILE).read_text("utf-8"))["files"]
     arrows = [rel for rel in manifest if rel.endswith(".arrow")]
     (staging / "train").mkdir(parents=True)
-    shutil.copy2(shared / arrows[0], staging / arrows[0])           # finished before the stop
+    shutil.copy2(shared / arrows[0], staging / arrows[0])  # finished before the stop
     partial = (shared / arrows[1]).read_bytes()
     (staging / arrows[1]).parent.mkdir(parents=True, exist_ok=True)
-    (staging / arrows[1]).write_bytes(partial[:len(partial) // 2])  # cut short by the stop
+    (staging / arrows[1]).write_bytes(partial[: len(partial) // 2])  # cut short by the stop
     summary = stage_dataset(shared, local)
     assert summary.reused_files == 1
     assert summary.copied_bytes == summary.bytes - manifest[arrows[0]]["bytes"]

@@ -36,8 +36,12 @@ def auto_tokenizer(trained_tokenizer):  # noqa: F811
 
 def test_folder_holds_model_fast_tokenizer_and_record(trained_tokenizer):  # noqa: F811
     names = {p.name for p in trained_tokenizer.iterdir()}
-    assert {"sentencepiece.model", "tokenizer.json", "tokenizer_config.json",
-            "hetlm_tokenizer.json"} <= names
+    assert {
+        "sentencepiece.model",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "hetlm_tokenizer.json",
+    } <= names
     record = json.loads((trained_tokenizer / "hetlm_tokenizer.json").read_text(encoding="utf-8"))
     assert record["vocab_size"] == TOKENIZER_OPTIONS["vocab_size"]
     assert record["sentencepiece_options"]["model_type"] == "unigram"
@@ -52,8 +56,13 @@ def test_auto_tokenizer_loads_fast_with_bert_specials_at_0_to_4(auto_tokenizer):
     assert tok.is_fast
     assert len(tok) == TOKENIZER_OPTIONS["vocab_size"]  # no tokens were added on top
     assert tok.convert_tokens_to_ids(list(SPECIAL_TOKENS)) == [0, 1, 2, 3, 4]
-    assert (tok.pad_token, tok.unk_token, tok.cls_token, tok.sep_token, tok.mask_token) == \
-        SPECIAL_TOKENS
+    assert (
+        tok.pad_token,
+        tok.unk_token,
+        tok.cls_token,
+        tok.sep_token,
+        tok.mask_token,
+    ) == SPECIAL_TOKENS
     assert special_token_ids(tok) == {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
     assert tok.model_max_length == 512
 
@@ -92,8 +101,10 @@ def test_mask_in_text_is_one_token(auto_tokenizer):
     masked = tok(f"吾輩は{MASK}である。", add_special_tokens=False)["input_ids"]
     with_word = tok("吾輩は猫である。", add_special_tokens=False)["input_ids"]
     position = masked.index(4)
-    assert masked[:position] + masked[position + 1:] == \
-        with_word[:position] + with_word[position + 1:]
+    assert (
+        masked[:position] + masked[position + 1 :]
+        == with_word[:position] + with_word[position + 1 :]
+    )
 
 
 def test_fast_tokenizer_encodes_like_sentencepiece(trained_tokenizer, auto_tokenizer):  # noqa: F811
@@ -109,9 +120,15 @@ def test_fill_mask_pipeline_uses_the_tokenizer(auto_tokenizer):
     from transformers import BertConfig, BertForMaskedLM, pipeline
 
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(auto_tokenizer), hidden_size=32, num_hidden_layers=1,
-                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
-                        pad_token_id=0)
+    config = BertConfig(
+        vocab_size=len(auto_tokenizer),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
     fill = pipeline("fill-mask", model=BertForMaskedLM(config).eval(), tokenizer=auto_tokenizer)
     results = fill(f"吾輩は{MASK}である。", top_k=3)
     assert len(results) == 3
@@ -119,8 +136,14 @@ def test_fill_mask_pipeline_uses_the_tokenizer(auto_tokenizer):
 
 
 def test_bpe_with_byte_fallback_round_trips_unseen_characters(tmp_path, aozora_slice):  # noqa: F811
-    out = train_tokenizer([aozora_slice], tmp_path / "bpe", model_type="bpe", byte_fallback=True,
-                          vocab_size=1800, character_coverage=0.98)
+    out = train_tokenizer(
+        [aozora_slice],
+        tmp_path / "bpe",
+        model_type="bpe",
+        byte_fallback=True,
+        vocab_size=1800,
+        character_coverage=0.98,
+    )
     tok = load_tokenizer(out)
     assert tok.convert_tokens_to_ids(list(SPECIAL_TOKENS)) == [0, 1, 2, 3, 4]
     assert len(tok) == 1800
@@ -151,8 +174,9 @@ def test_load_tokenizer_refuses_a_vocab_without_bert_specials(tmp_path):
     from transformers import PreTrainedTokenizerFast
 
     vocab = {f"w{i}": i for i in range(40)} | {"<unk>": 40}
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="<unk>")),
-                                  unk_token="<unk>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="<unk>")), unk_token="<unk>"
+    )
     tok.save_pretrained(str(tmp_path / "words"))
     with pytest.raises(HetlmError, match=r"lacks the special tokens \[PAD\] \[UNK\] \[CLS\]"):
         load_tokenizer(tmp_path / "words")
@@ -161,8 +185,7 @@ def test_load_tokenizer_refuses_a_vocab_without_bert_specials(tmp_path):
 
 def test_training_errors_are_clear(tmp_path, aozora_slice):  # noqa: F811
     with pytest.raises(HetlmError, match="lower --vocab-size"):
-        train_tokenizer([aozora_slice], tmp_path / "t1", vocab_size=100,
-                        character_coverage=0.98)
+        train_tokenizer([aozora_slice], tmp_path / "t1", vocab_size=100, character_coverage=0.98)
     empty = write_jsonl(tmp_path / "empty.jsonl", ["", "  "])
     with pytest.raises(HetlmError, match="contains no documents"):
         train_tokenizer([empty], tmp_path / "t2", vocab_size=100)
@@ -179,8 +202,21 @@ def test_training_errors_are_clear(tmp_path, aozora_slice):  # noqa: F811
 
 def test_cli_tokenizer_train(tmp_path, capsys, aozora_slice):  # noqa: F811
     out = tmp_path / "cli_tok"
-    code = main(["tokenizer", "train", str(aozora_slice), "--output", str(out),
-                 "--vocab-size", "1500", "--character-coverage", "0.98", "--model-type", "bpe"])
+    code = main(
+        [
+            "tokenizer",
+            "train",
+            str(aozora_slice),
+            "--output",
+            str(out),
+            "--vocab-size",
+            "1500",
+            "--character-coverage",
+            "0.98",
+            "--model-type",
+            "bpe",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0
     assert "documents" in captured.out and str(out) in captured.out
@@ -188,8 +224,7 @@ def test_cli_tokenizer_train(tmp_path, capsys, aozora_slice):  # noqa: F811
 
 
 def test_cli_tokenizer_train_bad_input_is_one_line(tmp_path, capsys):
-    code = main(["tokenizer", "train", str(tmp_path / "nope.txt"), "--output",
-                 str(tmp_path / "t")])
+    code = main(["tokenizer", "train", str(tmp_path / "nope.txt"), "--output", str(tmp_path / "t")])
     err = capsys.readouterr().err
     assert code == 2
     assert err.startswith("hetlm: error: ") and err.count("\n") == 1
@@ -200,8 +235,9 @@ def test_bpe_encodes_like_sentencepiece_without_transformers_converter(tmp_path,
     """hetlm builds the backend itself (transformers' converter differs between 5.x releases)."""
     import sentencepiece as spm
 
-    out = train_tokenizer([aozora_slice], tmp_path / "bpe", model_type="bpe", vocab_size=1800,
-                          character_coverage=0.98)
+    out = train_tokenizer(
+        [aozora_slice], tmp_path / "bpe", model_type="bpe", vocab_size=1800, character_coverage=0.98
+    )
     tok = load_tokenizer(out)
     sp = spm.SentencePieceProcessor(model_file=str(out / "sentencepiece.model"))
     for text in (SENTENCE, *PAIR, "  前後に空白  と 二重  空白 ", "改行\nのある\n文"):

@@ -31,8 +31,10 @@ def _eval_records(output_dir: Path) -> list[dict]:
 
 
 def _requires(module: str):
-    return pytest.mark.skipif(importlib.util.find_spec(module) is None,
-                              reason=f"{module} is not installed (pip install 'hetlm[track]')")
+    return pytest.mark.skipif(
+        importlib.util.find_spec(module) is None,
+        reason=f"{module} is not installed (pip install 'hetlm[track]')",
+    )
 
 
 @_requires("tensorboard")
@@ -54,7 +56,8 @@ def test_tensorboard_is_the_default_and_reads_back(tiny_packed, tmp_path):
     evals = _eval_records(out)
     assert [e.step for e in events.Scalars("eval/loss")] == [2, 3]
     assert [e.value for e in events.Scalars("eval/loss")] == pytest.approx(
-        [r["eval_loss"] for r in evals], rel=1e-6)
+        [r["eval_loss"] for r in evals], rel=1e-6
+    )
     assert not (out / "trackers.json").exists()  # TensorBoard needs no run id
 
 
@@ -82,11 +85,13 @@ def test_wandb_offline_run_reads_back(tiny_packed, tmp_path, monkeypatch):
     assert [r["train/global_step"] for r in train_rows] == [1, 2, 3]
     for key in ("loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s"):
         assert [r[f"train/{key}"] for r in train_rows] == pytest.approx(
-            [s[key] for s in steps], rel=1e-9), key
+            [s[key] for s in steps], rel=1e-9
+        ), key
     eval_rows = [r for r in rows if "eval/loss" in r]
     assert [r["train/global_step"] for r in eval_rows] == [2, 3]
     assert [r["eval/loss"] for r in eval_rows] == pytest.approx(
-        [e["eval_loss"] for e in _eval_records(out)], rel=1e-9)
+        [e["eval_loss"] for e in _eval_records(out)], rel=1e-9
+    )
 
 
 @pytest.fixture(scope="module")
@@ -96,29 +101,48 @@ def sft_inputs(tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("sft_tracking")
     build_tokenizer(root / "tokenizer")
-    rows = [r for r in dolly_rows(200, start=400)
-            if len(r["instruction"]) + len(r["input"]) + len(r["output"]) < 160][:24]
+    rows = [
+        r
+        for r in dolly_rows(200, start=400)
+        if len(r["instruction"]) + len(r["input"]) + len(r["output"]) < 160
+    ][:24]
     data = root / "data.jsonl"
-    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
-                    encoding="utf-8")
+    data.write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
+    )
     return {"tokenizer": root / "tokenizer", "data": data}
 
 
 def _sft_config(inputs: dict[str, Path], output_dir: Path, **train) -> dict:
-    base = {"global_batch": 4, "micro_batch": 4, "max_steps": 3, "learning_rate": 2e-3, "warmup_steps": 0,
-            "precision": "fp32", "max_eval_samples": 4, "logging_steps": 1}
+    base = {
+        "global_batch": 4,
+        "micro_batch": 4,
+        "max_steps": 3,
+        "learning_rate": 2e-3,
+        "warmup_steps": 0,
+        "precision": "fp32",
+        "max_eval_samples": 4,
+        "logging_steps": 1,
+    }
     base.update(train)
-    return {"run": {"output_dir": str(output_dir), "seed": 0},
-            "model": {"preset": "tiny", "tokenizer": str(inputs["tokenizer"])},
-            "data": {"dataset": str(inputs["data"]), "template": "ja-alpaca", "max_length": 192,
-                     "validation_fraction": 0.2},
-            "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-            "train": base}
+    return {
+        "run": {"output_dir": str(output_dir), "seed": 0},
+        "model": {"preset": "tiny", "tokenizer": str(inputs["tokenizer"])},
+        "data": {
+            "dataset": str(inputs["data"]),
+            "template": "ja-alpaca",
+            "max_length": 192,
+            "validation_fraction": 0.2,
+        },
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "train": base,
+    }
 
 
 @_requires("mlflow")
-def test_mlflow_file_store_reads_back_and_resume_continues_the_run(sft_inputs, tmp_path,
-                                                                   monkeypatch):
+def test_mlflow_file_store_reads_back_and_resume_continues_the_run(
+    sft_inputs, tmp_path, monkeypatch
+):
     import torch
     from mlflow.tracking import MlflowClient
 
@@ -130,8 +154,7 @@ def test_mlflow_file_store_reads_back_and_resume_continues_the_run(sft_inputs, t
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks for this opt-in
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
     out = tmp_path / "sft-run"
-    config = parse_sft_config(_sft_config(sft_inputs, out, report_to="mlflow",
-                                          save_steps=1))
+    config = parse_sft_config(_sft_config(sft_inputs, out, report_to="mlflow", save_steps=1))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -158,7 +181,8 @@ def test_mlflow_file_store_reads_back_and_resume_continues_the_run(sft_inputs, t
         assert [m.value for m in history_] == pytest.approx([s[key] for s in steps], rel=1e-9)
     evals = client.get_metric_history(run_id, "eval/loss")
     assert [(m.step, m.value) for m in evals] == [
-        (3, pytest.approx(_eval_records(out)[-1]["eval_loss"], rel=1e-9))]
+        (3, pytest.approx(_eval_records(out)[-1]["eval_loss"], rel=1e-9))
+    ]
 
 
 def test_report_to_spellings_and_errors(tiny_packed, tmp_path, monkeypatch, capsys):
@@ -180,8 +204,11 @@ def test_report_to_spellings_and_errors(tiny_packed, tmp_path, monkeypatch, caps
     # a missing library: one line, before anything starts, naming the extra
     monkeypatch.setattr(tracking, "_installed", lambda module: module != "wandb")
     path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(tiny_config(tiny_packed, tmp_path / "run",
-                                               report_to=["tensorboard", "wandb"])))
+    path.write_text(
+        yaml.safe_dump(
+            tiny_config(tiny_packed, tmp_path / "run", report_to=["tensorboard", "wandb"])
+        )
+    )
     assert main(["pretrain", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0, err
@@ -197,8 +224,15 @@ def test_only_rank_0_tracks(tmp_path, monkeypatch):
         raise AssertionError("a tracker was opened on a rank other than 0")
 
     monkeypatch.setattr(metrics, "open_trackers", refuse)
-    logger = metrics.MetricsLogger(tmp_path, total_steps=3, start_step=0, enabled=False,
-                                   log_every=1, report_to=["wandb", "mlflow"], restart=0)
+    logger = metrics.MetricsLogger(
+        tmp_path,
+        total_steps=3,
+        start_step=0,
+        enabled=False,
+        log_every=1,
+        report_to=["wandb", "mlflow"],
+        restart=0,
+    )
     logger.step({"step": 1, "loss": 1.0, "lr": 1e-3, "tokens_per_s": 10.0})
     logger.event(event="eval", step=1, eval_loss=1.0)
     logger.close()

@@ -15,8 +15,12 @@ from hetlm.sft.masking import prompt_ids
 from hetlm.sft.templates import BUILTIN_TEMPLATES, JA_ALPACA, TextTemplate, save_template
 from hetlm.sft.vllm_export import CHAT_TEMPLATE_FILE, chat_template_jinja, vllm_missing
 
-CONVERSATION = (Message("system", "簡潔に答えて。"), Message("user", "こんにちは"),
-                Message("assistant", "こんにちは。"), Message("user", "富士山の高さは？"))
+CONVERSATION = (
+    Message("system", "簡潔に答えて。"),
+    Message("user", "こんにちは"),
+    Message("assistant", "こんにちは。"),
+    Message("user", "富士山の高さは？"),
+)
 
 
 @pytest.fixture(scope="module")
@@ -31,14 +35,29 @@ def merged(model_dir, tmp_path_factory) -> Path:
 
     from hetlm.cli import main
 
-    model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
-                                peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    model = peft.get_peft_model(
+        AutoModelForCausalLM.from_pretrained(model_dir),
+        peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]),
+    )
     adapter = tmp_path_factory.mktemp("adapter")
     model.save_pretrained(adapter)
     save_template(JA_ALPACA, adapter)
     output = tmp_path_factory.mktemp("export") / "merged"
-    assert main(["export", "--merge", "--base", str(model_dir), "--adapter", str(adapter),
-                 "--output", str(output)]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--merge",
+                "--base",
+                str(model_dir),
+                "--adapter",
+                str(adapter),
+                "--output",
+                str(output),
+            ]
+        )
+        == 0
+    )
     return output
 
 
@@ -57,31 +76,53 @@ def test_merged_chat_template_renders_the_training_prompt(merged):
     rendered = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
     segments = JA_ALPACA.segments(CONVERSATION, generation=True)
     expected = tokenizer.bos_token + "".join(
-        s.text + (tokenizer.eos_token if s.eos else "") for s in segments)
+        s.text + (tokenizer.eos_token if s.eos else "") for s in segments
+    )
     assert rendered == expected
     # One user turn: the rendered prompt tokenizes (no extra special tokens, as vLLM's chat
     # endpoint does) to exactly the ids hetlm generates from.
     single = [Message("user", "日本の首都はどこですか？")]
-    ids = tokenizer(tokenizer.apply_chat_template(
-        [{"role": "user", "content": single[0].content}], tokenize=False,
-        add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    ids = tokenizer(
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": single[0].content}],
+            tokenize=False,
+            add_generation_prompt=True,
+        ),
+        add_special_tokens=False,
+    )["input_ids"]
     assert ids == prompt_ids(single, tokenizer, JA_ALPACA)
 
 
-@pytest.mark.parametrize("template", [*BUILTIN_TEMPLATES.values(), TextTemplate(
-    name="odd", system='引用 "x" と \\ バックスラッシュ', system_format="<<{system}>>{system}\n",
-    user_format="Q\t{content}\n", assistant_prefix="A: ", turn_separator="\n---\n")])
+@pytest.mark.parametrize(
+    "template",
+    [
+        *BUILTIN_TEMPLATES.values(),
+        TextTemplate(
+            name="odd",
+            system='引用 "x" と \\ バックスラッシュ',
+            system_format="<<{system}>>{system}\n",
+            user_format="Q\t{content}\n",
+            assistant_prefix="A: ",
+            turn_separator="\n---\n",
+        ),
+    ],
+)
 def test_text_templates_as_jinja_render_the_same_text(model_dir, template):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.chat_template = chat_template_jinja(template, bos=False)
-    for conversation in (CONVERSATION, CONVERSATION[1:], (Message("system", ""),
-                                                          *CONVERSATION[1:])):
+    for conversation in (
+        CONVERSATION,
+        CONVERSATION[1:],
+        (Message("system", ""), *CONVERSATION[1:]),
+    ):
         turns = [{"role": m.role, "content": m.content} for m in conversation]
         rendered = tokenizer.apply_chat_template(turns, tokenize=False)
-        expected = "".join(s.text + (tokenizer.eos_token if s.eos else "")
-                           for s in template.segments(conversation, generation=True))
+        expected = "".join(
+            s.text + (tokenizer.eos_token if s.eos else "")
+            for s in template.segments(conversation, generation=True)
+        )
         assert rendered == expected
 
 

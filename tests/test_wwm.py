@@ -15,8 +15,15 @@ SEQ = 128
 
 
 def collator(seed: int = 0, seq_len: int = SEQ) -> MLMCollator:
-    return MLMCollator(seq_len=seq_len, vocab_size=VOCAB, mask_id=4, special_ids=SPECIAL,
-                       seed=seed, whole_word=True, continuation=CONTINUATION)
+    return MLMCollator(
+        seq_len=seq_len,
+        vocab_size=VOCAB,
+        mask_id=4,
+        special_ids=SPECIAL,
+        seed=seed,
+        whole_word=True,
+        continuation=CONTINUATION,
+    )
 
 
 def make_rows(n: int, seq_len: int = SEQ, seed: int = 0) -> np.ndarray:
@@ -116,17 +123,26 @@ def test_pure_function_of_seed_epoch_index():
         assert np.array_equal(getattr(whole, name).numpy(), joined)
     again = collator()(rows, idx, epoch=0)
     assert np.array_equal(again.input_ids.numpy(), whole.input_ids.numpy())
-    assert not np.array_equal(collator()(rows, idx, epoch=1).input_ids.numpy(),
-                              whole.input_ids.numpy())
-    assert not np.array_equal(collator(seed=1)(rows, idx, epoch=0).input_ids.numpy(),
-                              whole.input_ids.numpy())
+    assert not np.array_equal(
+        collator()(rows, idx, epoch=1).input_ids.numpy(), whole.input_ids.numpy()
+    )
+    assert not np.array_equal(
+        collator(seed=1)(rows, idx, epoch=0).input_ids.numpy(), whole.input_ids.numpy()
+    )
 
 
 def test_continuation_after_a_special_token_starts_a_word():
     ids = np.array([2, 250, 251, 10, 3, 260, 11, 3])  # "##" pieces right after [CLS] and [SEP]
     assert words_of(ids) == [[1, 2], [3], [5], [6]]
-    col = MLMCollator(seq_len=8, vocab_size=VOCAB, mask_id=4, special_ids=SPECIAL,
-                      mlm_probability=0.5, whole_word=True, continuation=CONTINUATION)
+    col = MLMCollator(
+        seq_len=8,
+        vocab_size=VOCAB,
+        mask_id=4,
+        special_ids=SPECIAL,
+        mlm_probability=0.5,
+        whole_word=True,
+        continuation=CONTINUATION,
+    )
     for index in range(50):
         batch = col(ids[None], np.array([index]), epoch=0)
         chosen = chosen_positions(batch, 0)
@@ -141,5 +157,11 @@ def test_continuation_mask_from_metadata_and_errors():
     with pytest.raises(ValueError, match="continuation"):
         MLMCollator(seq_len=8, vocab_size=10, mask_id=4, special_ids=SPECIAL, whole_word=True)
     with pytest.raises(ValueError, match="one entry per token"):
-        MLMCollator(seq_len=8, vocab_size=10, mask_id=4, special_ids=SPECIAL, whole_word=True,
-                    continuation=np.zeros(5, dtype=bool))
+        MLMCollator(
+            seq_len=8,
+            vocab_size=10,
+            mask_id=4,
+            special_ids=SPECIAL,
+            whole_word=True,
+            continuation=np.zeros(5, dtype=bool),
+        )

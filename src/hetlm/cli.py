@@ -69,7 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         result = args.func(args)
     except HetlmError as exc:
         rank = os.environ.get("RANK")
-        where = f" (rank {rank})" if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
+        where = (
+            f" (rank {rank})"
+            if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1"
+            else ""
+        )
         print(f"hetlm: error{where}: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:

@@ -35,25 +35,47 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def torchrun_command(*, nnodes: int, node_rank: int, nproc_per_node: int, master_addr: str,
-                     master_port: int, args: list[str], max_restarts: int = 0,
-                     rank_prefix: list[str] | None = None) -> list[str]:
+def torchrun_command(
+    *,
+    nnodes: int,
+    node_rank: int,
+    nproc_per_node: int,
+    master_addr: str,
+    master_port: int,
+    args: list[str],
+    max_restarts: int = 0,
+    rank_prefix: list[str] | None = None,
+) -> list[str]:
     """The agent's command line. ``rank_prefix`` runs each rank as ``PREFIX python -m hetlm.cli
     ...`` (torchrun ``--no-python``), e.g. to put the ranks, not the agent, in a cgroup."""
     program = ["-m", "hetlm.cli", *args]
     if rank_prefix:
         program = ["--no-python", *rank_prefix, sys.executable, "-m", "hetlm.cli", *args]
-    return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}",
-            f"--node-rank={node_rank}", f"--nproc-per-node={nproc_per_node}",
-            f"--master-addr={master_addr}", f"--master-port={master_port}",
-            f"--max-restarts={max_restarts}", *program]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nnodes={nnodes}",
+        f"--node-rank={node_rank}",
+        f"--nproc-per-node={nproc_per_node}",
+        f"--master-addr={master_addr}",
+        f"--master-port={master_port}",
+        f"--max-restarts={max_restarts}",
+        *program,
+    ]
 
 
-def run_local_nodes(args: list[str], *, nodes: int, nproc_per_node: int = 1,
-                    max_restarts: int = 0, threads_per_rank: int | None = None,
-                    master_addr: str = "127.0.0.1",
-                    agent_prefixes: list[list[str]] | None = None,
-                    rank_prefixes: list[list[str]] | None = None) -> int:
+def run_local_nodes(
+    args: list[str],
+    *,
+    nodes: int,
+    nproc_per_node: int = 1,
+    max_restarts: int = 0,
+    threads_per_rank: int | None = None,
+    master_addr: str = "127.0.0.1",
+    agent_prefixes: list[list[str]] | None = None,
+    rank_prefixes: list[list[str]] | None = None,
+) -> int:
     """Run ``hetlm <args>`` as ``nodes`` torchrun agents on this machine; returns the exit code.
 
     For emulated heterogeneous nodes (benchmarks/emulated_cluster.py): node i's agent command is
@@ -62,33 +84,68 @@ def run_local_nodes(args: list[str], *, nodes: int, nproc_per_node: int = 1,
     ``rank_prefixes[i]`` (e.g. a command that moves itself into a cgroup, then execs the rank).
     """
     for attempt in range(max_restarts + 1):
-        code = _run_once(args, nodes=nodes, nproc_per_node=nproc_per_node,
-                         threads_per_rank=threads_per_rank, master_addr=master_addr,
-                         agent_prefixes=agent_prefixes, rank_prefixes=rank_prefixes,
-                         attempt=attempt)
+        code = _run_once(
+            args,
+            nodes=nodes,
+            nproc_per_node=nproc_per_node,
+            threads_per_rank=threads_per_rank,
+            master_addr=master_addr,
+            agent_prefixes=agent_prefixes,
+            rank_prefixes=rank_prefixes,
+            attempt=attempt,
+        )
         if code == 0 or attempt == max_restarts:
             return code
-        print(f"hetlm: the job failed (exit {code}); restart {attempt + 1} of {max_restarts}: "
-              "every rank resumes from the latest good checkpoint", file=sys.stderr, flush=True)
+        print(
+            f"hetlm: the job failed (exit {code}); restart {attempt + 1} of {max_restarts}: "
+            "every rank resumes from the latest good checkpoint",
+            file=sys.stderr,
+            flush=True,
+        )
     return code
 
 
-def _run_once(args: list[str], *, nodes: int, nproc_per_node: int, threads_per_rank: int | None,
-              master_addr: str, agent_prefixes: list[list[str]] | None,
-              rank_prefixes: list[list[str]] | None, attempt: int) -> int:
+def _run_once(
+    args: list[str],
+    *,
+    nodes: int,
+    nproc_per_node: int,
+    threads_per_rank: int | None,
+    master_addr: str,
+    agent_prefixes: list[list[str]] | None,
+    rank_prefixes: list[list[str]] | None,
+    attempt: int,
+) -> int:
     port = free_port()
     ranks = nodes * nproc_per_node
     threads = threads_per_rank or max(1, (os.cpu_count() or 1) // ranks)
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1",
-               HETLM_RESTART_COUNT=str(attempt))
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=str(threads),
+        PYTHONUNBUFFERED="1",
+        HETLM_RESTART_COUNT=str(attempt),
+    )
     gpus = agent_gpus(nodes, nproc_per_node, announce=attempt == 0)
-    agents = [subprocess.Popen(
-        [*(agent_prefixes[i] if agent_prefixes else []),
-         *torchrun_command(nnodes=nodes, node_rank=i, nproc_per_node=nproc_per_node,
-                           master_addr=master_addr, master_port=port, args=args,
-                           rank_prefix=rank_prefixes[i] if rank_prefixes else None)],
-        env=env if gpus is None else {**env, "CUDA_VISIBLE_DEVICES": gpus[i]},
-        start_new_session=True, stderr=subprocess.PIPE) for i in range(nodes)]
+    agents = [
+        subprocess.Popen(
+            [
+                *(agent_prefixes[i] if agent_prefixes else []),
+                *torchrun_command(
+                    nnodes=nodes,
+                    node_rank=i,
+                    nproc_per_node=nproc_per_node,
+                    master_addr=master_addr,
+                    master_port=port,
+                    args=args,
+                    rank_prefix=rank_prefixes[i] if rank_prefixes else None,
+                ),
+            ],
+            env=env if gpus is None else {**env, "CUDA_VISIBLE_DEVICES": gpus[i]},
+            start_new_session=True,
+            stderr=subprocess.PIPE,
+        )
+        for i in range(nodes)
+    ]
     pumps = [pump_filtered(agent.stderr, sys.stderr.fileno()) for agent in agents]
     try:
         code = _wait_all(agents)
@@ -114,10 +171,14 @@ def agent_gpus(nodes: int, nproc_per_node: int, *, announce: bool = True) -> lis
         return slices
     ranks = nodes * nproc_per_node
     if announce:
-        print(f"hetlm: {ranks} ranks on this machine, {len(visible)} visible GPU"
-              f"{'s' if len(visible) > 1 else ''}: NCCL needs one GPU per rank, so the ranks "
-              f"train on the CPU with gloo (use --local-nodes {len(visible) // nproc_per_node}"
-              " or fewer to train on the GPUs)", file=sys.stderr, flush=True)
+        print(
+            f"hetlm: {ranks} ranks on this machine, {len(visible)} visible GPU"
+            f"{'s' if len(visible) > 1 else ''}: NCCL needs one GPU per rank, so the ranks "
+            f"train on the CPU with gloo (use --local-nodes {len(visible) // nproc_per_node}"
+            " or fewer to train on the GPUs)",
+            file=sys.stderr,
+            flush=True,
+        )
     return [""] * nodes
 
 

@@ -28,8 +28,8 @@ RENAMED_KEYS: dict[tuple[str, str], str] = {
     ("train", "log_every"): "logging_steps",
     ("train", "eval_batch"): "per_device_eval_batch_size",
     ("train", "eval_samples"): "max_eval_samples",
-    ("model", "path"): "init_from",      # hetlm sft: the base model
-    ("data", "source"): "dataset",       # hetlm sft: the instruction data
+    ("model", "path"): "init_from",  # hetlm sft: the base model
+    ("data", "source"): "dataset",  # hetlm sft: the instruction data
 }
 
 # Old command-line flags are declared where the flag is, with ``action=RenamedFlag`` (below), or
@@ -59,16 +59,20 @@ def rename_config_keys(raw: Any) -> Any:
         targets = [name.strip() for name in new.split(",")]
         clash = [name for name in targets if name in part]
         if clash:
-            raise HetlmError(f"{section}.{old} and {section}.{clash[0]} are the same setting: "
-                             f"keep {section}.{clash[0]} only ({section}.{old} is its old name)")
+            raise HetlmError(
+                f"{section}.{old} and {section}.{clash[0]} are the same setting: "
+                f"keep {section}.{clash[0]} only ({section}.{old} is its old name)"
+            )
         warn_renamed(f"{section}.{old}", ", ".join(f"{section}.{name}" for name in targets))
         if len(targets) == 1:
             part[targets[0]] = value
         elif isinstance(value, list | tuple) and len(value) == len(targets):
             part.update(zip(targets, value, strict=True))
         else:
-            raise HetlmError(f"{section}.{old} must be a pair [beta1, beta2]; better, give "
-                             f"{', '.join(f'{section}.{name}' for name in targets)}")
+            raise HetlmError(
+                f"{section}.{old} must be a pair [beta1, beta2]; better, give "
+                f"{', '.join(f'{section}.{name}' for name in targets)}"
+            )
     return raw
 
 

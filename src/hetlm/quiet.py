@@ -15,9 +15,7 @@ from __future__ import annotations
 import logging
 
 # (logger name, text of the record) pairs to drop
-DROPPED = (
-    ("DeepSpeed", "Setting accelerator to CPU"),
-)
+DROPPED = (("DeepSpeed", "Setting accelerator to CPU"),)
 
 
 class _DropRecords(logging.Filter):

@@ -27,7 +27,9 @@ class BatchSplit:
         if self.micro_steps < 1:
             raise HetlmError(f"micro_steps must be >= 1, got {self.micro_steps}")
         if not self.shares or any(s < 1 for s in self.shares):
-            raise HetlmError(f"every rank needs at least one sample per step, got shares {list(self.shares)}")
+            raise HetlmError(
+                f"every rank needs at least one sample per step, got shares {list(self.shares)}"
+            )
         if sum(self.shares) != self.global_batch:
             raise HetlmError(
                 f"per-rank shares {list(self.shares)} sum to {sum(self.shares)}, not the global batch "

@@ -37,8 +37,9 @@ def normalize_report_to(value: Any) -> list[str]:
         return []
     unknown = [n for n in names if n not in TRACKERS]
     if unknown:
-        raise ValueError(f"unknown tracker {unknown[0]!r}: choose from "
-                         f"{', '.join(TRACKERS)} or none")
+        raise ValueError(
+            f"unknown tracker {unknown[0]!r}: choose from {', '.join(TRACKERS)} or none"
+        )
     return list(dict.fromkeys(names))
 
 
@@ -47,8 +48,9 @@ def check_installed(names: list[str]) -> None:
     for name in names:
         module, install = _REQUIRES[name]
         if not _installed(module):
-            raise ValueError(f"{name} is not installed: {install}, or remove it from "
-                             "train.report_to")
+            raise ValueError(
+                f"{name} is not installed: {install}, or remove it from train.report_to"
+            )
 
 
 def _installed(module: str) -> bool:

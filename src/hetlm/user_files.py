@@ -17,8 +17,9 @@ from pydantic import ValidationError
 from hetlm.errors import HetlmError
 
 
-def read_yaml(path: str | Path, what: str, *, missing_fix: str, syntax_fix: str,
-              allow_empty: bool = True) -> Any:
+def read_yaml(
+    path: str | Path, what: str, *, missing_fix: str, syntax_fix: str, allow_empty: bool = True
+) -> Any:
     """The parsed file, or a one-line HetlmError saying what is wrong and how to fix it."""
     import yaml
 
@@ -38,8 +39,9 @@ def read_yaml(path: str | Path, what: str, *, missing_fix: str, syntax_fix: str,
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or "syntax error"
-        raise HetlmError(f"{what} {path} is not valid YAML{where}: {problem}: "
-                         f"{syntax_fix}") from None
+        raise HetlmError(
+            f"{what} {path} is not valid YAML{where}: {problem}: {syntax_fix}"
+        ) from None
     if data is None and not allow_empty:
         raise HetlmError(f"{what} {path} is empty: {missing_fix}")
     return data
@@ -51,8 +53,9 @@ _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 
 def _is_tag(part: object) -> bool:
-    return isinstance(part, str) and ("[" in part or part in _TYPE_TAGS
-                                      or part.startswith("function-"))
+    return isinstance(part, str) and (
+        "[" in part or part in _TYPE_TAGS or part.startswith("function-")
+    )
 
 
 def format_validation_error(exc: ValidationError, what: str, *, keys_help: str) -> str:

@@ -201,8 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     """``exec GROUP -- COMMAND...``: join GROUP, then become COMMAND."""
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) < 4 or argv[0] != "exec" or argv[2] != "--":
-        print("usage: python -m hetlm.bench.cgroups exec GROUP -- COMMAND [ARGS...]",
-              file=sys.stderr)
+        print(
+            "usage: python -m hetlm.bench.cgroups exec GROUP -- COMMAND [ARGS...]", file=sys.stderr
+        )
         return 2
     join(argv[1])
     os.execvp(argv[3], argv[3:])

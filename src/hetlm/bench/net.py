@@ -36,8 +36,10 @@ def parse_size(text: str) -> int:
     """``"4M"`` -> 4194304; accepts K/M/G with an optional ``B`` / ``iB``, or plain bytes."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?)(?:I?B)?\s*", text.upper())
     if not match:
-        raise HetlmError(f"size {text!r}: write a number of bytes with an optional K, M or G "
-                         "suffix (binary: 1M = 2^20 bytes), e.g. 1M or 256M")
+        raise HetlmError(
+            f"size {text!r}: write a number of bytes with an optional K, M or G "
+            "suffix (binary: 1M = 2^20 bytes), e.g. 1M or 256M"
+        )
     value = float(match.group(1)) * _UNITS[match.group(2)]
     if value < 4:
         raise HetlmError(f"size {text!r} is below one float32 element (4 bytes)")
@@ -54,8 +56,9 @@ def format_size(size: int) -> str:
 def message_sizes(min_size: int, max_size: int, factor: int = 2) -> list[int]:
     """Sizes from ``min_size`` to ``max_size``, times ``factor`` each (nccl-tests ``-f``)."""
     if min_size > max_size:
-        raise HetlmError(f"--min-size {format_size(min_size)} is above --max-size "
-                         f"{format_size(max_size)}")
+        raise HetlmError(
+            f"--min-size {format_size(min_size)} is above --max-size {format_size(max_size)}"
+        )
     if factor < 2:
         raise HetlmError("--factor must be at least 2")
     sizes = []
@@ -81,8 +84,9 @@ class Row:
     busbw_gbps: float
 
 
-def measure_allreduce(sizes: list[int], iters: int, warmup: int, min_iters: int = 3,
-                      device: Any = None) -> list[Row]:
+def measure_allreduce(
+    sizes: list[int], iters: int, warmup: int, min_iters: int = 3, device: Any = None
+) -> list[Row]:
     """Time in-place float32 SUM all-reduces of each size; call on every rank of the group."""
     import torch
     import torch.distributed as dist
@@ -101,8 +105,9 @@ def measure_allreduce(sizes: list[int], iters: int, warmup: int, min_iters: int 
             torch.cuda.synchronize(device)
         # Every rank must run the same number of collectives: agree on it from the slowest
         # rank's warm-up time.
-        per_iter = torch.tensor([(time.perf_counter() - started) / max(1, warmup)],
-                                dtype=torch.float64, device=device)
+        per_iter = torch.tensor(
+            [(time.perf_counter() - started) / max(1, warmup)], dtype=torch.float64, device=device
+        )
         dist.all_reduce(per_iter, op=dist.ReduceOp.MAX)
         n = max(min_iters, min(iters, math.ceil(TARGET_S_PER_SIZE / max(float(per_iter), 1e-6))))
         dist.barrier()
@@ -111,8 +116,9 @@ def measure_allreduce(sizes: list[int], iters: int, warmup: int, min_iters: int 
             dist.all_reduce(buffer)
         if cuda:
             torch.cuda.synchronize(device)
-        elapsed = torch.tensor([(time.perf_counter() - started) / n], dtype=torch.float64,
-                               device=device)
+        elapsed = torch.tensor(
+            [(time.perf_counter() - started) / n], dtype=torch.float64, device=device
+        )
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
         seconds = float(elapsed)
         algbw = count * 4 / seconds / 1e9
@@ -135,25 +141,42 @@ def format_markdown(rows: list[Row], meta: dict[str, Any]) -> str:
         "|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {format_size(r.size_bytes)} | {r.count:,} | {r.iters} | "
-                     f"{r.time_s * 1e6:,.1f} | {r.algbw_gbps:.3f} | {r.busbw_gbps:.3f} |")
+        lines.append(
+            f"| {format_size(r.size_bytes)} | {r.count:,} | {r.iters} | "
+            f"{r.time_s * 1e6:,.1f} | {r.algbw_gbps:.3f} | {r.busbw_gbps:.3f} |"
+        )
     if rows:
         peak = max(r.busbw_gbps for r in rows)
-        lines += ["", f"peak busbw {peak:.3f} GB/s = {peak * 8:.2f} Gbit/s "
-                  "(compare with the cluster file's network.inter_node_gbps)"]
+        lines += [
+            "",
+            f"peak busbw {peak:.3f} GB/s = {peak * 8:.2f} Gbit/s "
+            "(compare with the cluster file's network.inter_node_gbps)",
+        ]
     return "\n".join(lines) + "\n"
 
 
-def run_rank(*, min_size: int, max_size: int, factor: int, iters: int, warmup: int,
-             backend: str, output: str | None, timeout_s: float = 600.0) -> int:
+def run_rank(
+    *,
+    min_size: int,
+    max_size: int,
+    factor: int,
+    iters: int,
+    warmup: int,
+    backend: str,
+    output: str | None,
+    timeout_s: float = 600.0,
+) -> int:
     """The per-rank body under torchrun: measure, and on rank 0 print and write the results."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        raise HetlmError("hetlm bench net runs under torchrun on every node (torchrun ... -m "
-                         "hetlm.cli bench net), or on this machine with --local-nodes N")
+        raise HetlmError(
+            "hetlm bench net runs under torchrun on every node (torchrun ... -m "
+            "hetlm.cli bench net), or on this machine with --local-nodes N"
+        )
     import datetime
 
     import torch
     import torch.distributed as dist
+
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -174,10 +197,14 @@ def run_rank(*, min_size: int, max_size: int, factor: int, iters: int, warmup: i
         dist.all_gather_object(hosts, socket.gethostname())
         rows = measure_allreduce(sizes, iters, warmup, device=device)
         if dist.get_rank() == 0:
-            meta = {"backend": backend, "world_size": dist.get_world_size(),
-                    "nodes": int(os.environ.get("GROUP_WORLD_SIZE", "0")) or len(set(hosts)),
-                    "hosts": sorted(set(hosts)), "torch": str(torch.__version__),
-                    "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+            meta = {
+                "backend": backend,
+                "world_size": dist.get_world_size(),
+                "nodes": int(os.environ.get("GROUP_WORLD_SIZE", "0")) or len(set(hosts)),
+                "hosts": sorted(set(hosts)),
+                "torch": str(torch.__version__),
+                "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            }
             markdown = format_markdown(rows, meta)
             print(markdown, end="", flush=True)
             if output:
@@ -194,7 +221,6 @@ def write_results(output: str, rows: list[Row], meta: dict[str, Any], markdown: 
         prefix = prefix.with_suffix("")
     prefix.parent.mkdir(parents=True, exist_ok=True)
     prefix.with_suffix(".md").write_text(markdown, encoding="utf-8")
-    data = {**meta, "bus_factor": bus_factor(meta["world_size"]),
-            "rows": [asdict(r) for r in rows]}
+    data = {**meta, "bus_factor": bus_factor(meta["world_size"]), "rows": [asdict(r) for r in rows]}
     prefix.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
     print(f"written {prefix.with_suffix('.md')} and {prefix.with_suffix('.json')}", flush=True)

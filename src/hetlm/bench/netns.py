@@ -90,14 +90,35 @@ class NetnsPair:
                 continue
             rate_bytes = gbit * 1e9 / 8
             burst = max(int(rate_bytes * 0.004), 1 << 20)
-            _run("tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "tbf",
-                 "rate", f"{int(gbit * 1000)}mbit", "burst", str(burst), "latency", "100ms")
+            _run(
+                "tc",
+                "-n",
+                ns,
+                "qdisc",
+                "add",
+                "dev",
+                dev,
+                "root",
+                "tbf",
+                "rate",
+                f"{int(gbit * 1000)}mbit",
+                "burst",
+                str(burst),
+                "latency",
+                "100ms",
+            )
 
     def prefix(self, index: int) -> list[str]:
         """A command prefix that runs the rest of the command in namespace ``index``, with
         gloo's (and NCCL's) sockets on the veth pair."""
-        return ["ip", "netns", "exec", self.namespaces[index], "env",
-                *(f"{k}={v}" for k, v in self.env().items())]
+        return [
+            "ip",
+            "netns",
+            "exec",
+            self.namespaces[index],
+            "env",
+            *(f"{k}={v}" for k, v in self.env().items()),
+        ]
 
     def destroy(self) -> None:
         """Delete both namespaces (which deletes the veth pair with them)."""

@@ -72,8 +72,13 @@ def search_by_trying(fits: Callable[[int], bool], max_batch: int) -> int:
     return _bisect(lo, hi, fits)
 
 
-def search_by_fit(peak_of: Callable[[int], int | None], budget: float, max_batch: int,
-                  start: tuple[int, int] = (2, 8), max_rounds: int = 10) -> int:
+def search_by_fit(
+    peak_of: Callable[[int], int | None],
+    budget: float,
+    max_batch: int,
+    start: tuple[int, int] = (2, 8),
+    max_rounds: int = 10,
+) -> int:
     """Largest ``b <= max_batch`` whose measured peak is at most ``budget`` (0: none fits).
 
     ``peak_of(b)`` measures; ``None`` means the attempt died (a cgroup OOM kill): over budget.
@@ -167,9 +172,13 @@ class DeviceProbe:
         if self.note:
             data["note"] = self.note
         data["measured"] = [
-            {"micro_batch": m.micro_batch, "fits": m.fits, "peak_memory_gib": _gib(m.peak_bytes),
-             "samples_per_s": None if m.samples_per_s is None else round(m.samples_per_s, 4),
-             **({"note": m.note} if m.note else {})}
+            {
+                "micro_batch": m.micro_batch,
+                "fits": m.fits,
+                "peak_memory_gib": _gib(m.peak_bytes),
+                "samples_per_s": None if m.samples_per_s is None else round(m.samples_per_s, 4),
+                **({"note": m.note} if m.note else {}),
+            }
             for m in self.measured
         ]
         return data
@@ -207,8 +216,10 @@ class ProbeResult:
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        header = ("# written by `hetlm probe`; a cluster file reads `samples_per_s` from it "
-                  "(nodes.N.samples_per_s: <this file>)\n")
+        header = (
+            "# written by `hetlm probe`; a cluster file reads `samples_per_s` from it "
+            "(nodes.N.samples_per_s: <this file>)\n"
+        )
         text = header + yaml.safe_dump(self.to_dict(), sort_keys=False, width=100)
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(text, encoding="utf-8")
@@ -216,12 +227,16 @@ class ProbeResult:
         return path
 
     def format_table(self) -> str:
-        lines = [f"{'device':<10} {'memory GiB':>10} {'max micro-batch':>15} {'peak GiB':>9} "
-                 f"{'samples/s':>10}  name"]
+        lines = [
+            f"{'device':<10} {'memory GiB':>10} {'max micro-batch':>15} {'peak GiB':>9} "
+            f"{'samples/s':>10}  name"
+        ]
         for d in self.devices:
             peak = f"{d.peak_bytes / GIB:.2f}" if d.peak_bytes else "-"
-            lines.append(f"{d.device:<10} {d.memory_bytes / GIB:>10.2f} {d.max_micro_batch:>15} "
-                         f"{peak:>9} {d.samples_per_s:>10.2f}  {d.name}")
+            lines.append(
+                f"{d.device:<10} {d.memory_bytes / GIB:>10.2f} {d.max_micro_batch:>15} "
+                f"{peak:>9} {d.samples_per_s:>10.2f}  {d.name}"
+            )
         return "\n".join(lines)
 
 
@@ -247,15 +262,21 @@ class WorkerSession:
         self.close()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "hetlm.bench.probe_worker", json.dumps(self.spec)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True,
-            env=self.env)
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            text=True,
+            env=self.env,
+        )
         self.largest = 0
         ready = self._read()
         if ready is None:
             code = self.proc.wait()
             if code == -9:
-                raise HetlmError("the probe worker was killed while building the model: the "
-                                 "model and optimizer alone exceed the memory limit")
+                raise HetlmError(
+                    "the probe worker was killed while building the model: the "
+                    "model and optimizer alone exceed the memory limit"
+                )
             raise HetlmError(f"the probe worker failed (exit {code}): {self._stderr_tail()}")
         if "error" in ready:
             self.proc.wait()
@@ -266,7 +287,7 @@ class WorkerSession:
         assert self.proc is not None and self.proc.stdout is not None
         for line in self.proc.stdout:
             if line.startswith(PREFIX):
-                return json.loads(line[len(PREFIX):])
+                return json.loads(line[len(PREFIX) :])
         return None
 
     def _stderr_tail(self, chars: int = 1500) -> str:
@@ -279,8 +300,9 @@ class WorkerSession:
             self._start()
         assert self.proc is not None and self.proc.stdin is not None
         try:
-            self.proc.stdin.write(json.dumps({"micro_batch": size, "warmup": warmup,
-                                              "steps": steps}) + "\n")
+            self.proc.stdin.write(
+                json.dumps({"micro_batch": size, "warmup": warmup, "steps": steps}) + "\n"
+            )
             self.proc.stdin.flush()
             answer = self._read()
         except BrokenPipeError:
@@ -292,8 +314,9 @@ class WorkerSession:
         self.proc = None
         if code == -9:  # SIGKILL: the kernel's OOM killer (a cgroup limit) took it
             return Measurement(size, fits=False, note="killed by the kernel (memory limit)")
-        raise HetlmError(f"the probe worker failed at micro-batch {size} (exit {code}): "
-                         f"{self._stderr_tail()}")
+        raise HetlmError(
+            f"the probe worker failed at micro-batch {size} (exit {code}): {self._stderr_tail()}"
+        )
 
     def close(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -311,9 +334,16 @@ class WorkerSession:
         self._stderr.close()
 
 
-def probe_cpu(spec: dict[str, Any], memory_bytes: int, memory_source: str, reserve_bytes: int,
-              max_batch: int, warmup: int, steps: int,
-              progress: Progress) -> tuple[DeviceProbe, dict[str, Any]]:
+def probe_cpu(
+    spec: dict[str, Any],
+    memory_bytes: int,
+    memory_source: str,
+    reserve_bytes: int,
+    max_batch: int,
+    warmup: int,
+    steps: int,
+    progress: Progress,
+) -> tuple[DeviceProbe, dict[str, Any]]:
     """Fit-and-verify search against ``memory_bytes - reserve_bytes`` of peak anonymous memory;
     returns the result and the worker's description of itself (model, threads, torch)."""
     from hetlm.bench.probe_worker import can_reset_peak_rss
@@ -336,8 +366,10 @@ def probe_cpu(spec: dict[str, Any], memory_bytes: int, memory_source: str, reser
             result.fits, result.note = False, "peak over the memory limit"
         measured.append(result)
         peak = f"{result.peak_bytes / GIB:.3f} GiB" if result.peak_bytes else result.note
-        progress(f"  micro-batch {size:>5}: peak {peak} -> {'fits' if result.fits else 'over'} "
-                 f"(limit {budget / GIB:.3f} GiB)")
+        progress(
+            f"  micro-batch {size:>5}: peak {peak} -> {'fits' if result.fits else 'over'} "
+            f"(limit {budget / GIB:.3f} GiB)"
+        )
         return result
 
     def peak_of(size: int) -> int | None:
@@ -356,9 +388,11 @@ def probe_cpu(spec: dict[str, Any], memory_bytes: int, memory_source: str, reser
         if cap == 0 or timed is None:
             first = measured[0]
             need = f"{first.peak_bytes / GIB:.2f} GiB" if first.peak_bytes else "more"
-            raise HetlmError(f"not even a micro-batch of 1 fits: it needs {need}, the limit is "
-                             f"{budget / GIB:.2f} GiB ({memory_source}); give more memory "
-                             "(--memory-gib), a smaller model or a shorter --seq-len")
+            raise HetlmError(
+                f"not even a micro-batch of 1 fits: it needs {need}, the limit is "
+                f"{budget / GIB:.2f} GiB ({memory_source}); give more memory "
+                "(--memory-gib), a smaller model or a shorter --seq-len"
+            )
     finally:
         session.close()
     quota = cpu_quota()
@@ -366,12 +400,20 @@ def probe_cpu(spec: dict[str, Any], memory_bytes: int, memory_source: str, reser
     name = f"{cpu_name()} ({threads} thread{'s' if threads > 1 else ''}"
     name += f", CPU quota {quota:g} cores)" if quota else ")"
     result = DeviceProbe(
-        device="cpu", name=name, memory_bytes=memory_bytes, memory_source=memory_source,
-        reserve_bytes=reserve_bytes, max_micro_batch=cap, peak_bytes=timed.peak_bytes,
+        device="cpu",
+        name=name,
+        memory_bytes=memory_bytes,
+        memory_source=memory_source,
+        reserve_bytes=reserve_bytes,
+        max_micro_batch=cap,
+        peak_bytes=timed.peak_bytes,
         samples_per_s=timed.samples_per_s or 0.0,
         method="peak anonymous memory of a worker process: linear fit, verified by measurement",
-        measured=measured, threads=threads, planner_cap=session.ready.get("planner_cap"),
-        note=f"reached --max-batch {max_batch}: more may fit" if cap >= max_batch else None)
+        measured=measured,
+        threads=threads,
+        planner_cap=session.ready.get("planner_cap"),
+        note=f"reached --max-batch {max_batch}: more may fit" if cap >= max_batch else None,
+    )
     return result, session.ready
 
 
@@ -382,9 +424,17 @@ def _fits(result: Measurement, budget: float) -> bool:
 # --------------------------------------------------------------------------- CUDA: try until OOM
 
 
-def probe_cuda(spec: dict[str, Any], config: Any, index: int, memory_bytes: int | None,
-               reserve_bytes: int | None, max_batch: int, warmup: int, steps: int,
-               progress: Progress) -> DeviceProbe:
+def probe_cuda(
+    spec: dict[str, Any],
+    config: Any,
+    index: int,
+    memory_bytes: int | None,
+    reserve_bytes: int | None,
+    max_batch: int,
+    warmup: int,
+    steps: int,
+    progress: Progress,
+) -> DeviceProbe:
     """Out-of-memory search on ``cuda:index``, optionally under a smaller memory limit."""
     import torch
 
@@ -399,8 +449,13 @@ def probe_cuda(spec: dict[str, Any], config: Any, index: int, memory_bytes: int 
     budget = limit - reserve_bytes
     if budget < total:
         torch.cuda.set_per_process_memory_fraction(max(0.0, budget / total), index)
-    runner = StepRunner(config, spec["seq_len"], spec["precision"], device=f"cuda:{index}",
-                        ddp=spec.get("ddp", True))
+    runner = StepRunner(
+        config,
+        spec["seq_len"],
+        spec["precision"],
+        device=f"cuda:{index}",
+        ddp=spec.get("ddp", True),
+    )
     measured: list[Measurement] = []
 
     def fits(size: int) -> bool:
@@ -413,9 +468,11 @@ def probe_cuda(spec: dict[str, Any], config: Any, index: int, memory_bytes: int 
     try:
         cap = search_by_trying(fits, max_batch)
         if cap == 0:
-            raise HetlmError(f"not even a micro-batch of 1 fits on cuda:{index} "
-                             f"({budget / GIB:.2f} GiB usable): use a smaller model, a shorter "
-                             "--seq-len or ZeRO (hetlm plan --zero)")
+            raise HetlmError(
+                f"not even a micro-batch of 1 fits on cuda:{index} "
+                f"({budget / GIB:.2f} GiB usable): use a smaller model, a shorter "
+                "--seq-len or ZeRO (hetlm plan --zero)"
+            )
         progress(f"  timing micro-batch {cap}: {warmup} warm-up + {steps} timed steps")
         timed = runner.measure(cap, warmup=warmup, steps=steps)
         while not timed.fits and cap > 1:  # rare: fragmentation after the search
@@ -426,12 +483,18 @@ def probe_cuda(spec: dict[str, Any], config: Any, index: int, memory_bytes: int 
         if budget < total:
             torch.cuda.set_per_process_memory_fraction(1.0, index)
     return DeviceProbe(
-        device=f"cuda:{index}", name=props.name, memory_bytes=limit, memory_source=source,
-        reserve_bytes=reserve_bytes, max_micro_batch=cap, peak_bytes=timed.peak_bytes,
+        device=f"cuda:{index}",
+        name=props.name,
+        memory_bytes=limit,
+        memory_source=source,
+        reserve_bytes=reserve_bytes,
+        max_micro_batch=cap,
+        peak_bytes=timed.peak_bytes,
         samples_per_s=timed.samples_per_s or 0.0,
         method="out-of-memory search (doubling, then bisection)",
         measured=measured + [timed],
-        note=f"reached --max-batch {max_batch}: more may fit" if cap >= max_batch else None)
+        note=f"reached --max-batch {max_batch}: more may fit" if cap >= max_batch else None,
+    )
 
 
 # --------------------------------------------------------------------------- the whole probe
@@ -454,8 +517,9 @@ def resolve_precision(requested: str, device: str) -> str:
     else:
         import torch
 
-        support = DeviceSupport(torch.cuda.get_device_name(),
-                                cuda_precisions(torch.cuda.get_device_capability()))
+        support = DeviceSupport(
+            torch.cuda.get_device_name(), cuda_precisions(torch.cuda.get_device_capability())
+        )
     return choose_job_precision(requested, [support], option="--precision")
 
 
@@ -469,16 +533,28 @@ def default_cpu_memory() -> tuple[int, str]:
     if limit is None:
         return int(total_ram_bytes() * 0.9), "0.9 x RAM"
     used = cgroup_memory_usage(limit[1]) or 0
-    return limit[0] - used, (f"cgroup {limit[1]}: limit {limit[0] / GIB:.3f} GiB - "
-                             f"{used / GIB:.3f} GiB held by its processes")
+    return limit[0] - used, (
+        f"cgroup {limit[1]}: limit {limit[0] / GIB:.3f} GiB - "
+        f"{used / GIB:.3f} GiB held by its processes"
+    )
 
 
-def run_probe(model: str, seq_len: int, *, vocab_size: int = 32000, precision: str = "auto",
-              device: str = "auto", memory_gib: float | None = None,
-              reserve_gib: float | None = None,
-              max_batch: int = DEFAULT_MAX_BATCH, warmup: int = 1, steps: int = 3,
-              threads: int | None = None, ddp: bool = True,
-              progress: Progress | None = None) -> ProbeResult:
+def run_probe(
+    model: str,
+    seq_len: int,
+    *,
+    vocab_size: int = 32000,
+    precision: str = "auto",
+    device: str = "auto",
+    memory_gib: float | None = None,
+    reserve_gib: float | None = None,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    warmup: int = 1,
+    steps: int = 3,
+    threads: int | None = None,
+    ddp: bool = True,
+    progress: Progress | None = None,
+) -> ProbeResult:
     """Probe this node's devices: every visible GPU (``device="cuda"``) or the CPU.
 
     ``model`` is a preset (``bert-small``) or a Hugging Face config directory, as for
@@ -490,8 +566,13 @@ def run_probe(model: str, seq_len: int, *, vocab_size: int = 32000, precision: s
     devices = _devices(device)
     kind = "cpu" if devices == ["cpu"] else "cuda"
     precision = resolve_precision(precision, kind)
-    spec: dict[str, Any] = {"model": model, "vocab_size": vocab_size, "seq_len": seq_len,
-                            "precision": precision, "ddp": ddp}
+    spec: dict[str, Any] = {
+        "model": model,
+        "vocab_size": vocab_size,
+        "seq_len": seq_len,
+        "precision": precision,
+        "ddp": ddp,
+    }
     reserve = None if reserve_gib is None else int(reserve_gib * GIB)
     memory = int(memory_gib * GIB) if memory_gib else None
     results: list[DeviceProbe] = []
@@ -501,13 +582,19 @@ def run_probe(model: str, seq_len: int, *, vocab_size: int = 32000, precision: s
             memory, source = default_cpu_memory()
         if reserve is None:
             reserve = int(DEFAULT_RESERVE_FRACTION * memory)
-        spec.update(threads=threads or int(os.environ.get("OMP_NUM_THREADS") or 0)
-                    or usable_cpus(), memory_bytes=memory)
+        spec.update(
+            threads=threads or int(os.environ.get("OMP_NUM_THREADS") or 0) or usable_cpus(),
+            memory_bytes=memory,
+        )
         progress(f"probing cpu: {model}, seq {seq_len}, {precision}, memory {source}")
-        result, ready = probe_cpu(spec, memory, source, reserve, max_batch, warmup, steps,
-                                  progress)
-        return ProbeResult(model=ready["model"], seq_len=seq_len, precision=precision,
-                           devices=[result], torch_version=ready.get("torch"))
+        result, ready = probe_cpu(spec, memory, source, reserve, max_batch, warmup, steps, progress)
+        return ProbeResult(
+            model=ready["model"],
+            seq_len=seq_len,
+            precision=precision,
+            devices=[result],
+            torch_version=ready.get("torch"),
+        )
     import torch
 
     from hetlm.bench.probe_worker import model_info, planner_cap, resolve_model
@@ -515,22 +602,40 @@ def run_probe(model: str, seq_len: int, *, vocab_size: int = 32000, precision: s
     config, name = resolve_model(spec)
     for dev in devices:
         progress(f"probing {dev}: {name}, seq {seq_len}, {precision}")
-        result = probe_cuda(spec, config, int(dev.split(":")[1]), memory, reserve, max_batch,
-                            warmup, steps, progress)
-        result.planner_cap = planner_cap(config, result.memory_bytes, seq_len, precision,
-                                         is_cpu=False)
+        result = probe_cuda(
+            spec,
+            config,
+            int(dev.split(":")[1]),
+            memory,
+            reserve,
+            max_batch,
+            warmup,
+            steps,
+            progress,
+        )
+        result.planner_cap = planner_cap(
+            config, result.memory_bytes, seq_len, precision, is_cpu=False
+        )
         results.append(result)
-    return ProbeResult(model=model_info(config, name), seq_len=seq_len, precision=precision,
-                       devices=results, torch_version=str(torch.__version__))
+    return ProbeResult(
+        model=model_info(config, name),
+        seq_len=seq_len,
+        precision=precision,
+        devices=results,
+        torch_version=str(torch.__version__),
+    )
 
 
 def _visible_gpus() -> int:
     """CUDA devices, counted in a subprocess so that a CPU probe's parent never loads torch."""
     if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
         return 0
-    out = subprocess.run([sys.executable, "-c",
-                          "import torch; print(torch.cuda.device_count())"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     try:
         return int(out.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
@@ -551,8 +656,10 @@ def _devices(device: str) -> list[str]:
     names = [d.strip() for d in device.split(",") if d.strip()]
     for name in names:
         if not (name.startswith("cuda:") and name[5:].isdigit() and int(name[5:]) < count):
-            raise HetlmError(f"--device {name!r}: give cpu, cuda, auto or cuda:N with N < "
-                             f"{count} (the visible GPUs)")
+            raise HetlmError(
+                f"--device {name!r}: give cpu, cuda, auto or cuda:N with N < "
+                f"{count} (the visible GPUs)"
+            )
     return names
 
 

@@ -61,9 +61,13 @@ class Measurement:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Measurement:
-        return cls(micro_batch=int(data["micro_batch"]), fits=bool(data["fits"]),
-                   peak_bytes=data.get("peak_bytes"), step_s=list(data.get("step_s") or []),
-                   note=data.get("note"))
+        return cls(
+            micro_batch=int(data["micro_batch"]),
+            fits=bool(data["fits"]),
+            peak_bytes=data.get("peak_bytes"),
+            step_s=list(data.get("step_s") or []),
+            note=data.get("note"),
+        )
 
 
 def _status_bytes(key: str) -> int:
@@ -95,8 +99,16 @@ def reset_peak_rss() -> None:
 class StepRunner:
     """A model, its optimizer and a one-rank DDP wrapper on one device; ``measure(b)`` runs it."""
 
-    def __init__(self, config: Any, seq_len: int, precision: str, device: str = "cpu",
-                 threads: int | None = None, ddp: bool = True, seed: int = 0) -> None:
+    def __init__(
+        self,
+        config: Any,
+        seq_len: int,
+        precision: str,
+        device: str = "cpu",
+        threads: int | None = None,
+        ddp: bool = True,
+        seed: int = 0,
+    ) -> None:
         import torch
         from transformers import AutoModelForMaskedLM
 
@@ -120,8 +132,9 @@ class StepRunner:
         if ddp:
             module = self._wrap_ddp(module)
         self.module = module
-        self.optimizer = build_optimizer(module, lr=1e-4, weight_decay=0.01, betas=(0.9, 0.999),
-                                         eps=1e-6)
+        self.optimizer = build_optimizer(
+            module, lr=1e-4, weight_decay=0.01, betas=(0.9, 0.999), eps=1e-6
+        )
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self.autocast_dtype = dtype
         self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
@@ -158,8 +171,9 @@ class StepRunner:
     def step(self, batch) -> None:
         torch = self.torch
         ids, positions, labels = batch
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype,
-                            enabled=self.autocast_dtype is not None):
+        with torch.autocast(
+            self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
+        ):
             loss_sum, _ = self.module(ids, positions, labels)
         loss = loss_sum / labels.numel()
         (self.scaler.scale(loss) if self.scaler else loss).backward()
@@ -229,8 +243,10 @@ def resolve_model(spec: dict[str, Any]) -> tuple[Any, str]:
 
     config, name = resolve(spec["model"], int(spec["vocab_size"]), int(spec["seq_len"]))
     if getattr(config, "model_type", None) not in ("bert", "roberta"):
-        raise HetlmError(f"hetlm probe measures the masked-LM step of BERT/RoBERTa models, not "
-                         f"{getattr(config, 'model_type', None)!r}")
+        raise HetlmError(
+            f"hetlm probe measures the masked-LM step of BERT/RoBERTa models, not "
+            f"{getattr(config, 'model_type', None)!r}"
+        )
     return config, name
 
 
@@ -238,18 +254,30 @@ def model_info(config: Any, name: str) -> dict[str, Any]:
     from hetlm.cluster.memory import ModelShape
 
     shape = ModelShape.from_config(config, name=name)
-    return {"name": name, "model_type": shape.model_type, "n_params": shape.n_params,
-            "hidden_size": shape.hidden_size, "num_layers": shape.num_layers,
-            "num_heads": shape.num_heads, "vocab_size": shape.vocab_size}
+    return {
+        "name": name,
+        "model_type": shape.model_type,
+        "n_params": shape.n_params,
+        "hidden_size": shape.hidden_size,
+        "num_layers": shape.num_layers,
+        "num_heads": shape.num_heads,
+        "vocab_size": shape.vocab_size,
+    }
 
 
-def planner_cap(config: Any, memory_bytes: float, seq_len: int, precision: str,
-                is_cpu: bool) -> int:
+def planner_cap(
+    config: Any, memory_bytes: float, seq_len: int, precision: str, is_cpu: bool
+) -> int:
     """What ``hetlm plan``'s memory model allows on this much memory, to compare with."""
     from hetlm.cluster.memory import MemoryModel, ModelShape, max_micro_batch
 
-    return max_micro_batch(memory_bytes, ModelShape.from_config(config), seq_len, precision,
-                           model=MemoryModel.for_device(is_cpu))
+    return max_micro_batch(
+        memory_bytes,
+        ModelShape.from_config(config),
+        seq_len,
+        precision,
+        model=MemoryModel.for_device(is_cpu),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -265,24 +293,44 @@ def main(argv: list[str] | None = None) -> int:
     # A training rank reads its packed data through `datasets` (pyarrow): ~90 MB of resident
     # memory that the probe must not hand to the micro-batch.
     import datasets  # noqa: F401
+
     try:
         config, name = resolve_model(spec)
-        runner = StepRunner(config, spec["seq_len"], spec["precision"],
-                            spec.get("device", "cpu"), spec.get("threads"), spec.get("ddp", True))
-        cap = planner_cap(config, spec["memory_bytes"], spec["seq_len"], spec["precision"],
-                          is_cpu=True) if spec.get("memory_bytes") else None
+        runner = StepRunner(
+            config,
+            spec["seq_len"],
+            spec["precision"],
+            spec.get("device", "cpu"),
+            spec.get("threads"),
+            spec.get("ddp", True),
+        )
+        cap = (
+            planner_cap(
+                config, spec["memory_bytes"], spec["seq_len"], spec["precision"], is_cpu=True
+            )
+            if spec.get("memory_bytes")
+            else None
+        )
     except HetlmError as exc:
         _answer({"error": str(exc)})
         return 2
-    _answer({"ready": True, "model": model_info(config, name), "planner_cap": cap,
-             "rss_bytes": _status_bytes("VmRSS"), "threads": runner.torch.get_num_threads(),
-             "torch": str(runner.torch.__version__)})
+    _answer(
+        {
+            "ready": True,
+            "model": model_info(config, name),
+            "planner_cap": cap,
+            "rss_bytes": _status_bytes("VmRSS"),
+            "threads": runner.torch.get_num_threads(),
+            "torch": str(runner.torch.__version__),
+        }
+    )
     for line in sys.stdin:
         request = json.loads(line)
         if request.get("quit"):
             break
-        result = runner.measure(int(request["micro_batch"]), int(request.get("warmup", 1)),
-                                int(request.get("steps", 1)))
+        result = runner.measure(
+            int(request["micro_batch"]), int(request.get("warmup", 1)), int(request.get("steps", 1))
+        )
         _answer(result.to_dict())
     runner.close()
     return 0

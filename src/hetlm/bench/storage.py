@@ -120,9 +120,14 @@ def bench_io(path: str | Path, size_mib: int = 64) -> dict[str, Any]:
     finally:
         target.unlink(missing_ok=True)
     mb = size_mib * BLOCK / 1e6
-    return {"path": str(where), "filesystem": filesystem_of(where), "size_mib": size_mib,
-            "write_mb_s": round(mb / write_s, 1), "read_mb_s": round(mb / read_s, 1),
-            "read_uncached_by": method}
+    return {
+        "path": str(where),
+        "filesystem": filesystem_of(where),
+        "size_mib": size_mib,
+        "write_mb_s": round(mb / write_s, 1),
+        "read_mb_s": round(mb / read_s, 1),
+        "read_uncached_by": method,
+    }
 
 
 def _timed_read(target: Path, size_mib: int, method: str | None) -> tuple[float, str]:
@@ -145,8 +150,9 @@ def _timed_read(target: Path, size_mib: int, method: str | None) -> tuple[float,
                 os.close(fd)
                 buffer.close()
     if method is None:
-        method = "fadvise" if _fadvise_dontneed(target) else "none (page cache: read is a "\
-            "memory rate)"
+        method = (
+            "fadvise" if _fadvise_dontneed(target) else "none (page cache: read is a memory rate)"
+        )
     started = time.perf_counter()
     with target.open("rb", buffering=0) as f:
         while f.read(BLOCK):
@@ -155,18 +161,27 @@ def _timed_read(target: Path, size_mib: int, method: str | None) -> tuple[float,
 
 
 def format_io(result: dict[str, Any]) -> str:
-    return (f"{result['path']} ({result['filesystem']}): {result['size_mib']} MiB in 1 MiB blocks"
-            f"\n  write + fsync  {result['write_mb_s']:,.1f} MB/s"
-            f"\n  read           {result['read_mb_s']:,.1f} MB/s (uncached by "
-            f"{result['read_uncached_by']})")
+    return (
+        f"{result['path']} ({result['filesystem']}): {result['size_mib']} MiB in 1 MiB blocks"
+        f"\n  write + fsync  {result['write_mb_s']:,.1f} MB/s"
+        f"\n  read           {result['read_mb_s']:,.1f} MB/s (uncached by "
+        f"{result['read_uncached_by']})"
+    )
 
 
 # ---------------------------------------------------------------- bench data
 
 
-def bench_data(dataset: str | Path, *, batch: int = 16, seconds: float = 5.0,
-               tokens_per_s: float | None = None, split: str = "train", cold: bool = False,
-               seed: int = 0) -> dict[str, Any]:
+def bench_data(
+    dataset: str | Path,
+    *,
+    batch: int = 16,
+    seconds: float = 5.0,
+    tokens_per_s: float | None = None,
+    split: str = "train",
+    cold: bool = False,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Random batches read for ``seconds`` (then as long again with MLM masking)."""
     import numpy as np
 
@@ -183,8 +198,12 @@ def bench_data(dataset: str | Path, *, batch: int = 16, seconds: float = 5.0,
     rows = data[split].with_format("numpy")
     seq_len = int(meta["seq_len"])
     special = meta["special_token_ids"]
-    collator = MLMCollator(seq_len=seq_len, vocab_size=int(meta["vocab_size"]),
-                           mask_id=special["mask"], special_ids=list(special.values()))
+    collator = MLMCollator(
+        seq_len=seq_len,
+        vocab_size=int(meta["vocab_size"]),
+        mask_id=special["mask"],
+        special_ids=list(special.values()),
+    )
     rng = np.random.default_rng(seed)
     n = len(rows)
 
@@ -203,30 +222,43 @@ def bench_data(dataset: str | Path, *, batch: int = 16, seconds: float = 5.0,
     read_samples, read_s = run(False)
     collate_samples, collate_s = run(True)
     row_bytes = seq_len * 4
-    result = {"dataset": str(dataset), "split": split, "rows": n, "seq_len": seq_len,
-              "batch": batch, "seconds": seconds, "cache": method,
-              "filesystem": filesystem_of(Path(dataset)),
-              "read_samples_s": round(read_samples / read_s, 1),
-              "read_mb_s": round(read_samples * row_bytes / read_s / 1e6, 2),
-              "read_and_mask_samples_s": round(collate_samples / collate_s, 1)}
+    result = {
+        "dataset": str(dataset),
+        "split": split,
+        "rows": n,
+        "seq_len": seq_len,
+        "batch": batch,
+        "seconds": seconds,
+        "cache": method,
+        "filesystem": filesystem_of(Path(dataset)),
+        "read_samples_s": round(read_samples / read_s, 1),
+        "read_mb_s": round(read_samples * row_bytes / read_s / 1e6, 2),
+        "read_and_mask_samples_s": round(collate_samples / collate_s, 1),
+    }
     if tokens_per_s:
         needed = tokens_per_s / seq_len
-        result.update(needed_samples_s=round(needed, 1),
-                      needed_mb_s=round(needed * row_bytes / 1e6, 2),
-                      headroom=round(result["read_and_mask_samples_s"] / needed, 1))
+        result.update(
+            needed_samples_s=round(needed, 1),
+            needed_mb_s=round(needed * row_bytes / 1e6, 2),
+            headroom=round(result["read_and_mask_samples_s"] / needed, 1),
+        )
     return result
 
 
 def format_data(result: dict[str, Any]) -> str:
-    text = (f"{result['dataset']} [{result['split']}] ({result['filesystem']}, "
-            f"{result['cache']}): {result['rows']:,} rows of {result['seq_len']} tokens, random "
-            f"batches of {result['batch']}"
-            f"\n  read           {result['read_samples_s']:,.0f} samples/s "
-            f"({result['read_mb_s']:,.1f} MB/s)"
-            f"\n  read + mask    {result['read_and_mask_samples_s']:,.0f} samples/s")
+    text = (
+        f"{result['dataset']} [{result['split']}] ({result['filesystem']}, "
+        f"{result['cache']}): {result['rows']:,} rows of {result['seq_len']} tokens, random "
+        f"batches of {result['batch']}"
+        f"\n  read           {result['read_samples_s']:,.0f} samples/s "
+        f"({result['read_mb_s']:,.1f} MB/s)"
+        f"\n  read + mask    {result['read_and_mask_samples_s']:,.0f} samples/s"
+    )
     if "needed_samples_s" in result:
-        text += (f"\n  training needs {result['needed_samples_s']:,.0f} samples/s "
-                 f"({result['needed_mb_s']:,.2f} MB/s): headroom {result['headroom']}x")
+        text += (
+            f"\n  training needs {result['needed_samples_s']:,.0f} samples/s "
+            f"({result['needed_mb_s']:,.2f} MB/s): headroom {result['headroom']}x"
+        )
     return text
 
 
@@ -236,10 +268,12 @@ def format_data(result: dict[str, Any]) -> str:
 def register_io(bench_subparsers: Any) -> None:
     """Add ``io`` to ``hetlm bench``."""
     parser = bench_subparsers.add_parser(
-        "io", help="sequential write/read MB/s of a filesystem (page cache emptied)",
+        "io",
+        help="sequential write/read MB/s of a filesystem (page cache emptied)",
         description="Write --size-mib MiB in 1 MiB blocks (with fsync), empty the page cache "
-                    "(drop_caches as root, else O_DIRECT, else fadvise; the method is "
-                    "reported) and read it back sequentially.")
+        "(drop_caches as root, else O_DIRECT, else fadvise; the method is "
+        "reported) and read it back sequentially.",
+    )
     parser.add_argument("path", metavar="PATH", help="a folder on the filesystem to measure")
     parser.add_argument("--size-mib", type=int, default=64, help="file size (default 64)")
     parser.add_argument("--json", metavar="FILE", help="also write the result as JSON")
@@ -249,18 +283,26 @@ def register_io(bench_subparsers: Any) -> None:
 def register_data(bench_subparsers: Any) -> None:
     """Add ``data`` to ``hetlm bench``."""
     parser = bench_subparsers.add_parser(
-        "data", help="random-access samples/s of a packed dataset vs what training needs",
+        "data",
+        help="random-access samples/s of a packed dataset vs what training needs",
         description="Read random batches of a packed dataset through the training loader "
-                    "(datasets, numpy format) for --seconds, then again with MLM masking, and "
-                    "compare with the rate that --tokens-per-s needs.")
+        "(datasets, numpy format) for --seconds, then again with MLM masking, and "
+        "compare with the rate that --tokens-per-s needs.",
+    )
     parser.add_argument("dataset", metavar="DATASET", help="folder from `hetlm prepare`")
     parser.add_argument("--batch", type=int, default=16, help="samples per read (default 16)")
     parser.add_argument("--seconds", type=float, default=5.0, help="per measurement (default 5)")
-    parser.add_argument("--tokens-per-s", type=float, default=None, metavar="N",
-                        help="training throughput to compare with (all ranks reading here)")
+    parser.add_argument(
+        "--tokens-per-s",
+        type=float,
+        default=None,
+        metavar="N",
+        help="training throughput to compare with (all ranks reading here)",
+    )
     parser.add_argument("--split", default="train", choices=("train", "validation"))
-    parser.add_argument("--cold", action="store_true",
-                        help="evict the dataset from the page cache first")
+    parser.add_argument(
+        "--cold", action="store_true", help="evict the dataset from the page cache first"
+    )
     parser.add_argument("--json", metavar="FILE", help="also write the result as JSON")
     parser.set_defaults(func=run_data)
 
@@ -279,8 +321,14 @@ def run_io(args: argparse.Namespace) -> int:
 
 
 def run_data(args: argparse.Namespace) -> int:
-    result = bench_data(args.dataset, batch=args.batch, seconds=args.seconds,
-                        tokens_per_s=args.tokens_per_s, split=args.split, cold=args.cold)
+    result = bench_data(
+        args.dataset,
+        batch=args.batch,
+        seconds=args.seconds,
+        tokens_per_s=args.tokens_per_s,
+        split=args.split,
+        cold=args.cold,
+    )
     print(format_data(result))
     _write_json(args.json, result)
     return 0

@@ -117,8 +117,10 @@ def cgroup_memory_usage(path: str) -> int | None:
     v2 ``anon``): what its processes hold. Page cache is left out: the kernel drops it first
     when the limit is reached, so it does not take memory away from a new process."""
     rel = path.lstrip("/")
-    for stat_file, key in ((CGROUP_ROOT / "memory" / rel / "memory.stat", "total_rss"),
-                           (CGROUP_ROOT / rel / "memory.stat", "anon")):
+    for stat_file, key in (
+        (CGROUP_ROOT / "memory" / rel / "memory.stat", "total_rss"),
+        (CGROUP_ROOT / rel / "memory.stat", "anon"),
+    ):
         try:
             lines = stat_file.read_text().splitlines()
         except OSError:

@@ -82,7 +82,13 @@ def fits(
                 model = MemoryModel.for_device(is_cpu=False)
                 caps = [
                     max_micro_batch(
-                        usable, shape, max_length, precision, 0, 1, model,
+                        usable,
+                        shape,
+                        max_length,
+                        precision,
+                        0,
+                        1,
+                        model,
                         replace(spec, gradient_checkpointing=gc),
                     )
                     for gc in (False, True)
@@ -125,8 +131,9 @@ def format_fits(cells: list[Fit], max_length: int = 512, r: int = 16) -> str:
     ]
     for (model, base), row in rows.items():
         cells_text = " | ".join(train_cell(c) for c in row)
-        lines.append(f"| {_MODEL_NAMES.get(model, model)} | {base} | {row[0].base_gib:.1f} | "
-                     f"{cells_text} |")
+        lines.append(
+            f"| {_MODEL_NAMES.get(model, model)} | {base} | {row[0].base_gib:.1f} | {cells_text} |"
+        )
     lines += [
         "",
         f"Serving (`hetlm chat` / `serve`): weights + the KV cache of one {SERVE_TOKENS}-token "
@@ -138,9 +145,7 @@ def format_fits(cells: list[Fit], max_length: int = 512, r: int = 16) -> str:
     for (model, base), row in rows.items():
         if base.startswith("fp32"):
             continue
-        marks = " | ".join(
-            "fits" if c.serve_gib <= memory[c.gpu] * 0.9 else "–" for c in row
-        )
+        marks = " | ".join("fits" if c.serve_gib <= memory[c.gpu] * 0.9 else "–" for c in row)
         lines.append(
             f"| {_MODEL_NAMES.get(model, model)} | {base} | {row[0].serve_gib:.1f} | {marks} |"
         )

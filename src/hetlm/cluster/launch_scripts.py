@@ -31,8 +31,9 @@ def host_of(plan: Plan, node_index: int) -> str:
 
 
 def placeholders(plan: Plan) -> list[str]:
-    return [f"NODE{i}_HOST" for i, node in enumerate(plan.nodes)
-            if not (node.host or node.hostname)]
+    return [
+        f"NODE{i}_HOST" for i, node in enumerate(plan.nodes) if not (node.host or node.hostname)
+    ]
 
 
 def torchrun_command(
@@ -147,19 +148,28 @@ def slurm_script(
             "addresses); until then Slurm chooses those nodes."
         )
     common = [f"#SBATCH --job-name={job_name}", "#SBATCH --output=%x-%j.out"]
-    common.append(f"#SBATCH --partition={options.partition}" if options.partition else
-                  "##SBATCH --partition=PARTITION  # FILL IN (hetlm plan --slurm-partition); "
-                  "the default partition until then")
-    common.append(f"#SBATCH --time={time_limit}" if time_limit else
-                  "##SBATCH --time=D-HH:MM:SS  # FILL IN (hetlm plan --slurm-time); the "
-                  "partition's default limit until then")
+    common.append(
+        f"#SBATCH --partition={options.partition}"
+        if options.partition
+        else "##SBATCH --partition=PARTITION  # FILL IN (hetlm plan --slurm-partition); "
+        "the default partition until then"
+    )
+    common.append(
+        f"#SBATCH --time={time_limit}"
+        if time_limit
+        else "##SBATCH --time=D-HH:MM:SS  # FILL IN (hetlm plan --slurm-time); the "
+        "partition's default limit until then"
+    )
     if options.account:
         common.append(f"#SBATCH --account={options.account}")
 
     def node_lines(count: int, nodes: int) -> list[str]:
-        return [f"#SBATCH --nodes={nodes}", "#SBATCH --ntasks-per-node=1",
-                f"#SBATCH --gres=gpu:{count}",
-                f"#SBATCH --cpus-per-task={count * options.cpus_per_gpu}"]
+        return [
+            f"#SBATCH --nodes={nodes}",
+            "#SBATCH --ntasks-per-node=1",
+            f"#SBATCH --gres=gpu:{count}",
+            f"#SBATCH --cpus-per-task={count * options.cpus_per_gpu}",
+        ]
 
     def nodelist(known: list[str | None]) -> str:
         if all(known):
@@ -174,23 +184,30 @@ def slurm_script(
         for i, count in enumerate(counts):
             if i:
                 lines.append("#SBATCH hetjob")
-            pin = (f"#SBATCH --nodelist={names[i]}" if names[i] else
-                   f"##SBATCH --nodelist=NODE{i}_HOSTNAME  # FILL IN node {plan.nodes[i].name}")
+            pin = (
+                f"#SBATCH --nodelist={names[i]}"
+                if names[i]
+                else f"##SBATCH --nodelist=NODE{i}_HOSTNAME  # FILL IN node {plan.nodes[i].name}"
+            )
             lines += node_lines(count, 1) + [pin]
     lines += ["", "set -eo pipefail"]
     if options.env:
         lines += ["# the environment; srun passes it on to every node", *options.env]
     else:
-        lines.append("# FILL IN: activate the environment that has hetlm, e.g. "
-                     "source /nfs/envs/hetlm/bin/activate (hetlm plan --slurm-env), or submit "
-                     "from it (sbatch passes the environment on)")
+        lines.append(
+            "# FILL IN: activate the environment that has hetlm, e.g. "
+            "source /nfs/envs/hetlm/bin/activate (hetlm plan --slurm-env), or submit "
+            "from it (sbatch passes the environment on)"
+        )
     lines.append("set -u  # after the set-up: activate scripts may read unset variables")
     if names[0]:
         lines.append(f"MASTER_ADDR={shlex.quote(names[0])}  # node 0 of the plan")
     else:  # node 0 not pinned: the first node of its allocation
         nodes_var = "SLURM_JOB_NODELIST" if uniform else "SLURM_JOB_NODELIST_HET_GROUP_0"
-        lines.append(f'MASTER_ADDR=$(scontrol show hostnames "${nodes_var}" | head -n 1)'
-                     "  # node 0 of the plan")
+        lines.append(
+            f'MASTER_ADDR=$(scontrol show hostnames "${nodes_var}" | head -n 1)'
+            "  # node 0 of the plan"
+        )
     lines += [f"MASTER_PORT={master_port}", ""]
     pinned = all(names)
     for i in range(n_nodes):

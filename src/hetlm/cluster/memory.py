@@ -347,8 +347,13 @@ class MemoryModel:
     def for_device(cls, is_cpu: bool, layout: Layout = "torch") -> MemoryModel:
         """GPU defaults, or CPU ones: eager attention (SDPA's math fallback), no CUDA context."""
         if is_cpu:
-            return cls(layout=layout, attention="eager", overhead_gib=0.5, foreach_optimizer=False,
-                       fused_dropout=False)
+            return cls(
+                layout=layout,
+                attention="eager",
+                overhead_gib=0.5,
+                foreach_optimizer=False,
+                fused_dropout=False,
+            )
         return cls(layout=layout)
 
 
@@ -409,9 +414,7 @@ def estimate_memory(
         trained = float(shape.n_params)
     # foreach AdamW materialises e.g. sqrt(v) for all of its parameters at once.
     step = (
-        4.0 * trained / (world_size if zero_stage >= 1 else 1)
-        if model.foreach_optimizer
-        else 0.0
+        4.0 * trained / (world_size if zero_stage >= 1 else 1) if model.foreach_optimizer else 0.0
     )
     tensors = states.persistent + max(states.working + activations, step)
     return MemoryEstimate(
@@ -437,8 +440,9 @@ def max_micro_batch(
     model = model or MemoryModel()
 
     def estimate(batch: int) -> MemoryEstimate:
-        return estimate_memory(shape, batch, seq_len, precision, zero_stage, world_size, model,
-                               lora)
+        return estimate_memory(
+            shape, batch, seq_len, precision, zero_stage, world_size, model, lora
+        )
 
     one = estimate(1)
     if one.total > device_memory_bytes:

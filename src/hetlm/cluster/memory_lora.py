@@ -117,7 +117,8 @@ class LoraSpec:
     def as_dict(self) -> dict:
         return {
             "r": self.r,
-            "target_modules": "all-linear" if self.target_modules is None
+            "target_modules": "all-linear"
+            if self.target_modules is None
             else list(self.target_modules),
             "quantization": self.quantization,
             "base_dtype": self.base_dtype,
@@ -249,8 +250,12 @@ def lora_activation_bytes_per_sample(
     per_token += 3 * c * i  # gate output (SiLU's input), SiLU output, up output
     # LoRA: each adapted layer keeps its (dropped-out) input, cast to c, for A's gradient,
     # and x @ A (r wide) for B's gradient.
-    for group, members in (("qkv", ("q_proj", "k_proj", "v_proj")), ("o", ("o_proj",)),
-                           ("mlp", ("gate_proj", "up_proj")), ("down", ("down_proj",))):
+    for group, members in (
+        ("qkv", ("q_proj", "k_proj", "v_proj")),
+        ("o", ("o_proj",)),
+        ("mlp", ("gate_proj", "up_proj")),
+        ("down", ("down_proj",)),
+    ):
         used = [m for m in members if m in adapted]
         if not used:
             continue

@@ -54,8 +54,10 @@ DEFAULT_EFFICIENCY = 0.4  # achieved / peak dense FLOP/s for transformer trainin
 def choose_precision(cluster: Cluster, requested: str = "auto") -> str:
     """bf16 if every device has it, else fp16 (dynamic loss scaling), else fp32; or check a
     request (the one rule: ``hetlm.cluster.precision``)."""
-    devices = [DeviceSupport(f"{gpu.describe()} on {', '.join(nodes)}", gpu.precisions)
-               for gpu, nodes in _distinct_gpus(cluster)]
+    devices = [
+        DeviceSupport(f"{gpu.describe()} on {', '.join(nodes)}", gpu.precisions)
+        for gpu, nodes in _distinct_gpus(cluster)
+    ]
     return choose_job_precision(requested, devices, option="--precision")
 
 
@@ -550,9 +552,13 @@ def load_plan(path: str | Path) -> Plan:
 
     from hetlm.user_files import read_yaml
 
-    data = read_yaml(path, "plan file", allow_empty=False,
-                     missing_fix="create it with `hetlm plan CLUSTER.yaml ... --output PLAN.yaml`",
-                     syntax_fix="re-run `hetlm plan`")
+    data = read_yaml(
+        path,
+        "plan file",
+        allow_empty=False,
+        missing_fix="create it with `hetlm plan CLUSTER.yaml ... --output PLAN.yaml`",
+        syntax_fix="re-run `hetlm plan`",
+    )
     return Plan.from_dict(data, source=str(path))
 
 
@@ -595,7 +601,9 @@ def make_plan(
         stages = _lora_stages(stages, lora, zero_stage == "auto")
     devices = cluster.devices
     n = len(devices)
-    flops = lora_flops_per_sample(shape, seq_len, lora) if lora else flops_per_sample(shape, seq_len)
+    flops = (
+        lora_flops_per_sample(shape, seq_len, lora) if lora else flops_per_sample(shape, seq_len)
+    )
     speeds = [_speed(d.gpu, d.samples_per_s, chosen_precision, efficiency, flops) for d in devices]
 
     stage, caps = _choose_stage(
@@ -615,9 +623,7 @@ def make_plan(
         sent = lora_comm_bytes(stage, chosen_engine, shape, lora, chosen_precision, n, steps)
     else:
         sent = comm_bytes(stage, chosen_engine, shape.n_params, chosen_precision, n, steps)
-    comm_s = sent / (
-        cluster.slowest_link_gbps * 1e9 / 8
-    )
+    comm_s = sent / (cluster.slowest_link_gbps * 1e9 / 8)
     split = BatchSplit(global_batch=global_batch, micro_steps=steps, shares=tuple(shares))
     rows = []
     for d, cap, share, speed in zip(devices, caps, shares, speeds, strict=True):
@@ -673,8 +679,12 @@ def make_plan(
         zero_stage=stage,
         engine=chosen_engine,
         nodes=[
-            {"name": node.name, "host": node.host, "hostname": node.hostname,
-             "ranks": len(node.devices)}
+            {
+                "name": node.name,
+                "host": node.host,
+                "hostname": node.hostname,
+                "ranks": len(node.devices),
+            }
             for node in cluster.nodes
         ],
         network={
@@ -692,7 +702,9 @@ def make_plan(
         ranks=rows,
         step_s=_round(step_s),
         task="sft" if lora is not None else "pretrain",
-        lora=None if lora is None else {
+        lora=None
+        if lora is None
+        else {
             **lora.as_dict(),
             "trainable_params": lora_parameter_count(shape, lora),
             "base_gib": round(base_bytes(shape, lora) / GIB, 3),

@@ -58,8 +58,9 @@ class DeviceSupport:
         return self.precisions if self.auto is None else self.auto
 
 
-def choose_job_precision(requested: str, devices: Sequence[DeviceSupport], *,
-                         option: str = "train.precision") -> str:
+def choose_job_precision(
+    requested: str, devices: Sequence[DeviceSupport], *, option: str = "train.precision"
+) -> str:
     """The precision of the whole job, or a HetlmError naming the devices that cannot run it.
 
     ``option`` is how the user sets it (``train.precision`` in a config, ``--precision`` on
@@ -70,14 +71,23 @@ def choose_job_precision(requested: str, devices: Sequence[DeviceSupport], *,
                 return precision
         return "fp32"
     if requested not in TRAINING_PRECISIONS:
-        raise HetlmError(f"{option} must be auto, {', '.join(TRAINING_PRECISIONS)}, not "
-                         f"{requested!r}")
+        raise HetlmError(
+            f"{option} must be auto, {', '.join(TRAINING_PRECISIONS)}, not {requested!r}"
+        )
     lacking = [d.label for d in devices if requested not in d.precisions]
     if lacking:
-        hint = (" (bf16 needs compute capability >= 8.0, Ampere or newer)"
-                if requested == "bf16" else "")
-        alternative = ("fp16" if requested == "bf16"
-                       and all("fp16" in d.precisions for d in devices) else "auto")
-        raise HetlmError(f"precision {requested} is not supported by {'; '.join(lacking)}{hint}: "
-                         f"use {option} {alternative} or fp32")
+        hint = (
+            " (bf16 needs compute capability >= 8.0, Ampere or newer)"
+            if requested == "bf16"
+            else ""
+        )
+        alternative = (
+            "fp16"
+            if requested == "bf16" and all("fp16" in d.precisions for d in devices)
+            else "auto"
+        )
+        raise HetlmError(
+            f"precision {requested} is not supported by {'; '.join(lacking)}{hint}: "
+            f"use {option} {alternative} or fp32"
+        )
     return requested

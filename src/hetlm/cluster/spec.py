@@ -165,8 +165,10 @@ def check_slurm_time(value: str) -> str:
     value = value.strip()
     if _SLURM_TIME.fullmatch(value) or value.upper() in ("UNLIMITED", "INFINITE"):
         return value
-    raise ValueError(f"Slurm time limit {value!r} is not one of minutes, HH:MM:SS or "
-                     "D-HH:MM:SS (e.g. 2-00:00:00 for two days)")
+    raise ValueError(
+        f"Slurm time limit {value!r} is not one of minutes, HH:MM:SS or "
+        "D-HH:MM:SS (e.g. 2-00:00:00 for two days)"
+    )
 
 
 class ClusterSpec(_Strict):
@@ -281,8 +283,10 @@ def _read_probe_caps(value: str, base_dir: Path) -> list[int] | None:
     except (OSError, yaml.YAMLError):
         return None
     caps = data.get("max_micro_batch") if isinstance(data, dict) else None
-    if isinstance(caps, list) and caps and all(
-        isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in caps
+    if (
+        isinstance(caps, list)
+        and caps
+        and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in caps)
     ):
         return [int(c) for c in caps]
     return None
@@ -367,8 +371,12 @@ def parse_cluster(data: Any, source: str = "cluster", base_dir: Path | None = No
             )
             rank += 1
         nodes.append(
-            Node(name=node_spec.name or f"node{i}", host=node_spec.host, devices=tuple(devices),
-                 hostname=node_spec.hostname)
+            Node(
+                name=node_spec.name or f"node{i}",
+                host=node_spec.host,
+                devices=tuple(devices),
+                hostname=node_spec.hostname,
+            )
         )
     return Cluster(
         nodes=tuple(nodes),
@@ -383,8 +391,12 @@ def load_cluster(path: str | Path) -> Cluster:
     """Read a cluster YAML file; every problem is a one-line HetlmError."""
     from hetlm.user_files import read_yaml
 
-    data = read_yaml(path, "cluster file", allow_empty=False,
-                     missing_fix="give the path of a YAML file describing the nodes, at least "
-                     "one (see docs/PLANNER.md)",
-                     syntax_fix="fix the indentation or quoting there")
+    data = read_yaml(
+        path,
+        "cluster file",
+        allow_empty=False,
+        missing_fix="give the path of a YAML file describing the nodes, at least "
+        "one (see docs/PLANNER.md)",
+        syntax_fix="fix the indentation or quoting there",
+    )
     return parse_cluster(data, source=str(path), base_dir=Path(path).parent)

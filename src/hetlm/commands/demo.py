@@ -28,10 +28,19 @@ DEFAULT_CORPUS = "general_aozora/aozora_soseki_akutagawa.jsonl"
 OTHER_DEMOS: list[str] = ["domain", "sft"]  # "domain" -> hetlm.commands.demo_domain
 # The demo's models: 2 layers of width 128 (BERT: the shape of Google's BERT-Tiny), no dropout.
 DEMO_MODELS = {
-    "bert": {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
-             "intermediate_size": 512},
-    "llama": {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
-              "num_key_value_heads": 2, "intermediate_size": 344},
+    "bert": {
+        "hidden_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 512,
+    },
+    "llama": {
+        "hidden_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "intermediate_size": 344,
+    },
 }
 FILL_MASK_SENTENCES = 2  # held-out sentences shown with one token to guess
 # The token to guess is the first of these (particles and the like: the context decides them)
@@ -46,22 +55,38 @@ def register(subparsers) -> None:
     p.add_argument("--steps", type=int, default=1500, help="optimizer steps")
     p.add_argument("--vocab-size", type=int, default=4000)
     p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--model", default="llama", choices=sorted(DEMO_MODELS),
-                   help="llama: causal LM, next-token guesses (default: it gets past the "
-                   "token-frequency plateau on a CPU in minutes); bert: masked LM, fill-mask "
-                   "(stays on the plateau at this scale, and says so)")
-    p.add_argument("--preset", default=None, help="model preset (tiny|small|base|large); "
-                   "default: 2 layers of width 128, minutes on a CPU")
-    p.add_argument("--learning-rate", "--lr", type=float, default=2e-3, help="peak learning rate (5%% warm-up, "
-                   "then linear decay)")
+    p.add_argument(
+        "--model",
+        default="llama",
+        choices=sorted(DEMO_MODELS),
+        help="llama: causal LM, next-token guesses (default: it gets past the "
+        "token-frequency plateau on a CPU in minutes); bert: masked LM, fill-mask "
+        "(stays on the plateau at this scale, and says so)",
+    )
+    p.add_argument(
+        "--preset",
+        default=None,
+        help="model preset (tiny|small|base|large); "
+        "default: 2 layers of width 128, minutes on a CPU",
+    )
+    p.add_argument(
+        "--learning-rate",
+        "--lr",
+        type=float,
+        default=2e-3,
+        help="peak learning rate (5%% warm-up, then linear decay)",
+    )
     p.add_argument("--micro-batches", default="8,4", help="micro-batch of each emulated node")
     p.add_argument("--precision", default="auto", help="auto|fp32|bf16")
     p.set_defaults(func=run)
     if OTHER_DEMOS:
         import importlib
 
-        demos = p.add_subparsers(dest="demo", metavar="{" + ",".join(OTHER_DEMOS) + "}",
-                                 help="another demo (default: the pretraining demo)")
+        demos = p.add_subparsers(
+            dest="demo",
+            metavar="{" + ",".join(OTHER_DEMOS) + "}",
+            help="another demo (default: the pretraining demo)",
+        )
         for name in OTHER_DEMOS:
             importlib.import_module(f"hetlm.commands.demo_{name}").register_demo(demos)
 
@@ -73,8 +98,10 @@ def find_data_dir() -> Path:
     for base in (Path.cwd(), *Path(__file__).resolve().parents):
         if (base / "data" / DEFAULT_CORPUS).is_file():
             return base / "data"
-    raise HetlmError("cannot find the shipped corpus data/" + DEFAULT_CORPUS + ": run the demo "
-                     "from the hetlm checkout or pass --corpus")
+    raise HetlmError(
+        "cannot find the shipped corpus data/" + DEFAULT_CORPUS + ": run the demo "
+        "from the hetlm checkout or pass --corpus"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -94,45 +121,72 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"[2/4] packing into {args.seq_len}-token sequences")
     started = time.perf_counter()
-    summary = prepare_dataset([corpus], tokenizer_dir, work / "data", seq_len=args.seq_len,
-                              validation_fraction=0.05, overwrite=True)
+    summary = prepare_dataset(
+        [corpus],
+        tokenizer_dir,
+        work / "data",
+        seq_len=args.seq_len,
+        validation_fraction=0.05,
+        overwrite=True,
+    )
     print(summary.summary())
     timings["prepare"] = time.perf_counter() - started
 
     shape = DEMO_MODELS[args.model]
-    model = ({"type": args.model, "preset": args.preset} if args.preset else
-             {"type": args.model, "preset": "small", "overrides": shape, "dropout": 0.0})
+    model = (
+        {"type": args.model, "preset": args.preset}
+        if args.preset
+        else {"type": args.model, "preset": "small", "overrides": shape, "dropout": 0.0}
+    )
     # Every hyper-parameter written out: the demo shows what these settings reach, whatever
     # hetlm's defaults become.
     config = {
         "run": {"output_dir": str(work / "run"), "seed": 0},
         "data": {"dataset": str(work / "data")},
         "model": model,
-        "train": {"global_batch": sum(micro), "micro_batch": {"per_node": micro},
-                  "max_steps": args.steps, "learning_rate": args.learning_rate,
-                  "lr_scheduler_type": "linear",
-                  "warmup_steps": max(1, round(0.05 * args.steps)), "adam_beta1": 0.9,
-                  "adam_beta2": 0.98, "adam_epsilon": 1e-6, "weight_decay": 0.01,
-                  "max_grad_norm": 1.0, "mlm_probability": 0.15, "precision": args.precision,
-                  "save_steps": max(1, args.steps // 2),
-                  "eval_steps": max(1, args.steps // 4), "max_eval_samples": 512,
-                  "logging_steps": 10},
+        "train": {
+            "global_batch": sum(micro),
+            "micro_batch": {"per_node": micro},
+            "max_steps": args.steps,
+            "learning_rate": args.learning_rate,
+            "lr_scheduler_type": "linear",
+            "warmup_steps": max(1, round(0.05 * args.steps)),
+            "adam_beta1": 0.9,
+            "adam_beta2": 0.98,
+            "adam_epsilon": 1e-6,
+            "weight_decay": 0.01,
+            "max_grad_norm": 1.0,
+            "mlm_probability": 0.15,
+            "precision": args.precision,
+            "save_steps": max(1, args.steps // 2),
+            "eval_steps": max(1, args.steps // 4),
+            "max_eval_samples": 512,
+            "logging_steps": 10,
+        },
     }
     config_path = work / "pretrain.yaml"
     name = {"bert": "BERT", "llama": "LLaMA"}[args.model]
-    name = (f"{name}-{args.preset}" if args.preset else
-            f"{name} ({shape['num_hidden_layers']} layers of {shape['hidden_size']})")
-    print(f"[3/4] pretraining {name} on {len(micro)} emulated nodes, micro-batches "
-          f"{micro} (config: {config_path})")
+    name = (
+        f"{name}-{args.preset}"
+        if args.preset
+        else f"{name} ({shape['num_hidden_layers']} layers of {shape['hidden_size']})"
+    )
+    print(
+        f"[3/4] pretraining {name} on {len(micro)} emulated nodes, micro-batches "
+        f"{micro} (config: {config_path})"
+    )
     started = time.perf_counter()
-    run_summary = run_demo_step("pretrain", config, config_path, nodes=len(micro),
-                                what="pretraining")
+    run_summary = run_demo_step(
+        "pretrain", config, config_path, nodes=len(micro), what="pretraining"
+    )
     timings["pretrain"] = time.perf_counter() - started
 
     causal = args.model == "llama"
     task = "next token" if causal else "fill-mask"
-    print(f"[4/4] the most-frequent-token baseline, and {task} on held-out sentences through "
-          "the saved model (plain transformers)")
+    print(
+        f"[4/4] the most-frequent-token baseline, and {task} on held-out sentences through "
+        "the saved model (plain transformers)"
+    )
     baseline = heldout_baseline(config)
     model_dir = run_summary["model_dir"]
     sentences = held_out_sentences(work / "data", model_dir)
@@ -142,19 +196,22 @@ def run(args: argparse.Namespace) -> int:
     print(format_summary(run_summary))
     print(baseline_line(run_summary, baseline, model_dir, causal))
     for text, answer, predictions in examples:
-        print(f"{task:16s} {text} (held out; answer {answer}) -> "
-              + ", ".join(f"{t} ({s:.2f})" for t, s in predictions))
+        print(
+            f"{task:16s} {text} (held out; answer {answer}) -> "
+            + ", ".join(f"{t} ({s:.2f})" for t, s in predictions)
+        )
     if not examples:
         print(f"{task:16s} (no held-out sentence of 10-40 characters found)")
     print("time             " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
-    print(f"metrics          {work / 'run' / 'metrics.jsonl'} (plot: {work / 'run' / 'loss.png'}; "
-          f"tensorboard --logdir {work / 'run' / 'tensorboard'})")
+    print(
+        f"metrics          {work / 'run' / 'metrics.jsonl'} (plot: {work / 'run' / 'loss.png'}; "
+        f"tensorboard --logdir {work / 'run' / 'tensorboard'})"
+    )
     print("=" * 72)
     return 0
 
 
-def run_demo_step(command: str, config: dict, config_path: Path, *, nodes: int,
-                  what: str) -> dict:
+def run_demo_step(command: str, config: dict, config_path: Path, *, nodes: int, what: str) -> dict:
     """Write ``config`` to ``config_path``, empty its ``run.output_dir``, run ``hetlm <command>``
     on ``nodes`` emulated nodes and return the run's ``summary.json``."""
     import shutil
@@ -189,17 +246,23 @@ def baseline_line(summary: dict, baseline, model_dir: str, causal: bool = False)
 
     token = AutoTokenizer.from_pretrained(model_dir).convert_ids_to_tokens(baseline.token_id)
     ratio = summary["eval_accuracy"] / max(baseline.accuracy, 1e-12)
-    verdict = ("it predicts from the context" if ratio >= 2 else
-               "still on the token-frequency plateau (it has learnt which tokens are frequent, "
-               "not yet to read the context; docs/MODELS.md, 'Does it learn?')")
+    verdict = (
+        "it predicts from the context"
+        if ratio >= 2
+        else "still on the token-frequency plateau (it has learnt which tokens are frequent, "
+        "not yet to read the context; docs/MODELS.md, 'Does it learn?')"
+    )
     targets = "next tokens" if causal else "[MASK]s"
-    return (f"baseline         always guessing {token!r}: accuracy {baseline.accuracy:.1%} on the "
-            f"held-out {targets}; token frequencies alone: loss {baseline.loss:.3f}. The model: "
-            f"{ratio:.1f}x the baseline accuracy, {verdict}")
+    return (
+        f"baseline         always guessing {token!r}: accuracy {baseline.accuracy:.1%} on the "
+        f"held-out {targets}; token frequencies alone: loss {baseline.loss:.3f}. The model: "
+        f"{ratio:.1f}x the baseline accuracy, {verdict}"
+    )
 
 
-def held_out_sentences(dataset_dir: Path, model_dir: str,
-                       count: int = FILL_MASK_SENTENCES) -> list[tuple[list[int], int]]:
+def held_out_sentences(
+    dataset_dir: Path, model_dir: str, count: int = FILL_MASK_SENTENCES
+) -> list[tuple[list[int], int]]:
     """``count`` sentences of the held-out documents, each with the position of the token to
     guess (the first of ``MASK_CANDIDATES`` after its third token): (token ids, position).
 
@@ -223,7 +286,7 @@ def held_out_sentences(dataset_dir: Path, model_dir: str,
     for row in np.asarray(dataset["validation"].with_format("numpy")[:]["input_ids"]):
         ends = np.flatnonzero(row == period)
         for start, end in zip(ends[:-1], ends[1:], strict=True):
-            ids = row[start + 1:end + 1]
+            ids = row[start + 1 : end + 1]
             if np.isin(ids, special).any() or _occurs_in(ids, train):
                 continue
             sentence = tokenizer.decode(ids.tolist()).strip()
@@ -240,8 +303,8 @@ def _occurs_in(ids, stream) -> bool:
     import numpy as np
 
     n = len(ids)
-    starts = np.flatnonzero(stream[:len(stream) - n + 1] == ids[0])
-    return any((stream[s:s + n] == ids).all() for s in starts)
+    starts = np.flatnonzero(stream[: len(stream) - n + 1] == ids[0])
+    return any((stream[s : s + n] == ids).all() for s in starts)
 
 
 def _guess_position(ids, tokenizer) -> int | None:
@@ -262,16 +325,23 @@ def fill_mask_examples(model_dir: str, sentences: list[tuple[list[int], int]]) -
     fill = pipeline("fill-mask", model=model_dir, tokenizer=model_dir, device="cpu")
     out = []
     for ids, k in sentences:
-        text = (tokenizer.decode(ids[:k]).strip() + tokenizer.mask_token
-                + tokenizer.decode(ids[k + 1:]))
+        text = (
+            tokenizer.decode(ids[:k]).strip()
+            + tokenizer.mask_token
+            + tokenizer.decode(ids[k + 1 :])
+        )
         predictions = fill(text, top_k=5)
-        out.append((text, tokenizer.convert_ids_to_tokens(ids[k]),
-                    [(p["token_str"], float(p["score"])) for p in predictions]))
+        out.append(
+            (
+                text,
+                tokenizer.convert_ids_to_tokens(ids[k]),
+                [(p["token_str"], float(p["score"])) for p in predictions],
+            )
+        )
     return out
 
 
-def next_token_examples(model_dir: str, sentences: list[tuple[list[int], int]]
-                        ) -> list[Example]:
+def next_token_examples(model_dir: str, sentences: list[tuple[list[int], int]]) -> list[Example]:
     """Each sentence cut before its token: the causal LM's five likeliest next tokens."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -284,8 +354,14 @@ def next_token_examples(model_dir: str, sentences: list[tuple[list[int], int]]
         with torch.inference_mode():
             logits = model(input_ids=torch.tensor([start + ids[:k]])).logits[0, -1]
         top = logits.float().softmax(-1).topk(5)
-        out.append((tokenizer.decode(ids[:k]).strip() + "___",
-                    tokenizer.convert_ids_to_tokens(ids[k]),
-                    [(tokenizer.convert_ids_to_tokens(int(i)), float(p))
-                     for p, i in zip(top.values, top.indices, strict=True)]))
+        out.append(
+            (
+                tokenizer.decode(ids[:k]).strip() + "___",
+                tokenizer.convert_ids_to_tokens(ids[k]),
+                [
+                    (tokenizer.convert_ids_to_tokens(int(i)), float(p))
+                    for p, i in zip(top.values, top.indices, strict=True)
+                ],
+            )
+        )
     return out

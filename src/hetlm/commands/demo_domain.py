@@ -15,71 +15,168 @@ from hetlm.names import RenamedFlag
 # the full run (about 20-25 minutes on a busy 2-core CPU) and the quick one (tests: seconds).
 # The fine-tuning lr is higher than hetlm eval's 5e-5: these models are tiny and barely
 # pretrained, and at 5e-5 every one of them stays at the majority class.
-FULL = {"preset": "small", "steps": 300, "continue_steps": 150, "batch_size": 16,
-        "seq_len": 128, "vocab_size": 8000, "seeds": "0,1,2", "epochs": 2, "finetune_lr": 5e-4,
-        "max_train_examples": 600, "max_eval_examples": 500, "max_length": 128,
-        "mlm_max_sequences": 200, "max_corpus_chars": None, "threads": 1}
-QUICK = {"preset": "tiny", "steps": 8, "continue_steps": 4, "batch_size": 8, "seq_len": 64,
-         "vocab_size": 3000, "seeds": "0", "epochs": 1, "finetune_lr": 5e-5, "max_train_examples": 48,
-         "max_eval_examples": 48, "max_length": 64, "mlm_max_sequences": 8,
-         "max_corpus_chars": 60_000, "threads": 1}
+FULL = {
+    "preset": "small",
+    "steps": 300,
+    "continue_steps": 150,
+    "batch_size": 16,
+    "seq_len": 128,
+    "vocab_size": 8000,
+    "seeds": "0,1,2",
+    "epochs": 2,
+    "finetune_lr": 5e-4,
+    "max_train_examples": 600,
+    "max_eval_examples": 500,
+    "max_length": 128,
+    "mlm_max_sequences": 200,
+    "max_corpus_chars": None,
+    "threads": 1,
+}
+QUICK = {
+    "preset": "tiny",
+    "steps": 8,
+    "continue_steps": 4,
+    "batch_size": 8,
+    "seq_len": 64,
+    "vocab_size": 3000,
+    "seeds": "0",
+    "epochs": 1,
+    "finetune_lr": 5e-5,
+    "max_train_examples": 48,
+    "max_eval_examples": 48,
+    "max_length": 64,
+    "mlm_max_sequences": 8,
+    "max_corpus_chars": 60_000,
+    "threads": 1,
+}
 
 
 def register_demo(subparsers) -> None:
     """Add ``hetlm demo domain``."""
     p = subparsers.add_parser(
-        "domain", help="domain adaptation: general vs mixed vs continued pretraining on finance",
+        "domain",
+        help="domain adaptation: general vs mixed vs continued pretraining on finance",
         description="Pretrain three small BERTs with one tokenizer: (a) general corpus only, "
-                    "(b) general + finance from scratch, (c) (a) continued on finance; then "
-                    "held-out finance MLM and chABSA / Economy Watchers fine-tuning (mean ± std "
-                    "over seeds). The finance text is the evaluation's train split only. Writes "
-                    "domain_adaptation.{md,json,png} to --workdir. See docs/EVAL.md.")
+        "(b) general + finance from scratch, (c) (a) continued on finance; then "
+        "held-out finance MLM and chABSA / Economy Watchers fine-tuning (mean ± std "
+        "over seeds). The finance text is the evaluation's train split only. Writes "
+        "domain_adaptation.{md,json,png} to --workdir. See docs/EVAL.md.",
+    )
     p.add_argument("--workdir", default="runs/demo-domain", help="where everything is written")
-    p.add_argument("--quick", action="store_true",
-                   help="a tiny version in seconds (tiny model, few steps, 1 seed, small "
-                        "subsets): checks the path, not the science")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a tiny version in seconds (tiny model, few steps, 1 seed, small "
+        "subsets): checks the path, not the science",
+    )
     p.add_argument("--preset", default=None, help=f"model preset (default {FULL['preset']})")
-    p.add_argument("--steps", type=int, default=None, metavar="N",
-                   help=f"(a)'s optimizer steps; (b) gets N + M (default {FULL['steps']})")
-    p.add_argument("--continue-steps", type=int, default=None, metavar="M",
-                   help=f"(c)'s steps on finance after (a) (default {FULL['continue_steps']})")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help=f"sequences per optimizer step (default {FULL['batch_size']})")
-    p.add_argument("--seq-len", type=int, default=None,
-                   help=f"tokens per sequence (default {FULL['seq_len']})")
-    p.add_argument("--vocab-size", type=int, default=None,
-                   help=f"tokenizer size (default {FULL['vocab_size']})")
-    p.add_argument("--learning-rate", "--lr", dest="lr", type=float, default=1e-3,
-                   action=RenamedFlag, metavar="LR", help="lr of (a) and (b) (default 1e-3)")
-    p.add_argument("--continue-learning-rate", "--continue-lr", dest="continue_lr", type=float,
-                   default=None, action=RenamedFlag, metavar="LR",
-                   help="lr of (c) (default: the continued-pretraining default, 1e-4)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"(a)'s optimizer steps; (b) gets N + M (default {FULL['steps']})",
+    )
+    p.add_argument(
+        "--continue-steps",
+        type=int,
+        default=None,
+        metavar="M",
+        help=f"(c)'s steps on finance after (a) (default {FULL['continue_steps']})",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help=f"sequences per optimizer step (default {FULL['batch_size']})",
+    )
+    p.add_argument(
+        "--seq-len", type=int, default=None, help=f"tokens per sequence (default {FULL['seq_len']})"
+    )
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        default=None,
+        help=f"tokenizer size (default {FULL['vocab_size']})",
+    )
+    p.add_argument(
+        "--learning-rate",
+        "--lr",
+        dest="lr",
+        type=float,
+        default=1e-3,
+        action=RenamedFlag,
+        metavar="LR",
+        help="lr of (a) and (b) (default 1e-3)",
+    )
+    p.add_argument(
+        "--continue-learning-rate",
+        "--continue-lr",
+        dest="continue_lr",
+        type=float,
+        default=None,
+        action=RenamedFlag,
+        metavar="LR",
+        help="lr of (c) (default: the continued-pretraining default, 1e-4)",
+    )
     p.add_argument("--precision", default="auto", help="auto|fp32|bf16 (default auto)")
     ev = p.add_argument_group("evaluation (as hetlm eval)")
     ev.add_argument("--seeds", default=None, help=f"fine-tuning seeds (default {FULL['seeds']})")
-    ev.add_argument("--epochs", type=int, default=None,
-                    help=f"fine-tuning epochs (default {FULL['epochs']})")
-    ev.add_argument("--max-train-examples", type=int, default=None, metavar="N",
-                    help=f"fine-tuning subsample per task (default {FULL['max_train_examples']}; "
-                         "0: all)")
-    ev.add_argument("--max-eval-examples", type=int, default=None, metavar="N",
-                    help=f"test subsample per task (default {FULL['max_eval_examples']}; 0: all)")
-    ev.add_argument("--finetune-learning-rate", "--finetune-lr", dest="finetune_lr", type=float,
-                    default=None, action=RenamedFlag, metavar="LR",
-                    help=f"fine-tuning lr, the same for every model (default "
-                         f"{FULL['finetune_lr']:g})")
-    ev.add_argument("--max-length", type=int, default=None,
-                    help=f"fine-tuning tokens per example (default {FULL['max_length']})")
-    ev.add_argument("--mlm-max-sequences", type=int, default=None, metavar="N",
-                    help="held-out MLM sequences per corpus (default "
-                         f"{FULL['mlm_max_sequences']}; 0: all)")
-    ev.add_argument("--threads", type=int, default=None,
-                    help="torch CPU threads for pretraining and fine-tuning (default 1: on a "
-                         "busy 2-core machine 1 thread ran 6x faster than 2; try 2 on a quiet "
-                         "one)")
-    ev.add_argument("--data-dir", default=None, metavar="DIR",
-                    help="folder holding general_aozora/, finance_chabsa/ and "
-                         "finance_economy_watchers/ (default: the checkout's data/)")
+    ev.add_argument(
+        "--epochs", type=int, default=None, help=f"fine-tuning epochs (default {FULL['epochs']})"
+    )
+    ev.add_argument(
+        "--max-train-examples",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"fine-tuning subsample per task (default {FULL['max_train_examples']}; 0: all)",
+    )
+    ev.add_argument(
+        "--max-eval-examples",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"test subsample per task (default {FULL['max_eval_examples']}; 0: all)",
+    )
+    ev.add_argument(
+        "--finetune-learning-rate",
+        "--finetune-lr",
+        dest="finetune_lr",
+        type=float,
+        default=None,
+        action=RenamedFlag,
+        metavar="LR",
+        help=f"fine-tuning lr, the same for every model (default {FULL['finetune_lr']:g})",
+    )
+    ev.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help=f"fine-tuning tokens per example (default {FULL['max_length']})",
+    )
+    ev.add_argument(
+        "--mlm-max-sequences",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"held-out MLM sequences per corpus (default {FULL['mlm_max_sequences']}; 0: all)",
+    )
+    ev.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads for pretraining and fine-tuning (default 1: on a "
+        "busy 2-core machine 1 thread ran 6x faster than 2; try 2 on a quiet "
+        "one)",
+    )
+    ev.add_argument(
+        "--data-dir",
+        default=None,
+        metavar="DIR",
+        help="folder holding general_aozora/, finance_chabsa/ and "
+        "finance_economy_watchers/ (default: the checkout's data/)",
+    )
     p.set_defaults(func=run)
 
 
@@ -97,9 +194,15 @@ def settings_from_args(args: argparse.Namespace):
         if base[key] == 0:
             base[key] = None
     seeds = parse_seeds(str(base.pop("seeds")))
-    return DomainSettings(workdir=Path(args.workdir), seeds=seeds, lr=args.lr,
-                          continue_lr=args.continue_lr, precision=args.precision,
-                          data_dir=Path(args.data_dir) if args.data_dir else None, **base)
+    return DomainSettings(
+        workdir=Path(args.workdir),
+        seeds=seeds,
+        lr=args.lr,
+        continue_lr=args.continue_lr,
+        precision=args.precision,
+        data_dir=Path(args.data_dir) if args.data_dir else None,
+        **base,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -117,7 +220,9 @@ def run(args: argparse.Namespace) -> int:
     print(render(main_table(results)))
     print()
     print(results["budgets_note"])
-    print(f"time {time.perf_counter() - started:.0f} s; wrote {work / 'domain_adaptation.md'}, "
-          f".json, .png (evaluation details: {work / 'eval' / 'eval.md'})")
+    print(
+        f"time {time.perf_counter() - started:.0f} s; wrote {work / 'domain_adaptation.md'}, "
+        f".json, .png (evaluation details: {work / 'eval' / 'eval.md'})"
+    )
     print("=" * 72)
     return 0

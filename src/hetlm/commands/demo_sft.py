@@ -20,27 +20,54 @@ from pathlib import Path
 
 DOLLY = "instruct_dolly_ja/databricks-dolly-15k-ja_v0_every3rd.jsonl"
 PROMPT = "日本の首都はどこですか？"
-FULL = {"preset": "small", "vocab_size": 8000, "seq_len": 128, "pretrain_steps": 200,
-        "sft_steps": 60, "max_length": 256, "examples": None}
-QUICK = {"preset": "tiny", "vocab_size": 4000, "seq_len": 64, "pretrain_steps": 10,
-         "sft_steps": 4, "max_length": 128, "examples": 200}
+FULL = {
+    "preset": "small",
+    "vocab_size": 8000,
+    "seq_len": 128,
+    "pretrain_steps": 200,
+    "sft_steps": 60,
+    "max_length": 256,
+    "examples": None,
+}
+QUICK = {
+    "preset": "tiny",
+    "vocab_size": 4000,
+    "seq_len": 64,
+    "pretrain_steps": 10,
+    "sft_steps": 4,
+    "max_length": 128,
+    "examples": 200,
+}
 
 
 def register_demo(subparsers) -> None:
     """Add ``hetlm demo sft``."""
     p = subparsers.add_parser(
-        "sft", help="LoRA instruction tuning: pretrain a small LLaMA, tune it on dolly-ja, chat",
+        "sft",
+        help="LoRA instruction tuning: pretrain a small LLaMA, tune it on dolly-ja, chat",
         description="Pretrain a small LLaMA on the shipped Aozora corpus, LoRA-tune it on the "
-                    "shipped databricks-dolly-ja sample on two emulated nodes with different "
-                    "micro-batches, merge the adapter and answer a prompt. See docs/SFT.md.")
+        "shipped databricks-dolly-ja sample on two emulated nodes with different "
+        "micro-batches, merge the adapter and answer a prompt. See docs/SFT.md.",
+    )
     p.add_argument("--workdir", default="runs/demo-sft", help="where everything is written")
-    p.add_argument("--quick", action="store_true",
-                   help="a tiny version in well under a minute: checks the path, not the result")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a tiny version in well under a minute: checks the path, not the result",
+    )
     p.add_argument("--preset", default=None, help=f"llama preset (default {FULL['preset']})")
-    p.add_argument("--pretrain-steps", type=int, default=None,
-                   help=f"pretraining steps (default {FULL['pretrain_steps']})")
-    p.add_argument("--sft-steps", type=int, default=None,
-                   help=f"instruction-tuning steps (default {FULL['sft_steps']})")
+    p.add_argument(
+        "--pretrain-steps",
+        type=int,
+        default=None,
+        help=f"pretraining steps (default {FULL['pretrain_steps']})",
+    )
+    p.add_argument(
+        "--sft-steps",
+        type=int,
+        default=None,
+        help=f"instruction-tuning steps (default {FULL['sft_steps']})",
+    )
     p.add_argument("--micro-batches", default="8,4", help="micro-batch of each emulated node")
     p.add_argument("--precision", default="auto", help="auto|fp32|bf16")
     p.add_argument("--prompt", default=PROMPT, help="the question asked at the end")
@@ -65,12 +92,14 @@ def _write_instruction_texts(source: Path, target: Path, limit: int | None) -> P
                 break
     target.mkdir(parents=True, exist_ok=True)
     (target / "instructions.jsonl").write_text(
-        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    texts = ("\n".join(str(r.get(k) or "") for k in ("instruction", "input", "output"))
-             for r in rows)
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
+    )
+    texts = (
+        "\n".join(str(r.get(k) or "") for k in ("instruction", "input", "output")) for r in rows
+    )
     (target / "texts.jsonl").write_text(
-        "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts),
-        encoding="utf-8")
+        "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8"
+    )
     return target
 
 
@@ -89,21 +118,31 @@ def run(args: argparse.Namespace) -> int:
     corpus = data_dir / DEFAULT_CORPUS
     micro = [int(m) for m in args.micro_batches.split(",")]
     timings: dict[str, float] = {}
-    instructions = _write_instruction_texts(data_dir / DOLLY, work / "instructions",
-                                            s["examples"])
+    instructions = _write_instruction_texts(data_dir / DOLLY, work / "instructions", s["examples"])
 
-    print(f"[1/6] tokenizer: SentencePiece Unigram, vocab {s['vocab_size']}, on {corpus.name} "
-          "and the instruction texts")
+    print(
+        f"[1/6] tokenizer: SentencePiece Unigram, vocab {s['vocab_size']}, on {corpus.name} "
+        "and the instruction texts"
+    )
     started = time.perf_counter()
-    tokenizer_dir = train_tokenizer([corpus, instructions / "texts.jsonl"], work / "tokenizer",
-                                    vocab_size=s["vocab_size"],
-                                    input_sentence_size=20_000 if args.quick else 1_000_000)
+    tokenizer_dir = train_tokenizer(
+        [corpus, instructions / "texts.jsonl"],
+        work / "tokenizer",
+        vocab_size=s["vocab_size"],
+        input_sentence_size=20_000 if args.quick else 1_000_000,
+    )
     timings["tokenizer"] = time.perf_counter() - started
 
     print(f"[2/6] packing {corpus.name} into {s['seq_len']}-token sequences")
     started = time.perf_counter()
-    summary = prepare_dataset([corpus], tokenizer_dir, work / "data", seq_len=s["seq_len"],
-                              validation_fraction=0.02, overwrite=True)
+    summary = prepare_dataset(
+        [corpus],
+        tokenizer_dir,
+        work / "data",
+        seq_len=s["seq_len"],
+        validation_fraction=0.02,
+        overwrite=True,
+    )
     print(summary.summary())
     timings["prepare"] = time.perf_counter() - started
 
@@ -111,45 +150,67 @@ def run(args: argparse.Namespace) -> int:
         "run": {"output_dir": str(work / "pretrain"), "seed": 0},
         "data": {"dataset": str(work / "data")},
         "model": {"type": "llama", "preset": s["preset"]},
-        "train": {"global_batch": 16, "micro_batch": 16, "max_steps": s["pretrain_steps"],
-                  "learning_rate": 1e-3, "warmup_steps": max(1, s["pretrain_steps"] // 10),
-                  "precision": args.precision, "max_eval_samples": 64, "logging_steps": 25},
+        "train": {
+            "global_batch": 16,
+            "micro_batch": 16,
+            "max_steps": s["pretrain_steps"],
+            "learning_rate": 1e-3,
+            "warmup_steps": max(1, s["pretrain_steps"] // 10),
+            "precision": args.precision,
+            "max_eval_samples": 64,
+            "logging_steps": 25,
+        },
     }
     pretrain_path = work / "pretrain.yaml"
-    print(f"[3/6] pretraining LLaMA-{s['preset']} for {s['pretrain_steps']} steps "
-          f"(hetlm pretrain {pretrain_path})")
+    print(
+        f"[3/6] pretraining LLaMA-{s['preset']} for {s['pretrain_steps']} steps "
+        f"(hetlm pretrain {pretrain_path})"
+    )
     started = time.perf_counter()
-    base_summary = run_demo_step("pretrain", pretrain, pretrain_path, nodes=1,
-                                 what="pretraining")
-    print(f"      held-out next-token loss {base_summary['eval_loss']:.3f} "
-          f"(perplexity {base_summary['eval_perplexity']:.0f})")
+    base_summary = run_demo_step("pretrain", pretrain, pretrain_path, nodes=1, what="pretraining")
+    print(
+        f"      held-out next-token loss {base_summary['eval_loss']:.3f} "
+        f"(perplexity {base_summary['eval_perplexity']:.0f})"
+    )
     timings["pretrain"] = time.perf_counter() - started
 
     sft = {
         "run": {"output_dir": str(work / "sft"), "seed": 0},
         "model": {"init_from": base_summary["model_dir"]},
-        "data": {"dataset": str(instructions / "instructions.jsonl"), "template": "ja-alpaca",
-                 "max_length": s["max_length"], "validation_fraction": 0.02},
+        "data": {
+            "dataset": str(instructions / "instructions.jsonl"),
+            "template": "ja-alpaca",
+            "max_length": s["max_length"],
+            "validation_fraction": 0.02,
+        },
         "lora": {"r": 16, "alpha": 32, "dropout": 0.05},
-        "train": {"global_batch": sum(micro), "micro_batch": {"per_node": micro},
-                  "max_steps": s["sft_steps"], "learning_rate": 1e-3,
-                  "warmup_steps": max(1, s["sft_steps"] // 10), "precision": args.precision,
-                  "save_steps": max(1, s["sft_steps"] // 2), "max_eval_samples": 64,
-                  "logging_steps": 10},
+        "train": {
+            "global_batch": sum(micro),
+            "micro_batch": {"per_node": micro},
+            "max_steps": s["sft_steps"],
+            "learning_rate": 1e-3,
+            "warmup_steps": max(1, s["sft_steps"] // 10),
+            "precision": args.precision,
+            "save_steps": max(1, s["sft_steps"] // 2),
+            "max_eval_samples": 64,
+            "logging_steps": 10,
+        },
     }
     sft_path = work / "sft.yaml"
-    print(f"[4/6] LoRA instruction tuning on dolly-ja, {len(micro)} emulated nodes with "
-          f"micro-batches {micro} (hetlm sft {sft_path} --local-nodes {len(micro)})")
+    print(
+        f"[4/6] LoRA instruction tuning on dolly-ja, {len(micro)} emulated nodes with "
+        f"micro-batches {micro} (hetlm sft {sft_path} --local-nodes {len(micro)})"
+    )
     started = time.perf_counter()
-    run_summary = run_demo_step("sft", sft, sft_path, nodes=len(micro),
-                                what="instruction tuning")
+    run_summary = run_demo_step("sft", sft, sft_path, nodes=len(micro), what="instruction tuning")
     timings["sft"] = time.perf_counter() - started
 
     print("[5/6] merging the adapter into the base (hetlm export --merge)")
     from hetlm.sft.export import merge_adapter
 
-    merged = merge_adapter(base_summary["model_dir"], run_summary["adapter_dir"],
-                           work / "merged", overwrite=True)
+    merged = merge_adapter(
+        base_summary["model_dir"], run_summary["adapter_dir"], work / "merged", overwrite=True
+    )
 
     print(f"[6/6] asking the merged model: {args.prompt}")
     answer = ask(merged, args.prompt)
@@ -159,11 +220,16 @@ def run(args: argparse.Namespace) -> int:
     print(f"merged model     {merged}")
     print(f"question         {args.prompt}")
     print(f"answer           {answer}")
-    print("                 (greedy, >= 8 tokens, no repeated bigrams: a model this small and "
-          "briefly trained answers in Japanese-shaped fragments; the path is the point)")
+    print(
+        "                 (greedy, >= 8 tokens, no repeated bigrams: a model this small and "
+        "briefly trained answers in Japanese-shaped fragments; the path is the point)"
+    )
     print("time             " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
-    print("chat             hetlm chat --model " + base_summary["model_dir"]
-          + f" --adapter {run_summary['adapter_dir']}")
+    print(
+        "chat             hetlm chat --model "
+        + base_summary["model_dir"]
+        + f" --adapter {run_summary['adapter_dir']}"
+    )
     print(f"                 hetlm chat --model {merged} --cli   (terminal)")
     print("=" * 72)
     return 0
@@ -181,10 +247,16 @@ def ask(model_dir: str | Path, prompt: str, max_new_tokens: int = 48) -> str:
     engine = load_chat_model(model_dir, device="cpu")
     ids = torch.tensor([engine.encode([Message("user", prompt)])])
     with torch.no_grad():
-        out = engine.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                    max_new_tokens=max_new_tokens, min_new_tokens=8,
-                                    repetition_penalty=1.3, no_repeat_ngram_size=2,
-                                    eos_token_id=engine.eos_token_ids,
-                                    pad_token_id=engine.pad_token_id)
-    text = engine.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        out = engine.model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=8,
+            repetition_penalty=1.3,
+            no_repeat_ngram_size=2,
+            eos_token_id=engine.eos_token_ids,
+            pad_token_id=engine.pad_token_id,
+        )
+    text = engine.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     return " ".join(text.split()) or "(an empty reply)"

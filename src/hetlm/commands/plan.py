@@ -25,13 +25,14 @@ def register(subparsers: Any) -> None:
         "(speed decides, memory caps), precision, ZeRO stage and engine; writes the "
         "plan file, torchrun lines and a Slurm script.",
     )
-    parser.add_argument(
-        "cluster", nargs="?", help="cluster description YAML (see docs/PLANNER.md)"
-    )
+    parser.add_argument("cluster", nargs="?", help="cluster description YAML (see docs/PLANNER.md)")
     add_model_arguments(parser, default_preset=None)
     parser.add_argument("--global-batch", type=int, help="samples per optimizer step")
     parser.add_argument(
-        "--seq-len", "--max-length", type=int, dest="seq_len",
+        "--seq-len",
+        "--max-length",
+        type=int,
+        dest="seq_len",
         help="tokens per sample (sft: data.max_length)",
     )
     sft = parser.add_argument_group(
@@ -39,31 +40,40 @@ def register(subparsers: Any) -> None:
     )
     sft.add_argument("--task", choices=["pretrain", "sft"], default="pretrain")
     sft.add_argument(
-        "--sft-config", metavar="SFT.yaml",
+        "--sft-config",
+        metavar="SFT.yaml",
         help="read model, lora, quantization, max_length, global batch, precision and engine "
         "from an `hetlm sft` config (implies --task sft; other options override it)",
     )
     sft.add_argument("--lora-r", type=int, default=None, help="adapter rank (default 16)")
     sft.add_argument(
-        "--lora-targets", default=None,
+        "--lora-targets",
+        default=None,
         help="all-linear (default) or module names, e.g. q_proj,v_proj",
     )
     sft.add_argument("--lora-dropout", type=float, default=None, help="default 0.05")
     sft.add_argument(
-        "--quantization", choices=["none", "8bit", "4bit"], default=None,
+        "--quantization",
+        choices=["none", "8bit", "4bit"],
+        default=None,
         help="how the frozen base is loaded (default none)",
     )
     sft.add_argument(
-        "--base-dtype", choices=["fp32", "16bit"], default=None,
+        "--base-dtype",
+        choices=["fp32", "16bit"],
+        default=None,
         help="a non-quantized base: fp32 under autocast or 16-bit (default: what hetlm sft "
         "does there: 16-bit on GPUs training in bf16, else fp32)",
     )
     sft.add_argument(
-        "--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+        "--gradient-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="recompute each layer's activations in the backward",
     )
     sft.add_argument(
-        "--fits", action="store_true",
+        "--fits",
+        action="store_true",
         help="print what LoRA/QLoRA tuning and serving of LLaMA 1B/7B/13B fit on T4, V100, "
         "A6000 and A100 (at --max-length, default 512, and --lora-r) and exit",
     )
@@ -108,15 +118,24 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--master-port", type=int, default=29500)
     slurm = parser.add_argument_group(
-        "Slurm script", "override the cluster file's slurm: section (docs/PLANNER.md)")
+        "Slurm script", "override the cluster file's slurm: section (docs/PLANNER.md)"
+    )
     slurm.add_argument("--slurm-partition", help="#SBATCH --partition")
     slurm.add_argument("--slurm-time", help="#SBATCH --time, e.g. 2-00:00:00 or 12:00:00")
     slurm.add_argument("--slurm-account", help="#SBATCH --account")
-    slurm.add_argument("--slurm-cpus-per-gpu", type=int,
-                       help="CPU cores per GPU for each node's torchrun (default 4)")
-    slurm.add_argument("--slurm-env", action="append", default=[], metavar="LINE",
-                       help="a shell line run before the launch, e.g. \"source "
-                       "/nfs/envs/hetlm/bin/activate\" (repeatable; after the file's slurm.env)")
+    slurm.add_argument(
+        "--slurm-cpus-per-gpu",
+        type=int,
+        help="CPU cores per GPU for each node's torchrun (default 4)",
+    )
+    slurm.add_argument(
+        "--slurm-env",
+        action="append",
+        default=[],
+        metavar="LINE",
+        help='a shell line run before the launch, e.g. "source '
+        "/nfs/envs/hetlm/bin/activate\" (repeatable; after the file's slurm.env)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -211,8 +230,7 @@ def run(args: argparse.Namespace) -> int:
     plan_path = plan.save(args.output)
     slurm_path = plan_path.with_suffix(".sbatch")
     slurm_path.write_text(
-        slurm_script(plan, args.config, args.output, master_port=args.master_port,
-                     options=slurm),
+        slurm_script(plan, args.config, args.output, master_port=args.master_port, options=slurm),
         encoding="utf-8",
     )
     print(f"\nplan written to {plan_path}; Slurm script written to {slurm_path}")
@@ -223,8 +241,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"  [{plan.nodes[i].name}] {command}")
     unnamed = [node.name for i, node in enumerate(plan.nodes) if slurm_name(plan, i) is None]
     if unnamed:
-        print(f"Slurm script: no host name for {', '.join(unnamed)} (an IP address cannot go in "
-              "--nodelist): add hostname: to those nodes in the cluster file and re-plan")
+        print(
+            f"Slurm script: no host name for {', '.join(unnamed)} (an IP address cannot go in "
+            "--nodelist): add hostname: to those nodes in the cluster file and re-plan"
+        )
     missing = placeholders(plan)
     if missing:
         print(
@@ -251,7 +271,8 @@ def lora_spec(args: argparse.Namespace, default_base_dtype: str = "fp32"):
 
     targets = args.lora_targets or "all-linear"
     modules = (
-        None if targets == "all-linear"
+        None
+        if targets == "all-linear"
         else tuple(t.strip() for t in targets.split(",") if t.strip())
     )
     dropout = 0.05 if args.lora_dropout is None else args.lora_dropout
@@ -284,7 +305,8 @@ def _fill_from_sft_config(args: argparse.Namespace) -> None:
         "global_batch": train.global_batch,
         "seq_len": cfg.data.max_length,
         "lora_r": lora.r,
-        "lora_targets": lora.target_modules if isinstance(lora.target_modules, str)
+        "lora_targets": lora.target_modules
+        if isinstance(lora.target_modules, str)
         else ",".join(lora.target_modules),
         "lora_dropout": lora.dropout,
         "quantization": model.quantization,

@@ -16,10 +16,12 @@ from hetlm.commands.run_options import (
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "pretrain", help="pretraining (masked LM, ELECTRA, causal LM) from scratch or continued, "
+        "pretrain",
+        help="pretraining (masked LM, ELECTRA, causal LM) from scratch or continued, "
         "with per-rank micro-batches",
         description="Run under torchrun on each node (torchrun ... -m hetlm.cli pretrain "
-                    "CONFIG.yaml), or on one machine with --local-nodes N.")
+        "CONFIG.yaml), or on one machine with --local-nodes N.",
+    )
     add_run_arguments(p)
     p.set_defaults(func=run)
 
@@ -43,8 +45,13 @@ def run(args: argparse.Namespace) -> int:
         return launch_local("pretrain", args, config, lambda: precheck(config, args))
     from hetlm.train.pretrain import run_pretraining
 
-    summary = run_pretraining(config, resume=args.resume, overwrite=args.overwrite,
-                              extend=args.extend, stop_at_step=args.stop_at_step)
+    summary = run_pretraining(
+        config,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        extend=args.extend,
+        stop_at_step=args.stop_at_step,
+    )
     print_result(summary, args, format_summary)
     return 0
 
@@ -62,25 +69,38 @@ def precheck(config, args: argparse.Namespace) -> None:
     split = config.batch_split(world, [r // args.nproc_per_node for r in range(world)])
     plan_file = config.load_plan() if config.train.plan is not None else None
     # devices are checked by the ranks themselves; here only what the config decides
-    plan = resolve_plan(requested_precision=config.train.precision, engine=config.train.engine,
-                        zero_stage=config.train.zero_stage, split=split, devices=[],
-                        plan_file=plan_file, plan_path=str(config.train.plan))
+    plan = resolve_plan(
+        requested_precision=config.train.precision,
+        engine=config.train.engine,
+        zero_stage=config.train.zero_stage,
+        split=split,
+        devices=[],
+        plan_file=plan_file,
+        plan_path=str(config.train.plan),
+    )
     check_options(engine_options(config, plan, 0))
 
 
 def format_summary(summary: dict) -> str:
     if "eval_perplexity" in summary:
-        held_out = (f"held-out LM      loss {summary['eval_loss']:.3f}, perplexity "
-                    f"{summary['eval_perplexity']:.1f}, next-token accuracy "
-                    f"{summary['eval_accuracy']:.1%}")
+        held_out = (
+            f"held-out LM      loss {summary['eval_loss']:.3f}, perplexity "
+            f"{summary['eval_perplexity']:.1f}, next-token accuracy "
+            f"{summary['eval_accuracy']:.1%}"
+        )
     else:
-        held_out = (f"held-out MLM     loss {summary['eval_loss']:.3f}, accuracy "
-                    f"{summary['eval_accuracy']:.1%}")
-    return "\n".join([
-        steps_line(summary),
-        f"train loss       {summary['loss_first']:.3f} -> {summary['loss_last']:.3f}"
-        if summary["loss_first"] is not None else "train loss       (no steps run)",
-        held_out,
-        tokens_line(summary),
-        f"model            {summary['model_dir']}",
-    ])
+        held_out = (
+            f"held-out MLM     loss {summary['eval_loss']:.3f}, accuracy "
+            f"{summary['eval_accuracy']:.1%}"
+        )
+    return "\n".join(
+        [
+            steps_line(summary),
+            f"train loss       {summary['loss_first']:.3f} -> {summary['loss_last']:.3f}"
+            if summary["loss_first"] is not None
+            else "train loss       (no steps run)",
+            held_out,
+            tokens_line(summary),
+            f"model            {summary['model_dir']}",
+        ]
+    )

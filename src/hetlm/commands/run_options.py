@@ -15,41 +15,79 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """config, --resume [PATH], --overwrite, --extend, --stop-at-step, --local-nodes,
     --nproc-per-node, --max-restarts, --plan, --quiet, --help-config."""
     parser.add_argument("config", nargs="?", help="run configuration (YAML)")
-    parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="PATH",
-                        help="continue this run from its newest complete checkpoint in "
-                             "run.output_dir, or from the checkpoint folder PATH")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="delete the run already in run.output_dir (checkpoints, metrics, "
-                             "model) and start again; without it a fresh start there is refused")
-    parser.add_argument("--extend", choices=("continue", "restart"), default=None,
-                        help="on --resume with a changed train.max_steps: 'continue' decays the "
-                             "lr from its current value to 0 at the new max_steps, 'restart' "
-                             "warms up again and decays from that step (docs/FAULTS.md)")
-    parser.add_argument("--stop-at-step", type=int, default=None, metavar="N",
-                        help="checkpoint and stop at step N (e.g. before a Slurm time limit); "
-                             "continue later with --resume")
-    parser.add_argument("--local-nodes", type=int, default=0, metavar="N",
-                        help="emulate N nodes on this machine (N torchrun agents on 127.0.0.1, "
-                             "gloo)")
-    parser.add_argument("--nproc-per-node", type=int, default=1, metavar="K",
-                        help="ranks per emulated node (with --local-nodes)")
-    parser.add_argument("--max-restarts", type=int, default=0, metavar="K",
-                        help="(with --local-nodes) restart the whole job up to K times after a "
-                             "rank fails; it resumes from the latest good checkpoint by itself "
-                             "(default 0: a failure ends the run; see docs/FAULTS.md)")
-    parser.add_argument("--plan", default=None, metavar="PLAN.yaml",
-                        help="a plan from `hetlm plan`: per-rank shares and precision "
-                             "(overrides train.plan)")
-    parser.add_argument("--quiet", action="store_true",
-                        help="do not print the summary at the end")
-    parser.add_argument("--help-config", action="store_true",
-                        help="list every config key, its default and the defaults per model "
-                        "type and size, with their sources; with CONFIG, also that config's "
-                        "hyper-parameters as resolved; then exit")
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="PATH",
+        help="continue this run from its newest complete checkpoint in "
+        "run.output_dir, or from the checkpoint folder PATH",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete the run already in run.output_dir (checkpoints, metrics, "
+        "model) and start again; without it a fresh start there is refused",
+    )
+    parser.add_argument(
+        "--extend",
+        choices=("continue", "restart"),
+        default=None,
+        help="on --resume with a changed train.max_steps: 'continue' decays the "
+        "lr from its current value to 0 at the new max_steps, 'restart' "
+        "warms up again and decays from that step (docs/FAULTS.md)",
+    )
+    parser.add_argument(
+        "--stop-at-step",
+        type=int,
+        default=None,
+        metavar="N",
+        help="checkpoint and stop at step N (e.g. before a Slurm time limit); "
+        "continue later with --resume",
+    )
+    parser.add_argument(
+        "--local-nodes",
+        type=int,
+        default=0,
+        metavar="N",
+        help="emulate N nodes on this machine (N torchrun agents on 127.0.0.1, gloo)",
+    )
+    parser.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=1,
+        metavar="K",
+        help="ranks per emulated node (with --local-nodes)",
+    )
+    parser.add_argument(
+        "--max-restarts",
+        type=int,
+        default=0,
+        metavar="K",
+        help="(with --local-nodes) restart the whole job up to K times after a "
+        "rank fails; it resumes from the latest good checkpoint by itself "
+        "(default 0: a failure ends the run; see docs/FAULTS.md)",
+    )
+    parser.add_argument(
+        "--plan",
+        default=None,
+        metavar="PLAN.yaml",
+        help="a plan from `hetlm plan`: per-rank shares and precision (overrides train.plan)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="do not print the summary at the end")
+    parser.add_argument(
+        "--help-config",
+        action="store_true",
+        help="list every config key, its default and the defaults per model "
+        "type and size, with their sources; with CONFIG, also that config's "
+        "hyper-parameters as resolved; then exit",
+    )
 
 
-def launch_local(command: str, args: argparse.Namespace, config: Any,
-                 precheck: Callable[[], None]) -> int:
+def launch_local(
+    command: str, args: argparse.Namespace, config: Any, precheck: Callable[[], None]
+) -> int:
     """Run ``hetlm <command>`` on ``--local-nodes`` torchrun agents here, after checking what can
     be checked first (topology, then ``precheck``: a missing dataset, quantization support)."""
     from hetlm.errors import HetlmError
@@ -67,8 +105,13 @@ def launch_local(command: str, args: argparse.Namespace, config: Any,
 
     # refuse another run's folder before any agent starts (the run itself deletes, not this)
     plan_start(config.run.output_dir, resume=args.resume, overwrite=args.overwrite)
-    forwarded = [command, args.config] + (["--resume"] if args.resume is True else
-                                          ["--resume", str(args.resume)] if args.resume else [])
+    forwarded = [command, args.config] + (
+        ["--resume"]
+        if args.resume is True
+        else ["--resume", str(args.resume)]
+        if args.resume
+        else []
+    )
     forwarded += ["--overwrite"] if args.overwrite else []
     forwarded += ["--extend", args.extend] if args.extend else []
     forwarded += ["--quiet"] if args.quiet else []
@@ -76,8 +119,9 @@ def launch_local(command: str, args: argparse.Namespace, config: Any,
     if args.stop_at_step:
         forwarded += ["--stop-at-step", str(args.stop_at_step)]
     started = time.time()
-    code = run_local_nodes(forwarded, nodes=nodes, nproc_per_node=per_node,
-                           max_restarts=args.max_restarts)
+    code = run_local_nodes(
+        forwarded, nodes=nodes, nproc_per_node=per_node, max_restarts=args.max_restarts
+    )
     if code != 0:
         report_heartbeats(config.run.output_dir, nodes * per_node, since=started)
     return code
@@ -90,8 +134,11 @@ def report_heartbeats(output_dir, world_size: int, since: float) -> None:
 
     records = read_all(output_dir, world_size)
     if any(r is not None and r["time"] >= since for r in records):
-        print("hetlm: last heartbeats: " + "; ".join(
-            f"rank {r}: {describe(h)}" for r, h in enumerate(records)), file=sys.stderr)
+        print(
+            "hetlm: last heartbeats: "
+            + "; ".join(f"rank {r}: {describe(h)}" for r, h in enumerate(records)),
+            file=sys.stderr,
+        )
 
 
 def fix_resume_argument(args: argparse.Namespace) -> None:
@@ -101,22 +148,27 @@ def fix_resume_argument(args: argparse.Namespace) -> None:
     from hetlm.errors import HetlmError
 
     resume = args.resume
-    if (args.config is None and isinstance(resume, str)
-            and resume.endswith((".yaml", ".yml"))):
+    if args.config is None and isinstance(resume, str) and resume.endswith((".yaml", ".yml")):
         args.config, args.resume = resume, True
     if args.extend and not args.resume:
-        raise HetlmError(f"--extend {args.extend} reshapes the lr schedule of a resumed run: "
-                         "add --resume")
+        raise HetlmError(
+            f"--extend {args.extend} reshapes the lr schedule of a resumed run: add --resume"
+        )
 
 
-def print_result(summary: dict[str, Any], args: argparse.Namespace,
-                 format_summary: Callable[[dict[str, Any]], str]) -> None:
+def print_result(
+    summary: dict[str, Any],
+    args: argparse.Namespace,
+    format_summary: Callable[[dict[str, Any]], str],
+) -> None:
     """Rank 0 prints the summary, or where a run stopped early and how to continue."""
     if int(os.environ.get("RANK", "0")) != 0 or args.quiet:
         return
     if "stopped_at" in summary:
-        print(f"stopped at step {summary['stopped_at']}; checkpoint "
-              f"{summary['last_checkpoint']}; continue with --resume")
+        print(
+            f"stopped at step {summary['stopped_at']}; checkpoint "
+            f"{summary['last_checkpoint']}; continue with --resume"
+        )
     else:
         print(format_summary(summary))
 
@@ -126,12 +178,15 @@ def steps_line(summary: dict[str, Any]) -> str:
     engine = summary.get("engine", "single")
     if summary.get("zero_stage"):
         engine += f", ZeRO-{summary['zero_stage']}"
-    return (f"steps            {summary['steps']} (global batch {summary['global_batch']}, "
-            f"micro-batches per rank {summary['micro_batches']}, {summary['precision']}, "
-            f"{engine})")
+    return (
+        f"steps            {summary['steps']} (global batch {summary['global_batch']}, "
+        f"micro-batches per rank {summary['micro_batches']}, {summary['precision']}, "
+        f"{engine})"
+    )
 
 
 def tokens_line(summary: dict[str, Any]) -> str:
-    per_rank = ", ".join(f"rank {i}: {t:,.0f}"
-                         for i, t in enumerate(summary["tokens_per_s_per_rank"]))
+    per_rank = ", ".join(
+        f"rank {i}: {t:,.0f}" for i, t in enumerate(summary["tokens_per_s_per_rank"])
+    )
     return f"tokens/s         {summary['tokens_per_s']:,.0f} total ({per_rank})"

@@ -16,10 +16,12 @@ from hetlm.commands.run_options import (
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "sft", help="LoRA instruction tuning (response-only loss) with per-rank micro-batches",
+        "sft",
+        help="LoRA instruction tuning (response-only loss) with per-rank micro-batches",
         description="Run under torchrun on each node (torchrun ... -m hetlm.cli sft "
-                    "CONFIG.yaml), or on one machine with --local-nodes N. Writes a peft "
-                    "adapter to <run.output_dir>/adapter (docs/SFT.md).")
+        "CONFIG.yaml), or on one machine with --local-nodes N. Writes a peft "
+        "adapter to <run.output_dir>/adapter (docs/SFT.md).",
+    )
     add_run_arguments(p)
     p.set_defaults(func=run)
 
@@ -50,26 +52,37 @@ def run(args: argparse.Namespace) -> int:
         return launch_local("sft", args, config, precheck)
     from hetlm.sft.train import run_sft
 
-    summary = run_sft(config, resume=args.resume, overwrite=args.overwrite,
-                      extend=args.extend, stop_at_step=args.stop_at_step)
+    summary = run_sft(
+        config,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        extend=args.extend,
+        stop_at_step=args.stop_at_step,
+    )
     print_result(summary, args, format_summary)
     return 0
 
 
 def format_summary(summary: dict) -> str:
-    held_out = (f"loss {summary['eval_loss']:.3f}, perplexity {summary['eval_perplexity']:.1f}, "
-                f"next-token accuracy {summary['eval_accuracy']:.1%} "
-                f"({summary['eval_tokens']:,} response tokens)"
-                if "eval_loss" in summary else "(no validation examples)")
-    return "\n".join([
-        steps_line(summary),
-        f"examples         {summary['train_examples']:,} train, "
-        f"{summary['validation_examples']:,} validation; "
-        f"{summary['response_tokens']:,} response tokens",
-        f"train loss       {summary['loss_first']:.3f} -> {summary['loss_last']:.3f} "
-        "(response tokens only)"
-        if summary["loss_first"] is not None else "train loss       (no steps run)",
-        f"held-out         {held_out}",
-        tokens_line(summary),
-        f"adapter          {summary['adapter_dir']} (base {summary['base_model']})",
-    ])
+    held_out = (
+        f"loss {summary['eval_loss']:.3f}, perplexity {summary['eval_perplexity']:.1f}, "
+        f"next-token accuracy {summary['eval_accuracy']:.1%} "
+        f"({summary['eval_tokens']:,} response tokens)"
+        if "eval_loss" in summary
+        else "(no validation examples)"
+    )
+    return "\n".join(
+        [
+            steps_line(summary),
+            f"examples         {summary['train_examples']:,} train, "
+            f"{summary['validation_examples']:,} validation; "
+            f"{summary['response_tokens']:,} response tokens",
+            f"train loss       {summary['loss_first']:.3f} -> {summary['loss_last']:.3f} "
+            "(response tokens only)"
+            if summary["loss_first"] is not None
+            else "train loss       (no steps run)",
+            f"held-out         {held_out}",
+            tokens_line(summary),
+            f"adapter          {summary['adapter_dir']} (base {summary['base_model']})",
+        ]
+    )

@@ -69,18 +69,24 @@ class CleaningStats:
         """One sentence: what each step did, or that it was off."""
         parts = []
         if options.dedup:
-            parts.append(f"removed {self.duplicates_removed:,} exact-duplicate document(s) "
-                         f"({self.duplicate_chars:,} characters)")
+            parts.append(
+                f"removed {self.duplicates_removed:,} exact-duplicate document(s) "
+                f"({self.duplicate_chars:,} characters)"
+            )
         else:
             parts.append("duplicate removal off")
         if options.min_doc_chars:
-            parts.append(f"removed {self.short_removed:,} document(s) shorter than "
-                         f"{options.min_doc_chars} characters")
+            parts.append(
+                f"removed {self.short_removed:,} document(s) shorter than "
+                f"{options.min_doc_chars} characters"
+            )
         else:
             parts.append("no minimum length")
         if options.strip_control:
-            parts.append(f"stripped {self.control_chars:,} control character(s) from "
-                         f"{self.control_documents:,} document(s)")
+            parts.append(
+                f"stripped {self.control_chars:,} control character(s) from "
+                f"{self.control_documents:,} document(s)"
+            )
         else:
             parts.append("control characters kept")
         return f"Cleaning kept {self.kept:,} document(s): " + "; ".join(parts) + "."
@@ -88,8 +94,9 @@ class CleaningStats:
 
 def document_hash(text: str) -> int:
     """An 8-byte BLAKE2b hash of the text, as an unsigned integer."""
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"),
-                                          digest_size=8).digest(), "little")
+    return int.from_bytes(
+        hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little"
+    )
 
 
 class HashSet:
@@ -134,8 +141,7 @@ class HashSet:
 class DocumentCleaner:
     """Applies :class:`CleaningOptions` to a stream of documents, counting what it removes."""
 
-    def __init__(self, options: CleaningOptions | None = None,
-                 stats: CleaningStats | None = None):
+    def __init__(self, options: CleaningOptions | None = None, stats: CleaningStats | None = None):
         self.options = options or CleaningOptions()
         self.stats = stats if stats is not None else CleaningStats()
         self.seen = HashSet() if self.options.dedup else None

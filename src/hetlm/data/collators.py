@@ -23,7 +23,8 @@ EVAL_EPOCH = 2**31 - 1
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     """The random stream of one sample: Philox keyed by (seed, epoch, index)."""
     return np.random.Generator(
-        np.random.Philox(key=[seed & 0xFFFFFFFFFFFFFFFF, ((epoch & 0xFFFFFF) << 40) | int(index)]))
+        np.random.Philox(key=[seed & 0xFFFFFFFFFFFFFFFF, ((epoch & 0xFFFFFF) << 40) | int(index)])
+    )
 
 
 @dataclass
@@ -35,11 +36,11 @@ class MLMBatch:
     growing the peak memory step after step (see docs/DESIGN.md, performance notes).
     """
 
-    input_ids: torch.Tensor          # [batch, seq] long
-    masked_positions: torch.Tensor   # [batch, slots] long
-    masked_labels: torch.Tensor      # [batch, slots] long, -100 where the slot is padding
-    num_targets: int                 # real masked tokens in this micro-batch
-    num_tokens: int                  # tokens processed (batch * seq)
+    input_ids: torch.Tensor  # [batch, seq] long
+    masked_positions: torch.Tensor  # [batch, slots] long
+    masked_labels: torch.Tensor  # [batch, slots] long, -100 where the slot is padding
+    num_targets: int  # real masked tokens in this micro-batch
+    num_tokens: int  # tokens processed (batch * seq)
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -51,8 +52,11 @@ class MLMBatch:
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
         """The keyword arguments of the objective module's forward."""
-        return {"input_ids": self.input_ids, "masked_positions": self.masked_positions,
-                "masked_labels": self.masked_labels}
+        return {
+            "input_ids": self.input_ids,
+            "masked_positions": self.masked_positions,
+            "masked_labels": self.masked_labels,
+        }
 
 
 def continuation_mask(meta: dict, vocab_size: int | None = None) -> np.ndarray | None:
@@ -86,9 +90,18 @@ class MLMCollator:
     word of its own.
     """
 
-    def __init__(self, *, seq_len: int, vocab_size: int, mask_id: int, special_ids: list[int],
-                 mlm_probability: float = 0.15, seed: int = 0, whole_word: bool = False,
-                 continuation: np.ndarray | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        seq_len: int,
+        vocab_size: int,
+        mask_id: int,
+        special_ids: list[int],
+        mlm_probability: float = 0.15,
+        seed: int = 0,
+        whole_word: bool = False,
+        continuation: np.ndarray | None = None,
+    ) -> None:
         self.seq_len = seq_len
         self.vocab_size = vocab_size
         self.mask_id = mask_id
@@ -101,23 +114,30 @@ class MLMCollator:
         self.whole_word = whole_word
         if whole_word:
             if continuation is None:
-                raise ValueError("whole_word masking needs the continuation array (which token "
-                                 "ids are ## pieces); the dataset's tokenizer has none")
+                raise ValueError(
+                    "whole_word masking needs the continuation array (which token "
+                    "ids are ## pieces); the dataset's tokenizer has none"
+                )
             continuation = np.asarray(continuation, dtype=bool)
             if continuation.shape != (vocab_size,):
-                raise ValueError(f"continuation must have one entry per token ({vocab_size}), "
-                                 f"got shape {continuation.shape}")
+                raise ValueError(
+                    f"continuation must have one entry per token ({vocab_size}), "
+                    f"got shape {continuation.shape}"
+                )
         self.continuation = continuation
 
-    def mask_one(self, ids: np.ndarray, epoch: int, index: int
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def mask_one(
+        self, ids: np.ndarray, epoch: int, index: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if self.whole_word:
             return self._mask_whole_words(ids, epoch, index)
         rng = sample_rng(self.seed, epoch, index)
         candidates = np.flatnonzero(~np.isin(ids, self.special_ids))
         count = min(self.slots, max(1, round(len(candidates) * self.mlm_probability)))
         count = min(count, len(candidates))
-        chosen = np.sort(rng.choice(candidates, size=count, replace=False)) if count else candidates[:0]
+        chosen = (
+            np.sort(rng.choice(candidates, size=count, replace=False)) if count else candidates[:0]
+        )
         roll = rng.random(count)
         random_tokens = rng.integers(self.random_low, self.vocab_size, size=count)
         masked = ids.copy()
@@ -127,8 +147,9 @@ class MLMCollator:
         masked[chosen[swap]] = random_tokens[swap]
         return masked, chosen, labels
 
-    def _mask_whole_words(self, ids: np.ndarray, epoch: int, index: int
-                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _mask_whole_words(
+        self, ids: np.ndarray, epoch: int, index: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         rng = sample_rng(self.seed, epoch, index)
         candidate = ~np.isin(ids, self.special_ids)
         follows_candidate = np.concatenate(([False], candidate[:-1]))
@@ -167,8 +188,8 @@ class MLMCollator:
             if epoch == EVAL_EPOCH:  # held-out scoring: prediction from the context alone
                 masked[chosen] = self.mask_id
             input_ids[row] = masked
-            positions[row, :len(chosen)] = chosen
-            labels[row, :len(chosen)] = target
+            positions[row, : len(chosen)] = chosen
+            labels[row, : len(chosen)] = target
         return MLMBatch(
             input_ids=torch.from_numpy(input_ids),
             masked_positions=torch.from_numpy(positions),

@@ -70,8 +70,9 @@ class CorpusStats:
     undecodable_examples: list[str] = field(default_factory=list)
     encoding_warnings: list[str] = field(default_factory=list)
 
-    def note_bad_record(self, path: Path | str, line_number: int,
-                        reason: str = "bad record") -> None:
+    def note_bad_record(
+        self, path: Path | str, line_number: int, reason: str = "bad record"
+    ) -> None:
         """Count a skipped record, by reason, and keep its location for the first few."""
         self.bad_records += 1
         self.bad_record_reasons[reason] = self.bad_record_reasons.get(reason, 0) + 1
@@ -95,8 +96,10 @@ class CorpusStats:
 
     def summary(self) -> str:
         """One human paragraph: what was read, and what was skipped or repaired and why."""
-        text = (f"Read {self.files:,} file(s): {self.documents:,} documents, "
-                f"{self.characters:,} characters.")
+        text = (
+            f"Read {self.files:,} file(s): {self.documents:,} documents, "
+            f"{self.characters:,} characters."
+        )
         notes = []
         if self.empty_skipped:
             notes.append(f"skipped {self.empty_skipped:,} empty document(s)")
@@ -108,8 +111,10 @@ class CorpusStats:
         if self.undecodable_lines:
             where = ", ".join(self.undecodable_examples)
             at = f", e.g. at {where}" if where else ""
-            notes.append(f"replaced undecodable bytes with U+FFFD on {self.undecodable_lines:,} "
-                         f"line(s) (is every file UTF-8?){at}")
+            notes.append(
+                f"replaced undecodable bytes with U+FFFD on {self.undecodable_lines:,} "
+                f"line(s) (is every file UTF-8?){at}"
+            )
         if self.long_lines_split:
             notes.append(f"split {self.long_lines_split:,} overlong line(s) into pieces")
         if self.long_documents_split:
@@ -155,8 +160,10 @@ def _expand_one(item: str) -> list[Path]:
     if path.is_dir():
         found = _corpus_files_under(path)
         if not found:
-            raise HetlmError(f"directory {path} contains no {'/'.join(CORPUS_SUFFIXES)} files: "
-                             "point to the corpus files or the folder that holds them")
+            raise HetlmError(
+                f"directory {path} contains no {'/'.join(CORPUS_SUFFIXES)} files: "
+                "point to the corpus files or the folder that holds them"
+            )
         return found
     if _GLOB_CHARS.search(item):
         matches = sorted(Path(m) for m in glob.glob(item, recursive=True))
@@ -164,17 +171,23 @@ def _expand_one(item: str) -> list[Path]:
         for folder in (m for m in matches if m.is_dir()):
             found.extend(_corpus_files_under(folder))
         if not found:
-            raise HetlmError(f"the pattern {item!r} matches no files: check the pattern "
-                             "(quote it so the shell does not expand it)")
+            raise HetlmError(
+                f"the pattern {item!r} matches no files: check the pattern "
+                "(quote it so the shell does not expand it)"
+            )
         return found
     raise HetlmError(f"corpus path {item} does not exist: check the path")
 
 
 def _corpus_files_under(folder: Path) -> list[Path]:
     """Corpus files below ``folder``, skipping hidden ones (.git, .cache, partial outputs)."""
-    return sorted(p for p in folder.rglob("*")
-                  if p.is_file() and p.suffix.lower() in CORPUS_SUFFIXES
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in CORPUS_SUFFIXES
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
 
 
 def check_text_files(files: Sequence[Path]) -> None:
@@ -193,9 +206,11 @@ def _check_not_binary(path: Path) -> None:
     with path.open("rb") as f:
         head = f.read(BINARY_SNIFF_BYTES)
     if b"\x00" in head:
-        raise HetlmError(f"{path} looks like a binary file (NUL bytes in its first "
-                         f"{BINARY_SNIFF_BYTES} bytes): pass UTF-8 text or JSON Lines files only "
-                         "(UTF-16 text must be converted to UTF-8)")
+        raise HetlmError(
+            f"{path} looks like a binary file (NUL bytes in its first "
+            f"{BINARY_SNIFF_BYTES} bytes): pass UTF-8 text or JSON Lines files only "
+            "(UTF-16 text must be converted to UTF-8)"
+        )
 
 
 # ---------------------------------------------------------------- per-line cleaning
@@ -204,8 +219,9 @@ def _check_not_binary(path: Path) -> None:
 class _LineCleaner:
     """Repairs and normalises lines of text; overlong lines become several pieces."""
 
-    def __init__(self, normalize: bool, max_line_chars: int, stats: CorpusStats,
-                 strict: bool = False):
+    def __init__(
+        self, normalize: bool, max_line_chars: int, stats: CorpusStats, strict: bool = False
+    ):
         if max_line_chars < 1:
             raise HetlmError(f"max_line_chars must be at least 1, got {max_line_chars}")
         self.normalize = normalize
@@ -231,10 +247,12 @@ class _LineCleaner:
         share = self.replaced_chars / max(1, self.file_chars)
         if not (share > REPLACED_WARN_SHARE or self.mostly_replaced_lines):
             return
-        text = (f"{self.path}: {self.replaced_chars:,} replaced character(s) (U+FFFD) on "
-                f"{self.replaced_lines:,} line(s), {share:.1%} of its {self.file_chars:,} "
-                "characters: is part of it in another encoding (Shift_JIS? iconv -f CP932 -t "
-                "UTF-8)?")
+        text = (
+            f"{self.path}: {self.replaced_chars:,} replaced character(s) (U+FFFD) on "
+            f"{self.replaced_lines:,} line(s), {share:.1%} of its {self.file_chars:,} "
+            "characters: is part of it in another encoding (Shift_JIS? iconv -f CP932 -t "
+            "UTF-8)?"
+        )
         if self.strict:
             raise HetlmError(f"{text} Convert it, or drop --strict to train on the U+FFFD")
         self.stats.encoding_warnings.append(text + " --strict makes this an error")
@@ -250,18 +268,25 @@ class _LineCleaner:
         if self.checked_lines < ENCODING_CHECK_LINES and text.strip():
             self.checked_lines += 1
             self.bad_lines += bad
-            if (self.bad_lines > ENCODING_CHECK_LINES * ENCODING_BAD_SHARE
-                    or self.bad_lines >= 3 and self.bad_lines == self.checked_lines):
-                raise HetlmError(f"{self.path} is not UTF-8 ({self.bad_lines} of its first "
-                                 f"{self.checked_lines} lines have undecodable bytes, e.g. "
-                                 f"{self.path}:{line_number}); convert it, e.g. "
-                                 "iconv -f CP932 -t UTF-8 for Shift_JIS")
+            if (
+                self.bad_lines > ENCODING_CHECK_LINES * ENCODING_BAD_SHARE
+                or self.bad_lines >= 3
+                and self.bad_lines == self.checked_lines
+            ):
+                raise HetlmError(
+                    f"{self.path} is not UTF-8 ({self.bad_lines} of its first "
+                    f"{self.checked_lines} lines have undecodable bytes, e.g. "
+                    f"{self.path}:{line_number}); convert it, e.g. "
+                    "iconv -f CP932 -t UTF-8 for Shift_JIS"
+                )
         if not bad:
             return text
         where = f"{self.path}:{line_number}"
         if self.strict:
-            raise HetlmError(f"{where}: undecodable bytes (not UTF-8); fix or convert the file, "
-                             "or drop --strict to replace them with U+FFFD")
+            raise HetlmError(
+                f"{where}: undecodable bytes (not UTF-8); fix or convert the file, "
+                "or drop --strict to replace them with U+FFFD"
+            )
         self.stats.note_undecodable(where)
         return _SURROGATES.sub("\ufffd", text)
 
@@ -277,7 +302,7 @@ class _LineCleaner:
     def pieces(self, line: str) -> list[str]:
         """The line, NFKC-normalised, cut into pieces of at most ``max_line_chars``."""
         n = self.max_line_chars
-        parts = [line] if len(line) <= n else [line[i:i + n] for i in range(0, len(line), n)]
+        parts = [line] if len(line) <= n else [line[i : i + n] for i in range(0, len(line), n)]
         if len(parts) > 1:
             self.stats.long_lines_split += 1
         if self.normalize:
@@ -305,8 +330,9 @@ def _read_lines(f: TextIO, limit: int) -> Iterator[tuple[int, str, bool]]:
         continued = not ends
 
 
-def _plain_text_documents(f: TextIO, cleaner: _LineCleaner, max_document_chars: int,
-                          stats: CorpusStats) -> Iterator[str]:
+def _plain_text_documents(
+    f: TextIO, cleaner: _LineCleaner, max_document_chars: int, stats: CorpusStats
+) -> Iterator[str]:
     """Documents are runs of non-blank lines; whitespace-only lines separate them."""
     lines: list[str] = []
     size = 0
@@ -337,20 +363,30 @@ def _plain_text_documents(f: TextIO, cleaner: _LineCleaner, max_document_chars: 
         yield "\n".join(lines)
 
 
-def _jsonl_documents(f: TextIO, path: Path, text_field: str, cleaner: _LineCleaner,
-                     max_document_chars: int, stats: CorpusStats) -> Iterator[str]:
+def _jsonl_documents(
+    f: TextIO,
+    path: Path,
+    text_field: str,
+    cleaner: _LineCleaner,
+    max_document_chars: int,
+    stats: CorpusStats,
+) -> Iterator[str]:
     """One document per JSON object; bad lines are counted and skipped, never fatal."""
     for number, raw in enumerate(f, start=1):
         if not raw.strip():
             continue
         if number == 1 and raw.lstrip().startswith("["):
-            raise HetlmError(f"{path} is a JSON array, not JSON Lines: write one object per line "
-                             "(e.g. jq -c '.[]' in.json > out.jsonl)")
+            raise HetlmError(
+                f"{path} is a JSON array, not JSON Lines: write one object per line "
+                "(e.g. jq -c '.[]' in.json > out.jsonl)"
+            )
         text, reason = _record_text(raw, text_field)
         if text is None:
             if cleaner.strict:
-                raise HetlmError(f"{path}:{number}: {reason} (--text-field {text_field!r}); fix "
-                                 "the record, or drop --strict to skip and count such records")
+                raise HetlmError(
+                    f"{path}:{number}: {reason} (--text-field {text_field!r}); fix "
+                    "the record, or drop --strict to skip and count such records"
+                )
             stats.note_bad_record(path, number, reason)
             continue
         text = cleaner.repair(text, number)
@@ -376,8 +412,9 @@ def _record_text(raw: str, text_field: str) -> tuple[str | None, str]:
     return text, ""
 
 
-def _columnar_documents(path: Path, text_field: str, cleaner: _LineCleaner,
-                        max_document_chars: int, stats: CorpusStats) -> Iterator[str]:
+def _columnar_documents(
+    path: Path, text_field: str, cleaner: _LineCleaner, max_document_chars: int, stats: CorpusStats
+) -> Iterator[str]:
     """The ``text_field`` column of a Parquet or Arrow file, one record batch at a time."""
     from hetlm.data.sources import iter_column_batches
 
@@ -388,8 +425,10 @@ def _columnar_documents(path: Path, text_field: str, cleaner: _LineCleaner,
             if not isinstance(text, str):
                 reason = "null text" if text is None else f"field {text_field!r} is not a string"
                 if cleaner.strict:
-                    raise HetlmError(f"{path}:row {row}: {reason}; fix the data, or drop "
-                                     "--strict to skip and count such rows")
+                    raise HetlmError(
+                        f"{path}:row {row}: {reason}; fix the data, or drop "
+                        "--strict to skip and count such rows"
+                    )
                 stats.note_bad_record(path, row, reason)
                 continue
             yield from _split_document(_clean_text(text, cleaner), max_document_chars, stats)
@@ -420,10 +459,16 @@ def _split_document(text: str, max_document_chars: int, stats: CorpusStats) -> I
 # ---------------------------------------------------------------- public entry points
 
 
-def iter_documents(inputs: Sequence[str | Path], *, text_field: str = "text",
-                   normalize: bool = True, max_line_chars: int = 20000,
-                   max_document_chars: int = 1_000_000,
-                   stats: CorpusStats | None = None, strict: bool = False) -> Iterator[str]:
+def iter_documents(
+    inputs: Sequence[str | Path],
+    *,
+    text_field: str = "text",
+    normalize: bool = True,
+    max_line_chars: int = 20000,
+    max_document_chars: int = 1_000_000,
+    stats: CorpusStats | None = None,
+    strict: bool = False,
+) -> Iterator[str]:
     """Stream the documents of every input file, in a deterministic order.
 
     ``normalize`` applies Unicode NFKC (full-width ASCII to ASCII, half-width kana to full-width),
@@ -442,10 +487,17 @@ def iter_documents(inputs: Sequence[str | Path], *, text_field: str = "text",
         yield from count_documents(documents, stats)
 
 
-def iter_text_documents(texts: Iterator[object], *, where: str, text_field: str = "text",
-                        normalize: bool = True, max_line_chars: int = 20000,
-                        max_document_chars: int = 1_000_000, stats: CorpusStats,
-                        strict: bool = False) -> Iterator[str]:
+def iter_text_documents(
+    texts: Iterator[object],
+    *,
+    where: str,
+    text_field: str = "text",
+    normalize: bool = True,
+    max_line_chars: int = 20000,
+    max_document_chars: int = 1_000_000,
+    stats: CorpusStats,
+    strict: bool = False,
+) -> Iterator[str]:
     """Documents from already-extracted texts (e.g. rows of a ``datasets`` stream).
 
     ``where`` names the source in messages (``where:row N``); non-string texts are bad records.
@@ -458,8 +510,10 @@ def iter_text_documents(texts: Iterator[object], *, where: str, text_field: str 
             if not isinstance(text, str):
                 reason = "null text" if text is None else f"field {text_field!r} is not a string"
                 if strict:
-                    raise HetlmError(f"{where}:row {row}: {reason}; fix the data, or drop "
-                                     "--strict to skip and count such rows")
+                    raise HetlmError(
+                        f"{where}:row {row}: {reason}; fix the data, or drop "
+                        "--strict to skip and count such rows"
+                    )
                 stats.note_bad_record(where, row, reason)
                 continue
             text = cleaner.repair(text, row)
@@ -481,8 +535,9 @@ def count_documents(documents: Iterator[str], stats: CorpusStats) -> Iterator[st
         yield document
 
 
-def _documents_of_file(path: Path, text_field: str, cleaner: _LineCleaner,
-                       max_document_chars: int, stats: CorpusStats) -> Iterator[str]:
+def _documents_of_file(
+    path: Path, text_field: str, cleaner: _LineCleaner, max_document_chars: int, stats: CorpusStats
+) -> Iterator[str]:
     cleaner.start_file(path)
     if path.suffix.lower() in COLUMNAR_SUFFIXES:
         stats.files += 1
@@ -499,14 +554,19 @@ def _documents_of_file(path: Path, text_field: str, cleaner: _LineCleaner,
     cleaner.finish_file()
 
 
-def require_documents(stats: CorpusStats, inputs: Sequence[str | Path] | str | Path,
-                      text_field: str = "text") -> None:
+def require_documents(
+    stats: CorpusStats, inputs: Sequence[str | Path] | str | Path, text_field: str = "text"
+) -> None:
     """Raise a clear error when a finished pass over the corpus found no documents."""
     if stats.documents > 0:
         return
     names = ", ".join(str(i) for i in as_input_list(inputs))
-    details = (f"{stats.files} file(s) read, {stats.bad_records} bad record(s), "
-               f"{stats.empty_skipped} empty document(s)")
-    raise HetlmError(f"corpus {names} contains no documents ({details}); check the path and, for "
-                     f"JSON Lines, that each record has a string field {text_field!r} "
-                     "(--text-field)")
+    details = (
+        f"{stats.files} file(s) read, {stats.bad_records} bad record(s), "
+        f"{stats.empty_skipped} empty document(s)"
+    )
+    raise HetlmError(
+        f"corpus {names} contains no documents ({details}); check the path and, for "
+        f"JSON Lines, that each record has a string field {text_field!r} "
+        "(--text-field)"
+    )

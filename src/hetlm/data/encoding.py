@@ -47,8 +47,10 @@ class EncoderSpec:
         """The document-to-ids rule, in words (recorded in the dataset metadata)."""
         if self.kind == "fast":
             return "whole document, no special tokens"
-        return (f"line by line (lines over {MAX_SEGMENT_CHARS} characters in pieces), "
-                "concatenated, no special tokens")
+        return (
+            f"line by line (lines over {MAX_SEGMENT_CHARS} characters in pieces), "
+            "concatenated, no special tokens"
+        )
 
 
 def document_pieces(document: str) -> list[str]:
@@ -57,8 +59,9 @@ def document_pieces(document: str) -> list[str]:
     for line in document.split("\n"):
         if not line.strip():
             continue
-        pieces.extend(line[i:i + MAX_SEGMENT_CHARS] for i in range(0, len(line),
-                                                                   MAX_SEGMENT_CHARS))
+        pieces.extend(
+            line[i : i + MAX_SEGMENT_CHARS] for i in range(0, len(line), MAX_SEGMENT_CHARS)
+        )
     return pieces
 
 
@@ -125,8 +128,9 @@ def _encode_arrays(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return _worker_encoder().arrays(texts)
 
 
-def encode_batches(batches: Iterable[tuple[Any, list[str]]], spec: EncoderSpec, *,
-                   workers: int) -> Iterator[tuple[Any, np.ndarray, np.ndarray]]:
+def encode_batches(
+    batches: Iterable[tuple[Any, list[str]]], spec: EncoderSpec, *, workers: int
+) -> Iterator[tuple[Any, np.ndarray, np.ndarray]]:
     """(tag, flat ids, lengths) for each (tag, texts) batch, in order.
 
     At most ``4 * workers`` batches are in flight (enough to keep every worker busy while the

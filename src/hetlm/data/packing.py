@@ -72,11 +72,11 @@ class PrepareSummary:
     documents_without_tokens: int = 0
     cleaning: CleaningStats | None = None
     cleaning_options: CleaningOptions | None = None
-    chunks: int = 0                 # chunks in the corpus (all shards)
+    chunks: int = 0  # chunks in the corpus (all shards)
     chunks_this_run: int | None = 0  # chunks tokenized by this invocation (None: a merge)
-    chunks_resumed: int = 0          # chunks found finished from an earlier, stopped run
+    chunks_resumed: int = 0  # chunks found finished from an earlier, stopped run
     shard: tuple[int, int] | None = None  # (i, n) for a shard folder, None for a dataset
-    complete: bool = True           # False when stopped early (max_chunks): run again
+    complete: bool = True  # False when stopped early (max_chunks): run again
     notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
@@ -86,19 +86,25 @@ class PrepareSummary:
         t, v = self.train, self.validation
         what = "Packed" if self.shard is None else f"Shard {self.shard[0]}/{self.shard[1]}: packed"
         lines = list(self.corpus.warning_lines())
-        lines.append(f"{what} {t.documents + v.documents:,} documents ({t.tokens + v.tokens:,} "
-                     f"tokens) into {t.sequences:,} train and {v.sequences:,} validation "
-                     f"sequences of {self.seq_len} tokens (vocabulary {self.vocab_size:,}).")
-        lines.append(f"Dropped the last partial sequence of each split "
-                     f"({t.dropped_tail_tokens:,} train and {v.dropped_tail_tokens:,} "
-                     "validation tokens).")
+        lines.append(
+            f"{what} {t.documents + v.documents:,} documents ({t.tokens + v.tokens:,} "
+            f"tokens) into {t.sequences:,} train and {v.sequences:,} validation "
+            f"sequences of {self.seq_len} tokens (vocabulary {self.vocab_size:,})."
+        )
+        lines.append(
+            f"Dropped the last partial sequence of each split "
+            f"({t.dropped_tail_tokens:,} train and {v.dropped_tail_tokens:,} "
+            "validation tokens)."
+        )
         if self.documents_without_tokens:
             lines.append(f"Skipped {self.documents_without_tokens:,} document(s) with no tokens.")
         if self.chunks and self.chunks_this_run is None:
             lines.append(f"Chunks: {self.chunks:,}.")
         elif self.chunks:
-            lines.append(f"Chunks: {self.chunks:,} in the corpus, {self.chunks_this_run:,} "
-                         f"tokenized now, {self.chunks_resumed:,} resumed from an earlier run.")
+            lines.append(
+                f"Chunks: {self.chunks:,} in the corpus, {self.chunks_this_run:,} "
+                f"tokenized now, {self.chunks_resumed:,} resumed from an earlier run."
+            )
         if not self.complete:
             lines.append("Stopped early: run the same command again to continue.")
         lines.extend(self.notes)
@@ -155,9 +161,10 @@ class SequencePacker:
         if n:
             rows[:, 0] = self.cls_id
             rows[:, -1] = self.sep_id
-            rows[:, 1:-1] = np.asarray(self.buffer[:n * self.chunk], dtype=np.int32).reshape(
-                n, self.chunk)
-            del self.buffer[:n * self.chunk]
+            rows[:, 1:-1] = np.asarray(self.buffer[: n * self.chunk], dtype=np.int32).reshape(
+                n, self.chunk
+            )
+            del self.buffer[: n * self.chunk]
             self.counts.sequences += n
         return rows
 
@@ -168,8 +175,9 @@ class SequencePacker:
         return self.counts
 
 
-def pack_documents(documents: Sequence[np.ndarray], seq_len: int, cls_id: int,
-                   sep_id: int) -> tuple[np.ndarray, SplitCounts]:
+def pack_documents(
+    documents: Sequence[np.ndarray], seq_len: int, cls_id: int, sep_id: int
+) -> tuple[np.ndarray, SplitCounts]:
     """All of :class:`SequencePacker` at once, vectorised: (rows, counts) of these documents."""
     chunk = seq_len - 2
     if not len(documents):
@@ -185,10 +193,14 @@ def pack_documents(documents: Sequence[np.ndarray], seq_len: int, cls_id: int,
     rows = np.empty((n, seq_len), dtype=np.int32)
     rows[:, 0] = cls_id
     rows[:, -1] = sep_id
-    rows[:, 1:-1] = stream[:n * chunk].reshape(n, chunk)
+    rows[:, 1:-1] = stream[: n * chunk].reshape(n, chunk)
     tokens = len(stream) - (len(documents) - 1)
-    counts = SplitCounts(documents=len(documents), tokens=tokens, sequences=n,
-                         dropped_tail_tokens=len(stream) - n * chunk)
+    counts = SplitCounts(
+        documents=len(documents),
+        tokens=tokens,
+        sequences=n,
+        dropped_tail_tokens=len(stream) - n * chunk,
+    )
     return rows, counts
 
 
@@ -201,8 +213,9 @@ def _batched(items: Iterable[str], size: int) -> Iterator[list[str]]:
         yield batch
 
 
-def tokenize_documents(documents: Iterable[str], tokenizer: str | EncoderSpec, *, workers: int,
-                       batch_docs: int) -> Iterator[list[int]]:
+def tokenize_documents(
+    documents: Iterable[str], tokenizer: str | EncoderSpec, *, workers: int, batch_docs: int
+) -> Iterator[list[int]]:
     """Token ids of each document, in document order, tokenized by ``workers`` processes.
 
     ``tokenizer`` is a fast tokenizer's JSON or an :class:`EncoderSpec` (which also covers the
@@ -213,7 +226,7 @@ def tokenize_documents(documents: Iterable[str], tokenizer: str | EncoderSpec, *
     for _, flat, lengths in encode_batches(batches, spec, workers=workers):
         start = 0
         for length in lengths.tolist():
-            yield flat[start:start + length].tolist()
+            yield flat[start : start + length].tolist()
             start += length
 
 
@@ -263,14 +276,17 @@ def packed_features(seq_len: int):
 # ---------------------------------------------------------------- the whole preparation
 
 
-def _check_options(seq_len: int, validation_fraction: float, workers: int | None,
-                   batch_docs: int) -> int:
+def _check_options(
+    seq_len: int, validation_fraction: float, workers: int | None, batch_docs: int
+) -> int:
     """Validate the numeric options; return the worker count to use."""
     if seq_len < 3:
         raise HetlmError(f"seq_len must be at least 3 ([CLS] + tokens + [SEP]), got {seq_len}")
     if not 0.0 < validation_fraction < 1.0:
-        raise HetlmError(f"validation_fraction must be between 0 and 1 (exclusive), got "
-                         f"{validation_fraction}; 0.02 is typical")
+        raise HetlmError(
+            f"validation_fraction must be between 0 and 1 (exclusive), got "
+            f"{validation_fraction}; 0.02 is typical"
+        )
     if batch_docs < 1:
         raise HetlmError(f"batch_docs must be at least 1, got {batch_docs}")
     if workers is None:
@@ -292,22 +308,38 @@ def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
     if not any(output_dir.iterdir()):
         return
     if not overwrite:
-        raise HetlmError(f"output folder {output_dir} already exists and is not empty: choose "
-                         "another --output or pass --overwrite to replace it")
+        raise HetlmError(
+            f"output folder {output_dir} already exists and is not empty: choose "
+            "another --output or pass --overwrite to replace it"
+        )
     if not (output_dir / META_FILE).is_file():
-        raise HetlmError(f"refusing to overwrite {output_dir}: it is not a hetlm dataset (no "
-                         f"{META_FILE}); delete it yourself or choose another --output")
+        raise HetlmError(
+            f"refusing to overwrite {output_dir}: it is not a hetlm dataset (no "
+            f"{META_FILE}); delete it yourself or choose another --output"
+        )
 
 
-def prepare_dataset(inputs: Sequence[str | Path], tokenizer_dir: str | Path,
-                    output_dir: str | Path, *, seq_len: int = 128,
-                    validation_fraction: float = 0.02, text_field: str = "text",
-                    normalize: bool = True, workers: int | None = None, seed: int = 0,
-                    batch_docs: int = 256, overwrite: bool = False,
-                    cleaning: CleaningOptions | None = None, chunk_chars: int | None = None,
-                    shard: tuple[int, int] | None = None, hf: Any = None,
-                    strict: bool = False, work_dir: str | Path | None = None,
-                    max_chunks: int | None = None) -> PrepareSummary:
+def prepare_dataset(
+    inputs: Sequence[str | Path],
+    tokenizer_dir: str | Path,
+    output_dir: str | Path,
+    *,
+    seq_len: int = 128,
+    validation_fraction: float = 0.02,
+    text_field: str = "text",
+    normalize: bool = True,
+    workers: int | None = None,
+    seed: int = 0,
+    batch_docs: int = 256,
+    overwrite: bool = False,
+    cleaning: CleaningOptions | None = None,
+    chunk_chars: int | None = None,
+    shard: tuple[int, int] | None = None,
+    hf: Any = None,
+    strict: bool = False,
+    work_dir: str | Path | None = None,
+    max_chunks: int | None = None,
+) -> PrepareSummary:
     """Tokenize the corpus and save packed train/validation sequences to ``output_dir``.
 
     The result appears under ``output_dir`` only when complete: it is built in a work folder
@@ -324,12 +356,28 @@ def prepare_dataset(inputs: Sequence[str | Path], tokenizer_dir: str | Path,
 
     workers = _check_options(seq_len, validation_fraction, workers, batch_docs)
     options = PrepareOptions(
-        seq_len=seq_len, validation_fraction=validation_fraction, seed=seed, workers=workers,
-        batch_docs=batch_docs, text_field=text_field, normalize=normalize,
+        seq_len=seq_len,
+        validation_fraction=validation_fraction,
+        seed=seed,
+        workers=workers,
+        batch_docs=batch_docs,
+        text_field=text_field,
+        normalize=normalize,
         cleaning=cleaning if cleaning is not None else CleaningOptions(),
-        chunk_chars=chunk_chars or DEFAULT_CHUNK_CHARS, strict=strict, max_chunks=max_chunks)
-    return prepare(inputs, tokenizer_dir, Path(output_dir), options, overwrite=overwrite,
-                   shard=shard, hf=hf, work_dir=Path(work_dir) if work_dir else None)
+        chunk_chars=chunk_chars or DEFAULT_CHUNK_CHARS,
+        strict=strict,
+        max_chunks=max_chunks,
+    )
+    return prepare(
+        inputs,
+        tokenizer_dir,
+        Path(output_dir),
+        options,
+        overwrite=overwrite,
+        shard=shard,
+        hf=hf,
+        work_dir=Path(work_dir) if work_dir else None,
+    )
 
 
 class ValidationReserve:
@@ -367,9 +415,11 @@ def check_counts(counts: dict[str, SplitCounts], seq_len: int) -> None:
     total = sum(c.tokens for c in counts.values())
     for name in SPLITS:
         if counts[name].sequences == 0:
-            raise HetlmError(f"the corpus is too small: its {total:,} tokens give no full "
-                             f"{name} sequence of {seq_len} tokens; add text, lower --seq-len, "
-                             "or change --validation-fraction")
+            raise HetlmError(
+                f"the corpus is too small: its {total:,} tokens give no full "
+                f"{name} sequence of {seq_len} tokens; add text, lower --seq-len, "
+                "or change --validation-fraction"
+            )
 
 
 # ---------------------------------------------------------------- loading
@@ -382,8 +432,9 @@ def load_packed_dataset(path: str | Path) -> tuple[Any, dict[str, Any]]:
         raise HetlmError(f"dataset {path} does not exist: create it with `hetlm prepare`")
     meta_path = path / META_FILE
     if not path.is_dir() or not meta_path.is_file():
-        raise HetlmError(f"{path} is not a hetlm dataset (no {META_FILE}): create it with "
-                         "`hetlm prepare`")
+        raise HetlmError(
+            f"{path} is not a hetlm dataset (no {META_FILE}): create it with `hetlm prepare`"
+        )
     meta = _read_meta(meta_path)
     dataset = _load_splits(path)
     _check_matches_meta(dataset, meta, path)
@@ -394,13 +445,20 @@ def _read_meta(meta_path: Path) -> dict[str, Any]:
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise HetlmError(f"{meta_path} is unreadable ({exc}): re-create the dataset with "
-                         "`hetlm prepare --overwrite`") from exc
-    missing = [k for k in ("seq_len", "vocab_size", "special_token_ids")
-               if not isinstance(meta, dict) or k not in meta]
+        raise HetlmError(
+            f"{meta_path} is unreadable ({exc}): re-create the dataset with "
+            "`hetlm prepare --overwrite`"
+        ) from exc
+    missing = [
+        k
+        for k in ("seq_len", "vocab_size", "special_token_ids")
+        if not isinstance(meta, dict) or k not in meta
+    ]
     if not isinstance(meta, dict) or missing:
-        raise HetlmError(f"{meta_path} lacks {', '.join(missing) or 'its fields'}: re-create the "
-                         "dataset with `hetlm prepare --overwrite`")
+        raise HetlmError(
+            f"{meta_path} lacks {', '.join(missing) or 'its fields'}: re-create the "
+            "dataset with `hetlm prepare --overwrite`"
+        )
     return meta
 
 
@@ -411,11 +469,15 @@ def _load_splits(path: Path) -> Any:
         dataset = load_from_disk(str(path))
     except Exception as exc:  # datasets raises many types for damaged folders
         message = " ".join(str(exc).split())
-        raise HetlmError(f"dataset {path} is corrupt or incomplete ({type(exc).__name__}: "
-                         f"{message}); re-create it with `hetlm prepare --overwrite`") from exc
+        raise HetlmError(
+            f"dataset {path} is corrupt or incomplete ({type(exc).__name__}: "
+            f"{message}); re-create it with `hetlm prepare --overwrite`"
+        ) from exc
     if not isinstance(dataset, DatasetDict) or set(dataset) != set(SPLITS):
-        raise HetlmError(f"dataset {path} does not hold the splits {' and '.join(SPLITS)}: "
-                         "re-create it with `hetlm prepare --overwrite`")
+        raise HetlmError(
+            f"dataset {path} does not hold the splits {' and '.join(SPLITS)}: "
+            "re-create it with `hetlm prepare --overwrite`"
+        )
     return dataset
 
 
@@ -423,11 +485,15 @@ def _check_matches_meta(dataset: Any, meta: dict[str, Any], path: Path) -> None:
     expected = packed_features(int(meta["seq_len"]))
     for name in SPLITS:
         if dataset[name].features != expected:
-            raise HetlmError(f"dataset {path}: the {name} split has features "
-                             f"{dataset[name].features}, not input_ids of length {meta['seq_len']}"
-                             f" as {META_FILE} says; re-create it with `hetlm prepare --overwrite`")
+            raise HetlmError(
+                f"dataset {path}: the {name} split has features "
+                f"{dataset[name].features}, not input_ids of length {meta['seq_len']}"
+                f" as {META_FILE} says; re-create it with `hetlm prepare --overwrite`"
+            )
         recorded = meta.get("num_sequences", {}).get(name)
         if recorded is not None and recorded != len(dataset[name]):
-            raise HetlmError(f"dataset {path}: the {name} split has {len(dataset[name])} rows but "
-                             f"{META_FILE} says {recorded}; re-create it with "
-                             "`hetlm prepare --overwrite`")
+            raise HetlmError(
+                f"dataset {path}: the {name} split has {len(dataset[name])} rows but "
+                f"{META_FILE} says {recorded}; re-create it with "
+                "`hetlm prepare --overwrite`"
+            )

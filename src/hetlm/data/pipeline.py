@@ -103,10 +103,17 @@ class _Context:
 # ---------------------------------------------------------------- entry point
 
 
-def prepare(inputs: Sequence[str | Path], tokenizer_dir: str | Path, output_dir: Path,
-            options: PrepareOptions, *, overwrite: bool = False,
-            shard: tuple[int, int] | None = None, hf: HFSource | None = None,
-            work_dir: Path | None = None) -> PrepareSummary:
+def prepare(
+    inputs: Sequence[str | Path],
+    tokenizer_dir: str | Path,
+    output_dir: Path,
+    options: PrepareOptions,
+    *,
+    overwrite: bool = False,
+    shard: tuple[int, int] | None = None,
+    hf: HFSource | None = None,
+    work_dir: Path | None = None,
+) -> PrepareSummary:
     """Prepare a dataset (``shard`` None) or one shard folder (``shard=(i, n)``)."""
     from hetlm.data.tokenizer import boundary_ids, load_tokenizer, special_token_ids
 
@@ -123,8 +130,15 @@ def prepare(inputs: Sequence[str | Path], tokenizer_dir: str | Path, output_dir:
     tokenizer = load_tokenizer(tokenizer_dir, required_tokens=())
     special = special_token_ids(tokenizer)
     boundary_ids(special)  # refuses a tokenizer without a separator now
-    context = _Context(files, hf, [str(i) for i in inputs], tokenizer, Path(tokenizer_dir),
-                       EncoderSpec.for_tokenizer(tokenizer, tokenizer_dir), special)
+    context = _Context(
+        files,
+        hf,
+        [str(i) for i in inputs],
+        tokenizer,
+        Path(tokenizer_dir),
+        EncoderSpec.for_tokenizer(tokenizer, tokenizer_dir),
+        special,
+    )
     if shard is not None:
         return _prepare_shard(context, output_dir, options, shard, overwrite)
 
@@ -134,12 +148,16 @@ def prepare(inputs: Sequence[str | Path], tokenizer_dir: str | Path, output_dir:
     state = read_shard_file(work) if work.is_dir() else None
     if state is not None and state["fingerprint"] != fingerprint(context, options):
         differs = fingerprint_differences(state["fingerprint"], fingerprint(context, options))
-        notes.append(f"Discarded an unfinished earlier run in {work} made with other settings "
-                     f"({', '.join(differs)}).")
+        notes.append(
+            f"Discarded an unfinished earlier run in {work} made with other settings "
+            f"({', '.join(differs)})."
+        )
         shutil.rmtree(work)
     elif work.exists() and state is None and any(work.iterdir()):
-        raise HetlmError(f"work folder {work} exists and is not a hetlm shard folder: delete it "
-                         "or pass another --work-dir")
+        raise HetlmError(
+            f"work folder {work} exists and is not a hetlm shard folder: delete it "
+            "or pass another --work-dir"
+        )
     try:
         result = run_shard(context, work, options, (0, 1))
         if not result.complete:
@@ -155,12 +173,18 @@ def prepare(inputs: Sequence[str | Path], tokenizer_dir: str | Path, output_dir:
     return summary
 
 
-def _prepare_shard(context: _Context, folder: Path, options: PrepareOptions,
-                   shard: tuple[int, int], overwrite: bool) -> PrepareSummary:
+def _prepare_shard(
+    context: _Context,
+    folder: Path,
+    options: PrepareOptions,
+    shard: tuple[int, int],
+    overwrite: bool,
+) -> PrepareSummary:
     state = read_shard_file(folder) if folder.is_dir() else None
     if state is None and folder.exists() and any(folder.iterdir()):
-        raise HetlmError(f"shard output {folder} exists and is not a hetlm shard folder: choose "
-                         "another --output")
+        raise HetlmError(
+            f"shard output {folder} exists and is not a hetlm shard folder: choose another --output"
+        )
     if state is not None:
         current = fingerprint(context, options)
         if state["fingerprint"] != current or state["shard"] != list(shard):
@@ -168,9 +192,11 @@ def _prepare_shard(context: _Context, folder: Path, options: PrepareOptions,
                 differs = fingerprint_differences(state["fingerprint"], current)
                 if state["shard"] != list(shard):
                     differs.append("shard")
-                raise HetlmError(f"shard folder {folder} holds a run with other settings "
-                                 f"({', '.join(differs)}): use the same options to resume, or "
-                                 "pass --overwrite to start it again")
+                raise HetlmError(
+                    f"shard folder {folder} holds a run with other settings "
+                    f"({', '.join(differs)}): use the same options to resume, or "
+                    "pass --overwrite to start it again"
+                )
             shutil.rmtree(folder)
     return run_shard(context, folder, options, shard)
 
@@ -208,14 +234,17 @@ def _tokenizer_meta(context: _Context) -> dict[str, Any]:
     return {
         "vocab_size": len(context.tokenizer),
         "special_token_ids": context.special,
-        "tokenizer_dir": str(tokenizer_dir.resolve()) if tokenizer_dir.exists()
+        "tokenizer_dir": str(tokenizer_dir.resolve())
+        if tokenizer_dir.exists()
         else str(tokenizer_dir),
         "tokenizer_vocab_hash": vocab_hash(context.tokenizer),
         "tokenizer_type": tokenizer_kind(context.tokenizer),
         # Whole-word masking: a word is a token whose id is not listed here followed by its
         # listed (continuation, "##...") tokens. None: the tokenizer marks no words.
-        "whole_word_masking": {"available": continuation is not None,
-                               "continuation_prefix": "##" if continuation is not None else None},
+        "whole_word_masking": {
+            "available": continuation is not None,
+            "continuation_prefix": "##" if continuation is not None else None,
+        },
         "continuation_token_ids": continuation,
     }
 
@@ -223,30 +252,50 @@ def _tokenizer_meta(context: _Context) -> dict[str, Any]:
 # ---------------------------------------------------------------- running a shard
 
 
-def run_shard(context: _Context, folder: Path, options: PrepareOptions,
-              shard: tuple[int, int]) -> PrepareSummary:
+def run_shard(
+    context: _Context, folder: Path, options: PrepareOptions, shard: tuple[int, int]
+) -> PrepareSummary:
     """Tokenize and pack this shard's chunks into ``folder`` (resuming finished ones)."""
     index, count = shard
     chunks_dir = folder / CHUNKS
     chunks_dir.mkdir(parents=True, exist_ok=True)
-    state = {"format": SHARD_FORMAT, "fingerprint": fingerprint(context, options),
-             "shard": [index, count], "complete": False, "inputs": context.inputs,
-             "options": {"text_field": options.text_field, "normalize": options.normalize,
-                         "validation_fraction": options.validation_fraction,
-                         "seed": options.seed, "seq_len": options.seq_len,
-                         "chunk_chars": options.chunk_chars},
-             "hf_dataset": context.hf.as_dict() if context.hf else None,
-             "tokenizer": _tokenizer_meta(context)}
+    state = {
+        "format": SHARD_FORMAT,
+        "fingerprint": fingerprint(context, options),
+        "shard": [index, count],
+        "complete": False,
+        "inputs": context.inputs,
+        "options": {
+            "text_field": options.text_field,
+            "normalize": options.normalize,
+            "validation_fraction": options.validation_fraction,
+            "seed": options.seed,
+            "seq_len": options.seq_len,
+            "chunk_chars": options.chunk_chars,
+        },
+        "hf_dataset": context.hf.as_dict() if context.hf else None,
+        "tokenizer": _tokenizer_meta(context),
+    }
     write_json_atomic(folder / SHARD_FILE, state)
     done = completed_chunks(chunks_dir)
     resumed = sum(1 for c in done if c % count == index)
 
     stats, cleaner = CorpusStats(), DocumentCleaner(options.cleaning, CleaningStats())
-    documents = iter_corpus(context.files, context.hf, text_field=options.text_field,
-                            normalize=options.normalize, stats=stats, strict=options.strict)
+    documents = iter_corpus(
+        context.files,
+        context.hf,
+        text_field=options.text_field,
+        normalize=options.normalize,
+        stats=stats,
+        strict=options.strict,
+    )
     plan = ChunkPlan(options.chunk_chars)
-    batches = chunk_batches(cleaner.filter_indexed(documents), plan,
-                            lambda c: c % count == index and c not in done, options.batch_docs)
+    batches = chunk_batches(
+        cleaner.filter_indexed(documents),
+        plan,
+        lambda c: c % count == index and c not in done,
+        options.batch_docs,
+    )
     encoded = encode_batches(batches, context.encoder, workers=options.workers)
     new = 0
     stopped = False
@@ -259,8 +308,7 @@ def run_shard(context: _Context, folder: Path, options: PrepareOptions,
             if pending is not None:
                 marker = pending.result()
                 done[marker["chunk"]] = marker
-            pending = finisher.submit(_finish_chunk, buffer, chunks_dir, options,
-                                      context.special)
+            pending = finisher.submit(_finish_chunk, buffer, chunks_dir, options, context.special)
             new += 1
             if options.max_chunks is not None and new >= options.max_chunks:
                 stopped = True
@@ -275,23 +323,32 @@ def run_shard(context: _Context, folder: Path, options: PrepareOptions,
     if stopped:
         summary.complete = False
         return summary
-    require_documents(stats, context.inputs + ([context.hf.label()] if context.hf else []),
-                      options.text_field)
+    require_documents(
+        stats, context.inputs + ([context.hf.label()] if context.hf else []), options.text_field
+    )
     if cleaner.stats.kept == 0:
-        raise HetlmError(f"cleaning removed every document ({cleaner.stats.summary(cleaner.options)})"
-                         "; lower --min-doc-chars or switch cleaning steps off")
-    state.update(complete=True, total_chunks=plan.total, chunks=sorted(mine),
-                 corpus={**stats.as_dict(), "summary": stats.summary()},
-                 cleaning={"options": options.cleaning.as_dict(), **cleaner.stats.as_dict(),
-                           "summary": cleaner.stats.summary(options.cleaning)},
-                 finished=_now())
+        raise HetlmError(
+            f"cleaning removed every document ({cleaner.stats.summary(cleaner.options)})"
+            "; lower --min-doc-chars or switch cleaning steps off"
+        )
+    state.update(
+        complete=True,
+        total_chunks=plan.total,
+        chunks=sorted(mine),
+        corpus={**stats.as_dict(), "summary": stats.summary()},
+        cleaning={
+            "options": options.cleaning.as_dict(),
+            **cleaner.stats.as_dict(),
+            "summary": cleaner.stats.summary(options.cleaning),
+        },
+        finished=_now(),
+    )
     write_json_atomic(folder / SHARD_FILE, state)
     summary.chunks = plan.total
     return summary
 
 
-def _chunk_buffers(encoded: Iterator[tuple[Any, np.ndarray, np.ndarray]]
-                   ) -> Iterator[ChunkBuffer]:
+def _chunk_buffers(encoded: Iterator[tuple[Any, np.ndarray, np.ndarray]]) -> Iterator[ChunkBuffer]:
     """Group the encoded batches (tagged (chunk, indices), in order) into whole chunks."""
     buffer: ChunkBuffer | None = None
     for (chunk, indices), flat, lengths in encoded:
@@ -305,8 +362,9 @@ def _chunk_buffers(encoded: Iterator[tuple[Any, np.ndarray, np.ndarray]]
         yield buffer
 
 
-def _finish_chunk(buffer: ChunkBuffer, chunks_dir: Path, options: PrepareOptions,
-                  special: dict[str, int]) -> dict[str, Any]:
+def _finish_chunk(
+    buffer: ChunkBuffer, chunks_dir: Path, options: PrepareOptions, special: dict[str, int]
+) -> dict[str, Any]:
     """Split, pack and write one chunk; its marker, renamed into place last, is the commit."""
     from hetlm.data.tokenizer import boundary_ids
 
@@ -324,8 +382,12 @@ def _finish_chunk(buffer: ChunkBuffer, chunks_dir: Path, options: PrepareOptions
                 reserve.offer(scores[k], k, len(documents[k]))
         validation |= reserve.pick(val_stream, len(validation))
     name = chunk_name(buffer.chunk)
-    marker: dict[str, Any] = {"chunk": buffer.chunk, "documents_without_tokens": without_tokens,
-                              "counts": {}, "files": {}}
+    marker: dict[str, Any] = {
+        "chunk": buffer.chunk,
+        "documents_without_tokens": without_tokens,
+        "counts": {},
+        "files": {},
+    }
     for split in SPLITS:
         chosen = [documents[k] for k in keep if (k in validation) == (split == "validation")]
         rows, counts = pack_documents(chosen, options.seq_len, *boundary_ids(special))
@@ -334,12 +396,16 @@ def _finish_chunk(buffer: ChunkBuffer, chunks_dir: Path, options: PrepareOptions
         tmp = chunks_dir / f".{name}-{split}.arrow.tmp"
         writer = _SplitWriter(tmp, options.seq_len)
         for start in range(0, len(rows), 4096):
-            writer.write(rows[start:start + 4096])
+            writer.write(rows[start : start + 4096])
         writer.close()
         _fsync(tmp)
         os.replace(tmp, path)
-        marker["files"][split] = {"name": path.name, "rows": int(len(rows)),
-                                  "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+        marker["files"][split] = {
+            "name": path.name,
+            "rows": int(len(rows)),
+            "bytes": path.stat().st_size,
+            "sha256": sha256_file(path),
+        }
     write_json_atomic(chunks_dir / f"{name}.json", marker)
     return marker
 
@@ -364,20 +430,40 @@ def _sum_counts(markers: dict[int, dict[str, Any]]) -> tuple[dict[str, SplitCoun
     return totals, without
 
 
-def _shard_summary(folder: Path, options: PrepareOptions, context: _Context,
-                   markers: dict[int, dict[str, Any]], stats: CorpusStats,
-                   cleaner: DocumentCleaner, shard: tuple[int, int]) -> PrepareSummary:
+def _shard_summary(
+    folder: Path,
+    options: PrepareOptions,
+    context: _Context,
+    markers: dict[int, dict[str, Any]],
+    stats: CorpusStats,
+    cleaner: DocumentCleaner,
+    shard: tuple[int, int],
+) -> PrepareSummary:
     totals, without = _sum_counts(markers)
-    return PrepareSummary(folder, options.seq_len, len(context.tokenizer), totals["train"],
-                          totals["validation"], stats, without, cleaner.stats, options.cleaning,
-                          shard=shard)
+    return PrepareSummary(
+        folder,
+        options.seq_len,
+        len(context.tokenizer),
+        totals["train"],
+        totals["validation"],
+        stats,
+        without,
+        cleaner.stats,
+        options.cleaning,
+        shard=shard,
+    )
 
 
 # ---------------------------------------------------------------- merging
 
 
-def merge_shards(shard_dirs: Sequence[str | Path], output_dir: str | Path, *,
-                 overwrite: bool = False, move: bool = False) -> PrepareSummary:
+def merge_shards(
+    shard_dirs: Sequence[str | Path],
+    output_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    move: bool = False,
+) -> PrepareSummary:
     """Combine the folders of shards 0..n-1 into one dataset, without rewriting token data.
 
     Chunk files are hard-linked (or moved with ``move``; copied only across filesystems) into
@@ -394,8 +480,10 @@ def merge_shards(shard_dirs: Sequence[str | Path], output_dir: str | Path, *,
         done = completed_chunks(folder / CHUNKS)
         for chunk in state["chunks"]:
             if chunk not in done:
-                raise HetlmError(f"shard {folder} lacks chunk {chunk} (its files are missing or "
-                                 "damaged): run that shard again")
+                raise HetlmError(
+                    f"shard {folder} lacks chunk {chunk} (its files are missing or "
+                    "damaged): run that shard again"
+                )
             markers[chunk] = (folder / CHUNKS, done[chunk])
     missing = [c for c in range(total) if c not in markers]
     if missing:
@@ -412,26 +500,38 @@ def merge_shards(shard_dirs: Sequence[str | Path], output_dir: str | Path, *,
         known: dict[str, tuple[int, str]] = {}
         how: dict[str, int] = {}
         for split in SPLITS:
-            entries = [(folder / marker["files"][split]["name"], marker["files"][split])
-                       for folder, marker in (markers[c] for c in range(total))
-                       if marker["files"][split]["rows"]]
+            entries = [
+                (folder / marker["files"][split]["name"], marker["files"][split])
+                for folder, marker in (markers[c] for c in range(total))
+                if marker["files"][split]["rows"]
+            ]
             for k, (_, entry) in enumerate(entries):
                 name = f"{split}/data-{k:05d}-of-{len(entries):05d}.arrow"
                 known[name] = (entry["bytes"], entry["sha256"])
             files = [path for path, _ in entries]
             for verb, n in write_split_layout(built / split, files, seq_len, split, move).items():
                 how[verb] = how.get(verb, 0) + n
-        (built / "dataset_dict.json").write_text(json.dumps({"splits": list(SPLITS)}),
-                                                 encoding="utf-8")
-        summary = PrepareSummary(output_dir, seq_len, first["tokenizer"]["vocab_size"],
-                                 totals["train"], totals["validation"],
-                                 _corpus_stats(first["corpus"]), without,
-                                 _cleaning_stats(first["cleaning"]),
-                                 CleaningOptions(**first["cleaning"]["options"]), chunks=total,
-                                 chunks_this_run=None, shard=None)
+        (built / "dataset_dict.json").write_text(
+            json.dumps({"splits": list(SPLITS)}), encoding="utf-8"
+        )
+        summary = PrepareSummary(
+            output_dir,
+            seq_len,
+            first["tokenizer"]["vocab_size"],
+            totals["train"],
+            totals["validation"],
+            _corpus_stats(first["corpus"]),
+            without,
+            _cleaning_stats(first["cleaning"]),
+            CleaningOptions(**first["cleaning"]["options"]),
+            chunks=total,
+            chunks_this_run=None,
+            shard=None,
+        )
         meta = _metadata(summary, first, count)
-        (built / META_FILE).write_text(json.dumps(meta, ensure_ascii=False, indent=2) + "\n",
-                                       encoding="utf-8")
+        (built / META_FILE).write_text(
+            json.dumps(meta, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
+        )
         write_manifest(built, known)
         load_packed_dataset(built)  # the merged folder must load before it is put in place
         if output_dir.exists():
@@ -441,8 +541,10 @@ def merge_shards(shard_dirs: Sequence[str | Path], output_dir: str | Path, *,
         shutil.rmtree(staging, ignore_errors=True)
     verbs = ", ".join(f"{n} {verb}" for verb, n in sorted(how.items()))
     if count > 1 or not move:
-        summary.notes.append(f"Merged {count} shard(s) from {first_dir.parent} ({verbs} Arrow "
-                             "file(s), no token data rewritten).")
+        summary.notes.append(
+            f"Merged {count} shard(s) from {first_dir.parent} ({verbs} Arrow "
+            "file(s), no token data rewritten)."
+        )
     return summary
 
 
@@ -453,18 +555,24 @@ def _read_complete_shards(folders: list[Path]) -> list[tuple[Path, dict[str, Any
     for folder in folders:
         state = read_shard_file(folder) if folder.is_dir() else None
         if state is None:
-            raise HetlmError(f"{folder} is not a shard folder (no {SHARD_FILE}): pass the "
-                             "--output folders of `hetlm prepare --shard i/n` runs")
+            raise HetlmError(
+                f"{folder} is not a shard folder (no {SHARD_FILE}): pass the "
+                "--output folders of `hetlm prepare --shard i/n` runs"
+            )
         if not state.get("complete"):
-            raise HetlmError(f"shard {folder} is not finished: run `hetlm prepare ... --shard "
-                             f"{state['shard'][0]}/{state['shard'][1]}` again to complete it")
+            raise HetlmError(
+                f"shard {folder} is not finished: run `hetlm prepare ... --shard "
+                f"{state['shard'][0]}/{state['shard'][1]}` again to complete it"
+            )
         states.append((folder, state))
     first = states[0][1]
     for folder, state in states[1:]:
         differs = fingerprint_differences(first["fingerprint"], state["fingerprint"])
         if differs or state["total_chunks"] != first["total_chunks"]:
-            raise HetlmError(f"shard {folder} was made with other settings or another corpus "
-                             f"than {states[0][0]} ({', '.join(differs) or 'chunk count'})")
+            raise HetlmError(
+                f"shard {folder} was made with other settings or another corpus "
+                f"than {states[0][0]} ({', '.join(differs) or 'chunk count'})"
+            )
     count = first["shard"][1]
     indices = sorted(state["shard"][0] for _, state in states)
     if any(state["shard"][1] != count for _, state in states) or indices != list(range(count)):
@@ -510,8 +618,8 @@ def _metadata(summary: PrepareSummary, state: dict[str, Any], shards: int) -> di
         "shards": shards,
         "encoding": state["fingerprint"]["encoding"],
         "packing": "per chunk: documents joined with [SEP] (EOS for a causal-LM tokenizer), "
-                   "[CLS] (BOS) + seq_len-2 tokens + [SEP] (EOS) rows, the partial last row of "
-                   "each split of each chunk dropped",
+        "[CLS] (BOS) + seq_len-2 tokens + [SEP] (EOS) rows, the partial last row of "
+        "each split of each chunk dropped",
         "corpus": state["corpus"],
         "cleaning": state["cleaning"],
         "manifest": MANIFEST_FILE,

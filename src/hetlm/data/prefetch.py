@@ -29,8 +29,11 @@ def pin_batch(batch: Any) -> Any:
     fields are replaced, anything else is returned as it is."""
     if not dataclasses.is_dataclass(batch) or isinstance(batch, type):
         return batch
-    pinned = {f.name: getattr(batch, f.name).pin_memory() for f in dataclasses.fields(batch)
-              if isinstance(getattr(batch, f.name), torch.Tensor)}
+    pinned = {
+        f.name: getattr(batch, f.name).pin_memory()
+        for f in dataclasses.fields(batch)
+        if isinstance(getattr(batch, f.name), torch.Tensor)
+    }
     return dataclasses.replace(batch, **pinned) if pinned else batch
 
 
@@ -38,14 +41,18 @@ class StepPrefetcher:
     """``next()`` gives (step batch, its micro-batches) for the sampler's next step, built one
     step ahead in a thread when ``enabled``; ``pin`` pins the tensors (for CUDA)."""
 
-    def __init__(self, sampler: HeterogeneousBatchSampler,
-                 build: Callable[[StepBatch], list], *, enabled: bool = True,
-                 pin: bool = False) -> None:
+    def __init__(
+        self,
+        sampler: HeterogeneousBatchSampler,
+        build: Callable[[StepBatch], list],
+        *,
+        enabled: bool = True,
+        pin: bool = False,
+    ) -> None:
         self.sampler = sampler
         self._build = build
         self._pin = pin
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="hetlm-prefetch") \
-            if enabled else None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="hetlm-prefetch") if enabled else None
         self._pending: tuple[tuple[int, int, BatchSplit], Future] | None = None
 
     def _make(self, position: tuple[int, int, BatchSplit]) -> tuple[StepBatch, list]:

@@ -43,8 +43,9 @@ class StepBatch:
 class HeterogeneousBatchSampler:
     """Yields, for one rank, its micro-batches of every global batch in order."""
 
-    def __init__(self, num_samples: int, split: BatchSplit, rank: int, seed: int = 0,
-                 shuffle: bool = True) -> None:
+    def __init__(
+        self, num_samples: int, split: BatchSplit, rank: int, seed: int = 0, shuffle: bool = True
+    ) -> None:
         if not 0 <= rank < split.world_size:
             raise HetlmError(f"rank {rank} is outside the batch split of {split.world_size} ranks")
         if num_samples < split.global_batch:
@@ -76,35 +77,41 @@ class HeterogeneousBatchSampler:
         cached = self._cached
         if cached is not None and cached[0] == epoch:
             return cached[1]
-        perm = (epoch_permutation(self.num_samples, self.seed, epoch) if self.shuffle
-                else np.arange(self.num_samples))
+        perm = (
+            epoch_permutation(self.num_samples, self.seed, epoch)
+            if self.shuffle
+            else np.arange(self.num_samples)
+        )
         self._cached = (epoch, perm)
         return perm
 
     def global_batch(self, epoch: int, step_in_epoch: int) -> np.ndarray:
         """All B indices of one global batch, as every rank sees it."""
         b = self.split.global_batch
-        return self._permutation(epoch)[step_in_epoch * b:(step_in_epoch + 1) * b]
+        return self._permutation(epoch)[step_in_epoch * b : (step_in_epoch + 1) * b]
 
-    def local_micro_batches(self, epoch: int, step_in_epoch: int,
-                            split: BatchSplit | None = None) -> list[np.ndarray]:
+    def local_micro_batches(
+        self, epoch: int, step_in_epoch: int, split: BatchSplit | None = None
+    ) -> list[np.ndarray]:
         split = split or self.split
         start = split.offset(self.rank)
-        mine = self.global_batch(epoch, step_in_epoch)[start:start + split.shares[self.rank]]
+        mine = self.global_batch(epoch, step_in_epoch)[start : start + split.shares[self.rank]]
         bounds = np.cumsum([0, *split.micro_batch_sizes(self.rank)])
-        return [mine[bounds[i]:bounds[i + 1]] for i in range(split.micro_steps)]
+        return [mine[bounds[i] : bounds[i + 1]] for i in range(split.micro_steps)]
 
     def position(self, steps_ahead: int = 0) -> tuple[int, int]:
         """(epoch, step in epoch) of the step ``steps_ahead`` after the next one; no change."""
         total = self.step_in_epoch + steps_ahead
         return (self.epoch + total // self.steps_per_epoch, total % self.steps_per_epoch)
 
-    def step_batch(self, epoch: int, step_in_epoch: int,
-                   split: BatchSplit | None = None) -> StepBatch:
+    def step_batch(
+        self, epoch: int, step_in_epoch: int, split: BatchSplit | None = None
+    ) -> StepBatch:
         """This rank's micro-batches of one step (a pure function of the position and the
         split; ``split``: another than the sampler's, e.g. the one a prefetch was made for)."""
-        return StepBatch(epoch, step_in_epoch,
-                         self.local_micro_batches(epoch, step_in_epoch, split))
+        return StepBatch(
+            epoch, step_in_epoch, self.local_micro_batches(epoch, step_in_epoch, split)
+        )
 
     def advance(self, batch: StepBatch) -> None:
         """Record that ``batch`` was consumed: the state moves to the step after it."""
@@ -121,15 +128,22 @@ class HeterogeneousBatchSampler:
             yield self.next_step()
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "seed": self.seed,
-                "num_samples": self.num_samples, "global_batch": self.split.global_batch}
+        return {
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "seed": self.seed,
+            "num_samples": self.num_samples,
+            "global_batch": self.split.global_batch,
+        }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Jump straight to the saved position (a new split with the same B is allowed)."""
         for key in ("num_samples", "global_batch", "seed"):
             if key in state and state[key] != getattr(self, key, None) and key != "global_batch":
-                raise HetlmError(f"cannot resume: the checkpoint's sampler has {key}={state[key]}, "
-                                 f"this run has {getattr(self, key)}; use the same data and seed")
+                raise HetlmError(
+                    f"cannot resume: the checkpoint's sampler has {key}={state[key]}, "
+                    f"this run has {getattr(self, key)}; use the same data and seed"
+                )
         if state.get("global_batch", self.split.global_batch) != self.split.global_batch:
             raise HetlmError(
                 f"cannot resume: the checkpoint used global_batch={state['global_batch']}, this "

@@ -105,8 +105,9 @@ class ChunkPlan:
         return self.current + (1 if self.chars else 0)
 
 
-def chunk_batches(stream: Iterable[tuple[int, str]], plan: ChunkPlan, wanted,
-                  batch_docs: int) -> Iterator[tuple[tuple[int, list[int]], list[str]]]:
+def chunk_batches(
+    stream: Iterable[tuple[int, str]], plan: ChunkPlan, wanted, batch_docs: int
+) -> Iterator[tuple[tuple[int, list[int]], list[str]]]:
     """((chunk, document indices), texts) batches of the documents of wanted chunks.
 
     ``wanted(chunk)`` says whether this run tokenizes the chunk. Batches never cross a chunk
@@ -171,9 +172,11 @@ def completed_chunks(chunks_dir: Path) -> dict[int, dict[str, Any]]:
                 data = json.loads(marker.read_text(encoding="utf-8"))
             except ValueError:
                 continue  # half-written markers cannot exist (atomic rename); be safe anyway
-            if all((chunks_dir / f["name"]).is_file() and
-                   (chunks_dir / f["name"]).stat().st_size == f["bytes"]
-                   for f in data["files"].values()):
+            if all(
+                (chunks_dir / f["name"]).is_file()
+                and (chunks_dir / f["name"]).stat().st_size == f["bytes"]
+                for f in data["files"].values()
+            ):
                 done[int(data["chunk"])] = data
     return done
 
@@ -220,8 +223,9 @@ def link_or_copy(src: Path, dst: Path, move: bool) -> str:
     return "copied"
 
 
-def write_split_layout(split_dir: Path, files: list[Path], seq_len: int, name: str,
-                       move: bool) -> dict[str, int]:
+def write_split_layout(
+    split_dir: Path, files: list[Path], seq_len: int, name: str, move: bool
+) -> dict[str, int]:
     """A ``Dataset.save_to_disk`` folder made of existing Arrow files (no data rewritten).
 
     ``load_from_disk`` reads ``state.json``'s ``_data_files`` in order and memory-maps each file,
@@ -242,14 +246,22 @@ def write_split_layout(split_dir: Path, files: list[Path], seq_len: int, name: s
         verb = link_or_copy(src, split_dir / target, move)
         how[verb] = how.get(verb, 0) + 1
         names.append({"filename": target})
-    state = {"_data_files": names, "_fingerprint": digest.hexdigest()[:16],
-             "_format_columns": None, "_format_kwargs": {}, "_format_type": None,
-             "_output_all_columns": False, "_split": name}
-    (split_dir / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True),
-                                          encoding="utf-8")
+    state = {
+        "_data_files": names,
+        "_fingerprint": digest.hexdigest()[:16],
+        "_format_columns": None,
+        "_format_kwargs": {},
+        "_format_type": None,
+        "_output_all_columns": False,
+        "_split": name,
+    }
+    (split_dir / "state.json").write_text(
+        json.dumps(state, indent=2, sort_keys=True), encoding="utf-8"
+    )
     info = asdict(DatasetInfo(features=packed_features(seq_len)))
     (split_dir / "dataset_info.json").write_text(
-        json.dumps({key: info[key] for key in sorted(info)}, indent=2), encoding="utf-8")
+        json.dumps({key: info[key] for key in sorted(info)}, indent=2), encoding="utf-8"
+    )
     return how
 
 

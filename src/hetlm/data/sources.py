@@ -35,8 +35,10 @@ def iter_column_batches(path: Path, column: str, batch_rows: int) -> Iterator[li
 
 
 def _missing_column(path: Path, column: str, names: list[str]) -> HetlmError:
-    return HetlmError(f"{path} has no column {column!r} (columns: {', '.join(names)}): pass the "
-                      "text column with --text-field")
+    return HetlmError(
+        f"{path} has no column {column!r} (columns: {', '.join(names)}): pass the "
+        "text column with --text-field"
+    )
 
 
 def _parquet_batches(path: Path, column: str, batch_rows: int) -> Iterator[list[Any]]:
@@ -96,8 +98,10 @@ class HFSource:
         dataset = self._load()
         features = getattr(dataset, "features", None)
         if features is not None and text_field not in features:
-            raise HetlmError(f"{self.label()} has no column {text_field!r} (columns: "
-                             f"{', '.join(features)}): pass the text column with --text-field")
+            raise HetlmError(
+                f"{self.label()} has no column {text_field!r} (columns: "
+                f"{', '.join(features)}): pass the text column with --text-field"
+            )
         for row in dataset:
             yield row.get(text_field)
 
@@ -111,21 +115,35 @@ class HFSource:
             return load_dataset(self.name, self.config, **kwargs)
         except Exception as exc:  # many types: not found, offline, bad config
             message = " ".join(str(exc).split())[:300]
-            raise HetlmError(f"cannot open the dataset {self.label()} with datasets.load_dataset "
-                             f"(streaming): {message}; check the name, --hf-config and "
-                             "--hf-split (and the network or HF_DATASETS_OFFLINE)") from exc
+            raise HetlmError(
+                f"cannot open the dataset {self.label()} with datasets.load_dataset "
+                f"(streaming): {message}; check the name, --hf-config and "
+                "--hf-split (and the network or HF_DATASETS_OFFLINE)"
+            ) from exc
 
 
-def iter_corpus(files: Sequence[Path], hf: HFSource | None, *, text_field: str = "text",
-                normalize: bool = True, stats: CorpusStats, strict: bool = False
-                ) -> Iterator[str]:
+def iter_corpus(
+    files: Sequence[Path],
+    hf: HFSource | None,
+    *,
+    text_field: str = "text",
+    normalize: bool = True,
+    stats: CorpusStats,
+    strict: bool = False,
+) -> Iterator[str]:
     """Every document: the files in order, then the ``datasets`` stream (when given)."""
     from hetlm.data.corpus import iter_documents, iter_text_documents
 
     if files:
-        yield from iter_documents(files, text_field=text_field, normalize=normalize,
-                                  stats=stats, strict=strict)
+        yield from iter_documents(
+            files, text_field=text_field, normalize=normalize, stats=stats, strict=strict
+        )
     if hf is not None:
-        yield from iter_text_documents(hf.texts(text_field), where=hf.label(),
-                                       text_field=text_field, normalize=normalize, stats=stats,
-                                       strict=strict)
+        yield from iter_text_documents(
+            hf.texts(text_field),
+            where=hf.label(),
+            text_field=text_field,
+            normalize=normalize,
+            stats=stats,
+            strict=strict,
+        )

@@ -115,7 +115,9 @@ def _pre_tokenizers(spec: Any, user_defined: list[str]) -> Any:
 
     parts = []
     if spec.add_dummy_prefix:
-        parts.append(pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="first", split=False))
+        parts.append(
+            pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="first", split=False)
+        )
     if user_defined:
         pattern = "|".join(re.escape(p) for p in sorted(user_defined, key=len, reverse=True))
         parts.append(pre_tokenizers.Split(Regex(pattern), behavior="isolated"))

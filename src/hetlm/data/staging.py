@@ -50,14 +50,19 @@ class StageSummary:
 
     def summary(self) -> str:
         if self.up_to_date:
-            return (f"{self.destination} is already an up-to-date copy of {self.source} "
-                    f"({self.files} files, {self.bytes / 2**20:,.1f} MiB); nothing copied.")
+            return (
+                f"{self.destination} is already an up-to-date copy of {self.source} "
+                f"({self.files} files, {self.bytes / 2**20:,.1f} MiB); nothing copied."
+            )
         rate = self.copied_bytes / 2**20 / max(self.seconds, 1e-9)
-        reused = f", {self.reused_files} file(s) reused from a stopped copy" if \
-            self.reused_files else ""
-        return (f"Staged {self.source} -> {self.destination}: {self.files} files, "
-                f"{self.bytes / 2**20:,.1f} MiB, {self.copied_bytes / 2**20:,.1f} MiB copied at "
-                f"{rate:,.0f} MiB/s{reused}; sizes and sha256 verified.")
+        reused = (
+            f", {self.reused_files} file(s) reused from a stopped copy" if self.reused_files else ""
+        )
+        return (
+            f"Staged {self.source} -> {self.destination}: {self.files} files, "
+            f"{self.bytes / 2**20:,.1f} MiB, {self.copied_bytes / 2**20:,.1f} MiB copied at "
+            f"{rate:,.0f} MiB/s{reused}; sizes and sha256 verified."
+        )
 
 
 def dataset_manifest(folder: Path) -> dict[str, Any]:
@@ -99,17 +104,23 @@ def sizes_match(folder: Path, manifest: dict[str, Any]) -> str | None:
     return None
 
 
-def stage_dataset(source: str | Path, destination: str | Path, *,
-                  verify_existing: bool = False,
-                  progress: Callable[[str], None] | None = None) -> StageSummary:
+def stage_dataset(
+    source: str | Path,
+    destination: str | Path,
+    *,
+    verify_existing: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> StageSummary:
     """Copy the prepared dataset ``source`` to ``destination`` with verification (see module)."""
     import time
 
     started = time.perf_counter()
     source, destination = Path(source), Path(destination)
     if not (source / META_FILE).is_file():
-        raise HetlmError(f"{source} is not a hetlm dataset (no {META_FILE}): stage the --output "
-                         "folder of `hetlm prepare`")
+        raise HetlmError(
+            f"{source} is not a hetlm dataset (no {META_FILE}): stage the --output "
+            "folder of `hetlm prepare`"
+        )
     manifest = dataset_manifest(source)
     total = sum(e["bytes"] for e in manifest["files"].values())
     if destination.exists():
@@ -118,26 +129,41 @@ def stage_dataset(source: str | Path, destination: str | Path, *,
         if any(destination.iterdir()) and not (destination / META_FILE).is_file():
             raise HetlmError(f"refusing to replace {destination}: it is not a hetlm dataset")
         if _is_current_copy(destination, manifest, verify_existing):
-            return StageSummary(source, destination, len(manifest["files"]), total, 0, 0, True,
-                                time.perf_counter() - started)
+            return StageSummary(
+                source,
+                destination,
+                len(manifest["files"]),
+                total,
+                0,
+                0,
+                True,
+                time.perf_counter() - started,
+            )
     staging = destination.parent / f".{destination.name}.staging"
     staging.mkdir(parents=True, exist_ok=True)
     copied = reused = 0
     for rel, entry in manifest["files"].items():
         src, dst = source / rel, staging / rel
-        if dst.is_file() and dst.stat().st_size == entry["bytes"] and \
-                sha256_file(dst) == entry["sha256"]:
+        if (
+            dst.is_file()
+            and dst.stat().st_size == entry["bytes"]
+            and sha256_file(dst) == entry["sha256"]
+        ):
             reused += 1
             continue
         if not src.is_file():
-            raise HetlmError(f"{source} lacks {rel}, which its manifest lists: the dataset is "
-                             "incomplete; re-create it with `hetlm prepare`")
+            raise HetlmError(
+                f"{source} lacks {rel}, which its manifest lists: the dataset is "
+                "incomplete; re-create it with `hetlm prepare`"
+            )
         digest = _copy_hashed(src, dst)
         if digest != entry["sha256"] or dst.stat().st_size != entry["bytes"]:
             dst.unlink(missing_ok=True)
-            raise HetlmError(f"{src} does not match its manifest (sha256 {digest[:12]}..., "
-                             f"expected {entry['sha256'][:12]}...): the source changed or is "
-                             "damaged; check it, then stage again")
+            raise HetlmError(
+                f"{src} does not match its manifest (sha256 {digest[:12]}..., "
+                f"expected {entry['sha256'][:12]}...): the source changed or is "
+                "damaged; check it, then stage again"
+            )
         copied += entry["bytes"]
         if progress:
             progress(f"copied {rel} ({entry['bytes'] / 2**20:,.1f} MiB)")
@@ -152,8 +178,16 @@ def stage_dataset(source: str | Path, destination: str | Path, *,
     else:
         staging.rename(destination)
     _fsync_dir(destination.parent)
-    return StageSummary(source, destination, len(manifest["files"]), total, copied, reused,
-                        False, time.perf_counter() - started)
+    return StageSummary(
+        source,
+        destination,
+        len(manifest["files"]),
+        total,
+        copied,
+        reused,
+        False,
+        time.perf_counter() - started,
+    )
 
 
 def _is_current_copy(folder: Path, manifest: dict[str, Any], full: bool) -> bool:
@@ -167,8 +201,9 @@ def _is_current_copy(folder: Path, manifest: dict[str, Any], full: bool) -> bool
         return False
     if sizes_match(folder, manifest) is not None:
         return False
-    return not full or all(sha256_file(folder / rel) == e["sha256"]
-                           for rel, e in manifest["files"].items())
+    return not full or all(
+        sha256_file(folder / rel) == e["sha256"] for rel, e in manifest["files"].items()
+    )
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -208,8 +243,12 @@ def local_copy_problem(shared_path: str | Path, local_copy: str | Path) -> str |
     return sizes_match(local, have)
 
 
-def resolve_dataset_path(shared_path: str | Path, local_copy: str | Path | None, *,
-                         report: Callable[[str], None] | None = None) -> Path:
+def resolve_dataset_path(
+    shared_path: str | Path,
+    local_copy: str | Path | None,
+    *,
+    report: Callable[[str], None] | None = None,
+) -> Path:
     """The folder training should read: ``local_copy`` when it is a current, complete copy of
     ``shared_path``, else ``shared_path`` (``report`` receives the reason)."""
     if local_copy is None:

@@ -49,7 +49,7 @@ def sample_sentences(documents: Iterable[str], size: int, seed: int) -> tuple[li
         for line in document.split("\n"):
             line = line.strip()
             for start in range(0, len(line), _SENTENCE_CHARS):
-                piece = line[start:start + _SENTENCE_CHARS]
+                piece = line[start : start + _SENTENCE_CHARS]
                 if len(reservoir) < size:
                     reservoir.append((seen, piece))
                 else:
@@ -81,7 +81,7 @@ def _segment_batch(spec: SegmenterSpec, lines: list[str]) -> list[str]:
 
 def segmented_lines(lines: Sequence[str], spec: SegmenterSpec, workers: int) -> Iterator[str]:
     """Each line as its words joined by spaces, in order, segmented by ``workers`` processes."""
-    batches = [list(lines[i:i + _SEGMENT_BATCH]) for i in range(0, len(lines), _SEGMENT_BATCH)]
+    batches = [list(lines[i : i + _SEGMENT_BATCH]) for i in range(0, len(lines), _SEGMENT_BATCH)]
     if workers <= 1 or len(batches) <= 1:
         for batch in batches:
             yield from _segment_batch(spec, batch)
@@ -98,8 +98,9 @@ def segmented_lines(lines: Sequence[str], spec: SegmenterSpec, workers: int) -> 
 # ---------------------------------------------------------------- vocabulary
 
 
-def alphabet_size(lines: Iterable[str], coverage: float, vocab_size: int,
-                  specials: int) -> tuple[int, float]:
+def alphabet_size(
+    lines: Iterable[str], coverage: float, vocab_size: int, specials: int
+) -> tuple[int, float]:
     """How many of the most frequent characters cover ``coverage`` of the sample.
 
     Every character of the alphabet also gets a ``##`` form, so an alphabet of n characters
@@ -130,30 +131,51 @@ def alphabet_size(lines: Iterable[str], coverage: float, vocab_size: int,
     return chosen, covered / total
 
 
-def train_wordpiece_vocab(lines: Iterable[str], *, vocab_size: int, limit_alphabet: int,
-                          special_tokens: Sequence[str], min_frequency: int = 0) -> list[str]:
+def train_wordpiece_vocab(
+    lines: Iterable[str],
+    *,
+    vocab_size: int,
+    limit_alphabet: int,
+    special_tokens: Sequence[str],
+    min_frequency: int = 0,
+) -> list[str]:
     """The WordPiece vocabulary (tokens in id order, specials first) of space-joined words."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-    tokenizer = Tokenizer(models.WordPiece(unk_token=special_tokens[1],
-                                           continuing_subword_prefix=CONTINUATION_PREFIX,
-                                           max_input_chars_per_word=MAX_INPUT_CHARS_PER_WORD))
+    tokenizer = Tokenizer(
+        models.WordPiece(
+            unk_token=special_tokens[1],
+            continuing_subword_prefix=CONTINUATION_PREFIX,
+            max_input_chars_per_word=MAX_INPUT_CHARS_PER_WORD,
+        )
+    )
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
-        special_tokens=list(special_tokens), limit_alphabet=max(1, limit_alphabet),
-        continuing_subword_prefix=CONTINUATION_PREFIX)
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        show_progress=False,
+        special_tokens=list(special_tokens),
+        limit_alphabet=max(1, limit_alphabet),
+        continuing_subword_prefix=CONTINUATION_PREFIX,
+    )
     tokenizer.train_from_iterator(lines, trainer=trainer)
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
     tokens = [token for token, _ in vocab]
-    if tokens[:len(special_tokens)] != list(special_tokens):
-        raise HetlmError("WordPiece training did not put the special tokens first; this is a "
-                         "bug in hetlm, please report it")
+    if tokens[: len(special_tokens)] != list(special_tokens):
+        raise HetlmError(
+            "WordPiece training did not put the special tokens first; this is a "
+            "bug in hetlm, please report it"
+        )
     return tokens
 
 
-def save_bert_japanese(tokens: Sequence[str], spec: SegmenterSpec, output_dir: Path,
-                       model_max_length: int, model_input_names: list[str]) -> Any:
+def save_bert_japanese(
+    tokens: Sequence[str],
+    spec: SegmenterSpec,
+    output_dir: Path,
+    model_max_length: int,
+    model_input_names: list[str],
+) -> Any:
     """Write ``vocab.txt`` and save a ``BertJapaneseTokenizer`` over it; return the tokenizer."""
     from transformers import BertJapaneseTokenizer
 
@@ -165,18 +187,31 @@ def save_bert_japanese(tokens: Sequence[str], spec: SegmenterSpec, output_dir: P
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         tokenizer = BertJapaneseTokenizer(
-            str(vocab_file), do_lower_case=False, subword_tokenizer_type="wordpiece",
-            model_max_length=model_max_length, model_input_names=model_input_names,
-            **spec.tokenizer_kwargs())
+            str(vocab_file),
+            do_lower_case=False,
+            subword_tokenizer_type="wordpiece",
+            model_max_length=model_max_length,
+            model_input_names=model_input_names,
+            **spec.tokenizer_kwargs(),
+        )
         tokenizer.save_pretrained(str(output_dir))
     return tokenizer
 
 
-def train_wordpiece(documents: Iterable[str], output_dir: Path, *, spec: SegmenterSpec,
-                    vocab_size: int, input_sentence_size: int, character_coverage: float,
-                    seed: int, workers: int, model_max_length: int,
-                    special_tokens: Sequence[str], model_input_names: list[str]
-                    ) -> tuple[Any, dict[str, Any]]:
+def train_wordpiece(
+    documents: Iterable[str],
+    output_dir: Path,
+    *,
+    spec: SegmenterSpec,
+    vocab_size: int,
+    input_sentence_size: int,
+    character_coverage: float,
+    seed: int,
+    workers: int,
+    model_max_length: int,
+    special_tokens: Sequence[str],
+    model_input_names: list[str],
+) -> tuple[Any, dict[str, Any]]:
     """Sample, segment, train and save; return (tokenizer, what to record about training)."""
     versions = require_analyser(spec)  # before reading a large corpus
     sample, seen = sample_sentences(documents, input_sentence_size, seed)
@@ -184,21 +219,32 @@ def train_wordpiece(documents: Iterable[str], output_dir: Path, *, spec: Segment
         return None, {}
     letters, reached = alphabet_size(sample, character_coverage, vocab_size, len(special_tokens))
     segmented = segmented_lines(sample, spec, workers)
-    tokens = train_wordpiece_vocab(segmented, vocab_size=vocab_size, limit_alphabet=letters,
-                                   special_tokens=special_tokens)
+    tokens = train_wordpiece_vocab(
+        segmented, vocab_size=vocab_size, limit_alphabet=letters, special_tokens=special_tokens
+    )
     tokenizer = save_bert_japanese(tokens, spec, output_dir, model_max_length, model_input_names)
     record = {
-        "segmenter": {"word_tokenizer": spec.word_tokenizer, "description": spec.describe(),
-                      **({"mecab_dic": spec.mecab_dic} if spec.word_tokenizer == "mecab" else
-                         {"sudachi_mode": spec.sudachi_mode,
-                          "sudachi_dict": spec.sudachi_dict}),
-                      "versions": versions},
-        "wordpiece_options": {"vocab_size": vocab_size, "continuing_subword_prefix":
-                              CONTINUATION_PREFIX, "character_coverage": character_coverage,
-                              "alphabet": letters, "coverage_reached": round(reached, 6),
-                              "input_sentence_size": input_sentence_size,
-                              "sentences_seen": seen, "sentences_sampled": len(sample),
-                              "max_input_chars_per_word": MAX_INPUT_CHARS_PER_WORD},
+        "segmenter": {
+            "word_tokenizer": spec.word_tokenizer,
+            "description": spec.describe(),
+            **(
+                {"mecab_dic": spec.mecab_dic}
+                if spec.word_tokenizer == "mecab"
+                else {"sudachi_mode": spec.sudachi_mode, "sudachi_dict": spec.sudachi_dict}
+            ),
+            "versions": versions,
+        },
+        "wordpiece_options": {
+            "vocab_size": vocab_size,
+            "continuing_subword_prefix": CONTINUATION_PREFIX,
+            "character_coverage": character_coverage,
+            "alphabet": letters,
+            "coverage_reached": round(reached, 6),
+            "input_sentence_size": input_sentence_size,
+            "sentences_seen": seen,
+            "sentences_sampled": len(sample),
+            "max_input_chars_per_word": MAX_INPUT_CHARS_PER_WORD,
+        },
         "tokenizer_kwargs": json.loads(json.dumps(spec.tokenizer_kwargs())),
     }
     return tokenizer, record

@@ -18,9 +18,16 @@ from hetlm.errors import HetlmError
 
 # Files that make a folder a tokenizer for AutoTokenizer (fast and slow formats of the families
 # hetlm evaluates: BERT/ELECTRA WordPiece, RoBERTa BPE, DeBERTaV2/LLaMA SentencePiece).
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "spiece.model", "spm.model",
-                   "tokenizer.model", "sentencepiece.bpe.model", "sentencepiece.model",
-                   "vocab.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "spiece.model",
+    "spm.model",
+    "tokenizer.model",
+    "sentencepiece.bpe.model",
+    "sentencepiece.model",
+    "vocab.json",
+)
 MIN_VOCAB = 16
 
 
@@ -55,13 +62,17 @@ def parse_model_specs(values: Sequence[str]) -> list[ModelSpec]:
             labels.append(None)
             paths.append(value)
     names = _short_names(paths)
-    specs = [ModelSpec(label or name, path) for label, name, path in zip(labels, names, paths,
-                                                                           strict=True)]
+    specs = [
+        ModelSpec(label or name, path)
+        for label, name, path in zip(labels, names, paths, strict=True)
+    ]
     seen = [s.name for s in specs]
     duplicates = sorted({n for n in seen if seen.count(n) > 1})
     if duplicates:
-        raise HetlmError(f"two --model values have the name {duplicates[0]!r}: give them labels "
-                         "(--model LABEL=PATH)")
+        raise HetlmError(
+            f"two --model values have the name {duplicates[0]!r}: give them labels "
+            "(--model LABEL=PATH)"
+        )
     return specs
 
 
@@ -84,14 +95,16 @@ def check_model(spec: ModelSpec) -> None:
     if not path.is_dir():
         raise HetlmError(f"model {spec.path} is a file: pass the checkpoint folder")
     if not (path / "config.json").is_file():
-        raise HetlmError(f"{spec.path} has no config.json: it is not a transformers checkpoint "
-                         "(pass the folder that save_pretrained wrote)")
+        raise HetlmError(
+            f"{spec.path} has no config.json: it is not a transformers checkpoint "
+            "(pass the folder that save_pretrained wrote)"
+        )
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
-        raise HetlmError(f"{spec.path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): "
-                         "save the tokenizer next to the model (tokenizer.save_pretrained) or "
-                         "copy the tokenizer folder's files into it")
-
-
+        raise HetlmError(
+            f"{spec.path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): "
+            "save the tokenizer next to the model (tokenizer.save_pretrained) or "
+            "copy the tokenizer folder's files into it"
+        )
 
 
 @contextlib.contextmanager
@@ -119,11 +132,14 @@ def load_tokenizer(spec: ModelSpec) -> Any:
             tokenizer = AutoTokenizer.from_pretrained(spec.path)
     except Exception as exc:  # any load failure is a problem with the user's checkpoint
         where = "" if spec.is_local else " (no such folder here; tried it as a hub model name)"
-        raise HetlmError(f"cannot load the tokenizer of {spec.path}{where}: "
-                         f"{_one_line(exc)}") from exc
+        raise HetlmError(
+            f"cannot load the tokenizer of {spec.path}{where}: {_one_line(exc)}"
+        ) from exc
     if len(tokenizer) < MIN_VOCAB:
-        raise HetlmError(f"the tokenizer of {spec.path} has only {len(tokenizer)} tokens: it is "
-                         "empty or broken; save the real tokenizer into the checkpoint folder")
+        raise HetlmError(
+            f"the tokenizer of {spec.path} has only {len(tokenizer)} tokens: it is "
+            "empty or broken; save the real tokenizer into the checkpoint folder"
+        )
     return tokenizer
 
 
@@ -141,8 +157,9 @@ def check_positions(spec: ModelSpec, length: int, option: str) -> None:
     """Refuse sequences longer than the model's position embeddings (an index error later)."""
     positions = getattr(load_config(spec), "max_position_embeddings", None)
     if isinstance(positions, int) and length > positions:
-        raise HetlmError(f"{option} {length} exceeds the {positions} positions of {spec.path}: "
-                         f"lower {option}")
+        raise HetlmError(
+            f"{option} {length} exceeds the {positions} positions of {spec.path}: lower {option}"
+        )
 
 
 def is_causal_lm(config: Any) -> bool:
@@ -158,11 +175,11 @@ def load_model(spec: ModelSpec, auto_class: Any, **kwargs: Any) -> tuple[Any, di
     check_model(spec)
     try:
         with quiet_transformers():
-            model, info = auto_class.from_pretrained(spec.path, output_loading_info=True,
-                                                     **kwargs)
+            model, info = auto_class.from_pretrained(spec.path, output_loading_info=True, **kwargs)
     except Exception as exc:
-        raise HetlmError(f"cannot load {spec.path} as {auto_class.__name__}: "
-                         f"{_one_line(exc)}") from exc
+        raise HetlmError(
+            f"cannot load {spec.path} as {auto_class.__name__}: {_one_line(exc)}"
+        ) from exc
     return model, info
 
 
@@ -185,8 +202,10 @@ def resolve_device(name: str) -> str:
     if device.type == "cuda":
         visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if visible == 0 or (device.index is not None and device.index >= visible):
-            raise HetlmError(f"device {name} requested but {visible} CUDA GPU(s) are visible: "
-                             "use --device cpu or a visible GPU")
+            raise HetlmError(
+                f"device {name} requested but {visible} CUDA GPU(s) are visible: "
+                "use --device cpu or a visible GPU"
+            )
     return name
 
 

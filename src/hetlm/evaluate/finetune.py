@@ -53,8 +53,9 @@ class FinetuneOptions:
         """One-line errors for impossible values, before any model is loaded."""
         for name in ("epochs", "batch_size", "eval_batch_size"):
             if getattr(self, name) < 1:
-                raise HetlmError(f"{name.replace('_', '-')} must be at least 1, got "
-                                 f"{getattr(self, name)}")
+                raise HetlmError(
+                    f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}"
+                )
         if self.max_length < 8:
             raise HetlmError(f"max-length must be at least 8, got {self.max_length}")
         if not self.lr > 0:
@@ -91,7 +92,7 @@ class TaskResult:
     eval_split: str
     train_examples: int
     eval_examples: int
-    train_ids_sha256: str = ""   # which examples, so two reports can be checked to match
+    train_ids_sha256: str = ""  # which examples, so two reports can be checked to match
     eval_ids_sha256: str = ""
     runs: list[SeedResult] = field(default_factory=list)
 
@@ -112,7 +113,7 @@ def crop_around(text: str, span: tuple[int, int] | None, max_chars: int) -> str:
         return text
     start, end = span if span is not None else (0, 0)
     begin = max(0, min((start + end) // 2 - max_chars // 2, len(text) - max_chars))
-    return text[begin:begin + max_chars]
+    return text[begin : begin + max_chars]
 
 
 def encode(examples: Sequence[Example], tokenizer: Any, max_length: int) -> list[dict[str, Any]]:
@@ -124,15 +125,17 @@ def encode(examples: Sequence[Example], tokenizer: Any, max_length: int) -> list
         texts.append(unicodedata.normalize("NFKC", crop_around(e.text, e.span, room)))
         pairs.append(pair)
     with quiet_transformers():
-        encoded = tokenizer(texts, pairs if any(p is not None for p in pairs) else None,
-                            truncation="longest_first", max_length=max_length)
+        encoded = tokenizer(
+            texts,
+            pairs if any(p is not None for p in pairs) else None,
+            truncation="longest_first",
+            max_length=max_length,
+        )
     keys = [k for k in ("input_ids", "token_type_ids", "attention_mask") if k in encoded]
-    return [{k: encoded[k][i] for k in keys} | {"labels": e.label}
-            for i, e in enumerate(examples)]
+    return [{k: encoded[k][i] for k in keys} | {"labels": e.label} for i, e in enumerate(examples)]
 
 
-def _collate(tokenizer: Any, features: list[dict[str, Any]], model: Any
-             ) -> dict[str, torch.Tensor]:
+def _collate(tokenizer: Any, features: list[dict[str, Any]], model: Any) -> dict[str, torch.Tensor]:
     labels = torch.tensor([f["labels"] for f in features])
     drop = {"labels"} | ({"token_type_ids"} if not _uses_segments(model) else set())
     inputs = [{k: v for k, v in f.items() if k not in drop} for f in features]
@@ -157,8 +160,10 @@ def prepare_tokenizer(spec: ModelSpec) -> Any:
     tokenizer = load_tokenizer(spec)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise HetlmError(f"the tokenizer of {spec.path} has neither a pad nor an EOS token: "
-                             "batches cannot be padded")
+            raise HetlmError(
+                f"the tokenizer of {spec.path} has neither a pad nor an EOS token: "
+                "batches cannot be padded"
+            )
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
@@ -170,8 +175,13 @@ def _optimizer(model: torch.nn.Module, options: FinetuneOptions) -> torch.optim.
     """AdamW; biases and normalisation weights (1-D parameters) without weight decay."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": options.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=options.lr)
+    return torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": options.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=options.lr,
+    )
 
 
 def load_classifier(spec: ModelSpec, task: TaskData, tokenizer: Any, seed: int) -> Any:
@@ -180,17 +190,28 @@ def load_classifier(spec: ModelSpec, task: TaskData, tokenizer: Any, seed: int) 
 
     torch.manual_seed(seed)
     labels = list(task.labels)
-    model, _ = load_model(spec, AutoModelForSequenceClassification, num_labels=len(labels),
-                          id2label=dict(enumerate(labels)),
-                          label2id={name: i for i, name in enumerate(labels)},
-                          ignore_mismatched_sizes=True)
+    model, _ = load_model(
+        spec,
+        AutoModelForSequenceClassification,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={name: i for i, name in enumerate(labels)},
+        ignore_mismatched_sizes=True,
+    )
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
 
 
-def train_and_score(spec: ModelSpec, task: TaskData, tokenizer: Any, train: list[dict[str, Any]],
-                    test: list[dict[str, Any]], seed: int, options: FinetuneOptions) -> SeedResult:
+def train_and_score(
+    spec: ModelSpec,
+    task: TaskData,
+    tokenizer: Any,
+    train: list[dict[str, Any]],
+    test: list[dict[str, Any]],
+    seed: int,
+    options: FinetuneOptions,
+) -> SeedResult:
     """Fine-tune once with ``seed`` and score on ``test``."""
     from transformers import get_linear_schedule_with_warmup
 
@@ -199,8 +220,7 @@ def train_and_score(spec: ModelSpec, task: TaskData, tokenizer: Any, train: list
     optimizer = _optimizer(model, options)
     steps_per_epoch = math.ceil(len(train) / options.batch_size)
     total = steps_per_epoch * options.epochs
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(options.warmup_ratio * total),
-                                                total)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(options.warmup_ratio * total), total)
     generator = torch.Generator().manual_seed(seed)
     model.train()
     epoch_loss = math.nan
@@ -208,12 +228,14 @@ def train_and_score(spec: ModelSpec, task: TaskData, tokenizer: Any, train: list
         order = torch.randperm(len(train), generator=generator).tolist()
         losses = []
         for start in range(0, len(order), options.batch_size):
-            chosen = order[start:start + options.batch_size]
+            chosen = order[start : start + options.batch_size]
             batch = _collate(tokenizer, [train[i] for i in chosen], model)
             loss = model(**batch).loss
             if not torch.isfinite(loss):
-                raise HetlmError(f"fine-tuning {spec.name} on {task.name} (seed {seed}) diverged "
-                                 f"(loss {float(loss)}): lower --lr")
+                raise HetlmError(
+                    f"fine-tuning {spec.name} on {task.name} (seed {seed}) diverged "
+                    f"(loss {float(loss)}): lower --lr"
+                )
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip)
             optimizer.step()
@@ -227,19 +249,25 @@ def train_and_score(spec: ModelSpec, task: TaskData, tokenizer: Any, train: list
     confusion = [[0] * k for _ in range(k)]
     for g, p in zip(gold, predicted, strict=True):
         confusion[g][p] += 1
-    return SeedResult(seed=seed, accuracy=accuracy(gold, predicted),
-                      macro_f1=macro_f1(gold, predicted), final_train_loss=epoch_loss,
-                      confusion=confusion, seconds=time.perf_counter() - started)
+    return SeedResult(
+        seed=seed,
+        accuracy=accuracy(gold, predicted),
+        macro_f1=macro_f1(gold, predicted),
+        final_train_loss=epoch_loss,
+        confusion=confusion,
+        seconds=time.perf_counter() - started,
+    )
 
 
 @torch.inference_mode()
-def predict(model: Any, tokenizer: Any, features: list[dict[str, Any]], batch_size: int
-            ) -> list[int]:
+def predict(
+    model: Any, tokenizer: Any, features: list[dict[str, Any]], batch_size: int
+) -> list[int]:
     """Argmax labels, in order."""
     model.eval()
     predicted: list[int] = []
     for start in range(0, len(features), batch_size):
-        batch = _collate(tokenizer, features[start:start + batch_size], model)
+        batch = _collate(tokenizer, features[start : start + batch_size], model)
         batch.pop("labels")
         predicted.extend(model(**batch).logits.argmax(-1).tolist())
     return predicted
@@ -253,24 +281,37 @@ def ids_digest(examples: Sequence[Example]) -> str:
     return hashlib.sha256("\n".join(e.id for e in examples).encode()).hexdigest()
 
 
-def finetune_task(spec: ModelSpec, task: TaskData, seeds: Sequence[int],
-                  options: FinetuneOptions, log: Log = print) -> TaskResult:
+def finetune_task(
+    spec: ModelSpec,
+    task: TaskData,
+    seeds: Sequence[int],
+    options: FinetuneOptions,
+    log: Log = print,
+) -> TaskResult:
     """Fine-tune ``spec`` on ``task`` once per seed; the data and its encoding are shared."""
     tokenizer = prepare_tokenizer(spec)
     train_examples = subsample(task.splits["train"], options.max_train_examples, task.name)
-    eval_examples = subsample(task.splits[options.eval_split], options.max_eval_examples,
-                              task.name)
+    eval_examples = subsample(task.splits[options.eval_split], options.max_eval_examples, task.name)
     if not eval_examples:
         raise HetlmError(f"the {task.name} {options.eval_split} split is empty")
     train = encode(train_examples, tokenizer, options.max_length)
     test = encode(eval_examples, tokenizer, options.max_length)
-    result = TaskResult(spec.name, task.name, list(task.labels), options.eval_split,
-                        len(train), len(test), ids_digest(train_examples),
-                        ids_digest(eval_examples))
+    result = TaskResult(
+        spec.name,
+        task.name,
+        list(task.labels),
+        options.eval_split,
+        len(train),
+        len(test),
+        ids_digest(train_examples),
+        ids_digest(eval_examples),
+    )
     for seed in seeds:
         run = train_and_score(spec, task, tokenizer, train, test, seed, options)
         result.runs.append(run)
-        log(f"  {spec.name} / {task.name} / seed {seed}: accuracy {run.accuracy:.3f}, "
+        log(
+            f"  {spec.name} / {task.name} / seed {seed}: accuracy {run.accuracy:.3f}, "
             f"macro-F1 {run.macro_f1:.3f}, final train loss {run.final_train_loss:.3f} "
-            f"({run.seconds:.1f} s)")
+            f"({run.seconds:.1f} s)"
+        )
     return result

@@ -41,10 +41,10 @@ from hetlm.evaluate.checkpoint import (
 class LMResult:
     """Held-out LM metrics of one checkpoint on one corpus (``skipped`` says why when empty)."""
 
-    kind: str                       # "mlm" or "clm"
+    kind: str  # "mlm" or "clm"
     corpus: str
-    loss: float | None = None       # nats per predicted token
-    accuracy: float | None = None   # top-1 on the predicted tokens
+    loss: float | None = None  # nats per predicted token
+    accuracy: float | None = None  # top-1 on the predicted tokens
     perplexity: float | None = None  # exp(loss), decoders only
     predicted_tokens: int = 0
     sequences: int = 0
@@ -83,8 +83,9 @@ def load_packed_corpus(path: str, max_sequences: int | None = None) -> PackedCor
     if max_sequences is not None:
         split = split.select(range(min(max_sequences, len(split))))
     rows = np.asarray(split.with_format("numpy")["input_ids"], dtype=np.int64)
-    return PackedCorpus(str(path), rows, str(meta.get("tokenizer_vocab_hash", "")),
-                        int(meta["seq_len"]))
+    return PackedCorpus(
+        str(path), rows, str(meta.get("tokenizer_vocab_hash", "")), int(meta["seq_len"])
+    )
 
 
 Corpus = Sequence[str] | PackedCorpus
@@ -97,7 +98,7 @@ def tokenize_texts(texts: Sequence[str], tokenizer: Any, batch: int = 256) -> It
     """Token ids of each text (NFKC-normalised, no special tokens), in order."""
     with quiet_transformers():  # "sequence longer than model_max_length": we pack it ourselves
         for start in range(0, len(texts), batch):
-            chunk = [unicodedata.normalize("NFKC", t) for t in texts[start:start + batch]]
+            chunk = [unicodedata.normalize("NFKC", t) for t in texts[start : start + batch]]
             yield from tokenizer(chunk, add_special_tokens=False)["input_ids"]
 
 
@@ -107,8 +108,10 @@ def pack_for_mlm(texts: Sequence[str], tokenizer: Any, seq_len: int) -> tuple[np
 
     cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
     if cls_id is None or sep_id is None:
-        raise HetlmError("the tokenizer has no CLS/SEP tokens: masked-LM evaluation packs "
-                         "[CLS] ... [SEP] rows (is this a decoder without a causal-LM config?)")
+        raise HetlmError(
+            "the tokenizer has no CLS/SEP tokens: masked-LM evaluation packs "
+            "[CLS] ... [SEP] rows (is this a decoder without a causal-LM config?)"
+        )
     packer = SequencePacker(seq_len, cls_id, sep_id)
     rows = [packer.add(ids) for ids in tokenize_texts(texts, tokenizer) if ids]
     dropped = packer.finish().dropped_tail_tokens
@@ -122,10 +125,11 @@ def pack_for_clm(texts: Sequence[str], tokenizer: Any, seq_len: int) -> tuple[np
     stream: list[int] = []
     for ids in tokenize_texts(texts, tokenizer):
         if ids:
-            stream.extend(([bos] if bos is not None else []) + ids
-                          + ([end] if end is not None else []))
+            stream.extend(
+                ([bos] if bos is not None else []) + ids + ([end] if end is not None else [])
+            )
     n = len(stream) // seq_len
-    rows = np.asarray(stream[:n * seq_len], dtype=np.int64).reshape(n, seq_len)
+    rows = np.asarray(stream[: n * seq_len], dtype=np.int64).reshape(n, seq_len)
     return rows, len(stream) - n * seq_len
 
 
@@ -150,13 +154,19 @@ def mlm_collator(tokenizer: Any, seq_len: int, vocab_size: int) -> Any:
         raise HetlmError("the tokenizer has no mask token: masked-LM evaluation needs one")
     core = {tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id}
     specials = {i for i in tokenizer.all_special_ids if i < vocab_size // 2} | core
-    return MLMCollator(seq_len=seq_len, vocab_size=vocab_size, mask_id=tokenizer.mask_token_id,
-                       special_ids=sorted(i for i in specials if i is not None), seed=0)
+    return MLMCollator(
+        seq_len=seq_len,
+        vocab_size=vocab_size,
+        mask_id=tokenizer.mask_token_id,
+        special_ids=sorted(i for i in specials if i is not None),
+        seed=0,
+    )
 
 
 @torch.inference_mode()
-def score_mlm(model: Any, rows: np.ndarray, collator: Any, batch_size: int
-              ) -> tuple[float, int, int]:
+def score_mlm(
+    model: Any, rows: np.ndarray, collator: Any, batch_size: int
+) -> tuple[float, int, int]:
     """(summed loss, correct, predicted tokens) over the rows, masked at ``EVAL_EPOCH``."""
     from hetlm.data.collators import EVAL_EPOCH
 
@@ -181,7 +191,7 @@ def score_clm(model: Any, rows: np.ndarray, batch_size: int) -> tuple[float, int
     """(summed next-token loss, correct, predicted tokens) over the rows."""
     loss_sum, correct, count = 0.0, 0, 0
     for start in range(0, len(rows), batch_size):
-        ids = torch.from_numpy(rows[start:start + batch_size]).to(model.device)
+        ids = torch.from_numpy(rows[start : start + batch_size]).to(model.device)
         logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, :-1]
         flat = logits.float().reshape(-1, logits.shape[-1])
         labels = ids[:, 1:].reshape(-1)
@@ -194,23 +204,35 @@ def score_clm(model: Any, rows: np.ndarray, batch_size: int) -> tuple[float, int
 # ---------------------------------------------------------------- one checkpoint, one corpus
 
 
-def _check_fits(rows: np.ndarray, config: Any, seq_len: int, spec: ModelSpec, corpus: str,
-                vocab_size: int) -> None:
+def _check_fits(
+    rows: np.ndarray, config: Any, seq_len: int, spec: ModelSpec, corpus: str, vocab_size: int
+) -> None:
     if len(rows) == 0:
-        raise HetlmError(f"the corpus {corpus} gives no full sequence of {seq_len} tokens with the "
-                         f"tokenizer of {spec.path}: add text or lower --mlm-seq-len")
+        raise HetlmError(
+            f"the corpus {corpus} gives no full sequence of {seq_len} tokens with the "
+            f"tokenizer of {spec.path}: add text or lower --mlm-seq-len"
+        )
     positions = getattr(config, "max_position_embeddings", None)
     if positions is not None and seq_len > positions:
-        raise HetlmError(f"--mlm-seq-len {seq_len} exceeds the {positions} positions of "
-                         f"{spec.path}: lower it")
+        raise HetlmError(
+            f"--mlm-seq-len {seq_len} exceeds the {positions} positions of {spec.path}: lower it"
+        )
     if int(rows.max()) >= vocab_size:
-        raise HetlmError(f"the tokenizer of {spec.path} produces id {int(rows.max())} but the "
-                         f"model has {vocab_size} embeddings: tokenizer and model do not match")
+        raise HetlmError(
+            f"the tokenizer of {spec.path} produces id {int(rows.max())} but the "
+            f"model has {vocab_size} embeddings: tokenizer and model do not match"
+        )
 
 
-def evaluate_lm(spec: ModelSpec, corpora: dict[str, Corpus], *, seq_len: int = 128,
-                batch_size: int = 16, max_sequences: int | None = None,
-                device: str = "cpu") -> list[LMResult]:
+def evaluate_lm(
+    spec: ModelSpec,
+    corpora: dict[str, Corpus],
+    *,
+    seq_len: int = 128,
+    batch_size: int = 16,
+    max_sequences: int | None = None,
+    device: str = "cpu",
+) -> list[LMResult]:
     """Held-out metrics of one checkpoint on each named corpus (the model is loaded once).
 
     Text corpora are packed with the checkpoint's tokenizer into ``seq_len`` rows (the first
@@ -226,10 +248,14 @@ def evaluate_lm(spec: ModelSpec, corpora: dict[str, Corpus], *, seq_len: int = 1
     model, info = load_model(spec, AutoModelForCausalLM if causal else AutoModelForMaskedLM)
     missing = sorted(info.get("missing_keys") or [])
     if missing:
-        reason = (f"skipped: no trained {kind.upper()} head in the checkpoint ({len(missing)} "
-                  "weights missing; e.g. an ELECTRA discriminator)")
-        return [LMResult(kind, name, seq_len=seq_len, skipped=reason, missing_weights=missing[:8])
-                for name in corpora]
+        reason = (
+            f"skipped: no trained {kind.upper()} head in the checkpoint ({len(missing)} "
+            "weights missing; e.g. an ELECTRA discriminator)"
+        )
+        return [
+            LMResult(kind, name, seq_len=seq_len, skipped=reason, missing_weights=missing[:8])
+            for name in corpora
+        ]
     model.to(device).eval()
     vocab_size = int(model.get_input_embeddings().num_embeddings)
     results = []
@@ -251,10 +277,19 @@ def evaluate_lm(spec: ModelSpec, corpora: dict[str, Corpus], *, seq_len: int = 1
             collator = mlm_collator(tokenizer, length, min(vocab_size, len(tokenizer)))
             loss_sum, correct, count = score_mlm(model, rows, collator, batch_size)
         loss = loss_sum / max(count, 1)
-        results.append(LMResult(kind, name, loss=loss, accuracy=correct / max(count, 1),
-                                perplexity=_exp(loss) if causal else None,
-                                predicted_tokens=count, sequences=len(rows), seq_len=length,
-                                dropped_tail_tokens=dropped))
+        results.append(
+            LMResult(
+                kind,
+                name,
+                loss=loss,
+                accuracy=correct / max(count, 1),
+                perplexity=_exp(loss) if causal else None,
+                predicted_tokens=count,
+                sequences=len(rows),
+                seq_len=length,
+                dropped_tail_tokens=dropped,
+            )
+        )
     return results
 
 
@@ -311,18 +346,25 @@ def frequency_baseline(labels: np.ndarray, train_counts: np.ndarray) -> Frequenc
     labels = np.asarray(labels, dtype=np.int64).reshape(-1)
     labels = labels[labels != -100]
     if labels.size == 0:
-        raise HetlmError("no held-out targets to compute the frequency baseline on: hold out "
-                         "more text (validation_fraction) or more samples (train.max_eval_samples)")
+        raise HetlmError(
+            "no held-out targets to compute the frequency baseline on: hold out "
+            "more text (validation_fraction) or more samples (train.max_eval_samples)"
+        )
     if int(labels.max()) >= len(train_counts):
-        raise ValueError(f"target id {int(labels.max())} is outside the {len(train_counts)} "
-                         "token counts: count the training rows over the whole vocabulary")
+        raise ValueError(
+            f"target id {int(labels.max())} is outside the {len(train_counts)} "
+            "token counts: count the training rows over the whole vocabulary"
+        )
     held_out = np.bincount(labels)
     smoothed = np.asarray(train_counts, dtype=np.float64) + 1.0
     smoothed = smoothed / smoothed.sum()
     loss = float(-np.log(smoothed[labels]).mean())
-    return FrequencyBaseline(token_id=int(held_out.argmax()),
-                             accuracy=float(held_out.max() / labels.size), loss=loss,
-                             targets=int(labels.size))
+    return FrequencyBaseline(
+        token_id=int(held_out.argmax()),
+        accuracy=float(held_out.max() / labels.size),
+        loss=loss,
+        targets=int(labels.size),
+    )
 
 
 def masked_targets(rows: np.ndarray, collator: Any, batch_size: int = 256) -> np.ndarray:
@@ -354,8 +396,9 @@ def pretraining_heldout(config: Any) -> tuple[np.ndarray, Any, FrequencyBaseline
     validation = build_data(config, dataset["validation"], meta)
     train = build_data(config, dataset["train"], meta)
     rows = validation.rows_at(np.arange(min(config.train.max_eval_samples, len(validation))))
-    counted = np.unique(np.linspace(0, len(train) - 1, min(len(train), TRAIN_ROWS_COUNTED))
-                        .astype(np.int64))
+    counted = np.unique(
+        np.linspace(0, len(train) - 1, min(len(train), TRAIN_ROWS_COUNTED)).astype(np.int64)
+    )
     special = special_ids(meta)
     if config.model.causal:  # every token after a row's first is a target, padding aside
         counts = token_counts(train.rows_at(counted), int(meta["vocab_size"]), [special["pad"]])

@@ -15,8 +15,9 @@ def accuracy(gold: Sequence[int], predicted: Sequence[int]) -> float:
     return sum(g == p for g, p in zip(gold, predicted, strict=True)) / len(gold)
 
 
-def macro_f1(gold: Sequence[int], predicted: Sequence[int],
-             labels: Sequence[int] | None = None) -> float:
+def macro_f1(
+    gold: Sequence[int], predicted: Sequence[int], labels: Sequence[int] | None = None
+) -> float:
     """Unweighted mean of per-class F1 over ``labels`` (default: classes in gold or predicted).
 
     A class that is never predicted has F1 0, so a model that only says the majority class
@@ -36,13 +37,14 @@ def macro_f1(gold: Sequence[int], predicted: Sequence[int],
     return sum(scores) / len(scores)
 
 
-def majority_baseline(train_labels: Sequence[int], test_labels: Sequence[int]
-                      ) -> dict[str, float]:
+def majority_baseline(train_labels: Sequence[int], test_labels: Sequence[int]) -> dict[str, float]:
     """Accuracy and macro-F1 of always predicting the training set's most frequent class."""
     top = Counter(train_labels).most_common(1)[0][0]
     predicted = [top] * len(test_labels)
-    return {"accuracy": accuracy(test_labels, predicted),
-            "macro_f1": macro_f1(test_labels, predicted)}
+    return {
+        "accuracy": accuracy(test_labels, predicted),
+        "macro_f1": macro_f1(test_labels, predicted),
+    }
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float | None]:

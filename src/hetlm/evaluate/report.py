@@ -29,14 +29,14 @@ class Row:
 
     model: str
     task: str
-    kind: str                       # "classification", "baseline", "mlm" or "clm"
+    kind: str  # "classification", "baseline", "mlm" or "clm"
     accuracy: float | None = None
     accuracy_std: float | None = None
     macro_f1: float | None = None
     macro_f1_std: float | None = None
     loss: float | None = None
     perplexity: float | None = None
-    n: int = 0                      # evaluated examples, or predicted tokens for LM rows
+    n: int = 0  # evaluated examples, or predicted tokens for LM rows
     seeds: list[int] = field(default_factory=list)
     note: str = ""
 
@@ -44,24 +44,46 @@ class Row:
 def classification_row(result: TaskResult) -> Row:
     acc, acc_std = mean_std([r.accuracy for r in result.runs])
     f1, f1_std = mean_std([r.macro_f1 for r in result.runs])
-    return Row(result.model, result.task, "classification", accuracy=acc, accuracy_std=acc_std,
-               macro_f1=f1, macro_f1_std=f1_std, n=result.eval_examples,
-               seeds=[r.seed for r in result.runs],
-               note=f"{result.eval_split}, {result.train_examples:,} train examples")
+    return Row(
+        result.model,
+        result.task,
+        "classification",
+        accuracy=acc,
+        accuracy_std=acc_std,
+        macro_f1=f1,
+        macro_f1_std=f1_std,
+        n=result.eval_examples,
+        seeds=[r.seed for r in result.runs],
+        note=f"{result.eval_split}, {result.train_examples:,} train examples",
+    )
 
 
 def baseline_row(task: str, scores: dict[str, float], n: int, split: str) -> Row:
-    return Row(MAJORITY, task, "baseline", accuracy=scores["accuracy"],
-               macro_f1=scores["macro_f1"], n=n, note=split)
+    return Row(
+        MAJORITY,
+        task,
+        "baseline",
+        accuracy=scores["accuracy"],
+        macro_f1=scores["macro_f1"],
+        n=n,
+        note=split,
+    )
 
 
 def lm_row(model: str, result: LMResult) -> Row:
     if result.skipped:
         return Row(model, f"{result.kind}:{result.corpus}", result.kind, note=result.skipped)
     unit = "masked" if result.kind == "mlm" else "predicted"
-    return Row(model, f"{result.kind}:{result.corpus}", result.kind, accuracy=result.accuracy,
-               loss=result.loss, perplexity=result.perplexity, n=result.predicted_tokens,
-               note=f"{unit} tokens in {result.sequences:,} x {result.seq_len}")
+    return Row(
+        model,
+        f"{result.kind}:{result.corpus}",
+        result.kind,
+        accuracy=result.accuracy,
+        loss=result.loss,
+        perplexity=result.perplexity,
+        n=result.predicted_tokens,
+        note=f"{unit} tokens in {result.sequences:,} x {result.seq_len}",
+    )
 
 
 # ---------------------------------------------------------------- rendering
@@ -82,13 +104,25 @@ HEADER = ("model", "task", "accuracy %", "macro-F1 %", "loss", "perplexity", "n"
 
 def markdown_table(rows: list[Row]) -> str:
     """A GitHub-style table, padded so it also reads as plain text."""
-    cells = [HEADER] + [(r.model, r.task, _percent(r.accuracy, r.accuracy_std),
-                         _percent(r.macro_f1, r.macro_f1_std), _number(r.loss),
-                         _number(r.perplexity, 2), f"{r.n:,}" if r.n else "",
-                         ",".join(map(str, r.seeds)), r.note) for r in rows]
+    cells = [HEADER] + [
+        (
+            r.model,
+            r.task,
+            _percent(r.accuracy, r.accuracy_std),
+            _percent(r.macro_f1, r.macro_f1_std),
+            _number(r.loss),
+            _number(r.perplexity, 2),
+            f"{r.n:,}" if r.n else "",
+            ",".join(map(str, r.seeds)),
+            r.note,
+        )
+        for r in rows
+    ]
     widths = [max(len(line[i]) for line in cells) for i in range(len(HEADER))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) + " |"
-             for line in cells]
+    lines = [
+        "| " + " | ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) + " |"
+        for line in cells
+    ]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
 
@@ -111,19 +145,30 @@ class Report:
     def markdown(self) -> str:
         created = self.config.get("created", "")
         lines = ["# hetlm eval", "", markdown_table(self.sorted_rows()), ""]
-        lines += ["accuracy and macro-F1: mean ± sample std over the seeds, on the split named in "
-                  "the note; loss: nats per predicted token (masked tokens for MLM).", ""]
+        lines += [
+            "accuracy and macro-F1: mean ± sample std over the seeds, on the split named in "
+            "the note; loss: nats per predicted token (masked tokens for MLM).",
+            "",
+        ]
         for task, info in self.data.items():
             for note in info.get("notes", []):
                 lines.append(f"- {task}: {note}")
-        lines += ["", f"Created {created} by hetlm {self.config.get('hetlm_version', '')}; "
-                  "the full configuration and per-seed results are in eval.json.", ""]
+        lines += [
+            "",
+            f"Created {created} by hetlm {self.config.get('hetlm_version', '')}; "
+            "the full configuration and per-seed results are in eval.json.",
+            "",
+        ]
         return "\n".join(lines)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"config": self.config, "data": self.data,
-                "rows": [asdict(r) for r in self.sorted_rows()],
-                "finetune": [r.as_dict() for r in self.finetune], "lm": self.lm}
+        return {
+            "config": self.config,
+            "data": self.data,
+            "rows": [asdict(r) for r in self.sorted_rows()],
+            "finetune": [r.as_dict() for r in self.finetune],
+            "lm": self.lm,
+        }
 
     def write(self, output_dir: Path) -> tuple[Path, Path]:
         """Write eval.md and eval.json (each replaced atomically, so a reader never sees half)."""

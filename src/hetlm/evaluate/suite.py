@@ -52,12 +52,18 @@ class EvalConfig:
 
     def as_dict(self) -> dict[str, object]:
         data = {k: str(v) if v is not None else None for k, v in asdict(self.data).items()}
-        return {"models": [asdict(m) for m in self.models], "tasks": self.tasks,
-                "seeds": self.seeds, "finetune": asdict(self.finetune), "data": data,
-                "mlm_corpora": self.mlm_corpora, "mlm_text_field": self.mlm_text_field,
-                "mlm_seq_len": self.mlm_seq_len, "mlm_max_sequences": self.mlm_max_sequences,
-                "split": {"salt": SPLIT_SALT,
-                                                           "bounds": dict(SPLIT_BOUNDS)}}
+        return {
+            "models": [asdict(m) for m in self.models],
+            "tasks": self.tasks,
+            "seeds": self.seeds,
+            "finetune": asdict(self.finetune),
+            "data": data,
+            "mlm_corpora": self.mlm_corpora,
+            "mlm_text_field": self.mlm_text_field,
+            "mlm_seq_len": self.mlm_seq_len,
+            "mlm_max_sequences": self.mlm_max_sequences,
+            "split": {"salt": SPLIT_SALT, "bounds": dict(SPLIT_BOUNDS)},
+        }
 
 
 def parse_tasks(text: str) -> list[str]:
@@ -65,8 +71,10 @@ def parse_tasks(text: str) -> list[str]:
     tasks = [t.strip().lower() for t in text.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in ALL_TASKS]
     if unknown or not tasks:
-        raise HetlmError(f"unknown task {unknown[0] if unknown else text!r}: choose from "
-                         f"{', '.join(ALL_TASKS)} (comma-separated)")
+        raise HetlmError(
+            f"unknown task {unknown[0] if unknown else text!r}: choose from "
+            f"{', '.join(ALL_TASKS)} (comma-separated)"
+        )
     return list(dict.fromkeys(tasks))
 
 
@@ -116,8 +124,7 @@ def load_corpora(config: EvalConfig) -> dict[str, Corpus]:
             corpora[name] = load_packed_corpus(item, config.mlm_max_sequences)
             continue
         stats = CorpusStats()
-        corpora[name] = list(iter_documents([item], text_field=config.mlm_text_field,
-                                            stats=stats))
+        corpora[name] = list(iter_documents([item], text_field=config.mlm_text_field, stats=stats))
         require_documents(stats, [item], config.mlm_text_field)
     return corpora
 
@@ -137,8 +144,9 @@ def load_inputs(config: EvalConfig) -> tuple[dict[str, TaskData], dict[str, Corp
             check_positions(spec, config.finetune.max_length, "--max-length")
         if LM_TASK in config.tasks:
             check_positions(spec, config.mlm_seq_len, "--mlm-seq-len")
-    tasks = {name: load_task(name, config.data) for name in config.tasks
-             if name in CLASSIFICATION_TASKS}
+    tasks = {
+        name: load_task(name, config.data) for name in config.tasks if name in CLASSIFICATION_TASKS
+    }
     corpora = load_corpora(config) if LM_TASK in config.tasks else {}
     return tasks, corpora
 
@@ -153,33 +161,47 @@ def run_eval(config: EvalConfig, output_dir: Path | None = None, log: Log = prin
     tasks, corpora = load_inputs(config)
     report = Report(config={"created": now(), "hetlm_version": __version__, **config.as_dict()})
     for name, task in tasks.items():
-        report.data[name] = {"source": str(task.source), "counts": task.counts(),
-                             "notes": task.notes}
+        report.data[name] = {
+            "source": str(task.source),
+            "counts": task.counts(),
+            "notes": task.notes,
+        }
         split = config.finetune.eval_split
         evaluated = subsample(task.splits[split], config.finetune.max_eval_examples, name)
-        scores = majority_baseline([e.label for e in task.splits["train"]],
-                                   [e.label for e in evaluated])
+        scores = majority_baseline(
+            [e.label for e in task.splits["train"]], [e.label for e in evaluated]
+        )
         report.rows.append(baseline_row(name, scores, len(evaluated), split))
     for name, corpus in corpora.items():
         report.data[f"corpus:{name}"] = (
-            {"packed_dataset": corpus.path, "sequences": len(corpus.rows),
-             "seq_len": corpus.seq_len} if isinstance(corpus, PackedCorpus) else
-            {"documents": len(corpus), "characters": sum(len(t) for t in corpus)})
+            {
+                "packed_dataset": corpus.path,
+                "sequences": len(corpus.rows),
+                "seq_len": corpus.seq_len,
+            }
+            if isinstance(corpus, PackedCorpus)
+            else {"documents": len(corpus), "characters": sum(len(t) for t in corpus)}
+        )
     _save(report, output_dir)
     for spec in config.models:
         log(f"model {spec.name} ({spec.path})")
         for task_name in config.tasks:
             if task_name == LM_TASK:
-                for result in evaluate_lm(spec, corpora, seq_len=config.mlm_seq_len,
-                                          batch_size=config.lm_batch_size,
-                                          max_sequences=config.mlm_max_sequences,
-                                          device=config.finetune.device):
+                for result in evaluate_lm(
+                    spec,
+                    corpora,
+                    seq_len=config.mlm_seq_len,
+                    batch_size=config.lm_batch_size,
+                    max_sequences=config.mlm_max_sequences,
+                    device=config.finetune.device,
+                ):
                     report.rows.append(lm_row(spec.name, result))
                     report.lm.append({"model": spec.name, **result.as_dict()})
                     log(f"  {spec.name} / {report.rows[-1].task}: " + _lm_line(result))
             else:
-                result = finetune_task(spec, tasks[task_name], config.seeds, config.finetune,
-                                       log=log)
+                result = finetune_task(
+                    spec, tasks[task_name], config.seeds, config.finetune, log=log
+                )
                 report.finetune.append(result)
                 report.rows.append(classification_row(result))
             _save(report, output_dir)
@@ -205,4 +227,3 @@ def summarize(report: Report) -> str:
     from hetlm.evaluate.report import markdown_table
 
     return markdown_table(report.sorted_rows())
-

@@ -73,10 +73,16 @@ class TaskData:
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Examples per split and label, for reports."""
-        return {split: {"examples": len(examples), "groups": len({e.group for e in examples}),
-                        **{self.labels[k]: v for k, v in
-                           sorted(Counter(e.label for e in examples).items())}}
-                for split, examples in self.splits.items()}
+        return {
+            split: {
+                "examples": len(examples),
+                "groups": len({e.group for e in examples}),
+                **{
+                    self.labels[k]: v for k, v in sorted(Counter(e.label for e in examples).items())
+                },
+            }
+            for split, examples in self.splits.items()
+        }
 
 
 # ---------------------------------------------------------------- the split rule
@@ -101,8 +107,11 @@ def subsample(examples: Sequence[Example], limit: int | None, task: str) -> list
     """
     if limit is None or len(examples) <= limit:
         return list(examples)
-    chosen = set(sorted(range(len(examples)),
-                        key=lambda i: split_score(f"{task}/subsample", examples[i].id))[:limit])
+    chosen = set(
+        sorted(
+            range(len(examples)), key=lambda i: split_score(f"{task}/subsample", examples[i].id)
+        )[:limit]
+    )
     return [e for i, e in enumerate(examples) if i in chosen]
 
 
@@ -121,8 +130,10 @@ def read_jsonl(path: Path, what: str) -> Iterator[tuple[int, dict[str, Any]]]:
     record would silently change the test set.
     """
     if not path.is_file():
-        raise HetlmError(f"{what} file {path} not found: pass --data-dir (the folder holding "
-                         f"{CHABSA_FILE} and {EWS_FILE}) or the file's own option")
+        raise HetlmError(
+            f"{what} file {path} not found: pass --data-dir (the folder holding "
+            f"{CHABSA_FILE} and {EWS_FILE}) or the file's own option"
+        )
     try:
         with path.open(encoding="utf-8") as f:
             for number, line in enumerate(f, start=1):
@@ -131,15 +142,19 @@ def read_jsonl(path: Path, what: str) -> Iterator[tuple[int, dict[str, Any]]]:
                 try:
                     record = json.loads(line)
                 except ValueError as exc:
-                    raise HetlmError(f"{path}:{number}: not valid JSON ({exc}); the {what} file "
-                                     "must be JSON Lines, one object per line") from exc
+                    raise HetlmError(
+                        f"{path}:{number}: not valid JSON ({exc}); the {what} file "
+                        "must be JSON Lines, one object per line"
+                    ) from exc
                 if not isinstance(record, dict):
-                    raise HetlmError(f"{path}:{number}: expected a JSON object, got "
-                                     f"{type(record).__name__}")
+                    raise HetlmError(
+                        f"{path}:{number}: expected a JSON object, got {type(record).__name__}"
+                    )
                 yield number, record
     except UnicodeDecodeError as exc:
-        raise HetlmError(f"{path} is not UTF-8 text ({exc}): pass the {what} JSON Lines "
-                         "file") from exc
+        raise HetlmError(
+            f"{path} is not UTF-8 text ({exc}): pass the {what} JSON Lines file"
+        ) from exc
     except OSError as exc:
         raise HetlmError(f"cannot read {what} file {path}: {exc}") from exc
 
@@ -147,8 +162,10 @@ def read_jsonl(path: Path, what: str) -> Iterator[tuple[int, dict[str, Any]]]:
 def _field(record: dict[str, Any], key: str, path: Path, number: int, kind: type = str) -> Any:
     value = record.get(key)
     if not isinstance(value, kind):
-        raise HetlmError(f"{path}:{number}: field {key!r} is missing or not a "
-                         f"{kind.__name__}; is this the right file?")
+        raise HetlmError(
+            f"{path}:{number}: field {key!r} is missing or not a "
+            f"{kind.__name__}; is this the right file?"
+        )
     return value
 
 
@@ -192,12 +209,16 @@ def read_chabsa(path: Path) -> list[ChabsaDocument]:
 
 def _check_opinion(opinion: Any, sentence: str, path: Path, number: int) -> None:
     if not isinstance(opinion, dict) or opinion.get("polarity") not in CHABSA_LABELS:
-        raise HetlmError(f"{path}:{number}: an opinion without a polarity in "
-                         f"{'/'.join(CHABSA_LABELS)}: {opinion!r}"[:300])
+        raise HetlmError(
+            f"{path}:{number}: an opinion without a polarity in "
+            f"{'/'.join(CHABSA_LABELS)}: {opinion!r}"[:300]
+        )
     start, end = opinion.get("from"), opinion.get("to")
     if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end <= len(sentence)):
-        raise HetlmError(f"{path}:{number}: opinion {opinion.get('target')!r} has bad offsets "
-                         f"from={start} to={end}")
+        raise HetlmError(
+            f"{path}:{number}: opinion {opinion.get('target')!r} has bad offsets "
+            f"from={start} to={end}"
+        )
 
 
 def load_chabsa(path: Path) -> TaskData:
@@ -210,12 +231,20 @@ def load_chabsa(path: Path) -> TaskData:
             sentence_id = sentence.get("sentence_id", s_index)
             for o_index, opinion in enumerate(sentence.get("opinions") or []):
                 start, end = opinion["from"], opinion["to"]
-                splits[split].append(Example(
-                    id=f"{doc.id}/{sentence_id}/{o_index}", text=text,
-                    text_pair=text[start:end], label=CHABSA_LABELS.index(opinion["polarity"]),
-                    group=doc.id, span=(start, end)))
-    notes = ["target-level: one example per opinion, input (sentence, target); documents split "
-             "80/10/10 by hash of the document id"]
+                splits[split].append(
+                    Example(
+                        id=f"{doc.id}/{sentence_id}/{o_index}",
+                        text=text,
+                        text_pair=text[start:end],
+                        label=CHABSA_LABELS.index(opinion["polarity"]),
+                        group=doc.id,
+                        span=(start, end),
+                    )
+                )
+    notes = [
+        "target-level: one example per opinion, input (sentence, target); documents split "
+        "80/10/10 by hash of the document id"
+    ]
     return _checked(TaskData("chabsa", CHABSA_LABELS, splits, path, notes))
 
 
@@ -230,13 +259,15 @@ def load_ews(path: Path) -> TaskData:
         text = _field(record, EWS_TEXT_FIELD, path, number)
         mark = _field(record, EWS_LABEL_FIELD, path, number)
         if mark not in EWS_LABELS:
-            raise HetlmError(f"{path}:{number}: {EWS_LABEL_FIELD} is {mark!r}, not one of "
-                             f"{' '.join(EWS_LABELS)}")
+            raise HetlmError(
+                f"{path}:{number}: {EWS_LABEL_FIELD} is {mark!r}, not one of {' '.join(EWS_LABELS)}"
+            )
         records += 1
         key = normalize_text(text)
         if key:
-            by_text.setdefault(key, []).append((str(record.get("id", f"line-{number}")),
-                                                EWS_LABELS.index(mark)))
+            by_text.setdefault(key, []).append(
+                (str(record.get("id", f"line-{number}")), EWS_LABELS.index(mark))
+            )
     splits: dict[str, list[Example]] = {name: [] for name in SPLITS}
     conflicting = 0
     for key, items in by_text.items():
@@ -244,20 +275,23 @@ def load_ews(path: Path) -> TaskData:
             conflicting += 1
             continue
         record_id, label = items[0]
-        splits[split_of("ews", key)].append(Example(id=record_id, text=key, label=label,
-                                                    group=key))
+        splits[split_of("ews", key)].append(Example(id=record_id, text=key, label=label, group=key))
     kept = sum(len(v) for v in splits.values())
-    notes = [f"{records:,} records -> {len(by_text):,} distinct texts (NFKC, stripped); "
-             f"{conflicting:,} texts with disagreeing labels dropped; {kept:,} examples; "
-             "split 80/10/10 by hash of the text"]
+    notes = [
+        f"{records:,} records -> {len(by_text):,} distinct texts (NFKC, stripped); "
+        f"{conflicting:,} texts with disagreeing labels dropped; {kept:,} examples; "
+        "split 80/10/10 by hash of the text"
+    ]
     return _checked(TaskData("ews", EWS_LABELS, splits, path, notes))
 
 
 def _checked(task: TaskData) -> TaskData:
     empty = [name for name in ("train", "test") if not task.splits[name]]
     if empty:
-        raise HetlmError(f"{task.source}: the {task.name} data gives no {' or '.join(empty)} "
-                         "examples; it is too small for an evaluation split")
+        raise HetlmError(
+            f"{task.source}: the {task.name} data gives no {' or '.join(empty)} "
+            "examples; it is too small for an evaluation split"
+        )
     return task
 
 
@@ -287,8 +321,9 @@ def find_data_dir() -> Path:
     for base in (Path.cwd(), *Path(__file__).resolve().parents):
         if (base / "data" / CHABSA_FILE).is_file():
             return base / "data"
-    raise HetlmError(f"cannot find data/{CHABSA_FILE}: run from the hetlm checkout or pass "
-                     "--data-dir")
+    raise HetlmError(
+        f"cannot find data/{CHABSA_FILE}: run from the hetlm checkout or pass --data-dir"
+    )
 
 
 def load_task(name: str, paths: DataPaths) -> TaskData:
@@ -307,12 +342,17 @@ def heldout_texts(name: str, paths: DataPaths, split: str = "test") -> list[str]
     never seen any of these.
     """
     if name == "chabsa":
-        return [doc.text for doc in read_chabsa(paths.chabsa_path())
-                if split_of("chabsa", doc.id) == split]
+        return [
+            doc.text
+            for doc in read_chabsa(paths.chabsa_path())
+            if split_of("chabsa", doc.id) == split
+        ]
     if name == "ews":
         return [e.text for e in load_ews(paths.ews_path()).splits[split]]
-    raise HetlmError(f"unknown built-in corpus {name!r}: choose from "
-                     f"{', '.join(CLASSIFICATION_TASKS)} or pass a file")
+    raise HetlmError(
+        f"unknown built-in corpus {name!r}: choose from "
+        f"{', '.join(CLASSIFICATION_TASKS)} or pass a file"
+    )
 
 
 def export_splits(paths: DataPaths, output_dir: Path) -> dict[str, Any]:
@@ -327,21 +367,31 @@ def export_splits(paths: DataPaths, output_dir: Path) -> dict[str, Any]:
     documents = read_chabsa(paths.chabsa_path())
     chabsa_ids: dict[str, list[str]] = {name: [] for name in SPLITS}
     for split in SPLITS:
-        rows = [{"id": d.id, "text": d.text} for d in documents
-                if split_of("chabsa", d.id) == split]
+        rows = [
+            {"id": d.id, "text": d.text} for d in documents if split_of("chabsa", d.id) == split
+        ]
         chabsa_ids[split] = [r["id"] for r in rows]
         _write_jsonl(output_dir / f"chabsa_{split}_documents.jsonl", rows)
-    manifest["tasks"]["chabsa"] = {"source": str(paths.chabsa_path()), "unit": "document",
-                                   "document_ids": chabsa_ids}
+    manifest["tasks"]["chabsa"] = {
+        "source": str(paths.chabsa_path()),
+        "unit": "document",
+        "document_ids": chabsa_ids,
+    }
     ews = load_ews(paths.ews_path())
     for split in SPLITS:
-        _write_jsonl(output_dir / f"ews_{split}.jsonl",
-                     [{"id": e.id, "text": e.text, "label": EWS_LABELS[e.label]}
-                      for e in ews.splits[split]])
-    manifest["tasks"]["ews"] = {"source": str(paths.ews_path()), "unit": "distinct text",
-                                "counts": ews.counts(), "notes": ews.notes}
-    (output_dir / "splits.json").write_text(json.dumps(manifest, ensure_ascii=False, indent=2)
-                                            + "\n", encoding="utf-8")
+        _write_jsonl(
+            output_dir / f"ews_{split}.jsonl",
+            [{"id": e.id, "text": e.text, "label": EWS_LABELS[e.label]} for e in ews.splits[split]],
+        )
+    manifest["tasks"]["ews"] = {
+        "source": str(paths.ews_path()),
+        "unit": "distinct text",
+        "counts": ews.counts(),
+        "notes": ews.notes,
+    }
+    (output_dir / "splits.json").write_text(
+        json.dumps(manifest, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
+    )
     return manifest
 
 

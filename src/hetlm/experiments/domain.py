@@ -62,13 +62,13 @@ class DomainSettings:
 
     workdir: Path
     preset: str = "small"
-    steps: int = 600                 # N: (a); (b) gets N + M; (c) = (a) + M
-    continue_steps: int = 300        # M
+    steps: int = 600  # N: (a); (b) gets N + M; (c) = (a) + M
+    continue_steps: int = 300  # M
     batch_size: int = 16
     seq_len: int = 128
     vocab_size: int = 8000
-    lr: float = 1e-3                 # from scratch, (a) and (b)
-    warmup_fraction: float = 0.1     # from scratch
+    lr: float = 1e-3  # from scratch, (a) and (b)
+    warmup_fraction: float = 0.1  # from scratch
     continue_lr: float | None = None  # None: the config's continuation default
     precision: str = "auto"
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
@@ -78,7 +78,7 @@ class DomainSettings:
     max_train_examples: int | None = 1000
     max_eval_examples: int | None = None
     mlm_max_sequences: int | None = 200
-    heldout_fraction: float = 0.1    # of the finance train-split units
+    heldout_fraction: float = 0.1  # of the finance train-split units
     general_heldout_fraction: float = 0.05
     max_corpus_chars: int | None = None  # cap each corpus part (quick runs)
     threads: int | None = None
@@ -88,8 +88,9 @@ class DomainSettings:
     def check(self) -> None:
         for name in ("steps", "continue_steps", "batch_size", "vocab_size", "epochs"):
             if getattr(self, name) < 1:
-                raise HetlmError(f"--{name.replace('_', '-')} must be at least 1, got "
-                                 f"{getattr(self, name)}")
+                raise HetlmError(
+                    f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}"
+                )
         if self.seq_len < 16:
             raise HetlmError(f"--seq-len must be at least 16, got {self.seq_len}")
         for name in ("heldout_fraction", "general_heldout_fraction"):
@@ -100,8 +101,9 @@ class DomainSettings:
         if self.threads is not None and self.threads < 1:
             raise HetlmError(f"--threads must be at least 1, got {self.threads}")
         if self.max_corpus_chars is not None and self.max_corpus_chars < 1000:
-            raise HetlmError(f"the corpus cap must be at least 1000 characters, got "
-                             f"{self.max_corpus_chars}")
+            raise HetlmError(
+                f"the corpus cap must be at least 1000 characters, got {self.max_corpus_chars}"
+            )
 
     @property
     def paths(self) -> DataPaths:
@@ -117,12 +119,27 @@ class DomainSettings:
         """Optimizer steps per run, as the table states them."""
         n, m = self.steps, self.continue_steps
         return {
-            "a": {"data": "general", "init": "scratch", "steps": n, "total_steps": n,
-                  "budget": f"{n}"},
-            "b": {"data": "general + finance (mixed)", "init": "scratch", "steps": n + m,
-                  "total_steps": n + m, "budget": f"{n + m}"},
-            "c": {"data": "finance", "init": "(a)", "steps": m, "total_steps": n + m,
-                  "budget": f"{n} (a) + {m}"},
+            "a": {
+                "data": "general",
+                "init": "scratch",
+                "steps": n,
+                "total_steps": n,
+                "budget": f"{n}",
+            },
+            "b": {
+                "data": "general + finance (mixed)",
+                "init": "scratch",
+                "steps": n + m,
+                "total_steps": n + m,
+                "budget": f"{n + m}",
+            },
+            "c": {
+                "data": "finance",
+                "init": "(a)",
+                "steps": m,
+                "total_steps": n + m,
+                "budget": f"{n} (a) + {m}",
+            },
         }
 
     def as_dict(self) -> dict[str, Any]:
@@ -139,16 +156,27 @@ def _data_dir() -> Path:
 # ---------------------------------------------------------------- the three runs
 
 
-def pretrain_config(settings: DomainSettings, run: str, dataset: Path, output_dir: Path,
-                    init_from: Path | None = None) -> dict[str, Any]:
+def pretrain_config(
+    settings: DomainSettings,
+    run: str,
+    dataset: Path,
+    output_dir: Path,
+    init_from: Path | None = None,
+) -> dict[str, Any]:
     """The ``hetlm pretrain`` config of one run (single process, one micro-batch per step)."""
     budget = settings.budgets()[run]
     steps = budget["steps"]
     train: dict[str, Any] = {
-        "global_batch": settings.batch_size, "micro_batch": settings.batch_size,
-        "max_steps": steps, "precision": settings.precision, "save_steps": 0,
-        "save_total_limit": 1, "eval_steps": 0, "max_eval_samples": 128,
-        "logging_steps": max(1, steps // 20)}
+        "global_batch": settings.batch_size,
+        "micro_batch": settings.batch_size,
+        "max_steps": steps,
+        "precision": settings.precision,
+        "save_steps": 0,
+        "save_total_limit": 1,
+        "eval_steps": 0,
+        "max_eval_samples": 128,
+        "logging_steps": max(1, steps // 20),
+    }
     if init_from is None:
         train["learning_rate"] = settings.lr
         train["warmup_steps"] = max(1, round(settings.warmup_fraction * steps))
@@ -157,8 +185,12 @@ def pretrain_config(settings: DomainSettings, run: str, dataset: Path, output_di
     model: dict[str, Any] = {"type": "bert", "preset": settings.preset}
     if init_from is not None:
         model["init_from"] = str(init_from)
-    return {"run": {"output_dir": str(output_dir), "seed": 0},
-            "data": {"dataset": str(dataset)}, "model": model, "train": train}
+    return {
+        "run": {"output_dir": str(output_dir), "seed": 0},
+        "data": {"dataset": str(dataset)},
+        "model": model,
+        "train": train,
+    }
 
 
 def run_one(config_dict: dict[str, Any], config_path: Path) -> dict[str, Any]:
@@ -168,8 +200,9 @@ def run_one(config_dict: dict[str, Any], config_path: Path) -> dict[str, Any]:
     from hetlm.config import parse_config
     from hetlm.train.pretrain import run_pretraining
 
-    config_path.write_text(yaml.safe_dump(config_dict, sort_keys=False, allow_unicode=True),
-                           encoding="utf-8")
+    config_path.write_text(
+        yaml.safe_dump(config_dict, sort_keys=False, allow_unicode=True), encoding="utf-8"
+    )
     config = parse_config(config_dict, source=str(config_path))
     output = Path(config.run.output_dir)
     if output.exists():
@@ -202,8 +235,11 @@ def weight_distance(model_a: Path, model_b: Path) -> float:
 def _loss_curve(metrics_path: Path) -> list[tuple[int, float]]:
     from hetlm.train.metrics import read_metrics
 
-    return [(int(r["step"]), float(r["loss"])) for r in read_metrics(metrics_path)
-            if r.get("event") is None and "loss" in r]
+    return [
+        (int(r["step"]), float(r["loss"]))
+        for r in read_metrics(metrics_path)
+        if r.get("event") is None and "loss" in r
+    ]
 
 
 # ---------------------------------------------------------------- the whole experiment
@@ -231,48 +267,74 @@ def run_experiment(settings: DomainSettings, log: Log = print) -> dict[str, Any]
     def phase(name: str, started: float) -> None:
         timings[name] = round(time.perf_counter() - started, 1)
 
-    log("[1/6] corpora: general (Aozora) and finance (evaluation train splits only), "
-        "held-out parts by document")
+    log(
+        "[1/6] corpora: general (Aozora) and finance (evaluation train splits only), "
+        "held-out parts by document"
+    )
     t0 = time.perf_counter()
-    corpora = assemble_corpora(settings.paths, settings.general_path(),
-                               heldout_fraction=settings.heldout_fraction,
-                               general_heldout_fraction=settings.general_heldout_fraction,
-                               max_chars=settings.max_corpus_chars)
+    corpora = assemble_corpora(
+        settings.paths,
+        settings.general_path(),
+        heldout_fraction=settings.heldout_fraction,
+        general_heldout_fraction=settings.general_heldout_fraction,
+        max_chars=settings.max_corpus_chars,
+    )
     leak = check_no_leak(corpora, settings.paths)
     manifest = write_corpora(corpora, work / "corpus")
     manifest["leak_check"] = leak
     (work / "corpus" / "corpus.json").write_text(
-        json.dumps(manifest, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        json.dumps(manifest, ensure_ascii=False, indent=1) + "\n", encoding="utf-8"
+    )
     for name, part in manifest["parts"].items():
         log(f"      {name}: {part['documents']:,} documents, {part['characters']:,} characters")
-    log(f"      no evaluation dev/test unit used ({leak['finance_units_checked']:,} finance units "
-        "checked)")
+    log(
+        f"      no evaluation dev/test unit used ({leak['finance_units_checked']:,} finance units "
+        "checked)"
+    )
     phase("corpora", t0)
     corpus = {name: Path(part["file"]) for name, part in manifest["parts"].items()}
 
-    log(f"[2/6] tokenizer: SentencePiece Unigram, vocab {settings.vocab_size}, on general + "
-        "finance training text")
+    log(
+        f"[2/6] tokenizer: SentencePiece Unigram, vocab {settings.vocab_size}, on general + "
+        "finance training text"
+    )
     t0 = time.perf_counter()
-    tokenizer_dir = train_tokenizer([corpus["general_train"], corpus["finance_train"]],
-                                    work / "tokenizer", vocab_size=settings.vocab_size)
+    tokenizer_dir = train_tokenizer(
+        [corpus["general_train"], corpus["finance_train"]],
+        work / "tokenizer",
+        vocab_size=settings.vocab_size,
+    )
     phase("tokenizer", t0)
 
     log(f"[3/6] packing general, finance and mixed datasets ({settings.seq_len}-token rows)")
     t0 = time.perf_counter()
-    inputs = {"general": [corpus["general_train"]], "finance": [corpus["finance_train"]],
-              "mixed": [corpus["general_train"], corpus["finance_train"]]}
+    inputs = {
+        "general": [corpus["general_train"]],
+        "finance": [corpus["finance_train"]],
+        "mixed": [corpus["general_train"], corpus["finance_train"]],
+    }
     datasets: dict[str, Path] = {}
     prepared: dict[str, Any] = {}
     for name, files in inputs.items():
         datasets[name] = work / "data" / name
-        summary = prepare_dataset(files, tokenizer_dir, datasets[name], seq_len=settings.seq_len,
-                                  validation_fraction=0.01, overwrite=True)
-        prepared[name] = {"train_sequences": summary.train.sequences,
-                          "train_tokens": summary.train.tokens,
-                          "validation_sequences": summary.validation.sequences}
-        log(f"      {name}: {summary.train.sequences:,} train rows "
+        summary = prepare_dataset(
+            files,
+            tokenizer_dir,
+            datasets[name],
+            seq_len=settings.seq_len,
+            validation_fraction=0.01,
+            overwrite=True,
+        )
+        prepared[name] = {
+            "train_sequences": summary.train.sequences,
+            "train_tokens": summary.train.tokens,
+            "validation_sequences": summary.validation.sequences,
+        }
+        log(
+            f"      {name}: {summary.train.sequences:,} train rows "
             f"({summary.train.tokens:,} tokens), {summary.validation.sequences:,} validation rows "
-            "(run-time monitor only)")
+            "(run-time monitor only)"
+        )
     phase("prepare", t0)
 
     runs_dir = work / "runs"
@@ -283,48 +345,69 @@ def run_experiment(settings: DomainSettings, log: Log = print) -> dict[str, Any]
     for index, run in enumerate(RUNS):
         data_name, parent = plan[run]
         init = Path(summaries[parent]["model_dir"]) if parent else None
-        log(f"[4/6] pretraining ({run}) {RUN_NAMES[run]}: BERT-{settings.preset}, "
+        log(
+            f"[4/6] pretraining ({run}) {RUN_NAMES[run]}: BERT-{settings.preset}, "
             f"{budgets[run]['steps']} steps x {settings.batch_size} on {data_name}"
-            + (f", from {init}" if init else ", from scratch") + f" ({index + 1}/3)")
+            + (f", from {init}" if init else ", from scratch")
+            + f" ({index + 1}/3)"
+        )
         t0 = time.perf_counter()
-        config = pretrain_config(settings, run, datasets[data_name], runs_dir / RUN_NAMES[run],
-                                 init_from=init)
+        config = pretrain_config(
+            settings, run, datasets[data_name], runs_dir / RUN_NAMES[run], init_from=init
+        )
         summaries[run] = run_one(config, runs_dir / f"{RUN_NAMES[run]}.yaml")
         summaries[run]["dataset"] = data_name
         phase(f"pretrain_{run}", t0)
         s = summaries[run]
-        log(f"      loss {s['loss_first']:.3f} -> {s['loss_last']:.3f}, run-time held-out "
-            f"{s['eval_loss']:.3f} ({timings[f'pretrain_{run}']:.0f} s)")
+        log(
+            f"      loss {s['loss_first']:.3f} -> {s['loss_last']:.3f}, run-time held-out "
+            f"{s['eval_loss']:.3f} ({timings[f'pretrain_{run}']:.0f} s)"
+        )
     models = {run: Path(summaries[run]["model_dir"]) for run in RUNS}
-    init_check = {"c_init_from": summaries["c"]["init_from"], "a_model_dir": str(models["a"]),
-                  "rel_distance_c_from_a": weight_distance(models["a"], models["c"]),
-                  "rel_distance_b_from_a": weight_distance(models["a"], models["b"])}
-    log(f"      (c) started from (a): ||c - a|| / ||a|| = "
+    init_check = {
+        "c_init_from": summaries["c"]["init_from"],
+        "a_model_dir": str(models["a"]),
+        "rel_distance_c_from_a": weight_distance(models["a"], models["c"]),
+        "rel_distance_b_from_a": weight_distance(models["a"], models["b"]),
+    }
+    log(
+        f"      (c) started from (a): ||c - a|| / ||a|| = "
         f"{init_check['rel_distance_c_from_a']:.3f} (b, trained from scratch: "
-        f"{init_check['rel_distance_b_from_a']:.3f})")
+        f"{init_check['rel_distance_b_from_a']:.3f})"
+    )
 
-    log(f"[5/6] evaluation (hetlm eval): held-out MLM, chABSA and EWS fine-tuning, seeds "
-        f"{','.join(map(str, settings.seeds))}")
+    log(
+        f"[5/6] evaluation (hetlm eval): held-out MLM, chABSA and EWS fine-tuning, seeds "
+        f"{','.join(map(str, settings.seeds))}"
+    )
     t0 = time.perf_counter()
-    options = FinetuneOptions(epochs=settings.epochs, lr=settings.finetune_lr,
-                              max_length=settings.max_length,
-                              max_train_examples=settings.max_train_examples,
-                              max_eval_examples=settings.max_eval_examples)
+    options = FinetuneOptions(
+        epochs=settings.epochs,
+        lr=settings.finetune_lr,
+        max_length=settings.max_length,
+        max_train_examples=settings.max_train_examples,
+        max_eval_examples=settings.max_eval_examples,
+    )
     eval_config = EvalConfig(
         models=[ModelSpec(RUN_NAMES[run], str(models[run])) for run in RUNS],
-        tasks=list(ALL_TASKS), seeds=list(settings.seeds), finetune=options,
-        data=settings.paths, mlm_corpora=[str(corpus[name]) for name in HELDOUT_CORPORA],
-        mlm_seq_len=settings.seq_len, mlm_max_sequences=settings.mlm_max_sequences)
+        tasks=list(ALL_TASKS),
+        seeds=list(settings.seeds),
+        finetune=options,
+        data=settings.paths,
+        mlm_corpora=[str(corpus[name]) for name in HELDOUT_CORPORA],
+        mlm_seq_len=settings.seq_len,
+        mlm_max_sequences=settings.mlm_max_sequences,
+    )
     report = run_eval(eval_config, output_dir=work / "eval", log=lambda line: log("      " + line))
     phase("eval", t0)
     timings["total"] = round(time.perf_counter() - started_all, 1)
 
-    results = collect_results(settings, report, summaries, prepared, manifest, init_check,
-                              timings, models)
-    results["loss_curves"] = {run: _loss_curve(Path(summaries[run]["output_dir"]) /
-                                               "metrics.jsonl") for run in RUNS}
+    results = collect_results(
+        settings, report, summaries, prepared, manifest, init_check, timings, models
+    )
+    results["loss_curves"] = {
+        run: _loss_curve(Path(summaries[run]["output_dir"]) / "metrics.jsonl") for run in RUNS
+    }
     log("[6/6] report")
     write_report(results, work)
     return results
-
-

@@ -47,15 +47,18 @@ class Corpora:
 
     general_train: list[Document]
     general_heldout: list[Document]
-    finance_train: list[Document]          # chABSA train reports + EWS train texts, not held out
+    finance_train: list[Document]  # chABSA train reports + EWS train texts, not held out
     finance_heldout: dict[str, list[Document]]  # "chabsa", "ews": the finance MLM eval set
     notes: list[str] = field(default_factory=list)
 
     def parts(self) -> dict[str, list[Document]]:
-        return {"general_train": self.general_train, "finance_train": self.finance_train,
-                "general-heldout": self.general_heldout,
-                "finance-chabsa-heldout": self.finance_heldout["chabsa"],
-                "finance-ews-heldout": self.finance_heldout["ews"]}
+        return {
+            "general_train": self.general_train,
+            "finance_train": self.finance_train,
+            "general-heldout": self.general_heldout,
+            "finance-chabsa-heldout": self.finance_heldout["chabsa"],
+            "finance-ews-heldout": self.finance_heldout["ews"],
+        }
 
 
 def is_heldout(source: str, key: str, fraction: float) -> bool:
@@ -63,13 +66,15 @@ def is_heldout(source: str, key: str, fraction: float) -> bool:
     return split_score(f"{HELDOUT_TASK}/{source}", key) < fraction
 
 
-def _split_heldout(units: list[tuple[str, Document]], source: str,
-                   fraction: float) -> tuple[list[Document], list[Document]]:
+def _split_heldout(
+    units: list[tuple[str, Document]], source: str, fraction: float
+) -> tuple[list[Document], list[Document]]:
     """(train, held-out) by the hash rule; at least one unit on each side when there are two."""
     heldout = {key for key, _ in units if is_heldout(source, key, fraction)}
     if len(units) >= 2 and not heldout:
-        heldout = {min((key for key, _ in units),
-                       key=lambda k: split_score(f"{HELDOUT_TASK}/{source}", k))}
+        heldout = {
+            min((key for key, _ in units), key=lambda k: split_score(f"{HELDOUT_TASK}/{source}", k))
+        }
     if len(units) >= 2 and len(heldout) == len(units):
         heldout.discard(max(heldout, key=lambda k: split_score(f"{HELDOUT_TASK}/{source}", k)))
     train = [doc for key, doc in units if key not in heldout]
@@ -84,10 +89,15 @@ def finance_train_units(paths: DataPaths) -> dict[str, list[tuple[str, Document]
     eval defines it, sentences joined by newlines; no labels). EWS: the deduplicated texts of
     ``load_ews(...).splits["train"]`` (the comment only; the label is not text).
     """
-    chabsa = [(doc.id, Document(f"chabsa/{doc.id}", doc.text))
-              for doc in read_chabsa(paths.chabsa_path()) if split_of("chabsa", doc.id) == "train"]
-    ews = [(e.group, Document(f"ews/{e.id}", e.text))
-           for e in load_ews(paths.ews_path()).splits["train"]]
+    chabsa = [
+        (doc.id, Document(f"chabsa/{doc.id}", doc.text))
+        for doc in read_chabsa(paths.chabsa_path())
+        if split_of("chabsa", doc.id) == "train"
+    ]
+    ews = [
+        (e.group, Document(f"ews/{e.id}", e.text))
+        for e in load_ews(paths.ews_path()).splits["train"]
+    ]
     return {"chabsa": chabsa, "ews": ews}
 
 
@@ -101,14 +111,21 @@ def read_general(path: Path) -> list[tuple[str, Document]]:
         key = str(record.get("id", f"line-{number}"))
         units.append((key, Document(f"aozora/{key}", text)))
     if len(units) < 2:
-        raise HetlmError(f"{path}: the general corpus needs at least two documents with a "
-                         "'text' field (one is held out)")
+        raise HetlmError(
+            f"{path}: the general corpus needs at least two documents with a "
+            "'text' field (one is held out)"
+        )
     return units
 
 
-def assemble_corpora(paths: DataPaths, general_path: Path, *, heldout_fraction: float = 0.1,
-                     general_heldout_fraction: float = 0.05,
-                     max_chars: int | None = None) -> Corpora:
+def assemble_corpora(
+    paths: DataPaths,
+    general_path: Path,
+    *,
+    heldout_fraction: float = 0.1,
+    general_heldout_fraction: float = 0.05,
+    max_chars: int | None = None,
+) -> Corpora:
     """General and finance corpora, each split into training and held-out parts by unit."""
     finance = finance_train_units(paths)
     fin_train: list[Document] = []
@@ -117,15 +134,23 @@ def assemble_corpora(paths: DataPaths, general_path: Path, *, heldout_fraction: 
         train, held = _split_heldout(finance[source], source, heldout_fraction)
         fin_train += _cap(train, max_chars and max_chars // 2)
         fin_heldout[source] = _cap(held, max_chars and max_chars // 4)
-    gen_train, gen_held = _split_heldout(read_general(general_path), "aozora",
-                                         general_heldout_fraction)
-    notes = ["finance text: chABSA reports and Economy Watchers texts in the evaluation's train "
-             f"split only; {heldout_fraction:.0%} of those units held out (hash of the unit) "
-             "for the finance MLM evaluation"]
+    gen_train, gen_held = _split_heldout(
+        read_general(general_path), "aozora", general_heldout_fraction
+    )
+    notes = [
+        "finance text: chABSA reports and Economy Watchers texts in the evaluation's train "
+        f"split only; {heldout_fraction:.0%} of those units held out (hash of the unit) "
+        "for the finance MLM evaluation"
+    ]
     if max_chars is not None:
         notes.append(f"quick run: every part capped at about {max_chars:,} characters")
-    return Corpora(_cap(gen_train, max_chars), _cap(gen_held, max_chars and max_chars // 4),
-                   fin_train, fin_heldout, notes)
+    return Corpora(
+        _cap(gen_train, max_chars),
+        _cap(gen_held, max_chars and max_chars // 4),
+        fin_train,
+        fin_heldout,
+        notes,
+    )
 
 
 def _cap(docs: list[Document], max_chars: int | None) -> list[Document]:
@@ -139,7 +164,7 @@ def _cap(docs: list[Document], max_chars: int | None) -> list[Document]:
         text = doc.text
         if used + len(text) > max_chars:
             cut = text.rfind("\n", 0, max_chars - used)
-            text = text[:cut if cut > 0 else max_chars - used]
+            text = text[: cut if cut > 0 else max_chars - used]
         out.append(Document(doc.id, text))
         used += len(text)
     return out
@@ -148,8 +173,9 @@ def _cap(docs: list[Document], max_chars: int | None) -> list[Document]:
 def evaluation_units(paths: DataPaths, splits: Iterable[str] = ("dev", "test")) -> dict[str, set]:
     """The chABSA report ids and EWS normalised texts the evaluation puts in ``splits``."""
     chosen = set(splits)
-    chabsa = {doc.id for doc in read_chabsa(paths.chabsa_path())
-              if split_of("chabsa", doc.id) in chosen}
+    chabsa = {
+        doc.id for doc in read_chabsa(paths.chabsa_path()) if split_of("chabsa", doc.id) in chosen
+    }
     ews_task = load_ews(paths.ews_path())
     ews = {e.text for split in chosen for e in ews_task.splits[split]}
     return {"chabsa": chabsa, "ews": ews}
@@ -161,19 +187,36 @@ def check_no_leak(corpora: Corpora, paths: DataPaths) -> dict[str, int]:
     e.g. boilerplate shared by companies)."""
     forbidden = evaluation_units(paths)
     finance = corpora.finance_train + [d for docs in corpora.finance_heldout.values() for d in docs]
-    bad = [d.id for d in finance if d.id.startswith("chabsa/")
-           and d.id.split("/", 1)[1] in forbidden["chabsa"]]
-    bad += [d.id for d in finance if d.id.startswith("ews/")
-            and normalize_text(d.text) in forbidden["ews"]]
+    bad = [
+        d.id
+        for d in finance
+        if d.id.startswith("chabsa/") and d.id.split("/", 1)[1] in forbidden["chabsa"]
+    ]
+    bad += [
+        d.id
+        for d in finance
+        if d.id.startswith("ews/") and normalize_text(d.text) in forbidden["ews"]
+    ]
     if bad:
         raise RuntimeError(f"finance corpus leaks evaluation dev/test units: {bad[:5]}")
-    test_sentences = {normalize_text(s["sentence"]) for doc in read_chabsa(paths.chabsa_path())
-                      if split_of("chabsa", doc.id) == "test" for s in doc.sentences}
-    used = {normalize_text(line) for d in corpora.finance_train if d.id.startswith("chabsa/")
-            for line in d.text.split("\n")}
+    test_sentences = {
+        normalize_text(s["sentence"])
+        for doc in read_chabsa(paths.chabsa_path())
+        if split_of("chabsa", doc.id) == "test"
+        for s in doc.sentences
+    }
+    used = {
+        normalize_text(line)
+        for d in corpora.finance_train
+        if d.id.startswith("chabsa/")
+        for line in d.text.split("\n")
+    }
     shared = {s for s in test_sentences & used if s}
-    return {"finance_units_checked": len(finance), "chabsa_test_sentences": len(test_sentences),
-            "chabsa_test_sentences_also_in_train_reports": len(shared)}
+    return {
+        "finance_units_checked": len(finance),
+        "chabsa_test_sentences": len(test_sentences),
+        "chabsa_test_sentences_also_in_train_reports": len(shared),
+    }
 
 
 TRAINING_PARTS = ("general_train", "finance_train")
@@ -213,21 +256,24 @@ def write_corpora(corpora: Corpora, out: Path) -> dict[str, Any]:
         with path.open("w", encoding="utf-8") as f:
             for doc in docs:
                 for piece in pieces(doc) if name in TRAINING_PARTS else [doc]:
-                    f.write(json.dumps({"id": piece.id, "text": piece.text},
-                                       ensure_ascii=False) + "\n")
+                    f.write(
+                        json.dumps({"id": piece.id, "text": piece.text}, ensure_ascii=False) + "\n"
+                    )
                     written += 1
         ids = sorted(d.id for d in docs)
         by_source: dict[str, int] = {}
         for d in docs:
             by_source[d.id.split("/", 1)[0]] = by_source.get(d.id.split("/", 1)[0], 0) + 1
         manifest["parts"][name] = {
-            "file": str(path), "documents": len(docs), "records": written,
+            "file": str(path),
+            "documents": len(docs),
+            "records": written,
             "by_source": by_source,
             "characters": sum(len(d.text) for d in docs),
             "ids_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest(),
-            **({"ids": ids} if len(ids) <= 300 else {})}
-    (out / "corpus.json").write_text(json.dumps(manifest, ensure_ascii=False, indent=1) + "\n",
-                                     encoding="utf-8")
+            **({"ids": ids} if len(ids) <= 300 else {}),
+        }
+    (out / "corpus.json").write_text(
+        json.dumps(manifest, ensure_ascii=False, indent=1) + "\n", encoding="utf-8"
+    )
     return manifest
-
-

@@ -25,15 +25,23 @@ def _combine(lm: dict[str, dict[str, Any]], corpora: Iterable[str]) -> dict[str,
     n = sum(i["predicted_tokens"] for i in items)
     if not n:
         return {"loss": None, "accuracy": None, "tokens": 0}
-    return {"loss": sum(i["loss"] * i["predicted_tokens"] for i in items) / n,
-            "accuracy": sum(i["accuracy"] * i["predicted_tokens"] for i in items) / n,
-            "tokens": n}
+    return {
+        "loss": sum(i["loss"] * i["predicted_tokens"] for i in items) / n,
+        "accuracy": sum(i["accuracy"] * i["predicted_tokens"] for i in items) / n,
+        "tokens": n,
+    }
 
 
-def collect_results(settings: DomainSettings, report, summaries: dict[str, dict[str, Any]],
-                    prepared: dict[str, Any], manifest: dict[str, Any],
-                    init_check: dict[str, Any], timings: dict[str, float],
-                    models: dict[str, Path]) -> dict[str, Any]:
+def collect_results(
+    settings: DomainSettings,
+    report,
+    summaries: dict[str, dict[str, Any]],
+    prepared: dict[str, Any],
+    manifest: dict[str, Any],
+    init_check: dict[str, Any],
+    timings: dict[str, float],
+    models: dict[str, Path],
+) -> dict[str, Any]:
     """One row per run (a, b, c) with its budget, held-out MLM and task scores."""
     name_to_run = {RUN_NAMES[r]: r for r in RUNS}
     lm: dict[str, dict[str, dict[str, Any]]] = {r: {} for r in RUNS}
@@ -44,9 +52,14 @@ def collect_results(settings: DomainSettings, report, summaries: dict[str, dict[
     for row in report.rows:
         if row.kind == "classification":
             tasks[name_to_run[row.model]][row.task] = {
-                "accuracy": row.accuracy, "accuracy_std": row.accuracy_std,
-                "macro_f1": row.macro_f1, "macro_f1_std": row.macro_f1_std, "n": row.n,
-                "seeds": row.seeds, "note": row.note}
+                "accuracy": row.accuracy,
+                "accuracy_std": row.accuracy_std,
+                "macro_f1": row.macro_f1,
+                "macro_f1_std": row.macro_f1_std,
+                "n": row.n,
+                "seeds": row.seeds,
+                "note": row.note,
+            }
         elif row.kind == "baseline":
             baselines[row.task] = {"accuracy": row.accuracy, "macro_f1": row.macro_f1, "n": row.n}
     budgets = settings.budgets()
@@ -55,29 +68,51 @@ def collect_results(settings: DomainSettings, report, summaries: dict[str, dict[
     for run in RUNS:
         s = summaries[run]
         finance = _combine(lm[run], ("finance-chabsa-heldout", "finance-ews-heldout"))
-        rows.append({
-            "run": run, "name": RUN_NAMES[run], **budgets[run],
-            "tokens_seen": budgets[run]["total_steps"] * tokens_per_step,
-            "lr": s["lr"], "warmup_steps": s["warmup_steps"], "init_from": s["init_from"],
-            "model_dir": str(models[run]), "pretrain_seconds": round(s["seconds"], 1),
-            "train_loss_first": s["loss_first"], "train_loss_last": s["loss_last"],
-            "finance_mlm": finance, "general_mlm": _combine(lm[run], ("general-heldout",)),
-            "mlm": lm[run], "tasks": tasks[run]})
-    return {"settings": settings.as_dict(), "budgets_note": budget_note(settings),
-            "rows": rows, "baselines": baselines, "datasets": prepared,
-            "corpus": {k: {kk: vv for kk, vv in v.items() if kk != "ids"}
-                       for k, v in manifest["parts"].items()},
-            "leak_check": manifest["leak_check"], "corpus_notes": manifest["notes"],
-            "init_check": init_check, "timings_s": timings, "machine": machine_info(),
-            "eval_report": str(Path(settings.workdir) / "eval" / "eval.json")}
+        rows.append(
+            {
+                "run": run,
+                "name": RUN_NAMES[run],
+                **budgets[run],
+                "tokens_seen": budgets[run]["total_steps"] * tokens_per_step,
+                "lr": s["lr"],
+                "warmup_steps": s["warmup_steps"],
+                "init_from": s["init_from"],
+                "model_dir": str(models[run]),
+                "pretrain_seconds": round(s["seconds"], 1),
+                "train_loss_first": s["loss_first"],
+                "train_loss_last": s["loss_last"],
+                "finance_mlm": finance,
+                "general_mlm": _combine(lm[run], ("general-heldout",)),
+                "mlm": lm[run],
+                "tasks": tasks[run],
+            }
+        )
+    return {
+        "settings": settings.as_dict(),
+        "budgets_note": budget_note(settings),
+        "rows": rows,
+        "baselines": baselines,
+        "datasets": prepared,
+        "corpus": {
+            k: {kk: vv for kk, vv in v.items() if kk != "ids"} for k, v in manifest["parts"].items()
+        },
+        "leak_check": manifest["leak_check"],
+        "corpus_notes": manifest["notes"],
+        "init_check": init_check,
+        "timings_s": timings,
+        "machine": machine_info(),
+        "eval_report": str(Path(settings.workdir) / "eval" / "eval.json"),
+    }
 
 
 def budget_note(settings: DomainSettings) -> str:
     n, m, b, s = settings.steps, settings.continue_steps, settings.batch_size, settings.seq_len
-    return (f"one optimizer step = {b} sequences x {s} tokens. (a) {n} steps on general text; "
-            f"(b) {n + m} steps from scratch on general + finance; (c) (a)'s {n} steps, then "
-            f"{m} on finance: (b) and (c) both {n + m} steps ({(n + m) * b * s:,} tokens), (a) "
-            f"{n}.")
+    return (
+        f"one optimizer step = {b} sequences x {s} tokens. (a) {n} steps on general text; "
+        f"(b) {n + m} steps from scratch on general + finance; (c) (a)'s {n} steps, then "
+        f"{m} on finance: (b) and (c) both {n + m} steps ({(n + m) * b * s:,} tokens), (a) "
+        f"{n}."
+    )
 
 
 def machine_info() -> dict[str, Any]:
@@ -109,49 +144,89 @@ def _num(value: float | None) -> str:
 def _task_cells(task: dict[str, Any] | None) -> list[str]:
     if not task:
         return ["-", "-"]
-    return [_pct(task["accuracy"], task.get("accuracy_std")),
-            _pct(task["macro_f1"], task.get("macro_f1_std"))]
+    return [
+        _pct(task["accuracy"], task.get("accuracy_std")),
+        _pct(task["macro_f1"], task.get("macro_f1_std")),
+    ]
 
 
-MAIN_HEADER = ("run", "pretraining", "optimizer steps", "finance MLM loss", "finance MLM acc %",
-               "general MLM loss", "chABSA acc %", "chABSA macro-F1 %", "EWS acc %",
-               "EWS macro-F1 %")
+MAIN_HEADER = (
+    "run",
+    "pretraining",
+    "optimizer steps",
+    "finance MLM loss",
+    "finance MLM acc %",
+    "general MLM loss",
+    "chABSA acc %",
+    "chABSA macro-F1 %",
+    "EWS acc %",
+    "EWS macro-F1 %",
+)
 
 
 def main_table(results: dict[str, Any]) -> list[tuple[str, ...]]:
     """The summary table: one row per run, then the majority-class floor."""
-    labels = {"a": "general only", "b": "general + finance, from scratch",
-              "c": "(a), then finance"}
+    labels = {"a": "general only", "b": "general + finance, from scratch", "c": "(a), then finance"}
     cells = [MAIN_HEADER]
     for row in results["rows"]:
-        cells.append((f"({row['run']}) {row['name']}", labels[row["run"]], row["budget"],
-                      _num(row["finance_mlm"]["loss"]), _pct(row["finance_mlm"]["accuracy"]),
-                      _num(row["general_mlm"]["loss"]),
-                      *_task_cells(row["tasks"].get("chabsa")),
-                      *_task_cells(row["tasks"].get("ews"))))
+        cells.append(
+            (
+                f"({row['run']}) {row['name']}",
+                labels[row["run"]],
+                row["budget"],
+                _num(row["finance_mlm"]["loss"]),
+                _pct(row["finance_mlm"]["accuracy"]),
+                _num(row["general_mlm"]["loss"]),
+                *_task_cells(row["tasks"].get("chabsa")),
+                *_task_cells(row["tasks"].get("ews")),
+            )
+        )
     base = results["baselines"]
     if base:
-        cells.append(("majority class", "", "", "", "", "",
-                      *_task_cells(base.get("chabsa")), *_task_cells(base.get("ews"))))
+        cells.append(
+            (
+                "majority class",
+                "",
+                "",
+                "",
+                "",
+                "",
+                *_task_cells(base.get("chabsa")),
+                *_task_cells(base.get("ews")),
+            )
+        )
     return cells
 
 
 def mlm_table(results: dict[str, Any]) -> list[tuple[str, ...]]:
     cells = [("run", *(f"{c} loss / acc %" for c in HELDOUT_CORPORA))]
     for row in results["rows"]:
-        cells.append((f"({row['run']}) {row['name']}",
-                      *(f"{_num(row['mlm'].get(c, {}).get('loss'))} / "
-                        f"{_pct(row['mlm'].get(c, {}).get('accuracy'))}" for c in HELDOUT_CORPORA)))
+        cells.append(
+            (
+                f"({row['run']}) {row['name']}",
+                *(
+                    f"{_num(row['mlm'].get(c, {}).get('loss'))} / "
+                    f"{_pct(row['mlm'].get(c, {}).get('accuracy'))}"
+                    for c in HELDOUT_CORPORA
+                ),
+            )
+        )
     first = results["rows"][0]["mlm"]
-    cells.append(("masked tokens", *(f"{first.get(c, {}).get('predicted_tokens', 0):,}"
-                                     for c in HELDOUT_CORPORA)))
+    cells.append(
+        (
+            "masked tokens",
+            *(f"{first.get(c, {}).get('predicted_tokens', 0):,}" for c in HELDOUT_CORPORA),
+        )
+    )
     return cells
 
 
 def render(cells: list[tuple[str, ...]]) -> str:
     widths = [max(len(line[i]) for line in cells) for i in range(len(cells[0]))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) + " |"
-             for line in cells]
+    lines = [
+        "| " + " | ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) + " |"
+        for line in cells
+    ]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
 
@@ -163,30 +238,43 @@ def markdown(results: dict[str, Any]) -> str:
     leak = results["leak_check"]
     init = results["init_check"]
     rows = {r["run"]: r for r in results["rows"]}
-    ft = (f"{s['epochs']} epoch(s), lr {s['finetune_lr']:g}, max length {s['max_length']}, "
-          f"train subsample {s['max_train_examples'] or 'all'}, evaluated on "
-          f"{'all' if s['max_eval_examples'] is None else s['max_eval_examples']} test examples, "
-          f"seeds {','.join(map(str, s['seeds']))}")
+    ft = (
+        f"{s['epochs']} epoch(s), lr {s['finetune_lr']:g}, max length {s['max_length']}, "
+        f"train subsample {s['max_train_examples'] or 'all'}, evaluated on "
+        f"{'all' if s['max_eval_examples'] is None else s['max_eval_examples']} test examples, "
+        f"seeds {','.join(map(str, s['seeds']))}"
+    )
     lines = [
-        "# Domain adaptation: general vs mixed vs continued pretraining", "",
-        render(main_table(results)), "",
+        "# Domain adaptation: general vs mixed vs continued pretraining",
+        "",
+        render(main_table(results)),
+        "",
         f"Budgets: {results['budgets_note']} Learning rate: (a), (b) {rows['a']['lr']:g} with "
         f"{rows['a']['warmup_steps']} / {rows['b']['warmup_steps']} warm-up steps, linear decay; "
         f"(c) {rows['c']['lr']:g} with {rows['c']['warmup_steps']} warm-up steps "
-        "(the continuation defaults) unless set.", "",
+        "(the continuation defaults) unless set.",
+        "",
         "Finance MLM: masked-token loss (nats) and top-1 accuracy on finance documents held out "
         "from pretraining (chABSA reports and Economy Watchers texts, token-weighted over the "
         "two); general MLM: held-out Aozora works. Same tokenizer for all runs, hence the same "
         "masked positions. Tasks: accuracy and macro-F1 on the evaluation's test split, mean ± "
-        f"sample std over fine-tuning seeds ({ft}).", "",
-        "## Held-out MLM per corpus", "", render(mlm_table(results)), "",
-        "## Setup", "",
+        f"sample std over fine-tuning seeds ({ft}).",
+        "",
+        "## Held-out MLM per corpus",
+        "",
+        render(mlm_table(results)),
+        "",
+        "## Setup",
+        "",
         f"- model: BERT-{s['preset']}, sequences of {s['seq_len']} tokens, batch "
         f"{s['batch_size']}, precision {s['precision']}, single process; SentencePiece Unigram "
         f"tokenizer ({s['vocab_size']:,} pieces) trained on general + finance training text.",
-        "- corpora (documents / characters): " + "; ".join(
+        "- corpora (documents / characters): "
+        + "; ".join(
             f"{name} {part['documents']:,} / {part['characters']:,}"
-            for name, part in corpus.items()) + ".",
+            for name, part in corpus.items()
+        )
+        + ".",
         "- " + "; ".join(results["corpus_notes"]) + f". Leak check: none of the "
         f"{leak['finance_units_checked']:,} finance units is an evaluation dev/test unit; "
         f"{leak['chabsa_test_sentences_also_in_train_reports']} of the "
@@ -201,7 +289,9 @@ def markdown(results: dict[str, Any]) -> str:
         f"{results['machine'].get('cpus')} CPUs, load average "
         f"{results['machine'].get('load_average')} at the end.",
         f"- the full `hetlm eval` report (per-seed results, confusion matrices): "
-        f"{results['eval_report']}.", ""]
+        f"{results['eval_report']}.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -221,8 +311,13 @@ def plot(results: dict[str, Any], out_png: Path) -> Path:
         curve = results.get("loss_curves", {}).get(row["run"]) or []
         if curve:
             steps, losses = zip(*curve, strict=True)
-            ax.plot([x + offset[row["run"]] for x in steps], losses, lw=1,
-                    color=colors[row["run"]], label=f"({row['run']}) {row['name']}")
+            ax.plot(
+                [x + offset[row["run"]] for x in steps],
+                losses,
+                lw=1,
+                color=colors[row["run"]],
+                label=f"({row['run']}) {row['name']}",
+            )
     ax.set_xlabel("optimizer step ((c) continues after (a))")
     ax.set_ylabel("train MLM loss")
     ax.set_title("pretraining")
@@ -250,14 +345,25 @@ def plot(results: dict[str, Any], out_png: Path) -> Path:
     ax.legend(fontsize=8)
 
     ax = axes[2]
-    metrics = [("chabsa", "accuracy"), ("chabsa", "macro_f1"), ("ews", "accuracy"),
-               ("ews", "macro_f1")]
+    metrics = [
+        ("chabsa", "accuracy"),
+        ("chabsa", "macro_f1"),
+        ("ews", "accuracy"),
+        ("ews", "macro_f1"),
+    ]
     for i, row in enumerate(rows):
         values = [100 * (row["tasks"].get(t, {}).get(m) or 0.0) for t, m in metrics]
         errors = [100 * (row["tasks"].get(t, {}).get(f"{m}_std") or 0.0) for t, m in metrics]
         xs = [j + (i - 1) * width for j in range(len(metrics))]
-        ax.bar(xs, values, width, yerr=errors, capsize=2, color=colors[row["run"]],
-               label=f"({row['run']})")
+        ax.bar(
+            xs,
+            values,
+            width,
+            yerr=errors,
+            capsize=2,
+            color=colors[row["run"]],
+            label=f"({row['run']})",
+        )
     for j, (t, m) in enumerate(metrics):
         base = results["baselines"].get(t, {}).get(m)
         if base is not None:
@@ -280,7 +386,8 @@ def write_report(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {ext: out_dir / f"{REPORT_STEM}.{ext}" for ext in ("md", "json", "png")}
     paths["md"].write_text(markdown(results), encoding="utf-8")
-    paths["json"].write_text(json.dumps(results, ensure_ascii=False, indent=1) + "\n",
-                             encoding="utf-8")
+    paths["json"].write_text(
+        json.dumps(results, ensure_ascii=False, indent=1) + "\n", encoding="utf-8"
+    )
     plot(results, paths["png"])
     return paths

@@ -23,16 +23,27 @@ def auto_class(model_type: str):
     return transformers.AutoModelForMaskedLM
 
 
-def build_model(section: ModelSection, *, vocab_size: int, pad_token_id: int,
-                    max_position_embeddings: int, seed: int,
-                    special_ids: dict[str, int] | None = None) -> nn.Module:
+def build_model(
+    section: ModelSection,
+    *,
+    vocab_size: int,
+    pad_token_id: int,
+    max_position_embeddings: int,
+    seed: int,
+    special_ids: dict[str, int] | None = None,
+) -> nn.Module:
     """A fresh model of ``section.type`` (``*ForMaskedLM`` or ``*ForCausalLM``) from its preset;
     the same seed gives the same weights on every rank."""
-    config = model_config(section.type, section.preset, vocab_size=vocab_size,
-                          pad_token_id=pad_token_id,
-                          max_position_embeddings=max_position_embeddings,
-                          dropout=section.dropout, overrides=section.overrides,
-                          special_ids=special_ids)
+    config = model_config(
+        section.type,
+        section.preset,
+        vocab_size=vocab_size,
+        pad_token_id=pad_token_id,
+        max_position_embeddings=max_position_embeddings,
+        dropout=section.dropout,
+        overrides=section.overrides,
+        special_ids=special_ids,
+    )
     if section.type == "electra":
         from hetlm.models.electra import build_electra_pair
 
@@ -65,19 +76,26 @@ def load_pretrained(section: ModelSection) -> nn.Module:
 
         return load_electra_pair(source, _dropout_kwargs(section))
     if local.exists() and not (local / "config.json").is_file():
-        raise HetlmError(f"model.init_from {source} has no config.json: point it at a folder "
-                         "written by save_pretrained (e.g. a run's model/ folder)")
+        raise HetlmError(
+            f"model.init_from {source} has no config.json: point it at a folder "
+            "written by save_pretrained (e.g. a run's model/ folder)"
+        )
     try:
         config = transformers.AutoConfig.from_pretrained(source)
     except OSError as exc:
-        raise HetlmError(f"cannot load model.init_from {source!r}: "
-                         f"{str(exc).splitlines()[0]}; give a local folder or a hub name "
-                         "(and check the network or HF_HUB_OFFLINE)") from None
+        raise HetlmError(
+            f"cannot load model.init_from {source!r}: "
+            f"{str(exc).splitlines()[0]}; give a local folder or a hub name "
+            "(and check the network or HF_HUB_OFFLINE)"
+        ) from None
     if config.model_type != section.type:
-        raise HetlmError(f"model.init_from {source} is a {config.model_type!r} model but "
-                         f"model.type is {section.type!r}: set model.type: {config.model_type}")
-    return auto_class(section.type).from_pretrained(source, dtype=torch.float32,
-                                                    **_dropout_kwargs(section))
+        raise HetlmError(
+            f"model.init_from {source} is a {config.model_type!r} model but "
+            f"model.type is {section.type!r}: set model.type: {config.model_type}"
+        )
+    return auto_class(section.type).from_pretrained(
+        source, dtype=torch.float32, **_dropout_kwargs(section)
+    )
 
 
 def _dropout_kwargs(section: ModelSection) -> dict[str, Any]:
@@ -87,8 +105,9 @@ def _dropout_kwargs(section: ModelSection) -> dict[str, Any]:
         if section.type in DECODER_TYPES:
             kwargs.update(attention_dropout=section.dropout)
         else:
-            kwargs.update(hidden_dropout_prob=section.dropout,
-                          attention_probs_dropout_prob=section.dropout)
+            kwargs.update(
+                hidden_dropout_prob=section.dropout, attention_probs_dropout_prob=section.dropout
+            )
     return kwargs
 
 
@@ -114,8 +133,10 @@ def freeze(model: nn.Module, *, embeddings: bool, first_layers: int) -> int:
         for part in parts:
             layers = first_layer_stack(part)
             if first_layers > len(layers):
-                raise HetlmError(f"model.freeze_layers is {first_layers} but the model has "
-                                 f"{len(layers)} layers: give at most {len(layers)}")
+                raise HetlmError(
+                    f"model.freeze_layers is {first_layers} but the model has "
+                    f"{len(layers)} layers: give at most {len(layers)}"
+                )
             for layer in layers[:first_layers]:
                 frozen.update((id(p), p.numel()) for p in layer.parameters())
     for param in model.parameters():

@@ -39,13 +39,16 @@ def target_index(labels: torch.Tensor) -> torch.Tensor:
     return keep.reshape(-1).nonzero().squeeze(1)
 
 
-def predicting(hidden: torch.Tensor, labels: torch.Tensor,
-               index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def predicting(
+    hidden: torch.Tensor, labels: torch.Tensor, index: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(hidden states that predict, their target tokens): [targets, hidden] and [targets]."""
     if index is None:
         index = target_index(labels)
-    return (hidden.reshape(-1, hidden.shape[-1]).index_select(0, index),
-            labels.reshape(-1).index_select(0, index + 1))
+    return (
+        hidden.reshape(-1, hidden.shape[-1]).index_select(0, index),
+        labels.reshape(-1).index_select(0, index + 1),
+    )
 
 
 class SparseCausalLM(nn.Module):
@@ -62,13 +65,17 @@ class SparseCausalLM(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
-                attention_mask: torch.Tensor | None = None,
-                target_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        target_index: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         decoder, head = decoder_and_head(self.model)
         hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         states, wanted = predicting(hidden, labels, target_index)
-        logits = head(states).float()                                     # [targets, vocab]
+        logits = head(states).float()  # [targets, vocab]
         loss_sum = F.cross_entropy(logits, wanted, reduction="sum")
         with torch.no_grad():
             correct = (logits.argmax(-1) == wanted).sum()

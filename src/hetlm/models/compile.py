@@ -30,8 +30,9 @@ def should_compile(setting: CompileSetting, device: torch.device, engine: str) -
 
 def compile_blocks(model: nn.Module) -> int:
     """Compile every transformer block of ``model`` in place; returns how many."""
-    blocks = [block for module in model.modules() if isinstance(module, nn.ModuleList)
-              for block in module]
+    blocks = [
+        block for module in model.modules() if isinstance(module, nn.ModuleList) for block in module
+    ]
     for block in blocks:
         block.compile()
     return len(blocks)

@@ -53,9 +53,12 @@ def generator_config(discriminator_config, fraction: float):
     values = disc.to_dict()
     for key in ("model_type", "transformers_version", "architectures"):
         values.pop(key, None)
-    values.update(hidden_size=heads * head_dim, num_attention_heads=heads,
-                  intermediate_size=max(1, round(disc.intermediate_size * fraction)),
-                  embedding_size=disc.embedding_size)
+    values.update(
+        hidden_size=heads * head_dim,
+        num_attention_heads=heads,
+        intermediate_size=max(1, round(disc.intermediate_size * fraction)),
+        embedding_size=disc.embedding_size,
+    )
     return transformers.ElectraConfig(**values)
 
 
@@ -66,9 +69,11 @@ def share_embeddings(discriminator: nn.Module, generator: nn.Module) -> None:
     gen_emb = generator.electra.embeddings
     shapes = {n: p.shape for n, p in disc_emb.named_parameters()}
     if shapes != {n: p.shape for n, p in gen_emb.named_parameters()}:
-        raise HetlmError("the ELECTRA generator's embeddings do not match the discriminator's "
-                         "(vocabulary or embedding_size differ): they must share one embedding "
-                         "table; use a generator saved with this discriminator")
+        raise HetlmError(
+            "the ELECTRA generator's embeddings do not match the discriminator's "
+            "(vocabulary or embedding_size differ): they must share one embedding "
+            "table; use a generator saved with this discriminator"
+        )
     generator.electra.embeddings = disc_emb
     generator.generator_lm_head.weight = disc_emb.word_embeddings.weight
 
@@ -96,17 +101,26 @@ class ElectraPair(nn.Module):
     def get_input_embeddings(self) -> nn.Module:
         return self.discriminator.get_input_embeddings()
 
-    def save_pretrained(self, save_directory: str | Path, *, safe_serialization: bool = True,
-                        state_dict: dict[str, torch.Tensor] | None = None, **kwargs: Any) -> None:
+    def save_pretrained(
+        self,
+        save_directory: str | Path,
+        *,
+        safe_serialization: bool = True,
+        state_dict: dict[str, torch.Tensor] | None = None,
+        **kwargs: Any,
+    ) -> None:
         """Each part into its folder; ``state_dict`` (the pair's, as the engine gathered it) is
         split by the part prefixes."""
         state = state_dict if state_dict is not None else self.state_dict()
         for part in PARTS:
             prefix = f"{part}."
-            own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-            getattr(self, part).save_pretrained(Path(save_directory) / part,
-                                                safe_serialization=safe_serialization,
-                                                state_dict=own, **kwargs)
+            own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            getattr(self, part).save_pretrained(
+                Path(save_directory) / part,
+                safe_serialization=safe_serialization,
+                state_dict=own,
+                **kwargs,
+            )
 
 
 def build_electra_pair(discriminator_config, fraction: float) -> ElectraPair:
@@ -128,16 +142,21 @@ def load_electra_pair(source: str, overrides: dict[str, Any]) -> ElectraPair:
 
     folder = Path(source)
     if not is_electra_output(folder):
-        raise HetlmError(f"model.init_from {source} is not a hetlm ELECTRA output folder (with "
-                         "discriminator/ and generator/ each holding config.json): point it at "
-                         "a run's model/ folder or one of its checkpoints")
+        raise HetlmError(
+            f"model.init_from {source} is not a hetlm ELECTRA output folder (with "
+            "discriminator/ and generator/ each holding config.json): point it at "
+            "a run's model/ folder or one of its checkpoints"
+        )
     parts = {}
-    for part, cls in zip(PARTS, (transformers.ElectraForPreTraining,
-                                 transformers.ElectraForMaskedLM), strict=True):
+    for part, cls in zip(
+        PARTS, (transformers.ElectraForPreTraining, transformers.ElectraForMaskedLM), strict=True
+    ):
         config = transformers.AutoConfig.from_pretrained(folder / part)
         if config.model_type != "electra":
-            raise HetlmError(f"{folder / part} holds a {config.model_type!r} model, not an "
-                             "ELECTRA one: point model.init_from at a hetlm ELECTRA output")
+            raise HetlmError(
+                f"{folder / part} holds a {config.model_type!r} model, not an "
+                "ELECTRA one: point model.init_from at a hetlm ELECTRA output"
+            )
         parts[part] = cls.from_pretrained(folder / part, dtype=torch.float32, **overrides)
     return ElectraPair(parts["discriminator"], parts["generator"])
 
@@ -168,9 +187,13 @@ class ElectraObjective(nn.Module):
         self.model = model
         self.loss_weights = (1.0, float(discriminator_weight))
 
-    def corrupt(self, input_ids: torch.Tensor, masked_positions: torch.Tensor,
-                masked_labels: torch.Tensor, sampled: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def corrupt(
+        self,
+        input_ids: torch.Tensor,
+        masked_positions: torch.Tensor,
+        masked_labels: torch.Tensor,
+        sampled: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(discriminator input, replaced labels): the original ids with each masked position
         holding the generator's sample; label 1 where the sample differs from the original."""
         real_slot = masked_labels != -100
@@ -178,14 +201,21 @@ class ElectraObjective(nn.Module):
         keep = input_ids.gather(1, masked_positions)
         original.scatter_(1, masked_positions, torch.where(real_slot, masked_labels, keep))
         replaced = original.clone()
-        replaced.scatter_(1, masked_positions,
-                          torch.where(real_slot, sampled, original.gather(1, masked_positions)))
+        replaced.scatter_(
+            1,
+            masked_positions,
+            torch.where(real_slot, sampled, original.gather(1, masked_positions)),
+        )
         return replaced, (replaced != original).float()
 
-    def generate(self, input_ids: torch.Tensor, masked_positions: torch.Tensor,
-                 masked_labels: torch.Tensor, sample_seeds: torch.Tensor,
-                 attention_mask: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        masked_positions: torch.Tensor,
+        masked_labels: torch.Tensor,
+        sample_seeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The generator's step: (its vocabulary logits at the masked slots [b, slots, vocab],
         the discriminator's input [b, seq], the replaced labels [b, seq])."""
         logits = masked_logits(self.model.generator, input_ids, masked_positions, attention_mask)
@@ -194,19 +224,27 @@ class ElectraObjective(nn.Module):
             replaced, labels = self.corrupt(input_ids, masked_positions, masked_labels, sampled)
         return logits, replaced, labels
 
-    def forward(self, input_ids: torch.Tensor, masked_positions: torch.Tensor,
-                masked_labels: torch.Tensor, sample_seeds: torch.Tensor,
-                attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, replaced, labels = self.generate(input_ids, masked_positions, masked_labels,
-                                                 sample_seeds, attention_mask)
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        masked_positions: torch.Tensor,
+        masked_labels: torch.Tensor,
+        sample_seeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, replaced, labels = self.generate(
+            input_ids, masked_positions, masked_labels, sample_seeds, attention_mask
+        )
         mlm_loss, mlm_correct = summed_mlm_loss(logits, masked_labels)
         discriminator = self.model.discriminator
-        hidden = discriminator.electra(input_ids=replaced,
-                                       attention_mask=attention_mask).last_hidden_state
-        disc_logits = discriminator.discriminator_predictions(hidden).float()      # [b, seq]
+        hidden = discriminator.electra(
+            input_ids=replaced, attention_mask=attention_mask
+        ).last_hidden_state
+        disc_logits = discriminator.discriminator_predictions(hidden).float()  # [b, seq]
         real = attention_mask.bool()
-        rtd_loss = F.binary_cross_entropy_with_logits(disc_logits[real], labels[real],
-                                                      reduction="sum")
+        rtd_loss = F.binary_cross_entropy_with_logits(
+            disc_logits[real], labels[real], reduction="sum"
+        )
         with torch.no_grad():
             rtd_correct = ((disc_logits[real] > 0).float() == labels[real]).sum()
         return torch.stack([mlm_loss, rtd_loss]), torch.stack([mlm_correct, rtd_correct])

@@ -18,8 +18,12 @@ from torch import nn
 from hetlm.errors import HetlmError
 
 # model_type -> (encoder attribute, head attribute) of the *ForMaskedLM class
-_PARTS = {"bert": ("bert", "cls"), "roberta": ("roberta", "lm_head"),
-          "xlm-roberta": ("roberta", "lm_head"), "electra": ("electra", None)}
+_PARTS = {
+    "bert": ("bert", "cls"),
+    "roberta": ("roberta", "lm_head"),
+    "xlm-roberta": ("roberta", "lm_head"),
+    "electra": ("electra", None),
+}
 
 
 def _encoder_and_head(model: nn.Module):
@@ -29,12 +33,16 @@ def _encoder_and_head(model: nn.Module):
         if model.legacy:
             return model.deberta, model.cls
         # the non-legacy head is tied to the input embeddings and takes them as an argument
-        return model.deberta, lambda h: model.lm_predictions(h, model.deberta.embeddings.word_embeddings)
+        return model.deberta, lambda h: model.lm_predictions(
+            h, model.deberta.embeddings.word_embeddings
+        )
     if model_type == "electra":  # ElectraForMaskedLM (the generator)
         return model.electra, lambda h: model.generator_lm_head(model.generator_predictions(h))
     if model_type not in _PARTS:
-        raise HetlmError(f"masked-LM training does not support model type {model_type!r}: use "
-                         f"one of {', '.join(sorted([*_PARTS, 'deberta-v2']))}")
+        raise HetlmError(
+            f"masked-LM training does not support model type {model_type!r}: use "
+            f"one of {', '.join(sorted([*_PARTS, 'deberta-v2']))}"
+        )
     encoder_name, head_name = _PARTS[model_type]
     return getattr(model, encoder_name), getattr(model, head_name)
 
@@ -50,24 +58,31 @@ class SparseMaskedLM(nn.Module):
         _encoder_and_head(model)  # refuses an unsupported model type now, not at the first step
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, masked_positions: torch.Tensor,
-                masked_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return summed_mlm_loss(masked_logits(self.model, input_ids, masked_positions),
-                               masked_labels)
+    def forward(
+        self, input_ids: torch.Tensor, masked_positions: torch.Tensor, masked_labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return summed_mlm_loss(
+            masked_logits(self.model, input_ids, masked_positions), masked_labels
+        )
 
 
-def masked_logits(model: nn.Module, input_ids: torch.Tensor, masked_positions: torch.Tensor,
-                  attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+def masked_logits(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    masked_positions: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """float32 vocabulary logits of a ``*ForMaskedLM`` at the masked slots only:
     [batch, slots, vocab]."""
     encoder, head = _encoder_and_head(model)
     hidden = encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     index = masked_positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
-    return head(hidden.gather(1, index)).float()                          # [b, slots, vocab]
+    return head(hidden.gather(1, index)).float()  # [b, slots, vocab]
 
 
-def summed_mlm_loss(logits: torch.Tensor, masked_labels: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def summed_mlm_loss(
+    logits: torch.Tensor, masked_labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(cross-entropy summed over the real slots, correct top-1 predictions); label -100 marks
     a padding slot."""
     flat_logits = logits.view(-1, logits.shape[-1])

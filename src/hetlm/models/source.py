@@ -54,8 +54,10 @@ def resolve_model_source(name_or_path: str | Path, what: str) -> str:
         return str(path)
     if not looks_local(name_or_path):
         return text
-    raise HetlmError(f"{what} {text}: no such folder (relative to {Path.cwd()}){_hint(path)}; "
-                     "check the path (a hub name is org/name)")
+    raise HetlmError(
+        f"{what} {text}: no such folder (relative to {Path.cwd()}){_hint(path)}; "
+        "check the path (a hub name is org/name)"
+    )
 
 
 def _hint(path: Path) -> str:
@@ -104,18 +106,23 @@ def require_causal_lm(config: Any, source: str, what: str, command: str) -> None
         return
     arch = (getattr(config, "architectures", None) or [type(config).__name__])[0]
     what_it_is = "a masked LM" if kind == "masked" else "not a causal LM"
-    raise HetlmError(f"{what} {source} is {what_it_is} ({arch}), {command} needs a causal LM "
-                     "(LLaMA family)")
+    raise HetlmError(
+        f"{what} {source} is {what_it_is} ({arch}), {command} needs a causal LM (LLaMA family)"
+    )
 
 
-def check_positions(config: Any, length: int, option: str, source: str, what: str,
-                    fix: str | None = None) -> None:
+def check_positions(
+    config: Any, length: int, option: str, source: str, what: str, fix: str | None = None
+) -> None:
     """Refuse sequences longer than the model's position table (``max_position_embeddings``):
     an absolute table would crash on them, rotary positions were never trained that far.
     ``fix``: how to shorten them (default: ``set <option>: <positions> or less``)."""
     positions = getattr(config, "max_position_embeddings", None)
     if isinstance(positions, int) and length > positions:
-        fix = (fix or "set {option}: {positions} or less").format(option=option,
-                                                                  positions=positions)
-        raise HetlmError(f"{option} {length} is longer than the {positions} positions of {what} "
-                         f"{source} (max_position_embeddings): {fix}")
+        fix = (fix or "set {option}: {positions} or less").format(
+            option=option, positions=positions
+        )
+        raise HetlmError(
+            f"{option} {length} is longer than the {positions} positions of {what} "
+            f"{source} (max_position_embeddings): {fix}"
+        )

@@ -16,7 +16,7 @@ def split_spec(spec: str) -> tuple[str, str] | None:
     """("bert", "base") for "bert-base" (any model type and its presets), else None."""
     for model_type in sorted(MODEL_TYPES, key=len, reverse=True):  # deberta-v2 before others
         if spec.startswith(model_type + "-"):
-            preset = spec[len(model_type) + 1:]
+            preset = spec[len(model_type) + 1 :]
             if preset in presets_for(model_type):
                 return model_type, preset
     return None
@@ -31,8 +31,13 @@ def resolve_model(spec: str, vocab_size: int, seq_len: int) -> tuple[Any, str]:
     path = Path(spec).expanduser()
     if parts is not None and not path.exists():
         model_type, preset = parts
-        config = model_config(model_type, preset, vocab_size=vocab_size,
-                              max_position_embeddings=max(512, seq_len), pad_token_id=0)
+        config = model_config(
+            model_type,
+            preset,
+            vocab_size=vocab_size,
+            max_position_embeddings=max(512, seq_len),
+            pad_token_id=0,
+        )
         return config, spec
     if path.is_file() and path.name.endswith(".json"):
         path = path.parent

@@ -115,7 +115,7 @@ class Generation:
             start = max(0, self._sent - max(len(s) for s in stops))
             hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
             if hits:
-                self._text = text[:min(hits)]
+                self._text = text[: min(hits)]
                 self._finish("stop")
                 return
         self._text = text
@@ -128,12 +128,12 @@ class Generation:
             # string, until the next tokens settle them.
             safe = text.rstrip("\ufffd")
             if stops:
-                safe = safe[:max(0, len(safe) - max(len(s) for s in stops) + 1)]
+                safe = safe[: max(0, len(safe) - max(len(s) for s in stops) + 1)]
             self._send(len(safe))
 
     def _send(self, upto: int) -> None:
         if upto > self._sent:
-            self._pieces.put(self._text[self._sent:upto])
+            self._pieces.put(self._text[self._sent : upto])
             self._sent = upto
 
     def _finish(self, reason: str | None, error: BaseException | None = None) -> None:
@@ -143,8 +143,9 @@ class Generation:
             self.error = error
         else:
             self._send(len(self._text))
-            self.finish_reason = "cancelled" if self._cancelled.is_set() and reason != "stop" \
-                else reason
+            self.finish_reason = (
+                "cancelled" if self._cancelled.is_set() and reason != "stop" else reason
+            )
         self._done.set()
         self._pieces.put(_END)
 
@@ -167,8 +168,9 @@ class _RowStop(StoppingCriteria):
                 row._finish("cancelled")
                 continue
             row._add_token(token, self.tokenizer, self.eos_ids)
-        return torch.tensor([row.done for row in self.rows], dtype=torch.bool,
-                            device=input_ids.device)
+        return torch.tensor(
+            [row.done for row in self.rows], dtype=torch.bool, device=input_ids.device
+        )
 
 
 class _RowSampling(LogitsProcessor):
@@ -192,7 +194,8 @@ class _RowSampling(LogitsProcessor):
         scores = scores.masked_fill(remove, -float("inf"))
         if bool(greedy.any()):
             only_best = torch.full_like(scores, -float("inf")).scatter(
-                1, best, scores.gather(1, best))
+                1, best, scores.gather(1, best)
+            )
             scores = torch.where(greedy[:, None], only_best, scores)
         return scores
 
@@ -203,8 +206,14 @@ class BatchScheduler:
     After taking the first waiting request the worker waits up to ``batch_wait`` seconds for
     more to arrive, so clients sending at nearly the same time share a batch."""
 
-    def __init__(self, engine: ChatEngine, *, max_batch: int = 8, max_queue: int = 64,
-                 batch_wait: float = 0.01):
+    def __init__(
+        self,
+        engine: ChatEngine,
+        *,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        batch_wait: float = 0.01,
+    ):
         if max_batch < 1:
             raise HetlmError(f"max batch must be at least 1, got {max_batch}")
         if max_queue < 0:
@@ -239,11 +248,13 @@ class BatchScheduler:
                 raise QueueFull(
                     f"the server is busy: {self._running} requests running and "
                     f"{len(self._waiting)} waiting (limits: --max-batch {self.max_batch}, "
-                    f"--max-queue {self.max_queue}); retry later")
+                    f"--max-queue {self.max_queue}); retry later"
+                )
             self._waiting.append(generation)
             if self._worker is None or not self._worker.is_alive():
-                self._worker = threading.Thread(target=self._loop, daemon=True,
-                                                name="hetlm-generate")
+                self._worker = threading.Thread(
+                    target=self._loop, daemon=True, name="hetlm-generate"
+                )
                 self._worker.start()
             self._cond.notify()
         return generation
@@ -283,8 +294,11 @@ class BatchScheduler:
                     return
                 first_seeded = self._waiting[0].settings.seed is not None
                 deadline = time.monotonic() + self.batch_wait
-                while (not first_seeded and len(self._waiting) < self.max_batch
-                       and (left := deadline - time.monotonic()) > 0):
+                while (
+                    not first_seeded
+                    and len(self._waiting) < self.max_batch
+                    and (left := deadline - time.monotonic()) > 0
+                ):
                     self._cond.wait(left)
                 batch = self._take()
                 self._running = len(batch)
@@ -314,25 +328,44 @@ def run_batch(engine: ChatEngine, rows: list[Generation]) -> None:
 def _generate(engine: ChatEngine, rows: list[Generation]) -> None:
     width = max(len(row.ids) for row in rows)
     pad = engine.pad_token_id
-    input_ids = torch.tensor([[pad] * (width - len(r.ids)) + r.ids for r in rows],
-                             dtype=torch.long, device=engine.device)
-    attention_mask = torch.tensor([[0] * (width - len(r.ids)) + [1] * len(r.ids) for r in rows],
-                                  dtype=torch.long, device=engine.device)
+    input_ids = torch.tensor(
+        [[pad] * (width - len(r.ids)) + r.ids for r in rows], dtype=torch.long, device=engine.device
+    )
+    attention_mask = torch.tensor(
+        [[0] * (width - len(r.ids)) + [1] * len(r.ids) for r in rows],
+        dtype=torch.long,
+        device=engine.device,
+    )
     settings = [row.settings for row in rows]
     kwargs: dict[str, Any] = {"max_new_tokens": max(s.max_new_tokens for s in settings)}
     if len({(s.temperature, s.top_p) for s in settings}) == 1:
         first = settings[0]
-        kwargs.update({k: v for k, v in first.generate_kwargs().items()
-                       if k != "max_new_tokens"})
+        kwargs.update({k: v for k, v in first.generate_kwargs().items() if k != "max_new_tokens"})
     else:  # mixed settings: sample through the per-row warper (greedy rows keep one token)
-        kwargs.update(do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
-                      logits_processor=LogitsProcessorList([_RowSampling(
-                          [s.temperature for s in settings], [s.top_p for s in settings],
-                          engine.device)]))
+        kwargs.update(
+            do_sample=True,
+            temperature=1.0,
+            top_p=1.0,
+            top_k=0,
+            logits_processor=LogitsProcessorList(
+                [
+                    _RowSampling(
+                        [s.temperature for s in settings],
+                        [s.top_p for s in settings],
+                        engine.device,
+                    )
+                ]
+            ),
+        )
     if len(rows) == 1 and settings[0].seed is not None:
         torch.manual_seed(settings[0].seed)
     engine.model.generate(
-        input_ids=input_ids, attention_mask=attention_mask,
-        stopping_criteria=StoppingCriteriaList([_RowStop(rows, engine.tokenizer,
-                                                         engine.eos_token_ids)]),
-        eos_token_id=engine.eos_token_ids, pad_token_id=pad, **kwargs)
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        stopping_criteria=StoppingCriteriaList(
+            [_RowStop(rows, engine.tokenizer, engine.eos_token_ids)]
+        ),
+        eos_token_id=engine.eos_token_ids,
+        pad_token_id=pad,
+        **kwargs,
+    )

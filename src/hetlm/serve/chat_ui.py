@@ -55,8 +55,9 @@ def history_messages(history: list[Any], system: str = "") -> list[Message]:
     return messages
 
 
-def build_chat_ui(engine: ChatEngine, defaults: GenerationSettings | None = None,
-                  *, title: str | None = None) -> Any:
+def build_chat_ui(
+    engine: ChatEngine, defaults: GenerationSettings | None = None, *, title: str | None = None
+) -> Any:
     """The gradio ``ChatInterface`` (not launched)."""
     gr = import_gradio()
     defaults = defaults or GenerationSettings()
@@ -64,16 +65,23 @@ def build_chat_ui(engine: ChatEngine, defaults: GenerationSettings | None = None
     if engine.context_length:
         max_tokens = min(max_tokens, engine.context_length)
 
-    def respond(message: str, history: list[Any], system: str, temperature: float,
-                top_p: float, max_new_tokens: float) -> Iterator[str]:
+    def respond(
+        message: str,
+        history: list[Any],
+        system: str,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: float,
+    ) -> Iterator[str]:
         """Stream the reply: gradio shows each yielded text in place of the previous one."""
         if not (message or "").strip():
             yield ""
             return
         turns = [*history_messages(history, system), Message("user", message)]
         try:
-            settings = GenerationSettings(float(temperature), max(float(top_p), 1e-3),
-                                          int(max_new_tokens))
+            settings = GenerationSettings(
+                float(temperature), max(float(top_p), 1e-3), int(max_new_tokens)
+            )
             generation = engine.stream(turns, settings)
         except HetlmError as exc:
             raise gr.Error(str(exc)) from exc
@@ -90,11 +98,17 @@ def build_chat_ui(engine: ChatEngine, defaults: GenerationSettings | None = None
         title=title or f"hetlm chat: {engine.name}",
         additional_inputs=[
             gr.Textbox(value="", label="System prompt (empty: the template's default)"),
-            gr.Slider(0.0, 2.0, value=defaults.temperature, step=0.05,
-                      label="Temperature (0 = greedy)"),
+            gr.Slider(
+                0.0, 2.0, value=defaults.temperature, step=0.05, label="Temperature (0 = greedy)"
+            ),
             gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.05, label="Top-p"),
-            gr.Slider(1, max_tokens, value=min(defaults.max_new_tokens, max_tokens), step=1,
-                      label="Max new tokens"),
+            gr.Slider(
+                1,
+                max_tokens,
+                value=min(defaults.max_new_tokens, max_tokens),
+                step=1,
+                label="Max new tokens",
+            ),
         ],
         additional_inputs_accordion="Generation settings",
         analytics_enabled=False,
@@ -103,17 +117,32 @@ def build_chat_ui(engine: ChatEngine, defaults: GenerationSettings | None = None
     )
 
 
-def launch_chat_ui(engine: ChatEngine, *, host: str = "127.0.0.1", port: int = 7860,
-                   share: bool = False, defaults: GenerationSettings | None = None,
-                   block: bool = True) -> Any:
+def launch_chat_ui(
+    engine: ChatEngine,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    share: bool = False,
+    defaults: GenerationSettings | None = None,
+    block: bool = True,
+) -> Any:
     """Start the web chat; with ``block=False`` return the running app (``.close()`` stops
     it), for tests and notebooks."""
     ui = build_chat_ui(engine, defaults)
     if host not in LOOPBACK:
-        print(f"hetlm chat: listening on {host}: anyone who can reach this machine can use the "
-              "model (use --host 127.0.0.1 to keep it local)")
+        print(
+            f"hetlm chat: listening on {host}: anyone who can reach this machine can use the "
+            "model (use --host 127.0.0.1 to keep it local)"
+        )
     ui.queue(default_concurrency_limit=engine.scheduler.max_batch)  # answered in batches
-    ui.launch(server_name=host, server_port=port, share=share, inbrowser=False,
-              prevent_thread_lock=not block, quiet=not block, footer_links=["api"],
-              ssr_mode=False)
+    ui.launch(
+        server_name=host,
+        server_port=port,
+        share=share,
+        inbrowser=False,
+        prevent_thread_lock=not block,
+        quiet=not block,
+        footer_links=["api"],
+        ssr_mode=False,
+    )
     return ui

@@ -57,8 +57,13 @@ class GenerationSettings:
     def generate_kwargs(self) -> dict[str, Any]:
         if self.temperature == 0:
             return {"do_sample": False, "max_new_tokens": self.max_new_tokens}
-        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p,
-                "top_k": 0, "max_new_tokens": self.max_new_tokens}
+        return {
+            "do_sample": True,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": 0,
+            "max_new_tokens": self.max_new_tokens,
+        }
 
 
 def normalize_conversation(messages: Sequence[Message]) -> list[Message]:
@@ -85,9 +90,17 @@ class ChatEngine:
     :class:`~hetlm.serve.batching.BatchScheduler` (``hetlm serve --max-batch/--max-queue``).
     """
 
-    def __init__(self, model: Any, tokenizer: Any, template: PromptTemplate | None = None, *,
-                 name: str = "hetlm", max_batch: int = 8, max_queue: int = 64,
-                 batch_wait: float = 0.01) -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        template: PromptTemplate | None = None,
+        *,
+        name: str = "hetlm",
+        max_batch: int = 8,
+        max_queue: int = 64,
+        batch_wait: float = 0.01,
+    ) -> None:
         from hetlm.serve.model_source import check_causal_lm
 
         check_causal_lm(model.config, name)
@@ -95,17 +108,21 @@ class ChatEngine:
         self.tokenizer = tokenizer
         self.template = template or resolve_template("auto", tokenizer)
         self.name = name
-        self.scheduler = BatchScheduler(self, max_batch=max_batch, max_queue=max_queue,
-                                        batch_wait=batch_wait)
+        self.scheduler = BatchScheduler(
+            self, max_batch=max_batch, max_queue=max_queue, batch_wait=batch_wait
+        )
         # Stop at the model's end tokens and at the tokenizer's EOS, which SFT appends after
         # every response (the two differ in some checkpoints).
         configured = model.generation_config.eos_token_id
         configured = configured if isinstance(configured, (list, tuple)) else [configured]
-        self.eos_token_ids: list[int] = list(dict.fromkeys(
-            e for e in (*configured, tokenizer.eos_token_id) if e is not None))
+        self.eos_token_ids: list[int] = list(
+            dict.fromkeys(e for e in (*configured, tokenizer.eos_token_id) if e is not None)
+        )
         if not self.eos_token_ids:
-            raise HetlmError("neither the model's generation config nor the tokenizer names an "
-                             "end-of-sequence token, so replies could not stop")
+            raise HetlmError(
+                "neither the model's generation config nor the tokenizer names an "
+                "end-of-sequence token, so replies could not stop"
+            )
         pad = tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else self.eos_token_ids[0]
         self.context_length: int | None = getattr(model.config, "max_position_embeddings", None)
@@ -123,9 +140,13 @@ class ChatEngine:
         tokens (a BOS for LLaMA-style ones), no template."""
         return list(self.tokenizer(prompt)["input_ids"])
 
-    def stream(self, messages: Sequence[Message] | None = None,
-               settings: GenerationSettings | None = None, *,
-               ids: list[int] | None = None) -> Generation:
+    def stream(
+        self,
+        messages: Sequence[Message] | None = None,
+        settings: GenerationSettings | None = None,
+        *,
+        ids: list[int] | None = None,
+    ) -> Generation:
         """Queue a reply; iterate the result for text pieces. Raises
         :class:`~hetlm.serve.batching.QueueFull` when the queue is at its limit."""
         settings = settings or GenerationSettings()
@@ -136,8 +157,10 @@ class ChatEngine:
         if not ids:
             raise HetlmError("the prompt is empty (no tokens): give some text")
         if self.context_length and len(ids) >= self.context_length:
-            raise HetlmError(f"the conversation is {len(ids)} tokens, at or over the model's "
-                             f"context of {self.context_length}: shorten it")
+            raise HetlmError(
+                f"the conversation is {len(ids)} tokens, at or over the model's "
+                f"context of {self.context_length}: shorten it"
+            )
         if self.context_length:
             room = self.context_length - len(ids)
             if settings.max_new_tokens > room:
@@ -148,8 +171,9 @@ class ChatEngine:
         """Stop the generation worker (before the process exits)."""
         self.scheduler.close()
 
-    def reply(self, messages: Sequence[Message], settings: GenerationSettings | None = None
-              ) -> tuple[str, Generation]:
+    def reply(
+        self, messages: Sequence[Message], settings: GenerationSettings | None = None
+    ) -> tuple[str, Generation]:
         """The whole reply, and the finished generation (token counts, finish reason)."""
         generation = self.stream(messages, settings)
         return generation.text(), generation
@@ -167,24 +191,38 @@ def _quantization_config(load_in_8bit: bool, load_in_4bit: bool) -> Any:
         import accelerate  # noqa: F401  (transformers needs it to place quantized weights)
         import bitsandbytes  # noqa: F401
     except ImportError as exc:
-        raise HetlmError(f"8-bit and 4-bit loading need bitsandbytes and accelerate ({exc.name} "
-                         "is missing): pip install 'hetlm[quant]'") from exc
+        raise HetlmError(
+            f"8-bit and 4-bit loading need bitsandbytes and accelerate ({exc.name} "
+            "is missing): pip install 'hetlm[quant]'"
+        ) from exc
     from transformers import BitsAndBytesConfig
 
     if load_in_8bit:
         return BitsAndBytesConfig(load_in_8bit=True)
     # NF4 weights with bf16 compute: the QLoRA recipe (V100s lack bf16: fp16 compute there).
     bf16 = not torch.cuda.is_available() or "bf16" in cuda_precisions(
-        torch.cuda.get_device_capability())  # by compute capability: a V100's bf16 is emulated
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                              bnb_4bit_compute_dtype=torch.bfloat16 if bf16 else torch.float16)
+        torch.cuda.get_device_capability()
+    )  # by compute capability: a V100's bf16 is emulated
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.bfloat16 if bf16 else torch.float16,
+    )
 
 
-def load_chat_model(model_dir: str | Path, adapter_dir: str | Path | None = None, *,
-                    load_in_8bit: bool = False, load_in_4bit: bool = False,
-                    template: str | Path | None = None, device: str | None = None,
-                    name: str | None = None, max_batch: int = 8, max_queue: int = 64,
-                    batch_wait: float = 0.01) -> ChatEngine:
+def load_chat_model(
+    model_dir: str | Path,
+    adapter_dir: str | Path | None = None,
+    *,
+    load_in_8bit: bool = False,
+    load_in_4bit: bool = False,
+    template: str | Path | None = None,
+    device: str | None = None,
+    name: str | None = None,
+    max_batch: int = 8,
+    max_queue: int = 64,
+    batch_wait: float = 0.01,
+) -> ChatEngine:
     """A :class:`ChatEngine` for a saved causal LM (a local folder or a hub name, see
     :mod:`hetlm.serve.model_source`), optionally with a LoRA adapter on top and quantized by
     bitsandbytes (the ``quant`` extra).
@@ -215,16 +253,18 @@ def load_chat_model(model_dir: str | Path, adapter_dir: str | Path | None = None
         config = AutoConfig.from_pretrained(source.location)
     except Exception as exc:  # a hub name that is not there, or not in the offline cache
         if source.local:
-            raise HetlmError(f"cannot read {source.location}/config.json: "
-                             f"{' '.join(str(exc).split())[:300]}") from exc
+            raise HetlmError(
+                f"cannot read {source.location}/config.json: {' '.join(str(exc).split())[:300]}"
+            ) from exc
         raise hub_error(source, exc) from exc
     check_causal_lm(config, label)
 
     if source.local:
         tokenizer_from: str | Path = tokenizer_dir(Path(source.location), adapter_path)
     else:
-        tokenizer_from = adapter_path if adapter_path and has_tokenizer(adapter_path) \
-            else source.location
+        tokenizer_from = (
+            adapter_path if adapter_path and has_tokenizer(adapter_path) else source.location
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_from)
         kwargs: dict[str, Any] = {"dtype": "auto"}
@@ -252,5 +292,12 @@ def load_chat_model(model_dir: str | Path, adapter_dir: str | Path | None = None
         chosen = next((t for t in saved if t is not None), None)
     else:
         chosen = resolve_template(template, tokenizer)
-    return ChatEngine(model, tokenizer, chosen, name=label, max_batch=max_batch,
-                      max_queue=max_queue, batch_wait=batch_wait)
+    return ChatEngine(
+        model,
+        tokenizer,
+        chosen,
+        name=label,
+        max_batch=max_batch,
+        max_queue=max_queue,
+        batch_wait=batch_wait,
+    )

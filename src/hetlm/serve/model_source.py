@@ -47,8 +47,10 @@ def resolve_model_source(spec: str | Path, what: str = "model") -> ModelSource:
     if not path.is_dir():
         raise HetlmError(f"{what} {text} is a file: pass the folder save_pretrained wrote")
     if not (path / "config.json").is_file():
-        raise HetlmError(f"{what} folder {text} has no config.json (expected a folder "
-                         "written by save_pretrained)")
+        raise HetlmError(
+            f"{what} folder {text} has no config.json (expected a folder "
+            "written by save_pretrained)"
+        )
     return ModelSource(str(path), local=True)
 
 
@@ -59,9 +61,11 @@ def hub_error(source: ModelSource, exc: BaseException, what: str = "model") -> H
 
     first = " ".join(str(exc).split())[:300]
     offline = "HF_HUB_OFFLINE is set, so only" if constants.HF_HUB_OFFLINE else "the hub and"
-    return HetlmError(f"cannot load {what} {source.location!r} (no such local folder, so it was "
-                      f"taken as a hub name; {offline} the cache {constants.HF_HUB_CACHE} were "
-                      f"searched): {first}")
+    return HetlmError(
+        f"cannot load {what} {source.location!r} (no such local folder, so it was "
+        f"taken as a hub name; {offline} the cache {constants.HF_HUB_CACHE} were "
+        f"searched): {first}"
+    )
 
 
 def check_causal_lm(config: Any, name: str = "the model") -> None:
@@ -72,8 +76,10 @@ def check_causal_lm(config: Any, name: str = "the model") -> None:
     kind = model_kind(config)
     if kind == "causal":
         return
-    fix = ("hetlm chat/serve generate text left to right; pass a causal LM (a LLaMA-style model, "
-           "e.g. from `hetlm sft` or its `hetlm export --merge`)")
+    fix = (
+        "hetlm chat/serve generate text left to right; pass a causal LM (a LLaMA-style model, "
+        "e.g. from `hetlm sft` or its `hetlm export --merge`)"
+    )
     arch = (getattr(config, "architectures", None) or [None])[0]
     label = arch or f"model type {getattr(config, 'model_type', '?')}"
     what = f"a masked LM ({label})" if kind == "masked" else f"a {label} without a causal-LM head"
@@ -88,7 +94,11 @@ def hub_file(source: ModelSource, filename: str) -> Path | None:
         return path if path.is_file() else None
     from transformers.utils import cached_file
 
-    found = cached_file(source.location, filename, _raise_exceptions_for_missing_entries=False,
-                        _raise_exceptions_for_connection_errors=False,
-                        _raise_exceptions_for_gated_repo=False)
+    found = cached_file(
+        source.location,
+        filename,
+        _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
+        _raise_exceptions_for_gated_repo=False,
+    )
     return Path(found) if found else None

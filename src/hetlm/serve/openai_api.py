@@ -45,16 +45,24 @@ def import_server():
         import fastapi
         import uvicorn
     except ImportError as exc:
-        raise HetlmError("hetlm serve needs fastapi and uvicorn: pip install 'hetlm[chat]'") \
-            from exc
+        raise HetlmError(
+            "hetlm serve needs fastapi and uvicorn: pip install 'hetlm[chat]'"
+        ) from exc
     return fastapi, uvicorn
 
 
 class APIError(Exception):
     """An error answered in OpenAI's shape."""
 
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
         super().__init__(message)
         self.status = status
         self.body = {"error": {"message": message, "type": type, "param": param, "code": code}}
@@ -69,8 +77,11 @@ def _content_text(content: Any, index: int) -> str:
     texts = []
     for part in content:
         if part.get("type") != "text" or not isinstance(part.get("text"), str):
-            raise APIError(400, f"messages[{index}]: only text content is supported",
-                           param=f"messages[{index}].content")
+            raise APIError(
+                400,
+                f"messages[{index}]: only text content is supported",
+                param=f"messages[{index}].content",
+            )
         texts.append(part["text"])
     return "".join(texts)
 
@@ -116,8 +127,9 @@ def _request_models() -> tuple[Any, Any]:
     return ChatCompletionRequest, CompletionRequest
 
 
-def create_app(engine: ChatEngine, *, model_name: str | None = None,
-               defaults: GenerationSettings | None = None) -> Any:
+def create_app(
+    engine: ChatEngine, *, model_name: str | None = None, defaults: GenerationSettings | None = None
+) -> Any:
     """The FastAPI application serving ``engine`` as model ``model_name``; ``defaults`` fill
     in the settings a request leaves out."""
     fastapi, _ = import_server()
@@ -149,9 +161,12 @@ def create_app(engine: ChatEngine, *, model_name: str | None = None,
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = "not_found" if exc.status_code == 404 else None
-        return JSONResponse(APIError(exc.status_code, f"{request.method} {request.url.path}: "
-                                     f"{exc.detail}", code=code).body,
-                            status_code=exc.status_code)
+        return JSONResponse(
+            APIError(
+                exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code=code
+            ).body,
+            status_code=exc.status_code,
+        )
 
     def model_card() -> dict[str, Any]:
         return {"id": name, "object": "model", "created": created, "owned_by": "hetlm"}
@@ -173,35 +188,44 @@ def create_app(engine: ChatEngine, *, model_name: str | None = None,
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
         try:
             return GenerationSettings(
-                temperature=defaults.temperature if body.temperature is None
-                else body.temperature,
+                temperature=defaults.temperature if body.temperature is None else body.temperature,
                 top_p=defaults.top_p if body.top_p is None else body.top_p,
-                max_new_tokens=max_tokens or defaults.max_new_tokens, seed=body.seed,
-                stop=stop)
+                max_new_tokens=max_tokens or defaults.max_new_tokens,
+                seed=body.seed,
+                stop=stop,
+            )
         except HetlmError as exc:
-            raise APIError(400, str(exc), param="stop" if "stop" in str(exc) else None) \
-                from exc
+            raise APIError(400, str(exc), param="stop" if "stop" in str(exc) else None) from exc
 
     def start(ids: list[int], settings: GenerationSettings, param: str) -> Generation:
         if engine.context_length and len(ids) >= engine.context_length:
-            raise APIError(400, f"the {param} is {len(ids)} tokens, at or over this model's "
-                           f"context of {engine.context_length} tokens",
-                           param=param, code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"the {param} is {len(ids)} tokens, at or over this model's "
+                f"context of {engine.context_length} tokens",
+                param=param,
+                code="context_length_exceeded",
+            )
         try:
             return engine.stream(settings=settings, ids=ids)
         except QueueFull as exc:
-            raise APIError(503, str(exc), type="server_error", code="server_overloaded") \
-                from exc
+            raise APIError(503, str(exc), type="server_error", code="server_overloaded") from exc
         except HetlmError as exc:
             raise APIError(400, str(exc), param=param) from exc
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
         scheduler = engine.scheduler
-        return {"status": "ok", "model": name, "running": scheduler.running,
-                "waiting": scheduler.waiting, "max_batch": scheduler.max_batch,
-                "max_queue": scheduler.max_queue, "batches": scheduler.batches_run,
-                "requests": scheduler.requests_run}
+        return {
+            "status": "ok",
+            "model": name,
+            "running": scheduler.running,
+            "waiting": scheduler.waiting,
+            "max_batch": scheduler.max_batch,
+            "max_queue": scheduler.max_queue,
+            "batches": scheduler.batches_run,
+            "requests": scheduler.requests_run,
+        }
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
@@ -217,8 +241,10 @@ def create_app(engine: ChatEngine, *, model_name: str | None = None,
     async def chat_completions(request: Request) -> Any:
         body = await parse(request, chat_request)
         _refuse_unsupported(body, ("tools", "logprobs"))
-        messages = [Message("system" if m.role == "developer" else m.role,
-                            _content_text(m.content, i)) for i, m in enumerate(body.messages)]
+        messages = [
+            Message("system" if m.role == "developer" else m.role, _content_text(m.content, i))
+            for i, m in enumerate(body.messages)
+        ]
         settings = settings_of(body, body.max_completion_tokens or body.max_tokens)
         try:
             ids = engine.encode(messages)
@@ -231,13 +257,22 @@ def create_app(engine: ChatEngine, *, model_name: str | None = None,
             return StreamingResponse(
                 _chat_events(generation, completion_id, name, include_usage, run_in_threadpool),
                 media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
         text = await _finish(generation, run_in_threadpool)
         return {
-            "id": completion_id, "object": "chat.completion", "created": int(time.time()),
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": int(time.time()),
             "model": name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "logprobs": None, "finish_reason": generation.finish_reason}],
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": None,
+                    "finish_reason": generation.finish_reason,
+                }
+            ],
             "usage": _usage([generation]),
         }
 
@@ -261,10 +296,12 @@ def create_app(engine: ChatEngine, *, model_name: str | None = None,
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(
-                _completion_events(generations, completion_id, name, include_usage,
-                                   run_in_threadpool),
+                _completion_events(
+                    generations, completion_id, name, include_usage, run_in_threadpool
+                ),
                 media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
         texts = []
         try:
             for generation in generations:
@@ -273,12 +310,19 @@ def create_app(engine: ChatEngine, *, model_name: str | None = None,
             for generation in generations:
                 generation.cancel()
         return {
-            "id": completion_id, "object": "text_completion", "created": int(time.time()),
+            "id": completion_id,
+            "object": "text_completion",
+            "created": int(time.time()),
             "model": name,
-            "choices": [{"index": i, "text": text, "logprobs": None,
-                         "finish_reason": generation.finish_reason}
-                        for i, (text, generation) in enumerate(zip(texts, generations,
-                                                                  strict=True))],
+            "choices": [
+                {
+                    "index": i,
+                    "text": text,
+                    "logprobs": None,
+                    "finish_reason": generation.finish_reason,
+                }
+                for i, (text, generation) in enumerate(zip(texts, generations, strict=True))
+            ],
             "usage": _usage(generations),
         }
 
@@ -303,8 +347,11 @@ def _prompt_ids(prompt: Any, engine: ChatEngine) -> list[list[int]]:
         if not ids:
             raise APIError(400, f"prompt[{i}] is empty", param="prompt")
         if any(not 0 <= t < vocab for t in ids):
-            raise APIError(400, f"prompt[{i}] has token ids outside the vocabulary (0..{vocab - 1})",
-                           param="prompt")
+            raise APIError(
+                400,
+                f"prompt[{i}] has token ids outside the vocabulary (0..{vocab - 1})",
+                param="prompt",
+            )
         out.append(ids)
     return out
 
@@ -320,8 +367,12 @@ async def _finish(generation: Generation, run_in_threadpool: Any) -> str:
 
 
 def _unknown_model(requested: str, served: str) -> APIError:
-    return APIError(404, f"The model '{requested}' does not exist; this server serves "
-                    f"'{served}'", param="model", code="model_not_found")
+    return APIError(
+        404,
+        f"The model '{requested}' does not exist; this server serves '{served}'",
+        param="model",
+        code="model_not_found",
+    )
 
 
 def _refuse_unsupported(body: Any, fields: tuple[str, ...]) -> None:
@@ -335,8 +386,11 @@ def _refuse_unsupported(body: Any, fields: tuple[str, ...]) -> None:
 def _usage(generations: list[Generation]) -> dict[str, int]:
     prompt = sum(g.prompt_tokens for g in generations)
     completion = sum(g.completion_tokens for g in generations)
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
 
 
 def _sse(data: dict[str, Any]) -> str:
@@ -354,17 +408,26 @@ async def _pieces(generation: Generation, run_in_threadpool: Any) -> AsyncIterat
         yield piece
 
 
-async def _chat_events(generation: Generation, completion_id: str, model: str,
-                       include_usage: bool, run_in_threadpool: Any) -> AsyncIterator[str]:
+async def _chat_events(
+    generation: Generation,
+    completion_id: str,
+    model: str,
+    include_usage: bool,
+    run_in_threadpool: Any,
+) -> AsyncIterator[str]:
     """The reply as OpenAI chunks; the generation is cancelled if the client goes away."""
     created = int(time.time())
 
     def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
         data: dict[str, Any] = {
-            "id": completion_id, "object": "chat.completion.chunk", "created": created,
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
             "model": model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None,
-                         "finish_reason": finish_reason}]}
+            "choices": [
+                {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            ],
+        }
         if include_usage:
             data["usage"] = None
         return data
@@ -379,24 +442,41 @@ async def _chat_events(generation: Generation, completion_id: str, model: str,
         else:
             yield _sse(chunk({}, generation.finish_reason))
             if include_usage:
-                yield _sse({"id": completion_id, "object": "chat.completion.chunk",
-                            "created": created, "model": model, "choices": [],
-                            "usage": _usage([generation])})
+                yield _sse(
+                    {
+                        "id": completion_id,
+                        "object": "chat.completion.chunk",
+                        "created": created,
+                        "model": model,
+                        "choices": [],
+                        "usage": _usage([generation]),
+                    }
+                )
         yield "data: [DONE]\n\n"
     finally:
         generation.cancel()
 
 
-async def _completion_events(generations: list[Generation], completion_id: str, model: str,
-                             include_usage: bool, run_in_threadpool: Any) -> AsyncIterator[str]:
+async def _completion_events(
+    generations: list[Generation],
+    completion_id: str,
+    model: str,
+    include_usage: bool,
+    run_in_threadpool: Any,
+) -> AsyncIterator[str]:
     """``text_completion`` chunks, choice after choice (they generate together in a batch)."""
     created = int(time.time())
 
     def chunk(index: int, text: str, finish_reason: str | None = None) -> dict[str, Any]:
         data: dict[str, Any] = {
-            "id": completion_id, "object": "text_completion", "created": created,
-            "model": model, "choices": [{"index": index, "text": text, "logprobs": None,
-                                         "finish_reason": finish_reason}]}
+            "id": completion_id,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": [
+                {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+            ],
+        }
         if include_usage:
             data["usage"] = None
         return data
@@ -412,9 +492,16 @@ async def _completion_events(generations: list[Generation], completion_id: str, 
             yield _sse(chunk(index, "", generation.finish_reason))
         else:
             if include_usage:
-                yield _sse({"id": completion_id, "object": "text_completion",
-                            "created": created, "model": model, "choices": [],
-                            "usage": _usage(generations)})
+                yield _sse(
+                    {
+                        "id": completion_id,
+                        "object": "text_completion",
+                        "created": created,
+                        "model": model,
+                        "choices": [],
+                        "usage": _usage(generations),
+                    }
+                )
         yield "data: [DONE]\n\n"
     finally:
         for generation in generations:
@@ -437,8 +524,9 @@ class RunningServer:
         self.thread.join(timeout)
 
 
-def start_server(app: Any, *, host: str = "127.0.0.1", port: int = 0,
-                 timeout: float = 30.0) -> RunningServer:
+def start_server(
+    app: Any, *, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0
+) -> RunningServer:
     """Start ``app`` on ``host:port`` (0: a free port) in a thread; return once it listens."""
     _, uvicorn = import_server()
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -448,8 +536,9 @@ def start_server(app: Any, *, host: str = "127.0.0.1", port: int = 0,
     bound = sock.getsockname()[1]
     config = uvicorn.Config(app, log_level="warning", lifespan="off")
     server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True,
-                              name="hetlm-serve")
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="hetlm-serve"
+    )
     thread.start()
     deadline = time.monotonic() + timeout
     while not server.started:
@@ -461,9 +550,14 @@ def start_server(app: Any, *, host: str = "127.0.0.1", port: int = 0,
     return RunningServer(f"http://{shown}:{bound}", server, thread)
 
 
-def serve_forever(engine: ChatEngine, *, host: str = "127.0.0.1", port: int = 8000,
-                  model_name: str | None = None, defaults: GenerationSettings | None = None
-                  ) -> None:
+def serve_forever(
+    engine: ChatEngine,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    model_name: str | None = None,
+    defaults: GenerationSettings | None = None,
+) -> None:
     """Run the API in the foreground until interrupted (``hetlm serve``)."""
     _, uvicorn = import_server()
     app = create_app(engine, model_name=model_name, defaults=defaults)

@@ -18,9 +18,14 @@ from hetlm.sft.data import Message
 HELP = "/exit で終了、/reset で会話をリセット (end with /exit or Ctrl-D; /reset clears history)"
 
 
-def run_terminal_chat(engine: ChatEngine, settings: GenerationSettings, *,
-                      system: str | None = None, stdin: TextIO | None = None,
-                      stdout: TextIO | None = None) -> int:
+def run_terminal_chat(
+    engine: ChatEngine,
+    settings: GenerationSettings,
+    *,
+    system: str | None = None,
+    stdin: TextIO | None = None,
+    stdout: TextIO | None = None,
+) -> int:
     """Chat until /exit or end of input; returns the number of replies given."""
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout

@@ -26,12 +26,12 @@ from hetlm.sft.masking import IGNORE_INDEX, TokenizedExample
 class SFTBatch:
     """A right-padded micro-batch, in the micro-batch interface of ``train/objectives.py``."""
 
-    input_ids: torch.Tensor       # [batch, seq] long
+    input_ids: torch.Tensor  # [batch, seq] long
     attention_mask: torch.Tensor  # [batch, seq] long, 0 on padding
-    labels: torch.Tensor          # [batch, seq] long, IGNORE_INDEX on prompt and padding
-    num_targets: int              # response tokens the summed loss covers
-    num_tokens: int               # real (non-padding) tokens
-    indices: list[int]            # data set indices of the examples, in order
+    labels: torch.Tensor  # [batch, seq] long, IGNORE_INDEX on prompt and padding
+    num_targets: int  # response tokens the summed loss covers
+    num_tokens: int  # real (non-padding) tokens
+    indices: list[int]  # data set indices of the examples, in order
     target_index: torch.Tensor | None = None  # models.causal_lm.target_index, built on the CPU
 
     def __len__(self) -> int:
@@ -49,16 +49,25 @@ class SFTBatch:
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
         """The keyword arguments of ``SparseCausalLM.forward``."""
-        inputs = {"input_ids": self.input_ids, "labels": self.labels,
-                  "attention_mask": self.attention_mask}
+        inputs = {
+            "input_ids": self.input_ids,
+            "labels": self.labels,
+            "attention_mask": self.attention_mask,
+        }
         if self.target_index is not None:
             inputs["target_index"] = self.target_index
         return inputs
 
     def to(self, device: torch.device | str) -> SFTBatch:
-        return SFTBatch(self.input_ids.to(device), self.attention_mask.to(device),
-                        self.labels.to(device), self.num_targets, self.num_tokens, self.indices,
-                        None if self.target_index is None else self.target_index.to(device))
+        return SFTBatch(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.labels.to(device),
+            self.num_targets,
+            self.num_tokens,
+            self.indices,
+            None if self.target_index is None else self.target_index.to(device),
+        )
 
 
 class SFTCollator:
@@ -86,7 +95,9 @@ class SFTCollator:
             labels[row, :n] = torch.tensor(example.labels, dtype=torch.long)
             attention_mask[row, :n] = 1
         return SFTBatch(
-            input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            labels=labels,
             # Shifted, like the loss: a label at position 0 would never be predicted.
             num_targets=int((labels[:, 1:] != IGNORE_INDEX).sum()),
             num_tokens=int(attention_mask.sum()),
@@ -95,8 +106,9 @@ class SFTCollator:
         )
 
 
-def order_by_length(indices: Sequence[int] | np.ndarray, lengths: Sequence[int] | np.ndarray
-                    ) -> np.ndarray:
+def order_by_length(
+    indices: Sequence[int] | np.ndarray, lengths: Sequence[int] | np.ndarray
+) -> np.ndarray:
     """The global batch's indices, longest first (ties by index), to cut into micro-batches.
 
     Rank r's contiguous slice of this order, cut into micro-batches, then holds examples of
@@ -110,12 +122,14 @@ def order_by_length(indices: Sequence[int] | np.ndarray, lengths: Sequence[int] 
     return idx[np.lexsort((idx, -lens))]
 
 
-def padded_tokens(micro_batches: Sequence[Sequence[int]], lengths: Sequence[int] | np.ndarray
-                  ) -> int:
+def padded_tokens(
+    micro_batches: Sequence[Sequence[int]], lengths: Sequence[int] | np.ndarray
+) -> int:
     """Tokens processed (padding included) by micro-batches of data set indices."""
     lens = np.asarray(lengths, dtype=np.int64)
-    return int(sum(len(mb) * lens[np.asarray(mb, dtype=np.int64)].max()
-                   for mb in micro_batches if len(mb)))
+    return int(
+        sum(len(mb) * lens[np.asarray(mb, dtype=np.int64)].max() for mb in micro_batches if len(mb))
+    )
 
 
 def summed_next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -35,36 +35,53 @@ DEFAULT_LR = SFT_RECIPE.learning_rate  # the usual LoRA rate (a full fine-tune w
 
 class SFTModelSection(_Section):
     init_from: str | None = Field(
-        None, description="The base causal LM: a save_pretrained folder (e.g. a hetlm pretrain "
-        "run's model/) or a hub name.")
+        None,
+        description="The base causal LM: a save_pretrained folder (e.g. a hetlm pretrain "
+        "run's model/) or a hub name.",
+    )
     preset: str | None = Field(
-        None, description="Instead of init_from: a llama preset (tiny|small|base|1b|7b|13b) with "
+        None,
+        description="Instead of init_from: a llama preset (tiny|small|base|1b|7b|13b) with "
         "random weights, for tests and demos; saved to <output_dir>/base so the adapter has a "
-        "base.")
+        "base.",
+    )
     type: Literal["llama"] = Field("llama", description="The architecture of a preset.")
-    overrides: dict[str, Any] = Field(default_factory=dict,
-                                      description="Extra transformers config fields (preset).")
-    dropout: float | None = Field(None, ge=0.0, lt=1.0,
-                                  description="Attention dropout of a preset (default 0); with "
-                                  "init_from, None keeps the checkpoint's.")
+    overrides: dict[str, Any] = Field(
+        default_factory=dict, description="Extra transformers config fields (preset)."
+    )
+    dropout: float | None = Field(
+        None,
+        ge=0.0,
+        lt=1.0,
+        description="Attention dropout of a preset (default 0); with "
+        "init_from, None keeps the checkpoint's.",
+    )
     tokenizer: str | None = Field(None, description="Default: the tokenizer saved with init_from.")
     quantization: Quantization = Field(
-        "none", description="none | 8bit | 4bit (QLoRA: NF4, double quantization): the frozen "
-        "base loaded through bitsandbytes; needs a CUDA GPU and `pip install 'hetlm[quant]'`.")
+        "none",
+        description="none | 8bit | 4bit (QLoRA: NF4, double quantization): the frozen "
+        "base loaded through bitsandbytes; needs a CUDA GPU and `pip install 'hetlm[quant]'`.",
+    )
     gradient_checkpointing: bool = Field(
-        False, description="Recompute each layer's activations in the backward: less memory, "
-        "~30% more compute.")
+        False,
+        description="Recompute each layer's activations in the backward: less memory, "
+        "~30% more compute.",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> SFTModelSection:
         if (self.init_from is None) == (self.preset is None):
-            raise ValueError("give exactly one of init_from (a pretrained causal LM) or preset "
-                             "(a randomly initialised one, for tests)")
+            raise ValueError(
+                "give exactly one of init_from (a pretrained causal LM) or preset "
+                "(a randomly initialised one, for tests)"
+            )
         if self.preset is not None and self.tokenizer is None:
             raise ValueError("a preset model needs tokenizer: the folder of its tokenizer")
         if self.preset is not None and self.quantization != "none":
-            raise ValueError("quantization loads pretrained weights in 8/4 bits: give init_from, "
-                             "or set quantization: none for a preset")
+            raise ValueError(
+                "quantization loads pretrained weights in 8/4 bits: give init_from, "
+                "or set quantization: none for a preset"
+            )
         return self
 
     @property
@@ -79,21 +96,29 @@ class SFTModelSection(_Section):
 class SFTDataSection(_Section):
     dataset: str | list[str] = Field(
         description="JSONL/JSON files, folders or globs of instruction or chat rows, or a "
-        "`datasets` name (e.g. kunishou/databricks-dolly-15k-ja).")
+        "`datasets` name (e.g. kunishou/databricks-dolly-15k-ja)."
+    )
     split: str = Field("train", description="The split of a `datasets` name.")
-    template: str = Field("auto", description="auto | chat | ja-alpaca | ja-chat | a JSON "
-                          "template file (docs/SFT.md).")
-    validation_fraction: float = Field(0.02, ge=0.0, lt=1.0,
-                                       description="Held out by a hash of (seed, index).")
+    template: str = Field(
+        "auto",
+        description="auto | chat | ja-alpaca | ja-chat | a JSON template file (docs/SFT.md).",
+    )
+    validation_fraction: float = Field(
+        0.02, ge=0.0, lt=1.0, description="Held out by a hash of (seed, index)."
+    )
     max_length: int = Field(1024, ge=8, description="Tokens per example, prompt + response.")
     truncation: Literal["left", "middle"] = Field(
-        "left", description="Where an over-long prompt is cut (the response never is).")
-    min_prompt_tokens: int = Field(1, ge=1, description="Drop an example whose response leaves "
-                                   "less prompt than this.")
+        "left", description="Where an over-long prompt is cut (the response never is)."
+    )
+    min_prompt_tokens: int = Field(
+        1, ge=1, description="Drop an example whose response leaves less prompt than this."
+    )
     train_on_prompt: bool = Field(False, description="Loss on the prompt tokens too.")
     length_grouping: bool = Field(
-        True, description="Sort each global batch by length before cutting rank slices and "
-        "micro-batches: less padding, the same result.")
+        True,
+        description="Sort each global batch by length before cutting rank slices and "
+        "micro-batches: less padding, the same result.",
+    )
 
 
 class LoraSection(_Section):
@@ -101,8 +126,10 @@ class LoraSection(_Section):
     alpha: float = Field(32.0, gt=0, description="Scale alpha / r.")
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapter's input.")
     target_modules: list[str] | Literal["all-linear"] = Field(
-        "all-linear", description="all-linear: every linear layer of attention and MLP (not the "
-        "output head); or module names, e.g. [q_proj, v_proj].")
+        "all-linear",
+        description="all-linear: every linear layer of attention and MLP (not the "
+        "output head); or module names, e.g. [q_proj, v_proj].",
+    )
 
     @model_validator(mode="after")
     def _some_modules(self) -> LoraSection:
@@ -155,14 +182,22 @@ class SFTConfig(_Section):
         if plan.lora is None:
             return
         targets = self.lora.target_modules
-        run = {"quantization": self.model.quantization, "r": self.lora.r,
-               "target_modules": targets if isinstance(targets, str) else list(targets),
-               "gradient_checkpointing": self.model.gradient_checkpointing}
-        differ = [f"{key} {plan.lora.get(key)!r} (this config: {value!r})"
-                  for key, value in run.items() if plan.lora.get(key) != value]
+        run = {
+            "quantization": self.model.quantization,
+            "r": self.lora.r,
+            "target_modules": targets if isinstance(targets, str) else list(targets),
+            "gradient_checkpointing": self.model.gradient_checkpointing,
+        }
+        differ = [
+            f"{key} {plan.lora.get(key)!r} (this config: {value!r})"
+            for key, value in run.items()
+            if plan.lora.get(key) != value
+        ]
         if differ:
-            raise HetlmError(f"the plan {self.train.plan} was made for other LoRA settings: "
-                             f"{'; '.join(differ)}: re-plan with `hetlm plan --sft-config`")
+            raise HetlmError(
+                f"the plan {self.train.plan} was made for other LoRA settings: "
+                f"{'; '.join(differ)}: re-plan with `hetlm plan --sft-config`"
+            )
 
     # The batch split, per-rank micro-batches and plan work as in pretraining.
     micro_batches_for = PretrainConfig.micro_batches_for
@@ -172,13 +207,16 @@ class SFTConfig(_Section):
 
 def parse_sft_config(raw: Any, source: str = "config") -> SFTConfig:
     if not isinstance(raw, dict):
-        raise HetlmError(f"{source}: expected a mapping with run/model/data/lora/train sections, "
-                         f"got {type(raw).__name__}")
+        raise HetlmError(
+            f"{source}: expected a mapping with run/model/data/lora/train sections, "
+            f"got {type(raw).__name__}"
+        )
     try:
         return SFTConfig.model_validate(raw)
     except ValidationError as exc:
-        raise HetlmError(format_validation_error(
-            exc, f"invalid {source}", keys_help="`hetlm sft --help-config`")) from None
+        raise HetlmError(
+            format_validation_error(exc, f"invalid {source}", keys_help="`hetlm sft --help-config`")
+        ) from None
 
 
 def load_sft_config(path: str | Path) -> SFTConfig:
@@ -187,14 +225,13 @@ def load_sft_config(path: str | Path) -> SFTConfig:
 
 def sft_config_help() -> str:
     """Every key with its default and description (SFT's own defaults where they differ)."""
-    return config_help(SFTConfig, descriptions=_SFT_DESCRIPTIONS,
-                       skip=("train.mlm_probability",))
+    return config_help(SFTConfig, descriptions=_SFT_DESCRIPTIONS, skip=("train.mlm_probability",))
 
 
 _SFT_DESCRIPTIONS = {
     "train.learning_rate": f"None: {DEFAULT_LR:g} (LoRA; table below).",
     "train.warmup_steps": "None: warmup_ratio if given, else 3% of max_steps (table below).",
     "train.lr_scheduler_type": "linear | cosine | cosine_with_min_lr | constant_with_warmup. "
-                               "None: cosine (table below).",
+    "None: cosine (table below).",
     "train.max_eval_samples": "Validation examples evaluated (response-token loss, perplexity).",
 }

@@ -61,8 +61,8 @@ class Example:
 
     messages: tuple[Message, ...]
     context: str = ""
-    index: int = 0        # position in the whole data set (files in the order given)
-    source: str = ""      # "file.jsonl:17", for messages about this example
+    index: int = 0  # position in the whole data set (files in the order given)
+    source: str = ""  # "file.jsonl:17", for messages about this example
 
     @property
     def response(self) -> str:
@@ -81,8 +81,9 @@ class RowError(ValueError):
 # ---------------------------------------------------------------- one row
 
 
-def _text_field(row: Mapping[str, Any], canonical: str, *, required: bool,
-                problems: list[str]) -> str:
+def _text_field(
+    row: Mapping[str, Any], canonical: str, *, required: bool, problems: list[str]
+) -> str:
     names = INSTRUCTION_FIELDS.get(canonical, (canonical,))
     name = next((n for n in names if n in row and row[n] is not None), None)
     if name is None:
@@ -139,8 +140,9 @@ def parse_messages(raw: Any, *, field: str = "messages") -> tuple[Message, ...]:
     return tuple(messages)
 
 
-def check_turn_order(messages: Sequence[Message], *, field: str = "messages",
-                     generation: bool = False) -> None:
+def check_turn_order(
+    messages: Sequence[Message], *, field: str = "messages", generation: bool = False
+) -> None:
     """System first (optional), then user/assistant alternating from a user turn.
 
     For training (``generation=False``) the last turn must be the assistant's (the response to
@@ -152,13 +154,16 @@ def check_turn_order(messages: Sequence[Message], *, field: str = "messages",
     for i, message in enumerate(turns[offset:], start=offset):
         expected = "user" if (i - offset) % 2 == 0 else "assistant"
         if message.role != expected:
-            problems.append(f"{field}[{i}] has role '{message.role}', expected '{expected}' "
-                            "(system first, then user and assistant alternating)")
+            problems.append(
+                f"{field}[{i}] has role '{message.role}', expected '{expected}' "
+                "(system first, then user and assistant alternating)"
+            )
             break
     last = "user" if generation else "assistant"
     if not problems and (len(turns) == offset or turns[-1].role != last):
-        problems.append(f"{field} must end with a{'n' if last == 'assistant' else ''} "
-                        f"{last} message")
+        problems.append(
+            f"{field} must end with a{'n' if last == 'assistant' else ''} {last} message"
+        )
     if problems:
         raise RowError(problems)
 
@@ -228,10 +233,13 @@ def _warn_replaced(path: Path, chars: int, replaced: int, lines: int) -> None:
     from hetlm.errors import HetlmWarning
 
     if replaced > REPLACED_WARN_SHARE * max(1, chars):
-        warnings.warn(f"{path}: {replaced:,} replaced character(s) (U+FFFD) on {lines:,} "
-                      f"line(s), {replaced / max(1, chars):.1%} of its characters: is part of it "
-                      "in another encoding (Shift_JIS? iconv -f CP932 -t UTF-8)?", HetlmWarning,
-                      stacklevel=3)
+        warnings.warn(
+            f"{path}: {replaced:,} replaced character(s) (U+FFFD) on {lines:,} "
+            f"line(s), {replaced / max(1, chars):.1%} of its characters: is part of it "
+            "in another encoding (Shift_JIS? iconv -f CP932 -t UTF-8)?",
+            HetlmWarning,
+            stacklevel=3,
+        )
 
 
 def _local_files(source: str | Path) -> list[Path] | None:
@@ -255,8 +263,9 @@ def _local_files(source: str | Path) -> list[Path] | None:
     return None  # not a local path: a datasets name
 
 
-def _iter_dataset_rows(name: str, split: str, load_kwargs: Mapping[str, Any]
-                       ) -> Iterator[tuple[str, Any]]:
+def _iter_dataset_rows(
+    name: str, split: str, load_kwargs: Mapping[str, Any]
+) -> Iterator[tuple[str, Any]]:
     import datasets
 
     try:
@@ -268,8 +277,9 @@ def _iter_dataset_rows(name: str, split: str, load_kwargs: Mapping[str, Any]
         yield f"{label}:row {number}", row
 
 
-def iter_rows(source: str | Path | Sequence[str | Path], *, split: str = "train",
-              **load_kwargs: Any) -> Iterator[tuple[str, Any]]:
+def iter_rows(
+    source: str | Path | Sequence[str | Path], *, split: str = "train", **load_kwargs: Any
+) -> Iterator[tuple[str, Any]]:
     """(location, row) pairs from local files or, when ``source`` is no local path, from
     ``datasets.load_dataset(source, split=split, **load_kwargs)`` (e.g. ``"json"`` with
     ``data_files=...``, or a Hub name)."""
@@ -283,8 +293,9 @@ def iter_rows(source: str | Path | Sequence[str | Path], *, split: str = "train"
                 yield from _iter_jsonl(path)
 
 
-def load_examples(source: str | Path | Sequence[str | Path], *, split: str = "train",
-                  **load_kwargs: Any) -> list[Example]:
+def load_examples(
+    source: str | Path | Sequence[str | Path], *, split: str = "train", **load_kwargs: Any
+) -> list[Example]:
     """Read every row; raise one :class:`HetlmError` listing all bad rows (``file:line: ...``)."""
     examples: list[Example] = []
     errors: list[str] = []
@@ -310,8 +321,10 @@ def format_errors(errors: Sequence[str], *, examples_ok: int) -> str:
     shown = "; ".join(errors[:MAX_REPORTED_ERRORS])
     more = len(errors) - MAX_REPORTED_ERRORS
     tail = f"; ... and {more} more" if more > 0 else ""
-    return (f"{len(errors)} problem{'s' if len(errors) != 1 else ''} in the instruction data "
-            f"({examples_ok} good rows; fix or remove the bad ones): {shown}{tail}")
+    return (
+        f"{len(errors)} problem{'s' if len(errors) != 1 else ''} in the instruction data "
+        f"({examples_ok} good rows; fix or remove the bad ones): {shown}{tail}"
+    )
 
 
 # ---------------------------------------------------------------- validation split
@@ -329,8 +342,9 @@ def in_validation(index: int, fraction: float, seed: int) -> bool:
     return int.from_bytes(digest, "big") / 2**64 < fraction
 
 
-def split_validation(examples: Iterable[Example], fraction: float, seed: int = 0
-                     ) -> tuple[list[Example], list[Example]]:
+def split_validation(
+    examples: Iterable[Example], fraction: float, seed: int = 0
+) -> tuple[list[Example], list[Example]]:
     """(train, validation) by :func:`in_validation` on each example's index."""
     if not 0 <= fraction < 1:
         raise HetlmError(f"validation fraction must be in [0, 1), got {fraction}")

@@ -42,8 +42,10 @@ def check_model_dir(path: str | Path, what: str = "model") -> Path:
     """A folder with a ``config.json``, or a HetlmError saying what is missing."""
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise HetlmError(f"{what} folder {path} has no config.json (expected a folder written "
-                         "by save_pretrained)")
+        raise HetlmError(
+            f"{what} folder {path} has no config.json (expected a folder written "
+            "by save_pretrained)"
+        )
     return path
 
 
@@ -51,8 +53,10 @@ def check_adapter_dir(path: str | Path) -> Path:
     """A folder with a peft ``adapter_config.json``."""
     path = Path(path)
     if not (path / "adapter_config.json").is_file():
-        raise HetlmError(f"adapter folder {path} has no adapter_config.json (expected a folder "
-                         "written by a peft model's save_pretrained)")
+        raise HetlmError(
+            f"adapter folder {path} has no adapter_config.json (expected a folder "
+            "written by a peft model's save_pretrained)"
+        )
     return path
 
 
@@ -62,8 +66,10 @@ def tokenizer_dir(model_dir: Path, adapter_dir: Path | None) -> Path:
         if candidate is not None and has_tokenizer(candidate):
             return candidate
     where = f"{adapter_dir} or {model_dir}" if adapter_dir else str(model_dir)
-    raise HetlmError(f"no tokenizer files in {where}: save the tokenizer beside the model "
-                     "(tokenizer.save_pretrained)")
+    raise HetlmError(
+        f"no tokenizer files in {where}: save the tokenizer beside the model "
+        "(tokenizer.save_pretrained)"
+    )
 
 
 def import_peft():
@@ -71,13 +77,13 @@ def import_peft():
     try:
         import peft
     except ImportError as exc:
-        raise HetlmError("LoRA adapters need peft: pip install 'hetlm[chat]' "
-                         "(or pip install peft)") from exc
+        raise HetlmError(
+            "LoRA adapters need peft: pip install 'hetlm[chat]' (or pip install peft)"
+        ) from exc
     import warnings
 
     # peft still calls transformers 5's deprecated is_gradient_checkpointing: not the user's to fix
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing",
-                            category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
     return peft
 
 
@@ -97,8 +103,13 @@ def write_folder(target: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
-def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, output_dir: str | Path, *,
-                  overwrite: bool = False) -> Path:
+def merge_adapter(
+    base_dir: str | Path,
+    adapter_dir: str | Path,
+    output_dir: str | Path,
+    *,
+    overwrite: bool = False,
+) -> Path:
     """Merge the LoRA adapter into the base model and save the result to ``output_dir``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -122,20 +133,27 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, output_dir: str
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if not has_tokenizer(tmp):
-            raise HetlmError(f"saving the tokenizer from {tokenizer_source} wrote no tokenizer "
-                             "files")
+            raise HetlmError(
+                f"saving the tokenizer from {tokenizer_source} wrote no tokenizer files"
+            )
         for source in (adapter, base):
             if (source / TEMPLATE_FILE).is_file():
                 shutil.copy2(source / TEMPLATE_FILE, tmp / TEMPLATE_FILE)
                 break
-        record = {"base_model": str(base), "adapter": str(adapter),
-                  "tokenizer_from": str(tokenizer_source), "peft_version": peft.__version__,
-                  "chat_template_from": chat_template_from}
+        record = {
+            "base_model": str(base),
+            "adapter": str(adapter),
+            "tokenizer_from": str(tokenizer_source),
+            "peft_version": peft.__version__,
+            "chat_template_from": chat_template_from,
+        }
         (tmp / EXPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         missing = vllm_missing(tmp)
         if missing:
-            raise HetlmError(f"the merged folder would lack {', '.join(missing)}, which vLLM "
-                             f"needs; nothing was written to {output}")
+            raise HetlmError(
+                f"the merged folder would lack {', '.join(missing)}, which vLLM "
+                f"needs; nothing was written to {output}"
+            )
 
     write_folder(output, write)
     return output

@@ -34,8 +34,8 @@ class TokenizedExample:
     """One example ready for the collator."""
 
     input_ids: list[int]
-    labels: list[int]      # IGNORE_INDEX on prompt tokens (unless train_on_prompt) and at 0
-    index: int             # the example's index in the data set (for per-sample purity)
+    labels: list[int]  # IGNORE_INDEX on prompt tokens (unless train_on_prompt) and at 0
+    index: int  # the example's index in the data set (for per-sample purity)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -53,11 +53,11 @@ class TruncationStats:
     max_length: int = 0
     examples: int = 0
     kept: int = 0
-    truncated: int = 0                 # kept, with prompt tokens removed
-    dropped: int = 0                   # the final response (+ EOS) did not fit
+    truncated: int = 0  # kept, with prompt tokens removed
+    dropped: int = 0  # the final response (+ EOS) did not fit
     prompt_tokens_removed: int = 0
-    earlier_response_tokens_removed: int = 0   # multi-turn: older assistant turns cut away
-    target_tokens: int = 0             # response tokens kept (the loss's denominator)
+    earlier_response_tokens_removed: int = 0  # multi-turn: older assistant turns cut away
+    target_tokens: int = 0  # response tokens kept (the loss's denominator)
     dropped_examples: list[str] = field(default_factory=list)
 
     def note_dropped(self, example: Example) -> None:
@@ -67,13 +67,19 @@ class TruncationStats:
 
     def summary(self) -> str:
         """Short lines for the training log: the counts, then which examples were dropped."""
-        text = (f"SFT examples: {self.examples:,} read, {self.kept:,} kept, "
-                f"{self.truncated:,} truncated on the prompt side "
-                f"({self.prompt_tokens_removed:,} prompt tokens removed"
-                + (f", {self.earlier_response_tokens_removed:,} tokens of earlier assistant "
-                   "turns removed" if self.earlier_response_tokens_removed else "")
-                + f"), {self.dropped:,} dropped because the response did not fit in "
-                f"{self.max_length} tokens; {self.target_tokens:,} response tokens to train on")
+        text = (
+            f"SFT examples: {self.examples:,} read, {self.kept:,} kept, "
+            f"{self.truncated:,} truncated on the prompt side "
+            f"({self.prompt_tokens_removed:,} prompt tokens removed"
+            + (
+                f", {self.earlier_response_tokens_removed:,} tokens of earlier assistant "
+                "turns removed"
+                if self.earlier_response_tokens_removed
+                else ""
+            )
+            + f"), {self.dropped:,} dropped because the response did not fit in "
+            f"{self.max_length} tokens; {self.target_tokens:,} response tokens to train on"
+        )
         if self.dropped_examples:
             text += f"\nSFT examples dropped: {', '.join(self.dropped_examples)}"
             text += ", ..." if self.dropped > len(self.dropped_examples) else ""
@@ -92,63 +98,87 @@ def adds_bos(tokenizer: Any) -> bool:
     return bool(ids) and ids[0] == bos
 
 
-def encode_segments(segments: Sequence[Segment], tokenizer: Any, *, bos: bool
-                    ) -> tuple[list[int], list[bool]]:
+def encode_segments(
+    segments: Sequence[Segment], tokenizer: Any, *, bos: bool
+) -> tuple[list[int], list[bool]]:
     """(ids, is_response) for the segments, each tokenized on its own."""
     ids: list[int] = [tokenizer.bos_token_id] if bos else []
     is_response = [False] * len(ids)
     eos = tokenizer.eos_token_id
     for segment in segments:
         # verbose=False: a long segment is not an error here (truncation comes later).
-        piece = tokenizer(segment.text, add_special_tokens=False, verbose=False)["input_ids"] \
-            if segment.text else []
+        piece = (
+            tokenizer(segment.text, add_special_tokens=False, verbose=False)["input_ids"]
+            if segment.text
+            else []
+        )
         if segment.eos:
             if eos is None:
-                raise HetlmError("the tokenizer has no eos_token: set one (e.g. "
-                                 "tokenizer.eos_token = '</s>') so responses can end")
+                raise HetlmError(
+                    "the tokenizer has no eos_token: set one (e.g. "
+                    "tokenizer.eos_token = '</s>') so responses can end"
+                )
             piece = [*piece, eos]
         ids.extend(piece)
         is_response.extend([segment.response] * len(piece))
     return ids, is_response
 
 
-def prompt_ids(messages: Sequence[Message], tokenizer: Any, template: PromptTemplate, *,
-               context: str = "") -> list[int]:
+def prompt_ids(
+    messages: Sequence[Message], tokenizer: Any, template: PromptTemplate, *, context: str = ""
+) -> list[int]:
     """The ids a model continues to answer the last user turn: exactly as in training."""
     segments = template.segments(messages, context, generation=True)
-    ids, _ = encode_segments(segments, tokenizer,
-                             bos=not isinstance(template, ChatTemplate) and adds_bos(tokenizer))
+    ids, _ = encode_segments(
+        segments, tokenizer, bos=not isinstance(template, ChatTemplate) and adds_bos(tokenizer)
+    )
     return ids
 
 
 # ---------------------------------------------------------------- one example
 
 
-def _truncate(ids: list[int], is_response: list[bool], cut_end: int, budget: int,
-              truncation: Truncation, keep_first: bool) -> tuple[list[int], list[bool]]:
+def _truncate(
+    ids: list[int],
+    is_response: list[bool],
+    cut_end: int,
+    budget: int,
+    truncation: Truncation,
+    keep_first: bool,
+) -> tuple[list[int], list[bool]]:
     """Keep ``budget`` of the tokens before ``cut_end`` (the final response starts there)."""
     head_ids, head_resp = ids[:cut_end], is_response[:cut_end]
     first = 1 if keep_first and budget > 0 else 0  # a leading BOS is always kept
     rest = budget - first
     front = rest // 2 if truncation == "middle" else 0
     keep = list(range(first + front)) + list(range(cut_end - (rest - front), cut_end))
-    return ([head_ids[i] for i in keep] + ids[cut_end:],
-            [head_resp[i] for i in keep] + is_response[cut_end:])
+    return (
+        [head_ids[i] for i in keep] + ids[cut_end:],
+        [head_resp[i] for i in keep] + is_response[cut_end:],
+    )
 
 
 class SFTTokenizer:
     """Examples into :class:`TokenizedExample`, with the truncation policy and its counts."""
 
-    def __init__(self, tokenizer: Any, template: PromptTemplate, *, max_length: int,
-                 train_on_prompt: bool = False, truncation: Truncation = "left",
-                 min_prompt_tokens: int = 1) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        template: PromptTemplate,
+        *,
+        max_length: int,
+        train_on_prompt: bool = False,
+        truncation: Truncation = "left",
+        min_prompt_tokens: int = 1,
+    ) -> None:
         if max_length < 2:
             raise HetlmError(f"max_length must be at least 2, got {max_length}")
         if truncation not in ("left", "middle"):
             raise HetlmError(f"truncation must be 'left' or 'middle', got {truncation!r}")
         if not 1 <= min_prompt_tokens < max_length:
-            raise HetlmError(f"min_prompt_tokens must be in [1, max_length), got "
-                             f"{min_prompt_tokens}")
+            raise HetlmError(
+                f"min_prompt_tokens must be in [1, max_length), got {min_prompt_tokens}"
+            )
         self.tokenizer = tokenizer
         self.template = template
         self.max_length = max_length
@@ -175,15 +205,18 @@ class SFTTokenizer:
                 stats.note_dropped(example)
                 return None
             before = is_response[:start]
-            ids, is_response = _truncate(ids, is_response, start, budget, self.truncation,
-                                         keep_first=self.bos)
+            ids, is_response = _truncate(
+                ids, is_response, start, budget, self.truncation, keep_first=self.bos
+            )
             kept = is_response[:budget]
             stats.truncated += 1
             removed_resp = sum(before) - sum(kept)
             stats.earlier_response_tokens_removed += removed_resp
             stats.prompt_tokens_removed += (start - budget) - removed_resp
-        labels = [tok if (resp or self.train_on_prompt) else IGNORE_INDEX
-                  for tok, resp in zip(ids, is_response, strict=True)]
+        labels = [
+            tok if (resp or self.train_on_prompt) else IGNORE_INDEX
+            for tok, resp in zip(ids, is_response, strict=True)
+        ]
         labels[0] = IGNORE_INDEX
         out = TokenizedExample(ids, labels, example.index)
         stats.kept += 1
@@ -195,12 +228,23 @@ class SFTTokenizer:
         return [t for t in map(self, examples) if t is not None]
 
 
-def tokenize_examples(examples: Iterable[Example], tokenizer: Any, template: PromptTemplate,
-                      *, max_length: int, train_on_prompt: bool = False,
-                      truncation: Truncation = "left", min_prompt_tokens: int = 1
-                      ) -> tuple[list[TokenizedExample], TruncationStats]:
+def tokenize_examples(
+    examples: Iterable[Example],
+    tokenizer: Any,
+    template: PromptTemplate,
+    *,
+    max_length: int,
+    train_on_prompt: bool = False,
+    truncation: Truncation = "left",
+    min_prompt_tokens: int = 1,
+) -> tuple[list[TokenizedExample], TruncationStats]:
     """Tokenize a data set; returns the kept examples and what truncation did."""
-    sft = SFTTokenizer(tokenizer, template, max_length=max_length,
-                       train_on_prompt=train_on_prompt, truncation=truncation,
-                       min_prompt_tokens=min_prompt_tokens)
+    sft = SFTTokenizer(
+        tokenizer,
+        template,
+        max_length=max_length,
+        train_on_prompt=train_on_prompt,
+        truncation=truncation,
+        min_prompt_tokens=min_prompt_tokens,
+    )
     return sft.map(examples), sft.stats

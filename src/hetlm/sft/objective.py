@@ -39,11 +39,13 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     """(summed cross-entropy of ``hidden @ weight.T`` against ``targets``, correct top-1)."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         device = hidden.device.type
-        dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
-                 else weight.dtype)
+        dtype = (
+            torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        )
         with torch.autocast(device, enabled=False):
             w = weight.detach().to(dtype)
             h = hidden.detach().to(dtype)
@@ -52,8 +54,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             grad_h = torch.empty_like(h)
             grad_w = torch.zeros_like(w, dtype=torch.float32) if ctx.needs_input_grad[1] else None
             for start in range(0, h.shape[0], chunk):
-                hc, yc = h[start:start + chunk], targets[start:start + chunk]
-                logits = (hc @ w.T).float()                                   # [c, vocab]
+                hc, yc = h[start : start + chunk], targets[start : start + chunk]
+                logits = (hc @ w.T).float()  # [c, vocab]
                 lse = torch.logsumexp(logits, dim=-1)
                 picked = logits.gather(1, yc[:, None])[:, 0]
                 loss += (lse - picked).sum()
@@ -62,7 +64,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 grad = logits.sub_(lse[:, None]).exp_()
                 grad[torch.arange(len(yc), device=grad.device), yc] -= 1.0
                 grad = grad.to(dtype)
-                grad_h[start:start + chunk] = grad @ w
+                grad_h[start : start + chunk] = grad @ w
                 if grad_w is not None:
                     grad_w += (grad.T @ hc).float()
         ctx.save_for_backward(grad_h, grad_w)
@@ -87,9 +89,13 @@ class FusedSparseCausalLM(SparseCausalLM):
         super().__init__(model)
         self.chunk = chunk  # None: chunk_for(the vocabulary size)
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
-                attention_mask: torch.Tensor | None = None,
-                target_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        target_index: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         decoder, head = decoder_and_head(self.model)
         if not isinstance(head, nn.Linear) or head.bias is not None:
             return super().forward(input_ids, labels, attention_mask, target_index)

@@ -52,8 +52,9 @@ class PromptTemplate(Protocol):
 
     name: str
 
-    def segments(self, messages: Sequence[Message], context: str = "", *,
-                 generation: bool = False) -> list[Segment]:
+    def segments(
+        self, messages: Sequence[Message], context: str = "", *, generation: bool = False
+    ) -> list[Segment]:
         """The conversation as segments. For training ``messages`` ends with the assistant's
         response; with ``generation=True`` it ends with a user turn and the segments end with
         the prompt that the model continues."""
@@ -90,18 +91,27 @@ class TextTemplate:
     turn_separator: str = "\n"
 
     def __post_init__(self) -> None:
-        for field_name, placeholder in (("system_format", "{system}"),
-                                        ("user_format", "{content}"),
-                                        ("input_format", "{content}")):
+        for field_name, placeholder in (
+            ("system_format", "{system}"),
+            ("user_format", "{content}"),
+            ("input_format", "{content}"),
+        ):
             if placeholder not in getattr(self, field_name):
-                raise HetlmError(f"template {self.name!r}: {field_name} must contain "
-                                 f"{placeholder}")
+                raise HetlmError(f"template {self.name!r}: {field_name} must contain {placeholder}")
 
-    def segments(self, messages: Sequence[Message], context: str = "", *,
-                 generation: bool = False) -> list[Segment]:
+    def segments(
+        self, messages: Sequence[Message], context: str = "", *, generation: bool = False
+    ) -> list[Segment]:
         turns = list(messages)
-        system = turns.pop(0).content if turns and turns[0].role == "system" else (
-            self.system_with_input if context.strip() and self.system_with_input else self.system)
+        system = (
+            turns.pop(0).content
+            if turns and turns[0].role == "system"
+            else (
+                self.system_with_input
+                if context.strip() and self.system_with_input
+                else self.system
+            )
+        )
         prompt = self.system_format.replace("{system}", system) if system else ""
         out: list[Segment] = []
         first_user = True
@@ -121,8 +131,10 @@ class TextTemplate:
         if prompt:
             out.append(Segment(prompt))
         if not generation and (not out or not out[-1].response):
-            raise HetlmError(f"template {self.name!r}: a training conversation must end with "
-                             "an assistant message")
+            raise HetlmError(
+                f"template {self.name!r}: a training conversation must end with "
+                "an assistant message"
+            )
         return out
 
     def record(self) -> dict[str, Any]:
@@ -158,7 +170,7 @@ JA_ALPACA = TextTemplate(
     name="ja-alpaca",
     system="以下は、タスクを説明する指示です。要求を適切に満たす応答を書きなさい。",
     system_with_input="以下は、タスクを説明する指示と、文脈のある入力の組み合わせです。"
-                      "要求を適切に満たす応答を書きなさい。",
+    "要求を適切に満たす応答を書きなさい。",
     system_format="{system}\n\n",
     user_format="### 指示:\n{content}\n\n",
     input_format="### 入力:\n{content}\n\n",
@@ -197,14 +209,17 @@ class ChatTemplate:
 
     def __init__(self, tokenizer: Any):
         if not getattr(tokenizer, "chat_template", None):
-            raise HetlmError("the tokenizer has no chat_template; use a text template "
-                             f"({', '.join(BUILTIN_TEMPLATES)}) or a template file")
+            raise HetlmError(
+                "the tokenizer has no chat_template; use a text template "
+                f"({', '.join(BUILTIN_TEMPLATES)}) or a template file"
+            )
         self.tokenizer = tokenizer
         self.eos_text = tokenizer.eos_token or ""
 
     def _render(self, turns: list[dict[str, str]], add_generation_prompt: bool) -> str:
         text = self.tokenizer.apply_chat_template(
-            turns, tokenize=False, add_generation_prompt=add_generation_prompt)
+            turns, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
         if not isinstance(text, str):
             raise TypeError(f"apply_chat_template returned {type(text).__name__}, not text")
         return text
@@ -214,11 +229,13 @@ class ChatTemplate:
             raise HetlmError(
                 "the tokenizer's chat template does not render a conversation as an extension "
                 "of its earlier turns, so the response tokens cannot be found exactly; use a "
-                f"text template ({', '.join(BUILTIN_TEMPLATES)}) or a template file instead")
-        return rendered[len(done):]
+                f"text template ({', '.join(BUILTIN_TEMPLATES)}) or a template file instead"
+            )
+        return rendered[len(done) :]
 
-    def segments(self, messages: Sequence[Message], context: str = "", *,
-                 generation: bool = False) -> list[Segment]:
+    def segments(
+        self, messages: Sequence[Message], context: str = "", *, generation: bool = False
+    ) -> list[Segment]:
         turns = [{"role": m.role, "content": m.content} for m in messages]
         if context.strip():
             first = next(i for i, t in enumerate(turns) if t["role"] == "user")
@@ -229,7 +246,7 @@ class ChatTemplate:
             if turn["role"] != "assistant":
                 continue
             prompt = self._render(turns[:k], add_generation_prompt=True)
-            full = self._render(turns[:k + 1], add_generation_prompt=False)
+            full = self._render(turns[: k + 1], add_generation_prompt=False)
             out.append(Segment(self._extend(done, prompt)))
             response = self._extend(prompt, full)
             has_eos = bool(self.eos_text) and self.eos_text in response
@@ -261,15 +278,18 @@ def resolve_template(spec: str | Path | None, tokenizer: Any) -> PromptTemplate:
         if not path.is_file():
             raise HetlmError(f"template file {path} does not exist")
         return TextTemplate.from_file(path)
-    raise HetlmError(f"unknown template {name!r}: use auto, chat, "
-                     f"{', '.join(BUILTIN_TEMPLATES)} or a path to a JSON template file")
+    raise HetlmError(
+        f"unknown template {name!r}: use auto, chat, "
+        f"{', '.join(BUILTIN_TEMPLATES)} or a path to a JSON template file"
+    )
 
 
 def save_template(template: PromptTemplate, directory: str | Path) -> Path:
     """Record the template beside a model or adapter, for :func:`load_saved_template`."""
     path = Path(directory) / TEMPLATE_FILE
-    path.write_text(json.dumps(template.record(), ensure_ascii=False, indent=2) + "\n",
-                    encoding="utf-8")
+    path.write_text(
+        json.dumps(template.record(), ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
+    )
     return path
 
 

@@ -100,8 +100,10 @@ def load_sft_tokenizer(source: str | Path):
     if tokenizer.bos_token is None and tokenizer.cls_token is not None:
         tokenizer.bos_token = tokenizer.cls_token
     if tokenizer.eos_token is None:
-        raise HetlmError(f"the tokenizer {source} has no eos_token (nor sep_token): responses "
-                         "must end with one; use a tokenizer that defines it")
+        raise HetlmError(
+            f"the tokenizer {source} has no eos_token (nor sep_token): responses "
+            "must end with one; use a tokenizer that defines it"
+        )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -117,9 +119,11 @@ def check_quantization(kind: str) -> None:
     if importlib.util.find_spec("bitsandbytes") is None:
         missing.append("bitsandbytes (pip install 'hetlm[quant]')")
     if missing:
-        raise HetlmError(f"model.quantization {kind} loads the base through bitsandbytes, which "
-                         f"needs {' and '.join(missing)}: run on a CUDA machine with it "
-                         "installed, or set model.quantization: none")
+        raise HetlmError(
+            f"model.quantization {kind} loads the base through bitsandbytes, which "
+            f"needs {' and '.join(missing)}: run on a CUDA machine with it "
+            "installed, or set model.quantization: none"
+        )
 
 
 def bnb_config(kind: str, precision: str):
@@ -130,8 +134,12 @@ def bnb_config(kind: str, precision: str):
     if kind == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute,
+    )
 
 
 def frozen_base_dtype(device: torch.device, precision: str) -> torch.dtype:
@@ -142,8 +150,15 @@ def frozen_base_dtype(device: torch.device, precision: str) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" and precision == "bf16" else torch.float32
 
 
-def build_base_model(section: SFTModelSection, tokenizer, *, max_length: int, seed: int,
-                     device: torch.device, precision: str = "fp32") -> nn.Module:
+def build_base_model(
+    section: SFTModelSection,
+    tokenizer,
+    *,
+    max_length: int,
+    seed: int,
+    device: torch.device,
+    precision: str = "fp32",
+) -> nn.Module:
     """The base causal LM: from ``section.init_from`` (fp32, or 8/4-bit computing in
     ``precision``), or a seeded preset."""
     from transformers import AutoModelForCausalLM
@@ -153,31 +168,43 @@ def build_base_model(section: SFTModelSection, tokenizer, *, max_length: int, se
         from hetlm.models.presets import model_config
 
         config = model_config(
-            section.type, section.preset, vocab_size=len(tokenizer),
-            max_position_embeddings=max(512, max_length), pad_token_id=tokenizer.pad_token_id,
-            dropout=section.dropout, overrides=section.overrides,
-            special_ids={"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id})
+            section.type,
+            section.preset,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=max(512, max_length),
+            pad_token_id=tokenizer.pad_token_id,
+            dropout=section.dropout,
+            overrides=section.overrides,
+            special_ids={"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id},
+        )
         return from_config_seeded(config, seed).to(frozen_base_dtype(device, precision))
     check_quantization(section.quantization)
     kwargs: dict[str, Any] = dict(section.overrides)
     if section.quantization != "none":
-        kwargs.update(quantization_config=bnb_config(section.quantization, precision),
-                      device_map={"": device})
+        kwargs.update(
+            quantization_config=bnb_config(section.quantization, precision), device_map={"": device}
+        )
     else:
         kwargs.update(dtype=frozen_base_dtype(device, precision))
     source = resolve_model_source(section.init_from, "model.init_from")
     if Path(source).exists() and not (Path(source) / "config.json").is_file():
-        raise HetlmError(f"model.init_from {source} has no config.json: point it at a folder written "
-                         "by save_pretrained (e.g. a hetlm pretrain run's model/)")
+        raise HetlmError(
+            f"model.init_from {source} has no config.json: point it at a folder written "
+            "by save_pretrained (e.g. a hetlm pretrain run's model/)"
+        )
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise HetlmError(f"cannot load model.init_from {source!r} as a causal LM: {first}") from None
+        raise HetlmError(
+            f"cannot load model.init_from {source!r} as a causal LM: {first}"
+        ) from None
     rows = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > rows:
-        raise HetlmError(f"the tokenizer has {len(tokenizer)} tokens but model.init_from {source} "
-                         f"has {rows} token embeddings: use the model's own tokenizer")
+        raise HetlmError(
+            f"the tokenizer has {len(tokenizer)} tokens but model.init_from {source} "
+            f"has {rows} token embeddings: use the model's own tokenizer"
+        )
     return model
 
 
@@ -191,8 +218,10 @@ def check_base_model(section: SFTModelSection, max_length: int) -> None:
 
     source = resolve_model_source(section.init_from, "model.init_from")
     if Path(source).exists() and not (Path(source) / "config.json").is_file():
-        raise HetlmError(f"model.init_from {source} has no config.json: point it at a folder written "
-                         "by save_pretrained (e.g. a hetlm pretrain run's model/)")
+        raise HetlmError(
+            f"model.init_from {source} has no config.json: point it at a folder written "
+            "by save_pretrained (e.g. a hetlm pretrain run's model/)"
+        )
     try:
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as exc:
@@ -202,16 +231,25 @@ def check_base_model(section: SFTModelSection, max_length: int) -> None:
     check_positions(config, max_length, "data.max_length", source, "model.init_from")
 
 
-def apply_lora(model: nn.Module, lora: LoraSection, *, base_name: str | None, seed: int,
-               gradient_checkpointing: bool, quantized: bool) -> nn.Module:
+def apply_lora(
+    model: nn.Module,
+    lora: LoraSection,
+    *,
+    base_name: str | None,
+    seed: int,
+    gradient_checkpointing: bool,
+    quantized: bool,
+) -> nn.Module:
     """The peft model: LoRA layers in place, only they train. The adapter's initialisation is
     seeded, so every rank (and every split) starts from the same weights."""
     peft = import_peft()
     gc_kwargs = {"use_reentrant": False}
     if quantized:
         model = peft.prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs=gc_kwargs)
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs=gc_kwargs,
+        )
     elif gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers 5's name
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=gc_kwargs)
@@ -221,11 +259,18 @@ def apply_lora(model: nn.Module, lora: LoraSection, *, base_name: str | None, se
     if base_name:  # peft records the model's name_or_path as the adapter's base
         model.name_or_path = base_name
     config = peft.LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none",
-        target_modules=lora.target_modules, task_type="CAUSAL_LM")
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        bias="none",
+        target_modules=lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         # peft reads transformers' deprecated is_gradient_checkpointing
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        warnings.filterwarnings(
+            "ignore", message=".*is_gradient_checkpointing", category=FutureWarning
+        )
         torch.manual_seed(seed)
         try:
             return peft.get_peft_model(model, config)
@@ -249,8 +294,9 @@ class InstructionTuning(Pretraining):
     config: SFTConfig
     command = "sft"
 
-    def __init__(self, config: SFTConfig, ctx: D.DistContext, resume: bool | Path,
-                 **options: Any) -> None:
+    def __init__(
+        self, config: SFTConfig, ctx: D.DistContext, resume: bool | Path, **options: Any
+    ) -> None:
         check_quantization(config.model.quantization)
         check_base_model(config.model, config.data.max_length)
         super().__init__(config, ctx, resume, **options)  # type: ignore[arg-type]
@@ -268,52 +314,81 @@ class InstructionTuning(Pretraining):
         self.template = resolve_template(data.template, self.tokenizer)
         examples = load_examples(data.dataset, split=data.split)
         train, validation = split_validation(examples, data.validation_fraction, cfg.run.seed)
-        options = dict(max_length=data.max_length, train_on_prompt=data.train_on_prompt,
-                       truncation=data.truncation, min_prompt_tokens=data.min_prompt_tokens)
-        train_tok, self.truncation_stats = tokenize_examples(train, self.tokenizer,
-                                                             self.template, **options)
+        options = dict(
+            max_length=data.max_length,
+            train_on_prompt=data.train_on_prompt,
+            truncation=data.truncation,
+            min_prompt_tokens=data.min_prompt_tokens,
+        )
+        train_tok, self.truncation_stats = tokenize_examples(
+            train, self.tokenizer, self.template, **options
+        )
         eval_tok, _ = tokenize_examples(validation, self.tokenizer, self.template, **options)
         if self.ctx.is_main:
             print(self.truncation_stats.summary())
         if not train_tok:
-            raise HetlmError(f"no training example of {data.dataset} fits data.max_length "
-                             f"{data.max_length}: raise it")
+            raise HetlmError(
+                f"no training example of {data.dataset} fits data.max_length "
+                f"{data.max_length}: raise it"
+            )
         if self.train_cfg.eval_steps and not eval_tok:
-            raise HetlmError("train.eval_steps is set but there are no validation examples: "
-                             "raise data.validation_fraction or set train.eval_steps: 0")
+            raise HetlmError(
+                "train.eval_steps is set but there are no validation examples: "
+                "raise data.validation_fraction or set train.eval_steps: 0"
+            )
         pad_id = self.tokenizer.pad_token_id
         self.train_data = SFTData(train_tok, pad_id)
         self.eval_data = SFTData(eval_tok, pad_id)
         self.tokenizer_dir = None
-        self.meta = {"train_examples": len(train_tok), "validation_examples": len(eval_tok),
-                     "tokenizer_vocab_hash": vocab_hash(self.tokenizer)}
+        self.meta = {
+            "train_examples": len(train_tok),
+            "validation_examples": len(eval_tok),
+            "tokenizer_vocab_hash": vocab_hash(self.tokenizer),
+        }
 
     def _build_sampler(self) -> HeterogeneousBatchSampler:
         if self.config.data.length_grouping:
-            return LengthGroupedSampler(self.train_data.lengths, self.split, self.ctx.rank,
-                                        self.config.run.seed)
+            return LengthGroupedSampler(
+                self.train_data.lengths, self.split, self.ctx.rank, self.config.run.seed
+            )
         return super()._build_sampler()
 
     @property
     def base_name(self) -> str:
         """What the adapter records as its base: model.init_from, or the saved preset base."""
         section = self.config.model
-        return str(section.init_from) if section.init_from is not None else str(self.output_dir / "base")
+        return (
+            str(section.init_from)
+            if section.init_from is not None
+            else str(self.output_dir / "base")
+        )
 
     def _build_model(self) -> nn.Module:
         cfg, ctx = self.config, self.ctx
-        model = build_base_model(cfg.model, self.tokenizer, max_length=cfg.data.max_length,
-                                 seed=cfg.run.seed, device=ctx.device,
-                                 precision=self.run_plan.precision)
+        model = build_base_model(
+            cfg.model,
+            self.tokenizer,
+            max_length=cfg.data.max_length,
+            seed=cfg.run.seed,
+            device=ctx.device,
+            precision=self.run_plan.precision,
+        )
         if cfg.model.preset is not None:
             self._save_preset_base(model)
-        model = apply_lora(model, cfg.lora, base_name=self.base_name, seed=cfg.run.seed,
-                           gradient_checkpointing=cfg.model.gradient_checkpointing,
-                           quantized=cfg.model.quantization != "none")
+        model = apply_lora(
+            model,
+            cfg.lora,
+            base_name=self.base_name,
+            seed=cfg.run.seed,
+            gradient_checkpointing=cfg.model.gradient_checkpointing,
+            quantized=cfg.model.quantization != "none",
+        )
         if ctx.is_main:
             trainable, total = count_parameters(model)
-            print(f"LoRA r={cfg.lora.r} on {cfg.lora.target_modules}: {trainable / 1e6:.2f}M "
-                  f"trainable of {total / 1e6:.1f}M parameters ({trainable / total:.2%})")
+            print(
+                f"LoRA r={cfg.lora.r} on {cfg.lora.target_modules}: {trainable / 1e6:.2f}M "
+                f"trainable of {total / 1e6:.1f}M parameters ({trainable / total:.2%})"
+            )
         return model
 
     def _save_preset_base(self, model: nn.Module) -> None:
@@ -326,16 +401,27 @@ class InstructionTuning(Pretraining):
             model.save_pretrained(tmp, safe_serialization=True)
             save_tokenizer(self.tokenizer, tmp)
 
-        _collective_io(self.ctx, lambda: self.ctx.is_main and not (base / "config.json").is_file()
-                       and write_folder(base, write))
+        _collective_io(
+            self.ctx,
+            lambda: (
+                self.ctx.is_main
+                and not (base / "config.json").is_file()
+                and write_folder(base, write)
+            ),
+        )
 
     def _run_fingerprint(self) -> dict[str, Any]:
         cfg = self.config
         model = cfg.model.model_dump(mode="json", exclude={"gradient_checkpointing"})
         data = cfg.data.model_dump(mode="json", exclude={"length_grouping"})
-        return {**self.meta, "model": model, "data": data,
-                "lora": cfg.lora.model_dump(mode="json"),
-                "global_batch": cfg.train.global_batch, "seed": cfg.run.seed}
+        return {
+            **self.meta,
+            "model": model,
+            "data": data,
+            "lora": cfg.lora.model_dump(mode="json"),
+            "global_batch": cfg.train.global_batch,
+            "seed": cfg.run.seed,
+        }
 
     def _load_weights(self, model: nn.Module, path: Path) -> None:
         """The checkpoint's adapter weights (the base is rebuilt from model.init_from / preset)."""
@@ -343,14 +429,18 @@ class InstructionTuning(Pretraining):
 
         file = path / ADAPTER_WEIGHTS
         if not file.is_file():
-            raise HetlmError(f"checkpoint {path} has no {ADAPTER_WEIGHTS}: it was not written by "
-                             "hetlm sft; start a new run.output_dir")
+            raise HetlmError(
+                f"checkpoint {path} has no {ADAPTER_WEIGHTS}: it was not written by "
+                "hetlm sft; start a new run.output_dir"
+            )
         result = import_peft().set_peft_model_state_dict(model, load_file(str(file)))
         missing = [k for k in result.missing_keys if "lora_" in k]
         if missing or result.unexpected_keys:
-            raise HetlmError(f"checkpoint {path} does not match the LoRA model (missing "
-                             f"{missing[:3]}, unexpected {result.unexpected_keys[:3]}): resume "
-                             "with the lora settings it was trained with")
+            raise HetlmError(
+                f"checkpoint {path} does not match the LoRA model (missing "
+                f"{missing[:3]}, unexpected {result.unexpected_keys[:3]}): resume "
+                "with the lora settings it was trained with"
+            )
 
     def _objective(self, model: nn.Module) -> nn.Module:
         return FusedSparseCausalLM(model)
@@ -373,41 +463,72 @@ class InstructionTuning(Pretraining):
         state = self.engine.model_state_dict()  # a collective: gathered to rank 0
 
         def write(tmp: Path) -> None:
-            self.hf_model.save_pretrained(tmp, safe_serialization=True,
-                                          state_dict=dict(state), save_embedding_layers=False)
+            self.hf_model.save_pretrained(
+                tmp, safe_serialization=True, state_dict=dict(state), save_embedding_layers=False
+            )
             save_tokenizer(self.tokenizer, tmp)
             save_template(self.template, tmp)
-            record = {"base_model": self.base_name, "steps": self.step,
-                      "config": self.config.model_dump(mode="json"),
-                      "truncation": _stats_record(self.truncation_stats)}
-            (tmp / RUN_RECORD).write_text(json.dumps(record, ensure_ascii=False, indent=1) + "\n",
-                                          encoding="utf-8")
+            record = {
+                "base_model": self.base_name,
+                "steps": self.step,
+                "config": self.config.model_dump(mode="json"),
+                "truncation": _stats_record(self.truncation_stats),
+            }
+            (tmp / RUN_RECORD).write_text(
+                json.dumps(record, ensure_ascii=False, indent=1) + "\n", encoding="utf-8"
+            )
 
         _collective_io(self.ctx, lambda: self.ctx.is_main and write_folder(final, write))
         return final
 
-    def _summary(self, history: list[dict[str, Any]], final_eval: dict[str, float],
-                 final_dir: Path) -> dict[str, Any]:
+    def _summary(
+        self, history: list[dict[str, Any]], final_eval: dict[str, float], final_dir: Path
+    ) -> dict[str, Any]:
         summary = super()._summary(history, final_eval, final_dir)
-        summary.update(adapter_dir=str(final_dir), base_model=self.base_name,
-                       train_examples=len(self.train_data),
-                       validation_examples=len(self.eval_data),
-                       response_tokens=self.truncation_stats.target_tokens)
+        summary.update(
+            adapter_dir=str(final_dir),
+            base_model=self.base_name,
+            train_examples=len(self.train_data),
+            validation_examples=len(self.eval_data),
+            response_tokens=self.truncation_stats.target_tokens,
+        )
         return summary
 
 
 def _stats_record(stats: TruncationStats) -> dict[str, Any]:
-    return {k: getattr(stats, k) for k in ("max_length", "examples", "kept", "truncated",
-                                           "dropped", "prompt_tokens_removed", "target_tokens")}
+    return {
+        k: getattr(stats, k)
+        for k in (
+            "max_length",
+            "examples",
+            "kept",
+            "truncated",
+            "dropped",
+            "prompt_tokens_removed",
+            "target_tokens",
+        )
+    }
 
 
-def run_sft(config: SFTConfig, *, resume: bool | str | Path = False, overwrite: bool = False,
-            extend: str | None = None, stop_at_step: int | None = None) -> dict[str, Any]:
+def run_sft(
+    config: SFTConfig,
+    *,
+    resume: bool | str | Path = False,
+    overwrite: bool = False,
+    extend: str | None = None,
+    stop_at_step: int | None = None,
+) -> dict[str, Any]:
     """Run (or resume) one instruction-tuning job in this process; returns the run summary.
     The process set-up (threads, process group, restarts, the output folder's run, diagnosing
     a hung collective) is pretraining's."""
     from hetlm.train.pretrain import run_pretraining
 
     check_quantization(config.model.quantization)  # before any process group exists
-    return run_pretraining(config, resume=resume, overwrite=overwrite,  # type: ignore[arg-type]
-                           extend=extend, stop_at_step=stop_at_step, trainer=InstructionTuning)
+    return run_pretraining(
+        config,
+        resume=resume,
+        overwrite=overwrite,  # type: ignore[arg-type]
+        extend=extend,
+        stop_at_step=stop_at_step,
+        trainer=InstructionTuning,
+    )

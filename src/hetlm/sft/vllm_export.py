@@ -28,8 +28,13 @@ CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 def _literal(text: str) -> str:
     """``text`` as a Jinja string literal (double-quoted; Jinja unescapes ``\\n``, ``\\"``)."""
-    escaped = (text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-               .replace("\r", "\\r").replace("\t", "\\t"))
+    escaped = (
+        text.replace("\\", "\\\\")
+        .replace('"', '\\"')
+        .replace("\n", "\\n")
+        .replace("\r", "\\r")
+        .replace("\t", "\\t")
+    )
     return f'"{escaped}"'
 
 
@@ -53,26 +58,31 @@ def chat_template_jinja(template: TextTemplate, *, bos: bool) -> str:
     """A transformers/vLLM chat template rendering conversations as ``template`` does (the
     generation prompt is always there: the template's assistant prefix follows each user
     turn). ``bos``: start with ``bos_token`` (the tokenizer adds a BOS in hetlm's prompts)."""
-    return "".join([
-        "{%- set ns = namespace(answered=false) -%}",
-        "{{ bos_token }}" if bos else "",
-        "{%- if messages and messages[0]['role'] == 'system' -%}",
-        "{%- set system = messages[0]['content'] -%}{%- set turns = messages[1:] -%}",
-        "{%- else -%}",
-        "{%- set system = " + _literal(template.system) + " -%}{%- set turns = messages -%}",
-        "{%- endif -%}",
-        "{%- if system -%}", _format(template.system_format, "{system}", "system"),
-        "{%- endif -%}",
-        "{%- for message in turns -%}",
-        "{%- if message['role'] == 'user' -%}",
-        "{%- if ns.answered -%}", _text(template.turn_separator), "{%- endif -%}",
-        _format(template.user_format, "{content}", "message['content']"),
-        _text(template.assistant_prefix),
-        "{%- elif message['role'] == 'assistant' -%}",
-        "{{ message['content'] }}{{ eos_token }}{%- set ns.answered = true -%}",
-        "{%- endif -%}",
-        "{%- endfor -%}",
-    ])
+    return "".join(
+        [
+            "{%- set ns = namespace(answered=false) -%}",
+            "{{ bos_token }}" if bos else "",
+            "{%- if messages and messages[0]['role'] == 'system' -%}",
+            "{%- set system = messages[0]['content'] -%}{%- set turns = messages[1:] -%}",
+            "{%- else -%}",
+            "{%- set system = " + _literal(template.system) + " -%}{%- set turns = messages -%}",
+            "{%- endif -%}",
+            "{%- if system -%}",
+            _format(template.system_format, "{system}", "system"),
+            "{%- endif -%}",
+            "{%- for message in turns -%}",
+            "{%- if message['role'] == 'user' -%}",
+            "{%- if ns.answered -%}",
+            _text(template.turn_separator),
+            "{%- endif -%}",
+            _format(template.user_format, "{content}", "message['content']"),
+            _text(template.assistant_prefix),
+            "{%- elif message['role'] == 'assistant' -%}",
+            "{{ message['content'] }}{{ eos_token }}{%- set ns.answered = true -%}",
+            "{%- endif -%}",
+            "{%- endfor -%}",
+        ]
+    )
 
 
 def has_chat_template(folder: str | Path) -> bool:
@@ -109,6 +119,7 @@ def vllm_missing(folder: str | Path) -> list[str]:
     if not (folder / "tokenizer_config.json").is_file():
         missing.append("tokenizer_config.json")
     if not has_chat_template(folder):
-        missing.append(f"a chat template ({CHAT_TEMPLATE_FILE} or tokenizer_config.json "
-                       "'chat_template')")
+        missing.append(
+            f"a chat template ({CHAT_TEMPLATE_FILE} or tokenizer_config.json 'chat_template')"
+        )
     return missing

@@ -46,8 +46,11 @@ def _sha256(path: Path) -> str:
 
 def write_manifest(directory: Path) -> None:
     """Every file under ``directory`` (subfolders too), by its relative path."""
-    files = {p.relative_to(directory).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-             for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    files = {
+        p.relative_to(directory).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
     (directory / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
 
 
@@ -86,15 +89,18 @@ def load_model_weights(model: nn.Module, directory: Path) -> None:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[-1].strip()
-        raise HetlmError(f"checkpoint {directory} does not match the model ({first}): resume "
-                         "with the model config it was trained with") from None
+        raise HetlmError(
+            f"checkpoint {directory} does not match the model ({first}): resume "
+            "with the model config it was trained with"
+        ) from None
     loaded_ptrs = {p.data_ptr() for name, p in model.state_dict().items() if name in state}
     own = model.state_dict()
     untied = [k for k in result.missing_keys if own[k].data_ptr() not in loaded_ptrs]
     if untied or result.unexpected_keys:
         raise HetlmError(
             f"checkpoint {directory} does not match the model (missing {untied[:3]}, unexpected "
-            f"{result.unexpected_keys[:3]}): resume with the model config it was trained with")
+            f"{result.unexpected_keys[:3]}): resume with the model config it was trained with"
+        )
 
 
 def tensor_bytes(obj: Any) -> int:
@@ -128,15 +134,28 @@ def _is_write_failure(exc: BaseException) -> bool:
     if isinstance(exc, OSError):
         return True
     text = str(exc).lower()
-    return any(key in text for key in ("no space left", "os error", "i/o error",
-                                       "permission denied", "disk quota", "read-only file",
-                                       "inline_container", "unexpected pos")) or (
-        "write" in text and "fail" in text)
+    return any(
+        key in text
+        for key in (
+            "no space left",
+            "os error",
+            "i/o error",
+            "permission denied",
+            "disk quota",
+            "read-only file",
+            "inline_container",
+            "unexpected pos",
+        )
+    ) or ("write" in text and "fail" in text)
 
 
 @contextlib.contextmanager
-def _write_errors(final: Path, needed_bytes: Callable[[], int] | None = None,
-                  previous: Path | None = None, staging: Path | None = None) -> Iterator[None]:
+def _write_errors(
+    final: Path,
+    needed_bytes: Callable[[], int] | None = None,
+    previous: Path | None = None,
+    staging: Path | None = None,
+) -> Iterator[None]:
     """An OSError (or torch.save's failed write) while writing becomes a one-line HetlmError
     that says how much space the checkpoint needs and how much is free; the previous
     checkpoint stays. The size is estimated only on failure: by ``needed_bytes()``, else by
@@ -153,17 +172,26 @@ def _write_errors(final: Path, needed_bytes: Callable[[], int] | None = None,
         space = ""
         try:
             free = shutil.disk_usage(final.parent).free
-            needed = (needed_bytes() if needed_bytes is not None else
-                      directory_bytes(previous) if previous is not None else 0)
+            needed = (
+                needed_bytes()
+                if needed_bytes is not None
+                else directory_bytes(previous)
+                if previous is not None
+                else 0
+            )
             need = f"about {human_bytes(needed)}" if needed else "an unknown amount"
             space = f"; it needs {need}, {human_bytes(free)} is free on {final.parent}"
         except OSError:
             pass
-        kept = (f"the previous checkpoint {previous} is intact" if previous is not None
-                else "no earlier checkpoint exists")
+        kept = (
+            f"the previous checkpoint {previous} is intact"
+            if previous is not None
+            else "no earlier checkpoint exists"
+        )
         raise HetlmError(
             f"could not write checkpoint {final} ({reason}){space}; {kept}: free space or fix "
-            "permissions, then resume (--resume)") from None
+            "permissions, then resume (--resume)"
+        ) from None
 
 
 class CheckpointManager:
@@ -217,14 +245,22 @@ class CheckpointManager:
             tmp.mkdir(parents=True)
         return tmp
 
-    def commit(self, step: int, *, model: nn.Module, model_state: dict[str, torch.Tensor] | None,
-               states: dict[str, Any], trainer_state: dict[str, Any]) -> Path:
+    def commit(
+        self,
+        step: int,
+        *,
+        model: nn.Module,
+        model_state: dict[str, torch.Tensor] | None,
+        states: dict[str, Any],
+        trainer_state: dict[str, Any],
+    ) -> Path:
         """(rank 0) Write the model and states into the staging directory, then rename it.
 
         ``model`` gives ``save_pretrained`` (its config and class); ``model_state`` the weights
         (gathered by the engine; None: the model's own). ``states`` maps file stem -> object.
         """
         final, tmp = self.step_dir(step), self.staging_dir(step)
+
         def needed() -> int:
             return tensor_bytes(model_state or dict(model.state_dict())) + tensor_bytes(states)
 
@@ -232,8 +268,11 @@ class CheckpointManager:
             with _write_errors(final, needed, self.previous(step), staging=tmp):
                 faults.on_checkpoint_write(step, "begin")
                 # save_pretrained empties the dict it is given: pass a copy.
-                model.save_pretrained(tmp, safe_serialization=True,
-                                      state_dict=dict(model_state) if model_state else None)
+                model.save_pretrained(
+                    tmp,
+                    safe_serialization=True,
+                    state_dict=dict(model_state) if model_state else None,
+                )
                 faults.on_checkpoint_write(step, "model")
                 for stem, obj in states.items():
                     torch.save(obj, tmp / f"{stem}.pt")
@@ -248,19 +287,26 @@ class CheckpointManager:
         self._prune()
         return final
 
-    def save(self, step: int, *, model: nn.Module, states: dict[str, Any],
-             trainer_state: dict[str, Any],
-             model_state: dict[str, torch.Tensor] | None = None) -> Path:
+    def save(
+        self,
+        step: int,
+        *,
+        model: nn.Module,
+        states: dict[str, Any],
+        trainer_state: dict[str, Any],
+        model_state: dict[str, torch.Tensor] | None = None,
+    ) -> Path:
         """Write one checkpoint (rank 0 only, no per-rank files): prepare + commit."""
         self.prepare(step)
-        return self.commit(step, model=model, model_state=model_state, states=states,
-                           trainer_state=trainer_state)
+        return self.commit(
+            step, model=model, model_state=model_state, states=states, trainer_state=trainer_state
+        )
 
     def _prune(self) -> None:
         complete = self.complete_checkpoints()
         if self.run_id is not None:
             complete = [(s, p) for s, p in complete if self._run_id_of(p) in (None, self.run_id)]
-        for _step, path in complete[:-self.keep_last]:
+        for _step, path in complete[: -self.keep_last]:
             shutil.rmtree(path, ignore_errors=True)
 
     @staticmethod
@@ -276,7 +322,9 @@ class CheckpointManager:
 
     @staticmethod
     def load_states(directory: Path) -> dict[str, Any]:
-        states = {p.stem: torch.load(p, map_location="cpu", weights_only=False)
-                  for p in directory.glob("*.pt")}
+        states = {
+            p.stem: torch.load(p, map_location="cpu", weights_only=False)
+            for p in directory.glob("*.pt")
+        }
         states["trainer_state"] = json.loads((directory / "trainer_state.json").read_text())
         return states

@@ -50,26 +50,35 @@ def requested_device() -> str:
     return value
 
 
-def place_rank(local_rank: int, local_world_size: int, visible_gpus: int,
-               requested: str = "auto") -> Placement:
+def place_rank(
+    local_rank: int, local_world_size: int, visible_gpus: int, requested: str = "auto"
+) -> Placement:
     """The device and backend of one rank (a pure function, so every layout is testable)."""
     cpu = Placement(torch.device("cpu"), "gloo")
     if requested == "cpu":
         return cpu
     if visible_gpus == 0:
         if requested == "cuda":
-            raise HetlmError(f"{DEVICE_ENV}=cuda but no CUDA GPU is visible (check "
-                             "CUDA_VISIBLE_DEVICES and the driver), or set it to auto/cpu")
+            raise HetlmError(
+                f"{DEVICE_ENV}=cuda but no CUDA GPU is visible (check "
+                "CUDA_VISIBLE_DEVICES and the driver), or set it to auto/cpu"
+            )
         return cpu
     if local_world_size <= visible_gpus:
         return Placement(torch.device("cuda", local_rank), "nccl")
-    note = (f"hetlm: {local_world_size} ranks on this node share {visible_gpus} visible "
-            f"GPU{'s' if visible_gpus > 1 else ''}: NCCL needs one GPU per rank, so these ranks "
-            f"train on the CPU with gloo; start at most {visible_gpus} rank"
-            f"{'s' if visible_gpus > 1 else ''} per node to train on the GPU")
+    note = (
+        f"hetlm: {local_world_size} ranks on this node share {visible_gpus} visible "
+        f"GPU{'s' if visible_gpus > 1 else ''}: NCCL needs one GPU per rank, so these ranks "
+        f"train on the CPU with gloo; start at most {visible_gpus} rank"
+        f"{'s' if visible_gpus > 1 else ''} per node to train on the GPU"
+    )
     if requested == "cuda":
-        raise HetlmError(note.removeprefix("hetlm: ").replace(
-            "so these ranks train on the CPU with gloo", f"and {DEVICE_ENV}=cuda forbids the CPU"))
+        raise HetlmError(
+            note.removeprefix("hetlm: ").replace(
+                "so these ranks train on the CPU with gloo",
+                f"and {DEVICE_ENV}=cuda forbids the CPU",
+            )
+        )
     return Placement(cpu.device, cpu.backend, note if local_rank == 0 else None)
 
 
@@ -96,7 +105,7 @@ def gpu_slices(visible: list[str], nodes: int, ranks_per_node: int) -> list[str]
     hides the GPUs: ranks that would share one train on the CPU)."""
     if not visible or len(visible) < nodes * ranks_per_node:
         return None
-    return [",".join(visible[i * ranks_per_node:(i + 1) * ranks_per_node]) for i in range(nodes)]
+    return [",".join(visible[i * ranks_per_node : (i + 1) * ranks_per_node]) for i in range(nodes)]
 
 
 def visible_gpu_ids() -> list[str]:
@@ -128,15 +137,19 @@ class DeviceReport:
         host = socket.gethostname()
         if device.type == "cuda":
             props = torch.cuda.get_device_properties(device)
-            return cls(rank, host, "cuda", props.name, (props.major, props.minor),
-                       int(props.total_memory))
+            return cls(
+                rank, host, "cuda", props.name, (props.major, props.minor), int(props.total_memory)
+            )
         from hetlm.cluster.hardware import host_memory_gib
 
         return cls(rank, host, "cpu", "cpu", None, int(host_memory_gib() * 2**30))
 
     def describe(self) -> str:
-        cc = f", compute capability {self.capability[0]}.{self.capability[1]}" \
-            if self.capability else ""
+        cc = (
+            f", compute capability {self.capability[0]}.{self.capability[1]}"
+            if self.capability
+            else ""
+        )
         return f"rank {self.rank} ({self.name}{cc}) on {self.host}"
 
     def support(self) -> DeviceSupport:
@@ -145,6 +158,11 @@ class DeviceReport:
         return DeviceSupport(self.describe(), CPU_PRECISIONS, CPU_AUTO_PRECISIONS)
 
     def to_dict(self) -> dict:
-        return {"rank": self.rank, "host": self.host, "kind": self.kind, "name": self.name,
-                "capability": list(self.capability) if self.capability else None,
-                "memory_gib": round(self.memory_bytes / 2**30, 2)}
+        return {
+            "rank": self.rank,
+            "host": self.host,
+            "kind": self.kind,
+            "name": self.name,
+            "capability": list(self.capability) if self.capability else None,
+            "memory_gib": round(self.memory_bytes / 2**30, 2),
+        }

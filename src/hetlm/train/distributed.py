@@ -82,12 +82,22 @@ def _init_on_agent_store(backend: str, rank: int, world_size: int, timeout: time
     (a barrier) rank 0 increments it, before any rank could fail and start the next attempt. A
     rank whose group fails to form increments it too, so the keys of an attempt that died while
     forming are not in the next one's way either."""
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
-                          is_master=False, timeout=timeout)
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world_size,
+        is_master=False,
+        timeout=timeout,
+    )
     generation = store.add(GENERATION_KEY, 0)
     try:
-        dist.init_process_group(backend=backend, timeout=timeout, rank=rank, world_size=world_size,
-                                store=dist.PrefixStore(f"hetlm/attempt-{generation}", store))
+        dist.init_process_group(
+            backend=backend,
+            timeout=timeout,
+            rank=rank,
+            world_size=world_size,
+            store=dist.PrefixStore(f"hetlm/attempt-{generation}", store),
+        )
         dist.barrier()
     except BaseException:
         with contextlib.suppress(Exception):
@@ -106,8 +116,9 @@ def restart_count() -> int:
     agents count only their own workers' failures (an agent that restarted because a peer node
     re-joined keeps 0), so the job-wide count (``job_restart_count``) is the maximum over the
     ranks."""
-    counts = [os.environ.get(name, "0") for name in ("TORCHELASTIC_RESTART_COUNT",
-                                                     "HETLM_RESTART_COUNT")]
+    counts = [
+        os.environ.get(name, "0") for name in ("TORCHELASTIC_RESTART_COUNT", "HETLM_RESTART_COUNT")
+    ]
     return max(int(v) if v.isdigit() else 0 for v in counts)
 
 

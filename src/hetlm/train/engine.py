@@ -52,16 +52,20 @@ class EngineOptions:
 
     name: str = "ddp"
     zero_stage: int = 0
-    bucket_cap_mb: float | None = None      # DDP gradient bucket size (ddp, zero1)
-    grad_compression: str = "none"          # none | fp16 | bf16 (ddp, zero1)
-    deepspeed_config: Path | None = None    # a user's DeepSpeed JSON (deepspeed)
-    max_grad_norm: float | None = None      # DeepSpeed clips inside its step
-    micro_steps: int = 1                    # DeepSpeed's gradient_accumulation_steps
-    micro_batch: int = 1                    # DeepSpeed's train_micro_batch_size_per_gpu
+    bucket_cap_mb: float | None = None  # DDP gradient bucket size (ddp, zero1)
+    grad_compression: str = "none"  # none | fp16 | bf16 (ddp, zero1)
+    deepspeed_config: Path | None = None  # a user's DeepSpeed JSON (deepspeed)
+    max_grad_norm: float | None = None  # DeepSpeed clips inside its step
+    micro_steps: int = 1  # DeepSpeed's gradient_accumulation_steps
+    micro_batch: int = 1  # DeepSpeed's train_micro_batch_size_per_gpu
 
 
-def resolve_engine(engine: str, zero_stage: int | str, plan_engine: str | None = None,
-                   plan_stage: int | None = None) -> tuple[str, int]:
+def resolve_engine(
+    engine: str,
+    zero_stage: int | str,
+    plan_engine: str | None = None,
+    plan_stage: int | None = None,
+) -> tuple[str, int]:
     """(engine, stage) from the config, where each ``auto`` takes the plan's value if any.
 
     Without a plan: ``auto``/``auto`` is DDP; an engine alone runs its smallest stage; a stage
@@ -72,8 +76,9 @@ def resolve_engine(engine: str, zero_stage: int | str, plan_engine: str | None =
     if zero_stage == "auto" and plan_stage is not None:
         zero_stage = plan_stage
     if engine != "auto" and engine not in ENGINE_STAGES:
-        raise HetlmError(f"train.engine must be auto or one of {', '.join(ENGINE_NAMES)}, "
-                         f"not {engine!r}")
+        raise HetlmError(
+            f"train.engine must be auto or one of {', '.join(ENGINE_NAMES)}, not {engine!r}"
+        )
     if zero_stage == "auto":
         stage = 0 if engine == "auto" else ENGINE_STAGES[engine][0]
     else:
@@ -88,7 +93,8 @@ def resolve_engine(engine: str, zero_stage: int | str, plan_engine: str | None =
         raise HetlmError(
             f"engine {engine} cannot run ZeRO stage {stage}{from_plan}: it runs stage {runs}; "
             f"set train.engine: {_ENGINE_FOR_STAGE[stage]} or train.zero_stage: "
-            f"{ENGINE_STAGES[engine][0]} (or auto)")
+            f"{ENGINE_STAGES[engine][0]} (or auto)"
+        )
     return engine, stage
 
 
@@ -100,24 +106,28 @@ def param_names(model: nn.Module) -> dict[int, str]:
     return {id(p): name for name, p in model.named_parameters()}
 
 
-def indexed_to_named(state: dict[str, Any], optimizer: torch.optim.Optimizer,
-                     names: dict[int, str]) -> dict[str, Any]:
+def indexed_to_named(
+    state: dict[str, Any], optimizer: torch.optim.Optimizer, names: dict[int, str]
+) -> dict[str, Any]:
     """A plain ``optimizer.state_dict()`` (parameters numbered in group order) -> keyed by name."""
     order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
     groups = [{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]]
     return {"state": {order[i]: s for i, s in state["state"].items()}, "param_groups": groups}
 
 
-def named_to_indexed(state: dict[str, Any], optimizer: torch.optim.Optimizer,
-                     names: dict[int, str]) -> dict[str, Any]:
+def named_to_indexed(
+    state: dict[str, Any], optimizer: torch.optim.Optimizer, names: dict[int, str]
+) -> dict[str, Any]:
     """The inverse of ``indexed_to_named`` for this optimizer's parameter order."""
     order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
     index = {name: i for i, name in enumerate(order)}
     saved = [name for g in state["param_groups"] for name in g["params"]]
     if sorted(saved) != sorted(order):
         missing = sorted(set(order) - set(saved))[:3]
-        raise HetlmError(f"the checkpoint's optimizer state does not match the model (missing "
-                         f"{missing}): resume with the model config it was trained with")
+        raise HetlmError(
+            f"the checkpoint's optimizer state does not match the model (missing "
+            f"{missing}): resume with the model config it was trained with"
+        )
     groups = [{**g, "params": [index[n] for n in g["params"]]} for g in state["param_groups"]]
     return {"state": {index[n]: s for n, s in state["state"].items()}, "param_groups": groups}
 
@@ -130,8 +140,9 @@ class Engine:
 
     name = "single"
 
-    def __init__(self, module: nn.Module, ctx: DistContext, precision: Precision,
-                 options: EngineOptions) -> None:
+    def __init__(
+        self, module: nn.Module, ctx: DistContext, precision: Precision, options: EngineOptions
+    ) -> None:
         self.ctx, self.precision, self.options = ctx, precision, options
         self.zero_stage = options.zero_stage if ctx.enabled else 0
         self.module: nn.Module = module.to(ctx.device)
@@ -144,12 +155,17 @@ class Engine:
 
     # ---- the step
 
-    def build_optimizer(self, *, lr: float, weight_decay: float, betas: tuple[float, float],
-                        eps: float) -> torch.optim.Optimizer:
+    def build_optimizer(
+        self, *, lr: float, weight_decay: float, betas: tuple[float, float], eps: float
+    ) -> torch.optim.Optimizer:
         """AdamW, no decay on biases and norms; created after wrapping (FSDP swaps parameters)."""
-        self.optimizer = torch.optim.AdamW(param_groups(self.unwrapped, weight_decay), lr=lr,
-                                           betas=betas, eps=eps,
-                                           **adamw_implementation(self.ctx.device))
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.unwrapped, weight_decay),
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            **adamw_implementation(self.ctx.device),
+        )
         return self.optimizer
 
     def sync_gradients(self, is_last_micro_step: bool) -> contextlib.AbstractContextManager:
@@ -162,8 +178,11 @@ class Engine:
         """Clip to ``max_norm`` (None/0: measure only); returns the global norm before clipping."""
         params = [p for p in self.module.parameters() if p.grad is not None]
         if not max_norm:
-            return float(torch.linalg.vector_norm(
-                torch.stack([torch.linalg.vector_norm(p.grad) for p in params])))
+            return float(
+                torch.linalg.vector_norm(
+                    torch.stack([torch.linalg.vector_norm(p.grad) for p in params])
+                )
+            )
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
 
     def step(self, max_norm: float | None) -> tuple[float, bool]:
@@ -201,14 +220,16 @@ class Engine:
         assert self.optimizer is not None
         if not self.ctx.is_main:
             return None
-        return indexed_to_named(self.optimizer.state_dict(), self.optimizer,
-                                param_names(self.unwrapped))
+        return indexed_to_named(
+            self.optimizer.state_dict(), self.optimizer, param_names(self.unwrapped)
+        )
 
     def load_optimizer_state_dict(self, state: dict[str, Any]) -> None:
         """Every rank loads the full state (from the shared checkpoint) and keeps its part."""
         assert self.optimizer is not None
-        self.optimizer.load_state_dict(named_to_indexed(self._named(state), self.optimizer,
-                                                        param_names(self.unwrapped)))
+        self.optimizer.load_state_dict(
+            named_to_indexed(self._named(state), self.optimizer, param_names(self.unwrapped))
+        )
 
     def _named(self, state: dict[str, Any]) -> dict[str, Any]:
         """Accept checkpoints of hetlm 0.1 too, whose optimizer state is numbered, not named."""
@@ -231,18 +252,25 @@ class Engine:
 def check_options(options: EngineOptions) -> None:
     """Refuse settings the chosen engine would ignore, saying what to change."""
     if options.name not in ("ddp", "zero1"):
-        for key, value in (("grad_compression", options.grad_compression != "none"),
-                           ("bucket_cap_mb", options.bucket_cap_mb is not None)):
+        for key, value in (
+            ("grad_compression", options.grad_compression != "none"),
+            ("bucket_cap_mb", options.bucket_cap_mb is not None),
+        ):
             if value:
-                raise HetlmError(f"train.{key} applies to the ddp and zero1 engines only (DDP's "
-                                 f"gradient all-reduce): remove it for engine {options.name}")
+                raise HetlmError(
+                    f"train.{key} applies to the ddp and zero1 engines only (DDP's "
+                    f"gradient all-reduce): remove it for engine {options.name}"
+                )
     if options.deepspeed_config is not None and options.name != "deepspeed":
-        raise HetlmError(f"train.deepspeed_config is set but the engine is {options.name}: set "
-                         "train.engine: deepspeed or remove train.deepspeed_config")
+        raise HetlmError(
+            f"train.deepspeed_config is set but the engine is {options.name}: set "
+            "train.engine: deepspeed or remove train.deepspeed_config"
+        )
 
 
-def build_engine(module: nn.Module, ctx: DistContext, precision_name: str,
-                 options: EngineOptions) -> Engine:
+def build_engine(
+    module: nn.Module, ctx: DistContext, precision_name: str, options: EngineOptions
+) -> Engine:
     """The engine for ``options`` (one process: no wrapper at all) and its ``Precision``."""
     check_options(options)
     if not ctx.enabled:
@@ -259,7 +287,7 @@ def build_engine(module: nn.Module, ctx: DistContext, precision_name: str,
     if options.name == "deepspeed":
         from hetlm.train.engines.deepspeed import DeepSpeedEngine
 
-        return DeepSpeedEngine(module, ctx, Precision(precision_name, ctx.device,
-                                                      autocast=False), options)
+        return DeepSpeedEngine(
+            module, ctx, Precision(precision_name, ctx.device, autocast=False), options
+        )
     raise HetlmError(f"unknown engine {options.name!r}: choose one of {', '.join(ENGINE_NAMES)}")
-

@@ -35,14 +35,18 @@ KINDS = ("kill", "kill_checkpoint", "stall", "nan", "inf", "enospc")
 class Fault:
     kind: str
     step: int
-    rank: int | None = None          # None: every rank (nan/inf), rank 0 (kill_checkpoint)
+    rank: int | None = None  # None: every rank (nan/inf), rank 0 (kill_checkpoint)
     seconds: float = 30.0
     restart: int = 0
     fired: bool = field(default=False, compare=False)
 
     def applies(self, step: int, rank: int) -> bool:
-        return (not self.fired and step == self.step and job_restart_count() == self.restart
-                and (self.rank is None or self.rank == rank))
+        return (
+            not self.fired
+            and step == self.step
+            and job_restart_count() == self.restart
+            and (self.rank is None or self.rank == rank)
+        )
 
 
 def parse(spec: str) -> list[Fault]:
@@ -51,8 +55,9 @@ def parse(spec: str) -> list[Fault]:
     for part in filter(None, (p.strip() for p in spec.split(";"))):
         kind, *pairs = part.split(":")
         if kind not in KINDS:
-            raise HetlmError(f"{ENV}: unknown fault {kind!r} in {part!r}: use one of "
-                             f"{', '.join(KINDS)}")
+            raise HetlmError(
+                f"{ENV}: unknown fault {kind!r} in {part!r}: use one of {', '.join(KINDS)}"
+            )
         values: dict[str, Any] = {}
         for pair in pairs:
             key, _, value = pair.partition("=")
@@ -64,8 +69,10 @@ def parse(spec: str) -> list[Fault]:
                 else:
                     raise ValueError
             except ValueError:
-                raise HetlmError(f"{ENV}: bad setting {pair!r} in {part!r}: use step=N, rank=R, "
-                                 "seconds=S or restart=K") from None
+                raise HetlmError(
+                    f"{ENV}: bad setting {pair!r} in {part!r}: use step=N, rank=R, "
+                    "seconds=S or restart=K"
+                ) from None
         if "step" not in values:
             raise HetlmError(f"{ENV}: {part!r} needs step=N")
         if kind == "kill_checkpoint":

@@ -54,8 +54,15 @@ class Heartbeat:
 
     def _write(self) -> None:
         self.seq += 1
-        record = {"rank": self.rank, "seq": self.seq, "step": self.step, "phase": self.phase,
-                  "collective": self.collective, "time": time.time(), "pid": os.getpid()}
+        record = {
+            "rank": self.rank,
+            "seq": self.seq,
+            "step": self.step,
+            "phase": self.phase,
+            "collective": self.collective,
+            "time": time.time(),
+            "pid": os.getpid(),
+        }
         try:
             self.tmp.write_text(json.dumps(record))
             os.replace(self.tmp, self.path)
@@ -109,9 +116,17 @@ def describe(record: dict[str, Any] | None, now: float | None = None) -> str:
 def summary(output_dir: Path, world_size: int) -> list[dict[str, Any]]:
     """For the ``heartbeat`` metrics record: each rank's step, phase and age."""
     now = time.time()
-    return [{"rank": r, "step": h["step"], "phase": h["phase"],
-             "age_s": round(now - float(h["time"]), 3)} if h else {"rank": r, "step": None}
-            for r, h in enumerate(read_all(output_dir, world_size))]
+    return [
+        {
+            "rank": r,
+            "step": h["step"],
+            "phase": h["phase"],
+            "age_s": round(now - float(h["time"]), 3),
+        }
+        if h
+        else {"rank": r, "step": None}
+        for r, h in enumerate(read_all(output_dir, world_size))
+    ]
 
 
 def is_collective_failure(exc: BaseException) -> bool:
@@ -122,12 +137,22 @@ def is_collective_failure(exc: BaseException) -> bool:
         return True
     text = str(exc).lower()
     return isinstance(exc, RuntimeError) and any(
-        key in text for key in ("timed out", "timeout", "connection closed", "connection reset",
-                                "broken pipe", "gloo", "nccl"))
+        key in text
+        for key in (
+            "timed out",
+            "timeout",
+            "connection closed",
+            "connection reset",
+            "broken pipe",
+            "gloo",
+            "nccl",
+        )
+    )
 
 
-def diagnose(exc: BaseException, output_dir: Path, rank: int, world_size: int,
-             timeout_s: float) -> HetlmError:
+def diagnose(
+    exc: BaseException, output_dir: Path, rank: int, world_size: int, timeout_s: float
+) -> HetlmError:
     """One line: which collective failed here, which ranks are behind and where they were."""
     records = read_all(output_dir, world_size)
     now = time.time()
@@ -137,18 +162,23 @@ def diagnose(exc: BaseException, output_dir: Path, rank: int, world_size: int,
     behind = [r for r, h in enumerate(records) if h is None or h["seq"] < top]
     text = " ".join(str(exc).split())
     timed_out = "time" in text.lower()
-    what = (f"a collective did not complete within train.dist_timeout_s={timeout_s:g} s"
-            if timed_out else "a collective failed (a peer closed its connection)")
+    what = (
+        f"a collective did not complete within train.dist_timeout_s={timeout_s:g} s"
+        if timed_out
+        else "a collective failed (a peer closed its connection)"
+    )
     here = describe(mine, now) if mine else "?"
     if behind:
         who = "; ".join(f"rank {r}: last seen at {describe(records[r], now)}" for r in behind)
         verb = "did not arrive" if timed_out else "stopped or died"
         detail = f"ranks {behind} {verb} ({who})"
     else:
-        others = "; ".join(f"rank {r}: {describe(h, now)}" for r, h in enumerate(records)
-                           if r != rank)
+        others = "; ".join(
+            f"rank {r}: {describe(h, now)}" for r, h in enumerate(records) if r != rank
+        )
         detail = f"no rank is behind by its heartbeat ({others}): a peer may have died inside it"
     return HetlmError(
         f"{what} on rank {rank} (at {here}): {detail}; check those ranks' logs and nodes "
         f"(heartbeats in {Path(output_dir) / DIRNAME}), then resume with --resume "
-        f"[{text[:160]}]")
+        f"[{text[:160]}]"
+    )

@@ -30,11 +30,20 @@ LIFECYCLE_EVENTS = {"start", "resume", "restart", "rollback", "stop", "end"}
 
 
 class MetricsLogger:
-    def __init__(self, output_dir: Path, *, total_steps: int, start_step: int, enabled: bool,
-                 log_every: int, restart: int | None = None,
-                 report_to: list[str] | None = None,
-                 run_config: dict[str, Any] | None = None, run_id: str | None = None,
-                 desc: str = "pretrain") -> None:
+    def __init__(
+        self,
+        output_dir: Path,
+        *,
+        total_steps: int,
+        start_step: int,
+        enabled: bool,
+        log_every: int,
+        restart: int | None = None,
+        report_to: list[str] | None = None,
+        run_config: dict[str, Any] | None = None,
+        run_id: str | None = None,
+        desc: str = "pretrain",
+    ) -> None:
         """``report_to``: tracker names (None: TensorBoard, as before the option existed);
         ``run_config``: the run's config, logged as the trackers' config / params."""
         self.enabled = enabled
@@ -55,13 +64,25 @@ class MetricsLogger:
         dropped = rewind_metrics(self.path, start_step) if (start_step or restart) else []
         self._file = self.path.open("a", encoding="utf-8")
         if restart:
-            self.event(event="restart", restart=restart, step=start_step,
-                       resumed_from=start_step or None, dropped_steps=dropped)
-        self._bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step",
-                         dynamic_ncols=True, disable=None)
+            self.event(
+                event="restart",
+                restart=restart,
+                step=start_step,
+                resumed_from=start_step or None,
+                dropped_steps=dropped,
+            )
+        self._bar = tqdm(
+            total=total_steps,
+            initial=start_step,
+            desc=desc,
+            unit="step",
+            dynamic_ncols=True,
+            disable=None,
+        )
         names = DEFAULT_REPORT_TO if report_to is None else report_to
-        self._trackers = open_trackers(names, Path(output_dir), config=run_config or {},
-                                       resume=bool(start_step or restart))
+        self._trackers = open_trackers(
+            names, Path(output_dir), config=run_config or {}, resume=bool(start_step or restart)
+        )
 
     def event(self, **fields: Any) -> None:
         """A non-step record (start, resume, eval, end), with the run id; an eval's numbers
@@ -92,8 +113,11 @@ class MetricsLogger:
         if self._bar is not None:
             self._bar.update(step - self._bar.n)
             if step % self.log_every == 0:
-                self._bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
-                                      tok_s=f"{record['tokens_per_s']:.0f}")
+                self._bar.set_postfix(
+                    loss=f"{record['loss']:.3f}",
+                    lr=f"{record['lr']:.2e}",
+                    tok_s=f"{record['tokens_per_s']:.0f}",
+                )
         if step % self.log_every == 0 or step == 1:
             self._track(step_scalars(record), step)
 

@@ -36,8 +36,9 @@ from hetlm.models.masked_lm import SparseMaskedLM
 def special_ids(meta: dict[str, Any]) -> dict[str, int]:
     ids = meta.get("special_token_ids")
     if not ids or "pad" not in ids:
-        raise HetlmError("the dataset's hetlm_dataset.json has no special token ids: re-run "
-                         "`hetlm prepare`")
+        raise HetlmError(
+            "the dataset's hetlm_dataset.json has no special token ids: re-run `hetlm prepare`"
+        )
     return {name: int(value) for name, value in ids.items()}
 
 
@@ -68,23 +69,38 @@ class PackedRows:
 class PackedMLMData(PackedRows):
     """A packed split plus its MLM collator: indices in, ``MLMBatch`` out."""
 
-    def __init__(self, split_dataset, meta: dict[str, Any], mlm_probability: float, seed: int,
-                 whole_word: bool | None = None):
+    def __init__(
+        self,
+        split_dataset,
+        meta: dict[str, Any],
+        mlm_probability: float,
+        seed: int,
+        whole_word: bool | None = None,
+    ):
         super().__init__(split_dataset, meta)
         special = special_ids(meta)
         if "mask" not in special:
-            raise HetlmError("the dataset's tokenizer has no mask token: masked-LM training "
-                             "needs one (train the tokenizer with hetlm, or add [MASK])")
+            raise HetlmError(
+                "the dataset's tokenizer has no mask token: masked-LM training "
+                "needs one (train the tokenizer with hetlm, or add [MASK])"
+            )
         continuation = continuation_mask(meta)
         if whole_word and continuation is None:
-            raise HetlmError("data.whole_word_masking needs a word-segmenting tokenizer (MeCab or "
-                             "Sudachi + WordPiece); this dataset's tokenizer marks no words")
+            raise HetlmError(
+                "data.whole_word_masking needs a word-segmenting tokenizer (MeCab or "
+                "Sudachi + WordPiece); this dataset's tokenizer marks no words"
+            )
         use_whole_word = (continuation is not None) if whole_word is None else whole_word
         self.collator = MLMCollator(
-            seq_len=self.seq_len, vocab_size=int(meta["vocab_size"]), mask_id=special["mask"],
+            seq_len=self.seq_len,
+            vocab_size=int(meta["vocab_size"]),
+            mask_id=special["mask"],
             special_ids=[special[k] for k in ("pad", "cls", "sep", "unk", "mask") if k in special],
-            mlm_probability=mlm_probability, seed=seed, whole_word=use_whole_word,
-            continuation=continuation if use_whole_word else None)
+            mlm_probability=mlm_probability,
+            seed=seed,
+            whole_word=use_whole_word,
+            continuation=continuation if use_whole_word else None,
+        )
 
     def batch(self, indices: np.ndarray, epoch: int) -> MLMBatch:
         return self.collator(self.rows_at(indices), indices, epoch)
@@ -96,7 +112,7 @@ class ElectraBatch:
     seeds of the generator and the real (non-padding) tokens the discriminator judges."""
 
     mlm: MLMBatch
-    sample_seeds: torch.Tensor    # [batch] int64, sample_seed(seed, epoch, index)
+    sample_seeds: torch.Tensor  # [batch] int64, sample_seed(seed, epoch, index)
     attention_mask: torch.Tensor  # [batch, seq] long, 0 on padding
     num_real: int
 
@@ -113,23 +129,33 @@ class ElectraBatch:
         return (self.mlm.num_targets, self.num_real)
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
-        return {**self.mlm.model_inputs(), "sample_seeds": self.sample_seeds,
-                "attention_mask": self.attention_mask}
+        return {
+            **self.mlm.model_inputs(),
+            "sample_seeds": self.sample_seeds,
+            "attention_mask": self.attention_mask,
+        }
 
 
 class PackedElectraData(PackedMLMData):
     """MLM masking as for BERT, plus the generator's per-sample sampling seeds."""
 
-    def __init__(self, split_dataset, meta: dict[str, Any], mlm_probability: float, seed: int,
-                 whole_word: bool | None = None):
+    def __init__(
+        self,
+        split_dataset,
+        meta: dict[str, Any],
+        mlm_probability: float,
+        seed: int,
+        whole_word: bool | None = None,
+    ):
         super().__init__(split_dataset, meta, mlm_probability, seed, whole_word)
         self.seed = seed
 
     def batch(self, indices: np.ndarray, epoch: int) -> ElectraBatch:
         rows = self.rows_at(indices)
         mlm = self.collator(rows, indices, epoch)
-        seeds = torch.tensor([sample_seed(self.seed, epoch, int(i)) for i in indices],
-                             dtype=torch.int64)
+        seeds = torch.tensor(
+            [sample_seed(self.seed, epoch, int(i)) for i in indices], dtype=torch.int64
+        )
         mask = torch.from_numpy((rows != self.pad_id).astype(np.int64))
         return ElectraBatch(mlm, seeds, mask, num_real=int(mask.sum()))
 
@@ -138,8 +164,8 @@ class PackedElectraData(PackedMLMData):
 class CLMBatch:
     """Packed causal-LM micro-batch: every non-padding token after the first is a target."""
 
-    input_ids: torch.Tensor   # [batch, seq]
-    labels: torch.Tensor      # [batch, seq], IGNORE_INDEX on padding
+    input_ids: torch.Tensor  # [batch, seq]
+    labels: torch.Tensor  # [batch, seq], IGNORE_INDEX on padding
     num_targets: int
     num_tokens: int
     target_index: torch.Tensor | None = None  # models.causal_lm.target_index, built on the CPU
@@ -165,8 +191,13 @@ class PackedCLMData(PackedRows):
     def batch(self, indices: np.ndarray, epoch: int) -> CLMBatch:
         ids = torch.from_numpy(self.rows_at(indices).astype(np.int64))
         labels = ids.masked_fill(ids == self.pad_id, IGNORE_INDEX)
-        return CLMBatch(ids, labels, num_targets=int((labels[:, 1:] != IGNORE_INDEX).sum()),
-                        num_tokens=int(ids.numel()), target_index=target_index(labels))
+        return CLMBatch(
+            ids,
+            labels,
+            num_targets=int((labels[:, 1:] != IGNORE_INDEX).sum()),
+            num_tokens=int(ids.numel()),
+            target_index=target_index(labels),
+        )
 
 
 def build_data(config: PretrainConfig, split_dataset, meta: dict[str, Any]):
@@ -174,10 +205,20 @@ def build_data(config: PretrainConfig, split_dataset, meta: dict[str, Any]):
     if config.model.causal:
         return PackedCLMData(split_dataset, meta)
     if config.model.type == "electra":
-        return PackedElectraData(split_dataset, meta, config.train.mlm_probability,
-                                 config.run.seed, config.data.whole_word_masking)
-    return PackedMLMData(split_dataset, meta, config.train.mlm_probability, config.run.seed,
-                         config.data.whole_word_masking)
+        return PackedElectraData(
+            split_dataset,
+            meta,
+            config.train.mlm_probability,
+            config.run.seed,
+            config.data.whole_word_masking,
+        )
+    return PackedMLMData(
+        split_dataset,
+        meta,
+        config.train.mlm_probability,
+        config.run.seed,
+        config.data.whole_word_masking,
+    )
 
 
 def objective_module(config: PretrainConfig, model: nn.Module) -> nn.Module:

@@ -30,8 +30,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             continue
         seen.add(id(param))
         (no_decay if id(param) in no_decay_ids or name.endswith("bias") else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
 
 
 def adamw_implementation(device: torch.device) -> dict[str, bool]:
@@ -41,8 +43,9 @@ def adamw_implementation(device: torch.device) -> dict[str, bool]:
     return {"fused": True} if device.type == "cuda" else {}
 
 
-def build_optimizer(model: nn.Module, *, lr: float, weight_decay: float,
-                    betas: tuple[float, float], eps: float) -> torch.optim.AdamW:
+def build_optimizer(
+    model: nn.Module, *, lr: float, weight_decay: float, betas: tuple[float, float], eps: float
+) -> torch.optim.AdamW:
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps)
 
 
@@ -67,8 +70,7 @@ class Schedule:
 
     def __post_init__(self) -> None:
         if self.kind not in SCHEDULES:
-            raise ValueError(f"unknown lr_scheduler_type {self.kind!r}: choose one of "
-                             f"{SCHEDULES}")
+            raise ValueError(f"unknown lr_scheduler_type {self.kind!r}: choose one of {SCHEDULES}")
 
     def factor(self, step: int) -> float:
         into = step - self.start
@@ -85,13 +87,25 @@ class Schedule:
 
     def continued(self, step: int, end: int, current: float) -> Schedule:
         """Decay from ``current`` (the factor at ``step``) to ``end``, in the same shape."""
-        return Schedule(warmup=0, end=end, start=step, peak=current, kind=self.kind,
-                        min_lr_rate=self.min_lr_rate)
+        return Schedule(
+            warmup=0,
+            end=end,
+            start=step,
+            peak=current,
+            kind=self.kind,
+            min_lr_rate=self.min_lr_rate,
+        )
 
     def restarted(self, step: int, end: int, warmup: int) -> Schedule:
         """A new warm-up (to the base lr) and decay, from ``step`` to ``end``."""
-        return Schedule(warmup=warmup, end=end, start=step, peak=1.0, kind=self.kind,
-                        min_lr_rate=self.min_lr_rate)
+        return Schedule(
+            warmup=warmup,
+            end=end,
+            start=step,
+            peak=1.0,
+            kind=self.kind,
+            min_lr_rate=self.min_lr_rate,
+        )
 
     def as_dict(self) -> dict[str, float | int | str]:
         return asdict(self)
@@ -101,27 +115,35 @@ class Schedule:
 LinearSchedule = Schedule
 
 
-def lr_factor(kind: str, step: int, warmup_steps: int, total_steps: int,
-              min_lr_rate: float = 0.0) -> float:
+def lr_factor(
+    kind: str, step: int, warmup_steps: int, total_steps: int, min_lr_rate: float = 0.0
+) -> float:
     """The learning rate of optimizer step ``step`` (0-based) as a share of the peak."""
     return Schedule(warmup_steps, total_steps, kind=kind, min_lr_rate=min_lr_rate).factor(step)
 
 
-def scheduler_for(optimizer: torch.optim.Optimizer, schedule: Callable[[], Schedule]
-                  ) -> torch.optim.lr_scheduler.LambdaLR:
+def scheduler_for(
+    optimizer: torch.optim.Optimizer, schedule: Callable[[], Schedule]
+) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR that asks ``schedule()`` for the current schedule at every step (it may be
     replaced after a resume); its state_dict holds no schedule (the trainer state does)."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule().factor(step))
 
 
-def lr_schedule(optimizer: torch.optim.Optimizer, kind: str, warmup_steps: int,
-                total_steps: int, min_lr_rate: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
+def lr_schedule(
+    optimizer: torch.optim.Optimizer,
+    kind: str,
+    warmup_steps: int,
+    total_steps: int,
+    min_lr_rate: float = 0.0,
+) -> torch.optim.lr_scheduler.LambdaLR:
     """A fixed schedule's ``LambdaLR`` (its state is the step count: resumes exactly)."""
     schedule = Schedule(warmup_steps, total_steps, kind=kind, min_lr_rate=min_lr_rate)
     return scheduler_for(optimizer, lambda: schedule)
 
 
-def linear_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int
-                    ) -> torch.optim.lr_scheduler.LambdaLR:
+def linear_schedule(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up, then linear decay to 0 (BERT)."""
     return lr_schedule(optimizer, "linear", warmup_steps, total_steps)

@@ -74,4 +74,3 @@ class Precision:
     def load_state_dict(self, state: dict) -> None:
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-

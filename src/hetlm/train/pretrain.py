@@ -57,21 +57,29 @@ from hetlm.train.run_plan import RunPlan, resolve_run_plan
 
 @dataclass
 class StepResult:
-    loss_sum: torch.Tensor             # this rank's summed loss per term, [k] (detached)
-    num_targets: tuple[int, ...]       # this rank's targets per term
+    loss_sum: torch.Tensor  # this rank's summed loss per term, [k] (detached)
+    num_targets: tuple[int, ...]  # this rank's targets per term
     num_targets_global: tuple[int, ...]
     grad_norm: float
-    stepped: bool                      # False when an fp16 overflow skipped the update
+    stepped: bool  # False when an fp16 overflow skipped the update
 
 
-def train_step(engine: Engine, precision: Precision, optimizer, scheduler, ctx: D.DistContext,
-               micro_batches: list, max_grad_norm: float | None) -> StepResult:
+def train_step(
+    engine: Engine,
+    precision: Precision,
+    optimizer,
+    scheduler,
+    ctx: D.DistContext,
+    micro_batches: list,
+    max_grad_norm: float | None,
+) -> StepResult:
     """One optimizer step. ``optimizer`` is the engine's (the scheduler drives it); it is passed
     so that stand-ins for this function (tests) can step it themselves. Micro-batches and the
     module follow ``train/objectives.py``."""
     terms = len(micro_batches[0].counts)
-    n_local = torch.tensor([sum(mb.counts[i] for mb in micro_batches) for i in range(terms)],
-                           dtype=torch.int64)
+    n_local = torch.tensor(
+        [sum(mb.counts[i] for mb in micro_batches) for i in range(terms)], dtype=torch.int64
+    )
     n_global = D.all_reduce_sum(ctx, n_local.clone())
     # Summed, never averaged: / n_global makes each term's global token mean; * world cancels
     # the engine's average over ranks.
@@ -90,12 +98,14 @@ def train_step(engine: Engine, precision: Precision, optimizer, scheduler, ctx: 
     # unscale (fp16) -> clip -> AdamW step; on fp16 overflow every rank skips it together
     grad_norm, stepped = engine.step(max_grad_norm)
     scheduler.step()
-    return StepResult(loss_sum_local, tuple(n_local.tolist()), tuple(n_global.tolist()),
-                      float(grad_norm), stepped)
+    return StepResult(
+        loss_sum_local, tuple(n_local.tolist()), tuple(n_global.tolist()), float(grad_norm), stepped
+    )
 
 
-def combined_loss(loss_sums: torch.Tensor, counts: torch.Tensor,
-                  weights: tuple[float, ...]) -> float:
+def combined_loss(
+    loss_sums: torch.Tensor, counts: torch.Tensor, weights: tuple[float, ...]
+) -> float:
     """sum_i weight_i * loss_sum_i / count_i: the loss one big batch would report."""
     per_term = loss_sums.double() / counts.double().clamp(min=1)
     return float((per_term * torch.tensor(weights, dtype=torch.float64)).sum())
@@ -125,15 +135,19 @@ def check_tokenizer_matches(init_from: str, model: torch.nn.Module, meta: dict[s
             raise HetlmError(
                 f"the dataset was tokenized with {meta.get('tokenizer_dir')}, not with the "
                 f"tokenizer of model.init_from {init_from} (their vocabularies differ): run "
-                f"`hetlm prepare ... --tokenizer {init_from}` and train on that dataset")
+                f"`hetlm prepare ... --tokenizer {init_from}` and train on that dataset"
+            )
     elif vocab_size != rows:
         raise HetlmError(
             f"model.init_from {init_from} has no tokenizer and {rows} token embeddings, but the "
             f"dataset's vocabulary has {vocab_size} tokens: prepare the data with the "
-            "checkpoint's tokenizer")
+            "checkpoint's tokenizer"
+        )
     if vocab_size > rows:
-        raise HetlmError(f"the dataset's vocabulary ({vocab_size}) is larger than model.init_from "
-                         f"{init_from}'s embeddings ({rows}): use the checkpoint's tokenizer")
+        raise HetlmError(
+            f"the dataset's vocabulary ({vocab_size}) is larger than model.init_from "
+            f"{init_from}'s embeddings ({rows}): use the checkpoint's tokenizer"
+        )
 
 
 def _check_shared_dir(ctx: D.DistContext, output_dir: Path) -> None:
@@ -149,39 +163,55 @@ def _check_shared_dir(ctx: D.DistContext, output_dir: Path) -> None:
         marker.unlink(missing_ok=True)
     if not all(ok):
         missing = [r for r, s in enumerate(ok) if not s]
-        raise HetlmError(f"run.output_dir {output_dir} is not visible from ranks {missing}: put "
-                         "it on a filesystem every node shares (e.g. NFS)")
+        raise HetlmError(
+            f"run.output_dir {output_dir} is not visible from ranks {missing}: put "
+            "it on a filesystem every node shares (e.g. NFS)"
+        )
 
 
 def _fingerprint(config: PretrainConfig, meta: dict[str, Any]) -> dict[str, Any]:
     """What must not change across a resume (the split may). The dataset is identified by its
     content (sequences per split, sequence length, the tokenizer's vocabulary hash), not by its
     path, which may move; the paths are kept to name them in a refusal."""
-    return {"dataset_vocab_hash": meta.get("tokenizer_vocab_hash"),
-            "dataset_sequences": meta.get("num_sequences"),
-            "seq_len": meta["seq_len"], "vocab_size": meta["vocab_size"],
-            "model": config.model.model_dump(mode="json"),
-            "global_batch": config.train.global_batch, "seed": config.run.seed,
-            "dataset_path": str(config.data.dataset),
-            "tokenizer_dir": str(meta.get("tokenizer_dir"))}
+    return {
+        "dataset_vocab_hash": meta.get("tokenizer_vocab_hash"),
+        "dataset_sequences": meta.get("num_sequences"),
+        "seq_len": meta["seq_len"],
+        "vocab_size": meta["vocab_size"],
+        "model": config.model.model_dump(mode="json"),
+        "global_batch": config.train.global_batch,
+        "seed": config.run.seed,
+        "dataset_path": str(config.data.dataset),
+        "tokenizer_dir": str(meta.get("tokenizer_dir")),
+    }
 
 
 # How a refusal names each fingerprint entry; the paths only inform (a dataset may move).
-_FINGERPRINT_NAMES = {"dataset_vocab_hash": "tokenizer (vocabulary hash of the dataset's tokenizer)",
-                      "dataset_sequences": "dataset (sequences per split)",
-                      "seq_len": "dataset sequence length", "vocab_size": "vocabulary size",
-                      "model": "model", "global_batch": "train.global_batch", "seed": "run.seed"}
+_FINGERPRINT_NAMES = {
+    "dataset_vocab_hash": "tokenizer (vocabulary hash of the dataset's tokenizer)",
+    "dataset_sequences": "dataset (sequences per split)",
+    "seq_len": "dataset sequence length",
+    "vocab_size": "vocabulary size",
+    "model": "model",
+    "global_batch": "train.global_batch",
+    "seed": "run.seed",
+}
 _FINGERPRINT_INFO = ("dataset_path", "tokenizer_dir")
 
 
 def engine_options(config: PretrainConfig, plan: RunPlan, rank: int) -> EngineOptions:
     """The engine's settings: its name and stage from the run plan, the rest from the config."""
     cfg = config.train
-    return EngineOptions(name=plan.engine, zero_stage=plan.zero_stage,
-                         bucket_cap_mb=cfg.bucket_cap_mb, grad_compression=cfg.grad_compression,
-                         deepspeed_config=cfg.deepspeed_config, max_grad_norm=cfg.max_grad_norm,
-                         micro_steps=plan.split.micro_steps,
-                         micro_batch=plan.split.max_micro_batch(rank))
+    return EngineOptions(
+        name=plan.engine,
+        zero_stage=plan.zero_stage,
+        bucket_cap_mb=cfg.bucket_cap_mb,
+        grad_compression=cfg.grad_compression,
+        deepspeed_config=cfg.deepspeed_config,
+        max_grad_norm=cfg.max_grad_norm,
+        micro_steps=plan.split.micro_steps,
+        micro_batch=plan.split.max_micro_batch(rank),
+    )
 
 
 def _collective_io(ctx: D.DistContext, action):
@@ -197,20 +227,23 @@ def _collective_io(ctx: D.DistContext, action):
     return result
 
 
-def _check_engine_compatible(saved: dict[str, Any], engine: Engine, world_size: int,
-                             path: Path) -> None:
+def _check_engine_compatible(
+    saved: dict[str, Any], engine: Engine, world_size: int, path: Path
+) -> None:
     """Torch engines share one checkpoint format; DeepSpeed's needs DeepSpeed, same ranks."""
     saved_format = saved.get("checkpoint_format", "full")
     if saved_format != engine.checkpoint_format:
         raise HetlmError(
             f"cannot resume from {path}: it was written by engine {saved.get('engine')} "
             f"({saved_format} optimizer state) and this run uses {engine.name}: set "
-            f"train.engine: {saved.get('engine')} to resume, or start a new output_dir")
+            f"train.engine: {saved.get('engine')} to resume, or start a new output_dir"
+        )
     if saved_format == "deepspeed" and saved.get("world_size") != world_size:
         raise HetlmError(
             f"cannot resume from {path}: DeepSpeed checkpoints resume on the same number of "
             f"ranks ({saved.get('world_size')}, now {world_size}): launch that many ranks, or "
-            "train with a torch engine (ddp, zero1, fsdp2), whose checkpoints resume anywhere")
+            "train with a torch engine (ddp, zero1, fsdp2), whose checkpoints resume anywhere"
+        )
 
 
 def _check_resume_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
@@ -224,16 +257,22 @@ def _check_resume_compatible(saved: dict[str, Any], current: dict[str, Any], pat
         was = saved[key]
         if isinstance(was, dict) and isinstance(now, dict) and key == "model":
             # fields added to the config since the checkpoint (absent there) do not count
-            details += [f"{name}.{k}: checkpoint {was[k]!r} vs now {now[k]!r}"
-                        for k in now if k in was and was[k] != now[k]]
+            details += [
+                f"{name}.{k}: checkpoint {was[k]!r} vs now {now[k]!r}"
+                for k in now
+                if k in was and was[k] != now[k]
+            ]
         else:
             details.append(f"{name}: checkpoint {was!r} vs now {now!r}")
         if key.startswith("dataset") or key in ("seq_len", "vocab_size"):
-            details[-1] += (f" (trained on {saved.get('dataset_path', '?')}, now "
-                            f"{current.get('dataset_path')})")
+            details[-1] += (
+                f" (trained on {saved.get('dataset_path', '?')}, now {current.get('dataset_path')})"
+            )
     if details:
-        raise HetlmError(f"cannot resume from {path}: {'; '.join(details)}; resume with the "
-                         "original settings or start a new output_dir")
+        raise HetlmError(
+            f"cannot resume from {path}: {'; '.join(details)}; resume with the "
+            "original settings or start a new output_dir"
+        )
 
 
 # ---------------------------------------------------------------- the run
@@ -244,8 +283,15 @@ class Pretraining:
 
     command = "pretrain"  # the progress bar's label
 
-    def __init__(self, config: PretrainConfig, ctx: D.DistContext, resume: bool | Path, *,
-                 run_id: str | None = None, extend: str | None = None) -> None:
+    def __init__(
+        self,
+        config: PretrainConfig,
+        ctx: D.DistContext,
+        resume: bool | Path,
+        *,
+        run_id: str | None = None,
+        extend: str | None = None,
+    ) -> None:
         """``resume``: continue from the latest valid checkpoint of this run (True), or from
         this one (a checkpoint folder its caller has already verified). ``run_id``: the run's
         id (``hetlm.train.run_dir``; None: the folder's). ``extend``: how a changed
@@ -261,9 +307,14 @@ class Pretraining:
         # precision, engine, stage and split: one plan for the whole job, or a one-line error
         plan_file = config.load_plan() if config.train.plan is not None else None
         self.run_plan: RunPlan = resolve_run_plan(
-            ctx, requested_precision=self.train_cfg.precision, engine=self.train_cfg.engine,
-            zero_stage=self.train_cfg.zero_stage, split=self.split, plan_file=plan_file,
-            plan_path=str(config.train.plan) if plan_file is not None else None)
+            ctx,
+            requested_precision=self.train_cfg.precision,
+            engine=self.train_cfg.engine,
+            zero_stage=self.train_cfg.zero_stage,
+            split=self.split,
+            plan_file=plan_file,
+            plan_path=str(config.train.plan) if plan_file is not None else None,
+        )
 
         seed = config.run.seed
         self._load_data()
@@ -272,33 +323,43 @@ class Pretraining:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if ctx.enabled:
             _check_shared_dir(ctx, self.output_dir)
-        self.checkpoints = CheckpointManager(self.output_dir / "checkpoints",
-                                             self.train_cfg.save_total_limit,
-                                             run_id=self.run_id)
+        self.checkpoints = CheckpointManager(
+            self.output_dir / "checkpoints", self.train_cfg.save_total_limit, run_id=self.run_id
+        )
 
         model = self._build_model()
         self.fingerprint = self._run_fingerprint()
-        resume_dir = (resume if isinstance(resume, Path) else self._find_resume_dir()) \
-            if resume else None
+        resume_dir = (
+            (resume if isinstance(resume, Path) else self._find_resume_dir()) if resume else None
+        )
         if resume_dir is not None:
             saved = CheckpointManager.load_trainer_state(resume_dir)
             _check_resume_compatible(saved["fingerprint"], self.fingerprint, resume_dir)
             self._load_weights(model, resume_dir)
         if should_compile(self.train_cfg.compile, ctx.device, self.run_plan.engine):
             compile_blocks(model)
-        self.engine = build_engine(self._objective(model), ctx, self.run_plan.precision,
-                                   engine_options(config, self.run_plan, ctx.rank))
+        self.engine = build_engine(
+            self._objective(model),
+            ctx,
+            self.run_plan.precision,
+            engine_options(config, self.run_plan, ctx.rank),
+        )
         self.precision = self.engine.precision
         self.rebalancer = self._build_rebalancer(plan_file)
         self.weights = loss_weights(self.engine.unwrapped)
         self.term_names = loss_terms(self.engine.unwrapped)
         self.optimizer = self.engine.build_optimizer(
-            lr=config.learning_rate, weight_decay=self.train_cfg.weight_decay,
+            lr=config.learning_rate,
+            weight_decay=self.train_cfg.weight_decay,
             betas=(self.train_cfg.adam_beta1, self.train_cfg.adam_beta2),
-            eps=self.train_cfg.adam_epsilon)
-        self.schedule = Schedule(config.warmup, self.train_cfg.max_steps,
-                                 kind=self.train_cfg.lr_scheduler_type,
-                                 min_lr_rate=self.train_cfg.min_lr_rate)
+            eps=self.train_cfg.adam_epsilon,
+        )
+        self.schedule = Schedule(
+            config.warmup,
+            self.train_cfg.max_steps,
+            kind=self.train_cfg.lr_scheduler_type,
+            min_lr_rate=self.train_cfg.min_lr_rate,
+        )
         self.scheduler = scheduler_for(self.optimizer, lambda: self.schedule)
         torch.manual_seed(seed * 1009 + ctx.rank)  # dropout stream of this rank
         self.step = 0
@@ -336,16 +397,18 @@ class Pretraining:
         from hetlm.data.staging import resolve_dataset_path
 
         config = self.config
-        dataset_path = resolve_dataset_path(config.data.dataset, config.data.local_copy,
-                                            report=print if self.ctx.is_main else None)
+        dataset_path = resolve_dataset_path(
+            config.data.dataset, config.data.local_copy, report=print if self.ctx.is_main else None
+        )
         dataset, self.meta = load_packed_dataset(dataset_path)
         self.tokenizer_dir = Path(config.data.tokenizer or self.meta["tokenizer_dir"])
         self.train_data = build_data(config, dataset["train"], self.meta)
         self.eval_data = build_data(config, dataset["validation"], self.meta)
 
     def _build_sampler(self) -> HeterogeneousBatchSampler:
-        return HeterogeneousBatchSampler(len(self.train_data), self.split, self.ctx.rank,
-                                         self.config.run.seed)
+        return HeterogeneousBatchSampler(
+            len(self.train_data), self.split, self.ctx.rank, self.config.run.seed
+        )
 
     def _run_fingerprint(self) -> dict[str, Any]:
         """What a resume must not change (compared with the checkpoint's)."""
@@ -364,22 +427,34 @@ class Pretraining:
         section, meta = self.config.model, self.meta
         if section.init_from is None:
             special = special_ids(meta)
-            return build_model(section, vocab_size=int(meta["vocab_size"]),
-                               pad_token_id=special["pad"],
-                               max_position_embeddings=max(512, self.train_data.seq_len),
-                               seed=self.config.run.seed, special_ids=special)
+            return build_model(
+                section,
+                vocab_size=int(meta["vocab_size"]),
+                pad_token_id=special["pad"],
+                max_position_embeddings=max(512, self.train_data.seq_len),
+                seed=self.config.run.seed,
+                special_ids=special,
+            )
         model = load_pretrained(section)
         for part in [getattr(model, p) for p in getattr(model, "artifact_subdirs", ())] or [model]:
-            check_positions(part.config, int(meta["seq_len"]), "the dataset's seq_len",
-                            str(section.init_from), "model.init_from",
-                            fix="prepare the data again with --seq-len {positions} or less")
+            check_positions(
+                part.config,
+                int(meta["seq_len"]),
+                "the dataset's seq_len",
+                str(section.init_from),
+                "model.init_from",
+                fix="prepare the data again with --seq-len {positions} or less",
+            )
         check_tokenizer_matches(tokenizer_source(section), model, meta)
-        frozen = freeze(model, embeddings=section.freeze_embeddings,
-                        first_layers=section.freeze_layers)
+        frozen = freeze(
+            model, embeddings=section.freeze_embeddings, first_layers=section.freeze_layers
+        )
         if self.ctx.is_main:
             total = sum(p.numel() for p in model.parameters())
-            print(f"continuing from {section.init_from}: {total / 1e6:.1f}M parameters"
-                  + (f", {frozen / 1e6:.1f}M frozen" if frozen else ""))
+            print(
+                f"continuing from {section.init_from}: {total / 1e6:.1f}M parameters"
+                + (f", {frozen / 1e6:.1f}M frozen" if frozen else "")
+            )
         return model
 
     @property
@@ -391,8 +466,10 @@ class Pretraining:
     def _find_resume_dir(self) -> Path:
         found = latest_of_run(self.output_dir, read_run_id(self.output_dir))
         if found is None:
-            raise HetlmError(f"no complete checkpoint under {self.checkpoints.root} to resume "
-                             "from: run without --resume to start a new run")
+            raise HetlmError(
+                f"no complete checkpoint under {self.checkpoints.root} to resume "
+                "from: run without --resume to start a new run"
+            )
         return found
 
     def _restore(self, path: Path) -> None:
@@ -404,10 +481,19 @@ class Pretraining:
         self.engine.load_sharded(path)
         self.scheduler.load_state_dict(states["scheduler"])
         self.precision.load_state_dict(states["precision"])
-        saved = BatchSplit(self.split.global_batch, int(trainer["micro_steps"]),
-                           tuple(trainer["shares"])) if "shares" in trainer else None
-        if (self.rebalancer is not None and saved is not None and saved != self.split
-                and saved.world_size == self.ctx.world_size):
+        saved = (
+            BatchSplit(
+                self.split.global_batch, int(trainer["micro_steps"]), tuple(trainer["shares"])
+            )
+            if "shares" in trainer
+            else None
+        )
+        if (
+            self.rebalancer is not None
+            and saved is not None
+            and saved != self.split
+            and saved.world_size == self.ctx.world_size
+        ):
             self._apply_split(saved)  # continue with the split the run had rebalanced to
         self.sampler.load_state_dict(trainer["sampler"])
         rng = states["rng"]
@@ -434,29 +520,40 @@ class Pretraining:
                 f"train.max_steps is {now} but the run in {path} was scheduled for {was} steps: "
                 "add --extend continue (decay from the current lr to 0 at the new max_steps) or "
                 "--extend restart (a new warm-up and decay from this step), or set max_steps "
-                f"back to {was}")
+                f"back to {was}"
+            )
         if now <= step:
-            raise HetlmError(f"train.max_steps {now} is not beyond step {step} of {path}: "
-                             "raise it to extend the run")
+            raise HetlmError(
+                f"train.max_steps {now} is not beyond step {step} of {path}: "
+                "raise it to extend the run"
+            )
         base = self.scheduler.base_lrs[0]
         current = self.scheduler.get_last_lr()[0] / base if base else 0.0
         if self.extend == "continue":
             if current <= 0:
-                raise HetlmError(f"--extend continue: the lr is already 0 at step {step} (the "
-                                 f"schedule of {path} ended there), so it would train at lr 0: "
-                                 "use --extend restart")
+                raise HetlmError(
+                    f"--extend continue: the lr is already 0 at step {step} (the "
+                    f"schedule of {path} ended there), so it would train at lr 0: "
+                    "use --extend restart"
+                )
             self.schedule = self.schedule.continued(step, now, current)
-            how = (f"the lr decays from {current * base:.3g} at step {step} to 0 at step {now} "
-                   "(no new warm-up)")
+            how = (
+                f"the lr decays from {current * base:.3g} at step {step} to 0 at step {now} "
+                "(no new warm-up)"
+            )
         else:
             warmup = self.train_cfg.warmup_steps
             warmup = max(1, round(0.06 * (now - step))) if warmup is None else warmup
             self.schedule = self.schedule.restarted(step, now, warmup)
-            how = (f"a new schedule from step {step} (lr {current * base:.3g} there): warm-up "
-                   f"over {warmup} steps to {base:.3g}, then decay to 0 at step {now}")
+            how = (
+                f"a new schedule from step {step} (lr {current * base:.3g} there): warm-up "
+                f"over {warmup} steps to {base:.3g}, then decay to 0 at step {now}"
+            )
         if self.ctx.is_main:
-            print(f"hetlm: warning: --extend {self.extend}: max_steps {was} -> {now}; {how}",
-                  flush=True)
+            print(
+                f"hetlm: warning: --extend {self.extend}: max_steps {was} -> {now}; {how}",
+                flush=True,
+            )
 
     # ---- checkpoint, eval, final save
 
@@ -465,30 +562,59 @@ class Pretraining:
         rank 0 (and DeepSpeed writes per-rank files); rank 0 writes and renames the folder."""
         ctx = self.ctx
         HB.beat("checkpoint", self.step)
-        rng = {"cpu": torch.get_rng_state(),
-               "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+        rng = {
+            "cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        }
         all_rng = D.all_gather_object(ctx, rng)
         model_state = self.engine.model_state_dict()
         optimizer_state = self.engine.optimizer_state_dict()
-        staging = _collective_io(ctx, lambda: self.checkpoints.prepare(self.step)
-                                 if ctx.is_main else self.checkpoints.staging_dir(self.step))
+        staging = _collective_io(
+            ctx,
+            lambda: (
+                self.checkpoints.prepare(self.step)
+                if ctx.is_main
+                else self.checkpoints.staging_dir(self.step)
+            ),
+        )
         _collective_io(ctx, lambda: self.engine.save_sharded(staging))
-        states = {"scheduler": self.scheduler.state_dict(),
-                  "precision": self.precision.state_dict(), "rng": all_rng}
+        states = {
+            "scheduler": self.scheduler.state_dict(),
+            "precision": self.precision.state_dict(),
+            "rng": all_rng,
+        }
         if optimizer_state is not None:
             states["optimizer"] = optimizer_state
-        trainer_state = {"step": self.step, "sampler": self.sampler.state_dict(),
-                         "world_size": ctx.world_size, "shares": list(self.split.shares),
-                         "micro_steps": self.split.micro_steps,
-                         "engine": self.engine.name, "zero_stage": self.engine.zero_stage,
-                         "run_plan": self.run_plan.to_dict(),
-                         "checkpoint_format": self.engine.checkpoint_format,
-                         "skipped_steps": self.skipped_steps, "fingerprint": self.fingerprint,
-                         "run_id": self.run_id, "schedule": self.schedule.as_dict(),
-                         "lr_factor": self.lr_factor, "rollbacks": self.rollbacks}
-        _collective_io(ctx, lambda: ctx.is_main and self.checkpoints.commit(
-            self.step, model=self.hf_model, model_state=model_state, states=states,
-            trainer_state=trainer_state))
+        trainer_state = {
+            "step": self.step,
+            "sampler": self.sampler.state_dict(),
+            "world_size": ctx.world_size,
+            "shares": list(self.split.shares),
+            "micro_steps": self.split.micro_steps,
+            "engine": self.engine.name,
+            "zero_stage": self.engine.zero_stage,
+            "run_plan": self.run_plan.to_dict(),
+            "checkpoint_format": self.engine.checkpoint_format,
+            "skipped_steps": self.skipped_steps,
+            "fingerprint": self.fingerprint,
+            "run_id": self.run_id,
+            "schedule": self.schedule.as_dict(),
+            "lr_factor": self.lr_factor,
+            "rollbacks": self.rollbacks,
+        }
+        _collective_io(
+            ctx,
+            lambda: (
+                ctx.is_main
+                and self.checkpoints.commit(
+                    self.step,
+                    model=self.hf_model,
+                    model_state=model_state,
+                    states=states,
+                    trainer_state=trainer_state,
+                )
+            ),
+        )
         self.last_checkpoint = self.checkpoints.step_dir(self.step)
 
     @torch.no_grad()
@@ -502,29 +628,36 @@ class Pretraining:
         not count it.
         """
         count = min(self.train_cfg.max_eval_samples, len(self.eval_data))
-        mine = np.arange(count)[self.ctx.rank::self.ctx.world_size]
+        mine = np.arange(count)[self.ctx.rank :: self.ctx.world_size]
         size = self.train_cfg.per_device_eval_batch_size
         batches = math.ceil(math.ceil(count / self.ctx.world_size) / size)
         names = loss_terms(self.engine.unwrapped)
         totals = torch.zeros(3, len(names), dtype=torch.float64)  # loss, correct, targets
         with self.engine.evaluating() as model:
             for b in range(batches):
-                ids = mine[b * size:(b + 1) * size]
+                ids = mine[b * size : (b + 1) * size]
                 counted = len(ids) > 0
-                mb = self.eval_data.batch(ids if counted else np.zeros(1, dtype=np.int64),
-                                          EVAL_EPOCH)
+                mb = self.eval_data.batch(
+                    ids if counted else np.zeros(1, dtype=np.int64), EVAL_EPOCH
+                )
                 inputs = {k: v.to(self.ctx.device) for k, v in mb.model_inputs().items()}
                 with self.precision.autocast():
                     loss_sum, correct = model(**inputs)
                 if counted:
-                    totals += torch.stack([torch.atleast_1d(loss_sum).double().cpu(),
-                                           torch.atleast_1d(correct).double().cpu(),
-                                           torch.tensor(mb.counts, dtype=torch.float64)])
+                    totals += torch.stack(
+                        [
+                            torch.atleast_1d(loss_sum).double().cpu(),
+                            torch.atleast_1d(correct).double().cpu(),
+                            torch.tensor(mb.counts, dtype=torch.float64),
+                        ]
+                    )
         D.all_reduce_sum(self.ctx, totals)
         n = totals[2].clamp(min=1.0)
-        metrics = {"eval_loss": float(totals[0, 0] / n[0]),
-                   "eval_accuracy": float(totals[1, 0] / n[0]),
-                   "eval_tokens": int(totals[2, 0])}
+        metrics = {
+            "eval_loss": float(totals[0, 0] / n[0]),
+            "eval_accuracy": float(totals[1, 0] / n[0]),
+            "eval_tokens": int(totals[2, 0]),
+        }
         if self.config.model.causal:
             metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
         for i, name in enumerate(names[1:], start=1):
@@ -545,8 +678,10 @@ class Pretraining:
             for part in getattr(self.hf_model, "artifact_subdirs", ("",)):
                 save_tokenizer(tokenizer, final / part)
                 if not any((final / part / name).is_file() for name in TOKENIZER_FILES):
-                    raise HetlmError(f"the tokenizer from {self.tokenizer_dir} saved no files "
-                                     f"into {final / part}: check data.tokenizer")
+                    raise HetlmError(
+                        f"the tokenizer from {self.tokenizer_dir} saved no files "
+                        f"into {final / part}: check data.tokenizer"
+                    )
         D.barrier(self.ctx)
         return final
 
@@ -556,24 +691,39 @@ class Pretraining:
         """Train to ``max_steps`` (or stop, checkpointed, at ``stop_at_step``)."""
         cfg, ctx = self.train_cfg, self.ctx
         end_step = min(cfg.max_steps, stop_at_step or cfg.max_steps)
-        logger = MetricsLogger(self.output_dir, total_steps=cfg.max_steps, start_step=self.step,
-                               enabled=ctx.is_main, log_every=cfg.logging_steps,
-                               report_to=cfg.report_to,
-                               run_config=self.config.model_dump(mode="json"),
-                               run_id=self.run_id, desc=self.command)
-        logger.event(event="resume" if self.step else "start", step=self.step,
-                     world_size=ctx.world_size, shares=list(self.split.shares),
-                     micro_steps=self.split.micro_steps, precision=self.precision.name,
-                     engine=self.engine.name, zero_stage=self.engine.zero_stage,
-                     devices=[d.to_dict() for d in self.run_plan.devices], time=time.time())
+        logger = MetricsLogger(
+            self.output_dir,
+            total_steps=cfg.max_steps,
+            start_step=self.step,
+            enabled=ctx.is_main,
+            log_every=cfg.logging_steps,
+            report_to=cfg.report_to,
+            run_config=self.config.model_dump(mode="json"),
+            run_id=self.run_id,
+            desc=self.command,
+        )
+        logger.event(
+            event="resume" if self.step else "start",
+            step=self.step,
+            world_size=ctx.world_size,
+            shares=list(self.split.shares),
+            micro_steps=self.split.micro_steps,
+            precision=self.precision.name,
+            engine=self.engine.name,
+            zero_stage=self.engine.zero_stage,
+            devices=[d.to_dict() for d in self.run_plan.devices],
+            time=time.time(),
+        )
         self.engine.module.train()
         history: list[dict[str, Any]] = []
         HB.install(HB.Heartbeat(self.output_dir, ctx.rank) if ctx.enabled else None)
         faults.install(self.engine.unwrapped)  # inert unless HETLM_FAULT is set (tests)
         prefetcher = StepPrefetcher(
-            self.sampler, lambda batch: [self.train_data.batch(ids, batch.epoch)
-                                         for ids in batch.micro_batches],
-            enabled=cfg.prefetch, pin=ctx.device.type == "cuda")
+            self.sampler,
+            lambda batch: [self.train_data.batch(ids, batch.epoch) for ids in batch.micro_batches],
+            enabled=cfg.prefetch,
+            pin=ctx.device.type == "cuda",
+        )
         timer = ComputeTimer(self.engine.unwrapped, ctx.device)  # each rank's own compute
         try:
             return self._loop(end_step, logger, history, prefetcher, timer)
@@ -581,60 +731,100 @@ class Pretraining:
             prefetcher.close()
             timer.close()
 
-    def _loop(self, end_step: int, logger: MetricsLogger, history: list[dict[str, Any]],
-              prefetcher: StepPrefetcher, timer: ComputeTimer) -> dict[str, Any]:
+    def _loop(
+        self,
+        end_step: int,
+        logger: MetricsLogger,
+        history: list[dict[str, Any]],
+        prefetcher: StepPrefetcher,
+        timer: ComputeTimer,
+    ) -> dict[str, Any]:
         cfg, ctx = self.train_cfg, self.ctx
         while self.step < end_step:
             started = time.perf_counter()
             faults.on_step(self.step + 1, ctx.rank)
             HB.beat("train", self.step + 1)
             batch, micro = prefetcher.next()  # built while the previous step computed
-            result = train_step(self.engine, self.precision, self.optimizer, self.scheduler, ctx,
-                                micro, cfg.max_grad_norm)
+            result = train_step(
+                self.engine,
+                self.precision,
+                self.optimizer,
+                self.scheduler,
+                ctx,
+                micro,
+                cfg.max_grad_norm,
+            )
             self.step += 1
             busy_s = time.perf_counter() - started
             terms = len(result.num_targets_global)
-            stats = torch.cat([result.loss_sum.double().cpu(), torch.tensor(
-                [sum(len(m) for m in micro), sum(m.num_tokens for m in micro), busy_s,
-                 timer.take(), float(result.stepped)], dtype=torch.float64)])
+            stats = torch.cat(
+                [
+                    result.loss_sum.double().cpu(),
+                    torch.tensor(
+                        [
+                            sum(len(m) for m in micro),
+                            sum(m.num_tokens for m in micro),
+                            busy_s,
+                            timer.take(),
+                            float(result.stepped),
+                        ],
+                        dtype=torch.float64,
+                    ),
+                ]
+            )
             per_rank = torch.stack(D.all_gather_tensor(ctx, stats))
             wall_s = time.perf_counter() - started
             if per_rank[:, -1].min() != per_rank[:, -1].max():  # the replicas would diverge
-                raise RuntimeError(f"ranks disagree whether step {self.step} was skipped "
-                                   f"(stepped per rank: {per_rank[:, -1].tolist()}): a bug")
+                raise RuntimeError(
+                    f"ranks disagree whether step {self.step} was skipped "
+                    f"(stepped per rank: {per_rank[:, -1].tolist()}): a bug"
+                )
             self.skipped_steps += not result.stepped
             term_sums = per_rank[:, :terms].sum(0)
             global_counts = torch.tensor(result.num_targets_global, dtype=torch.float64)
             loss = combined_loss(term_sums, global_counts, self.weights)
             samples, tokens, busy, compute = (per_rank[:, terms + i] for i in range(4))
-            record = {"step": self.step, "epoch": batch.epoch, "loss": loss,
-                      "lr": self.scheduler.get_last_lr()[0], "grad_norm": result.grad_norm,
-                      "skipped": not result.stepped, "skipped_steps": self.skipped_steps,
-                      "step_time_s": wall_s,
-                      "masked_tokens": result.num_targets_global[0],
-                      "samples_per_s": float(samples.sum()) / wall_s,
-                      "tokens_per_s": float(tokens.sum()) / wall_s,
-                      "tokens_per_s_per_rank": [float(t) / wall_s for t in tokens],
-                      "busy_s_per_rank": [float(b) for b in busy],
-                      "compute_s_per_rank": [float(c) for c in compute]}
+            record = {
+                "step": self.step,
+                "epoch": batch.epoch,
+                "loss": loss,
+                "lr": self.scheduler.get_last_lr()[0],
+                "grad_norm": result.grad_norm,
+                "skipped": not result.stepped,
+                "skipped_steps": self.skipped_steps,
+                "step_time_s": wall_s,
+                "masked_tokens": result.num_targets_global[0],
+                "samples_per_s": float(samples.sum()) / wall_s,
+                "tokens_per_s": float(tokens.sum()) / wall_s,
+                "tokens_per_s_per_rank": [float(t) / wall_s for t in tokens],
+                "busy_s_per_rank": [float(b) for b in busy],
+                "compute_s_per_rank": [float(c) for c in compute],
+            }
             if terms > 1:
                 for name, value, n in zip(self.term_names, term_sums, global_counts, strict=True):
                     record[f"loss_{name}"] = float(value / max(1.0, float(n)))
             history.append(record)
             logger.step(record)
             if HB.current() is not None and self.step % cfg.logging_steps == 0 and ctx.is_main:
-                logger.event(event="heartbeat", step=self.step,
-                             ranks=HB.summary(self.output_dir, ctx.world_size))
+                logger.event(
+                    event="heartbeat",
+                    step=self.step,
+                    ranks=HB.summary(self.output_dir, ctx.world_size),
+                )
             if not math.isfinite(loss) and self.precision.name != "fp16":
                 if self._rollback(loss, logger, history):
                     continue
                 logger.close()
                 if self.last_checkpoint is None:
-                    raise HetlmError(f"the loss became {loss} at step {self.step}, before any "
-                                     "checkpoint was written: restart with a lower lr")
-                raise HetlmError(f"the loss became {loss} at step {self.step}; last good "
-                                 f"checkpoint: {self.last_checkpoint}; resume from it "
-                                 "(--resume) with a lower lr")
+                    raise HetlmError(
+                        f"the loss became {loss} at step {self.step}, before any "
+                        "checkpoint was written: restart with a lower lr"
+                    )
+                raise HetlmError(
+                    f"the loss became {loss} at step {self.step}; last good "
+                    f"checkpoint: {self.last_checkpoint}; resume from it "
+                    "(--resume) with a lower lr"
+                )
             done = self.step == end_step
             if cfg.eval_steps and self.step % cfg.eval_steps == 0 and not done:
                 HB.beat("eval", self.step)
@@ -649,8 +839,11 @@ class Pretraining:
         if self.step < cfg.max_steps:  # stopped early on request: resumable, no final model
             logger.event(event="stop", step=self.step, checkpoint=str(self.last_checkpoint))
             logger.close()
-            return {"steps": self.step, "stopped_at": self.step,
-                    "last_checkpoint": str(self.last_checkpoint)}
+            return {
+                "steps": self.step,
+                "stopped_at": self.step,
+                "last_checkpoint": str(self.last_checkpoint),
+            }
         HB.beat("eval", self.step)
         final_eval = self.evaluate()
         if final_eval:  # empty when there is nothing held out (hetlm sft, validation 0)
@@ -675,9 +868,12 @@ class Pretraining:
         self._apply_split(decision.new)
         logger.event(event="rebalance", step=self.step, **decision.event())
         if self.ctx.is_main:
-            print(f"hetlm: step {self.step}: rebalanced shares {list(decision.old.shares)} -> "
-                  f"{list(decision.new.shares)} ({decision.new.micro_steps} micro-steps), "
-                  f"expected {decision.expected_gain:.0%} shorter steps", flush=True)
+            print(
+                f"hetlm: step {self.step}: rebalanced shares {list(decision.old.shares)} -> "
+                f"{list(decision.new.shares)} ({decision.new.micro_steps} micro-steps), "
+                f"expected {decision.expected_gain:.0%} shorter steps",
+                flush=True,
+            )
 
     def _rollback(self, loss: float, logger: MetricsLogger, history: list[dict[str, Any]]) -> bool:
         """``train.on_nonfinite: rollback``: reload the last good checkpoint in-process (model,
@@ -685,9 +881,12 @@ class Pretraining:
         False (the caller stops) when off, exhausted, without a checkpoint, or on an engine
         whose weights are sharded (fsdp2, deepspeed: resume from the checkpoint instead)."""
         cfg = self.train_cfg
-        if (cfg.on_nonfinite != "rollback" or self.last_checkpoint is None
-                or self.rollbacks >= cfg.max_rollbacks
-                or self.engine.name not in ("single", "ddp", "zero1")):
+        if (
+            cfg.on_nonfinite != "rollback"
+            or self.last_checkpoint is None
+            or self.rollbacks >= cfg.max_rollbacks
+            or self.engine.name not in ("single", "ddp", "zero1")
+        ):
             return False
         bad_step, path = self.step, self.last_checkpoint
         factor, rollbacks = self.lr_factor * cfg.rollback_lr_factor, self.rollbacks + 1
@@ -700,37 +899,66 @@ class Pretraining:
         self.lr_factor, self.rollbacks = factor, rollbacks
         history[:] = [r for r in history if r["step"] <= self.step]
         dropped = logger.rewind(self.step)
-        logger.event(event="rollback", step=self.step, from_step=bad_step, loss=str(loss),
-                     checkpoint=str(path), lr_factor=factor, rollbacks=rollbacks,
-                     dropped_steps=dropped)
+        logger.event(
+            event="rollback",
+            step=self.step,
+            from_step=bad_step,
+            loss=str(loss),
+            checkpoint=str(path),
+            lr_factor=factor,
+            rollbacks=rollbacks,
+            dropped_steps=dropped,
+        )
         if self.ctx.is_main:
-            print(f"hetlm: the loss became {loss} at step {bad_step}: rolled back to {path} "
-                  f"(rollback {rollbacks} of {cfg.max_rollbacks}), lr x {factor:g}", flush=True)
+            print(
+                f"hetlm: the loss became {loss} at step {bad_step}: rolled back to {path} "
+                f"(rollback {rollbacks} of {cfg.max_rollbacks}), lr x {factor:g}",
+                flush=True,
+            )
         return True
 
-    def _summary(self, history: list[dict[str, Any]], final_eval: dict[str, float],
-                 final_dir: Path) -> dict[str, Any]:
+    def _summary(
+        self, history: list[dict[str, Any]], final_eval: dict[str, float], final_dir: Path
+    ) -> dict[str, Any]:
         timed = history[1:] or history  # the first step includes warm-up costs
         wall = sum(r["step_time_s"] for r in timed) or float("nan")
-        per_rank = [sum(r["tokens_per_s_per_rank"][i] * r["step_time_s"] for r in timed) / wall
-                    for i in range(self.ctx.world_size)] if timed else []
-        return {"steps": self.step, "steps_this_run": len(history),
-                "loss_first": history[0]["loss"] if history else None,
-                "loss_last": history[-1]["loss"] if history else None,
-                **final_eval,
-                "tokens_per_s": sum(per_rank), "tokens_per_s_per_rank": per_rank,
-                "micro_batches": [self.split.micro_batch_sizes(r) for r in range(self.ctx.world_size)],
-                "global_batch": self.split.global_batch, "precision": self.precision.name,
-                "engine": self.engine.name, "zero_stage": self.engine.zero_stage,
-                "skipped_steps": self.skipped_steps,
-                "model_dir": str(final_dir), "output_dir": str(self.output_dir),
-                "last_checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None}
+        per_rank = (
+            [
+                sum(r["tokens_per_s_per_rank"][i] * r["step_time_s"] for r in timed) / wall
+                for i in range(self.ctx.world_size)
+            ]
+            if timed
+            else []
+        )
+        return {
+            "steps": self.step,
+            "steps_this_run": len(history),
+            "loss_first": history[0]["loss"] if history else None,
+            "loss_last": history[-1]["loss"] if history else None,
+            **final_eval,
+            "tokens_per_s": sum(per_rank),
+            "tokens_per_s_per_rank": per_rank,
+            "micro_batches": [self.split.micro_batch_sizes(r) for r in range(self.ctx.world_size)],
+            "global_batch": self.split.global_batch,
+            "precision": self.precision.name,
+            "engine": self.engine.name,
+            "zero_stage": self.engine.zero_stage,
+            "skipped_steps": self.skipped_steps,
+            "model_dir": str(final_dir),
+            "output_dir": str(self.output_dir),
+            "last_checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
+        }
 
 
-def run_pretraining(config: PretrainConfig, *, resume: bool | str | Path = False,
-                    overwrite: bool = False, extend: str | None = None,
-                    stop_at_step: int | None = None,
-                    trainer: type[Pretraining] = Pretraining) -> dict[str, Any]:
+def run_pretraining(
+    config: PretrainConfig,
+    *,
+    resume: bool | str | Path = False,
+    overwrite: bool = False,
+    extend: str | None = None,
+    stop_at_step: int | None = None,
+    trainer: type[Pretraining] = Pretraining,
+) -> dict[str, Any]:
     """Run (or resume) one pretraining job in this process; returns the run summary.
     ``trainer``: the run's class (``hetlm.sft.train.InstructionTuning`` for ``hetlm sft``).
 
@@ -753,15 +981,24 @@ def run_pretraining(config: PretrainConfig, *, resume: bool | str | Path = False
         start = _start_run(ctx, Path(config.run.output_dir), resume, overwrite, restart)
         if restart and ctx.is_main:
             found = start.resume_from
-            print(f"hetlm: restart {restart}: " + (f"resuming from {found}" if found else
-                  "no checkpoint yet, starting from step 0"), flush=True)
-        run = trainer(config, ctx, start.resume_from or False, run_id=start.run_id,
-                      extend=extend)
+            print(
+                f"hetlm: restart {restart}: "
+                + (
+                    f"resuming from {found}" if found else "no checkpoint yet, starting from step 0"
+                ),
+                flush=True,
+            )
+        run = trainer(config, ctx, start.resume_from or False, run_id=start.run_id, extend=extend)
         return run.run(stop_at_step)
     except RuntimeError as exc:  # a collective timed out or lost a peer: say who and where
         if ctx.enabled and HB.is_collective_failure(exc):
-            raise HB.diagnose(exc, Path(config.run.output_dir), ctx.rank, ctx.world_size,
-                              config.train.dist_timeout_s) from None
+            raise HB.diagnose(
+                exc,
+                Path(config.run.output_dir),
+                ctx.rank,
+                ctx.world_size,
+                config.train.dist_timeout_s,
+            ) from None
         raise
     finally:
         HB.install(None)
@@ -769,15 +1006,17 @@ def run_pretraining(config: PretrainConfig, *, resume: bool | str | Path = False
         D.shutdown()
 
 
-def _start_run(ctx: D.DistContext, output_dir: Path, resume: bool | str | Path,
-               overwrite: bool, restart: int) -> RunStart:
+def _start_run(
+    ctx: D.DistContext, output_dir: Path, resume: bool | str | Path, overwrite: bool, restart: int
+) -> RunStart:
     """Rank 0 decides how the run starts in ``output_dir`` (refusing another run's folder,
     picking this run's checkpoint, deleting what --overwrite names) and tells every rank."""
     start, error = None, None
     if ctx.is_main:
         try:
-            start = plan_start(output_dir, resume=resume, overwrite=overwrite and not restart,
-                               restart=restart)
+            start = plan_start(
+                output_dir, resume=resume, overwrite=overwrite and not restart, restart=restart
+            )
             apply_start(output_dir, start)
         except (HetlmError, OSError) as exc:
             error = str(exc)

@@ -40,16 +40,22 @@ def check_rebalance(every: int, engine: str, caps: list[int] | None, world_size:
     if not every:
         return
     if engine not in REBALANCE_ENGINES:
-        raise HetlmError(f"train.rebalance needs each rank's own compute time, which {engine} "
-                         "hides (it gathers weights inside the forward, in lockstep): use "
-                         "train.engine ddp or zero1, or set train.rebalance: 0")
+        raise HetlmError(
+            f"train.rebalance needs each rank's own compute time, which {engine} "
+            "hides (it gathers weights inside the forward, in lockstep): use "
+            "train.engine ddp or zero1, or set train.rebalance: 0"
+        )
     if caps is None:
-        raise HetlmError("train.rebalance moves samples between ranks up to each rank's memory "
-                         "cap: give train.max_micro_batch (an int or one per rank), or train "
-                         "with a plan (train.plan), whose caps are used")
+        raise HetlmError(
+            "train.rebalance moves samples between ranks up to each rank's memory "
+            "cap: give train.max_micro_batch (an int or one per rank), or train "
+            "with a plan (train.plan), whose caps are used"
+        )
     if len(caps) != world_size:
-        raise HetlmError(f"train.max_micro_batch has {len(caps)} entries but {world_size} ranks "
-                         "were launched: give one per rank (or one int for all)")
+        raise HetlmError(
+            f"train.max_micro_batch has {len(caps)} entries but {world_size} ranks "
+            "were launched: give one per rank (or one int for all)"
+        )
 
 
 @dataclass(frozen=True)
@@ -58,8 +64,8 @@ class Rebalance:
 
     old: BatchSplit
     new: BatchSplit
-    speeds: tuple[float, ...]          # samples per compute-second, per rank
-    old_step_s: float                  # predicted compute time of a step (slowest rank)
+    speeds: tuple[float, ...]  # samples per compute-second, per rank
+    old_step_s: float  # predicted compute time of a step (slowest rank)
     new_step_s: float
 
     @property
@@ -67,11 +73,16 @@ class Rebalance:
         return 1.0 - self.new_step_s / self.old_step_s if self.old_step_s > 0 else 0.0
 
     def event(self) -> dict:
-        return {"old_shares": list(self.old.shares), "new_shares": list(self.new.shares),
-                "old_micro_steps": self.old.micro_steps, "new_micro_steps": self.new.micro_steps,
-                "speeds": [round(v, 3) for v in self.speeds],
-                "expected_gain": round(self.expected_gain, 4),
-                "old_step_s": self.old_step_s, "new_step_s": self.new_step_s}
+        return {
+            "old_shares": list(self.old.shares),
+            "new_shares": list(self.new.shares),
+            "old_micro_steps": self.old.micro_steps,
+            "new_micro_steps": self.new.micro_steps,
+            "speeds": [round(v, 3) for v in self.speeds],
+            "expected_gain": round(self.expected_gain, 4),
+            "old_step_s": self.old_step_s,
+            "new_step_s": self.new_step_s,
+        }
 
 
 def predicted_step_s(split: BatchSplit, speeds: list[float] | tuple[float, ...]) -> float:
@@ -105,8 +116,13 @@ class Rebalancer:
         speeds = [n / t for n, t in zip(samples, compute, strict=True)]
         steps, shares = allocate_shares(split.global_batch, self.caps, speeds)
         new = BatchSplit(split.global_batch, steps, tuple(shares))
-        decision = Rebalance(split, new, tuple(speeds), predicted_step_s(split, speeds),
-                             predicted_step_s(new, speeds))
+        decision = Rebalance(
+            split,
+            new,
+            tuple(speeds),
+            predicted_step_s(split, speeds),
+            predicted_step_s(new, speeds),
+        )
         if new == split or decision.expected_gain < self.min_gain:
             return None
         return decision
@@ -124,8 +140,10 @@ class ComputeTimer:
         self._event: torch.cuda.Event | None = None
         self._spans: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self._cpu_s = 0.0
-        self._handles = [module.register_forward_pre_hook(self._start),
-                         module.register_forward_hook(self._stop)]
+        self._handles = [
+            module.register_forward_pre_hook(self._start),
+            module.register_forward_hook(self._stop),
+        ]
 
     def _start(self, module: nn.Module, _args) -> None:
         if not module.training:

@@ -36,8 +36,18 @@ from hetlm.train.checkpoint import CheckpointManager, verify_manifest
 RUN_FILE = "run.json"
 # What a run writes into its output_dir (hetlm pretrain and hetlm sft): --overwrite deletes
 # these and nothing else.
-RUN_ARTIFACTS = ("checkpoints", "metrics.jsonl", "summary.json", "loss.png", "tensorboard",
-                 "heartbeat", "model", "adapter", "base", RUN_FILE)
+RUN_ARTIFACTS = (
+    "checkpoints",
+    "metrics.jsonl",
+    "summary.json",
+    "loss.png",
+    "tensorboard",
+    "heartbeat",
+    "model",
+    "adapter",
+    "base",
+    RUN_FILE,
+)
 FINISHED_MARKERS = ("summary.json", "model", "adapter")
 
 
@@ -63,8 +73,12 @@ def existing_artifacts(output_dir: Path) -> list[str]:
     """The run artifacts present in ``output_dir`` (names from RUN_ARTIFACTS). ``run.json``
     alone is no run (a start refused before it wrote anything leaves only that)."""
     output_dir = Path(output_dir)
-    present = [name for name in RUN_ARTIFACTS if (output_dir / name).exists()
-               and not ((output_dir / name).is_dir() and not any((output_dir / name).iterdir()))]
+    present = [
+        name
+        for name in RUN_ARTIFACTS
+        if (output_dir / name).exists()
+        and not ((output_dir / name).is_dir() and not any((output_dir / name).iterdir()))
+    ]
     return present if set(present) - {RUN_FILE} else []
 
 
@@ -108,8 +122,13 @@ def latest_of_run(output_dir: Path, run_id: str | None) -> Path | None:
     return manager.latest_valid(accept=lambda p: p in allowed)
 
 
-def plan_start(output_dir: str | Path, *, resume: bool | str | Path = False,
-               overwrite: bool = False, restart: int = 0) -> RunStart:
+def plan_start(
+    output_dir: str | Path,
+    *,
+    resume: bool | str | Path = False,
+    overwrite: bool = False,
+    restart: int = 0,
+) -> RunStart:
     """Decide how a run starts in ``output_dir`` (reads only; raises a one-line HetlmError)."""
     output_dir = Path(output_dir)
     current = read_run_id(output_dir)
@@ -130,10 +149,15 @@ def _plan_fresh(output_dir: Path, overwrite: bool) -> RunStart:
         raise HetlmError(
             f"run.output_dir {output_dir} already holds {describe_run(output_dir)}: add "
             "--resume to continue it, --overwrite to delete it and start again, or choose "
-            "another run.output_dir")
-    return RunStart(new_run_id(), None, [output_dir / name for name in present],
-                    f"hetlm: --overwrite: deleted the earlier run in {output_dir} "
-                    f"({', '.join(n for n in present if n != RUN_FILE)})")
+            "another run.output_dir"
+        )
+    return RunStart(
+        new_run_id(),
+        None,
+        [output_dir / name for name in present],
+        f"hetlm: --overwrite: deleted the earlier run in {output_dir} "
+        f"({', '.join(n for n in present if n != RUN_FILE)})",
+    )
 
 
 def _plan_restart(output_dir: Path, run_id: str, resume: bool | str | Path) -> RunStart:
@@ -149,36 +173,58 @@ def _plan_restart(output_dir: Path, run_id: str, resume: bool | str | Path) -> R
 def _plan_resume_latest(output_dir: Path, current: str | None, overwrite: bool) -> RunStart:
     root = output_dir / "checkpoints"
     if current is None:  # a folder from before run ids: refuse a mix of runs it can detect
-        ids = {checkpoint_run_id(p) for _s, p in
-               CheckpointManager(root, 1).complete_checkpoints()} - {None}
+        ids = {
+            checkpoint_run_id(p) for _s, p in CheckpointManager(root, 1).complete_checkpoints()
+        } - {None}
         if len(ids) > 1:
-            raise HetlmError(f"{root} holds checkpoints of {len(ids)} different runs and "
-                             f"{output_dir / RUN_FILE} is missing: resume one of them with "
-                             "--resume PATH")
+            raise HetlmError(
+                f"{root} holds checkpoints of {len(ids)} different runs and "
+                f"{output_dir / RUN_FILE} is missing: resume one of them with "
+                "--resume PATH"
+            )
     found = latest_of_run(output_dir, current)
     if found is None:
-        raise HetlmError(f"no complete checkpoint under {root} to resume from: run without "
-                         "--resume to start a new run")
+        raise HetlmError(
+            f"no complete checkpoint under {root} to resume from: run without "
+            "--resume to start a new run"
+        )
     run_id = current or checkpoint_run_id(found) or new_run_id()
-    others = [p for _s, p in CheckpointManager(root, 1).complete_checkpoints()
-              if checkpoint_run_id(p) not in (None, run_id)]
+    others = [
+        p
+        for _s, p in CheckpointManager(root, 1).complete_checkpoints()
+        if checkpoint_run_id(p) not in (None, run_id)
+    ]
     if others and overwrite:
-        return RunStart(run_id, found, others, f"hetlm: --overwrite: deleted {len(others)} "
-                        f"checkpoint(s) of other runs in {root}")
-    return RunStart(run_id, found, message=f"hetlm: ignoring {len(others)} checkpoint(s) of "
-                    f"other runs in {root}" if others else None)
+        return RunStart(
+            run_id,
+            found,
+            others,
+            f"hetlm: --overwrite: deleted {len(others)} checkpoint(s) of other runs in {root}",
+        )
+    return RunStart(
+        run_id,
+        found,
+        message=f"hetlm: ignoring {len(others)} checkpoint(s) of other runs in {root}"
+        if others
+        else None,
+    )
 
 
-def _plan_resume_path(output_dir: Path, path: Path, current: str | None,
-                      overwrite: bool) -> RunStart:
+def _plan_resume_path(
+    output_dir: Path, path: Path, current: str | None, overwrite: bool
+) -> RunStart:
     path = path.expanduser()
     if not path.is_dir():
-        raise HetlmError(f"--resume {path}: no such checkpoint folder (give a "
-                         f"checkpoints/step-NNNNNNNN folder, or --resume alone for the newest)")
+        raise HetlmError(
+            f"--resume {path}: no such checkpoint folder (give a "
+            f"checkpoints/step-NNNNNNNN folder, or --resume alone for the newest)"
+        )
     problem = verify_manifest(path)
     if problem is not None:
-        raise HetlmError(f"--resume {path}: not a complete checkpoint ({problem}); pick another "
-                         f"one under {path.parent}")
+        raise HetlmError(
+            f"--resume {path}: not a complete checkpoint ({problem}); pick another "
+            f"one under {path.parent}"
+        )
     run_id = checkpoint_run_id(path) or current or new_run_id()
     if current is not None and current != run_id:
         # the folder belongs to another run: its artifacts would mix with this one's
@@ -187,11 +233,14 @@ def _plan_resume_path(output_dir: Path, path: Path, current: str | None,
             raise HetlmError(
                 f"run.output_dir {output_dir} holds run {current}, but {path} is a checkpoint of "
                 f"run {run_id}: resume into another run.output_dir, or add --overwrite to "
-                "delete the other run there")
+                "delete the other run there"
+            )
         start = _with_conflicts(output_dir, path, run_id, overwrite)
         start.delete += [output_dir / name for name in present if name != RUN_FILE]
-        start.message = (f"hetlm: --overwrite: deleted run {current} in {output_dir} "
-                         f"({', '.join(present)}) before resuming {path}")
+        start.message = (
+            f"hetlm: --overwrite: deleted run {current} in {output_dir} "
+            f"({', '.join(present)}) before resuming {path}"
+        )
         return start
     return _with_conflicts(output_dir, path, run_id, overwrite)
 
@@ -214,10 +263,15 @@ def _with_conflicts(output_dir: Path, chosen: Path, run_id: str, overwrite: bool
         raise HetlmError(
             f"{output_dir / 'checkpoints'} holds {len(conflicts)} checkpoint(s) that would mix "
             f"with {chosen} (another run's, or later steps: {names}): add --overwrite to delete "
-            "them, or resume into another run.output_dir")
-    return RunStart(run_id, chosen, conflicts,
-                    f"hetlm: --overwrite: deleted {len(conflicts)} checkpoint(s) that would mix "
-                    f"with {chosen.name} ({names})")
+            "them, or resume into another run.output_dir"
+        )
+    return RunStart(
+        run_id,
+        chosen,
+        conflicts,
+        f"hetlm: --overwrite: deleted {len(conflicts)} checkpoint(s) that would mix "
+        f"with {chosen.name} ({names})",
+    )
 
 
 def apply_start(output_dir: str | Path, start: RunStart, report=print) -> None:
@@ -231,8 +285,7 @@ def apply_start(output_dir: str | Path, start: RunStart, report=print) -> None:
     if start.message and report is not None:
         report(start.message)
     output_dir.mkdir(parents=True, exist_ok=True)
-    record = {"run_id": start.run_id, "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                               time.gmtime())}
+    record = {"run_id": start.run_id, "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     tmp = output_dir / f".{RUN_FILE}.tmp"
     tmp.write_text(json.dumps(record) + "\n")
     tmp.replace(output_dir / RUN_FILE)

@@ -60,9 +60,13 @@ def step_scalars(record: dict[str, Any]) -> dict[str, float]:
 
 def eval_scalars(fields: dict[str, Any]) -> dict[str, float]:
     """An eval event's numbers as ``eval/<name>`` (``eval_loss`` -> ``eval/loss``)."""
-    return {f"eval/{key.removeprefix('eval_')}": float(value) for key, value in fields.items()
-            if key not in ("event", "step") and isinstance(value, int | float)
-            and not isinstance(value, bool)}
+    return {
+        f"eval/{key.removeprefix('eval_')}": float(value)
+        for key, value in fields.items()
+        if key not in ("event", "step")
+        and isinstance(value, int | float)
+        and not isinstance(value, bool)
+    }
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -77,8 +81,9 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def open_trackers(names: list[str], output_dir: Path, *, config: dict[str, Any],
-                  resume: bool) -> list[Tracker]:
+def open_trackers(
+    names: list[str], output_dir: Path, *, config: dict[str, Any], resume: bool
+) -> list[Tracker]:
     """The trackers of ``names`` for the run in ``output_dir`` (rank 0 only). ``resume``:
     continue the W&B / MLflow runs recorded in ``trackers.json`` (a fresh start makes new
     ones)."""
@@ -141,12 +146,18 @@ class WandbTracker:
 
         try:
             self._run = wandb.init(
-                project=os.environ.get("WANDB_PROJECT", "hetlm"), name=output_dir.name,
-                config=config, dir=None if os.environ.get("WANDB_DIR") else str(output_dir),
-                id=run_id, resume="allow" if run_id else None)
+                project=os.environ.get("WANDB_PROJECT", "hetlm"),
+                name=output_dir.name,
+                config=config,
+                dir=None if os.environ.get("WANDB_DIR") else str(output_dir),
+                id=run_id,
+                resume="allow" if run_id else None,
+            )
         except Exception as exc:  # wandb.errors.UsageError/CommError: no login, no network
-            raise HetlmError(f"wandb could not start a run: {_one_line(exc)}; run `wandb login` "
-                             "or set WANDB_MODE=offline") from None
+            raise HetlmError(
+                f"wandb could not start a run: {_one_line(exc)}; run `wandb login` "
+                "or set WANDB_MODE=offline"
+            ) from None
         # a step logged again after a resume is accepted when plotted against this metric
         self._run.define_metric("train/global_step")
         self._run.define_metric("*", step_metric="train/global_step", step_sync=True)
@@ -178,20 +189,28 @@ class MlflowTracker:
             else:
                 name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "hetlm")
                 experiment = client.get_experiment_by_name(name)
-                experiment_id = (experiment.experiment_id if experiment is not None
-                                 else client.create_experiment(name))
-                run_id = client.create_run(experiment_id, run_name=output_dir.name,
-                                           tags={"hetlm.output_dir": str(output_dir)}).info.run_id
+                experiment_id = (
+                    experiment.experiment_id
+                    if experiment is not None
+                    else client.create_experiment(name)
+                )
+                run_id = client.create_run(
+                    experiment_id,
+                    run_name=output_dir.name,
+                    tags={"hetlm.output_dir": str(output_dir)},
+                ).info.run_id
                 known = {}
             # a resumed run keeps the params it started with (MLflow refuses to change one)
             params = [Param(k, v) for k, v in flatten(config).items() if k not in known]
             for i in range(0, len(params), 100):  # log_batch takes at most 100 params
-                client.log_batch(run_id, params=params[i:i + 100])
+                client.log_batch(run_id, params=params[i : i + 100])
         except Exception as exc:  # MlflowException: a store it cannot open, a server away
             uri = getattr(getattr(self, "_client", None), "tracking_uri", "?")
-            raise HetlmError(f"mlflow could not start a run in {uri}: {_one_line(exc)}; set "
-                             "MLFLOW_TRACKING_URI (a server, sqlite:///mlflow.db, or a file:// "
-                             "folder with MLFLOW_ALLOW_FILE_STORE=true)") from None
+            raise HetlmError(
+                f"mlflow could not start a run in {uri}: {_one_line(exc)}; set "
+                "MLFLOW_TRACKING_URI (a server, sqlite:///mlflow.db, or a file:// "
+                "folder with MLFLOW_ALLOW_FILE_STORE=true)"
+            ) from None
         self.run_id: str = run_id
 
     def log(self, metrics: dict[str, float], step: int) -> None:
@@ -200,7 +219,7 @@ class MlflowTracker:
         now = int(time.time() * 1000)
         batch = [Metric(key, value, now, step) for key, value in metrics.items()]
         for i in range(0, len(batch), 1000):
-            self._client.log_batch(self.run_id, metrics=batch[i:i + 1000])
+            self._client.log_batch(self.run_id, metrics=batch[i : i + 1000])
 
     def close(self) -> None:
         self._client.set_terminated(self.run_id)

@@ -48,8 +48,11 @@ def compression_hook(kind: str, device: torch.device):
     if kind == "fp16":
         return default_hooks.fp16_compress_hook
     if kind == "bf16":
-        return default_hooks.bf16_compress_hook if device.type == "cuda" else \
-            _bf16_compress_hook_any_backend
+        return (
+            default_hooks.bf16_compress_hook
+            if device.type == "cuda"
+            else _bf16_compress_hook_any_backend
+        )
     raise HetlmError(f"train.grad_compression must be none, fp16 or bf16, not {kind!r}")
 
 
@@ -58,8 +61,9 @@ class DDPEngine(Engine):
 
     name = "ddp"
 
-    def __init__(self, module: nn.Module, ctx: DistContext, precision: Precision,
-                 options: EngineOptions) -> None:
+    def __init__(
+        self, module: nn.Module, ctx: DistContext, precision: Precision, options: EngineOptions
+    ) -> None:
         super().__init__(module, ctx, precision, options)
         device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         kwargs: dict[str, Any] = {}
@@ -87,13 +91,19 @@ class ZeRO1Engine(DDPEngine):
 
     name = "zero1"
 
-    def build_optimizer(self, *, lr: float, weight_decay: float, betas: tuple[float, float],
-                        eps: float) -> torch.optim.Optimizer:
+    def build_optimizer(
+        self, *, lr: float, weight_decay: float, betas: tuple[float, float], eps: float
+    ) -> torch.optim.Optimizer:
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
         self.optimizer = ZeroRedundancyOptimizer(
-            param_groups(self.unwrapped, weight_decay), optimizer_class=torch.optim.AdamW,
-            lr=lr, betas=betas, eps=eps, **adamw_implementation(self.ctx.device))
+            param_groups(self.unwrapped, weight_decay),
+            optimizer_class=torch.optim.AdamW,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            **adamw_implementation(self.ctx.device),
+        )
         return self.optimizer
 
     def optimizer_state_dict(self) -> dict[str, Any] | None:

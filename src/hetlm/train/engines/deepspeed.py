@@ -52,8 +52,10 @@ def import_deepspeed():
     try:
         import deepspeed
     except ImportError as exc:
-        raise HetlmError(f"train.engine deepspeed needs DeepSpeed ({exc}): pip install "
-                         "'hetlm[deepspeed]', or use engine ddp, zero1 or fsdp2") from None
+        raise HetlmError(
+            f"train.engine deepspeed needs DeepSpeed ({exc}): pip install "
+            "'hetlm[deepspeed]', or use engine ddp, zero1 or fsdp2"
+        ) from None
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     if not torch.cuda.is_available():
         # The CPU accelerator JIT-compiles a shared-memory all-reduce op on first use (minutes
@@ -71,34 +73,46 @@ def deepspeed_config(options: EngineOptions, precision: str, world_size: int) ->
         try:
             config = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
-            raise HetlmError(f"train.deepspeed_config {path}: cannot read it as JSON ({exc}): "
-                             "give a DeepSpeed JSON file") from None
+            raise HetlmError(
+                f"train.deepspeed_config {path}: cannot read it as JSON ({exc}): "
+                "give a DeepSpeed JSON file"
+            ) from None
         for key in ("optimizer", "scheduler"):
             if key in config:
-                raise HetlmError(f"train.deepspeed_config {path} has an {key!r} section: hetlm "
-                                 f"passes its own AdamW and schedule (train.learning_rate, ...); remove it")
+                raise HetlmError(
+                    f"train.deepspeed_config {path} has an {key!r} section: hetlm "
+                    f"passes its own AdamW and schedule (train.learning_rate, ...); remove it"
+                )
         clip = config.get("gradient_clipping")
         if clip is not None and float(clip) != float(options.max_grad_norm or 0.0):
-            raise HetlmError(f"train.deepspeed_config {path} sets gradient_clipping {clip} but "
-                             f"train.max_grad_norm is {options.max_grad_norm}: set "
-                             "train.max_grad_norm and remove gradient_clipping from the JSON")
+            raise HetlmError(
+                f"train.deepspeed_config {path} sets gradient_clipping {clip} but "
+                f"train.max_grad_norm is {options.max_grad_norm}: set "
+                "train.max_grad_norm and remove gradient_clipping from the JSON"
+            )
         stage = config.get("zero_optimization", {}).get("stage")
         if stage is not None and int(stage) != options.zero_stage:
-            raise HetlmError(f"train.deepspeed_config {path} has zero_optimization.stage {stage} "
-                             f"but the run uses ZeRO stage {options.zero_stage}: set "
-                             "train.zero_stage (or remove the stage from the JSON)")
+            raise HetlmError(
+                f"train.deepspeed_config {path} has zero_optimization.stage {stage} "
+                f"but the run uses ZeRO stage {options.zero_stage}: set "
+                "train.zero_stage (or remove the stage from the JSON)"
+            )
         for key in ("fp16", "bf16"):
             if config.get(key, {}).get("enabled") and precision != key:
-                raise HetlmError(f"train.deepspeed_config {path} enables {key} but the run's "
-                                 f"precision is {precision}: set train.precision: {key}")
-    config.update({
-        "train_micro_batch_size_per_gpu": options.micro_batch,
-        "gradient_accumulation_steps": options.micro_steps,
-        "train_batch_size": options.micro_batch * options.micro_steps * world_size,
-        "gradient_clipping": float(options.max_grad_norm or 0.0),
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": config.get("steps_per_print", 1 << 30),
-    })
+                raise HetlmError(
+                    f"train.deepspeed_config {path} enables {key} but the run's "
+                    f"precision is {precision}: set train.precision: {key}"
+                )
+    config.update(
+        {
+            "train_micro_batch_size_per_gpu": options.micro_batch,
+            "gradient_accumulation_steps": options.micro_steps,
+            "train_batch_size": options.micro_batch * options.micro_steps * world_size,
+            "gradient_clipping": float(options.max_grad_norm or 0.0),
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": config.get("steps_per_print", 1 << 30),
+        }
+    )
     config.setdefault("zero_optimization", {})["stage"] = options.zero_stage
     config["bf16"] = {**config.get("bf16", {}), "enabled": precision == "bf16"}
     config["fp16"] = {**config.get("fp16", {}), "enabled": precision == "fp16"}
@@ -108,12 +122,15 @@ def deepspeed_config(options: EngineOptions, precision: str, world_size: int) ->
 class DeepSpeedEngine(Engine):
     name = "deepspeed"
 
-    def __init__(self, module: nn.Module, ctx: DistContext, precision: Precision,
-                 options: EngineOptions) -> None:
+    def __init__(
+        self, module: nn.Module, ctx: DistContext, precision: Precision, options: EngineOptions
+    ) -> None:
         self._deepspeed = import_deepspeed()
         if precision.name == "fp16" and ctx.device.type != "cuda":
-            raise HetlmError("DeepSpeed's CPU accelerator has no fp16: use train.precision bf16 "
-                             "or fp32, or a torch engine (ddp, zero1, fsdp2) for fp16 on CPU")
+            raise HetlmError(
+                "DeepSpeed's CPU accelerator has no fp16: use train.precision bf16 "
+                "or fp32, or a torch engine (ddp, zero1, fsdp2) for fp16 on CPU"
+            )
         super().__init__(module, ctx, precision, options)
         self._inner = self.module
         self.config = deepspeed_config(options, precision.name, ctx.world_size)
@@ -128,13 +145,15 @@ class DeepSpeedEngine(Engine):
     def checkpoint_format(self) -> str:
         return "deepspeed"
 
-    def build_optimizer(self, *, lr: float, weight_decay: float, betas: tuple[float, float],
-                        eps: float) -> torch.optim.Optimizer:
-        client = torch.optim.AdamW(param_groups(self._inner, weight_decay), lr=lr, betas=betas,
-                                   eps=eps)
-        self.ds, _, _, _ = self._deepspeed.initialize(model=self._inner, optimizer=client,
-                                                      config=self.config,
-                                                      dist_init_required=False)
+    def build_optimizer(
+        self, *, lr: float, weight_decay: float, betas: tuple[float, float], eps: float
+    ) -> torch.optim.Optimizer:
+        client = torch.optim.AdamW(
+            param_groups(self._inner, weight_decay), lr=lr, betas=betas, eps=eps
+        )
+        self.ds, _, _, _ = self._deepspeed.initialize(
+            model=self._inner, optimizer=client, config=self.config, dist_init_required=False
+        )
         self.module = self.ds
         # ZeRO keeps the client's param-group dicts (with their lr) and swaps only the params:
         # the schedule set on the client reaches DeepSpeed's step.
@@ -154,8 +173,15 @@ class DeepSpeedEngine(Engine):
         grads = [p.grad for p in self._inner.parameters() if p.grad is not None]
         # ZeRO keeps gradients in its own buffers and reports the norm; a plain optimizer
         # (stage 0, fp32) does not, so measure it before the step while .grad is there.
-        measured = float(torch.linalg.vector_norm(torch.stack(
-            [torch.linalg.vector_norm(g.float()) for g in grads]))) if grads else float("nan")
+        measured = (
+            float(
+                torch.linalg.vector_norm(
+                    torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])
+                )
+            )
+            if grads
+            else float("nan")
+        )
         self.ds.step()
         norm = self.ds.get_global_grad_norm()
         return (measured if norm is None else float(norm)), bool(self.ds.was_step_applied())
@@ -182,16 +208,23 @@ class DeepSpeedEngine(Engine):
             return None
         state = {name: full[id(p)] for name, p in model.named_parameters(remove_duplicate=False)}
         persistent = set(model.state_dict())
-        state.update({name: buffer.detach().cpu() for name, buffer in model.named_buffers()
-                      if name in persistent})
+        state.update(
+            {
+                name: buffer.detach().cpu()
+                for name, buffer in model.named_buffers()
+                if name in persistent
+            }
+        )
         return state
 
     def optimizer_state_dict(self) -> dict[str, Any] | None:
         return None  # DeepSpeed's own per-rank files: save_sharded
 
     def load_optimizer_state_dict(self, state: dict[str, Any]) -> None:
-        raise HetlmError("this checkpoint holds a torch engine's optimizer state; DeepSpeed "
-                         "cannot load it: resume with train.engine ddp, zero1 or fsdp2")
+        raise HetlmError(
+            "this checkpoint holds a torch engine's optimizer state; DeepSpeed "
+            "cannot load it: resume with train.engine ddp, zero1 or fsdp2"
+        )
 
     def save_sharded(self, directory: Path) -> None:
         self.ds.save_checkpoint(str(Path(directory) / _SUBDIR), tag=_TAG, save_latest=False)
@@ -199,10 +232,15 @@ class DeepSpeedEngine(Engine):
     def load_sharded(self, directory: Path) -> None:
         path = Path(directory) / _SUBDIR
         if not (path / _TAG).is_dir():
-            raise HetlmError(f"checkpoint {directory} has no DeepSpeed state ({path / _TAG}): "
-                             "resume it with the engine that wrote it")
-        loaded, _ = self.ds.load_checkpoint(str(path), tag=_TAG, load_optimizer_states=True,
-                                            load_lr_scheduler_states=False)
+            raise HetlmError(
+                f"checkpoint {directory} has no DeepSpeed state ({path / _TAG}): "
+                "resume it with the engine that wrote it"
+            )
+        loaded, _ = self.ds.load_checkpoint(
+            str(path), tag=_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
         if loaded is None:
-            raise HetlmError(f"DeepSpeed could not load {path}: resume with the same number of "
-                             "ranks and ZeRO stage it was written with")
+            raise HetlmError(
+                f"DeepSpeed could not load {path}: resume with the same number of "
+                "ranks and ZeRO stage it was written with"
+            )

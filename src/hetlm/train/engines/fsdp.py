@@ -37,8 +37,9 @@ _FULL = {"full_state_dict": True, "cpu_offload": True}
 
 def transformer_layers(model: nn.Module) -> list[nn.Module]:
     """The blocks of every ``nn.ModuleList`` (BERT's ``encoder.layer``; a decoder's ``layers``)."""
-    return [block for module in model.modules() if isinstance(module, nn.ModuleList)
-            for block in module]
+    return [
+        block for module in model.modules() if isinstance(module, nn.ModuleList) for block in module
+    ]
 
 
 def tied_groups(model: nn.Module) -> list[list[str]]:
@@ -52,8 +53,9 @@ def tied_groups(model: nn.Module) -> list[list[str]]:
 class FSDP2Engine(Engine):
     name = "fsdp2"
 
-    def __init__(self, module: nn.Module, ctx: DistContext, precision: Precision,
-                 options: EngineOptions) -> None:
+    def __init__(
+        self, module: nn.Module, ctx: DistContext, precision: Precision, options: EngineOptions
+    ) -> None:
         super().__init__(module, ctx, precision, options)
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -113,8 +115,9 @@ class FSDP2Engine(Engine):
             get_optimizer_state_dict,
         )
 
-        full = get_optimizer_state_dict(self.module, self.optimizer,
-                                        options=StateDictOptions(**_FULL))
+        full = get_optimizer_state_dict(
+            self.module, self.optimizer, options=StateDictOptions(**_FULL)
+        )
         return full if self.ctx.is_main else None
 
     def load_optimizer_state_dict(self, state: dict[str, Any]) -> None:
@@ -123,5 +126,9 @@ class FSDP2Engine(Engine):
             set_optimizer_state_dict,
         )
 
-        set_optimizer_state_dict(self.module, self.optimizer, self._named(state),
-                                 options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(
+            self.module,
+            self.optimizer,
+            self._named(state),
+            options=StateDictOptions(full_state_dict=True),
+        )
