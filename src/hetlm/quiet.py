@@ -7,6 +7,11 @@
   ``DeepSpeed`` logger; a filter on that logger (which DeepSpeed's own set-up keeps: it sets the
   level and adds a handler, never clears filters) drops exactly this record.
 
+- transformers' "Loading weights" progress bar, drawn each time a saved model is loaded (the
+  demo's last step, chat, serve, eval, export): ``no_loading_bars()``, called by those commands
+  (it imports transformers, so it is not part of ``install``). Download bars are
+  huggingface_hub's and stay.
+
 ``install()`` is called once by the CLI before any command runs; it imports nothing heavy.
 """
 
@@ -37,3 +42,10 @@ def install() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropRecords) for f in logger.filters):
             logger.addFilter(_DropRecords(tuple(texts)))
+
+
+def no_loading_bars() -> None:
+    """Turn off transformers' own progress bars (weight loading) for this process."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()

@@ -81,6 +81,9 @@ def add_listen_arguments(parser: argparse.ArgumentParser, port: int) -> None:
 
 def load_engine(args: argparse.Namespace):
     """The ChatEngine and default GenerationSettings the options describe."""
+    from hetlm.quiet import no_loading_bars
+
+    no_loading_bars()
     from transformers.utils import logging as hf_logging
 
     from hetlm.serve.generation import GenerationSettings, load_chat_model

@@ -105,6 +105,9 @@ def find_data_dir() -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    from hetlm.quiet import no_loading_bars
+
+    no_loading_bars()
     from hetlm.commands.pretrain import format_summary
     from hetlm.data.packing import prepare_dataset
     from hetlm.data.tokenizer import train_tokenizer

@@ -104,6 +104,9 @@ def _write_instruction_texts(source: Path, target: Path, limit: int | None) -> P
 
 
 def run(args: argparse.Namespace) -> int:
+    from hetlm.quiet import no_loading_bars
+
+    no_loading_bars()
     from transformers.utils import logging as hf_logging
 
     from hetlm.commands.demo import DEFAULT_CORPUS, find_data_dir, run_demo_step

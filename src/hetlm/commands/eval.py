@@ -144,6 +144,9 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Check everything, evaluate, print the table, write Markdown and JSON."""
+    from hetlm.quiet import no_loading_bars
+
+    no_loading_bars()
     from hetlm.errors import HetlmError
     from hetlm.evaluate.checkpoint import parse_model_specs, resolve_device
     from hetlm.evaluate.finetune import FinetuneOptions

@@ -29,6 +29,9 @@ def register(subparsers) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    from hetlm.quiet import no_loading_bars
+
+    no_loading_bars()
     if not args.merge:
         raise HetlmError("say what to export: --merge (merge the adapter into the base model)")
     from transformers.utils import logging as hf_logging
