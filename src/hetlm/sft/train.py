@@ -150,6 +150,18 @@ def frozen_base_dtype(device: torch.device, precision: str) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" and precision == "bf16" else torch.float32
 
 
+def base_source(init_from: str) -> str:
+    """``model.init_from`` as ``from_pretrained`` takes it: an existing folder with a
+    ``config.json`` (a local-looking path never goes to the hub), or a hub name."""
+    source = resolve_model_source(init_from, "model.init_from")
+    if Path(source).exists() and not (Path(source) / "config.json").is_file():
+        raise HetlmError(
+            f"model.init_from {source} has no config.json: point it at a folder written "
+            "by save_pretrained (e.g. a hetlm pretrain run's model/)"
+        )
+    return source
+
+
 def build_base_model(
     section: SFTModelSection,
     tokenizer,
@@ -186,12 +198,7 @@ def build_base_model(
         )
     else:
         kwargs.update(dtype=frozen_base_dtype(device, precision))
-    source = resolve_model_source(section.init_from, "model.init_from")
-    if Path(source).exists() and not (Path(source) / "config.json").is_file():
-        raise HetlmError(
-            f"model.init_from {source} has no config.json: point it at a folder written "
-            "by save_pretrained (e.g. a hetlm pretrain run's model/)"
-        )
+    source = base_source(section.init_from)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
@@ -216,12 +223,7 @@ def check_base_model(section: SFTModelSection, max_length: int) -> None:
         return
     from transformers import AutoConfig
 
-    source = resolve_model_source(section.init_from, "model.init_from")
-    if Path(source).exists() and not (Path(source) / "config.json").is_file():
-        raise HetlmError(
-            f"model.init_from {source} has no config.json: point it at a folder written "
-            "by save_pretrained (e.g. a hetlm pretrain run's model/)"
-        )
+    source = base_source(section.init_from)
     try:
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as exc:
