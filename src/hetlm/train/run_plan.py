@@ -14,7 +14,7 @@ later. The plan is logged in the ``start`` event and saved in every checkpoint.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from hetlm.cluster.precision import choose_job_precision
 from hetlm.errors import HetlmError
@@ -122,10 +122,10 @@ def resolve_run_plan(
     Every rank resolves the plan even when its own resolution fails, so that the error (the
     same on every rank, or one rank's) is raised on all of them together instead of leaving the
     others waiting in the next collective."""
-    devices = [
-        DeviceReport(**_as_fields(d))
-        for d in D.all_gather_object(ctx, DeviceReport.local(ctx.rank, ctx.device).__dict__)
-    ]
+    # every rank's DeviceReport (a picklable dataclass), in rank order
+    devices = cast(
+        list[DeviceReport], D.all_gather_object(ctx, DeviceReport.local(ctx.rank, ctx.device))
+    )
     error, plan = None, None
     try:
         plan = resolve_plan(
@@ -153,10 +153,3 @@ def resolve_run_plan(
     check_agreement([a[1] for a in answers], devices, [a[2] for a in answers])
     assert plan is not None
     return plan
-
-
-def _as_fields(raw: dict) -> dict:
-    fields = dict(raw)
-    if fields.get("capability") is not None:
-        fields["capability"] = tuple(fields["capability"])
-    return fields
