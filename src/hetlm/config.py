@@ -289,6 +289,13 @@ class TrainSection(_Section):
         description="Take a new split only if it is expected to shorten the "
         "step by at least this fraction (hysteresis against measurement noise).",
     )
+    elastic: bool = Field(
+        False,
+        description="Elastic membership (torchrun --nnodes MIN:MAX, or --local-nodes N "
+        "--elastic): when nodes leave or join, the same global batch is re-split over the "
+        "ranks present (from train.plan, which may list more nodes, or from one int "
+        "train.micro_batch) and the job resumes from its newest checkpoint. docs/ELASTIC.md",
+    )
     max_micro_batch: int | list[int] | None = Field(
         None,
         description="The largest micro-batch each rank's memory holds (an int, or one "

@@ -6,8 +6,11 @@ import argparse
 
 from hetlm.commands.run_options import (
     add_run_arguments,
+    apply_run_options,
     fix_resume_argument,
     launch_local,
+    launched_split,
+    membership_lines,
     print_result,
     steps_line,
     tokens_line,
@@ -39,8 +42,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.config:
         raise HetlmError("give a config file: hetlm pretrain CONFIG.yaml (see --help-config)")
     config = load_config(args.config)
-    if args.plan:
-        config.train.plan = args.plan
+    apply_run_options(args, config)
     if args.local_nodes:
         return launch_local("pretrain", args, config, lambda: precheck(config, args))
     from hetlm.train.pretrain import run_pretraining
@@ -65,8 +67,7 @@ def precheck(config, args: argparse.Namespace) -> None:
     from hetlm.train.run_plan import resolve_plan
 
     load_packed_dataset(config.data.dataset)
-    world = args.local_nodes * args.nproc_per_node
-    split = config.batch_split(world, [r // args.nproc_per_node for r in range(world)])
+    split = launched_split(config, args)
     plan_file = config.load_plan() if config.train.plan is not None else None
     # devices are checked by the ranks themselves; here only what the config decides
     plan = resolve_plan(
@@ -101,6 +102,7 @@ def format_summary(summary: dict) -> str:
             else "train loss       (no steps run)",
             held_out,
             tokens_line(summary),
+            *membership_lines(summary),
             f"model            {summary['model_dir']}",
         ]
     )

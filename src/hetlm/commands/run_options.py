@@ -70,6 +70,21 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         "(default 0: a failure ends the run; see docs/FAULTS.md)",
     )
     parser.add_argument(
+        "--elastic",
+        action="store_true",
+        help="elastic membership (sets train.elastic): when nodes leave or join "
+        "(torchrun --nnodes MIN:MAX), re-split the same global batch over the "
+        "ranks present and resume from the newest checkpoint; with --local-nodes, "
+        "the emulated nodes form an elastic job (docs/ELASTIC.md)",
+    )
+    parser.add_argument(
+        "--min-nodes",
+        type=int,
+        default=None,
+        metavar="M",
+        help="(with --local-nodes N --elastic) the fewest nodes the job continues on (default 1)",
+    )
+    parser.add_argument(
         "--plan",
         default=None,
         metavar="PLAN.yaml",
@@ -99,7 +114,21 @@ def launch_local(
         raise HetlmError("--max-restarts must be >= 0")
     nodes, per_node = args.local_nodes, args.nproc_per_node
     node_of_rank = [r // per_node for r in range(nodes * per_node)]
-    config.batch_split(nodes * per_node, node_of_rank)  # topology errors before any launch
+    names = emulated_node_names(config, nodes)
+    if args.elastic:
+        min_nodes = 1 if args.min_nodes is None else args.min_nodes
+        if not 1 <= min_nodes <= nodes:
+            raise HetlmError(f"--min-nodes {min_nodes}: give 1 to --local-nodes ({nodes})")
+        from hetlm.train.membership import elastic_split, emulated_devices
+
+        # the split on every node, and on the fewest: errors before any launch
+        for count in sorted({nodes, min_nodes}):
+            devices = emulated_devices(names[:count], per_node)
+            elastic_split(config, devices, [d.rank // per_node for d in devices])
+    else:
+        if args.min_nodes is not None:
+            raise HetlmError("--min-nodes is for an elastic job: add --elastic")
+        config.batch_split(nodes * per_node, node_of_rank)  # topology errors before any launch
     precheck()
     from hetlm.train.run_dir import plan_start
 
@@ -116,15 +145,69 @@ def launch_local(
     forwarded += ["--extend", args.extend] if args.extend else []
     forwarded += ["--quiet"] if args.quiet else []
     forwarded += ["--plan", args.plan] if args.plan else []
+    forwarded += ["--elastic"] if args.elastic else []
     if args.stop_at_step:
         forwarded += ["--stop-at-step", str(args.stop_at_step)]
     started = time.time()
-    code = run_local_nodes(
-        forwarded, nodes=nodes, nproc_per_node=per_node, max_restarts=args.max_restarts
-    )
+    if args.elastic:
+        from hetlm.launch import run_local_elastic
+
+        code = run_local_elastic(
+            forwarded,
+            nodes=nodes,
+            min_nodes=min_nodes,
+            nproc_per_node=per_node,
+            max_restarts=args.max_restarts or 3,
+            node_names=names,
+        )
+    else:
+        code = run_local_nodes(
+            forwarded,
+            nodes=nodes,
+            nproc_per_node=per_node,
+            max_restarts=args.max_restarts,
+            node_names=names,
+        )
     if code != 0:
         report_heartbeats(config.run.output_dir, nodes * per_node, since=started)
     return code
+
+
+def apply_run_options(args: argparse.Namespace, config: Any) -> None:
+    """What the command line overrides in the config: --plan and --elastic."""
+    from hetlm.errors import HetlmError
+
+    if args.plan:
+        config.train.plan = args.plan
+    if args.elastic:
+        config.train.elastic = True
+    if args.min_nodes is not None and not (args.local_nodes and args.elastic):
+        raise HetlmError(
+            "--min-nodes is for an emulated elastic job (--local-nodes N --elastic); under "
+            "torchrun give --nnodes MIN:MAX"
+        )
+
+
+def launched_split(config: Any, args: argparse.Namespace):
+    """The split of the global batch on all ``--local-nodes`` (elastic: re-derived for them)."""
+    world, per_node = args.local_nodes * args.nproc_per_node, args.nproc_per_node
+    node_of_rank = [r // per_node for r in range(world)]
+    if not config.train.elastic:
+        return config.batch_split(world, node_of_rank)
+    from hetlm.train.membership import elastic_split, emulated_devices
+
+    devices = emulated_devices(emulated_node_names(config, args.local_nodes), per_node)
+    return elastic_split(config, devices, node_of_rank).split
+
+
+def emulated_node_names(config: Any, nodes: int) -> list[str]:
+    """The emulated nodes' names: the plan's first ``nodes`` node names when a plan is given
+    (so that an elastic job finds their rows), else node0, node1, ..."""
+    if config.train.plan is not None:
+        names = [n.name for n in config.load_plan().nodes]
+        if len(names) >= nodes:
+            return names[:nodes]
+    return [f"node{i}" for i in range(nodes)]
 
 
 def report_heartbeats(output_dir, world_size: int, since: float) -> None:
@@ -190,3 +273,22 @@ def tokens_line(summary: dict[str, Any]) -> str:
         f"rank {i}: {t:,.0f}" for i, t in enumerate(summary["tokens_per_s_per_rank"])
     )
     return f"tokens/s         {summary['tokens_per_s']:,.0f} total ({per_rank})"
+
+
+def membership_lines(summary: dict[str, Any]) -> list[str]:
+    """A summary line when nodes left or joined during the run (train.elastic), else none."""
+    changes = summary.get("membership") or []
+    if not changes:
+        return []
+    parts = []
+    for c in changes:
+        who = "; ".join(
+            f"{word} {', '.join(c[key])}"
+            for word, key in (("left", "left"), ("joined", "joined"))
+            if c.get(key)
+        )
+        parts.append(
+            f"{c['world_size_before']} -> {c['world_size']} ranks at step {c['step']}"
+            + (f" ({who})" if who else "")
+        )
+    return [f"membership       {'; '.join(parts)}"]

@@ -6,8 +6,10 @@ import argparse
 
 from hetlm.commands.run_options import (
     add_run_arguments,
+    apply_run_options,
     fix_resume_argument,
     launch_local,
+    membership_lines,
     print_result,
     steps_line,
     tokens_line,
@@ -40,8 +42,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.config:
         raise HetlmError("give a config file: hetlm sft CONFIG.yaml (see --help-config)")
     config = load_sft_config(args.config)
-    if args.plan:
-        config.train.plan = args.plan
+    apply_run_options(args, config)
     if args.local_nodes:
         from hetlm.sft.train import check_base_model, check_quantization
 
@@ -83,6 +84,7 @@ def format_summary(summary: dict) -> str:
             else "train loss       (no steps run)",
             f"held-out         {held_out}",
             tokens_line(summary),
+            *membership_lines(summary),
             f"adapter          {summary['adapter_dir']} (base {summary['base_model']})",
         ]
     )

@@ -131,18 +131,33 @@ class DeviceReport:
     name: str
     capability: tuple[int, int] | None
     memory_bytes: int
+    # the node as the plan names it (HETLM_NODE_NAME, else the host name) and the rank's index
+    # on it: what elastic training matches a plan's rows by (hetlm.train.membership)
+    node: str = ""
+    local_rank: int = 0
 
     @classmethod
     def local(cls, rank: int, device: torch.device) -> DeviceReport:
+        from hetlm.train.membership import node_name
+
         host = socket.gethostname()
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if device.type == "cuda":
             props = torch.cuda.get_device_properties(device)
             return cls(
-                rank, host, "cuda", props.name, (props.major, props.minor), int(props.total_memory)
+                rank,
+                host,
+                "cuda",
+                props.name,
+                (props.major, props.minor),
+                int(props.total_memory),
+                node_name(),
+                local_rank,
             )
         from hetlm.cluster.hardware import host_memory_gib
 
-        return cls(rank, host, "cpu", "cpu", None, int(host_memory_gib() * 2**30))
+        memory = int(host_memory_gib() * 2**30)
+        return cls(rank, host, "cpu", "cpu", None, memory, node_name(), local_rank)
 
     def describe(self) -> str:
         cc = (
@@ -165,4 +180,6 @@ class DeviceReport:
             "name": self.name,
             "capability": list(self.capability) if self.capability else None,
             "memory_gib": round(self.memory_bytes / 2**30, 2),
+            "node": self.node or self.host,
+            "local_rank": self.local_rank,
         }

@@ -9,8 +9,11 @@
     nan:step=3  /  inf:step=3        the training loss of step 3 becomes NaN / inf (on every
                                      rank, or ``rank=R`` only): under fp16 an inf gradient
     enospc:step=4                    writing checkpoint 4 fails with "No space left on device"
+    slow:seconds=0.2                 every step (from ``step=N``, default 1) of every rank (or
+                                     ``rank=R``) takes 0.2 s longer, in every attempt: paces a
+                                     run so that an outside event (a node killed) lands mid-run
 
-A fault fires once per process, and only in the first attempt of a job (``job_restart_count()`` 0;
+A fault (but ``slow``) fires once per process, and only in the first attempt of a job (``job_restart_count()`` 0;
 ``restart=K``: attempt K), so a restarted job runs clean.
 ``benchmarks/fault_injection.py`` and ``tests/test_faults.py`` use it; see ``docs/FAULTS.md``.
 """
@@ -28,7 +31,7 @@ from hetlm.errors import HetlmError
 from hetlm.train.distributed import job_restart_count
 
 ENV = "HETLM_FAULT"
-KINDS = ("kill", "kill_checkpoint", "stall", "nan", "inf", "enospc")
+KINDS = ("kill", "kill_checkpoint", "stall", "nan", "inf", "enospc", "slow")
 
 
 @dataclass
@@ -73,6 +76,8 @@ def parse(spec: str) -> list[Fault]:
                     f"{ENV}: bad setting {pair!r} in {part!r}: use step=N, rank=R, "
                     "seconds=S or restart=K"
                 ) from None
+        if kind == "slow":
+            values.setdefault("step", 1)
         if "step" not in values:
             raise HetlmError(f"{ENV}: {part!r} needs step=N")
         if kind == "kill_checkpoint":
@@ -124,6 +129,9 @@ def on_step(step: int, rank: int) -> None:
     if fault := _take("stall", step, rank):
         _announce(f"rank {rank} stalls for {fault.seconds:g} s at step {step}")
         time.sleep(fault.seconds)
+    for fault in active():
+        if fault.kind == "slow" and step >= fault.step and fault.rank in (None, rank):
+            time.sleep(fault.seconds)
 
 
 def on_checkpoint_write(step: int, stage: str) -> None:

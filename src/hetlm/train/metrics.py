@@ -209,3 +209,25 @@ def plot_loss(metrics_path: Path, out_png: Path) -> Path | None:
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
     return out_png
+
+
+def membership_history(output_dir: Path) -> list[dict[str, Any]]:
+    """The job's ``membership`` events so far (from ``metrics.jsonl``): step, world sizes, who
+    left and who joined. Empty when the ranks never changed."""
+    path = Path(output_dir) / "metrics.jsonl"
+    found = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        if '"membership"' not in line:
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("event") == "membership":
+            keys = ("step", "world_size_before", "world_size", "left", "joined")
+            found.append({k: record.get(k) for k in keys})
+    return found

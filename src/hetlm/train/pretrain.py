@@ -33,7 +33,15 @@ from hetlm.train import faults
 from hetlm.train import heartbeat as HB
 from hetlm.train.checkpoint import CheckpointManager, load_model_weights
 from hetlm.train.engine import Engine, EngineOptions, build_engine
-from hetlm.train.metrics import MetricsLogger, plot_loss
+from hetlm.train.membership import (
+    ElasticSplit,
+    MembershipChange,
+    elastic_job_id,
+    elastic_split,
+    membership_change,
+    under_torchrun,
+)
+from hetlm.train.metrics import MetricsLogger, membership_history, plot_loss
 from hetlm.train.objectives import (
     build_data,
     loss_terms,
@@ -50,9 +58,10 @@ from hetlm.train.run_dir import (
     latest_of_run,
     new_run_id,
     plan_start,
+    read_elastic_job,
     read_run_id,
 )
-from hetlm.train.run_plan import RunPlan, resolve_run_plan
+from hetlm.train.run_plan import RunPlan, gather_devices, resolve_run_plan
 
 
 @dataclass
@@ -302,8 +311,15 @@ class Pretraining:
         self.run_id = run_id or read_run_id(Path(config.run.output_dir)) or new_run_id()
         self.output_dir = Path(config.run.output_dir)
         node_of_rank = [int(n) for n in D.all_gather_object(ctx, ctx.node_rank)]
-        self.split: BatchSplit = config.batch_split(ctx.world_size, node_of_rank)
         self.node_of_rank = node_of_rank
+        devices = gather_devices(ctx)
+        # the ranks present now (train.elastic): the same global batch re-split over them
+        self.elastic: ElasticSplit | None = None
+        if config.train.elastic:
+            self.elastic = _collective_io(ctx, lambda: elastic_split(config, devices, node_of_rank))
+            self.split: BatchSplit = self.elastic.split
+        else:
+            self.split = config.batch_split(ctx.world_size, node_of_rank)
         # precision, engine, stage and split: one plan for the whole job, or a one-line error
         plan_file = config.load_plan() if config.train.plan is not None else None
         self.run_plan: RunPlan = resolve_run_plan(
@@ -314,7 +330,9 @@ class Pretraining:
             split=self.split,
             plan_file=plan_file,
             plan_path=str(config.train.plan) if plan_file is not None else None,
+            devices=devices,
         )
+        self.membership: MembershipChange | None = None
 
         seed = config.run.seed
         self._load_data()
@@ -375,6 +393,8 @@ class Pretraining:
         caps = cfg.max_micro_batch
         if isinstance(caps, int):
             caps = [caps] * world
+        elif self.elastic is not None and self.elastic.caps is not None:
+            caps = self.elastic.caps  # the present ranks' rows of the plan
         elif caps is None and plan_file is not None:
             caps = [r.cap for r in plan_file.ranks]
         check_rebalance(cfg.rebalance, self.engine.name, caps, world)
@@ -488,11 +508,18 @@ class Pretraining:
             if "shares" in trainer
             else None
         )
+        self.membership = membership_change(
+            trainer,
+            list(self.run_plan.devices),
+            self.split,
+            self.elastic.source if self.elastic else "the config",
+        )
         if (
             self.rebalancer is not None
             and saved is not None
             and saved != self.split
             and saved.world_size == self.ctx.world_size
+            and self.membership is None
         ):
             self._apply_split(saved)  # continue with the split the run had rebalanced to
         self.sampler.load_state_dict(trainer["sampler"])
@@ -714,6 +741,10 @@ class Pretraining:
             devices=[d.to_dict() for d in self.run_plan.devices],
             time=time.time(),
         )
+        if self.membership is not None:
+            logger.event(**self.membership.event())
+            if ctx.is_main:
+                print(self.membership.line(), flush=True)
         self.engine.module.train()
         history: list[dict[str, Any]] = []
         HB.install(HB.Heartbeat(self.output_dir, ctx.rank) if ctx.enabled else None)
@@ -944,6 +975,7 @@ class Pretraining:
             "engine": self.engine.name,
             "zero_stage": self.engine.zero_stage,
             "skipped_steps": self.skipped_steps,
+            "membership": membership_history(self.output_dir) if self.ctx.is_main else [],
             "model_dir": str(final_dir),
             "output_dir": str(self.output_dir),
             "last_checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
@@ -977,8 +1009,15 @@ def run_pretraining(
         # torchrun restarted the job (any rank's count: see D.restart_count): the same run,
         # continued from its newest good checkpoint; every rank decides alike
         restart = max(int(n) for n in D.all_gather_object(ctx, D.restart_count()))
+        start, restart = _start_run(
+            ctx,
+            Path(config.run.output_dir),
+            resume,
+            overwrite,
+            restart,
+            elastic=config.train.elastic,
+        )
         D.set_job_restart_count(restart)
-        start = _start_run(ctx, Path(config.run.output_dir), resume, overwrite, restart)
         if restart and ctx.is_main:
             found = start.resume_from
             print(
@@ -1007,20 +1046,49 @@ def run_pretraining(
 
 
 def _start_run(
-    ctx: D.DistContext, output_dir: Path, resume: bool | str | Path, overwrite: bool, restart: int
-) -> RunStart:
+    ctx: D.DistContext,
+    output_dir: Path,
+    resume: bool | str | Path,
+    overwrite: bool,
+    restart: int,
+    *,
+    elastic: bool = False,
+) -> tuple[RunStart, int]:
     """Rank 0 decides how the run starts in ``output_dir`` (refusing another run's folder,
-    picking this run's checkpoint, deleting what --overwrite names) and tells every rank."""
+    picking this run's checkpoint, deleting what --overwrite names) and tells every rank.
+
+    Returns the start and the job's restart count. Under ``train.elastic`` a start whose
+    torchrun job id (``--rdzv-id``) is the one ``run.json`` recorded is a re-formed group of the
+    same job (a node left or joined: torchrun counts no failure for a node that joins), so it
+    resumes like a restart."""
     start, error = None, None
     if ctx.is_main:
         try:
+            job = _elastic_job(elastic)
+            if job is not None and restart == 0 and read_elastic_job(output_dir) == job:
+                restart = 1
             start = plan_start(
                 output_dir, resume=resume, overwrite=overwrite and not restart, restart=restart
             )
+            start.elastic_job = job
             apply_start(output_dir, start)
         except (HetlmError, OSError) as exc:
             error = str(exc)
-    start, error = D.all_gather_object(ctx, (start, error))[0]
+    start, error, restart = D.all_gather_object(ctx, (start, error, restart))[0]
     if error:
         raise HetlmError(error)
-    return start
+    return start, restart
+
+
+def _elastic_job(elastic: bool) -> str | None:
+    """The torchrun job id of an elastic run (None: not elastic, or not under torchrun)."""
+    if not elastic or not under_torchrun():
+        return None
+    job = elastic_job_id()
+    if job is None:
+        raise HetlmError(
+            "train.elastic under torchrun needs a job id: add --rdzv-id JOB (e.g. "
+            "$SLURM_JOB_ID) to every node's torchrun, so that hetlm can tell the same job "
+            "re-formed after a node left or joined from a new job"
+        )
+    return job

@@ -64,6 +64,14 @@ def read_run_id(output_dir: Path) -> str | None:
         return None
 
 
+def read_elastic_job(output_dir: Path) -> str | None:
+    """The torchrun job id ``run.json`` recorded for an elastic run (None: none)."""
+    try:
+        return json.loads((Path(output_dir) / RUN_FILE).read_text()).get("elastic_job")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def checkpoint_run_id(path: Path) -> str | None:
     """The run id in a checkpoint's trainer state (None: written before run ids existed)."""
     return CheckpointManager._run_id_of(Path(path))
@@ -102,6 +110,7 @@ class RunStart:
     resume_from: Path | None
     delete: list[Path] = field(default_factory=list)
     message: str | None = None
+    elastic_job: str | None = None  # torchrun's --rdzv-id of an elastic run, kept in run.json
 
 
 def _this_runs_checkpoints(output_dir: Path, run_id: str | None) -> list[tuple[int, Path]]:
@@ -285,7 +294,12 @@ def apply_start(output_dir: str | Path, start: RunStart, report=print) -> None:
     if start.message and report is not None:
         report(start.message)
     output_dir.mkdir(parents=True, exist_ok=True)
-    record = {"run_id": start.run_id, "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    record: dict[str, str] = {
+        "run_id": start.run_id,
+        "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if start.elastic_job is not None:
+        record["elastic_job"] = start.elastic_job
     tmp = output_dir / f".{RUN_FILE}.tmp"
     tmp.write_text(json.dumps(record) + "\n")
     tmp.replace(output_dir / RUN_FILE)

@@ -107,6 +107,13 @@ def check_agreement(plans: list[tuple], devices: list[DeviceReport], describe: l
         )
 
 
+def gather_devices(ctx: D.DistContext) -> list[DeviceReport]:
+    """Every rank's DeviceReport (a picklable dataclass), in rank order."""
+    return cast(
+        list[DeviceReport], D.all_gather_object(ctx, DeviceReport.local(ctx.rank, ctx.device))
+    )
+
+
 def resolve_run_plan(
     ctx: D.DistContext,
     *,
@@ -116,16 +123,16 @@ def resolve_run_plan(
     split: BatchSplit,
     plan_file: Any = None,
     plan_path: str | None = None,
+    devices: list[DeviceReport] | None = None,
 ) -> RunPlan:
-    """Gather every rank's device, resolve the plan, and check that all ranks agree on it.
+    """Gather every rank's device (unless ``devices``, already gathered, is given), resolve the
+    plan, and check that all ranks agree on it.
 
     Every rank resolves the plan even when its own resolution fails, so that the error (the
     same on every rank, or one rank's) is raised on all of them together instead of leaving the
     others waiting in the next collective."""
-    # every rank's DeviceReport (a picklable dataclass), in rank order
-    devices = cast(
-        list[DeviceReport], D.all_gather_object(ctx, DeviceReport.local(ctx.rank, ctx.device))
-    )
+    if devices is None:
+        devices = gather_devices(ctx)
     error, plan = None, None
     try:
         plan = resolve_plan(
