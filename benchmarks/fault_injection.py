@@ -48,16 +48,16 @@ def prepare_data(root: Path) -> Path:
 def config(data: Path, out: Path, **train) -> dict:
     from conftest import tiny_config
 
-    train = {"dist_timeout_s": 60, **train}  # a bug that hangs fails within a minute
-    return tiny_config(
-        data,
-        out,
-        max_steps=STEPS,
-        save_steps=EVERY,
-        save_total_limit=3,
-        max_eval_samples=16,
+    # a bug that hangs fails within a minute
+    train = {
+        "dist_timeout_s": 60,
+        "max_steps": STEPS,
+        "save_steps": EVERY,
+        "save_total_limit": 3,
+        "max_eval_samples": 16,
         **train,
-    )
+    }
+    return tiny_config(data, out, **train)
 
 
 def write(cfg: dict, path: Path) -> Path:
@@ -96,6 +96,72 @@ class Run:
         ]
         seen = list(dict.fromkeys(re.sub(r"\(rank \d+\)", "(rank r)", x) for x in lines))
         return " / ".join(seen) or f"exit {self.code}"
+
+
+ELASTIC_STEPS = 30
+ELASTIC_TRAIN = {"global_batch": 12, "micro_batch": 2, "save_total_limit": 100}  # keep them all
+PACE = "slow:seconds=0.25"  # ~4 steps/s, so that a node dies and returns mid-run
+
+
+class ElasticRun:
+    """``hetlm pretrain CONFIG --elastic`` on 3 emulated nodes (``hetlm.launch.ElasticLocalJob``,
+    what ``--local-nodes 3 --elastic`` starts); node 2 is killed once step ``kill_after`` is
+    logged and, with ``rejoin_after``, started again once that step ran on two nodes."""
+
+    def __init__(self, cfg: Path, out: Path, kill_after: int, rejoin_after: int | None) -> None:
+        from hetlm.launch import ElasticLocalJob
+
+        started = time.perf_counter()
+        self.env = {"HETLM_FAULT": PACE}
+        self.args = ["pretrain", str(cfg), "--local-nodes", "3", "--elastic", "--quiet"]
+        log = out.parent / f"{out.name}.agents.log"
+        os.environ["HETLM_FAULT"] = PACE
+        with log.open("w") as sink:
+            job = ElasticLocalJob(
+                ["pretrain", str(cfg), "--elastic", "--quiet"],
+                nodes=3,
+                min_nodes=2,
+                threads_per_rank=1,
+                stderr=sink.fileno(),
+            )
+            job.start()
+            try:
+                self._until(out, 3, kill_after, job)
+                job.kill_node(2)
+                if rejoin_after is not None:
+                    self._until(out, 2, rejoin_after, job)
+                    job.start_node(2)
+                self.code = job.wait(timeout=600)
+            finally:
+                del os.environ["HETLM_FAULT"]
+                for i in range(3):
+                    if job.alive(i):
+                        job.kill_node(i)
+        self.seconds = time.perf_counter() - started
+        self.out, self.err = "", log.read_text()
+
+    @staticmethod
+    def _until(out: Path, world: int, step: int, job) -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline and job.alive(0):
+            if any(
+                "event" not in r and r["step"] >= step and len(r["busy_s_per_rank"]) == world
+                for r in metrics(out)
+            ):
+                return
+            time.sleep(0.3)
+        raise RuntimeError(f"step {step} on {world} nodes never came (see {out})")
+
+    @property
+    def command(self) -> str:
+        return (
+            f"HETLM_FAULT={PACE} hetlm "
+            + " ".join(shlex.quote(a) for a in self.args)
+            + "; kill node 2's agent and rank after step 5"
+        )
+
+    def message(self) -> str:
+        return Run.message(self)  # type: ignore[arg-type]
 
 
 def weights(out: Path):
@@ -393,6 +459,84 @@ def scenarios(data: Path, work: Path, refs: dict) -> dict:
             once=steps_once(name),
         )
 
+    def elastic(name: str, rejoin: bool) -> dict:
+        """3 emulated nodes (elastic); node 2 dies after checkpoint 4; the job goes on with 2
+        (and, with ``rejoin``, node 2 comes back once step 10 is logged on two)."""
+        base = out(name)
+        shutil.rmtree(base, ignore_errors=True)
+        shutil.rmtree(out(f"{name}_ref"), ignore_errors=True)
+        cfg = write(
+            config(data, base, **ELASTIC_TRAIN, elastic=True, max_steps=ELASTIC_STEPS),
+            work / f"{name}.yaml",
+        )
+        run = ElasticRun(cfg, base, kill_after=5, rejoin_after=10 if rejoin else None)
+        events = metrics(base)
+        restarts = [r for r in events if r.get("event") == "restart"]
+        changes = [r for r in events if r.get("event") == "membership"]
+        # the reference: from each checkpoint the job resumed from, on that topology
+        ref = out(f"{name}_ref")
+        ref_cfg = write(
+            config(data, ref, **ELASTIC_TRAIN, max_steps=ELASTIC_STEPS), work / f"{name}_ref.yaml"
+        )
+        resumed = [base / "checkpoints" / f"step-{r['resumed_from']:08d}" for r in restarts]
+        saved = work / f"{name}_resumed"
+        shutil.rmtree(saved, ignore_errors=True)
+        for path in resumed:  # (save_total_limit 100 keeps them)
+            if path.is_dir():
+                shutil.copytree(path, saved / path.name)
+        refs_runs = []
+        world = [c["world_size"] for c in changes]
+        for i, path in enumerate(resumed):
+            stop = (
+                ["--stop-at-step", str(restarts[i + 1]["resumed_from"])]
+                if i + 1 < len(resumed)
+                else []
+            )
+            where = ["--resume", str(saved / path.name)] if i == 0 else ["--resume"]
+            refs_runs.append(
+                Run(
+                    [
+                        "pretrain",
+                        str(ref_cfg),
+                        "--local-nodes",
+                        str(world[i]),
+                        *where,
+                        *stop,
+                        "--quiet",
+                        *(["--overwrite"] if i == 0 else []),
+                    ]
+                )
+            )
+        lost = sum(len(r.get("dropped_steps") or []) for r in restarts)
+        did = " / ".join(
+            f"membership: {c['world_size_before']} -> {c['world_size']} ranks at step "
+            f"{c['step']} (left {c['left'] or '-'}, joined {c['joined'] or '-'}), shares "
+            f"{c['shares_before']} x{c['micro_steps_before']} -> {c['shares']} "
+            f"x{c['micro_steps']}"
+            for c in changes
+        )
+        topo = " -> ".join(["3", *[str(w) for w in world]])
+        return dict(
+            fault="3 elastic nodes, node 2's agent and rank killed (SIGKILL) after step 5"
+            + ("; node 2 started again once step 10 ran on two" if rejoin else "")
+            + f" (global batch 12, {ELASTIC_STEPS} steps)",
+            runs=[run, *refs_runs],
+            did=f"exit {run.code}; topology {topo}; {did}; finished at step "
+            f"{max((r['step'] for r in events if 'event' not in r), default=0)}",
+            steps_lost=lost,
+            equal=equal(weights(ref), weights(base), tol=1e-6)
+            + " vs resuming each checkpoint on its topology by hand; "
+            + equal(refs["three"], weights(base), tol=1e-6)
+            + " vs 3 nodes throughout",
+            once=steps_once(base),
+        )
+
+    def elastic_shrink():
+        return elastic("elastic_shrink", rejoin=False)
+
+    def elastic_rejoin():
+        return elastic("elastic_rejoin", rejoin=True)
+
     return {
         f.__name__: f
         for f in (
@@ -410,6 +554,8 @@ def scenarios(data: Path, work: Path, refs: dict) -> dict:
             wrong_dataset,
             changed_model,
             changed_split,
+            elastic_shrink,
+            elastic_rejoin,
         )
     }
 
@@ -427,7 +573,12 @@ def main() -> None:
         prepare_data(work / "prep")
     refs: dict = {}
     ref_one = Run(
-        ["pretrain", str(write(config(data, work / "ref_one"), work / "ref_one.yaml")), "--quiet"]
+        [
+            "pretrain",
+            str(write(config(data, work / "ref_one"), work / "ref_one.yaml")),
+            "--quiet",
+            "--overwrite",
+        ]
     )
     ref_two = Run(
         [
@@ -441,12 +592,30 @@ def main() -> None:
             "--local-nodes",
             "2",
             "--quiet",
+            "--overwrite",
+        ]
+    )
+    ref_three = Run(
+        [
+            "pretrain",
+            str(
+                write(
+                    config(data, work / "ref_three", **ELASTIC_TRAIN, max_steps=ELASTIC_STEPS),
+                    work / "ref_three.yaml",
+                )
+            ),
+            "--local-nodes",
+            "3",
+            "--quiet",
+            "--overwrite",
         ]
     )
     assert ref_one.code == 0 and ref_two.code == 0, (ref_one.err[-2000:], ref_two.err[-2000:])
+    assert ref_three.code == 0, ref_three.err[-2000:]
     refs.update(
         one=weights(work / "ref_one"),
         two=weights(work / "ref_two"),
+        three=weights(work / "ref_three"),
         checkpoint_bytes=dir_bytes(sorted((work / "ref_one" / "checkpoints").glob("step-*"))[-1]),
     )
     rows = []
@@ -482,14 +651,16 @@ def main() -> None:
     (RESULTS / "fault_injection.json").write_text(
         json.dumps({"meta": meta, "rows": rows}, indent=1, ensure_ascii=False)
     )
-    (RESULTS / "fault_injection.md").write_text(markdown(rows, meta))
+    (RESULTS / "fault_injection.md").write_text(markdown(rows, meta, work))
     print(f"wrote {RESULTS / 'fault_injection.md'} (runs in {work})")
 
 
-def markdown(rows: list[dict], meta: dict) -> str:
+def markdown(rows: list[dict], meta: dict, work: Path | None = None) -> str:
     def cell(text) -> str:
-        work = str(text).replace("|", "\\|").replace("\n", " ")
-        return re.sub(r"/tmp/hetlm-faults-[^/ ]+/", "WORK/", work)
+        text = str(text).replace("|", "\\|").replace("\n", " ")
+        if work is not None:
+            text = text.replace(f"{work}/", "WORK/")
+        return re.sub(r"/tmp/hetlm-faults-[^/ ]+/", "WORK/", text)
 
     lines = [
         "# Fault injection",

@@ -143,6 +143,22 @@ def test_membership_change_names_who_left_and_joined():
     assert membership_change(state, emulated_devices(["a", "b", "c"], 1), split, "x") is None
 
 
+def test_the_command_line_checks_the_elastic_split_before_any_agent_starts(
+    tiny_packed, tmp_path, capsys
+):
+    from hetlm.cli import main
+
+    config = tiny_config(tiny_packed, tmp_path / "out", global_batch=4, micro_batch=2)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["pretrain", str(path), "--local-nodes", "5", "--elastic"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hetlm: error: the global batch 4 cannot be made on the 5 ranks")
+    assert "\n" not in err and not (tmp_path / "out").exists()  # nothing started or written
+    assert main(["pretrain", str(path), "--local-nodes", "2", "--min-nodes", "1"]) == 2
+    assert "--min-nodes is for an emulated elastic job" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- end to end on torchrun agents
 
 

@@ -332,6 +332,12 @@ class Pretraining:
             plan_path=str(config.train.plan) if plan_file is not None else None,
             devices=devices,
         )
+        if self.elastic is not None and self.run_plan.engine == "deepspeed":
+            raise HetlmError(
+                "train.elastic: DeepSpeed checkpoints resume on the same number of ranks only; "
+                "train with train.engine ddp, zero1 or fsdp2 (their checkpoints resume on any "
+                "number of ranks), or drop --elastic"
+            )
         self.membership: MembershipChange | None = None
 
         seed = config.run.seed
