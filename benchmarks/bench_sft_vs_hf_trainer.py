@@ -97,7 +97,7 @@ def prepare(
             ),
             encoding="utf-8",
         )
-        from hetlm.data.tokenizer import train_tokenizer
+        from hetlm.data.prepare.tokenizer_training import train_tokenizer
 
         train_tokenizer([corpus, texts], tokenizer, vocab_size=vocab_size)
     base = cache / f"base-{preset}-v{vocab_size}"

@@ -14,8 +14,8 @@ pytest.importorskip("fugashi")
 
 @pytest.fixture(scope="module")
 def mecab_packed(tmp_path_factory):
-    from hetlm.data.packing import prepare_dataset
-    from hetlm.data.tokenizer import train_tokenizer
+    from hetlm.data.prepare.pipeline import prepare_dataset
+    from hetlm.data.prepare.tokenizer_training import train_tokenizer
 
     root = tmp_path_factory.mktemp("mecab")
     corpus = write_small_corpus(root / "corpus.jsonl", documents=6, chars=6000)

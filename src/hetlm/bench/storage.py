@@ -186,7 +186,7 @@ def bench_data(
     import numpy as np
 
     from hetlm.data.collators import MLMCollator
-    from hetlm.data.packing import load_packed_dataset
+    from hetlm.data.packed import load_packed_dataset
 
     if batch < 1 or seconds <= 0:
         raise HetlmError("--batch must be >= 1 and --seconds > 0")

@@ -229,7 +229,7 @@ def _warn_replaced(path: Path, chars: int, replaced: int, lines: int) -> None:
     is probably partly in another encoding: say so (``hetlm: warning: ...``)."""
     import warnings
 
-    from hetlm.data.corpus import REPLACED_WARN_SHARE
+    from hetlm.data.prepare.corpus import REPLACED_WARN_SHARE
     from hetlm.errors import HetlmWarning
 
     if replaced > REPLACED_WARN_SHARE * max(1, chars):

@@ -393,7 +393,7 @@ class Pretraining:
     def _load_data(self) -> None:
         """Sets ``meta``, ``tokenizer_dir`` and ``train_data`` / ``eval_data`` (each with
         ``len()`` and ``batch(indices, epoch)`` giving a micro-batch of ``train/objectives.py``)."""
-        from hetlm.data.packing import load_packed_dataset
+        from hetlm.data.packed import load_packed_dataset
         from hetlm.data.staging import resolve_dataset_path
 
         config = self.config
