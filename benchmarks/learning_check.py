@@ -305,9 +305,9 @@ def run_trainer(setup: Setup, data: Path, workdir: Path, seed: int, device: str)
 
     from hetlm.config import parse_config
     from hetlm.data.packed import load_packed_dataset
+    from hetlm.data.readers import special_ids
     from hetlm.evaluate.heldout import score_clm, score_mlm
     from hetlm.models.build import build_model
-    from hetlm.train.objectives import special_ids
 
     config = parse_config(hetlm_config(setup, data, workdir, seed))
     dataset, meta = load_packed_dataset(data)

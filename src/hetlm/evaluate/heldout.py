@@ -390,7 +390,8 @@ def pretraining_heldout(config: Any) -> tuple[np.ndarray, Any, FrequencyBaseline
     :class:`FrequencyBaseline`. Token frequencies come from at most ``TRAIN_ROWS_COUNTED``
     training rows, evenly spaced over the split."""
     from hetlm.data.packed import load_packed_dataset
-    from hetlm.train.objectives import build_data, special_ids
+    from hetlm.data.readers import special_ids
+    from hetlm.train.objectives import build_data
 
     dataset, meta = load_packed_dataset(config.data.dataset)
     validation = build_data(config, dataset["validation"], meta)

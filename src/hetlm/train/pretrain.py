@@ -22,6 +22,7 @@ import torch
 from hetlm.config import PretrainConfig
 from hetlm.data.collators import EVAL_EPOCH
 from hetlm.data.prefetch import StepPrefetcher
+from hetlm.data.readers import special_ids
 from hetlm.data.sampler import HeterogeneousBatchSampler
 from hetlm.errors import HetlmError
 from hetlm.models.build import build_model, freeze, load_pretrained, tokenizer_source
@@ -34,13 +35,7 @@ from hetlm.train import heartbeat as HB
 from hetlm.train.checkpoint import CheckpointManager, load_model_weights
 from hetlm.train.engine import Engine, EngineOptions, build_engine
 from hetlm.train.metrics import MetricsLogger, plot_loss
-from hetlm.train.objectives import (
-    build_data,
-    loss_terms,
-    loss_weights,
-    objective_module,
-    special_ids,
-)
+from hetlm.train.objectives import build_data, loss_terms, loss_weights, objective_module
 from hetlm.train.optim import Schedule, scheduler_for
 from hetlm.train.precision import Precision
 from hetlm.train.rebalance import ComputeTimer, Rebalancer, check_rebalance
