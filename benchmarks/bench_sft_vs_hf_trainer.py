@@ -123,9 +123,9 @@ def prepare(
 
 def tokenized_examples(args: argparse.Namespace):
     """hetlm's tokenization (ja-alpaca, response-only labels), used by every system."""
+    from hetlm.chat.templates import JA_ALPACA
     from hetlm.sft.data import load_examples
     from hetlm.sft.masking import tokenize_examples
-    from hetlm.sft.templates import JA_ALPACA
     from hetlm.sft.train import load_sft_tokenizer
 
     tokenizer = load_sft_tokenizer(args.base)

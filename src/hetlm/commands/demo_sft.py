@@ -244,8 +244,8 @@ def ask(model_dir: str | Path, prompt: str, max_new_tokens: int = 48) -> str:
     and briefly trained would otherwise stop at once or loop."""
     import torch
 
+    from hetlm.chat.messages import Message
     from hetlm.serve.generation import load_chat_model
-    from hetlm.sft.data import Message
 
     engine = load_chat_model(model_dir, device="cpu")
     ids = torch.tensor([engine.encode([Message("user", prompt)])])

@@ -306,10 +306,10 @@ class InstructionTuning(Pretraining):
     # ---- set-up hooks
 
     def _load_data(self) -> None:
+        from hetlm.chat.templates import resolve_template
         from hetlm.data.tokenizer import vocab_hash
         from hetlm.sft.data import load_examples, split_validation
         from hetlm.sft.masking import tokenize_examples
-        from hetlm.sft.templates import resolve_template
 
         cfg, data = self.config, self.config.data
         self.tokenizer = load_sft_tokenizer(cfg.model.tokenizer_source)
@@ -458,8 +458,8 @@ class InstructionTuning(Pretraining):
 
     def save_final(self) -> Path:
         """The peft adapter folder with the tokenizer, the template and a run record."""
+        from hetlm.chat.templates import save_template
         from hetlm.data.tokenizer import save_tokenizer
-        from hetlm.sft.templates import save_template
 
         final = self.output_dir / "adapter"
         state = self.engine.model_state_dict()  # a collective: gathered to rank 0
