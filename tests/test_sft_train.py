@@ -277,7 +277,7 @@ def test_loss_counts_response_tokens_only(sft_inputs):
     want = -log_probs.gather(-1, batch.labels[:, 1:].clamp(min=0)[..., None])[..., 0][mask].sum()
     assert torch.allclose(loss_sum, want, rtol=1e-5)
     # the fused, chunked head + loss hetlm sft trains with: the same sum, count and gradient
-    from hetlm.sft.objective import FusedSparseCausalLM
+    from hetlm.models.causal_head import FusedSparseCausalLM
 
     grads = []
     for objective in (SparseCausalLM(model), FusedSparseCausalLM(model, chunk=7)):
