@@ -667,7 +667,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hetlm.bench import cgroups
+    from emulation import cgroups
 
     args = parse_args(argv)
     out = Path(args.output)
