@@ -282,7 +282,7 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    from hetlm.data.tokenizer import train_tokenizer
+    from hetlm.data.prepare.tokenizer_training import train_tokenizer
 
     args.work.mkdir(parents=True, exist_ok=True)
     tokenizer = args.work / "tokenizer"

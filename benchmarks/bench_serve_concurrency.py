@@ -52,7 +52,8 @@ def prepare(cache: Path, vocab_size: int = 8000) -> Path:
         return model_dir
     import torch
 
-    from hetlm.data.tokenizer import save_tokenizer, train_tokenizer
+    from hetlm.data.prepare.tokenizer_training import train_tokenizer
+    from hetlm.data.tokenizer import save_tokenizer
     from hetlm.sft.config import SFTModelSection
     from hetlm.sft.train import build_base_model, load_sft_tokenizer
 

@@ -97,7 +97,7 @@ def prepare(
             ),
             encoding="utf-8",
         )
-        from hetlm.data.tokenizer import train_tokenizer
+        from hetlm.data.prepare.tokenizer_training import train_tokenizer
 
         train_tokenizer([corpus, texts], tokenizer, vocab_size=vocab_size)
     base = cache / f"base-{preset}-v{vocab_size}"
@@ -123,9 +123,9 @@ def prepare(
 
 def tokenized_examples(args: argparse.Namespace):
     """hetlm's tokenization (ja-alpaca, response-only labels), used by every system."""
+    from hetlm.chat.templates import JA_ALPACA
     from hetlm.sft.data import load_examples
     from hetlm.sft.masking import tokenize_examples
-    from hetlm.sft.templates import JA_ALPACA
     from hetlm.sft.train import load_sft_tokenizer
 
     tokenizer = load_sft_tokenizer(args.base)
@@ -412,8 +412,8 @@ NOTES = [
     "`group_by_length` and `batch_rebalance` choose other examples per step (their losses are "
     "not comparable step by step).",
     "Where hetlm's speed comes from: the output head runs on response tokens only, fused with the "
-    "cross-entropy in chunks (`hetlm.sft.objective`); with a 32k vocabulary and hidden 256 the "
-    "head is most of the step. Length grouping cuts padding from 35% to 11% but adds only ~2% "
+    "cross-entropy in chunks (`hetlm.models.causal_head`); with a 32k vocabulary and hidden 256 "
+    "the head is most of the step. Length grouping cuts padding from 35% to 11% but adds only ~2% "
     "here, because the decoder of this small model is a small part of the step; with a larger "
     "decoder it matters more.",
     "Memory: hetlm's peak RSS is below the Trainer's with length grouping (~2%) and without "

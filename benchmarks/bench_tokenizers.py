@@ -56,8 +56,8 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
 
-    from hetlm.data.compare import compare_tokenizers, markdown_table, reports_json
-    from hetlm.data.tokenizer import train_tokenizer
+    from hetlm.data.prepare.compare import compare_tokenizers, markdown_table, reports_json
+    from hetlm.data.prepare.tokenizer_training import train_tokenizer
 
     corpora = write_text_corpora(args.work)
     tokenizers, train_seconds = [], {}

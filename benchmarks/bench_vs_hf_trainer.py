@@ -40,8 +40,8 @@ HPARAMS = {
 def prepare(cache: Path, seq_len: int, vocab_size: int, corpus: Path = CORPUS) -> Path:
     """The tokenizer and the packed dataset, built once per cache folder (``corpus``: the
     shipped Aozora corpus, or a smaller file for quick checks)."""
-    from hetlm.data.packing import prepare_dataset
-    from hetlm.data.tokenizer import train_tokenizer
+    from hetlm.data.prepare.pipeline import prepare_dataset
+    from hetlm.data.prepare.tokenizer_training import train_tokenizer
 
     data = cache / f"data-v{vocab_size}-s{seq_len}"
     if not (data / "hetlm_dataset.json").is_file():
@@ -66,7 +66,7 @@ def run_trainer(args: argparse.Namespace) -> dict:
         TrainingArguments,
     )
 
-    from hetlm.data.packing import load_packed_dataset
+    from hetlm.data.packed import load_packed_dataset
     from hetlm.models.presets import bert_config
 
     dataset, meta = load_packed_dataset(args.data)

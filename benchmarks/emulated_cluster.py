@@ -83,8 +83,8 @@ class RunResult:
 
 def prepare_data(work: Path, vocab_size: int, seq_len: int) -> Path:
     """Tokenizer + packed dataset of the shipped corpus, cached under ``work``."""
-    from hetlm.data.packing import prepare_dataset
-    from hetlm.data.tokenizer import train_tokenizer
+    from hetlm.data.prepare.pipeline import prepare_dataset
+    from hetlm.data.prepare.tokenizer_training import train_tokenizer
 
     data = work / f"data-v{vocab_size}-s{seq_len}"
     if not (data / "hetlm_dataset.json").is_file():
@@ -667,7 +667,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hetlm.bench import cgroups
+    from emulation import cgroups
 
     args = parse_args(argv)
     out = Path(args.output)

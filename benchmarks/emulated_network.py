@@ -228,7 +228,7 @@ def render(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hetlm.bench import cgroups, netns
+    from emulation import cgroups, netns
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", default=str(ec.ROOT / "runs" / "emulated-net"))

@@ -34,8 +34,8 @@ HETLM = [sys.executable, "-m", "hetlm.cli"]
 def prepare_data(root: Path) -> Path:
     from conftest import write_small_corpus
 
-    from hetlm.data.packing import prepare_dataset
-    from hetlm.data.tokenizer import train_tokenizer
+    from hetlm.data.prepare.pipeline import prepare_dataset
+    from hetlm.data.prepare.tokenizer_training import train_tokenizer
 
     corpus = write_small_corpus(root / "corpus.jsonl")
     tokenizer = train_tokenizer([corpus], root / "tokenizer", vocab_size=3000)

@@ -658,7 +658,7 @@ def count_bert_parameters(data: Path, preset: str) -> int:
     import torch
     from transformers import BertForMaskedLM
 
-    from hetlm.data.packing import load_packed_dataset
+    from hetlm.data.packed import load_packed_dataset
     from hetlm.models.presets import bert_config
 
     _, meta = load_packed_dataset(data)

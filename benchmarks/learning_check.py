@@ -154,8 +154,8 @@ SETUPS = {
 
 def prepare(setup: Setup, cache: Path) -> Path:
     """Tokenizer + packed dataset for ``setup`` (cached by its data fields)."""
-    from hetlm.data.packing import prepare_dataset
-    from hetlm.data.tokenizer import train_tokenizer
+    from hetlm.data.prepare.pipeline import prepare_dataset
+    from hetlm.data.prepare.tokenizer_training import train_tokenizer
 
     tag = f"v{setup.vocab_size}-s{setup.seq_len}-f{setup.validation_fraction}"
     if setup.corpus_docs:
@@ -304,10 +304,10 @@ def run_trainer(setup: Setup, data: Path, workdir: Path, seed: int, device: str)
     )
 
     from hetlm.config import parse_config
-    from hetlm.data.packing import load_packed_dataset
+    from hetlm.data.packed import load_packed_dataset
+    from hetlm.data.readers import special_ids
     from hetlm.evaluate.heldout import score_clm, score_mlm
     from hetlm.models.build import build_model
-    from hetlm.train.objectives import special_ids
 
     config = parse_config(hetlm_config(setup, data, workdir, seed))
     dataset, meta = load_packed_dataset(data)

@@ -90,7 +90,7 @@ def throughput(steps: list[dict], after_step: int) -> float:
 
 def throttle_at(node, output_dir: Path, step: int, quota: float, stop: threading.Event) -> None:
     """Lower ``node``'s CPU quota once rank 0 has logged ``step``."""
-    from hetlm.bench.cgroups import DEFAULT_PERIOD_US
+    from emulation.cgroups import DEFAULT_PERIOD_US
 
     metrics = output_dir / "metrics.jsonl"
     while not stop.wait(0.2):
@@ -104,7 +104,8 @@ def throttle_at(node, output_dir: Path, step: int, quota: float, stop: threading
 def run(
     label: str, config: Path, nodes, throttle: tuple[int, float] | None = None
 ) -> dict[str, Any]:
-    from hetlm.bench.cgroups import DEFAULT_PERIOD_US
+    from emulation.cgroups import DEFAULT_PERIOD_US
+
     from hetlm.config import load_config
     from hetlm.launch import run_local_nodes
 
@@ -145,7 +146,7 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hetlm.bench import cgroups
+    from emulation import cgroups
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", default=str(ROOT / "runs" / "rebalance"))

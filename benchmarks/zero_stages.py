@@ -37,8 +37,8 @@ STEPS, UNTIMED = 12, 2
 
 def ensure_data() -> None:
     if not (DATA / "hetlm_dataset.json").is_file():
-        from hetlm.data.packing import prepare_dataset
-        from hetlm.data.tokenizer import train_tokenizer
+        from hetlm.data.prepare.pipeline import prepare_dataset
+        from hetlm.data.prepare.tokenizer_training import train_tokenizer
 
         corpus = ROOT / "data" / "general_aozora" / "aozora_soseki_akutagawa.jsonl"
         tokenizer = train_tokenizer([corpus], DATA.parent / "tokenizer-v8000", vocab_size=8000)

@@ -52,7 +52,7 @@ def aozora_slice(tmp_path_factory) -> Path:
 def trained_tokenizer(tmp_path_factory, aozora_slice) -> Path:
     """A unigram tokenizer (vocab 1500) trained on the slice; do not modify its folder."""
     if "tokenizer" not in _CACHE:
-        from hetlm.data.tokenizer import train_tokenizer
+        from hetlm.data.prepare.tokenizer_training import train_tokenizer
 
         out = tmp_path_factory.mktemp("tokenizer") / "tok"
         _CACHE["tokenizer"] = train_tokenizer([aozora_slice], out, **TOKENIZER_OPTIONS)
@@ -80,7 +80,7 @@ def _wordpiece_tokenizer(kind: str, tmp_path_factory, corpus: Path, **options) -
     pytest.importorskip("fugashi" if kind == "mecab" else "sudachipy")
     key = f"{kind}:{sorted(options.items())}"
     if key not in _CACHE:
-        from hetlm.data.tokenizer import train_tokenizer
+        from hetlm.data.prepare.tokenizer_training import train_tokenizer
 
         out = tmp_path_factory.mktemp(f"tok_{kind}") / kind
         _CACHE[key] = train_tokenizer(

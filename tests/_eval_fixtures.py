@@ -36,7 +36,7 @@ def fixture_texts() -> list[str]:
 
 def _tokenizer(root: Path) -> Path:
     if "tokenizer" not in _CACHE:
-        from hetlm.data.tokenizer import train_tokenizer
+        from hetlm.data.prepare.tokenizer_training import train_tokenizer
 
         corpus = root / "fixture_text.jsonl"
         corpus.write_text(

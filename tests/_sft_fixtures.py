@@ -91,10 +91,11 @@ def memorize(model, tokenizer, pairs=CHAT_PAIRS, steps: int = 150) -> float:
     """Overfit the model on the pairs (ja-alpaca template, response-only loss); final loss."""
     import torch
 
+    from hetlm.chat.messages import Message
+    from hetlm.chat.templates import JA_ALPACA
     from hetlm.sft.collator import SFTCollator, summed_next_token_loss
-    from hetlm.sft.data import Example, Message
+    from hetlm.sft.data import Example
     from hetlm.sft.masking import tokenize_examples
-    from hetlm.sft.templates import JA_ALPACA
 
     examples = [
         Example((Message("user", q), Message("assistant", a)), index=i)
@@ -123,7 +124,7 @@ def tiny_chat_model(root: Path) -> Path:
     """A folder with the tiny instruction-tuned LlamaForCausalLM and its tokenizer (built once),
     with the ja-alpaca template recorded as hetlm_template.json."""
     if "model" not in _CACHE:
-        from hetlm.sft.templates import JA_ALPACA, save_template
+        from hetlm.chat.templates import JA_ALPACA, save_template
 
         directory = root / "tiny-llama"
         directory.mkdir(parents=True, exist_ok=True)

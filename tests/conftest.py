@@ -29,8 +29,8 @@ def write_small_corpus(path: Path, documents: int = 12, chars: int = 15000) -> P
 @pytest.fixture(scope="session")
 def tiny_packed(tmp_path_factory) -> Path:
     """A packed dataset (seq_len 32) with its tokenizer (vocab 3000), for training tests."""
-    from hetlm.data.packing import prepare_dataset
-    from hetlm.data.tokenizer import train_tokenizer
+    from hetlm.data.prepare.pipeline import prepare_dataset
+    from hetlm.data.prepare.tokenizer_training import train_tokenizer
 
     root = tmp_path_factory.mktemp("tiny_packed")
     corpus = write_small_corpus(root / "corpus.jsonl")

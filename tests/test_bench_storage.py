@@ -16,7 +16,7 @@ from hetlm.bench.storage import (
     register_data,
     register_io,
 )
-from hetlm.data.packing import prepare_dataset
+from hetlm.data.prepare.pipeline import prepare_dataset
 from hetlm.errors import HetlmError
 
 

@@ -21,9 +21,9 @@ from typing import Any
 import pytest
 from _sft_fixtures import CHAT_PAIRS, tiny_chat_model
 
+from hetlm.chat.messages import Message
 from hetlm.serve.chat_ui import history_messages, text_of
 from hetlm.serve.generation import GenerationSettings, load_chat_model
-from hetlm.sft.data import Message
 
 QUESTION, ANSWER = CHAT_PAIRS[0]
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")

@@ -396,7 +396,7 @@ def test_lora_spec_errors_are_one_line() -> None:
 
 def test_head_chunk_constant_matches_the_sft_head() -> None:
     from hetlm.cluster.memory_lora import HEAD_CHUNK_LOGITS
-    from hetlm.sft.objective import CHUNK_LOGITS
+    from hetlm.models.causal_head import CHUNK_LOGITS
 
     assert HEAD_CHUNK_LOGITS == CHUNK_LOGITS
 
@@ -412,7 +412,7 @@ MEASURE_LORA = textwrap.dedent("""
     import torch
     from transformers import LlamaForCausalLM
     from hetlm.models.presets import model_config
-    from hetlm.sft.objective import FusedSparseCausalLM
+    from hetlm.models.causal_head import FusedSparseCausalLM
 
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)

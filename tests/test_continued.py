@@ -27,7 +27,7 @@ def llama_style(tmp_path_factory):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from hetlm.data.packing import prepare_dataset
+    from hetlm.data.prepare.pipeline import prepare_dataset
 
     root = tmp_path_factory.mktemp("llama_style")
     corpus = write_small_corpus(root / "corpus.jsonl")
@@ -146,7 +146,7 @@ def _load_checkpoint(model_type: str, folder: Path) -> torch.nn.Module:
 
 def _first_batch_loss(config_dict: dict, model: torch.nn.Module) -> float:
     """The loss of ``model`` on the run's first global batch, computed outside the loop."""
-    from hetlm.data.packing import load_packed_dataset
+    from hetlm.data.packed import load_packed_dataset
     from hetlm.data.sampler import HeterogeneousBatchSampler
     from hetlm.train.objectives import build_data, loss_weights, objective_module
     from hetlm.train.pretrain import combined_loss
@@ -167,7 +167,7 @@ def _first_batch_loss(config_dict: dict, model: torch.nn.Module) -> float:
 
 
 def test_prepare_packs_with_a_llama_style_tokenizer(llama_style):
-    from hetlm.data.packing import load_packed_dataset
+    from hetlm.data.packed import load_packed_dataset
     from hetlm.train.objectives import build_data
 
     _, data_dir, _ = llama_style

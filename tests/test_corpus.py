@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from hetlm.data.corpus import CorpusStats, iter_documents, require_documents, resolve_inputs
+from hetlm.data.prepare.corpus import CorpusStats, iter_documents, require_documents, resolve_inputs
 from hetlm.errors import HetlmError
 
 
@@ -272,7 +272,7 @@ def test_parquet_and_arrow_columns_stream_with_row_locations(tmp_path):
 
 
 def test_cleaner_strips_control_characters_and_counts():
-    from hetlm.data.cleaning import CleaningOptions, DocumentCleaner
+    from hetlm.data.prepare.cleaning import CleaningOptions, DocumentCleaner
 
     cleaner = DocumentCleaner()
     kept = list(

@@ -119,7 +119,7 @@ def test_packed_dataset_scores_like_the_pretraining_objective(tiny_bert, tiny_ll
     from transformers import AutoModelForMaskedLM
 
     from hetlm.data.collators import EVAL_EPOCH
-    from hetlm.data.packing import prepare_dataset
+    from hetlm.data.prepare.pipeline import prepare_dataset
     from hetlm.evaluate.heldout import load_packed_corpus
     from hetlm.models.masked_lm import SparseMaskedLM
 

@@ -157,7 +157,7 @@ def test_plan_parser_raises_only_hetlm_errors(raw):
     suffix=st.sampled_from([".jsonl", ".txt", ".json"]),
 )
 def test_corpus_reader_raises_only_hetlm_errors(lines, suffix, tmp_path_factory):
-    from hetlm.data.corpus import CorpusStats, iter_documents
+    from hetlm.data.prepare.corpus import CorpusStats, iter_documents
 
     path = tmp_path_factory.mktemp("corpus") / f"c{suffix}"
     path.write_bytes(b"\n".join(lines))
@@ -289,7 +289,7 @@ def test_eval_task_readers_raise_only_hetlm_errors(lines, task, tmp_path_factory
 def test_plan_cluster_and_dataset_files_raise_only_hetlm_errors(text, kind, tmp_path_factory):
     from hetlm.cluster.planner import load_plan
     from hetlm.cluster.spec import load_cluster
-    from hetlm.data.packing import load_packed_dataset
+    from hetlm.data.packed import load_packed_dataset
 
     root = tmp_path_factory.mktemp(kind)
     if kind == "meta":  # a dataset folder whose metadata file is garbage

@@ -200,7 +200,7 @@ def test_a_file_partly_in_shift_jis_warns_first_and_strict_refuses(
 
 
 def test_a_few_replaced_characters_do_not_warn(tmp_path):
-    from hetlm.data.corpus import CorpusStats, iter_documents
+    from hetlm.data.prepare.corpus import CorpusStats, iter_documents
 
     clean = tmp_path / "clean.txt"
     text = "\n".join(aozora_texts(records=2, chars=10000))  # 20,000 characters

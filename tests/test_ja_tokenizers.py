@@ -21,11 +21,14 @@ from _data_fixtures import (  # noqa: F401 - fixtures
 
 from hetlm.cli import main
 from hetlm.data.collators import MLMCollator, continuation_mask
-from hetlm.data.corpus import iter_documents
-from hetlm.data.encoding import document_pieces
-from hetlm.data.packing import is_validation_document, load_packed_dataset, prepare_dataset
+from hetlm.data.packed import load_packed_dataset
+from hetlm.data.prepare.corpus import iter_documents
+from hetlm.data.prepare.encoding import document_pieces
+from hetlm.data.prepare.packing import is_validation_document
+from hetlm.data.prepare.pipeline import prepare_dataset
+from hetlm.data.prepare.tokenizer_training import train_tokenizer
 from hetlm.data.segmenters import SegmenterSpec, build_segmenter, segment
-from hetlm.data.tokenizer import load_tokenizer, train_tokenizer
+from hetlm.data.tokenizer import load_tokenizer
 from hetlm.errors import HetlmError
 
 pytest.importorskip("fugashi")

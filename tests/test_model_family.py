@@ -225,9 +225,10 @@ def test_split_invariance_of_every_new_type(straight_runs, tiny_packed, tmp_path
 
 
 def test_electra_samples_are_seeded_per_sample(tiny_packed, tmp_path):
-    from hetlm.data.packing import load_packed_dataset
+    from hetlm.data.packed import load_packed_dataset
+    from hetlm.data.readers import special_ids
     from hetlm.models.electra import gumbel_sample
-    from hetlm.train.objectives import build_data, objective_module, special_ids
+    from hetlm.train.objectives import build_data, objective_module
 
     config = parse_config(_config("electra", tiny_packed, tmp_path))
     dataset, meta = load_packed_dataset(tiny_packed)

@@ -15,16 +15,15 @@ from _data_fixtures import (  # noqa: F401 - fixtures
 )
 
 from hetlm.cli import main
-from hetlm.data.corpus import iter_documents
-from hetlm.data.packing import (
-    META_FILE,
+from hetlm.data.packed import META_FILE, load_packed_dataset
+from hetlm.data.prepare.corpus import iter_documents
+from hetlm.data.prepare.packing import (
     SequencePacker,
     ValidationReserve,
     is_validation_document,
-    load_packed_dataset,
-    prepare_dataset,
     split_score,
 )
+from hetlm.data.prepare.pipeline import prepare_dataset
 from hetlm.errors import HetlmError
 
 SEQ_LEN = 32

@@ -14,8 +14,8 @@ pytest.importorskip("fugashi")
 
 @pytest.fixture(scope="module")
 def mecab_packed(tmp_path_factory):
-    from hetlm.data.packing import prepare_dataset
-    from hetlm.data.tokenizer import train_tokenizer
+    from hetlm.data.prepare.pipeline import prepare_dataset
+    from hetlm.data.prepare.tokenizer_training import train_tokenizer
 
     root = tmp_path_factory.mktemp("mecab")
     corpus = write_small_corpus(root / "corpus.jsonl", documents=6, chars=6000)
@@ -29,22 +29,22 @@ def mecab_packed(tmp_path_factory):
 def test_whole_word_masking_run_saves_a_japanese_bert_tokenizer(mecab_packed, tmp_path):
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-    from hetlm.train import objectives
+    from hetlm.data import readers
 
     meta = json.loads((mecab_packed / "hetlm_dataset.json").read_text())
     assert meta["whole_word_masking"]["available"]
     seen = {}
-    original = objectives.PackedMLMData.__init__
+    original = readers.PackedMLMData.__init__
 
     def spy(self, *args, **kwargs):
         original(self, *args, **kwargs)
         seen["whole_word"] = self.collator.whole_word
 
-    objectives.PackedMLMData.__init__ = spy
+    readers.PackedMLMData.__init__ = spy
     try:
         run_single(tiny_config(mecab_packed, tmp_path, max_steps=2))
     finally:
-        objectives.PackedMLMData.__init__ = original
+        readers.PackedMLMData.__init__ = original
     assert seen["whole_word"] is True  # on by default for a word-segmenting tokenizer
     model_dir = tmp_path / "model"
     assert (model_dir / "vocab.txt").is_file()

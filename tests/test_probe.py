@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hetlm.bench import sysinfo
-from hetlm.bench.probe import run_probe, search_by_fit, search_by_trying
 from hetlm.cli import main
+from hetlm.probe import sysinfo
+from hetlm.probe.probe import run_probe, search_by_fit, search_by_trying
 
 GIB = 2**30
 
@@ -167,7 +167,7 @@ def test_cuda_search_catches_out_of_memory_and_times_the_answer(monkeypatch) -> 
     """The CUDA driver without a GPU: a fake step runner that raises at sizes above 45."""
     import torch
 
-    from hetlm.bench import probe, probe_worker
+    from hetlm.probe import probe, worker
 
     tried: list[int] = []
 
@@ -178,8 +178,8 @@ def test_cuda_search_catches_out_of_memory_and_times_the_answer(monkeypatch) -> 
         def measure(self, size: int, warmup: int = 1, steps: int = 1):
             tried.append(size)
             if size > 45:
-                return probe_worker.Measurement(size, fits=False, note="out of memory")
-            return probe_worker.Measurement(
+                return worker.Measurement(size, fits=False, note="out of memory")
+            return worker.Measurement(
                 size, True, peak_bytes=size * 2**20, step_s=[size / 100.0] * steps
             )
 
@@ -191,7 +191,7 @@ def test_cuda_search_catches_out_of_memory_and_times_the_answer(monkeypatch) -> 
         name = "Fake GPU"
 
     fractions: list[float] = []
-    monkeypatch.setattr(probe_worker, "StepRunner", FakeRunner)
+    monkeypatch.setattr(worker, "StepRunner", FakeRunner)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: Props)
     monkeypatch.setattr(
         torch.cuda,

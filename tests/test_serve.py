@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from _sft_fixtures import CHAT_PAIRS, tiny_chat_model
 
+from hetlm.chat.messages import Message
 from hetlm.errors import HetlmError
 from hetlm.serve.generation import ChatEngine, GenerationSettings, load_chat_model
-from hetlm.sft.data import Message
 
 QUESTION, ANSWER = CHAT_PAIRS[1]
 GREEDY = GenerationSettings(temperature=0.0, max_new_tokens=48)
@@ -52,9 +52,9 @@ def test_engine_streams_the_trained_reply_with_the_training_template(engine):
 
 
 def test_serving_prompt_is_the_training_prompt_token_for_token(engine):
+    from hetlm.chat.templates import resolve_template
     from hetlm.sft.data import Example
     from hetlm.sft.masking import IGNORE_INDEX, SFTTokenizer
-    from hetlm.sft.templates import resolve_template
 
     turns = (
         Message("system", "簡潔に答えてください。"),
@@ -107,7 +107,7 @@ def test_adapter_is_applied_and_its_template_used(model_dir, tmp_path):
     peft = pytest.importorskip("peft", reason="adapters need peft (hetlm[chat])")
     from transformers import AutoModelForCausalLM
 
-    from hetlm.sft.templates import JA_CHAT, resolve_template, save_template
+    from hetlm.chat.templates import JA_CHAT, resolve_template, save_template
 
     model = peft.get_peft_model(
         AutoModelForCausalLM.from_pretrained(model_dir),

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from _sft_fixtures import CHAT_PAIRS, dolly_rows, tiny_chat_model
 
+from hetlm.chat.messages import Message
 from hetlm.serve.generation import ChatEngine, GenerationSettings, load_chat_model
-from hetlm.sft.data import Message
 
 GREEDY = GenerationSettings(temperature=0.0, max_new_tokens=48)
 pytest.importorskip("fastapi", reason="hetlm serve needs fastapi (hetlm[chat])")

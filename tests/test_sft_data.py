@@ -10,16 +10,9 @@ import pytest
 import torch
 from _sft_fixtures import build_model, dolly_rows, tiny_chat_model
 
-from hetlm.errors import HetlmError
-from hetlm.sft.collator import (
-    SFTCollator,
-    order_by_length,
-    padded_tokens,
-    summed_next_token_loss,
-)
-from hetlm.sft.data import Example, Message, in_validation, load_examples, split_validation
-from hetlm.sft.masking import IGNORE_INDEX, SFTTokenizer, prompt_ids, tokenize_examples
-from hetlm.sft.templates import (
+from hetlm.chat.messages import Message
+from hetlm.chat.prompt import prompt_ids
+from hetlm.chat.templates import (
     JA_ALPACA,
     JA_CHAT,
     ChatTemplate,
@@ -28,6 +21,15 @@ from hetlm.sft.templates import (
     resolve_template,
     save_template,
 )
+from hetlm.errors import HetlmError
+from hetlm.sft.collator import (
+    SFTCollator,
+    order_by_length,
+    padded_tokens,
+    summed_next_token_loss,
+)
+from hetlm.sft.data import Example, in_validation, load_examples, split_validation
+from hetlm.sft.masking import IGNORE_INDEX, SFTTokenizer, tokenize_examples
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"

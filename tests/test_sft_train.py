@@ -238,10 +238,11 @@ def test_loss_counts_response_tokens_only(sft_inputs):
     exactly those positions; train_on_prompt counts every token after the first."""
     from transformers import AutoTokenizer
 
+    from hetlm.chat.prompt import encode_segments
+    from hetlm.chat.templates import JA_ALPACA
     from hetlm.models.causal_lm import SparseCausalLM
     from hetlm.sft.data import load_examples
-    from hetlm.sft.masking import encode_segments, tokenize_examples
-    from hetlm.sft.templates import JA_ALPACA
+    from hetlm.sft.masking import tokenize_examples
     from hetlm.sft.train import SFTData, load_sft_tokenizer
 
     tokenizer = load_sft_tokenizer(sft_inputs["tokenizer"])
@@ -276,7 +277,7 @@ def test_loss_counts_response_tokens_only(sft_inputs):
     want = -log_probs.gather(-1, batch.labels[:, 1:].clamp(min=0)[..., None])[..., 0][mask].sum()
     assert torch.allclose(loss_sum, want, rtol=1e-5)
     # the fused, chunked head + loss hetlm sft trains with: the same sum, count and gradient
-    from hetlm.sft.objective import FusedSparseCausalLM
+    from hetlm.models.causal_head import FusedSparseCausalLM
 
     grads = []
     for objective in (SparseCausalLM(model), FusedSparseCausalLM(model, chunk=7)):

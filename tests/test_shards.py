@@ -23,10 +23,10 @@ from _data_fixtures import (  # noqa: F401 - fixtures
 )
 
 from hetlm.cli import main
-from hetlm.data.cleaning import CleaningOptions, HashSet
-from hetlm.data.packing import load_packed_dataset, prepare_dataset
-from hetlm.data.pipeline import merge_shards
-from hetlm.data.shards import SHARD_FILE, parse_shard
+from hetlm.data.packed import load_packed_dataset
+from hetlm.data.prepare.cleaning import CleaningOptions, HashSet
+from hetlm.data.prepare.pipeline import merge_shards, prepare_dataset
+from hetlm.data.prepare.shards import SHARD_FILE, parse_shard
 from hetlm.errors import HetlmError
 
 SEQ_LEN = 32
@@ -164,7 +164,7 @@ def test_a_killed_run_resumes(
     ]
     slow = textwrap.dedent("""
         import sys, time
-        import hetlm.data.pipeline as p
+        import hetlm.data.prepare.pipeline as p
         original = p._finish_chunk
         def slow(*a, **k):
             marker = original(*a, **k)
@@ -295,7 +295,7 @@ def test_parquet_arrow_and_datasets_inputs_read_like_jsonl(
         pa.ipc.new_stream(sink, table.schema) as writer,
     ):
         writer.write_table(table, max_chunksize=4)
-    from hetlm.data.sources import HFSource
+    from hetlm.data.prepare.sources import HFSource
 
     kwargs = dict(seq_len=SEQ_LEN, validation_fraction=0.2, workers=1)
     prepare_dataset([jsonl], trained_tokenizer, tmp_path / "j", **kwargs)
@@ -324,7 +324,7 @@ def test_parquet_arrow_and_datasets_inputs_read_like_jsonl(
 MEMORY_SCRIPT = """
 import json, os, resource, sys
 from pathlib import Path
-from hetlm.data.packing import prepare_dataset
+from hetlm.data.prepare.pipeline import prepare_dataset
 
 def status(key):
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))

@@ -89,7 +89,7 @@ def cpu_data(tmp_path_factory, aozora_slice, mecab_tokenizer, trained_tokenizer)
     """The inputs the CPU configs' comments make, small: general (a slice of Aozora) + finance
     (chABSA sentences) packed with MeCab+WordPiece and with SentencePiece, finance alone, and
     200 dolly-ja rows."""
-    from hetlm.data.packing import prepare_dataset
+    from hetlm.data.prepare.pipeline import prepare_dataset
 
     root = tmp_path_factory.mktemp("cpu_configs")
     finance = root / "finance.jsonl"

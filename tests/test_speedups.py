@@ -101,9 +101,9 @@ def test_compiled_blocks_keep_split_invariance_and_exact_resume(tiny_packed, tmp
 def test_target_index_selects_what_the_boolean_mask_selected():
     """The causal-LM heads gather the predicting positions from an index built on the CPU;
     the loss and accuracy equal those of the boolean mask (which would sync a GPU)."""
+    from hetlm.models.causal_head import FusedSparseCausalLM
     from hetlm.models.causal_lm import IGNORE_INDEX, SparseCausalLM, target_index
     from hetlm.models.presets import model_config
-    from hetlm.sft.objective import FusedSparseCausalLM
 
     torch.manual_seed(0)
     labels = torch.randint(5, 100, (3, 9))

@@ -10,8 +10,8 @@ import pytest
 from _data_fixtures import aozora_slice, paragraph_corpus, trained_tokenizer  # noqa: F401
 
 from hetlm.cli import main
-from hetlm.data.packing import load_packed_dataset, prepare_dataset
-from hetlm.data.shards import MANIFEST_FILE, sha256_file
+from hetlm.data.packed import MANIFEST_FILE, load_packed_dataset, sha256_file
+from hetlm.data.prepare.pipeline import prepare_dataset
 from hetlm.data.staging import resolve_dataset_path, stage_dataset
 from hetlm.errors import HetlmError
 

@@ -14,13 +14,8 @@ from _data_fixtures import (  # noqa: F401 - fixtures
 )
 
 from hetlm.cli import main
-from hetlm.data.tokenizer import (
-    MASK,
-    SPECIAL_TOKENS,
-    load_tokenizer,
-    special_token_ids,
-    train_tokenizer,
-)
+from hetlm.data.prepare.tokenizer_training import train_tokenizer
+from hetlm.data.tokenizer import MASK, SPECIAL_TOKENS, load_tokenizer, special_token_ids
 from hetlm.errors import HetlmError
 
 SENTENCE = "吾輩は猫である。名前はまだ無い。"

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from _sft_fixtures import tiny_chat_model
 
-from hetlm.sft.data import Message
-from hetlm.sft.masking import prompt_ids
-from hetlm.sft.templates import BUILTIN_TEMPLATES, JA_ALPACA, TextTemplate, save_template
+from hetlm.chat.messages import Message
+from hetlm.chat.prompt import prompt_ids
+from hetlm.chat.templates import BUILTIN_TEMPLATES, JA_ALPACA, TextTemplate, save_template
 from hetlm.sft.vllm_export import CHAT_TEMPLATE_FILE, chat_template_jinja, vllm_missing
 
 CONVERSATION = (

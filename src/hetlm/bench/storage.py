@@ -9,7 +9,7 @@ file, honoured by local filesystems; NFS clients may keep pages). On tmpfs the "
 
 ``bench data DATASET``: random-access read rate of a packed dataset through the loader training
 uses (``datasets`` ``with_format("numpy")``, a random batch of indices per step, as
-``hetlm.train.pretrain.PackedMLMData`` reads it), with and without MLM masking, next to the
+``hetlm.data.readers.PackedMLMData`` reads it), with and without MLM masking, next to the
 samples/s that training at ``--tokens-per-s`` needs. ``--cold`` evicts the dataset's files from
 the page cache first (same methods as above).
 
@@ -186,7 +186,7 @@ def bench_data(
     import numpy as np
 
     from hetlm.data.collators import MLMCollator
-    from hetlm.data.packing import load_packed_dataset
+    from hetlm.data.packed import load_packed_dataset
 
     if batch < 1 or seconds <= 0:
         raise HetlmError("--batch must be >= 1 and --seconds > 0")

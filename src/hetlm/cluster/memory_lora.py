@@ -39,9 +39,10 @@ adapters train. Per rank, peak memory =
   weight gets a gradient, but the backward still needs these for the input gradients and the
   adapters. With gradient checkpointing (per decoder layer, as transformers does it) only each
   layer's input is kept, plus one layer's activations recomputed during its backward.
-  The output head is hetlm's fused, chunked one (``hetlm.sft.objective``): per target token
-  the gradient it keeps for the backward, plus a constant chunk of ``HEAD_CHUNK_LOGITS`` logits
-  (fp32 logits, their 16-bit gradient, the fp32 softmax): 10 bytes per logit, whatever the batch.
+  The output head is hetlm's fused, chunked one (``hetlm.models.causal_head``): per target
+  token the gradient it keeps for the backward, plus a constant chunk of ``HEAD_CHUNK_LOGITS``
+  logits (fp32 logits, their 16-bit gradient, the fp32 softmax): 10 bytes per logit, whatever
+  the batch.
   Measured on CPU against peak RSS: -13% to +26% (docs/SFT.md).
 * the optimizer-step temporaries, slack and framework overhead of :class:`MemoryModel`.
 
@@ -70,8 +71,8 @@ LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 #: 256 blocks (QLoRA, section 2).
 NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)
 HEAD_CHUNK_BYTES_PER_LOGIT = 10  # fp32 logits + their 16-bit gradient + the fp32 softmax
-#: Logits per chunk of the fused SFT head: hetlm.sft.objective.CHUNK_LOGITS (a test keeps them
-#: equal; the cluster package does not import the training code).
+#: Logits per chunk of the fused SFT head: hetlm.models.causal_head.CHUNK_LOGITS (a test keeps
+#: them equal; the planner does not import that torch module).
 HEAD_CHUNK_LOGITS = 8 * 1024 * 1024
 
 

@@ -109,8 +109,8 @@ def run(args: argparse.Namespace) -> int:
 
     no_loading_bars()
     from hetlm.commands.pretrain import format_summary
-    from hetlm.data.packing import prepare_dataset
-    from hetlm.data.tokenizer import train_tokenizer
+    from hetlm.data.prepare.pipeline import prepare_dataset
+    from hetlm.data.prepare.tokenizer_training import train_tokenizer
 
     work = Path(args.workdir)
     corpus = Path(args.corpus) if args.corpus else find_data_dir() / DEFAULT_CORPUS
@@ -276,7 +276,7 @@ def held_out_sentences(
     import numpy as np
     from transformers import AutoTokenizer
 
-    from hetlm.data.packing import load_packed_dataset
+    from hetlm.data.packed import load_packed_dataset
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     dataset, _ = load_packed_dataset(dataset_dir)

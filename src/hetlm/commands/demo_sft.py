@@ -111,8 +111,8 @@ def run(args: argparse.Namespace) -> int:
 
     from hetlm.commands.demo import DEFAULT_CORPUS, find_data_dir, run_demo_step
     from hetlm.commands.sft import format_summary
-    from hetlm.data.packing import prepare_dataset
-    from hetlm.data.tokenizer import train_tokenizer
+    from hetlm.data.prepare.pipeline import prepare_dataset
+    from hetlm.data.prepare.tokenizer_training import train_tokenizer
 
     hf_logging.disable_progress_bar()
     s = _settings(args)
@@ -244,8 +244,8 @@ def ask(model_dir: str | Path, prompt: str, max_new_tokens: int = 48) -> str:
     and briefly trained would otherwise stop at once or loop."""
     import torch
 
+    from hetlm.chat.messages import Message
     from hetlm.serve.generation import load_chat_model
-    from hetlm.sft.data import Message
 
     engine = load_chat_model(model_dir, device="cpu")
     ids = torch.tensor([engine.encode([Message("user", prompt)])])

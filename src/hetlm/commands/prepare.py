@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     from hetlm.errors import HetlmError
 
     if args.merge:
-        from hetlm.data.pipeline import merge_shards
+        from hetlm.data.prepare.pipeline import merge_shards
 
         if not args.inputs:
             raise HetlmError("--merge needs the shard folders as INPUTs")
@@ -134,8 +134,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.tokenizer:
         raise HetlmError("--tokenizer is required (a folder from `hetlm tokenizer train`)")
     resolve_model_source(args.tokenizer, "--tokenizer")  # a mistyped folder fails at once
-    from hetlm.data.packing import prepare_dataset
-    from hetlm.data.shards import parse_shard
+    from hetlm.data.prepare.pipeline import prepare_dataset
+    from hetlm.data.prepare.shards import parse_shard
 
     hf = hf_source(args)
     if not args.inputs and hf is None:

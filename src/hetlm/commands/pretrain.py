@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
 def precheck(config, args: argparse.Namespace) -> None:
     """What every rank would refuse, reported once before any agent starts: a missing dataset,
     an engine that cannot run the requested ZeRO stage, options the engine would ignore."""
-    from hetlm.data.packing import load_packed_dataset
+    from hetlm.data.packed import load_packed_dataset
     from hetlm.train.engine import check_options
     from hetlm.train.pretrain import engine_options
     from hetlm.train.run_plan import resolve_plan

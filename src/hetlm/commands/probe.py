@@ -87,7 +87,7 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hetlm.bench.probe import run_probe
+    from hetlm.probe.probe import run_probe
 
     if args.seq_len < 1 or args.max_batch < 1 or args.steps < 1 or args.warmup < 0:
         raise HetlmError("--seq-len, --max-batch and --steps must be positive, --warmup >= 0")

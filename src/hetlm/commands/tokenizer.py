@@ -9,7 +9,7 @@ from pathlib import Path
 
 def add_cleaning_arguments(parser: argparse.ArgumentParser) -> None:
     """The cleaning switches shared by ``tokenizer train`` and ``prepare``."""
-    from hetlm.data.cleaning import DEFAULT_MIN_DOC_CHARS
+    from hetlm.data.prepare.cleaning import DEFAULT_MIN_DOC_CHARS
 
     group = parser.add_argument_group("cleaning (on by default)")
     group.add_argument(
@@ -59,7 +59,7 @@ def add_hf_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cleaning_options(args: argparse.Namespace):
-    from hetlm.data.cleaning import CleaningOptions
+    from hetlm.data.prepare.cleaning import CleaningOptions
 
     return CleaningOptions(
         strip_control=args.strip_control, min_doc_chars=args.min_doc_chars, dedup=args.dedup
@@ -67,7 +67,7 @@ def cleaning_options(args: argparse.Namespace):
 
 
 def hf_source(args: argparse.Namespace):
-    from hetlm.data.sources import HFSource
+    from hetlm.data.prepare.sources import HFSource
     from hetlm.errors import HetlmError
 
     if not args.hf_dataset:
@@ -211,9 +211,9 @@ def register(subparsers) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     """Train, then print what was read and where the tokenizer went."""
-    from hetlm.data.cleaning import CleaningStats
-    from hetlm.data.corpus import CorpusStats
-    from hetlm.data.tokenizer import train_tokenizer
+    from hetlm.data.prepare.cleaning import CleaningStats
+    from hetlm.data.prepare.corpus import CorpusStats
+    from hetlm.data.prepare.tokenizer_training import train_tokenizer
 
     stats, cleaning_stats = CorpusStats(), CleaningStats()
     cleaning = cleaning_options(args)
@@ -258,7 +258,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_compare(args: argparse.Namespace) -> int:
     """Measure, print the table, write the files."""
-    from hetlm.data.compare import compare_tokenizers, markdown_table, write_reports
+    from hetlm.data.prepare.compare import compare_tokenizers, markdown_table, write_reports
 
     reports = compare_tokenizers(
         args.inputs,

@@ -28,8 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hetlm.data.packing import META_FILE
-from hetlm.data.shards import MANIFEST_FILE, sha256_file, write_json_atomic
+from hetlm.data.packed import MANIFEST_FILE, META_FILE, sha256_file, write_json_atomic
 from hetlm.errors import HetlmError
 
 _BLOCK = 1 << 20

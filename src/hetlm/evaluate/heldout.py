@@ -76,7 +76,7 @@ class PackedCorpus:
 
 def load_packed_corpus(path: str, max_sequences: int | None = None) -> PackedCorpus:
     """Read the validation rows of a packed dataset (``load_packed_dataset`` checks it)."""
-    from hetlm.data.packing import load_packed_dataset
+    from hetlm.data.packed import load_packed_dataset
 
     dataset, meta = load_packed_dataset(path)
     split = dataset["validation"]
@@ -104,7 +104,7 @@ def tokenize_texts(texts: Sequence[str], tokenizer: Any, batch: int = 256) -> It
 
 def pack_for_mlm(texts: Sequence[str], tokenizer: Any, seq_len: int) -> tuple[np.ndarray, int]:
     """``[CLS] chunk [SEP]`` rows as `hetlm prepare` makes them; (rows, dropped tail tokens)."""
-    from hetlm.data.packing import SequencePacker
+    from hetlm.data.prepare.packing import SequencePacker
 
     cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
     if cls_id is None or sep_id is None:
@@ -389,8 +389,9 @@ def pretraining_heldout(config: Any) -> tuple[np.ndarray, Any, FrequencyBaseline
     ``run.seed``, a causal LM's every next token: collator None), and their
     :class:`FrequencyBaseline`. Token frequencies come from at most ``TRAIN_ROWS_COUNTED``
     training rows, evenly spaced over the split."""
-    from hetlm.data.packing import load_packed_dataset
-    from hetlm.train.objectives import build_data, special_ids
+    from hetlm.data.packed import load_packed_dataset
+    from hetlm.data.readers import special_ids
+    from hetlm.train.objectives import build_data
 
     dataset, meta = load_packed_dataset(config.data.dataset)
     validation = build_data(config, dataset["validation"], meta)

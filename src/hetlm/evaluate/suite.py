@@ -103,14 +103,14 @@ def corpus_name(item: str) -> str:
 
 
 def _is_packed_dataset(item: str) -> bool:
-    from hetlm.data.packing import META_FILE
+    from hetlm.data.packed import META_FILE
 
     return (Path(item) / META_FILE).is_file()
 
 
 def load_corpora(config: EvalConfig) -> dict[str, Corpus]:
     """Each held-out corpus: built-in test splits, text files, or packed datasets."""
-    from hetlm.data.corpus import CorpusStats, iter_documents, require_documents
+    from hetlm.data.prepare.corpus import CorpusStats, iter_documents, require_documents
 
     corpora: dict[str, Corpus] = {}
     for item in config.mlm_corpora:

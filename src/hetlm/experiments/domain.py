@@ -249,8 +249,8 @@ def run_experiment(settings: DomainSettings, log: Log = print) -> dict[str, Any]
     """Corpora → tokenizer → three datasets → runs (a), (b), (c) → evaluation → report."""
     import torch
 
-    from hetlm.data.packing import prepare_dataset
-    from hetlm.data.tokenizer import train_tokenizer
+    from hetlm.data.prepare.pipeline import prepare_dataset
+    from hetlm.data.prepare.tokenizer_training import train_tokenizer
     from hetlm.evaluate.checkpoint import ModelSpec
     from hetlm.evaluate.finetune import FinetuneOptions
     from hetlm.evaluate.suite import ALL_TASKS, EvalConfig, run_eval

@@ -14,9 +14,9 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+from hetlm.chat.messages import Message
 from hetlm.errors import HetlmError
 from hetlm.serve.generation import ChatEngine, GenerationSettings
-from hetlm.sft.data import Message
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 

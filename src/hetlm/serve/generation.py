@@ -1,6 +1,6 @@
 """Loading a chat model and streaming its replies.
 
-The prompt is built by :func:`hetlm.sft.masking.prompt_ids` with the template recorded when the
+The prompt is built by :func:`hetlm.chat.prompt.prompt_ids` with the template recorded when the
 model was trained (``hetlm_template.json`` in the adapter or model folder; otherwise ``auto``):
 a model answers well only in the format it was tuned on, token for token.
 
@@ -20,12 +20,12 @@ from typing import Any
 
 import torch
 
+from hetlm.chat.messages import Message, RowError, check_turn_order
+from hetlm.chat.prompt import prompt_ids
+from hetlm.chat.templates import PromptTemplate, load_saved_template, resolve_template
 from hetlm.cluster.precision import cuda_precisions
 from hetlm.errors import HetlmError
 from hetlm.serve.batching import BatchScheduler, Generation
-from hetlm.sft.data import Message, RowError, check_turn_order
-from hetlm.sft.masking import prompt_ids
-from hetlm.sft.templates import PromptTemplate, load_saved_template, resolve_template
 from hetlm.train.devices import default_device
 
 
@@ -233,6 +233,7 @@ def load_chat_model(
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from hetlm.chat.templates import TEMPLATE_FILE
     from hetlm.serve.model_source import (
         check_causal_lm,
         hub_error,
@@ -240,7 +241,6 @@ def load_chat_model(
         resolve_model_source,
     )
     from hetlm.sft.export import check_adapter_dir, has_tokenizer, import_peft, tokenizer_dir
-    from hetlm.sft.templates import TEMPLATE_FILE
 
     source = resolve_model_source(model_dir)
     adapter_path = check_adapter_dir(adapter_dir) if adapter_dir is not None else None

@@ -33,10 +33,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from hetlm.chat.messages import Message
 from hetlm.errors import HetlmError
 from hetlm.serve.batching import QueueFull
 from hetlm.serve.generation import ChatEngine, Generation, GenerationSettings
-from hetlm.sft.data import Message
 
 
 def import_server():

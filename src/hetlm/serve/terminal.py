@@ -11,9 +11,9 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
+from hetlm.chat.messages import Message
 from hetlm.errors import HetlmError
 from hetlm.serve.generation import ChatEngine, GenerationSettings
-from hetlm.sft.data import Message
 
 HELP = "/exit で終了、/reset で会話をリセット (end with /exit or Ctrl-D; /reset clears history)"
 

@@ -20,14 +20,9 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from hetlm.chat.templates import TEMPLATE_FILE, ChatTemplate, load_saved_template, resolve_template
 from hetlm.data.tokenizer import TOKENIZER_FILES
 from hetlm.errors import HetlmError
-from hetlm.sft.templates import (
-    TEMPLATE_FILE,
-    ChatTemplate,
-    load_saved_template,
-    resolve_template,
-)
 
 EXPORT_RECORD = "hetlm_export.json"
 
@@ -163,7 +158,7 @@ def set_chat_template(tokenizer: object, *folders: Path) -> str:
     """Make the tokenizer's chat template the one the model was trained with (recorded in the
     first of ``folders`` that has a record; else hetlm's ``auto`` choice, as ``hetlm serve``
     makes it): a text template is written as Jinja. Returns where the template came from."""
-    from hetlm.sft.masking import adds_bos
+    from hetlm.chat.prompt import adds_bos
     from hetlm.sft.vllm_export import chat_template_jinja
 
     template, where = None, "auto"

@@ -16,13 +16,14 @@ response header), and if the final response with its EOS does not fit beside
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from hetlm.chat.prompt import adds_bos, encode_segments
+from hetlm.chat.templates import ChatTemplate, PromptTemplate
 from hetlm.errors import HetlmError
-from hetlm.sft.data import Example, Message
-from hetlm.sft.templates import ChatTemplate, PromptTemplate, Segment
+from hetlm.sft.data import Example
 
 IGNORE_INDEX = -100
 Truncation = Literal["left", "middle"]
@@ -84,55 +85,6 @@ class TruncationStats:
             text += f"\nSFT examples dropped: {', '.join(self.dropped_examples)}"
             text += ", ..." if self.dropped > len(self.dropped_examples) else ""
         return text
-
-
-# ---------------------------------------------------------------- segments -> ids
-
-
-def adds_bos(tokenizer: Any) -> bool:
-    """Whether the tokenizer puts BOS first by itself (LLaMA-style), so text templates should."""
-    bos = tokenizer.bos_token_id
-    if bos is None:
-        return False
-    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return bool(ids) and ids[0] == bos
-
-
-def encode_segments(
-    segments: Sequence[Segment], tokenizer: Any, *, bos: bool
-) -> tuple[list[int], list[bool]]:
-    """(ids, is_response) for the segments, each tokenized on its own."""
-    ids: list[int] = [tokenizer.bos_token_id] if bos else []
-    is_response = [False] * len(ids)
-    eos = tokenizer.eos_token_id
-    for segment in segments:
-        # verbose=False: a long segment is not an error here (truncation comes later).
-        piece = (
-            tokenizer(segment.text, add_special_tokens=False, verbose=False)["input_ids"]
-            if segment.text
-            else []
-        )
-        if segment.eos:
-            if eos is None:
-                raise HetlmError(
-                    "the tokenizer has no eos_token: set one (e.g. "
-                    "tokenizer.eos_token = '</s>') so responses can end"
-                )
-            piece = [*piece, eos]
-        ids.extend(piece)
-        is_response.extend([segment.response] * len(piece))
-    return ids, is_response
-
-
-def prompt_ids(
-    messages: Sequence[Message], tokenizer: Any, template: PromptTemplate, *, context: str = ""
-) -> list[int]:
-    """The ids a model continues to answer the last user turn: exactly as in training."""
-    segments = template.segments(messages, context, generation=True)
-    ids, _ = encode_segments(
-        segments, tokenizer, bos=not isinstance(template, ChatTemplate) and adds_bos(tokenizer)
-    )
-    return ids
 
 
 # ---------------------------------------------------------------- one example

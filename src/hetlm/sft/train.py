@@ -8,9 +8,9 @@ gradient accumulation), ``train_step`` (token-exact loss: summed over response t
 by the response tokens of the whole global batch), the engines, checkpoints with exact resume,
 evaluation and metrics.
 
-- **Objective**: ``FusedSparseCausalLM`` (``hetlm.sft.objective``) projects only the positions
-  whose next token is a response token onto the vocabulary (the prompt's share of the output
-  head's cost, large with a 32k+ vocabulary, is never paid), and runs that head with the
+- **Objective**: ``FusedSparseCausalLM`` (``hetlm.models.causal_head``) projects only the
+  positions whose next token is a response token onto the vocabulary (the prompt's share of the
+  output head's cost, large with a 32k+ vocabulary, is never paid), and runs that head with the
   cross-entropy in chunks that compute their gradient at once, so no ``[tokens, vocab]`` logits
   tensor is kept for the backward.
 - **Length grouping** (``data.length_grouping``, on by default): each global batch is sorted by
@@ -39,12 +39,12 @@ from torch import nn
 
 from hetlm.data.sampler import HeterogeneousBatchSampler
 from hetlm.errors import HetlmError
+from hetlm.models.causal_head import FusedSparseCausalLM
 from hetlm.models.source import check_positions, require_causal_lm, resolve_model_source
 from hetlm.sft.collator import SFTBatch, SFTCollator, order_by_length
 from hetlm.sft.config import LoraSection, SFTConfig, SFTModelSection
 from hetlm.sft.export import import_peft, write_folder
 from hetlm.sft.masking import TokenizedExample, TruncationStats
-from hetlm.sft.objective import FusedSparseCausalLM
 from hetlm.topology import BatchSplit
 from hetlm.train import distributed as D
 from hetlm.train.pretrain import Pretraining, _collective_io
@@ -306,10 +306,10 @@ class InstructionTuning(Pretraining):
     # ---- set-up hooks
 
     def _load_data(self) -> None:
+        from hetlm.chat.templates import resolve_template
         from hetlm.data.tokenizer import vocab_hash
         from hetlm.sft.data import load_examples, split_validation
         from hetlm.sft.masking import tokenize_examples
-        from hetlm.sft.templates import resolve_template
 
         cfg, data = self.config, self.config.data
         self.tokenizer = load_sft_tokenizer(cfg.model.tokenizer_source)
@@ -458,8 +458,8 @@ class InstructionTuning(Pretraining):
 
     def save_final(self) -> Path:
         """The peft adapter folder with the tokenizer, the template and a run record."""
+        from hetlm.chat.templates import save_template
         from hetlm.data.tokenizer import save_tokenizer
-        from hetlm.sft.templates import save_template
 
         final = self.output_dir / "adapter"
         state = self.engine.model_state_dict()  # a collective: gathered to rank 0

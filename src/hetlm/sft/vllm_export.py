@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from hetlm.sft.templates import TextTemplate
+from hetlm.chat.templates import TextTemplate
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 

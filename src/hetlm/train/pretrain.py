@@ -22,6 +22,7 @@ import torch
 from hetlm.config import PretrainConfig
 from hetlm.data.collators import EVAL_EPOCH
 from hetlm.data.prefetch import StepPrefetcher
+from hetlm.data.readers import special_ids
 from hetlm.data.sampler import HeterogeneousBatchSampler
 from hetlm.errors import HetlmError
 from hetlm.models.build import build_model, freeze, load_pretrained, tokenizer_source
@@ -42,13 +43,7 @@ from hetlm.train.membership import (
     under_torchrun,
 )
 from hetlm.train.metrics import MetricsLogger, membership_history, plot_loss
-from hetlm.train.objectives import (
-    build_data,
-    loss_terms,
-    loss_weights,
-    objective_module,
-    special_ids,
-)
+from hetlm.train.objectives import build_data, loss_terms, loss_weights, objective_module
 from hetlm.train.optim import Schedule, scheduler_for
 from hetlm.train.precision import Precision
 from hetlm.train.rebalance import ComputeTimer, Rebalancer, check_rebalance
@@ -419,7 +414,7 @@ class Pretraining:
     def _load_data(self) -> None:
         """Sets ``meta``, ``tokenizer_dir`` and ``train_data`` / ``eval_data`` (each with
         ``len()`` and ``batch(indices, epoch)`` giving a micro-batch of ``train/objectives.py``)."""
-        from hetlm.data.packing import load_packed_dataset
+        from hetlm.data.packed import load_packed_dataset
         from hetlm.data.staging import resolve_dataset_path
 
         config = self.config

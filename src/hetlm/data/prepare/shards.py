@@ -38,11 +38,11 @@ from typing import Any
 
 import numpy as np
 
+from hetlm.data.packed import MANIFEST_FILE, packed_features, sha256_file, write_json_atomic
 from hetlm.errors import HetlmError
 
 SHARD_FILE = "hetlm_shard.json"
 SHARD_FORMAT = "hetlm-shard-v1"
-MANIFEST_FILE = "hetlm_manifest.json"
 CHUNKS = "chunks"
 DEFAULT_CHUNK_CHARS = 4_000_000
 BATCH_CHARS = 262_144  # at most this many characters per tokenization batch (bounds memory)
@@ -58,25 +58,6 @@ def parse_shard(text: str) -> tuple[int, int]:
     if count < 1 or not 0 <= index < count:
         raise HetlmError(f"--shard {text}: the index must be 0..n-1 and n at least 1")
     return index, count
-
-
-def sha256_file(path: Path, block: int = 1 << 20) -> str:
-    """The SHA-256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while data := f.read(block):
-            digest.update(data)
-    return digest.hexdigest()
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temporary name, fsync, rename: readers see the old or the new file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        f.write(json.dumps(data, ensure_ascii=False, indent=2) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- cutting the stream
@@ -233,8 +214,6 @@ def write_split_layout(
     JSON files is all ``save_to_disk`` would have done, without copying the tokens.
     """
     from datasets import DatasetInfo
-
-    from hetlm.data.packing import packed_features
 
     split_dir.mkdir(parents=True)
     how: dict[str, int] = {}

@@ -3,7 +3,7 @@
 The loss must fall on the response tokens only, *exactly*. Rendering the whole conversation to
 one string and searching for the response in its tokens is fragile (a token can straddle the
 boundary, the response text can occur in the prompt). So a template renders **segments**: runs
-of text that are either prompt or response. :mod:`hetlm.sft.masking` tokenizes each segment on
+of text that are either prompt or response. :mod:`hetlm.chat.prompt` tokenizes each segment on
 its own and concatenates the ids, so the boundary is known by construction, and generation
 builds its prompt ids the same way, so training and serving see identical token sequences.
 
@@ -28,8 +28,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol
 
+from hetlm.chat.messages import Message
 from hetlm.errors import HetlmError
-from hetlm.sft.data import Message
 
 TEMPLATE_FILE = "hetlm_template.json"
 

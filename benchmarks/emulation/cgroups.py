@@ -6,7 +6,7 @@ past it the kernel reclaims and then kills, as a GPU raises out-of-memory), and 
 machines by disjoint cpusets. Needs root and cgroup v1 controllers mounted at
 ``/sys/fs/cgroup/{cpu,cpuset,memory}``.
 
-``python -m hetlm.bench.cgroups exec GROUP -- COMMAND...`` moves itself into ``GROUP`` under
+``python benchmarks/emulation/cgroups.py exec GROUP -- COMMAND...`` moves itself into ``GROUP`` under
 every controller that has it and then execs ``COMMAND``, so a command prefix puts a process (and
 its children) in an emulated node: ``NodeCgroup.prefix()`` is that prefix, usable as
 ``hetlm.launch.run_local_nodes(..., rank_prefixes=...)``.
@@ -84,7 +84,7 @@ class NodeCgroup:
 
     def prefix(self) -> list[str]:
         """A command prefix that runs the rest of the command inside this node."""
-        return [sys.executable, "-m", "hetlm.bench.cgroups", "exec", self.name, "--"]
+        return [sys.executable, str(Path(__file__).resolve()), "exec", self.name, "--"]
 
     # ---- measurements
 
@@ -170,7 +170,7 @@ def join(name: str, pid: int = 0) -> None:
             _write(procs, str(pid))
             joined = True
     if not joined:
-        raise SystemExit(f"hetlm.bench.cgroups: no cgroup {name!r} under {ROOT}")
+        raise SystemExit(f"emulation/cgroups.py: no cgroup {name!r} under {ROOT}")
 
 
 def _rmdir_retry(path: Path, tries: int = 50) -> None:
@@ -202,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) < 4 or argv[0] != "exec" or argv[2] != "--":
         print(
-            "usage: python -m hetlm.bench.cgroups exec GROUP -- COMMAND [ARGS...]", file=sys.stderr
+            "usage: python benchmarks/emulation/cgroups.py exec GROUP -- COMMAND [ARGS...]",
+            file=sys.stderr,
         )
         return 2
     join(argv[1])

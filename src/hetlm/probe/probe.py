@@ -2,7 +2,7 @@
 
 The planner's memory model is an estimate and its speeds are peaks times an assumed efficiency;
 a probe replaces both with measurements of the real step on the real device (see
-``probe_worker`` for what exactly runs and how memory is measured).
+:mod:`hetlm.probe.worker` for what exactly runs and how memory is measured).
 
 * **CUDA**: try sizes until one runs out of memory. Doubling from 1 finds a bracket, bisection
   the largest size that fits; after an ``OutOfMemoryError`` the cache is emptied before the
@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hetlm.bench.probe_worker import PREFIX, Measurement
 from hetlm.errors import HetlmError
+from hetlm.probe.worker import PREFIX, Measurement
 
 GIB = 2**30
 FORMAT = "hetlm-probe/1"
@@ -248,7 +248,8 @@ def _gib(value: int | float | None) -> float | None:
 
 
 class WorkerSession:
-    """A ``probe_worker`` subprocess answering measurements; restarted when asked or killed."""
+    """A worker subprocess (:mod:`hetlm.probe.worker`) answering measurements; restarted when
+    asked or killed."""
 
     def __init__(self, spec: dict[str, Any], env: dict[str, str] | None = None) -> None:
         self.spec = spec
@@ -261,7 +262,7 @@ class WorkerSession:
     def _start(self) -> None:
         self.close()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "hetlm.bench.probe_worker", json.dumps(self.spec)],
+            [sys.executable, "-m", "hetlm.probe.worker", json.dumps(self.spec)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._stderr,
@@ -346,8 +347,8 @@ def probe_cpu(
 ) -> tuple[DeviceProbe, dict[str, Any]]:
     """Fit-and-verify search against ``memory_bytes - reserve_bytes`` of peak anonymous memory;
     returns the result and the worker's description of itself (model, threads, torch)."""
-    from hetlm.bench.probe_worker import can_reset_peak_rss
-    from hetlm.bench.sysinfo import cpu_name, cpu_quota, usable_cpus
+    from hetlm.probe.sysinfo import cpu_name, cpu_quota, usable_cpus
+    from hetlm.probe.worker import can_reset_peak_rss
 
     budget = memory_bytes - reserve_bytes
     session = WorkerSession(spec)
@@ -438,7 +439,7 @@ def probe_cuda(
     """Out-of-memory search on ``cuda:index``, optionally under a smaller memory limit."""
     import torch
 
-    from hetlm.bench.probe_worker import StepRunner
+    from hetlm.probe.worker import StepRunner
 
     props = torch.cuda.get_device_properties(index)
     total = int(props.total_memory)
@@ -527,7 +528,7 @@ def default_cpu_memory() -> tuple[int, str]:
     """The cgroup's limit less the memory its processes (this one included) already hold, else
     0.9 x RAM. The probe's worker then has what a rank alone in that cgroup would have, or less.
     """
-    from hetlm.bench.sysinfo import cgroup_memory_limit, cgroup_memory_usage, total_ram_bytes
+    from hetlm.probe.sysinfo import cgroup_memory_limit, cgroup_memory_usage, total_ram_bytes
 
     limit = cgroup_memory_limit()
     if limit is None:
@@ -560,7 +561,7 @@ def run_probe(
     ``model`` is a preset (``bert-small``) or a Hugging Face config directory, as for
     ``hetlm plan``. On a CPU this process stays free of torch: a worker process measures.
     """
-    from hetlm.bench.sysinfo import usable_cpus
+    from hetlm.probe.sysinfo import usable_cpus
 
     progress = progress or (lambda message: None)
     devices = _devices(device)
@@ -597,7 +598,7 @@ def run_probe(
         )
     import torch
 
-    from hetlm.bench.probe_worker import model_info, planner_cap, resolve_model
+    from hetlm.probe.worker import model_info, planner_cap, resolve_model
 
     config, name = resolve_model(spec)
     for dev in devices:

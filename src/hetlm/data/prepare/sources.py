@@ -4,20 +4,17 @@ Both are read in bounded memory: Parquet one row group batch at a time
 (``ParquetFile.iter_batches``), Arrow IPC files one record batch at a time (memory-mapped), and a
 ``datasets`` corpus with ``load_dataset(..., streaming=True)``, which never materialises the
 dataset on disk or in memory. Documents from every source then go through the same cleaning and
-accounting as text files (:func:`hetlm.data.corpus.iter_text_documents`).
+accounting as text files (:func:`hetlm.data.prepare.corpus.iter_text_documents`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from hetlm.errors import HetlmError
-
-if TYPE_CHECKING:
-    from hetlm.data.corpus import CorpusStats
 
 
 def iter_column_batches(path: Path, column: str, batch_rows: int) -> Iterator[list[Any]]:
@@ -120,30 +117,3 @@ class HFSource:
                 f"(streaming): {message}; check the name, --hf-config and "
                 "--hf-split (and the network or HF_DATASETS_OFFLINE)"
             ) from exc
-
-
-def iter_corpus(
-    files: Sequence[Path],
-    hf: HFSource | None,
-    *,
-    text_field: str = "text",
-    normalize: bool = True,
-    stats: CorpusStats,
-    strict: bool = False,
-) -> Iterator[str]:
-    """Every document: the files in order, then the ``datasets`` stream (when given)."""
-    from hetlm.data.corpus import iter_documents, iter_text_documents
-
-    if files:
-        yield from iter_documents(
-            files, text_field=text_field, normalize=normalize, stats=stats, strict=strict
-        )
-    if hf is not None:
-        yield from iter_text_documents(
-            hf.texts(text_field),
-            where=hf.label(),
-            text_field=text_field,
-            normalize=normalize,
-            stats=stats,
-            strict=strict,
-        )

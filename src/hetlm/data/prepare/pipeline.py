@@ -2,13 +2,13 @@
 
 ``prepare`` = run shard 0 of 1 in a work folder, then merge it into the dataset folder. A sharded
 run (``--shard i/n``) stops after its shard; ``merge_shards`` combines the n shard folders. The
-rules (chunks, shards, resume) are in :mod:`hetlm.data.shards`; the packing of one chunk is
-:func:`hetlm.data.packing.pack_documents`.
+rules (chunks, shards, resume) are in :mod:`hetlm.data.prepare.shards`; the packing of one chunk is
+:func:`hetlm.data.prepare.packing.pack_documents`.
 
 Memory stays flat whatever the corpus size: documents stream through; at most ``4 * workers``
 tokenization batches are in flight; one chunk's token ids (``chunk_chars`` characters, ~4 bytes
 per token) are held until the chunk is packed; duplicate detection keeps 8 bytes per unique
-document (:class:`hetlm.data.cleaning.HashSet`).
+document (:class:`hetlm.data.prepare.cleaning.HashSet`).
 """
 
 from __future__ import annotations
@@ -26,32 +26,39 @@ from typing import Any
 
 import numpy as np
 
-from hetlm.data.cleaning import CleaningOptions, CleaningStats, DocumentCleaner
-from hetlm.data.corpus import (
+from hetlm.data.packed import (
+    FORMAT,
+    MANIFEST_FILE,
+    META_FILE,
+    SPLITS,
+    load_packed_dataset,
+    sha256_file,
+    write_json_atomic,
+)
+from hetlm.data.prepare.cleaning import CleaningOptions, CleaningStats, DocumentCleaner
+from hetlm.data.prepare.corpus import (
     CorpusStats,
     as_input_list,
     check_text_files,
+    iter_corpus,
     require_documents,
     resolve_inputs,
 )
-from hetlm.data.encoding import EncoderSpec, encode_batches
-from hetlm.data.packing import (
-    FORMAT,
-    META_FILE,
-    SPLITS,
+from hetlm.data.prepare.encoding import EncoderSpec, encode_batches
+from hetlm.data.prepare.packing import (
     PrepareSummary,
     SplitCounts,
     ValidationReserve,
+    _check_options,
     _check_output_dir,
     _SplitWriter,
     check_counts,
-    load_packed_dataset,
     pack_documents,
     split_score,
 )
-from hetlm.data.shards import (
+from hetlm.data.prepare.shards import (
     CHUNKS,
-    MANIFEST_FILE,
+    DEFAULT_CHUNK_CHARS,
     SHARD_FILE,
     SHARD_FORMAT,
     ChunkBuffer,
@@ -61,12 +68,10 @@ from hetlm.data.shards import (
     completed_chunks,
     fingerprint_differences,
     read_shard_file,
-    sha256_file,
-    write_json_atomic,
     write_manifest,
     write_split_layout,
 )
-from hetlm.data.sources import HFSource, iter_corpus
+from hetlm.data.prepare.sources import HFSource
 from hetlm.errors import HetlmError
 
 
@@ -171,6 +176,65 @@ def prepare(
     summary.chunks_this_run, summary.chunks_resumed = result.chunks_this_run, result.chunks_resumed
     summary.notes = notes + summary.notes
     return summary
+
+
+def prepare_dataset(
+    inputs: Sequence[str | Path],
+    tokenizer_dir: str | Path,
+    output_dir: str | Path,
+    *,
+    seq_len: int = 128,
+    validation_fraction: float = 0.02,
+    text_field: str = "text",
+    normalize: bool = True,
+    workers: int | None = None,
+    seed: int = 0,
+    batch_docs: int = 256,
+    overwrite: bool = False,
+    cleaning: CleaningOptions | None = None,
+    chunk_chars: int | None = None,
+    shard: tuple[int, int] | None = None,
+    hf: Any = None,
+    strict: bool = False,
+    work_dir: str | Path | None = None,
+    max_chunks: int | None = None,
+) -> PrepareSummary:
+    """Tokenize the corpus and save packed train/validation sequences to ``output_dir``.
+
+    The result appears under ``output_dir`` only when complete: it is built in a work folder
+    beside it (``.<name>.partial``, or ``work_dir``) and renamed into place. A run that is killed
+    leaves the work folder; running the same command again resumes from its finished chunks.
+    ``workers`` defaults to the CPUs this process may use. ``cleaning`` defaults to
+    :class:`CleaningOptions` () (duplicates, short documents, control characters);
+    ``hf`` is a :class:`hetlm.data.prepare.sources.HFSource` read after the files. With
+    ``shard=(i, n)`` ``output_dir`` receives shard i of n, to be combined by
+    :func:`merge_shards`. ``max_chunks`` stops after that many newly
+    tokenized chunks (the summary then says ``complete=False``; run again to continue).
+    """
+    workers = _check_options(seq_len, validation_fraction, workers, batch_docs)
+    options = PrepareOptions(
+        seq_len=seq_len,
+        validation_fraction=validation_fraction,
+        seed=seed,
+        workers=workers,
+        batch_docs=batch_docs,
+        text_field=text_field,
+        normalize=normalize,
+        cleaning=cleaning if cleaning is not None else CleaningOptions(),
+        chunk_chars=chunk_chars or DEFAULT_CHUNK_CHARS,
+        strict=strict,
+        max_chunks=max_chunks,
+    )
+    return prepare(
+        inputs,
+        tokenizer_dir,
+        Path(output_dir),
+        options,
+        overwrite=overwrite,
+        shard=shard,
+        hf=hf,
+        work_dir=Path(work_dir) if work_dir else None,
+    )
 
 
 def _prepare_shard(

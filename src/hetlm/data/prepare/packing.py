@@ -5,7 +5,7 @@ with ``[SEP]`` between documents, the stream is cut into pieces of ``seq_len - 2
 each sequence is ``[CLS] + piece + [SEP]``. What does not fill a piece is carried into the next
 sequence; only the final partial sequence of each split *of each chunk* is dropped (and
 reported). A chunk is ``chunk_chars`` characters of documents (4M by default): the unit of
-resuming and of sharding across nodes (see :mod:`hetlm.data.shards`); a corpus smaller than one
+resuming and of sharding across nodes (see :mod:`hetlm.data.prepare.shards`); a corpus smaller than one
 chunk is packed exactly as one stream.
 
 Documents go to train or validation *whole* (see :func:`is_validation_document`), so no text
@@ -24,25 +24,20 @@ from __future__ import annotations
 
 import hashlib
 import heapq
-import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from hetlm.data.cleaning import CleaningOptions, CleaningStats
-from hetlm.data.corpus import CorpusStats
-from hetlm.data.encoding import EncoderSpec, encode_batches
-from hetlm.data.shards import DEFAULT_CHUNK_CHARS
+from hetlm.data.packed import META_FILE, SPLITS, packed_features
+from hetlm.data.prepare.cleaning import CleaningOptions, CleaningStats
+from hetlm.data.prepare.corpus import CorpusStats
+from hetlm.data.prepare.encoding import EncoderSpec, encode_batches
 from hetlm.errors import HetlmError
 
-META_FILE = "hetlm_dataset.json"
-FORMAT = "hetlm-packed-v1"
-SPLITS = ("train", "validation")
 _WRITE_ROWS = 4096  # rows per Arrow record batch
 
 
@@ -219,7 +214,7 @@ def tokenize_documents(
     """Token ids of each document, in document order, tokenized by ``workers`` processes.
 
     ``tokenizer`` is a fast tokenizer's JSON or an :class:`EncoderSpec` (which also covers the
-    slow MeCab/Sudachi tokenizers). See :mod:`hetlm.data.encoding`.
+    slow MeCab/Sudachi tokenizers). See :mod:`hetlm.data.prepare.encoding`.
     """
     spec = tokenizer if isinstance(tokenizer, EncoderSpec) else EncoderSpec("fast", tokenizer)
     batches = ((None, batch) for batch in _batched(documents, batch_docs))
@@ -264,13 +259,6 @@ class _SplitWriter:
     def close(self) -> None:
         self._flush()
         self.writer.finalize()
-
-
-def packed_features(seq_len: int):
-    """The dataset schema: ``input_ids``, a fixed-length list of int32."""
-    from datasets import Features, List, Value
-
-    return Features({"input_ids": List(Value("int32"), length=seq_len)})
 
 
 # ---------------------------------------------------------------- the whole preparation
@@ -319,67 +307,6 @@ def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
         )
 
 
-def prepare_dataset(
-    inputs: Sequence[str | Path],
-    tokenizer_dir: str | Path,
-    output_dir: str | Path,
-    *,
-    seq_len: int = 128,
-    validation_fraction: float = 0.02,
-    text_field: str = "text",
-    normalize: bool = True,
-    workers: int | None = None,
-    seed: int = 0,
-    batch_docs: int = 256,
-    overwrite: bool = False,
-    cleaning: CleaningOptions | None = None,
-    chunk_chars: int | None = None,
-    shard: tuple[int, int] | None = None,
-    hf: Any = None,
-    strict: bool = False,
-    work_dir: str | Path | None = None,
-    max_chunks: int | None = None,
-) -> PrepareSummary:
-    """Tokenize the corpus and save packed train/validation sequences to ``output_dir``.
-
-    The result appears under ``output_dir`` only when complete: it is built in a work folder
-    beside it (``.<name>.partial``, or ``work_dir``) and renamed into place. A run that is killed
-    leaves the work folder; running the same command again resumes from its finished chunks.
-    ``workers`` defaults to the CPUs this process may use. ``cleaning`` defaults to
-    :class:`CleaningOptions` () (duplicates, short documents, control characters);
-    ``hf`` is a :class:`hetlm.data.sources.HFSource` read after the files. With
-    ``shard=(i, n)`` ``output_dir`` receives shard i of n, to be combined by
-    :func:`hetlm.data.pipeline.merge_shards`. ``max_chunks`` stops after that many newly
-    tokenized chunks (the summary then says ``complete=False``; run again to continue).
-    """
-    from hetlm.data.pipeline import PrepareOptions, prepare
-
-    workers = _check_options(seq_len, validation_fraction, workers, batch_docs)
-    options = PrepareOptions(
-        seq_len=seq_len,
-        validation_fraction=validation_fraction,
-        seed=seed,
-        workers=workers,
-        batch_docs=batch_docs,
-        text_field=text_field,
-        normalize=normalize,
-        cleaning=cleaning if cleaning is not None else CleaningOptions(),
-        chunk_chars=chunk_chars or DEFAULT_CHUNK_CHARS,
-        strict=strict,
-        max_chunks=max_chunks,
-    )
-    return prepare(
-        inputs,
-        tokenizer_dir,
-        Path(output_dir),
-        options,
-        overwrite=overwrite,
-        shard=shard,
-        hf=hf,
-        work_dir=Path(work_dir) if work_dir else None,
-    )
-
-
 class ValidationReserve:
     """The training documents with the smallest split scores, enough for one sequence.
 
@@ -419,81 +346,4 @@ def check_counts(counts: dict[str, SplitCounts], seq_len: int) -> None:
                 f"the corpus is too small: its {total:,} tokens give no full "
                 f"{name} sequence of {seq_len} tokens; add text, lower --seq-len, "
                 "or change --validation-fraction"
-            )
-
-
-# ---------------------------------------------------------------- loading
-
-
-def load_packed_dataset(path: str | Path) -> tuple[Any, dict[str, Any]]:
-    """Load a dataset written by :func:`prepare_dataset`: (DatasetDict, metadata dict)."""
-    path = Path(path)
-    if not path.exists():
-        raise HetlmError(f"dataset {path} does not exist: create it with `hetlm prepare`")
-    meta_path = path / META_FILE
-    if not path.is_dir() or not meta_path.is_file():
-        raise HetlmError(
-            f"{path} is not a hetlm dataset (no {META_FILE}): create it with `hetlm prepare`"
-        )
-    meta = _read_meta(meta_path)
-    dataset = _load_splits(path)
-    _check_matches_meta(dataset, meta, path)
-    return dataset, meta
-
-
-def _read_meta(meta_path: Path) -> dict[str, Any]:
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise HetlmError(
-            f"{meta_path} is unreadable ({exc}): re-create the dataset with "
-            "`hetlm prepare --overwrite`"
-        ) from exc
-    missing = [
-        k
-        for k in ("seq_len", "vocab_size", "special_token_ids")
-        if not isinstance(meta, dict) or k not in meta
-    ]
-    if not isinstance(meta, dict) or missing:
-        raise HetlmError(
-            f"{meta_path} lacks {', '.join(missing) or 'its fields'}: re-create the "
-            "dataset with `hetlm prepare --overwrite`"
-        )
-    return meta
-
-
-def _load_splits(path: Path) -> Any:
-    from datasets import DatasetDict, load_from_disk
-
-    try:
-        dataset = load_from_disk(str(path))
-    except Exception as exc:  # datasets raises many types for damaged folders
-        message = " ".join(str(exc).split())
-        raise HetlmError(
-            f"dataset {path} is corrupt or incomplete ({type(exc).__name__}: "
-            f"{message}); re-create it with `hetlm prepare --overwrite`"
-        ) from exc
-    if not isinstance(dataset, DatasetDict) or set(dataset) != set(SPLITS):
-        raise HetlmError(
-            f"dataset {path} does not hold the splits {' and '.join(SPLITS)}: "
-            "re-create it with `hetlm prepare --overwrite`"
-        )
-    return dataset
-
-
-def _check_matches_meta(dataset: Any, meta: dict[str, Any], path: Path) -> None:
-    expected = packed_features(int(meta["seq_len"]))
-    for name in SPLITS:
-        if dataset[name].features != expected:
-            raise HetlmError(
-                f"dataset {path}: the {name} split has features "
-                f"{dataset[name].features}, not input_ids of length {meta['seq_len']}"
-                f" as {META_FILE} says; re-create it with `hetlm prepare --overwrite`"
-            )
-        recorded = meta.get("num_sequences", {}).get(name)
-        if recorded is not None and recorded != len(dataset[name]):
-            raise HetlmError(
-                f"dataset {path}: the {name} split has {len(dataset[name])} rows but "
-                f"{META_FILE} says {recorded}; re-create it with "
-                "`hetlm prepare --overwrite`"
             )

@@ -12,7 +12,7 @@ reset through ``/proc/self/clear_refs``, less its file-backed pages): the whole 
 interpreter and heaps included, because that whole is what a memory limit (a cgroup, the
 machine's RAM) constrains, but not the clean library and data pages the kernel can drop.
 
-On a CPU the measurement runs in a subprocess (``python -m hetlm.bench.probe_worker SPEC``) that
+On a CPU the measurement runs in a subprocess (``python -m hetlm.probe.worker SPEC``) that
 answers one JSON line per request on stdout, so a size that exceeds a cgroup limit kills only
 the worker, and a fresh worker gives a peak undisturbed by the allocator's memory retained from
 an earlier, larger size.

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from hetlm.data.corpus import CorpusStats, iter_documents
+from hetlm.data.prepare.corpus import CorpusStats, iter_documents
 
 SPEED_CHARS = 200_000
 
@@ -67,7 +67,7 @@ def measure(
     label: str | None = None,
 ) -> TokenizerReport:
     """The numbers of one tokenizer on ``documents`` (see the module docstring)."""
-    from hetlm.data.encoding import DocumentEncoder, EncoderSpec
+    from hetlm.data.prepare.encoding import DocumentEncoder, EncoderSpec
     from hetlm.data.tokenizer import load_tokenizer, tokenizer_kind
 
     tokenizer = load_tokenizer(tokenizer_dir)

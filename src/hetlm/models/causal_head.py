@@ -1,4 +1,4 @@
-"""The SFT objective: ``SparseCausalLM`` with the output head and cross-entropy fused, in chunks.
+"""``SparseCausalLM`` with the output head and cross-entropy fused, in chunks (SFT's objective).
 
 ``SparseCausalLM`` already projects only the target positions (response tokens) onto the
 vocabulary. In instruction data a large share of the tokens are still response tokens, and with

@@ -7,7 +7,7 @@ strings. This module turns the shapes people actually have on disk into that str
   documents; a document is its lines joined with ``"\\n"``;
 - JSON Lines (``.jsonl``/``.json``): one object per line, the text in ``text_field``;
 - Parquet (``.parquet``) and Arrow IPC files (``.arrow``, e.g. a ``datasets`` cache file): the
-  column ``text_field``, read one record batch at a time (see :mod:`hetlm.data.sources` for
+  column ``text_field``, read one record batch at a time (see :mod:`hetlm.data.prepare.sources` for
   Hugging Face ``datasets`` by name).
 
 It streams (one document in memory at a time) and is forgiving about the things real corpora
@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+from hetlm.data.prepare.sources import HFSource
 from hetlm.errors import HetlmError
 
 CORPUS_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".arrow")
@@ -416,7 +417,7 @@ def _columnar_documents(
     path: Path, text_field: str, cleaner: _LineCleaner, max_document_chars: int, stats: CorpusStats
 ) -> Iterator[str]:
     """The ``text_field`` column of a Parquet or Arrow file, one record batch at a time."""
-    from hetlm.data.sources import iter_column_batches
+    from hetlm.data.prepare.sources import iter_column_batches
 
     row = 0
     for column in iter_column_batches(path, text_field, COLUMNAR_BATCH_ROWS):
@@ -570,3 +571,28 @@ def require_documents(
         f"JSON Lines, that each record has a string field {text_field!r} "
         "(--text-field)"
     )
+
+
+def iter_corpus(
+    files: Sequence[Path],
+    hf: HFSource | None,
+    *,
+    text_field: str = "text",
+    normalize: bool = True,
+    stats: CorpusStats,
+    strict: bool = False,
+) -> Iterator[str]:
+    """Every document: the files in order, then the ``datasets`` stream (when given)."""
+    if files:
+        yield from iter_documents(
+            files, text_field=text_field, normalize=normalize, stats=stats, strict=strict
+        )
+    if hf is not None:
+        yield from iter_text_documents(
+            hf.texts(text_field),
+            where=hf.label(),
+            text_field=text_field,
+            normalize=normalize,
+            stats=stats,
+            strict=strict,
+        )

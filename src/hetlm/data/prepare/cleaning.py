@@ -1,6 +1,6 @@
 """Corpus cleaning: control characters, too-short documents and exact duplicates.
 
-Cleaning sits between reading (:mod:`hetlm.data.corpus`) and tokenization, and is on by default
+Cleaning sits between reading (:mod:`hetlm.data.prepare.corpus`) and tokenization, and is on by default
 in ``hetlm prepare`` and ``hetlm tokenizer train`` because all three problems are common in
 scraped Japanese text (boilerplate pages repeated thousands of times, navigation fragments,
 stray ``\\x00``/``\\x1b`` bytes) and each one silently skews a model. Every removal is counted in
