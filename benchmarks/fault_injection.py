@@ -108,33 +108,48 @@ class ElasticRun:
     what ``--local-nodes 3 --elastic`` starts); node 2 is killed once step ``kill_after`` is
     logged and, with ``rejoin_after``, started again once that step ran on two nodes."""
 
-    def __init__(self, cfg: Path, out: Path, kill_after: int, rejoin_after: int | None) -> None:
+    def __init__(
+        self,
+        cfg: Path,
+        out: Path,
+        kill_after: int | None,
+        rejoin_after: int | None,
+        *,
+        node_names: list[str] | None = None,
+        kill: int = 2,
+        extra: list[str] | None = None,
+    ) -> None:
         from hetlm.launch import ElasticLocalJob
 
         started = time.perf_counter()
+        names = node_names or ["node0", "node1", "node2"]
         self.env = {"HETLM_FAULT": PACE}
-        self.args = ["pretrain", str(cfg), "--local-nodes", "3", "--elastic", "--quiet"]
+        self.args = ["pretrain", str(cfg), "--local-nodes", str(len(names)), "--elastic"]
+        self.args += [*(extra or []), "--quiet"]
+        self.killed = names[kill] if kill_after is not None else None
         log = out.parent / f"{out.name}.agents.log"
         os.environ["HETLM_FAULT"] = PACE
         with log.open("w") as sink:
             job = ElasticLocalJob(
-                ["pretrain", str(cfg), "--elastic", "--quiet"],
-                nodes=3,
-                min_nodes=2,
+                ["pretrain", str(cfg), "--elastic", *(extra or []), "--quiet"],
+                nodes=len(names),
+                min_nodes=min(2, len(names)),
                 threads_per_rank=1,
+                node_names=names,
                 stderr=sink.fileno(),
             )
             job.start()
             try:
-                self._until(out, 3, kill_after, job)
-                job.kill_node(2)
-                if rejoin_after is not None:
-                    self._until(out, 2, rejoin_after, job)
-                    job.start_node(2)
+                if kill_after is not None:
+                    self._until(out, len(names), kill_after, job)
+                    job.kill_node(kill)
+                    if rejoin_after is not None:
+                        self._until(out, len(names) - 1, rejoin_after, job)
+                        job.start_node(kill)
                 self.code = job.wait(timeout=600)
             finally:
                 del os.environ["HETLM_FAULT"]
-                for i in range(3):
+                for i in range(len(names)):
                     if job.alive(i):
                         job.kill_node(i)
         self.seconds = time.perf_counter() - started
@@ -157,7 +172,7 @@ class ElasticRun:
         return (
             f"HETLM_FAULT={PACE} hetlm "
             + " ".join(shlex.quote(a) for a in self.args)
-            + "; kill node 2's agent and rank after step 5"
+            + (f"; kill node {self.killed}'s agent and rank after step 5" if self.killed else "")
         )
 
     def message(self) -> str:
@@ -531,6 +546,68 @@ def scenarios(data: Path, work: Path, refs: dict) -> dict:
             once=steps_once(base),
         )
 
+    def elastic_plan():
+        """A plan for three nodes of speeds 30 / 20 / 10 samples/s; the middle one dies; the
+        split for the two left is derived from their rows of the plan (a plan listing more
+        nodes than are present)."""
+        from hetlm.cluster.planner import make_plan
+        from hetlm.cluster.spec import parse_cluster
+        from hetlm.models.presets import bert_config
+
+        base, ref = out("elastic_plan"), out("elastic_plan_ref")
+        for path in (base, ref):
+            shutil.rmtree(path, ignore_errors=True)
+        speeds = {"fast": 30, "mid": 20, "slow": 10}
+        cluster = parse_cluster(
+            {
+                "nodes": [
+                    {
+                        "name": n,
+                        "gpus": {"model": "cpu", "memory_gib": 4, "count": 1},
+                        "samples_per_s": [v],
+                    }
+                    for n, v in speeds.items()
+                ],
+                "network": {"inter_node_gbps": 10},
+            }
+        )
+        plan = make_plan(cluster, bert_config("tiny", 3000), 12, 32, precision="fp32")
+        plan_path = plan.save(work / "elastic_plan.plan.yaml")
+        train = {"global_batch": 12, "save_total_limit": 100, "max_steps": ELASTIC_STEPS}
+        cfg = config(data, base, **train, elastic=True, plan=str(plan_path))
+        cfg["train"].pop("micro_batch")
+        cfg_path = write(cfg, work / "elastic_plan.yaml")
+        run = ElasticRun(cfg_path, base, 5, None, node_names=list(speeds), kill=1)
+        events = metrics(base)
+        restart = next(r for r in events if r.get("event") == "restart")
+        change = next(r for r in events if r.get("event") == "membership")
+        resumed = base / "checkpoints" / f"step-{restart['resumed_from']:08d}"
+        # the reference: from that checkpoint on fast and slow from the start
+        ref_cfg = dict(cfg, run={**cfg["run"], "output_dir": str(ref)})
+        ref_path = write(ref_cfg, work / "elastic_plan_ref.yaml")
+        reference = ElasticRun(
+            ref_path,
+            ref,
+            None,
+            None,
+            node_names=["fast", "slow"],
+            extra=["--resume", str(resumed), "--overwrite"],
+        )
+        return dict(
+            fault="3 elastic nodes from a plan listing fast / mid / slow (30 / 20 / 10 "
+            "samples/s); mid's agent and rank killed after step 5 (global batch 12, "
+            f"{ELASTIC_STEPS} steps)",
+            runs=[run, reference],
+            did=f"exit {run.code}; plan split {list(plan.batch_split.shares)}; membership: "
+            f"{change['world_size_before']} -> {change['world_size']} ranks at step "
+            f"{change['step']} (left {change['left']}), shares {change['shares_before']} -> "
+            f"{change['shares']} from {change['split_from']}",
+            steps_lost=len(restart.get("dropped_steps") or []),
+            equal=equal(weights(ref), weights(base), tol=1e-6)
+            + " vs resuming that checkpoint on fast and slow by hand",
+            once=steps_once(base),
+        )
+
     def elastic_shrink():
         return elastic("elastic_shrink", rejoin=False)
 
@@ -556,6 +633,7 @@ def scenarios(data: Path, work: Path, refs: dict) -> dict:
             changed_split,
             elastic_shrink,
             elastic_rejoin,
+            elastic_plan,
         )
     }
 
