@@ -47,7 +47,8 @@ from hetlm.sft.export import import_peft, write_folder
 from hetlm.sft.masking import TokenizedExample, TruncationStats
 from hetlm.topology import BatchSplit
 from hetlm.train import distributed as D
-from hetlm.train.pretrain import Pretraining, _collective_io
+from hetlm.train.collective import collective_io
+from hetlm.train.pretrain import Pretraining
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 RUN_RECORD = "hetlm_sft.json"
@@ -301,7 +302,7 @@ class InstructionTuning(Pretraining):
     ) -> None:
         check_quantization(config.model.quantization)
         check_base_model(config.model, config.data.max_length)
-        super().__init__(config, ctx, resume, **options)  # type: ignore[arg-type]
+        super().__init__(config, ctx, resume, **options)
 
     # ---- set-up hooks
 
@@ -403,7 +404,7 @@ class InstructionTuning(Pretraining):
             model.save_pretrained(tmp, safe_serialization=True)
             save_tokenizer(self.tokenizer, tmp)
 
-        _collective_io(
+        collective_io(
             self.ctx,
             lambda: (
                 self.ctx.is_main
@@ -480,7 +481,7 @@ class InstructionTuning(Pretraining):
                 json.dumps(record, ensure_ascii=False, indent=1) + "\n", encoding="utf-8"
             )
 
-        _collective_io(self.ctx, lambda: self.ctx.is_main and write_folder(final, write))
+        collective_io(self.ctx, lambda: self.ctx.is_main and write_folder(final, write))
         return final
 
     def _summary(
@@ -529,7 +530,7 @@ def run_sft(
     return run_pretraining(
         config,
         resume=resume,
-        overwrite=overwrite,  # type: ignore[arg-type]
+        overwrite=overwrite,
         extend=extend,
         stop_at_step=stop_at_step,
         trainer=InstructionTuning,
