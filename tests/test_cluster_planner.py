@@ -430,6 +430,42 @@ def test_plans_are_for_their_command(tmp_path: Path) -> None:
         other.load_plan()
 
 
+def test_a_config_reads_its_plan_file_once(tmp_path: Path, monkeypatch) -> None:
+    """Start-up asks for the plan several times (the split, the run plan, the elastic split):
+    the file is read once per config, the checks against the config run every time, and the
+    cached plan is not part of the config's dump (its record and fingerprints)."""
+    from hetlm.cluster import planner
+    from hetlm.config import parse_config
+
+    c = cluster(("A100-80GB", 1))
+    first = make_plan(c, bert_config("tiny", 1000), 8, 128).save(tmp_path / "a.yaml")
+    second = make_plan(c, bert_config("tiny", 1000), 8, 128).save(tmp_path / "b.yaml")
+    reads: list[Path] = []
+    real = planner.load_plan
+    monkeypatch.setattr(planner, "load_plan", lambda path: reads.append(path) or real(path))
+    config = parse_config(
+        {
+            "run": {"output_dir": "x"},
+            "data": {"dataset": "d"},
+            "train": {"global_batch": 8, "max_steps": 1, "plan": str(first)},
+        }
+    )
+    dump = config.model_dump(mode="json")
+    split = config.batch_split(1, [0])
+    assert config.load_plan().batch_split == split
+    assert config.load_plan() is config.load_plan()
+    assert reads == [first]
+    assert config.model_dump(mode="json") == dump
+    config.train.global_batch = 16  # checked against the config again, not read again
+    with pytest.raises(HetlmError, match="for global batch 8 but train.global_batch is 16"):
+        config.load_plan()
+    assert reads == [first]
+    config.train.global_batch = 8
+    config.train.plan = second  # another file: read
+    assert config.load_plan().global_batch == 8
+    assert reads == [first, second]
+
+
 def test_cli_plans_sft_from_options_and_from_an_sft_config(tmp_path: Path, capsys) -> None:
     from hetlm.cli import main
 

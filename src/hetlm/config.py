@@ -334,6 +334,10 @@ class TrainingConfig(Section):
         model: Any
 
     _sources: dict[str, str] = PrivateAttr(default_factory=dict)
+    #: (path, plan) of the plan file last read: start-up asks for the plan several times (the
+    #: split, the run plan, the elastic split), the file is read once. Private: not in
+    #: model_dump, so neither in the run's config record nor in any fingerprint.
+    _plan_file: tuple[Path, Any] | None = PrivateAttr(default=None)
 
     @model_validator(mode="before")
     @classmethod
@@ -397,10 +401,16 @@ class TrainingConfig(Section):
         """Refuse a plan made for other memory-relevant settings (nothing beyond the task here)."""
 
     def load_plan(self):
+        """The plan of ``train.plan``, checked against this config. The file is read and
+        validated once per config object (again only if ``train.plan`` names another file);
+        the checks against the config run on every call, as the config may have changed."""
         from hetlm.cluster.planner import load_plan
 
         assert self.train.plan is not None
-        plan = load_plan(self.train.plan)
+        path = Path(self.train.plan)
+        if self._plan_file is None or self._plan_file[0] != path:
+            self._plan_file = (path, load_plan(path))
+        plan = self._plan_file[1]
         if plan.global_batch != self.train.global_batch:
             raise HetlmError(
                 f"the plan {self.train.plan} is for global batch {plan.global_batch} but "
