@@ -430,6 +430,26 @@ def test_plans_are_for_their_command(tmp_path: Path) -> None:
         other.load_plan()
 
 
+@pytest.mark.parametrize(
+    "gpu, precision, held",
+    [("A100-80GB", "bf16", "bf16"), ("A100-80GB", "fp16", "fp32"), ("cpu", "bf16", "fp32")],
+)
+def test_sft_loads_the_frozen_base_as_the_planner_sizes_it(gpu, precision, held) -> None:
+    """One rule (hetlm.cluster.precision): bf16 on GPUs training in bf16, else fp32."""
+    import torch
+
+    from hetlm.cluster.precision import frozen_base_precision
+    from hetlm.commands.plan import sft_base_dtype
+    from hetlm.sft.train import frozen_base_dtype
+
+    on_gpu = gpu != "cpu"
+    assert frozen_base_precision(on_gpu, precision) == held
+    device = torch.device("cuda" if on_gpu else "cpu")
+    loaded = {"bf16": torch.bfloat16, "fp32": torch.float32}[held]
+    assert frozen_base_dtype(device, precision) == loaded
+    assert sft_base_dtype(cluster((gpu, 2)), precision) == {"bf16": "16bit", "fp32": "fp32"}[held]
+
+
 def test_a_config_reads_its_plan_file_once(tmp_path: Path, monkeypatch) -> None:
     """Start-up asks for the plan several times (the split, the run plan, the elastic split):
     the file is read once per config, the checks against the config run every time, and the

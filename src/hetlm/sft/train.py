@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from hetlm.cluster.precision import frozen_base_precision
 from hetlm.data.sampler import HeterogeneousBatchSampler
 from hetlm.errors import HetlmError
 from hetlm.models.causal_head import FusedSparseCausalLM
@@ -144,11 +145,10 @@ def bnb_config(kind: str, precision: str):
 
 
 def frozen_base_dtype(device: torch.device, precision: str) -> torch.dtype:
-    """The dtype of the frozen base weights: bf16 on a GPU when the job trains in bf16 (half the
-    memory: a 13B base takes 26 GB instead of 52, and no per-step cast of every weight under
-    autocast), fp32 otherwise (on a CPU the tests compare splits at fp32 tolerances). The
-    LoRA weights stay fp32 either way (peft keeps adapters in fp32)."""
-    return torch.bfloat16 if device.type == "cuda" and precision == "bf16" else torch.float32
+    """The dtype of the frozen base weights on ``device`` for a job training in ``precision``
+    (the rule: ``hetlm.cluster.precision.frozen_base_precision``)."""
+    held = frozen_base_precision(device.type == "cuda", precision)
+    return torch.bfloat16 if held == "bf16" else torch.float32
 
 
 def base_source(init_from: str) -> str:
