@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import torch
 
 from hetlm.config import PretrainConfig, TrainingConfig
 from hetlm.data.collators import EVAL_EPOCH
+from hetlm.data.microbatch import MicroBatch
 from hetlm.data.prefetch import StepPrefetcher
 from hetlm.data.readers import special_ids
 from hetlm.data.sampler import HeterogeneousBatchSampler
@@ -75,7 +77,7 @@ def train_step(
     optimizer,
     scheduler,
     ctx: D.DistContext,
-    micro_batches: list,
+    micro_batches: Sequence[MicroBatch],
     max_grad_norm: float | None,
 ) -> StepResult:
     """One optimizer step. ``optimizer`` is the engine's (the scheduler drives it); it is passed
