@@ -430,6 +430,62 @@ def test_plans_are_for_their_command(tmp_path: Path) -> None:
         other.load_plan()
 
 
+@pytest.mark.parametrize(
+    "gpu, precision, held",
+    [("A100-80GB", "bf16", "bf16"), ("A100-80GB", "fp16", "fp32"), ("cpu", "bf16", "fp32")],
+)
+def test_sft_loads_the_frozen_base_as_the_planner_sizes_it(gpu, precision, held) -> None:
+    """One rule (hetlm.cluster.precision): bf16 on GPUs training in bf16, else fp32."""
+    import torch
+
+    from hetlm.cluster.precision import frozen_base_precision
+    from hetlm.commands.plan import sft_base_dtype
+    from hetlm.sft.train import frozen_base_dtype
+
+    on_gpu = gpu != "cpu"
+    assert frozen_base_precision(on_gpu, precision) == held
+    device = torch.device("cuda" if on_gpu else "cpu")
+    loaded = {"bf16": torch.bfloat16, "fp32": torch.float32}[held]
+    assert frozen_base_dtype(device, precision) == loaded
+    assert sft_base_dtype(cluster((gpu, 2)), precision) == {"bf16": "16bit", "fp32": "fp32"}[held]
+
+
+def test_a_config_reads_its_plan_file_once(tmp_path: Path, monkeypatch) -> None:
+    """Start-up asks for the plan several times (the split, the run plan, the elastic split):
+    the file is read once per config, the checks against the config run every time, and the
+    cached plan is not part of the config's dump (its record and fingerprints)."""
+    from hetlm.cluster import planner
+    from hetlm.config import parse_config
+
+    c = cluster(("A100-80GB", 1))
+    first = make_plan(c, bert_config("tiny", 1000), 8, 128).save(tmp_path / "a.yaml")
+    second = make_plan(c, bert_config("tiny", 1000), 8, 128).save(tmp_path / "b.yaml")
+    reads: list[Path] = []
+    real = planner.load_plan
+    monkeypatch.setattr(planner, "load_plan", lambda path: reads.append(path) or real(path))
+    config = parse_config(
+        {
+            "run": {"output_dir": "x"},
+            "data": {"dataset": "d"},
+            "train": {"global_batch": 8, "max_steps": 1, "plan": str(first)},
+        }
+    )
+    dump = config.model_dump(mode="json")
+    split = config.batch_split(1, [0])
+    assert config.load_plan().batch_split == split
+    assert config.load_plan() is config.load_plan()
+    assert reads == [first]
+    assert config.model_dump(mode="json") == dump
+    config.train.global_batch = 16  # checked against the config again, not read again
+    with pytest.raises(HetlmError, match="for global batch 8 but train.global_batch is 16"):
+        config.load_plan()
+    assert reads == [first]
+    config.train.global_batch = 8
+    config.train.plan = second  # another file: read
+    assert config.load_plan().global_batch == 8
+    assert reads == [first, second]
+
+
 def test_cli_plans_sft_from_options_and_from_an_sft_config(tmp_path: Path, capsys) -> None:
     from hetlm.cli import main
 

@@ -353,6 +353,30 @@ def test_quantization_without_cuda_is_a_one_line_error(sft_inputs, tmp_path):
         parse_sft_config(config)
 
 
+@pytest.mark.parametrize(
+    "engine, message",
+    [
+        ({"engine": "ddp", "zero_stage": 2}, "engine ddp cannot run ZeRO stage 2"),
+        (
+            {"engine": "fsdp2", "grad_compression": "bf16"},
+            "grad_compression applies to the ddp and zero1 engines only",
+        ),
+    ],
+)
+def test_engine_settings_are_checked_before_launch(engine, message, sft_inputs, tmp_path, capsys):
+    """As for pretraining: what every rank would refuse is one line before any agent starts."""
+    from hetlm.cli import main
+
+    config = sft_config(sft_inputs, tmp_path / "run", micro_batch={"per_node": [3, 5]}, **engine)
+    path = tmp_path / "run.yaml"
+    path.write_text(json.dumps(config))
+    assert main(["sft", str(path), "--local-nodes", "2"]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "run").exists()  # nothing started
+
+
 def test_cli_errors_are_one_line(sft_inputs, tmp_path, capsys):
     from hetlm.cli import main
 

@@ -8,7 +8,7 @@ line that names each bad field by its path (``train.global_batch: ...``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -37,18 +37,20 @@ Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Schedule = Literal["linear", "cosine", "cosine_with_min_lr", "constant_with_warmup"]
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
+    """A config section: unknown keys are errors, assignments are validated."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class RunSection(_Section):
+class RunSection(Section):
     output_dir: Path = Field(description="Where checkpoints, metrics and the final model go.")
     seed: int = Field(
         0, description="Seeds init, data order and masking (all pure functions of it)."
     )
 
 
-class DataSection(_Section):
+class DataSection(Section):
     dataset: Path = Field(description="A packed dataset made by `hetlm prepare`.")
     tokenizer: Path | None = Field(None, description="Defaults to the dataset's tokenizer.")
     local_copy: Path | None = Field(
@@ -66,7 +68,7 @@ class DataSection(_Section):
 ModelType = Literal["bert", "roberta", "deberta-v2", "electra", "llama"]
 
 
-class ModelSection(_Section):
+class ModelSection(Section):
     type: ModelType = Field(
         "bert",
         description="bert | roberta | deberta-v2 (masked LM), "
@@ -132,7 +134,7 @@ class ModelSection(_Section):
         return self.type == "llama"
 
 
-class MicroBatchSection(_Section):
+class MicroBatchSection(Section):
     """Micro-batch size per node (every rank on node i uses per_node[i]) or per rank."""
 
     per_node: list[int] | None = None
@@ -148,7 +150,7 @@ class MicroBatchSection(_Section):
         return self
 
 
-class TrainSection(_Section):
+class TrainSection(Section):
     global_batch: int = Field(gt=0, description="Samples per optimizer step, over all ranks.")
     micro_batch: MicroBatchSection | int | None = Field(
         None,
@@ -314,54 +316,33 @@ class TrainSection(_Section):
         return names
 
 
-class PretrainConfig(_Section):
-    #: The `hetlm plan --task` whose plans this config accepts.
-    PLAN_TASK: ClassVar[str] = "pretrain"
+class TrainingConfig(Section):
+    """What every run config of the training loop shares (``PretrainConfig`` here,
+    ``hetlm.sft.config.SFTConfig``): the ``run`` and ``train`` sections, the hyper-parameters
+    filled from a recipe, the split of the global batch and the plan file.
 
-    run: RunSection
-    data: DataSection
-    model: ModelSection = ModelSection()
-    train: TrainSection
+    Each subclass declares its own fields, in the order its ``--help-config`` and dumps show
+    them; ``model`` and ``data`` are its own sections (``model.causal`` in both)."""
+
+    #: The `hetlm plan --task` whose plans this config accepts.
+    PLAN_TASK: ClassVar[str]
+
+    if TYPE_CHECKING:  # declared by each subclass (pydantic keeps the subclass's field order)
+        run: RunSection
+        train: TrainSection
+        data: Any
+        model: Any
 
     _sources: dict[str, str] = PrivateAttr(default_factory=dict)
+    #: (path, plan) of the plan file last read: start-up asks for the plan several times (the
+    #: split, the run plan, the elastic split), the file is read once. Private: not in
+    #: model_dump, so neither in the run's config record nor in any fingerprint.
+    _plan_file: tuple[Path, Any] | None = PrivateAttr(default=None)
 
     @model_validator(mode="before")
     @classmethod
     def _old_names(cls, raw: Any) -> Any:
         return rename_config_keys(raw)
-
-    @model_validator(mode="after")
-    def _fill_recipe_defaults(self) -> PretrainConfig:
-        """Every hyper-parameter left out takes the recipe of the model type and preset
-        (``hetlm.hparams``); continuing a checkpoint takes its own rate and warm-up."""
-        recipe = pretrain_recipe(self.model.type, self.model.preset)
-        special: dict[str, tuple[Any, str]] = {}
-        if self.continued:
-            special = {
-                "learning_rate": (CONTINUED_LR, CONTINUED_SOURCE),
-                "warmup_steps": (
-                    round(CONTINUED_WARMUP_RATIO * self.train.max_steps),
-                    CONTINUED_SOURCE,
-                ),
-            }
-        self._sources = fill_defaults(self.train, recipe, special)
-        if self.model.dropout is None and not self.continued:
-            self.model.dropout = recipe.dropout
-            self._sources["model.dropout"] = recipe.source("dropout")
-        elif self.model.dropout is not None:
-            self._sources["model.dropout"] = "set in the config"
-        else:
-            self._sources["model.dropout"] = "the checkpoint's (model.init_from)"
-        if self.train.mlm_probability is None and not self.model.causal:
-            self.train.mlm_probability = recipe.mlm_probability
-            self._sources["train.mlm_probability"] = recipe.source("mlm_probability")
-        elif self.train.mlm_probability is not None:
-            self._sources["train.mlm_probability"] = "set in the config"
-        return self
-
-    @property
-    def continued(self) -> bool:
-        return self.model.init_from is not None
 
     @property
     def learning_rate(self) -> float:
@@ -420,10 +401,16 @@ class PretrainConfig(_Section):
         """Refuse a plan made for other memory-relevant settings (nothing beyond the task here)."""
 
     def load_plan(self):
+        """The plan of ``train.plan``, checked against this config. The file is read and
+        validated once per config object (again only if ``train.plan`` names another file);
+        the checks against the config run on every call, as the config may have changed."""
         from hetlm.cluster.planner import load_plan
 
         assert self.train.plan is not None
-        plan = load_plan(self.train.plan)
+        path = Path(self.train.plan)
+        if self._plan_file is None or self._plan_file[0] != path:
+            self._plan_file = (path, load_plan(path))
+        plan = self._plan_file[1]
         if plan.global_batch != self.train.global_batch:
             raise HetlmError(
                 f"the plan {self.train.plan} is for global batch {plan.global_batch} but "
@@ -442,6 +429,48 @@ class PretrainConfig(_Section):
                 f"data.max_length is {max_length}: re-plan with --max-length {max_length}"
             )
         return plan
+
+
+class PretrainConfig(TrainingConfig):
+    PLAN_TASK: ClassVar[str] = "pretrain"
+
+    run: RunSection
+    data: DataSection
+    model: ModelSection = ModelSection()
+    train: TrainSection
+
+    @model_validator(mode="after")
+    def _fill_recipe_defaults(self) -> PretrainConfig:
+        """Every hyper-parameter left out takes the recipe of the model type and preset
+        (``hetlm.hparams``); continuing a checkpoint takes its own rate and warm-up."""
+        recipe = pretrain_recipe(self.model.type, self.model.preset)
+        special: dict[str, tuple[Any, str]] = {}
+        if self.continued:
+            special = {
+                "learning_rate": (CONTINUED_LR, CONTINUED_SOURCE),
+                "warmup_steps": (
+                    round(CONTINUED_WARMUP_RATIO * self.train.max_steps),
+                    CONTINUED_SOURCE,
+                ),
+            }
+        self._sources = fill_defaults(self.train, recipe, special)
+        if self.model.dropout is None and not self.continued:
+            self.model.dropout = recipe.dropout
+            self._sources["model.dropout"] = recipe.source("dropout")
+        elif self.model.dropout is not None:
+            self._sources["model.dropout"] = "set in the config"
+        else:
+            self._sources["model.dropout"] = "the checkpoint's (model.init_from)"
+        if self.train.mlm_probability is None and not self.model.causal:
+            self.train.mlm_probability = recipe.mlm_probability
+            self._sources["train.mlm_probability"] = recipe.source("mlm_probability")
+        elif self.train.mlm_probability is not None:
+            self._sources["train.mlm_probability"] = "set in the config"
+        return self
+
+    @property
+    def continued(self) -> bool:
+        return self.model.init_from is not None
 
 
 # Train keys a recipe fills (warm-up apart: steps or ratio), in --help-config's order.
@@ -499,9 +528,9 @@ def resolved_rows(config: BaseModel, sources: dict[str, str]) -> list[tuple[str,
     return rows
 
 
-def resolved_help(config: BaseModel) -> str:
+def resolved_help(config: TrainingConfig) -> str:
     """The hyper-parameters of one config as resolved, each with its source."""
-    rows = config.hyperparameters()  # type: ignore[attr-defined]
+    rows = config.hyperparameters()
     width = max(len(key) for key, _, _ in rows)
     lines = [f"{key:<{width}}  {value!s:<18} {source}" for key, value, source in rows]
     return "\n".join(["hyper-parameters as resolved for this config (value, source):", *lines])
@@ -550,8 +579,9 @@ def config_help(
     lines: list[str] = []
     for section_name, field in config_class.model_fields.items():
         lines.append(f"{section_name}:")
-        section_type = field.annotation
-        for name, sub in section_type.model_fields.items():  # type: ignore[union-attr]
+        section_type = field.annotation  # every field of a run config is a section
+        assert isinstance(section_type, type) and issubclass(section_type, BaseModel)
+        for name, sub in section_type.model_fields.items():
             key = f"{section_name}.{name}"
             if key in skip:
                 continue

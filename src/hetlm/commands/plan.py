@@ -255,14 +255,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def sft_base_dtype(cluster: Any, precision: str) -> str:
-    """How ``hetlm sft`` will hold a non-quantized base on this cluster: 16-bit on GPUs when
-    the job trains in bf16 (``hetlm.sft.train.frozen_base_dtype``), fp32 otherwise."""
+    """How ``hetlm sft`` will hold a non-quantized base on this cluster, as the memory model
+    names it (``16bit`` / ``fp32``); the rule: ``hetlm.cluster.precision.frozen_base_precision``."""
     from hetlm.cluster.memory_lora import DEFAULT_BASE_DTYPE
     from hetlm.cluster.planner import choose_precision
+    from hetlm.cluster.precision import frozen_base_precision
 
     on_gpus = all(not d.gpu.is_cpu for node in cluster.nodes for d in node.devices)
-    bf16 = choose_precision(cluster, precision) == "bf16"
-    return "16bit" if on_gpus and bf16 else DEFAULT_BASE_DTYPE
+    held = frozen_base_precision(on_gpus, choose_precision(cluster, precision))
+    return "16bit" if held == "bf16" else DEFAULT_BASE_DTYPE
 
 
 def lora_spec(args: argparse.Namespace, default_base_dtype: str = "fp32"):

@@ -7,9 +7,9 @@ import argparse
 from hetlm.commands.run_options import (
     add_run_arguments,
     apply_run_options,
+    check_engine_settings,
     fix_resume_argument,
     launch_local,
-    launched_split,
     membership_lines,
     print_result,
     steps_line,
@@ -62,24 +62,9 @@ def precheck(config, args: argparse.Namespace) -> None:
     """What every rank would refuse, reported once before any agent starts: a missing dataset,
     an engine that cannot run the requested ZeRO stage, options the engine would ignore."""
     from hetlm.data.packed import load_packed_dataset
-    from hetlm.train.engine import check_options
-    from hetlm.train.pretrain import engine_options
-    from hetlm.train.run_plan import resolve_plan
 
     load_packed_dataset(config.data.dataset)
-    split = launched_split(config, args)
-    plan_file = config.load_plan() if config.train.plan is not None else None
-    # devices are checked by the ranks themselves; here only what the config decides
-    plan = resolve_plan(
-        requested_precision=config.train.precision,
-        engine=config.train.engine,
-        zero_stage=config.train.zero_stage,
-        split=split,
-        devices=[],
-        plan_file=plan_file,
-        plan_path=str(config.train.plan),
-    )
-    check_options(engine_options(config, plan, 0))
+    check_engine_settings(config, args)
 
 
 def format_summary(summary: dict) -> str:

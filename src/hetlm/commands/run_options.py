@@ -200,6 +200,28 @@ def launched_split(config: Any, args: argparse.Namespace):
     return elastic_split(config, devices, node_of_rank).split
 
 
+def check_engine_settings(config: Any, args: argparse.Namespace) -> None:
+    """What every rank would refuse of the engine settings, before any agent starts: an engine
+    that cannot run the requested ZeRO stage, options the engine would ignore. Resolved from the
+    config (or plan) and the launched split; the devices are checked by the ranks themselves."""
+    from hetlm.train.engine import check_options
+    from hetlm.train.pretrain import engine_options
+    from hetlm.train.run_plan import resolve_plan
+
+    split = launched_split(config, args)
+    plan_file = config.load_plan() if config.train.plan is not None else None
+    plan = resolve_plan(
+        requested_precision=config.train.precision,
+        engine=config.train.engine,
+        zero_stage=config.train.zero_stage,
+        split=split,
+        devices=[],
+        plan_file=plan_file,
+        plan_path=str(config.train.plan),
+    )
+    check_options(engine_options(config, plan, 0))
+
+
 def emulated_node_names(config: Any, nodes: int) -> list[str]:
     """The emulated nodes' names: the plan's first ``nodes`` node names when a plan is given
     (so that an elastic job finds their rows), else node0, node1, ..."""

@@ -7,6 +7,7 @@ import argparse
 from hetlm.commands.run_options import (
     add_run_arguments,
     apply_run_options,
+    check_engine_settings,
     fix_resume_argument,
     launch_local,
     membership_lines,
@@ -47,8 +48,10 @@ def run(args: argparse.Namespace) -> int:
         from hetlm.sft.train import check_base_model, check_quantization
 
         def precheck() -> None:
+            """As pretraining's: what every rank would refuse, before any agent starts."""
             check_quantization(config.model.quantization)
             check_base_model(config.model, config.data.max_length)
+            check_engine_settings(config, args)
 
         return launch_local("sft", args, config, precheck)
     from hetlm.sft.train import run_sft

@@ -40,7 +40,7 @@ class MLMBatch:
     masked_positions: torch.Tensor  # [batch, slots] long
     masked_labels: torch.Tensor  # [batch, slots] long, -100 where the slot is padding
     num_targets: int  # real masked tokens in this micro-batch
-    num_tokens: int  # tokens processed (batch * seq)
+    num_tokens: int  # real (non-padding) tokens: hetlm.data.microbatch.MicroBatch
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -101,8 +101,12 @@ class MLMCollator:
         seed: int = 0,
         whole_word: bool = False,
         continuation: np.ndarray | None = None,
+        pad_id: int | None = None,
     ) -> None:
+        """``pad_id``: positions holding it are not counted in ``num_tokens``; None: the rows
+        hold no padding (packed rows of ``hetlm prepare``)."""
         self.seq_len = seq_len
+        self.pad_id = pad_id
         self.vocab_size = vocab_size
         self.mask_id = mask_id
         self.special_ids = np.array(sorted(set(special_ids)), dtype=np.int64)
@@ -195,7 +199,7 @@ class MLMCollator:
             masked_positions=torch.from_numpy(positions),
             masked_labels=torch.from_numpy(labels),
             num_targets=int((labels != -100).sum()),
-            num_tokens=int(input_ids.size),
+            num_tokens=int(rows.size if self.pad_id is None else (rows != self.pad_id).sum()),
         )
 
 

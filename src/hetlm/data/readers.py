@@ -1,8 +1,8 @@
 """Packed sequences into micro-batches: the training-time readers of a ``hetlm prepare`` split.
 
 Each reader holds one split of a packed dataset (:mod:`hetlm.data.packed`) and answers
-``batch(indices, epoch)`` with a micro-batch in the interface the loop uses (see
-:mod:`hetlm.train.objectives`): ``MLMBatch`` (BERT-style masking, :mod:`hetlm.data.collators`),
+``batch(indices, epoch)`` with a micro-batch in the interface the loop uses
+(:class:`hetlm.data.microbatch.MicroBatch`; :mod:`hetlm.train.objectives`): ``MLMBatch`` (BERT-style masking, :mod:`hetlm.data.collators`),
 ``ElectraBatch`` (the same masking plus the generator's per-sample seeds) or ``CLMBatch``
 (next-token prediction). Which reader a run uses is chosen by ``train/objectives.py: build_data``.
 """
@@ -80,6 +80,7 @@ class PackedMLMData(PackedRows):
             seed=seed,
             whole_word=use_whole_word,
             continuation=continuation if use_whole_word else None,
+            pad_id=self.pad_id,
         )
 
     def batch(self, indices: np.ndarray, epoch: int) -> MLMBatch:
@@ -101,7 +102,8 @@ class ElectraBatch:
 
     @property
     def num_tokens(self) -> int:
-        return self.mlm.num_tokens
+        """Real (non-padding) tokens (``hetlm.data.microbatch.MicroBatch``)."""
+        return self.num_real
 
     @property
     def counts(self) -> tuple[int, ...]:
@@ -147,7 +149,7 @@ class CLMBatch:
     input_ids: torch.Tensor  # [batch, seq]
     labels: torch.Tensor  # [batch, seq], IGNORE_INDEX on padding
     num_targets: int
-    num_tokens: int
+    num_tokens: int  # real (non-padding) tokens: hetlm.data.microbatch.MicroBatch
     target_index: torch.Tensor | None = None  # models.causal_lm.target_index, built on the CPU
 
     def __len__(self) -> int:
@@ -175,6 +177,6 @@ class PackedCLMData(PackedRows):
             ids,
             labels,
             num_targets=int((labels[:, 1:] != IGNORE_INDEX).sum()),
-            num_tokens=int(ids.numel()),
+            num_tokens=int((ids != self.pad_id).sum()),
             target_index=target_index(labels),
         )

@@ -24,13 +24,14 @@ from hetlm.sft.masking import IGNORE_INDEX, TokenizedExample
 
 @dataclass
 class SFTBatch:
-    """A right-padded micro-batch, in the micro-batch interface of ``train/objectives.py``."""
+    """A right-padded micro-batch, in the micro-batch interface of the loop
+    (``hetlm.data.microbatch.MicroBatch``)."""
 
     input_ids: torch.Tensor  # [batch, seq] long
     attention_mask: torch.Tensor  # [batch, seq] long, 0 on padding
     labels: torch.Tensor  # [batch, seq] long, IGNORE_INDEX on prompt and padding
     num_targets: int  # response tokens the summed loss covers
-    num_tokens: int  # real (non-padding) tokens
+    num_tokens: int  # real (non-padding) tokens, as in every MicroBatch
     indices: list[int]  # data set indices of the examples, in order
     target_index: torch.Tensor | None = None  # models.causal_lm.target_index, built on the CPU
 

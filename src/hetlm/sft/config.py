@@ -1,7 +1,9 @@
 """The ``hetlm sft`` configuration: YAML in, one clear error out (as ``hetlm.config``).
 
 It reuses the pretraining sections where they mean the same thing (``run``, ``train``: batch
-split, per-rank micro-batches, plan, precision, engine, checkpoints) and adds what LoRA
+split, per-rank micro-batches, plan, precision, engine, checkpoints), and from
+``hetlm.config.TrainingConfig`` what every run config does with them (the split, the plan file,
+the recipe's hyper-parameters), and adds what LoRA
 instruction tuning needs: the base ``model`` (a local/hub causal LM, or a preset built from
 config for tests and demos), the instruction ``data``, the ``lora`` adapter, and quantization
 (QLoRA) and gradient checkpointing in ``model``. Every section forbids unknown keys.
@@ -12,28 +14,26 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, PrivateAttr, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from hetlm.config import (
-    PretrainConfig,
     RunSection,
+    Section,
+    TrainingConfig,
     TrainSection,
-    _Section,
     config_help,
     fill_defaults,
     read_yaml,
-    resolved_rows,
 )
 from hetlm.errors import HetlmError
 from hetlm.hparams import SFT_RECIPE
-from hetlm.names import rename_config_keys
 from hetlm.user_files import format_validation_error
 
 Quantization = Literal["none", "8bit", "4bit"]
 DEFAULT_LR = SFT_RECIPE.learning_rate  # the usual LoRA rate (a full fine-tune would use ~1e-5)
 
 
-class SFTModelSection(_Section):
+class SFTModelSection(Section):
     init_from: str | None = Field(
         None,
         description="The base causal LM: a save_pretrained folder (e.g. a hetlm pretrain "
@@ -93,7 +93,7 @@ class SFTModelSection(_Section):
         return str(self.tokenizer or self.init_from)
 
 
-class SFTDataSection(_Section):
+class SFTDataSection(Section):
     dataset: str | list[str] = Field(
         description="JSONL/JSON files, folders or globs of instruction or chat rows, or a "
         "`datasets` name (e.g. kunishou/databricks-dolly-15k-ja)."
@@ -121,7 +121,7 @@ class SFTDataSection(_Section):
     )
 
 
-class LoraSection(_Section):
+class LoraSection(Section):
     r: int = Field(16, gt=0, description="Rank of the update B @ A.")
     alpha: float = Field(32.0, gt=0, description="Scale alpha / r.")
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapter's input.")
@@ -138,7 +138,7 @@ class LoraSection(_Section):
         return self
 
 
-class SFTConfig(_Section):
+class SFTConfig(TrainingConfig):
     PLAN_TASK: ClassVar[str] = "sft"  # plans from `hetlm plan --task sft` / --sft-config
 
     run: RunSection
@@ -146,13 +146,6 @@ class SFTConfig(_Section):
     data: SFTDataSection
     lora: LoraSection = LoraSection()
     train: TrainSection
-
-    _sources: dict[str, str] = PrivateAttr(default_factory=dict)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _old_names(cls, raw: Any) -> Any:
-        return rename_config_keys(raw)
 
     @model_validator(mode="after")
     def _fill_recipe_defaults(self) -> SFTConfig:
@@ -162,20 +155,6 @@ class SFTConfig(_Section):
             self.model.dropout = SFT_RECIPE.dropout
             self._sources["model.dropout"] = SFT_RECIPE.source("dropout")
         return self
-
-    @property
-    def learning_rate(self) -> float:
-        assert self.train.learning_rate is not None  # filled by _fill_recipe_defaults
-        return self.train.learning_rate
-
-    @property
-    def warmup(self) -> int:
-        assert self.train.warmup_steps is not None  # filled by _fill_recipe_defaults
-        return self.train.warmup_steps
-
-    def hyperparameters(self) -> list[tuple[str, Any, str]]:
-        """(key, value, where it comes from) of every resolved hyper-parameter."""
-        return resolved_rows(self, self._sources)
 
     def check_plan_settings(self, plan) -> None:
         """The plan's LoRA settings must be this run's: they sized every rank's micro-batch."""
@@ -198,11 +177,6 @@ class SFTConfig(_Section):
                 f"the plan {self.train.plan} was made for other LoRA settings: "
                 f"{'; '.join(differ)}: re-plan with `hetlm plan --sft-config`"
             )
-
-    # The batch split, per-rank micro-batches and plan work as in pretraining.
-    micro_batches_for = PretrainConfig.micro_batches_for
-    batch_split = PretrainConfig.batch_split
-    load_plan = PretrainConfig.load_plan
 
 
 def parse_sft_config(raw: Any, source: str = "config") -> SFTConfig:

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from hetlm.cluster.precision import frozen_base_precision
 from hetlm.data.sampler import HeterogeneousBatchSampler
 from hetlm.errors import HetlmError
 from hetlm.models.causal_head import FusedSparseCausalLM
@@ -47,7 +48,8 @@ from hetlm.sft.export import import_peft, write_folder
 from hetlm.sft.masking import TokenizedExample, TruncationStats
 from hetlm.topology import BatchSplit
 from hetlm.train import distributed as D
-from hetlm.train.pretrain import Pretraining, _collective_io
+from hetlm.train.collective import collective_io
+from hetlm.train.pretrain import Pretraining
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 RUN_RECORD = "hetlm_sft.json"
@@ -143,11 +145,10 @@ def bnb_config(kind: str, precision: str):
 
 
 def frozen_base_dtype(device: torch.device, precision: str) -> torch.dtype:
-    """The dtype of the frozen base weights: bf16 on a GPU when the job trains in bf16 (half the
-    memory: a 13B base takes 26 GB instead of 52, and no per-step cast of every weight under
-    autocast), fp32 otherwise (on a CPU the tests compare splits at fp32 tolerances). The
-    LoRA weights stay fp32 either way (peft keeps adapters in fp32)."""
-    return torch.bfloat16 if device.type == "cuda" and precision == "bf16" else torch.float32
+    """The dtype of the frozen base weights on ``device`` for a job training in ``precision``
+    (the rule: ``hetlm.cluster.precision.frozen_base_precision``)."""
+    held = frozen_base_precision(device.type == "cuda", precision)
+    return torch.bfloat16 if held == "bf16" else torch.float32
 
 
 def base_source(init_from: str) -> str:
@@ -301,7 +302,7 @@ class InstructionTuning(Pretraining):
     ) -> None:
         check_quantization(config.model.quantization)
         check_base_model(config.model, config.data.max_length)
-        super().__init__(config, ctx, resume, **options)  # type: ignore[arg-type]
+        super().__init__(config, ctx, resume, **options)
 
     # ---- set-up hooks
 
@@ -403,7 +404,7 @@ class InstructionTuning(Pretraining):
             model.save_pretrained(tmp, safe_serialization=True)
             save_tokenizer(self.tokenizer, tmp)
 
-        _collective_io(
+        collective_io(
             self.ctx,
             lambda: (
                 self.ctx.is_main
@@ -480,7 +481,7 @@ class InstructionTuning(Pretraining):
                 json.dumps(record, ensure_ascii=False, indent=1) + "\n", encoding="utf-8"
             )
 
-        _collective_io(self.ctx, lambda: self.ctx.is_main and write_folder(final, write))
+        collective_io(self.ctx, lambda: self.ctx.is_main and write_folder(final, write))
         return final
 
     def _summary(
@@ -529,7 +530,7 @@ def run_sft(
     return run_pretraining(
         config,
         resume=resume,
-        overwrite=overwrite,  # type: ignore[arg-type]
+        overwrite=overwrite,
         extend=extend,
         stop_at_step=stop_at_step,
         trainer=InstructionTuning,

@@ -2,9 +2,10 @@
 
 The loop (``train/pretrain.py: train_step``) knows nothing of masking or shifting. It needs:
 
-- a **micro-batch** with ``model_inputs()`` (the keyword arguments of the module's forward),
-  ``counts`` (per loss term, the targets it holds: masked tokens, predicted next tokens, response
-  tokens, ...), ``num_tokens`` and ``len()``: ``MLMBatch``, ``ElectraBatch``, ``CLMBatch`` (the
+- a **micro-batch** (:class:`hetlm.data.microbatch.MicroBatch`) with ``model_inputs()`` (the
+  keyword arguments of the module's forward), ``counts`` (per loss term, the targets it holds:
+  masked tokens, predicted next tokens, response tokens, ...), ``num_tokens`` (real, non-padding
+  tokens) and ``len()``: ``MLMBatch``, ``ElectraBatch``, ``CLMBatch`` (the
   packed-split readers of :mod:`hetlm.data.readers` make them), ``SFTBatch``;
 - an **objective module** wrapping the Hugging Face model as ``.model``, whose forward returns
   (summed loss, correct predictions): 0-d tensors for one loss term, ``[k]`` tensors for k, with

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from hetlm.config import PretrainConfig
+from hetlm.config import PretrainConfig, TrainingConfig
 from hetlm.data.collators import EVAL_EPOCH
+from hetlm.data.microbatch import MicroBatch
 from hetlm.data.prefetch import StepPrefetcher
 from hetlm.data.readers import special_ids
 from hetlm.data.sampler import HeterogeneousBatchSampler
@@ -33,6 +35,7 @@ from hetlm.train import distributed as D
 from hetlm.train import faults
 from hetlm.train import heartbeat as HB
 from hetlm.train.checkpoint import CheckpointManager, load_model_weights
+from hetlm.train.collective import collective_io
 from hetlm.train.engine import Engine, EngineOptions, build_engine
 from hetlm.train.membership import (
     ElasticSplit,
@@ -74,7 +77,7 @@ def train_step(
     optimizer,
     scheduler,
     ctx: D.DistContext,
-    micro_batches: list,
+    micro_batches: Sequence[MicroBatch],
     max_grad_norm: float | None,
 ) -> StepResult:
     """One optimizer step. ``optimizer`` is the engine's (the scheduler drives it); it is passed
@@ -203,7 +206,7 @@ _FINGERPRINT_NAMES = {
 _FINGERPRINT_INFO = ("dataset_path", "tokenizer_dir")
 
 
-def engine_options(config: PretrainConfig, plan: RunPlan, rank: int) -> EngineOptions:
+def engine_options(config: TrainingConfig, plan: RunPlan, rank: int) -> EngineOptions:
     """The engine's settings: its name and stage from the run plan, the rest from the config."""
     cfg = config.train
     return EngineOptions(
@@ -216,19 +219,6 @@ def engine_options(config: PretrainConfig, plan: RunPlan, rank: int) -> EngineOp
         micro_steps=plan.split.micro_steps,
         micro_batch=plan.split.max_micro_batch(rank),
     )
-
-
-def _collective_io(ctx: D.DistContext, action):
-    """Run file I/O on every rank; if any rank failed, every rank raises its error (no hang)."""
-    error, result = None, None
-    try:
-        result = action()
-    except (HetlmError, OSError) as exc:
-        error = str(exc)
-    errors = [e for e in D.all_gather_object(ctx, error) if e]
-    if errors:
-        raise HetlmError(errors[0])
-    return result
 
 
 def _check_engine_compatible(
@@ -286,10 +276,13 @@ class Pretraining:
     """Owns the objects of one run; ``run()`` is the loop."""
 
     command = "pretrain"  # the progress bar's label
+    #: The loop reads ``run``, ``train`` and the split of any run config; the set-up hooks
+    #: below read a :class:`PretrainConfig` (``pretrain_config``), a subclass's its own.
+    config: TrainingConfig
 
     def __init__(
         self,
-        config: PretrainConfig,
+        config: TrainingConfig,
         ctx: D.DistContext,
         resume: bool | Path,
         *,
@@ -311,7 +304,7 @@ class Pretraining:
         # the ranks present now (train.elastic): the same global batch re-split over them
         self.elastic: ElasticSplit | None = None
         if config.train.elastic:
-            self.elastic = _collective_io(ctx, lambda: elastic_split(config, devices, node_of_rank))
+            self.elastic = collective_io(ctx, lambda: elastic_split(config, devices, node_of_rank))
             self.split: BatchSplit = self.elastic.split
         else:
             self.split = config.batch_split(ctx.world_size, node_of_rank)
@@ -411,13 +404,23 @@ class Pretraining:
 
     # ---- set-up hooks (instruction tuning overrides them: hetlm.sft.train)
 
+    @property
+    def pretrain_config(self) -> PretrainConfig:
+        """The config as these hooks read it (a subclass with another config overrides them)."""
+        if not isinstance(self.config, PretrainConfig):
+            raise TypeError(
+                f"{type(self).__name__} runs a {type(self.config).__name__}: override the "
+                "set-up hooks that read a PretrainConfig"
+            )
+        return self.config
+
     def _load_data(self) -> None:
         """Sets ``meta``, ``tokenizer_dir`` and ``train_data`` / ``eval_data`` (each with
         ``len()`` and ``batch(indices, epoch)`` giving a micro-batch of ``train/objectives.py``)."""
         from hetlm.data.packed import load_packed_dataset
         from hetlm.data.staging import resolve_dataset_path
 
-        config = self.config
+        config = self.pretrain_config
         dataset_path = resolve_dataset_path(
             config.data.dataset, config.data.local_copy, report=print if self.ctx.is_main else None
         )
@@ -433,19 +436,19 @@ class Pretraining:
 
     def _run_fingerprint(self) -> dict[str, Any]:
         """What a resume must not change (compared with the checkpoint's)."""
-        return _fingerprint(self.config, self.meta)
+        return _fingerprint(self.pretrain_config, self.meta)
 
     def _load_weights(self, model: torch.nn.Module, path: Path) -> None:
         """The checkpoint's weights into the freshly built model (before the engine wraps it)."""
         load_model_weights(model, path)
 
     def _objective(self, model: torch.nn.Module) -> torch.nn.Module:
-        return objective_module(self.config, model)
+        return objective_module(self.pretrain_config, model)
 
     def _build_model(self) -> torch.nn.Module:
         """From the preset (seeded: the same weights on every rank), or the checkpoint
         ``model.init_from`` (continued pretraining: its tokenizer must be the dataset's)."""
-        section, meta = self.config.model, self.meta
+        section, meta = self.pretrain_config.model, self.meta
         if section.init_from is None:
             special = special_ids(meta)
             return build_model(
@@ -597,7 +600,7 @@ class Pretraining:
         all_rng = D.all_gather_object(ctx, rng)
         model_state = self.engine.model_state_dict()
         optimizer_state = self.engine.optimizer_state_dict()
-        staging = _collective_io(
+        staging = collective_io(
             ctx,
             lambda: (
                 self.checkpoints.prepare(self.step)
@@ -605,7 +608,7 @@ class Pretraining:
                 else self.checkpoints.staging_dir(self.step)
             ),
         )
-        _collective_io(ctx, lambda: self.engine.save_sharded(staging))
+        collective_io(ctx, lambda: self.engine.save_sharded(staging))
         states = {
             "scheduler": self.scheduler.state_dict(),
             "precision": self.precision.state_dict(),
@@ -630,7 +633,7 @@ class Pretraining:
             "lr_factor": self.lr_factor,
             "rollbacks": self.rollbacks,
         }
-        _collective_io(
+        collective_io(
             ctx,
             lambda: (
                 ctx.is_main
@@ -984,7 +987,7 @@ class Pretraining:
 
 
 def run_pretraining(
-    config: PretrainConfig,
+    config: TrainingConfig,
     *,
     resume: bool | str | Path = False,
     overwrite: bool = False,

@@ -228,7 +228,7 @@ def tokenize_documents(
 # ---------------------------------------------------------------- writing
 
 
-class _SplitWriter:
+class SplitWriter:
     """Streams rows of one split into an Arrow file, in record batches of bounded size."""
 
     def __init__(self, path: Path, seq_len: int):
@@ -264,7 +264,7 @@ class _SplitWriter:
 # ---------------------------------------------------------------- the whole preparation
 
 
-def _check_options(
+def check_pack_options(
     seq_len: int, validation_fraction: float, workers: int | None, batch_docs: int
 ) -> int:
     """Validate the numeric options; return the worker count to use."""
@@ -287,7 +287,7 @@ def _check_options(
     return workers
 
 
-def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
+def check_output_dir(output_dir: Path, overwrite: bool) -> None:
     """Refuse to clobber: a non-empty folder only with ``overwrite``, and only a hetlm dataset."""
     if not output_dir.exists():
         return

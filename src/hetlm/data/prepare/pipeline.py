@@ -48,11 +48,11 @@ from hetlm.data.prepare.encoding import EncoderSpec, encode_batches
 from hetlm.data.prepare.packing import (
     PrepareSummary,
     SplitCounts,
+    SplitWriter,
     ValidationReserve,
-    _check_options,
-    _check_output_dir,
-    _SplitWriter,
     check_counts,
+    check_output_dir,
+    check_pack_options,
     pack_documents,
     split_score,
 )
@@ -127,7 +127,7 @@ def prepare(
     if options.max_chunks is not None and options.max_chunks < 1:
         raise HetlmError(f"max_chunks must be at least 1, got {options.max_chunks}")
     if shard is None:
-        _check_output_dir(output_dir, overwrite)
+        check_output_dir(output_dir, overwrite)
     inputs = as_input_list(inputs) if inputs else []
     files = resolve_inputs(inputs) if inputs or hf is None else []
     check_text_files(files)  # input errors before any work
@@ -211,7 +211,7 @@ def prepare_dataset(
     :func:`merge_shards`. ``max_chunks`` stops after that many newly
     tokenized chunks (the summary then says ``complete=False``; run again to continue).
     """
-    workers = _check_options(seq_len, validation_fraction, workers, batch_docs)
+    workers = check_pack_options(seq_len, validation_fraction, workers, batch_docs)
     options = PrepareOptions(
         seq_len=seq_len,
         validation_fraction=validation_fraction,
@@ -458,7 +458,7 @@ def _finish_chunk(
         marker["counts"][split] = asdict(counts)
         path = chunks_dir / f"{name}-{split}.arrow"
         tmp = chunks_dir / f".{name}-{split}.arrow.tmp"
-        writer = _SplitWriter(tmp, options.seq_len)
+        writer = SplitWriter(tmp, options.seq_len)
         for start in range(0, len(rows), 4096):
             writer.write(rows[start : start + 4096])
         writer.close()
@@ -534,7 +534,7 @@ def merge_shards(
     the ``save_to_disk`` layout. The result equals a single run over the same corpus.
     """
     output_dir = Path(output_dir)
-    _check_output_dir(output_dir, overwrite)
+    check_output_dir(output_dir, overwrite)
     states = _read_complete_shards([Path(d) for d in shard_dirs])
     first_dir, first = states[0]
     count = first["shard"][1]
