@@ -50,6 +50,7 @@ from hetlm.train.objectives import build_data, loss_terms, loss_weights, objecti
 from hetlm.train.optim import Schedule, scheduler_for
 from hetlm.train.precision import Precision
 from hetlm.train.rebalance import ComputeTimer, Rebalancer, check_rebalance
+from hetlm.train.run_checkpoint import RankRNG, RunCheckpoint
 from hetlm.train.run_dir import (
     RunStart,
     apply_start,
@@ -221,25 +222,6 @@ def engine_options(config: TrainingConfig, plan: RunPlan, rank: int) -> EngineOp
     )
 
 
-def _check_engine_compatible(
-    saved: dict[str, Any], engine: Engine, world_size: int, path: Path
-) -> None:
-    """Torch engines share one checkpoint format; DeepSpeed's needs DeepSpeed, same ranks."""
-    saved_format = saved.get("checkpoint_format", "full")
-    if saved_format != engine.checkpoint_format:
-        raise HetlmError(
-            f"cannot resume from {path}: it was written by engine {saved.get('engine')} "
-            f"({saved_format} optimizer state) and this run uses {engine.name}: set "
-            f"train.engine: {saved.get('engine')} to resume, or start a new output_dir"
-        )
-    if saved_format == "deepspeed" and saved.get("world_size") != world_size:
-        raise HetlmError(
-            f"cannot resume from {path}: DeepSpeed checkpoints resume on the same number of "
-            f"ranks ({saved.get('world_size')}, now {world_size}): launch that many ranks, or "
-            "train with a torch engine (ddp, zero1, fsdp2), whose checkpoints resume anywhere"
-        )
-
-
 def _check_resume_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
     """Refuse a resume whose model, tokenizer, dataset, global batch or seed changed, naming
     each difference (a model's differing fields one by one)."""
@@ -373,6 +355,15 @@ class Pretraining:
             min_lr_rate=self.train_cfg.min_lr_rate,
         )
         self.scheduler = scheduler_for(self.optimizer, lambda: self.schedule)
+        # what a checkpoint holds: the engine's model and optimizer, these parts, the run record
+        self.checkpoint = RunCheckpoint(
+            self.checkpoints,
+            ctx,
+            self.engine,
+            model=lambda: self.hf_model,
+            parts={"scheduler": self.scheduler, "precision": self.precision, "rng": RankRNG(ctx)},
+            json_parts={"sampler": self.sampler},
+        )
         torch.manual_seed(seed * 1009 + ctx.rank)  # dropout stream of this rank
         self.step = 0
         self.skipped_steps = 0  # fp16 overflows so far (the same on every rank)
@@ -497,14 +488,9 @@ class Pretraining:
         return found
 
     def _restore(self, path: Path) -> None:
-        states = CheckpointManager.load_states(path)
-        trainer = states["trainer_state"]
-        _check_engine_compatible(trainer, self.engine, self.ctx.world_size, path)
-        if "optimizer" in states:
-            self.engine.load_optimizer_state_dict(states["optimizer"])
-        self.engine.load_sharded(path)
-        self.scheduler.load_state_dict(states["scheduler"])
-        self.precision.load_state_dict(states["precision"])
+        """The checkpoint's state into every part (``RunCheckpoint.load``), then the run's own
+        fields: its step and counters, the split it had rebalanced to, its lr schedule."""
+        trainer = self.checkpoint.load(path)
         saved = (
             BatchSplit(
                 self.split.global_batch, int(trainer["micro_steps"]), tuple(trainer["shares"])
@@ -526,12 +512,6 @@ class Pretraining:
             and self.membership is None
         ):
             self._apply_split(saved)  # continue with the split the run had rebalanced to
-        self.sampler.load_state_dict(trainer["sampler"])
-        rng = states["rng"]
-        if len(rng) == self.ctx.world_size:  # same split: continue each rank's dropout stream
-            torch.set_rng_state(rng[self.ctx.rank]["cpu"])
-            if torch.cuda.is_available() and rng[self.ctx.rank].get("cuda") is not None:
-                torch.cuda.set_rng_state(rng[self.ctx.rank]["cuda"])
         self.step = int(trainer["step"])
         self.skipped_steps = int(trainer.get("skipped_steps", 0))
         self.lr_factor = float(trainer.get("lr_factor", 1.0))  # already in the scheduler's lrs
@@ -589,43 +569,19 @@ class Pretraining:
     # ---- checkpoint, eval, final save
 
     def save_checkpoint(self) -> None:
-        """Every rank takes part: the engine gathers the full model and optimizer state to
-        rank 0 (and DeepSpeed writes per-rank files); rank 0 writes and renames the folder."""
-        ctx = self.ctx
+        """Every rank takes part (``RunCheckpoint.save``): the engine gathers the full model and
+        optimizer state to rank 0 (DeepSpeed writes per-rank files); rank 0 writes the folder."""
         HB.beat("checkpoint", self.step)
-        rng = {
-            "cpu": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-        }
-        all_rng = D.all_gather_object(ctx, rng)
-        model_state = self.engine.model_state_dict()
-        optimizer_state = self.engine.optimizer_state_dict()
-        staging = collective_io(
-            ctx,
-            lambda: (
-                self.checkpoints.prepare(self.step)
-                if ctx.is_main
-                else self.checkpoints.staging_dir(self.step)
-            ),
-        )
-        collective_io(ctx, lambda: self.engine.save_sharded(staging))
-        states = {
-            "scheduler": self.scheduler.state_dict(),
-            "precision": self.precision.state_dict(),
-            "rng": all_rng,
-        }
-        if optimizer_state is not None:
-            states["optimizer"] = optimizer_state
-        trainer_state = {
+        self.last_checkpoint = self.checkpoint.save(self.step, self._record())
+
+    def _record(self) -> dict[str, Any]:
+        """The run's own fields of ``trainer_state.json`` (the parts add theirs)."""
+        return {
             "step": self.step,
-            "sampler": self.sampler.state_dict(),
-            "world_size": ctx.world_size,
+            "world_size": self.ctx.world_size,
             "shares": list(self.split.shares),
             "micro_steps": self.split.micro_steps,
-            "engine": self.engine.name,
-            "zero_stage": self.engine.zero_stage,
             "run_plan": self.run_plan.to_dict(),
-            "checkpoint_format": self.engine.checkpoint_format,
             "skipped_steps": self.skipped_steps,
             "fingerprint": self.fingerprint,
             "run_id": self.run_id,
@@ -633,20 +589,6 @@ class Pretraining:
             "lr_factor": self.lr_factor,
             "rollbacks": self.rollbacks,
         }
-        collective_io(
-            ctx,
-            lambda: (
-                ctx.is_main
-                and self.checkpoints.commit(
-                    self.step,
-                    model=self.hf_model,
-                    model_state=model_state,
-                    states=states,
-                    trainer_state=trainer_state,
-                )
-            ),
-        )
-        self.last_checkpoint = self.checkpoints.step_dir(self.step)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
