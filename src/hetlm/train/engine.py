@@ -35,15 +35,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from hetlm.cluster.engines import ENGINE_FOR_STAGE, ENGINE_NAMES, ENGINES
 from hetlm.errors import HetlmError
 from hetlm.train.distributed import DistContext
 from hetlm.train.optim import adamw_implementation, param_groups
 from hetlm.train.precision import Precision
 
-ENGINE_NAMES = ("ddp", "zero1", "fsdp2", "deepspeed")
-#: ZeRO stages each engine runs (the planner's table, repeated here so the run needs no planner).
-ENGINE_STAGES = {"ddp": (0,), "zero1": (1,), "fsdp2": (2, 3), "deepspeed": (0, 1, 2, 3)}
-_ENGINE_FOR_STAGE = ("ddp", "zero1", "fsdp2", "fsdp2")
+#: ZeRO stages each engine runs: the one table the planner uses too (hetlm.cluster.engines)
+ENGINE_STAGES = {name: info.stages for name, info in ENGINES.items()}
 
 
 @dataclass(frozen=True)
@@ -86,13 +85,13 @@ def resolve_engine(
         if stage not in (0, 1, 2, 3):
             raise HetlmError(f"train.zero_stage must be auto, 0, 1, 2 or 3, not {zero_stage!r}")
     if engine == "auto":
-        engine = _ENGINE_FOR_STAGE[stage]
+        engine = ENGINE_FOR_STAGE[stage]
     if stage not in ENGINE_STAGES[engine]:
         runs = "/".join(map(str, ENGINE_STAGES[engine]))
         from_plan = " (from the plan)" if plan_engine is not None else ""
         raise HetlmError(
             f"engine {engine} cannot run ZeRO stage {stage}{from_plan}: it runs stage {runs}; "
-            f"set train.engine: {_ENGINE_FOR_STAGE[stage]} or train.zero_stage: "
+            f"set train.engine: {ENGINE_FOR_STAGE[stage]} or train.zero_stage: "
             f"{ENGINE_STAGES[engine][0]} (or auto)"
         )
     return engine, stage

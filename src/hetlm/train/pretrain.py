@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from hetlm.cluster.engines import engine_info, engines_that
 from hetlm.config import PretrainConfig, TrainingConfig
 from hetlm.data.collators import EVAL_EPOCH
 from hetlm.data.microbatch import MicroBatch
@@ -302,11 +303,15 @@ class Pretraining:
             plan_path=str(config.train.plan) if plan_file is not None else None,
             devices=devices,
         )
-        if self.elastic is not None and self.run_plan.engine == "deepspeed":
+        if (
+            self.elastic is not None
+            and not engine_info(self.run_plan.engine).resumes_on_any_world_size
+        ):
+            anywhere = ", ".join(engines_that(lambda e: e.resumes_on_any_world_size)[1:])
             raise HetlmError(
-                "train.elastic: DeepSpeed checkpoints resume on the same number of ranks only; "
-                "train with train.engine ddp, zero1 or fsdp2 (their checkpoints resume on any "
-                "number of ranks), or drop --elastic"
+                f"train.elastic: {self.run_plan.engine} checkpoints resume on the same number "
+                f"of ranks only; train with train.engine {anywhere} (their checkpoints resume "
+                "on any number of ranks), or drop --elastic"
             )
         self.membership: MembershipChange | None = None
 
@@ -862,7 +867,7 @@ class Pretraining:
             cfg.on_nonfinite != "rollback"
             or self.last_checkpoint is None
             or self.rollbacks >= cfg.max_rollbacks
-            or self.engine.name not in ("single", "ddp", "zero1")
+            or not engine_info(self.engine.name).holds_full_model
         ):
             return False
         bad_step, path = self.step, self.last_checkpoint

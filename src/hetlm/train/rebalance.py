@@ -28,11 +28,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from hetlm.cluster.engines import engines_that
 from hetlm.cluster.planner import allocate_shares
 from hetlm.errors import HetlmError
 from hetlm.topology import BatchSplit
 
-REBALANCE_ENGINES = ("single", "ddp", "zero1")
+#: a rank's forward time is its own only where every rank holds the whole model
+REBALANCE_ENGINES = tuple(engines_that(lambda info: info.holds_full_model))
 
 
 def check_rebalance(every: int, engine: str, caps: list[int] | None, world_size: int) -> None:
