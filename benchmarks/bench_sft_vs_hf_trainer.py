@@ -253,9 +253,10 @@ def run_trainer(args: argparse.Namespace, strategy: str) -> dict:
 def run_hetlm(args: argparse.Namespace, grouping: bool) -> dict:
     from hetlm.sft.collator import padded_tokens
     from hetlm.sft.config import parse_sft_config
-    from hetlm.sft.train import InstructionTuning
+    from hetlm.sft.train import InstructionTuningRecipe
     from hetlm.train import distributed as D
     from hetlm.train.metrics import read_metrics
+    from hetlm.train.trainer import Trainer
 
     config = parse_sft_config(
         {
@@ -286,10 +287,13 @@ def run_hetlm(args: argparse.Namespace, grouping: bool) -> dict:
             },
         }
     )
-    run = InstructionTuning(config, D.init_distributed(), resume=False)
+    recipe = InstructionTuningRecipe(config)
+    run = Trainer(config, recipe, D.init_distributed(), resume=False)
     run.run()
     steps = [r for r in read_metrics(Path(args.workdir) / "metrics.jsonl") if "event" not in r]
-    sampler = run._build_sampler()  # a fresh one: the same micro-batches again, for padding
+    sampler = recipe.sampler(
+        run.data, run.split, 0, config.run.seed
+    )  # a fresh one: the same micro-batches again, for padding
     padded = [
         padded_tokens(sampler.next_step().micro_batches, run.train_data.lengths)
         for _ in range(args.steps)
@@ -406,7 +410,7 @@ NOTES = [
     "label_pad_token_id=-100)`, the model `AutoModelForCausalLM` + `peft.get_peft_model` with the "
     "same `LoraConfig`; its loss is the model's own (full `[batch, seq, vocab]` logits, mean over "
     "the step's response tokens via `num_items_in_batch`). hetlm: `hetlm sft` in one process "
-    "(`InstructionTuning`), micro_batch 4, the same optimizer settings.",
+    "(`Trainer` with `InstructionTuningRecipe`), micro_batch 4, the same optimizer settings.",
     "tokens/s counts real (non-padding) tokens. `sequential` feeds the Trainer exactly hetlm's "
     "global batches, so its loss per step must match hetlm's (it does, to bf16 rounding); "
     "`group_by_length` and `batch_rebalance` choose other examples per step (their losses are "

@@ -251,11 +251,12 @@ def held_out(setup: Setup, data: Path, seed: int):
 def run_hetlm(setup: Setup, data: Path, workdir: Path, seed: int, device: str) -> dict:
     from hetlm.config import parse_config
     from hetlm.train.metrics import read_metrics
-    from hetlm.train.pretrain import Pretraining, run_pretraining
+    from hetlm.train.pretrain import run_pretraining
+    from hetlm.train.trainer import Trainer
 
     clock = {"excluded_s": 0.0}
 
-    class Timed(Pretraining):
+    class Timed(Trainer):
         """Training time as the Trainer's is measured: from the start of the loop to the end
         of the last step, evaluations and checkpoint writing excluded."""
 

@@ -50,10 +50,10 @@ def _worker(
     )
     torch.set_num_threads(1)
     from hetlm.config import parse_config
-    from hetlm.train import pretrain
+    from hetlm.train import pretrain, trainer
 
     if step_fn:
-        pretrain.train_step = _load(step_fn)
+        trainer.train_step = _load(step_fn)
     if setup:
         _load(setup)()
     pretrain.run_pretraining(parse_config(config), **kwargs)
@@ -82,18 +82,18 @@ def run_ranks(
 
 def run_single(config: dict, step_fn: str | None = None, **kwargs) -> dict:
     from hetlm.config import parse_config
-    from hetlm.train import pretrain
+    from hetlm.train import pretrain, trainer
 
-    original = pretrain.train_step
+    original = trainer.train_step
     if step_fn:
         import importlib
 
         module_name, name = step_fn.rsplit(".", 1)
-        pretrain.train_step = getattr(importlib.import_module(module_name), name)
+        trainer.train_step = getattr(importlib.import_module(module_name), name)
     try:
         return pretrain.run_pretraining(parse_config(config), **kwargs)
     finally:
-        pretrain.train_step = original
+        trainer.train_step = original
 
 
 def final_weights(output_dir: Path) -> dict[str, torch.Tensor]:

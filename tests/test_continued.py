@@ -149,7 +149,7 @@ def _first_batch_loss(config_dict: dict, model: torch.nn.Module) -> float:
     from hetlm.data.packed import load_packed_dataset
     from hetlm.data.sampler import HeterogeneousBatchSampler
     from hetlm.train.objectives import build_data, loss_weights, objective_module
-    from hetlm.train.pretrain import combined_loss
+    from hetlm.train.trainer import combined_loss
 
     config = parse_config(config_dict)
     dataset, meta = load_packed_dataset(config.data.dataset)

@@ -50,7 +50,7 @@ def inject_inf_on_rank_1() -> None:
     """(worker setup) An inf in rank 1's own gradient at step INJECT_STEP; replicas dumped."""
     import torch.distributed as dist
 
-    from hetlm.train import pretrain
+    from hetlm.train import trainer
     from hetlm.train.precision import Precision as P
 
     original_unscale, calls = P.unscale, {"n": 0}
@@ -66,17 +66,17 @@ def inject_inf_on_rank_1() -> None:
         original_unscale(self, optimizer)
 
     P.unscale = unscale
-    original_final = pretrain.Pretraining.save_final
+    original_final = trainer.Trainer.run
 
-    def save_final(self):
-        path = original_final(self)
+    def run(self, stop_at_step=None):
+        summary = original_final(self, stop_at_step)
         if self.engine.name in ("ddp", "zero1"):  # replicated weights: each rank has a copy
             torch.save(
                 self.engine.unwrapped.state_dict(), self.output_dir / f"replica-{self.ctx.rank}.pt"
             )
-        return path
+        return summary
 
-    pretrain.Pretraining.save_final = save_final
+    trainer.Trainer.run = run
 
 
 @pytest.mark.parametrize(

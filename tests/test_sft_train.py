@@ -126,15 +126,17 @@ def run_single(config: dict, **kwargs) -> dict:
 def reference(sft_inputs, tmp_path_factory):
     """One process, global batch 8 in one micro-batch, 3 steps; the trainer object is kept."""
     from hetlm.sft.config import parse_sft_config
-    from hetlm.sft.train import InstructionTuning
+    from hetlm.sft.train import InstructionTuningRecipe
     from hetlm.train import distributed as D
+    from hetlm.train.trainer import Trainer
 
     out = tmp_path_factory.mktemp("ref")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        trainer = InstructionTuning(
-            parse_sft_config(sft_config(sft_inputs, out)), D.init_distributed(), resume=False
+        config = parse_sft_config(sft_config(sft_inputs, out))
+        trainer = Trainer(
+            config, InstructionTuningRecipe(config), D.init_distributed(), resume=False
         )
         summary = trainer.run()
     finally:

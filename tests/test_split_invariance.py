@@ -40,7 +40,7 @@ def test_split_gives_the_single_process_model(per_rank, reference, tiny_packed, 
 
 def per_rank_mean_step(engine, precision, optimizer, scheduler, ctx, micro_batches, max_grad_norm):
     """The reference code's bug: each rank averages over its own tokens, DDP averages ranks."""
-    from hetlm.train.pretrain import StepResult
+    from hetlm.train.trainer import StepResult
 
     n_local = sum(mb.num_targets for mb in micro_batches)
     loss_total = torch.zeros(1)

@@ -205,8 +205,8 @@ def check_engine_settings(config: Any, args: argparse.Namespace) -> None:
     that cannot run the requested ZeRO stage, options the engine would ignore. Resolved from the
     config (or plan) and the launched split; the devices are checked by the ranks themselves."""
     from hetlm.train.engine import check_options
-    from hetlm.train.pretrain import engine_options
     from hetlm.train.run_plan import resolve_plan
+    from hetlm.train.trainer import engine_options
 
     split = launched_split(config, args)
     plan_file = config.load_plan() if config.train.plan is not None else None

@@ -1,9 +1,9 @@
 """LoRA instruction tuning in the shared training loop (``hetlm sft``).
 
-:class:`InstructionTuning` is :class:`hetlm.train.pretrain.Pretraining` with other set-up hooks:
+:class:`InstructionTuningRecipe` is the trainer's recipe (``hetlm.train.recipe``) for it:
 the data are tokenized instruction examples (response-only labels, ``hetlm.sft.masking``), the
 model is a causal LM with a peft LoRA adapter, and the final output is the adapter. Everything
-else is the pretraining loop itself: the heterogeneous sampler (per-rank micro-batch sizes,
+else is the trainer (``hetlm.train.trainer``): the heterogeneous sampler (per-rank micro-batch sizes,
 gradient accumulation), ``train_step`` (token-exact loss: summed over response tokens, divided
 by the response tokens of the whole global batch), the engines, checkpoints with exact resume,
 evaluation and metrics.
@@ -31,7 +31,7 @@ import importlib.util
 import json
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -49,7 +49,10 @@ from hetlm.sft.masking import TokenizedExample, TruncationStats
 from hetlm.topology import BatchSplit
 from hetlm.train import distributed as D
 from hetlm.train.collective import collective_io
-from hetlm.train.pretrain import Pretraining
+from hetlm.train.recipe import RunData
+
+if TYPE_CHECKING:
+    from hetlm.train.trainer import Trainer
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 RUN_RECORD = "hetlm_sft.json"
@@ -291,28 +294,28 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 # ---------------------------------------------------------------- the run
 
 
-class InstructionTuning(Pretraining):
-    """The pretraining loop with instruction data, a LoRA model and an adapter as output."""
+class InstructionTuningRecipe:
+    """Instruction data, a LoRA model and an adapter as output: the trainer's recipe
+    (``hetlm.train.recipe``) for ``hetlm sft``."""
 
-    config: SFTConfig
     command = "sft"
+    perplexity = True
 
-    def __init__(
-        self, config: SFTConfig, ctx: D.DistContext, resume: bool | Path, **options: Any
-    ) -> None:
+    def __init__(self, config: SFTConfig) -> None:
         check_quantization(config.model.quantization)
         check_base_model(config.model, config.data.max_length)
-        super().__init__(config, ctx, resume, **options)
+        self.config = config
 
-    # ---- set-up hooks
+    # ---- set-up
 
-    def _load_data(self) -> None:
+    def load_data(self, run: Trainer) -> RunData:
         from hetlm.chat.templates import resolve_template
         from hetlm.data.tokenizer import vocab_hash
         from hetlm.sft.data import load_examples, split_validation
         from hetlm.sft.masking import tokenize_examples
 
         cfg, data = self.config, self.config.data
+        self.output_dir = run.output_dir
         self.tokenizer = load_sft_tokenizer(cfg.model.tokenizer_source)
         self.template = resolve_template(data.template, self.tokenizer)
         examples = load_examples(data.dataset, split=data.split)
@@ -327,34 +330,33 @@ class InstructionTuning(Pretraining):
             train, self.tokenizer, self.template, **options
         )
         eval_tok, _ = tokenize_examples(validation, self.tokenizer, self.template, **options)
-        if self.ctx.is_main:
+        if run.ctx.is_main:
             print(self.truncation_stats.summary())
         if not train_tok:
             raise HetlmError(
                 f"no training example of {data.dataset} fits data.max_length "
                 f"{data.max_length}: raise it"
             )
-        if self.train_cfg.eval_steps and not eval_tok:
+        if cfg.train.eval_steps and not eval_tok:
             raise HetlmError(
                 "train.eval_steps is set but there are no validation examples: "
                 "raise data.validation_fraction or set train.eval_steps: 0"
             )
         pad_id = self.tokenizer.pad_token_id
-        self.train_data = SFTData(train_tok, pad_id)
-        self.eval_data = SFTData(eval_tok, pad_id)
-        self.tokenizer_dir = None
-        self.meta = {
+        meta = {
             "train_examples": len(train_tok),
             "validation_examples": len(eval_tok),
             "tokenizer_vocab_hash": vocab_hash(self.tokenizer),
         }
+        return RunData(SFTData(train_tok, pad_id), SFTData(eval_tok, pad_id), meta)
 
-    def _build_sampler(self) -> HeterogeneousBatchSampler:
+    def sampler(
+        self, data: RunData, split: BatchSplit, rank: int, seed: int
+    ) -> HeterogeneousBatchSampler:
         if self.config.data.length_grouping:
-            return LengthGroupedSampler(
-                self.train_data.lengths, self.split, self.ctx.rank, self.config.run.seed
-            )
-        return super()._build_sampler()
+            assert isinstance(data.train, SFTData)
+            return LengthGroupedSampler(data.train.lengths, split, rank, seed)
+        return HeterogeneousBatchSampler(len(data.train), split, rank, seed)
 
     @property
     def base_name(self) -> str:
@@ -366,18 +368,18 @@ class InstructionTuning(Pretraining):
             else str(self.output_dir / "base")
         )
 
-    def _build_model(self) -> nn.Module:
-        cfg, ctx = self.config, self.ctx
+    def build_model(self, run: Trainer, data: RunData) -> nn.Module:
+        cfg, ctx = self.config, run.ctx
         model = build_base_model(
             cfg.model,
             self.tokenizer,
             max_length=cfg.data.max_length,
             seed=cfg.run.seed,
             device=ctx.device,
-            precision=self.run_plan.precision,
+            precision=run.run_plan.precision,
         )
         if cfg.model.preset is not None:
-            self._save_preset_base(model)
+            self._save_preset_base(model, ctx)
         model = apply_lora(
             model,
             cfg.lora,
@@ -394,7 +396,7 @@ class InstructionTuning(Pretraining):
             )
         return model
 
-    def _save_preset_base(self, model: nn.Module) -> None:
+    def _save_preset_base(self, model: nn.Module, ctx: D.DistContext) -> None:
         """(rank 0) A preset's random base, once, so the adapter can be loaded onto it."""
         from hetlm.data.tokenizer import save_tokenizer
 
@@ -405,28 +407,26 @@ class InstructionTuning(Pretraining):
             save_tokenizer(self.tokenizer, tmp)
 
         collective_io(
-            self.ctx,
+            ctx,
             lambda: (
-                self.ctx.is_main
-                and not (base / "config.json").is_file()
-                and write_folder(base, write)
+                ctx.is_main and not (base / "config.json").is_file() and write_folder(base, write)
             ),
         )
 
-    def _run_fingerprint(self) -> dict[str, Any]:
+    def fingerprint(self, data: RunData) -> dict[str, Any]:
         cfg = self.config
         model = cfg.model.model_dump(mode="json", exclude={"gradient_checkpointing"})
-        data = cfg.data.model_dump(mode="json", exclude={"length_grouping"})
+        config_data = cfg.data.model_dump(mode="json", exclude={"length_grouping"})
         return {
-            **self.meta,
+            **data.meta,
             "model": model,
-            "data": data,
+            "data": config_data,
             "lora": cfg.lora.model_dump(mode="json"),
             "global_batch": cfg.train.global_batch,
             "seed": cfg.run.seed,
         }
 
-    def _load_weights(self, model: nn.Module, path: Path) -> None:
+    def load_weights(self, model: nn.Module, path: Path) -> None:
         """The checkpoint's adapter weights (the base is rebuilt from model.init_from / preset)."""
         from safetensors.torch import load_file
 
@@ -445,35 +445,33 @@ class InstructionTuning(Pretraining):
                 "with the lora settings it was trained with"
             )
 
-    def _objective(self, model: nn.Module) -> nn.Module:
+    def objective(self, model: nn.Module) -> nn.Module:
         return FusedSparseCausalLM(model)
 
     # ---- evaluation and output
 
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Held-out response-token loss, accuracy and perplexity (none without validation)."""
-        if len(self.eval_data) == 0:
-            return {}
-        return super().evaluate()
+    def has_validation(self, data: RunData) -> bool:
+        """Held-out response tokens exist (none with data.validation_fraction 0)."""
+        return len(data.validation) > 0
 
-    def save_final(self) -> Path:
+    def save_final(self, run: Trainer) -> Path:
         """The peft adapter folder with the tokenizer, the template and a run record."""
         from hetlm.chat.templates import save_template
         from hetlm.data.tokenizer import save_tokenizer
 
-        final = self.output_dir / "adapter"
-        state = self.engine.model_state_dict()  # a collective: gathered to rank 0
+        final = run.output_dir / "adapter"
+        state = run.engine.model_state_dict()  # a collective: gathered to rank 0
+        model, ctx = run.hf_model, run.ctx
 
         def write(tmp: Path) -> None:
-            self.hf_model.save_pretrained(
+            model.save_pretrained(
                 tmp, safe_serialization=True, state_dict=dict(state), save_embedding_layers=False
             )
             save_tokenizer(self.tokenizer, tmp)
             save_template(self.template, tmp)
             record = {
                 "base_model": self.base_name,
-                "steps": self.step,
+                "steps": run.step,
                 "config": self.config.model_dump(mode="json"),
                 "truncation": _stats_record(self.truncation_stats),
             }
@@ -481,18 +479,15 @@ class InstructionTuning(Pretraining):
                 json.dumps(record, ensure_ascii=False, indent=1) + "\n", encoding="utf-8"
             )
 
-        collective_io(self.ctx, lambda: self.ctx.is_main and write_folder(final, write))
+        collective_io(ctx, lambda: ctx.is_main and write_folder(final, write))
         return final
 
-    def _summary(
-        self, history: list[dict[str, Any]], final_eval: dict[str, float], final_dir: Path
-    ) -> dict[str, Any]:
-        summary = super()._summary(history, final_eval, final_dir)
+    def summary(self, run: Trainer, summary: dict[str, Any]) -> dict[str, Any]:
         summary.update(
-            adapter_dir=str(final_dir),
+            adapter_dir=summary["model_dir"],
             base_model=self.base_name,
-            train_examples=len(self.train_data),
-            validation_examples=len(self.eval_data),
+            train_examples=len(run.train_data),
+            validation_examples=len(run.eval_data),
             response_tokens=self.truncation_stats.target_tokens,
         )
         return summary
@@ -524,14 +519,14 @@ def run_sft(
     """Run (or resume) one instruction-tuning job in this process; returns the run summary.
     The process set-up (threads, process group, restarts, the output folder's run, diagnosing
     a hung collective) is pretraining's."""
-    from hetlm.train.pretrain import run_pretraining
+    from hetlm.train.trainer import run_training
 
     check_quantization(config.model.quantization)  # before any process group exists
-    return run_pretraining(
+    return run_training(
         config,
+        InstructionTuningRecipe(config),
         resume=resume,
         overwrite=overwrite,
         extend=extend,
         stop_at_step=stop_at_step,
-        trainer=InstructionTuning,
     )
