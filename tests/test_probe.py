@@ -204,3 +204,41 @@ def test_cuda_search_catches_out_of_memory_and_times_the_answer(monkeypatch) -> 
     assert result.memory_bytes == 20 * GIB and result.device == "cuda:0"
     assert fractions == [0.25, 1.0]  # the smaller limit is enforced, then lifted again
     assert tried[:7] == [1, 2, 4, 8, 16, 32, 64] and tried[-1] == 45
+
+
+def test_the_probe_times_the_training_runs_own_step() -> None:
+    """StepRunner wraps the model in the run's engine and steps it with ``train_step``: on a
+    fixed batch the weights move and the masked-LM loss falls, as in training."""
+    import torch
+    from transformers import BertConfig
+
+    from hetlm.probe.worker import StepRunner
+    from hetlm.train.engines.ddp import DDPEngine
+
+    config = BertConfig(
+        vocab_size=500,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+    )
+    runner = StepRunner(config, 16, "fp32", threads=1)
+    try:
+        assert isinstance(runner.engine, DDPEngine)
+        batch = runner.batch(4)
+        before = [p.detach().clone() for p in runner.engine.unwrapped.parameters()]
+
+        def loss() -> float:
+            with torch.no_grad():
+                total, _ = runner.engine.unwrapped(**batch.model_inputs())
+            return float(total) / batch.num_targets
+
+        first = loss()
+        for _ in range(5):
+            runner.step(batch)
+        after = list(runner.engine.unwrapped.parameters())
+        assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+        assert loss() < first
+        assert runner.measure(4).fits
+    finally:
+        runner.close()

@@ -97,7 +97,10 @@ def reset_peak_rss() -> None:
 
 
 class StepRunner:
-    """A model, its optimizer and a one-rank DDP wrapper on one device; ``measure(b)`` runs it."""
+    """A model in the training run's own engine, precision and optimizer on one device (DDP over
+    a process group of one, so its gradient buckets count); ``measure(b)`` times the training
+    run's own ``train_step`` (``hetlm.train.trainer``) at micro-batch b: what is probed is what
+    training does (autocast, loss scaling, clipping, the fused AdamW on CUDA)."""
 
     def __init__(
         self,
@@ -113,7 +116,9 @@ class StepRunner:
         from transformers import AutoModelForMaskedLM
 
         from hetlm.models.masked_lm import SparseMaskedLM
-        from hetlm.train.optim import build_optimizer
+        from hetlm.train.distributed import DistContext
+        from hetlm.train.engine import Engine, EngineOptions
+        from hetlm.train.precision import Precision
 
         if threads:
             torch.set_num_threads(threads)
@@ -122,36 +127,36 @@ class StepRunner:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.seq_len = seq_len
-        self.precision = precision
+        self.precision = Precision(precision, self.device)
         self.vocab_size = int(config.vocab_size)
         torch.manual_seed(seed)
-        module = SparseMaskedLM(AutoModelForMaskedLM.from_config(config)).to(self.device)
+        module = SparseMaskedLM(AutoModelForMaskedLM.from_config(config))
         module.train()
         self.n_params = sum(p.numel() for p in module.parameters())
+        self.ctx = DistContext(0, 1, 0, 0, self.device)
         self.process_group = False
         if ddp:
-            module = self._wrap_ddp(module)
-        self.module = module
-        self.optimizer = build_optimizer(
-            module, lr=1e-4, weight_decay=0.01, betas=(0.9, 0.999), eps=1e-6
+            self._init_process_group()
+            from hetlm.train.engines.ddp import DDPEngine
+
+            self.engine: Engine = DDPEngine(module, self.ctx, self.precision, EngineOptions())
+        else:
+            self.engine = Engine(module, self.ctx, self.precision, EngineOptions(name="single"))
+        self.optimizer = self.engine.build_optimizer(
+            lr=1e-4, weight_decay=0.01, betas=(0.9, 0.999), eps=1e-6
         )
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-        self.autocast_dtype = dtype
-        self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _step: 1.0)
         self.slots = max(1, math.ceil(seq_len * MLM_SLOTS_FRACTION))
         self.generator = torch.Generator().manual_seed(seed)
 
-    def _wrap_ddp(self, module):
-        """DDP over a process group of one: its gradient buckets count, as in a real run."""
+    def _init_process_group(self) -> None:
+        """A process group of one for DDP (its buckets are part of a real run's memory)."""
         import torch.distributed as dist
-        from torch.nn.parallel import DistributedDataParallel
 
         if not dist.is_initialized():
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
             self.process_group = True
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(module, device_ids=ids)
 
     def close(self) -> None:
         import torch.distributed as dist
@@ -160,32 +165,30 @@ class StepRunner:
             dist.destroy_process_group()
 
     def batch(self, size: int):
-        """Random tokens with ``slots`` masked positions per row, every slot a target."""
+        """Random tokens with ``slots`` masked positions per row, every slot a target: the
+        micro-batch the MLM collator makes (``hetlm.data.collators.MLMBatch``)."""
+        from hetlm.data.collators import MLMBatch
+
         torch, g = self.torch, self.generator
         ids = torch.randint(5, self.vocab_size, (size, self.seq_len), generator=g)
         positions = torch.rand(size, self.seq_len, generator=g).argsort(dim=1)[:, : self.slots]
         positions = positions.sort(dim=1).values
         labels = ids.gather(1, positions)
-        return ids.to(self.device), positions.to(self.device), labels.to(self.device)
+        return MLMBatch(
+            ids.to(self.device),
+            positions.to(self.device),
+            labels.to(self.device),
+            num_targets=size * self.slots,
+            num_tokens=size * self.seq_len,
+        )
 
     def step(self, batch) -> None:
-        torch = self.torch
-        ids, positions, labels = batch
-        with torch.autocast(
-            self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
-        ):
-            loss_sum, _ = self.module(ids, positions, labels)
-        loss = loss_sum / labels.numel()
-        (self.scaler.scale(loss) if self.scaler else loss).backward()
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.module.parameters(), 1.0)
-        if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        """One optimizer step of the training run (``train_step``), clipping at 1.0."""
+        from hetlm.train.trainer import train_step
+
+        train_step(
+            self.engine, self.precision, self.optimizer, self.scheduler, self.ctx, [batch], 1.0
+        )
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
