@@ -6,9 +6,10 @@ trains the same model (same config, same seeded initial weights) on the same pac
 the same hyper-parameters with ``hetlm`` and with the Hugging Face Trainer (run_mlm recipe:
 ``DataCollatorForLanguageModeling``, AdamW, linear schedule with warm-up), and scores both on
 the very same held-out positions (the first ``eval_samples`` validation sequences masked at
-``EVAL_EPOCH``, as `hetlm pretrain` evaluates), every one of them replaced by [MASK]: with
-BERT's 10% kept tokens among the targets, a model that merely copies its input scores ~3x the
-baseline without using any context (measured here before the fix: 13.6% against 4.8%).
+``EVAL_EPOCH``, as `hetlm pretrain` evaluates, by the same scorer: ``hetlm.train.scoring``),
+every one of them replaced by [MASK]: with BERT's 10% kept tokens among the targets, a model
+that merely copies its input scores ~3x the baseline without using any context (measured here
+before the fix: 13.6% against 4.8%).
 
 The goal, written into the table: held-out MLM accuracy at least 2x that of always predicting
 the most frequent held-out target, for both; hetlm's final accuracy within noise of the

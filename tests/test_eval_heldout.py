@@ -75,6 +75,20 @@ def test_decoder_gets_perplexity(tiny_llama, corpora):
         assert r.perplexity == pytest.approx(math.exp(r.loss))
         assert r.loss == pytest.approx(s.loss, abs=1e-5)
         assert r.predicted_tokens == r.sequences * 63
+    # the sparse objective's loss is the full-logit next-token loss of the model's own forward
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    rows, _ = pack_for_clm(corpora["ews-test"], load_tokenizer(spec), 64)
+    ids = torch.from_numpy(rows)
+    with torch.no_grad():
+        logits = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()(input_ids=ids).logits
+    flat = logits[:, :-1].reshape(-1, logits.shape[-1])
+    reference = F.cross_entropy(flat, ids[:, 1:].reshape(-1))
+    assert results[1].loss == pytest.approx(float(reference), abs=1e-5)
+    correct = int((flat.argmax(-1) == ids[:, 1:].reshape(-1)).sum())
+    assert results[1].accuracy == correct / results[1].predicted_tokens
 
 
 def test_clm_packing_keeps_every_token_but_the_tail(tiny_llama):
@@ -111,17 +125,31 @@ def test_a_checkpoint_without_an_mlm_head_is_skipped_not_scored(tiny_bert, tmp_p
     assert all(r.loss is None and r.missing_weights for r in results)
 
 
-def test_packed_dataset_scores_like_the_pretraining_objective(tiny_bert, tiny_llama, tmp_path):
-    """A `hetlm prepare` folder is scored as packed; the full-logit loss equals the
-    masked-only loss `hetlm pretrain` reports (``SparseMaskedLM``) on the same masks."""
+def full_logit_mlm(model, batch) -> tuple[float, int]:
+    """The reference the sparse scorer must equal: every position projected onto the
+    vocabulary by the model's own forward, the masked slots picked, cross-entropy summed."""
     import torch
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids).logits
+    index = batch.masked_positions.unsqueeze(-1).expand(-1, -1, logits.shape[-1])
+    picked = logits.gather(1, index).float().reshape(-1, logits.shape[-1])
+    labels = batch.masked_labels.reshape(-1)
+    loss = float(F.cross_entropy(picked, labels, ignore_index=-100, reduction="sum"))
+    return loss, int(((picked.argmax(-1) == labels) & (labels != -100)).sum())
+
+
+def test_packed_dataset_scores_like_the_pretraining_objective(tiny_bert, tiny_llama, tmp_path):
+    """A `hetlm prepare` folder is scored as packed, by `hetlm pretrain`'s objective
+    (``SparseMaskedLM``, the head on the masked slots only); its loss equals the full-logit
+    loss of the model's own forward on the same masks, to float rounding."""
     from _eval_fixtures import fixture_texts
     from transformers import AutoModelForMaskedLM
 
     from hetlm.data.collators import EVAL_EPOCH
     from hetlm.data.prepare.pipeline import prepare_dataset
     from hetlm.evaluate.heldout import load_packed_corpus
-    from hetlm.models.masked_lm import SparseMaskedLM
 
     corpus = tmp_path / "text.jsonl"
     corpus.write_text(
@@ -139,11 +167,51 @@ def test_packed_dataset_scores_like_the_pretraining_objective(tiny_bert, tiny_ll
     model = AutoModelForMaskedLM.from_pretrained(tiny_bert).eval()
     tokenizer = load_tokenizer(ModelSpec("bert", str(tiny_bert)))
     batch = mlm_collator(tokenizer, 32, len(tokenizer))(packed.rows, np.arange(12), EVAL_EPOCH)
-    with torch.no_grad():
-        loss_sum, correct = SparseMaskedLM(model)(
-            batch.input_ids, batch.masked_positions, batch.masked_labels
-        )
+    loss_sum, correct = full_logit_mlm(model, batch)
     assert result.predicted_tokens == batch.num_targets
-    assert result.loss == pytest.approx(float(loss_sum) / batch.num_targets, abs=1e-5)
+    assert result.loss == pytest.approx(loss_sum / batch.num_targets, abs=1e-5)
+    assert result.accuracy == correct / batch.num_targets
     [decoder] = evaluate_lm(ModelSpec("llama", str(tiny_llama)), {"v": packed})
     assert decoder.skipped and "packed MLM dataset" in decoder.skipped
+
+
+def test_a_model_type_without_a_split_head_is_scored_by_its_own_forward(
+    tiny_bert, tmp_path, corpora
+):
+    """A public encoder whose head the sparse objective cannot split off (DistilBERT) is still
+    scored, through its full forward, with the numbers of the full-logit reference."""
+    import shutil
+
+    import torch
+    from transformers import DistilBertConfig, DistilBertForMaskedLM
+
+    from hetlm.data.collators import EVAL_EPOCH
+    from hetlm.errors import HetlmError
+    from hetlm.models.masked_lm import SparseMaskedLM
+
+    tokenizer = load_tokenizer(ModelSpec("bert", str(tiny_bert)))
+    config = DistilBertConfig(
+        vocab_size=len(tokenizer),
+        dim=32,
+        n_layers=1,
+        n_heads=2,
+        hidden_dim=64,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    model = DistilBertForMaskedLM(config).eval()
+    with pytest.raises(HetlmError, match="does not support model type 'distilbert'"):
+        SparseMaskedLM(model)  # training refuses it when the module is built
+    folder = tmp_path / "distilbert"
+    model.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_bert / name, folder / name)
+    [result] = evaluate_lm(
+        ModelSpec("distilbert", str(folder)), {"ews": corpora["ews-test"]}, seq_len=32
+    )
+    rows, _ = pack_for_mlm(corpora["ews-test"], tokenizer, 32)
+    batch = mlm_collator(tokenizer, 32, len(tokenizer))(rows, np.arange(len(rows)), EVAL_EPOCH)
+    loss_sum, correct = full_logit_mlm(model, batch)
+    assert result.skipped is None and result.predicted_tokens == batch.num_targets
+    assert result.loss == pytest.approx(loss_sum / batch.num_targets, abs=1e-5)
+    assert result.accuracy == correct / batch.num_targets

@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from hetlm.errors import HetlmError
 from hetlm.evaluate.checkpoint import (
@@ -35,6 +34,7 @@ from hetlm.evaluate.checkpoint import (
     load_tokenizer,
     quiet_transformers,
 )
+from hetlm.train.scoring import CORRECT, LOSS, TARGETS, score_batches
 
 
 @dataclass
@@ -163,42 +163,51 @@ def mlm_collator(tokenizer: Any, seq_len: int, vocab_size: int) -> Any:
     )
 
 
-@torch.inference_mode()
 def score_mlm(
     model: Any, rows: np.ndarray, collator: Any, batch_size: int
 ) -> tuple[float, int, int]:
-    """(summed loss, correct, predicted tokens) over the rows, masked at ``EVAL_EPOCH``."""
+    """(summed loss, correct, predicted tokens) over the rows, masked at ``EVAL_EPOCH`` (row i
+    as sample index i): `hetlm pretrain`'s scorer (``SparseMaskedLM`` in
+    :func:`hetlm.train.scoring.score_batches`) on a ``*ForMaskedLM``, any model type."""
     from hetlm.data.collators import EVAL_EPOCH
+    from hetlm.models.masked_lm import SparseMaskedLM
 
-    loss_sum, correct, count = 0.0, 0, 0
-    for start in range(0, len(rows), batch_size):
-        indices = np.arange(start, min(start + batch_size, len(rows)))
-        batch = collator(rows[indices], indices, EVAL_EPOCH)
-        device = model.device
-        input_ids = batch.input_ids.to(device)
-        logits = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).logits
-        index = batch.masked_positions.to(device).unsqueeze(-1).expand(-1, -1, logits.shape[-1])
-        picked = logits.gather(1, index).float().reshape(-1, logits.shape[-1])
-        labels = batch.masked_labels.to(device).reshape(-1)
-        loss_sum += float(F.cross_entropy(picked, labels, ignore_index=-100, reduction="sum"))
-        correct += int(((picked.argmax(-1) == labels) & (labels != -100)).sum())
-        count += batch.num_targets
-    return loss_sum, correct, count
+    def batches():
+        for start in range(0, len(rows), batch_size):
+            indices = np.arange(start, min(start + batch_size, len(rows)))
+            yield collator(rows[indices], indices, EVAL_EPOCH), True
+
+    return _sums(score_batches(SparseMaskedLM(model, any_type=True), batches(), model.device))
 
 
-@torch.inference_mode()
 def score_clm(model: Any, rows: np.ndarray, batch_size: int) -> tuple[float, int, int]:
-    """(summed next-token loss, correct, predicted tokens) over the rows."""
-    loss_sum, correct, count = 0.0, 0, 0
-    for start in range(0, len(rows), batch_size):
-        ids = torch.from_numpy(rows[start : start + batch_size]).to(model.device)
-        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, :-1]
-        flat = logits.float().reshape(-1, logits.shape[-1])
-        labels = ids[:, 1:].reshape(-1)
-        loss_sum += float(F.cross_entropy(flat, labels, reduction="sum"))
-        correct += int((flat.argmax(-1) == labels).sum())
-        count += labels.numel()
-    return loss_sum, correct, count
+    """(summed next-token loss, correct, predicted tokens) over the rows: every token after
+    the first of a row is predicted (`hetlm pretrain`'s scorer, ``SparseCausalLM``)."""
+    from hetlm.data.readers import CLMBatch
+    from hetlm.models.causal_lm import SparseCausalLM, target_index
+
+    def batches():
+        for start in range(0, len(rows), batch_size):
+            ids = torch.from_numpy(np.ascontiguousarray(rows[start : start + batch_size]))
+            targets = ids.shape[0] * (ids.shape[1] - 1)
+            batch = CLMBatch(
+                ids,
+                ids,
+                num_targets=targets,
+                num_tokens=ids.numel(),
+                target_index=target_index(ids),
+            )
+            yield batch, True
+
+    return _sums(score_batches(SparseCausalLM(model), batches(), model.device))
+
+
+def _sums(totals: torch.Tensor) -> tuple[float, int, int]:
+    return (
+        float(totals[LOSS, 0]),
+        int(round(float(totals[CORRECT, 0]))),
+        int(round(float(totals[TARGETS, 0]))),
+    )
 
 
 # ---------------------------------------------------------------- one checkpoint, one corpus

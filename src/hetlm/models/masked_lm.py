@@ -26,8 +26,9 @@ _PARTS = {
 }
 
 
-def _encoder_and_head(model: nn.Module):
-    """The encoder and a callable hidden -> vocabulary logits, per model type."""
+def _encoder_and_head(model: nn.Module, any_type: bool = False):
+    """The encoder and a callable hidden -> vocabulary logits, per model type; for another
+    type, None with ``any_type`` (the model's own full forward is used), else an error."""
     model_type = model.config.model_type
     if model_type == "deberta-v2":
         if model.legacy:
@@ -39,6 +40,8 @@ def _encoder_and_head(model: nn.Module):
     if model_type == "electra":  # ElectraForMaskedLM (the generator)
         return model.electra, lambda h: model.generator_lm_head(model.generator_predictions(h))
     if model_type not in _PARTS:
+        if any_type:
+            return None
         raise HetlmError(
             f"masked-LM training does not support model type {model_type!r}: use "
             f"one of {', '.join(sorted([*_PARTS, 'deberta-v2']))}"
@@ -48,21 +51,29 @@ def _encoder_and_head(model: nn.Module):
 
 
 class SparseMaskedLM(nn.Module):
-    """Wraps a ``*ForMaskedLM`` model; forward gives (loss_sum, correct predictions)."""
+    """Wraps a ``*ForMaskedLM`` model; forward gives (loss_sum, correct predictions).
+
+    ``any_type``: a model type whose head this module cannot split off (a public checkpoint
+    `hetlm eval` scores: DistilBERT, ModernBERT, ...) is scored through the model's own forward,
+    every position projected, then the masked slots picked: the same numbers, slower. Training
+    leaves it False and refuses such a type when the module is built, not at the first step.
+    """
 
     loss_terms = ("mlm",)
     loss_weights = (1.0,)
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, any_type: bool = False) -> None:
         super().__init__()
-        _encoder_and_head(model)  # refuses an unsupported model type now, not at the first step
+        _encoder_and_head(model, any_type)
         self.model = model
+        self.any_type = any_type
 
     def forward(
         self, input_ids: torch.Tensor, masked_positions: torch.Tensor, masked_labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return summed_mlm_loss(
-            masked_logits(self.model, input_ids, masked_positions), masked_labels
+            masked_logits(self.model, input_ids, masked_positions, any_type=self.any_type),
+            masked_labels,
         )
 
 
@@ -71,10 +82,16 @@ def masked_logits(
     input_ids: torch.Tensor,
     masked_positions: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
+    any_type: bool = False,
 ) -> torch.Tensor:
     """float32 vocabulary logits of a ``*ForMaskedLM`` at the masked slots only:
-    [batch, slots, vocab]."""
-    encoder, head = _encoder_and_head(model)
+    [batch, slots, vocab] (``any_type``: see :class:`SparseMaskedLM`)."""
+    parts = _encoder_and_head(model, any_type)
+    if parts is None:  # no head of its own to apply: project every position, then pick
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        index = masked_positions.unsqueeze(-1).expand(-1, -1, logits.shape[-1])
+        return logits.gather(1, index).float()
+    encoder, head = parts
     hidden = encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     index = masked_positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
     return head(hidden.gather(1, index)).float()  # [b, slots, vocab]

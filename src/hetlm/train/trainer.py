@@ -61,6 +61,7 @@ from hetlm.train.run_dir import (
     read_run_id,
 )
 from hetlm.train.run_plan import RunPlan, gather_devices, resolve_run_plan
+from hetlm.train.scoring import score_batches
 
 
 @dataclass
@@ -480,25 +481,19 @@ class Trainer:
         size = self.train_cfg.per_device_eval_batch_size
         batches = math.ceil(math.ceil(count / self.ctx.world_size) / size)
         names = loss_terms(self.engine.unwrapped)
-        totals = torch.zeros(3, len(names), dtype=torch.float64)  # loss, correct, targets
+        parts = [mine[b * size : (b + 1) * size] for b in range(batches)]
+        stand_in = np.zeros(1, dtype=np.int64)
         with self.engine.evaluating() as model:
-            for b in range(batches):
-                ids = mine[b * size : (b + 1) * size]
-                counted = len(ids) > 0
-                mb = self.eval_data.batch(
-                    ids if counted else np.zeros(1, dtype=np.int64), EVAL_EPOCH
-                )
-                inputs = {k: v.to(self.ctx.device) for k, v in mb.model_inputs().items()}
-                with self.precision.autocast():
-                    loss_sum, correct = model(**inputs)
-                if counted:
-                    totals += torch.stack(
-                        [
-                            torch.atleast_1d(loss_sum).double().cpu(),
-                            torch.atleast_1d(correct).double().cpu(),
-                            torch.tensor(mb.counts, dtype=torch.float64),
-                        ]
-                    )
+            totals = score_batches(  # [loss, correct, targets] x terms
+                model,
+                (
+                    (self.eval_data.batch(ids if len(ids) else stand_in, EVAL_EPOCH), len(ids) > 0)
+                    for ids in parts
+                ),
+                self.ctx.device,
+                self.precision.autocast,
+                terms=len(names),
+            )
         D.all_reduce_sum(self.ctx, totals)
         n = totals[2].clamp(min=1.0)
         metrics = {
