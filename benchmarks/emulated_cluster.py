@@ -163,7 +163,7 @@ def probe_nodes(
 
 def bench_net(nodes, work: Path) -> dict[str, Any]:
     """``hetlm bench net`` between the two nodes' ranks (each rank in its node's cgroups)."""
-    from hetlm.launch import run_local_nodes
+    from hetlm.launch.local import run_local_nodes
 
     prefix = work / "net"
     code = run_local_nodes(
@@ -368,7 +368,7 @@ def train_distributed(
     """``hetlm pretrain CONFIG [--plan PLAN]`` on two agents, each node's rank in its cgroups:
     what ``hetlm pretrain --local-nodes 2`` runs, plus the per-node command prefix."""
     from hetlm.config import load_config
-    from hetlm.launch import run_local_nodes
+    from hetlm.launch.local import run_local_nodes
 
     forwarded = ["pretrain", str(config), "--quiet"] + (["--plan", str(plan)] if plan else [])
     cfg = load_config(config)

@@ -50,7 +50,7 @@ def node_prefixes(pair, nodes) -> list[list[str]]:
 
 
 def bench_net(pair, nodes, work: Path, gbit: float, max_size: str) -> dict[str, Any]:
-    from hetlm.launch import run_local_nodes
+    from hetlm.launch.local import run_local_nodes
 
     prefix = work / f"net-{gbit:g}gbit"
     code = run_local_nodes(
@@ -155,7 +155,7 @@ def write_config(
 
 def train(pair, nodes, config: Path, plan: Path, args: argparse.Namespace) -> dict[str, Any]:
     from hetlm.config import load_config
-    from hetlm.launch import run_local_nodes
+    from hetlm.launch.local import run_local_nodes
 
     out = Path(load_config(config).run.output_dir)
     if out.exists():

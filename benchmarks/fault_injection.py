@@ -104,7 +104,7 @@ PACE = "slow:seconds=0.25"  # ~4 steps/s, so that a node dies and returns mid-ru
 
 
 class ElasticRun:
-    """``hetlm pretrain CONFIG --elastic`` on 3 emulated nodes (``hetlm.launch.ElasticLocalJob``,
+    """``hetlm pretrain CONFIG --elastic`` on 3 emulated nodes (``hetlm.launch.local.ElasticLocalJob``,
     what ``--local-nodes 3 --elastic`` starts); node 2 is killed once step ``kill_after`` is
     logged and, with ``rejoin_after``, started again once that step ran on two nodes."""
 
@@ -119,7 +119,7 @@ class ElasticRun:
         kill: int = 2,
         extra: list[str] | None = None,
     ) -> None:
-        from hetlm.launch import ElasticLocalJob
+        from hetlm.launch.local import ElasticLocalJob
 
         started = time.perf_counter()
         names = node_names or ["node0", "node1", "node2"]

@@ -107,7 +107,7 @@ def run(
     from emulation.cgroups import DEFAULT_PERIOD_US
 
     from hetlm.config import load_config
-    from hetlm.launch import run_local_nodes
+    from hetlm.launch.local import run_local_nodes
 
     out = Path(load_config(config).run.output_dir)
     if out.exists():

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from hetlm.cli import main
-from hetlm.cluster.launch_scripts import slurm_script, torchrun_commands
 from hetlm.cluster.planner import load_plan, make_plan
 from hetlm.cluster.spec import parse_cluster
+from hetlm.launch.scripts import slurm_script, torchrun_commands
 from hetlm.models.presets import bert_config
 
 CLUSTER = """\

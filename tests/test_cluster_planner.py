@@ -309,8 +309,8 @@ def _llama(preset: str):
 
 
 def test_sft_plan_gives_per_rank_micro_batches(tmp_path: Path) -> None:
-    from hetlm.cluster.launch_scripts import torchrun_commands
     from hetlm.cluster.memory_lora import LoraSpec
+    from hetlm.launch.scripts import torchrun_commands
 
     c = cluster(("V100-32GB", 2), ("RTX-A6000", 2))
     plan = make_plan(

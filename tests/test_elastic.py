@@ -180,7 +180,7 @@ def wait_for(predicate, timeout: float, what: str, job) -> None:
 
 
 def test_a_node_leaves_and_rejoins_and_the_model_is_the_same(tiny_packed, tmp_path, monkeypatch):
-    from hetlm.launch import ElasticLocalJob
+    from hetlm.launch.local import ElasticLocalJob
 
     steps = 40
     train = dict(global_batch=12, micro_batch=2, max_steps=steps, save_steps=2)

@@ -1,6 +1,6 @@
 """torchrun's own failure report is dropped under --local-nodes; everything else passes."""
 
-from hetlm.launch_output import AgentReportFilter
+from hetlm.launch.output import AgentReportFilter
 
 AGENT_FAILURE = b"""hetlm: error (rank 0): the plan is for 2 ranks
 E1129 09:08:53.905000 8707 .venv/lib/python3.11/site-packages/torch/distributed/elastic/multiprocessing/api.py:1002] failed (exitcode: 2) local_rank: 0 (pid: 8715) of binary: python

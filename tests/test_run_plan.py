@@ -209,7 +209,7 @@ def test_placement_for_every_gpu_layout():
 
 
 def test_emulated_nodes_get_their_own_gpus_or_none(monkeypatch, capsys):
-    from hetlm.launch import agent_gpus
+    from hetlm.launch.local import agent_gpus
     from hetlm.train.devices import gpu_slices, visible_gpu_ids
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3,5")

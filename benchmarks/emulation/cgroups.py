@@ -9,7 +9,7 @@ machines by disjoint cpusets. Needs root and cgroup v1 controllers mounted at
 ``python benchmarks/emulation/cgroups.py exec GROUP -- COMMAND...`` moves itself into ``GROUP`` under
 every controller that has it and then execs ``COMMAND``, so a command prefix puts a process (and
 its children) in an emulated node: ``NodeCgroup.prefix()`` is that prefix, usable as
-``hetlm.launch.run_local_nodes(..., rank_prefixes=...)``.
+``hetlm.launch.local.run_local_nodes(..., rank_prefixes=...)``.
 """
 
 from __future__ import annotations

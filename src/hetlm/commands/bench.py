@@ -121,7 +121,7 @@ def run_net(args: argparse.Namespace) -> int:
 
 
 def _launch_local(args: argparse.Namespace) -> int:
-    from hetlm.launch import run_local_nodes
+    from hetlm.launch.local import run_local_nodes
 
     if args.local_nodes < 1 or args.nproc_per_node < 1:
         raise HetlmError("--local-nodes and --nproc-per-node must be >= 1")

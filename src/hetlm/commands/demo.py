@@ -222,7 +222,7 @@ def run_demo_step(command: str, config: dict, config_path: Path, *, nodes: int, 
     import yaml
 
     from hetlm.errors import HetlmError
-    from hetlm.launch import run_local_nodes
+    from hetlm.launch.local import run_local_nodes
 
     config_path.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
     output_dir = Path(config["run"]["output_dir"])

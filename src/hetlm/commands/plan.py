@@ -141,8 +141,8 @@ def register(subparsers: Any) -> None:
 
 def slurm_options(cluster: Any, args: argparse.Namespace) -> Any:
     """The cluster file's ``slurm:`` section with the ``--slurm-*`` flags on top."""
-    from hetlm.cluster.launch_scripts import SlurmOptions
     from hetlm.cluster.spec import check_slurm_time
+    from hetlm.launch.scripts import SlurmOptions
 
     spec = cluster.slurm
     time = spec.time
@@ -163,14 +163,14 @@ def slurm_options(cluster: Any, args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hetlm.cluster.launch_scripts import (
+    from hetlm.cluster.planner import make_plan
+    from hetlm.cluster.spec import load_cluster
+    from hetlm.launch.scripts import (
         placeholders,
         slurm_name,
         slurm_script,
         torchrun_commands,
     )
-    from hetlm.cluster.planner import make_plan
-    from hetlm.cluster.spec import load_cluster
 
     if args.fits:
         return print_fits(args)

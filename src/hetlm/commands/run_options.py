@@ -106,7 +106,7 @@ def launch_local(
     """Run ``hetlm <command>`` on ``--local-nodes`` torchrun agents here, after checking what can
     be checked first (topology, then ``precheck``: a missing dataset, quantization support)."""
     from hetlm.errors import HetlmError
-    from hetlm.launch import run_local_nodes
+    from hetlm.launch.local import run_local_nodes
 
     if args.local_nodes < 1 or args.nproc_per_node < 1:
         raise HetlmError("--local-nodes and --nproc-per-node must be >= 1")
@@ -150,7 +150,7 @@ def launch_local(
         forwarded += ["--stop-at-step", str(args.stop_at_step)]
     started = time.time()
     if args.elastic:
-        from hetlm.launch import run_local_elastic
+        from hetlm.launch.local import run_local_elastic
 
         code = run_local_elastic(
             forwarded,

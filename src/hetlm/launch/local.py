@@ -33,7 +33,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from hetlm.launch_output import pump_filtered
+from hetlm.launch.output import pump_filtered
 
 
 def free_port() -> int:
