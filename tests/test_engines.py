@@ -199,7 +199,7 @@ def test_optimizer_state_by_name_round_trips_and_old_numbered_states_load():
     from hetlm.models.build import build_model
     from hetlm.models.masked_lm import SparseMaskedLM
     from hetlm.train.distributed import DistContext
-    from hetlm.train.engine import build_engine
+    from hetlm.train.engines import build_engine
 
     ctx = DistContext(0, 1, 0, 0, torch.device("cpu"))
     engines = []

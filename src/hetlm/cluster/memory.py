@@ -56,6 +56,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from hetlm.cluster.state_bytes import StateBytes, bytes_per_element
 from hetlm.errors import HetlmError
 
 if TYPE_CHECKING:
@@ -84,15 +85,6 @@ _DECODER_TYPES = _DECODERS_LLAMA_LIKE | {
 
 Layout = Literal["torch", "zero"]
 Attention = Literal["sdpa", "eager"]
-
-
-def bytes_per_element(precision: str) -> int:
-    """Activation element size: 4 for fp32, 2 for fp16/bf16 autocast."""
-    if precision == "fp32":
-        return 4
-    if precision in ("fp16", "bf16"):
-        return 2
-    raise HetlmError(f"hetlm trains in fp32, fp16 or bf16, not {precision!r}: choose one of those")
 
 
 @dataclass(frozen=True)
@@ -268,24 +260,6 @@ def activation_bytes_per_sample(
     head_inputs = 1 if shape.causal else 4  # decoder: final-norm output; MLM: transform + decoder
     head = n_pred * (head_inputs * p * h + LOGIT_BYTES * shape.vocab_size)
     return layers + embeddings + head
-
-
-@dataclass(frozen=True)
-class StateBytes:
-    """Per-rank bytes of the model states; ``working`` exists only during forward/backward."""
-
-    params: float
-    grads: float
-    optimizer: float
-    working: float = 0.0
-
-    @property
-    def persistent(self) -> float:
-        return self.params + self.grads + self.optimizer
-
-    @property
-    def total(self) -> float:
-        return self.persistent + self.working
 
 
 def model_state_bytes(

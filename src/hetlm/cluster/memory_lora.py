@@ -182,7 +182,7 @@ def lora_state_bytes(
     world_size: int = 1,
 ) -> StateBytes:
     """Frozen base + adapters (fp32, gradients, AdamW) + working copies on one rank."""
-    from hetlm.cluster.memory import StateBytes, bytes_per_element
+    from hetlm.cluster.state_bytes import StateBytes, bytes_per_element
 
     if zero_stage >= 2 and spec.quantization != "none":
         raise HetlmError(
@@ -227,7 +227,7 @@ def lora_activation_bytes_per_sample(
     RMSNorm saves an fp32 copy of its input. Dropout masks are 1 byte with CUDA's fused dropout
     and a tensor of the input's dtype on CPU (``fused_dropout=False``).
     """
-    from hetlm.cluster.memory import bytes_per_element
+    from hetlm.cluster.state_bytes import bytes_per_element
 
     c = bytes_per_element(precision)
     res = 4 if (spec.quantization == "none" and spec.base_dtype == "fp32") else c

@@ -4,14 +4,16 @@ pretrained checkpoint (``model.init_from``: a local directory or a hub name)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from hetlm.config import ModelSection
 from hetlm.errors import HetlmError
 from hetlm.models.presets import DECODER_TYPES, model_config
+
+if TYPE_CHECKING:
+    from hetlm.config import ModelSection
 
 
 def auto_class(model_type: str):

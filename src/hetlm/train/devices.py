@@ -121,6 +121,16 @@ def visible_gpu_ids() -> list[str]:
 # ---------------------------------------------------------------- what a rank reports
 
 
+NODE_ENV = "HETLM_NODE_NAME"
+
+
+def node_name() -> str:
+    """This node's name as a plan knows it: ``HETLM_NODE_NAME`` (set by ``--local-nodes`` for
+    its emulated nodes; set it on a cluster whose host names are not the plan's), else the host
+    name."""
+    return os.environ.get(NODE_ENV) or socket.gethostname()
+
+
 @dataclass(frozen=True)
 class DeviceReport:
     """One rank's device, as all ranks see it after the start-up gather."""
@@ -138,8 +148,6 @@ class DeviceReport:
 
     @classmethod
     def local(cls, rank: int, device: torch.device) -> DeviceReport:
-        from hetlm.train.membership import node_name
-
         host = socket.gethostname()
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if device.type == "cuda":

@@ -265,28 +265,3 @@ def check_options(options: EngineOptions) -> None:
             f"train.deepspeed_config is set but the engine is {options.name}: set "
             "train.engine: deepspeed or remove train.deepspeed_config"
         )
-
-
-def build_engine(
-    module: nn.Module, ctx: DistContext, precision_name: str, options: EngineOptions
-) -> Engine:
-    """The engine for ``options`` (one process: no wrapper at all) and its ``Precision``."""
-    check_options(options)
-    if not ctx.enabled:
-        return Engine(module, ctx, Precision(precision_name, ctx.device), options)
-    if options.name in ("ddp", "zero1"):
-        from hetlm.train.engines.ddp import DDPEngine, ZeRO1Engine
-
-        cls = DDPEngine if options.name == "ddp" else ZeRO1Engine
-        return cls(module, ctx, Precision(precision_name, ctx.device), options)
-    if options.name == "fsdp2":
-        from hetlm.train.engines.fsdp import FSDP2Engine
-
-        return FSDP2Engine(module, ctx, Precision(precision_name, ctx.device), options)
-    if options.name == "deepspeed":
-        from hetlm.train.engines.deepspeed import DeepSpeedEngine
-
-        return DeepSpeedEngine(
-            module, ctx, Precision(precision_name, ctx.device, autocast=False), options
-        )
-    raise HetlmError(f"unknown engine {options.name!r}: choose one of {', '.join(ENGINE_NAMES)}")

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -30,19 +29,10 @@ from hetlm.cluster.hardware import find_gpu
 from hetlm.cluster.planner import allocate_shares
 from hetlm.errors import HetlmError
 from hetlm.topology import BatchSplit
+from hetlm.train.devices import NODE_ENV, DeviceReport
 
 if TYPE_CHECKING:
     from hetlm.cluster.planner import Plan, RankPlan
-    from hetlm.train.devices import DeviceReport
-
-NODE_ENV = "HETLM_NODE_NAME"
-
-
-def node_name() -> str:
-    """This node's name as a plan knows it: ``HETLM_NODE_NAME`` (set by ``--local-nodes`` for
-    its emulated nodes; set it on a cluster whose host names are not the plan's), else the host
-    name."""
-    return os.environ.get(NODE_ENV) or socket.gethostname()
 
 
 def elastic_job_id() -> str | None:
@@ -191,8 +181,6 @@ def elastic_split(
 
 def emulated_devices(node_names: list[str], nproc_per_node: int) -> list[DeviceReport]:
     """The reports of CPU ranks on the named emulated nodes (for the launcher's pre-check)."""
-    from hetlm.train.devices import DeviceReport
-
     return [
         DeviceReport(i * nproc_per_node + k, "localhost", "cpu", "cpu", None, 0, name, k)
         for i, name in enumerate(node_names)

@@ -35,7 +35,8 @@ from hetlm.train import faults
 from hetlm.train import heartbeat as HB
 from hetlm.train.checkpoint import CheckpointManager
 from hetlm.train.collective import collective_io
-from hetlm.train.engine import Engine, EngineOptions, build_engine
+from hetlm.train.engine import Engine, EngineOptions
+from hetlm.train.engines import build_engine
 from hetlm.train.membership import (
     ElasticSplit,
     MembershipChange,
