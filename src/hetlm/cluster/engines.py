@@ -36,6 +36,8 @@ ENGINES: dict[str, EngineInfo] = {
 #: one process, no data parallelism: what the run uses when there is one rank
 SINGLE = EngineInfo("single", (0,), True, True, "one process")
 ENGINE_NAMES = tuple(ENGINES)
+#: the ZeRO stages each engine runs (DeepSpeed runs them all, but only when asked for)
+ENGINE_STAGES = {name: info.stages for name, info in ENGINES.items()}
 #: the engine a ZeRO stage gets when only the stage is asked for (DeepSpeed only on request)
 ENGINE_FOR_STAGE = ("ddp", "zero1", "fsdp2", "fsdp2")
 

@@ -18,8 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from hetlm.cluster.engines import ENGINE_FOR_STAGE, ENGINE_NAMES
-from hetlm.cluster.engines import ENGINES as ENGINE_TABLE
+from hetlm.cluster.engines import ENGINE_FOR_STAGE, ENGINE_NAMES, ENGINE_STAGES
 from hetlm.cluster.hardware import GpuModel, lookup_gpu
 from hetlm.cluster.memory import (
     GIB,
@@ -41,9 +40,6 @@ from hetlm.errors import HetlmError
 from hetlm.topology import BatchSplit
 
 PLAN_FORMAT = "hetlm-plan/1"
-#: Stages each engine can run (DeepSpeed runs them all, but only when asked for): the one
-#: engine table (hetlm.cluster.engines), shared with the training run.
-ENGINE_STAGES = {name: info.stages for name, info in ENGINE_TABLE.items()}
 #: ZeRO-0 (plain DDP) is chosen when the model states take at most this part of usable memory,
 #: leaving the rest for activations; beyond it partitioning buys micro-batch room cheaply.
 COMFORTABLE_STATE_FRACTION = 0.5
@@ -75,7 +71,7 @@ def _distinct_gpus(cluster: Cluster) -> list[tuple[GpuModel, list[str]]]:
 
 def candidate_stages(zero_stage: int | str, engine: str) -> list[int]:
     """ZeRO stages to try, smallest first, for a requested stage and engine."""
-    if engine != "auto" and engine not in ENGINE_TABLE:
+    if engine != "auto" and engine not in ENGINE_STAGES:
         raise HetlmError(f"engine must be auto or one of {', '.join(ENGINE_NAMES)}, not {engine!r}")
     allowed = ENGINE_STAGES.get(engine, (0, 1, 2, 3))
     if zero_stage == "auto":

@@ -174,14 +174,10 @@ def _run_once(
     node_names: list[str],
 ) -> int:
     port = free_port()
-    ranks = nodes * nproc_per_node
-    threads = threads_per_rank or max(1, (os.cpu_count() or 1) // ranks)
-    env = dict(
-        os.environ,
-        OMP_NUM_THREADS=str(threads),
-        PYTHONUNBUFFERED="1",
-        HETLM_RESTART_COUNT=str(attempt),
-    )
+    env = {
+        **agent_env(nodes * nproc_per_node, threads_per_rank),
+        "HETLM_RESTART_COUNT": str(attempt),
+    }
     gpus = agent_gpus(nodes, nproc_per_node, announce=attempt == 0)
     agents = [
         subprocess.Popen(
@@ -216,6 +212,13 @@ def _run_once(
     except KeyboardInterrupt:
         _terminate(agents)
         raise
+
+
+def agent_env(ranks: int, threads_per_rank: int | None) -> dict[str, str]:
+    """The agents' environment: each rank gets its share of the machine's cores
+    (``OMP_NUM_THREADS``), and unbuffered output so that lines arrive as they are printed."""
+    threads = threads_per_rank or max(1, (os.cpu_count() or 1) // ranks)
+    return dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
 
 
 def agent_gpus(nodes: int, nproc_per_node: int, *, announce: bool = True) -> list[str] | None:
@@ -299,10 +302,7 @@ class ElasticLocalJob:
         self.rendezvous = ElasticRendezvous(
             f"hetlm-{os.getpid()}-{self.port}", min_nodes=min_nodes, max_nodes=nodes
         )
-        threads = threads_per_rank or max(1, (os.cpu_count() or 1) // (nodes * nproc_per_node))
-        self.env = dict(
-            os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1", **ELASTIC_AGENT_ENV
-        )
+        self.env = {**agent_env(nodes * nproc_per_node, threads_per_rank), **ELASTIC_AGENT_ENV}
         self.env.pop("HETLM_RESTART_COUNT", None)
         self.gpus = agent_gpus(nodes, nproc_per_node)
         self.stderr = stderr if stderr is not None else sys.stderr.fileno()

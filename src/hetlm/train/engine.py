@@ -35,14 +35,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from hetlm.cluster.engines import ENGINE_FOR_STAGE, ENGINE_NAMES, ENGINES
+from hetlm.cluster.engines import ENGINE_FOR_STAGE, ENGINE_NAMES, ENGINE_STAGES
 from hetlm.errors import HetlmError
 from hetlm.train.distributed import DistContext
 from hetlm.train.optim import adamw_implementation, param_groups
 from hetlm.train.precision import Precision
-
-#: ZeRO stages each engine runs: the one table the planner uses too (hetlm.cluster.engines)
-ENGINE_STAGES = {name: info.stages for name, info in ENGINES.items()}
 
 
 @dataclass(frozen=True)
