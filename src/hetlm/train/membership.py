@@ -112,19 +112,19 @@ def _gpu_model(name: str) -> str | None:
 def _allocate(
     global_batch: int, caps: list[int], speeds: list[float], devices: list[DeviceReport]
 ) -> BatchSplit:
-    """The planner's rule over the present ranks, or a one-line error naming what is needed:
-    every rank needs a sample in each of the common micro-steps."""
-    steps = math.ceil(global_batch / sum(caps))
-    ranks = len(devices)
-    if ranks * steps > global_batch:
+    """The planner's rule over the present ranks; where it cannot make the global batch (every
+    rank needs a sample in each of the common micro-steps), one line naming what is needed."""
+    try:
+        steps, shares = allocate_shares(global_batch, caps, speeds)
+    except HetlmError:
+        steps, ranks = math.ceil(global_batch / sum(caps)), len(devices)
         raise HetlmError(
             f"the global batch {global_batch} cannot be made on the {ranks} ranks present now "
             f"(nodes {_names(devices)}): with micro-batch caps {caps} it takes {steps} "
             f"micro-step{'s' if steps > 1 else ''}, and every rank needs a sample in each: it "
             f"needs at most {global_batch // steps} ranks (torchrun --nnodes MIN:MAX) or a new "
             f"run with a global batch of at least {ranks * steps}"
-        )
-    steps, shares = allocate_shares(global_batch, caps, speeds)
+        ) from None
     return BatchSplit(global_batch, steps, tuple(shares))
 
 
