@@ -51,7 +51,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 CORPUS = ROOT / "data" / "general_aozora" / "aozora_soseki_akutagawa.jsonl"
 sys.path.insert(0, str(ROOT / "src"))  # this checkout's hetlm, installed or not
 
-PARTS = ("env", "demo", "mlm", "sft", "qlora", "fp16", "multirank", "learning")
+PARTS = ("env", "demo", "mlm", "sft", "qlora", "fp16", "multirank", "learning", "domain")
 NEEDS_CUDA = ("qlora", "multirank")
 # The wheels a machine without internet needs for QLoRA (pip download --no-deps on another).
 BNB_WHEEL = "bitsandbytes-0.50.2-py3-none-manylinux_2_24_x86_64.whl"
@@ -103,11 +103,33 @@ class Settings:
     fp16_steps: int
     multirank_steps: int
     learning_args: list[str]  # benchmarks/learning_check.py (issue 13's learning check)
+    domain_args: list[str]  # hetlm demo domain (issue 13's domain adaptation, GPU variant)
 
+
+# The domain experiment's GPU variant: the CPU variant's models (docs/EVAL.md) with four times
+# its batch and the whole fine-tuning sets, sized for the 70 s this part gets on an H200.
+DOMAIN_GPU_ARGS = [
+    "--model",
+    "llama",
+    "--preset",
+    "mini",
+    "--batch-size",
+    "64",
+    "--steps",
+    "1200",
+    "--continue-steps",
+    "600",
+    "--max-train-examples",
+    "0",
+    "--max-eval-examples",
+    "0",
+    "--seeds",
+    "0,1,2",
+]
 
 GPU = Settings(
     dry_run=False,
-    budget_s=470.0,
+    budget_s=540.0,
     part_budget_s={
         "env": 15,
         "demo": 70,
@@ -117,6 +139,7 @@ GPU = Settings(
         "fp16": 25,
         "multirank": 35,
         "learning": 45,
+        "domain": 70,
     },
     corpus_docs=None,
     vocab_size=32000,
@@ -139,6 +162,7 @@ GPU = Settings(
     fp16_steps=30,
     multirank_steps=10,
     learning_args=["--device", "cuda", "--steps", "1000"],
+    domain_args=DOMAIN_GPU_ARGS,
 )
 
 DRY_RUN = Settings(
@@ -153,6 +177,7 @@ DRY_RUN = Settings(
         "fp16": 100,
         "multirank": 10,
         "learning": 120,
+        "domain": 120,
     },
     corpus_docs=8,
     vocab_size=3000,
@@ -186,6 +211,7 @@ DRY_RUN = Settings(
     fp16_steps=8,
     multirank_steps=3,
     learning_args=["--dry-run"],
+    domain_args=["--quick", "--threads", "1"],
 )
 
 
@@ -1126,8 +1152,47 @@ def part_multirank(ctx: PartContext) -> None:
     )
 
 
+def part_domain(ctx: PartContext) -> None:
+    """Issue 13's domain adaptation at GPU scale: ``hetlm demo domain`` with the GPU settings;
+    reports each run's held-out finance LM loss, task scores and which differences between the
+    three runs are beyond the seeds' spread."""
+    workdir = ctx.cache / "domain"
+    args = ["demo", "domain", "--workdir", str(workdir), *ctx.settings.domain_args]
+    with (ctx.out / "gpu_check_logs" / "domain-output.log").open("w") as log:
+        run = run_command(hetlm_cli(*args), ctx.time_left() - 2, log)
+    ctx.result.update(command="hetlm " + " ".join(args), exit_code=run["exit_code"])
+    ctx.result["wall_s_demo"] = run["wall_s"]
+    if run["timed_out"]:
+        raise PartFailed(f"hetlm demo domain timed out after {run['wall_s']:.0f} s")
+    if run["exit_code"] != 0:
+        raise PartFailed(
+            f"hetlm demo domain exited with {run['exit_code']}: {error_line(run['output'])}"
+        )
+    results = json.loads((workdir / "domain_adaptation.json").read_text(encoding="utf-8"))
+    ctx.result.update(
+        rows={
+            row["run"]: {
+                "finance_lm_loss": row["finance_mlm"]["loss"],
+                "general_lm_loss": row["general_mlm"]["loss"],
+                **{
+                    f"{task}_{metric}": row["tasks"].get(task, {}).get(metric)
+                    for task in ("chabsa", "ews")
+                    for metric in ("accuracy", "macro_f1")
+                },
+            }
+            for row in results["rows"]
+        },
+        beyond_spread=[
+            f"{item['task']} {item['metric']} {item['pair']} {100 * item['difference']:+.1f}"
+            for item in results["separation"]
+            if item["beyond_spread"]
+        ],
+    )
+
+
 PART_FUNCTIONS: dict[str, Callable[[PartContext], None]] = {
     "learning": part_learning,
+    "domain": part_domain,
     "env": part_env,
     "demo": part_demo,
     "mlm": part_mlm,
@@ -1446,6 +1511,27 @@ def md_learning(learning: dict[str, Any]) -> list[str]:
     ]
 
 
+def md_domain(domain: dict[str, Any]) -> list[str]:
+    if "rows" not in domain:
+        return []
+    lines = [
+        f"`{domain['command']}` ({domain['wall_s_demo']:.0f} s)",
+        "",
+        "| run | finance LM loss | general LM loss | chABSA acc | chABSA F1 | EWS acc | EWS F1 |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for run, row in domain["rows"].items():
+        cells = [fmt(row["finance_lm_loss"], ".3f"), fmt(row["general_lm_loss"], ".3f")]
+        cells += [
+            fmt(None if row[key] is None else 100 * row[key], ".1f", "%")
+            for key in ("chabsa_accuracy", "chabsa_macro_f1", "ews_accuracy", "ews_macro_f1")
+        ]
+        lines.append(f"| ({run}) | " + " | ".join(cells) + " |")
+    beyond = domain.get("beyond_spread") or ["none"]
+    lines += ["", "Beyond the seeds' spread: " + "; ".join(beyond) + "."]
+    return lines
+
+
 def md_goals(rows: list[dict[str, Any]], dry_run: bool) -> list[str]:
     lines = ["| goal | measured | met |", "|---|---:|---|"]
     for g in rows:
@@ -1471,6 +1557,7 @@ SECTIONS: dict[str, tuple[str, Callable[[dict[str, Any]], list[str]]]] = {
     "fp16": ("6. fp16 with loss scaling", md_fp16),
     "multirank": ("7. Several ranks", md_multirank),
     "learning": ("8. Does it learn? (issue 13's learning check)", md_learning),
+    "domain": ("9. Domain adaptation (issue 13, GPU variant)", md_domain),
 }
 
 

@@ -19,7 +19,7 @@ from hetlm.experiments.domain_corpora import (
     pieces,
     write_corpora,
 )
-from hetlm.experiments.domain_report import RUN_NAMES
+from hetlm.experiments.domain_report import RUN_NAMES, separation
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data"
@@ -152,3 +152,39 @@ def test_bad_settings_are_one_line_errors(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "--steps must be at least 1" in err and len(err.strip().splitlines()) == 1
+
+
+def test_quick_demo_with_bert_scores_masked_tokens(tmp_path):
+    """--model bert: the reference work's encoders take the same path, scored by masked LM."""
+    code = main(
+        ["demo", "domain", "--quick", "--model", "bert", "--workdir", str(tmp_path), "--seeds", "0"]
+    )
+    assert code == 0
+    results = json.loads((tmp_path / "domain_adaptation.json").read_text(encoding="utf-8"))
+    assert results["settings"]["model_type"] == "bert"
+    assert all(item["kind"] == "mlm" for row in results["rows"] for item in row["mlm"].values())
+    assert "finance MLM loss" in (tmp_path / "domain_adaptation.md").read_text(encoding="utf-8")
+
+
+def _row(run: str, chabsa_accuracy: list[float]) -> dict:
+    return {"run": run, "tasks": {"chabsa": {"per_seed": {"accuracy": chabsa_accuracy}}}}
+
+
+def test_separation_is_beyond_the_spread_only_when_the_seed_ranges_do_not_overlap():
+    rows = [_row("a", [0.60, 0.62, 0.61]), _row("b", [0.70, 0.66, 0.68]), _row("c", [0.61, 0.65])]
+    found = {item["pair"]: item for item in separation(rows)}
+    assert set(found) == {"(b) - (a)", "(c) - (a)", "(c) - (b)"}
+    assert found["(b) - (a)"]["beyond_spread"] is True
+    assert found["(b) - (a)"]["difference"] == pytest.approx(0.07)
+    assert found["(c) - (a)"]["beyond_spread"] is False  # 0.61 is inside (a)'s range
+    assert found["(c) - (b)"]["beyond_spread"] is True  # every seed of (c) below every (b)
+    # one seed has no spread to compare against: never "beyond"
+    single = separation([_row("a", [0.5]), _row("b", [0.9]), _row("c", [0.1])])
+    assert not any(item["beyond_spread"] for item in single)
+
+
+def test_bad_model_is_a_one_line_error(tmp_path, capsys):
+    code = main(["demo", "domain", "--quick", "--workdir", str(tmp_path), "--preset", "huge"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "preset" in err and len(err.strip().splitlines()) == 1

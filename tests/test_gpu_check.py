@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PARTS = ("env", "demo", "mlm", "sft", "qlora", "fp16", "multirank", "learning")
+PARTS = ("env", "demo", "mlm", "sft", "qlora", "fp16", "multirank", "learning", "domain")
 
 
 def numbers(value, where=""):
@@ -78,11 +78,13 @@ def test_dry_run_reports_every_part(dry_run: Path) -> None:
 def test_dry_run_measures_on_cpu_and_skips_what_needs_cuda(dry_run: Path) -> None:
     parts = json.loads((dry_run / "gpu.json").read_text())["parts"]
     # what a CPU can run, runs and passes
-    for name in ("env", "demo", "mlm", "sft", "fp16", "learning"):
+    for name in ("env", "demo", "mlm", "sft", "fp16", "learning", "domain"):
         assert parts[name]["status"] == "ok", (name, parts[name])
     assert (
         0 <= parts["learning"]["hetlm_accuracy"] <= 1 and parts["learning"]["baseline_accuracy"] > 0
     )
+    assert set(parts["domain"]["rows"]) == {"a", "b", "c"}
+    assert all(row["finance_lm_loss"] > 0 for row in parts["domain"]["rows"].values())
     assert parts["demo"]["exit_code"] == 0 and parts["demo"]["summary"]
     row = parts["mlm"]["seq32"]
     assert row["trainer"]["tokens_per_s"] > 0 and row["hetlm"]["tokens_per_s"] > 0

@@ -33,6 +33,8 @@ SPLIT_TOLERANCE = 1e-5  # as tests/test_split_invariance.py
 
 # parameters at vocabulary 32,000 (docs/MODELS.md), millions, +-1%
 EXPECTED_M = {
+    ("bert", "mini"): 4.6,
+    ("llama", "mini"): 8.6,
     ("bert", "base"): 110.7,
     ("bert", "large"): 336.7,
     ("roberta", "base"): 110.7,
@@ -68,9 +70,9 @@ def model_weights(model_dir: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("model_type", TYPES)
 def test_every_preset_builds(model_type):
-    """tiny/small are built for real; the big shapes on the meta device (nothing allocated)."""
+    """tiny/mini/small are built for real; the big shapes on the meta device (nothing allocated)."""
     for preset, shape in presets_for(model_type).items():
-        device = "cpu" if preset in ("tiny", "small") else "meta"
+        device = "cpu" if preset in ("tiny", "mini", "small") else "meta"
         with torch.device(device):
             model = build_model(
                 ModelSection(type=model_type, preset=preset),

@@ -11,7 +11,7 @@ Two adaptations, both documented in docs/CONFIG.md:
 - **Warm-up** is the paper's number of steps, but at most 10% of ``max_steps`` (papers warm up
   for 10k-30k steps of 0.5-1M; a 2,000-step run would otherwise never leave its warm-up), and
   never 0 from scratch.
-- **Small presets** (tiny, small: hidden 256 or less) take ELECTRA-Small's rate (5e-4), the
+- **Small presets** (tiny, mini, small: hidden 256 or less) take ELECTRA-Small's rate (5e-4), the
   published rate for an encoder of that width (hidden 256); LLaMA shapes below 1B take GPT-3
   Small's.
 
@@ -211,27 +211,37 @@ _LLAMA_7B = _llama(3e-4, _LLAMA2, 1e-5, _LLAMA2, batch="4M tokens")
 
 # model type -> preset -> recipe. Every preset of presets.py has an entry (tested).
 PRETRAIN_RECIPES: dict[str, dict[str, Recipe]] = {
-    "bert": {"tiny": _BERT_SMALL, "small": _BERT_SMALL, "base": _BERT_BASE, "large": _BERT_BASE},
+    "bert": {
+        "tiny": _BERT_SMALL,
+        "mini": _BERT_SMALL,
+        "small": _BERT_SMALL,
+        "base": _BERT_BASE,
+        "large": _BERT_BASE,
+    },
     "roberta": {
         "tiny": _ROBERTA_SMALL,
+        "mini": _ROBERTA_SMALL,
         "small": _ROBERTA_SMALL,
         "base": _ROBERTA_BASE,
         "large": _ROBERTA_LARGE,
     },
     "electra": {
         "tiny": _ELECTRA_SMALL,
+        "mini": _ELECTRA_SMALL,
         "small": _ELECTRA_SMALL,
         "base": _ELECTRA_BASE,
         "large": _ELECTRA_LARGE,
     },
     "deberta-v2": {
         "tiny": _DEBERTA_SMALL,
+        "mini": _DEBERTA_SMALL,
         "small": _DEBERTA_SMALL,
         "base": _DEBERTA_BASE,
         "large": _DEBERTA_BASE,
     },
     "llama": {
         "tiny": _LLAMA_SMALL,
+        "mini": _LLAMA_SMALL,
         "small": _LLAMA_SMALL,
         "base": _LLAMA_SMALL,
         "1b": _LLAMA_1B,

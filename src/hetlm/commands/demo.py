@@ -26,22 +26,8 @@ from pathlib import Path
 
 DEFAULT_CORPUS = "general_aozora/aozora_soseki_akutagawa.jsonl"
 OTHER_DEMOS: list[str] = ["domain", "sft"]  # "domain" -> hetlm.commands.demo_domain
-# The demo's models: 2 layers of width 128 (BERT: the shape of Google's BERT-Tiny), no dropout.
-DEMO_MODELS = {
-    "bert": {
-        "hidden_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "intermediate_size": 512,
-    },
-    "llama": {
-        "hidden_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 2,
-        "intermediate_size": 344,
-    },
-}
+# The demo's models: the "mini" preset (2 layers of width 128, BERT-Tiny's shape), no dropout.
+DEMO_MODEL_TYPES = ("bert", "llama")
 FILL_MASK_SENTENCES = 2  # held-out sentences shown with one token to guess
 # The token to guess is the first of these (particles and the like: the context decides them)
 # after the sentence's third token; chosen before the model is asked, never after.
@@ -58,7 +44,7 @@ def register(subparsers) -> None:
     p.add_argument(
         "--model",
         default="llama",
-        choices=sorted(DEMO_MODELS),
+        choices=sorted(DEMO_MODEL_TYPES),
         help="llama: causal LM, next-token guesses (default: it gets past the "
         "token-frequency plateau on a CPU in minutes); bert: masked LM, fill-mask "
         "(stays on the plateau at this scale, and says so)",
@@ -66,8 +52,8 @@ def register(subparsers) -> None:
     p.add_argument(
         "--preset",
         default=None,
-        help="model preset (tiny|small|base|large); "
-        "default: 2 layers of width 128, minutes on a CPU",
+        help="model preset (tiny|mini|small|base|large); "
+        "default: mini (2 layers of width 128) without dropout, minutes on a CPU",
     )
     p.add_argument(
         "--learning-rate",
@@ -135,11 +121,10 @@ def run(args: argparse.Namespace) -> int:
     print(summary.summary())
     timings["prepare"] = time.perf_counter() - started
 
-    shape = DEMO_MODELS[args.model]
     model = (
         {"type": args.model, "preset": args.preset}
         if args.preset
-        else {"type": args.model, "preset": "small", "overrides": shape, "dropout": 0.0}
+        else {"type": args.model, "preset": "mini", "dropout": 0.0}
     )
     # Every hyper-parameter written out: the demo shows what these settings reach, whatever
     # hetlm's defaults become.
@@ -168,12 +153,9 @@ def run(args: argparse.Namespace) -> int:
         },
     }
     config_path = work / "pretrain.yaml"
-    name = {"bert": "BERT", "llama": "LLaMA"}[args.model]
-    name = (
-        f"{name}-{args.preset}"
-        if args.preset
-        else f"{name} ({shape['num_hidden_layers']} layers of {shape['hidden_size']})"
-    )
+    name = {"bert": "BERT", "llama": "LLaMA"}[args.model] + f"-{model['preset']}"
+    if not args.preset:
+        name += " (2 layers of 128, no dropout)"
     print(
         f"[3/4] pretraining {name} on {len(micro)} emulated nodes, micro-batches "
         f"{micro} (config: {config_path})"

@@ -16,7 +16,8 @@ from hetlm.names import RenamedFlag
 # The fine-tuning lr is higher than hetlm eval's 5e-5: these models are tiny and barely
 # pretrained, and at 5e-5 every one of them stays at the majority class.
 FULL = {
-    "preset": "small",
+    "model_type": "llama",
+    "preset": "mini",
     "steps": 300,
     "continue_steps": 150,
     "batch_size": 16,
@@ -33,6 +34,7 @@ FULL = {
     "threads": 1,
 }
 QUICK = {
+    "model_type": "llama",
     "preset": "tiny",
     "steps": 8,
     "continue_steps": 4,
@@ -68,6 +70,15 @@ def register_demo(subparsers) -> None:
         action="store_true",
         help="a tiny version in seconds (tiny model, few steps, 1 seed, small "
         "subsets): checks the path, not the science",
+    )
+    p.add_argument(
+        "--model",
+        dest="model_type",
+        choices=["llama", "bert"],
+        default=None,
+        help="llama: causal LMs, which leave the token-frequency plateau at CPU scale "
+        "(default); bert: masked LMs, the reference work's encoders, which need a GPU's "
+        "scale to learn (see docs/EVAL.md)",
     )
     p.add_argument("--preset", default=None, help=f"model preset (default {FULL['preset']})")
     p.add_argument(

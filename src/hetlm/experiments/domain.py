@@ -46,11 +46,19 @@ from hetlm.experiments.domain_corpora import (
     check_no_leak,
     write_corpora,
 )
-from hetlm.experiments.domain_report import RUN_NAMES, RUNS, collect_results, write_report
+from hetlm.experiments.domain_report import (
+    RUN_NAMES,
+    RUNS,
+    collect_results,
+    model_name,
+    write_report,
+)
+from hetlm.models.presets import presets_for
 
 Log = Callable[[str], None]
 
 GENERAL_FILE = "general_aozora/aozora_soseki_akutagawa.jsonl"
+MODEL_TYPES = ("bert", "llama")
 
 
 # ---------------------------------------------------------------- settings
@@ -61,6 +69,7 @@ class DomainSettings:
     """Every knob of the experiment; ``as_dict`` goes into the JSON report."""
 
     workdir: Path
+    model_type: str = "bert"  # or "llama": a causal LM, scored by next-token loss
     preset: str = "small"
     steps: int = 600  # N: (a); (b) gets N + M; (c) = (a) + M
     continue_steps: int = 300  # M
@@ -86,6 +95,16 @@ class DomainSettings:
     general_corpus: Path | None = None
 
     def check(self) -> None:
+        if self.model_type not in MODEL_TYPES:
+            raise HetlmError(
+                f"--model must be one of {', '.join(MODEL_TYPES)}, got {self.model_type!r}"
+            )
+        presets = presets_for(self.model_type)
+        if self.preset not in presets:
+            raise HetlmError(
+                f"unknown {self.model_type} preset {self.preset!r}: choose one of "
+                f"{', '.join(presets)}"
+            )
         for name in ("steps", "continue_steps", "batch_size", "vocab_size", "epochs"):
             if getattr(self, name) < 1:
                 raise HetlmError(
@@ -182,7 +201,7 @@ def pretrain_config(
         train["warmup_steps"] = max(1, round(settings.warmup_fraction * steps))
     elif settings.continue_lr is not None:
         train["learning_rate"] = settings.continue_lr
-    model: dict[str, Any] = {"type": "bert", "preset": settings.preset}
+    model: dict[str, Any] = {"type": settings.model_type, "preset": settings.preset}
     if init_from is not None:
         model["init_from"] = str(init_from)
     return {
@@ -251,7 +270,7 @@ def run_experiment(settings: DomainSettings, log: Log = print) -> dict[str, Any]
 
     from hetlm.data.prepare.pipeline import prepare_dataset
     from hetlm.data.prepare.tokenizer_training import train_tokenizer
-    from hetlm.evaluate.checkpoint import ModelSpec
+    from hetlm.evaluate.checkpoint import ModelSpec, resolve_device
     from hetlm.evaluate.finetune import FinetuneOptions
     from hetlm.evaluate.suite import ALL_TASKS, EvalConfig, run_eval
 
@@ -346,7 +365,7 @@ def run_experiment(settings: DomainSettings, log: Log = print) -> dict[str, Any]
         data_name, parent = plan[run]
         init = Path(summaries[parent]["model_dir"]) if parent else None
         log(
-            f"[4/6] pretraining ({run}) {RUN_NAMES[run]}: BERT-{settings.preset}, "
+            f"[4/6] pretraining ({run}) {RUN_NAMES[run]}: {model_name(settings.model_type, settings.preset)}, "
             f"{budgets[run]['steps']} steps x {settings.batch_size} on {data_name}"
             + (f", from {init}" if init else ", from scratch")
             + f" ({index + 1}/3)"
@@ -387,6 +406,7 @@ def run_experiment(settings: DomainSettings, log: Log = print) -> dict[str, Any]
         max_length=settings.max_length,
         max_train_examples=settings.max_train_examples,
         max_eval_examples=settings.max_eval_examples,
+        device=resolve_device("auto"),  # the GPU when there is one, as pretraining does
     )
     eval_config = EvalConfig(
         models=[ModelSpec(RUN_NAMES[run], str(models[run])) for run in RUNS],

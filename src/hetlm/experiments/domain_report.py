@@ -42,12 +42,19 @@ def collect_results(
     timings: dict[str, float],
     models: dict[str, Path],
 ) -> dict[str, Any]:
-    """One row per run (a, b, c) with its budget, held-out MLM and task scores."""
+    """One row per run (a, b, c) with its budget, held-out LM and task scores."""
     name_to_run = {RUN_NAMES[r]: r for r in RUNS}
     lm: dict[str, dict[str, dict[str, Any]]] = {r: {} for r in RUNS}
     for item in report.lm:
         lm[name_to_run[item["model"]]][item["corpus"]] = item
     tasks: dict[str, dict[str, dict[str, Any]]] = {r: {} for r in RUNS}
+    per_seed = {
+        (name_to_run[t.model], t.task): {
+            "accuracy": [r.accuracy for r in t.runs],
+            "macro_f1": [r.macro_f1 for r in t.runs],
+        }
+        for t in report.finetune
+    }
     baselines: dict[str, dict[str, Any]] = {}
     for row in report.rows:
         if row.kind == "classification":
@@ -58,6 +65,7 @@ def collect_results(
                 "macro_f1_std": row.macro_f1_std,
                 "n": row.n,
                 "seeds": row.seeds,
+                "per_seed": per_seed.get((name_to_run[row.model], row.task), {}),
                 "note": row.note,
             }
         elif row.kind == "baseline":
@@ -91,6 +99,7 @@ def collect_results(
         "settings": settings.as_dict(),
         "budgets_note": budget_note(settings),
         "rows": rows,
+        "separation": separation(rows),
         "baselines": baselines,
         "datasets": prepared,
         "corpus": {
@@ -103,6 +112,74 @@ def collect_results(
         "machine": machine_info(),
         "eval_report": str(Path(settings.workdir) / "eval" / "eval.json"),
     }
+
+
+PAIRS = (("b", "a"), ("c", "a"), ("c", "b"))
+TASK_METRICS = (
+    ("chabsa", "accuracy"),
+    ("chabsa", "macro_f1"),
+    ("ews", "accuracy"),
+    ("ews", "macro_f1"),
+)
+
+
+def separation(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each pair of runs on each task metric: the difference of the seed means, and whether it
+    is beyond the seeds' spread.
+
+    "Beyond the spread" is the strict reading: every seed of one run scores above every seed of
+    the other (the ranges do not overlap). With 3 seeds that is what a reader can check by eye
+    in the per-seed values, and it is stricter than a difference of twice the standard error
+    whenever the spread is wide.
+    """
+    by_run = {row["run"]: row for row in rows}
+    out = []
+    for task, metric in TASK_METRICS:
+        for x, y in PAIRS:
+            xs = by_run[x]["tasks"].get(task, {}).get("per_seed", {}).get(metric) or []
+            ys = by_run[y]["tasks"].get(task, {}).get("per_seed", {}).get(metric) or []
+            if not xs or not ys:
+                continue
+            diff = sum(xs) / len(xs) - sum(ys) / len(ys)
+            apart = min(xs) > max(ys) or max(xs) < min(ys)
+            out.append(
+                {
+                    "task": task,
+                    "metric": metric,
+                    "pair": f"({x}) - ({y})",
+                    "difference": diff,
+                    "range_x": [min(xs), max(xs)],
+                    "range_y": [min(ys), max(ys)],
+                    "beyond_spread": apart and len(xs) > 1 and len(ys) > 1,
+                }
+            )
+    return out
+
+
+def separation_table(results: dict[str, Any]) -> list[tuple[str, ...]]:
+    names = {"chabsa": "chABSA", "ews": "EWS"}
+    cells = [("task", "metric", "pair", "difference (points)", "seed ranges", "beyond the spread")]
+    for item in results.get("separation", []):
+        lo_x, hi_x = item["range_x"]
+        lo_y, hi_y = item["range_y"]
+        cells.append(
+            (
+                names.get(item["task"], item["task"]),
+                item["metric"].replace("_", "-"),
+                item["pair"],
+                f"{100 * item['difference']:+.1f}",
+                f"{100 * lo_x:.1f}-{100 * hi_x:.1f} vs {100 * lo_y:.1f}-{100 * hi_y:.1f}",
+                "**yes**" if item["beyond_spread"] else "no",
+            )
+        )
+    return cells
+
+
+def lm_words(settings: dict[str, Any]) -> dict[str, str]:
+    """How the report names the held-out LM metric: masked tokens (BERT) or next tokens."""
+    if settings.get("model_type", "bert") == "llama":
+        return {"short": "LM", "unit": "next token", "tokens": "predicted tokens"}
+    return {"short": "MLM", "unit": "masked token", "tokens": "masked tokens"}
 
 
 def budget_note(settings: DomainSettings) -> str:
@@ -150,24 +227,25 @@ def _task_cells(task: dict[str, Any] | None) -> list[str]:
     ]
 
 
-MAIN_HEADER = (
-    "run",
-    "pretraining",
-    "optimizer steps",
-    "finance MLM loss",
-    "finance MLM acc %",
-    "general MLM loss",
-    "chABSA acc %",
-    "chABSA macro-F1 %",
-    "EWS acc %",
-    "EWS macro-F1 %",
-)
+def main_header(lm: str) -> tuple[str, ...]:
+    return (
+        "run",
+        "pretraining",
+        "optimizer steps",
+        f"finance {lm} loss",
+        f"finance {lm} acc %",
+        f"general {lm} loss",
+        "chABSA acc %",
+        "chABSA macro-F1 %",
+        "EWS acc %",
+        "EWS macro-F1 %",
+    )
 
 
 def main_table(results: dict[str, Any]) -> list[tuple[str, ...]]:
     """The summary table: one row per run, then the majority-class floor."""
     labels = {"a": "general only", "b": "general + finance, from scratch", "c": "(a), then finance"}
-    cells = [MAIN_HEADER]
+    cells = [main_header(lm_words(results["settings"])["short"])]
     for row in results["rows"]:
         cells.append(
             (
@@ -214,7 +292,7 @@ def mlm_table(results: dict[str, Any]) -> list[tuple[str, ...]]:
     first = results["rows"][0]["mlm"]
     cells.append(
         (
-            "masked tokens",
+            lm_words(results["settings"])["tokens"],
             *(f"{first.get(c, {}).get('predicted_tokens', 0):,}" for c in HELDOUT_CORPORA),
         )
     )
@@ -238,6 +316,8 @@ def markdown(results: dict[str, Any]) -> str:
     leak = results["leak_check"]
     init = results["init_check"]
     rows = {r["run"]: r for r in results["rows"]}
+    words = lm_words(s)
+    lm = words["short"]
     ft = (
         f"{s['epochs']} epoch(s), lr {s['finetune_lr']:g}, max length {s['max_length']}, "
         f"train subsample {s['max_train_examples'] or 'all'}, evaluated on "
@@ -254,19 +334,26 @@ def markdown(results: dict[str, Any]) -> str:
         f"(c) {rows['c']['lr']:g} with {rows['c']['warmup_steps']} warm-up steps "
         "(the continuation defaults) unless set.",
         "",
-        "Finance MLM: masked-token loss (nats) and top-1 accuracy on finance documents held out "
-        "from pretraining (chABSA reports and Economy Watchers texts, token-weighted over the "
-        "two); general MLM: held-out Aozora works. Same tokenizer for all runs, hence the same "
-        "masked positions. Tasks: accuracy and macro-F1 on the evaluation's test split, mean ± "
-        f"sample std over fine-tuning seeds ({ft}).",
+        f"Finance {lm}: loss (nats per {words['unit']}) and top-1 accuracy on finance documents "
+        "held out from pretraining (chABSA reports and Economy Watchers texts, token-weighted "
+        f"over the two); general {lm}: held-out Aozora works. Same tokenizer for all runs, "
+        f"hence the same {words['tokens']}. Tasks: accuracy and macro-F1 on the evaluation's "
+        f"test split, mean ± sample std over fine-tuning seeds ({ft}).",
         "",
-        "## Held-out MLM per corpus",
+        "## Which differences are beyond the seeds' spread",
+        "",
+        "Difference of the seed means; beyond the spread when every seed of one run scores "
+        "above every seed of the other.",
+        "",
+        render(separation_table(results)),
+        "",
+        f"## Held-out {lm} per corpus",
         "",
         render(mlm_table(results)),
         "",
         "## Setup",
         "",
-        f"- model: BERT-{s['preset']}, sequences of {s['seq_len']} tokens, batch "
+        f"- model: {model_name(s.get('model_type', 'bert'), s['preset'])}, sequences of {s['seq_len']} tokens, batch "
         f"{s['batch_size']}, precision {s['precision']}, single process; SentencePiece Unigram "
         f"tokenizer ({s['vocab_size']:,} pieces) trained on general + finance training text.",
         "- corpora (documents / characters): "
@@ -295,8 +382,14 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def model_name(model_type: str, preset: str) -> str:
+    """How the report names the model, e.g. BERT-small or LLaMA-mini."""
+    family = {"bert": "BERT", "llama": "LLaMA"}.get(model_type, model_type)
+    return f"{family}-{preset}"
+
+
 def plot(results: dict[str, Any], out_png: Path) -> Path:
-    """Three panels: pretraining loss curves, held-out MLM loss, task macro-F1 / accuracy."""
+    """Three panels: pretraining loss curves, held-out LM loss, task macro-F1 / accuracy."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -319,7 +412,8 @@ def plot(results: dict[str, Any], out_png: Path) -> Path:
                 label=f"({row['run']}) {row['name']}",
             )
     ax.set_xlabel("optimizer step ((c) continues after (a))")
-    ax.set_ylabel("train MLM loss")
+    lm = lm_words(results["settings"])
+    ax.set_ylabel(f"train {lm['short']} loss")
     ax.set_title("pretraining")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -339,8 +433,8 @@ def plot(results: dict[str, Any], out_png: Path) -> Path:
         ax.set_ylim(min(shown) - max(0.5, spread), max(shown) + 0.25 * max(0.5, spread))
     ax.set_xticks(range(len(HELDOUT_CORPORA)))
     ax.set_xticklabels([c.replace("-heldout", "") for c in HELDOUT_CORPORA], fontsize=8)
-    ax.set_ylabel("held-out MLM loss (nats / masked token)")
-    ax.set_title("held-out MLM (lower is better)")
+    ax.set_ylabel(f"held-out {lm['short']} loss (nats / {lm['unit']})")
+    ax.set_title(f"held-out {lm['short']} (lower is better)")
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
 

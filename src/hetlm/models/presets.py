@@ -1,7 +1,8 @@
 """Model presets: named shapes per model type, built from config, never downloaded.
 
-Encoders (BERT, RoBERTa, DeBERTaV2, ELECTRA) share one table: tiny (tests), small, base, large
-(the BERT paper's base/large). LLaMA-family decoders have their own, from tiny to the 7B and 13B shapes
+Encoders (BERT, RoBERTa, DeBERTaV2, ELECTRA) share one table: tiny (tests), mini (2 layers of
+128: Google's BERT-Tiny, Turc et al. 2019, the largest shape that learns within minutes on a CPU),
+small, base, large (the BERT paper's base/large). LLaMA-family decoders have their own, from tiny to the 7B and 13B shapes
 (LLaMA-2 7B: 4096 hidden, 32 layers, 32 heads, 11008 MLP; 13B: 5120, 40, 40, 13824).
 """
 
@@ -18,6 +19,12 @@ ENCODER_PRESETS: dict[str, dict[str, int]] = {
         "num_hidden_layers": 2,
         "num_attention_heads": 2,
         "intermediate_size": 64,
+    },
+    "mini": {
+        "hidden_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 512,
     },
     "small": {
         "hidden_size": 256,
@@ -48,6 +55,13 @@ DECODER_PRESETS: dict[str, dict[str, int]] = {
         "num_attention_heads": 2,
         "num_key_value_heads": 2,
         "intermediate_size": 64,
+    },
+    "mini": {  # the encoder's mini with LLaMA's MLP ratio (8/3 x hidden, rounded)
+        "hidden_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "intermediate_size": 344,
     },
     "small": {
         "hidden_size": 256,
