@@ -120,6 +120,12 @@ def register(subparsers) -> None:
     )
     ft.add_argument("--max-length", type=int, default=128, help="tokens per example")
     ft.add_argument(
+        "--linear-probe",
+        action="store_true",
+        help="train only the new classification head on the frozen model: scores what "
+        "pretraining put into the representations (use a higher --learning-rate, e.g. 2e-3)",
+    )
+    ft.add_argument(
         "--max-train-examples",
         type=int,
         default=None,
@@ -188,6 +194,7 @@ def run(args: argparse.Namespace) -> int:
         max_eval_examples=args.max_eval_examples,
         eval_split=args.eval_split,
         device=resolve_device(args.device),
+        linear_probe=args.linear_probe,
     )
     config = EvalConfig(
         models=parse_model_specs(args.model),

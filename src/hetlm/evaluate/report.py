@@ -54,7 +54,8 @@ def classification_row(result: TaskResult) -> Row:
         macro_f1_std=f1_std,
         n=result.eval_examples,
         seeds=[r.seed for r in result.runs],
-        note=f"{result.eval_split}, {result.train_examples:,} train examples",
+        note=f"{result.eval_split}, {result.train_examples:,} train examples"
+        + (", linear probe" if result.linear_probe else ""),
     )
 
 

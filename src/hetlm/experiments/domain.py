@@ -32,7 +32,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +84,9 @@ class DomainSettings:
     epochs: int = 2
     max_length: int = 128
     finetune_lr: float = 5e-5
+    probe: bool = True  # also a linear probe (frozen model, head only) of the three
+    probe_lr: float = 2e-3
+    probe_epochs: int = 5
     max_train_examples: int | None = 1000
     max_eval_examples: int | None = None
     mlm_max_sequences: int | None = 200
@@ -105,7 +108,14 @@ class DomainSettings:
                 f"unknown {self.model_type} preset {self.preset!r}: choose one of "
                 f"{', '.join(presets)}"
             )
-        for name in ("steps", "continue_steps", "batch_size", "vocab_size", "epochs"):
+        for name in (
+            "steps",
+            "continue_steps",
+            "batch_size",
+            "vocab_size",
+            "epochs",
+            "probe_epochs",
+        ):
             if getattr(self, name) < 1:
                 raise HetlmError(
                     f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}"
@@ -273,6 +283,7 @@ def run_experiment(settings: DomainSettings, log: Log = print) -> dict[str, Any]
     from hetlm.evaluate.checkpoint import ModelSpec, resolve_device
     from hetlm.evaluate.finetune import FinetuneOptions
     from hetlm.evaluate.suite import ALL_TASKS, EvalConfig, run_eval
+    from hetlm.evaluate.tasks import CLASSIFICATION_TASKS
 
     settings.check()
     work = Path(settings.workdir)
@@ -420,10 +431,28 @@ def run_experiment(settings: DomainSettings, log: Log = print) -> dict[str, Any]
     )
     report = run_eval(eval_config, output_dir=work / "eval", log=lambda line: log("      " + line))
     phase("eval", t0)
+    probe_report = None
+    if settings.probe:
+        log(
+            f"[5/6] linear probe: the same tasks, only the head trained on each frozen model "
+            f"(lr {settings.probe_lr:g}, {settings.probe_epochs} epochs)"
+        )
+        t0 = time.perf_counter()
+        probe_config = replace(
+            eval_config,
+            tasks=[t for t in ALL_TASKS if t in CLASSIFICATION_TASKS],
+            finetune=replace(
+                options, linear_probe=True, lr=settings.probe_lr, epochs=settings.probe_epochs
+            ),
+        )
+        probe_report = run_eval(
+            probe_config, output_dir=work / "eval-probe", log=lambda line: log("      " + line)
+        )
+        phase("probe", t0)
     timings["total"] = round(time.perf_counter() - started_all, 1)
 
     results = collect_results(
-        settings, report, summaries, prepared, manifest, init_check, timings, models
+        settings, report, summaries, prepared, manifest, init_check, timings, models, probe_report
     )
     results["loss_curves"] = {
         run: _loss_curve(Path(summaries[run]["output_dir"]) / "metrics.jsonl") for run in RUNS

@@ -41,35 +41,15 @@ def collect_results(
     init_check: dict[str, Any],
     timings: dict[str, float],
     models: dict[str, Path],
+    probe_report=None,
 ) -> dict[str, Any]:
     """One row per run (a, b, c) with its budget, held-out LM and task scores."""
     name_to_run = {RUN_NAMES[r]: r for r in RUNS}
     lm: dict[str, dict[str, dict[str, Any]]] = {r: {} for r in RUNS}
     for item in report.lm:
         lm[name_to_run[item["model"]]][item["corpus"]] = item
-    tasks: dict[str, dict[str, dict[str, Any]]] = {r: {} for r in RUNS}
-    per_seed = {
-        (name_to_run[t.model], t.task): {
-            "accuracy": [r.accuracy for r in t.runs],
-            "macro_f1": [r.macro_f1 for r in t.runs],
-        }
-        for t in report.finetune
-    }
-    baselines: dict[str, dict[str, Any]] = {}
-    for row in report.rows:
-        if row.kind == "classification":
-            tasks[name_to_run[row.model]][row.task] = {
-                "accuracy": row.accuracy,
-                "accuracy_std": row.accuracy_std,
-                "macro_f1": row.macro_f1,
-                "macro_f1_std": row.macro_f1_std,
-                "n": row.n,
-                "seeds": row.seeds,
-                "per_seed": per_seed.get((name_to_run[row.model], row.task), {}),
-                "note": row.note,
-            }
-        elif row.kind == "baseline":
-            baselines[row.task] = {"accuracy": row.accuracy, "macro_f1": row.macro_f1, "n": row.n}
+    tasks, baselines = task_scores(report, name_to_run)
+    probe = task_scores(probe_report, name_to_run)[0] if probe_report is not None else None
     budgets = settings.budgets()
     tokens_per_step = settings.batch_size * settings.seq_len
     rows = []
@@ -93,6 +73,7 @@ def collect_results(
                 "general_mlm": _combine(lm[run], ("general-heldout",)),
                 "mlm": lm[run],
                 "tasks": tasks[run],
+                "probe": probe[run] if probe is not None else {},
             }
         )
     return {
@@ -115,6 +96,7 @@ def collect_results(
 
 
 PAIRS = (("b", "a"), ("c", "a"), ("c", "b"))
+PROTOCOLS = (("fine-tuned", "tasks"), ("linear probe", "probe"))
 TASK_METRICS = (
     ("chabsa", "accuracy"),
     ("chabsa", "macro_f1"),
@@ -134,36 +116,52 @@ def separation(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """
     by_run = {row["run"]: row for row in rows}
     out = []
-    for task, metric in TASK_METRICS:
-        for x, y in PAIRS:
-            xs = by_run[x]["tasks"].get(task, {}).get("per_seed", {}).get(metric) or []
-            ys = by_run[y]["tasks"].get(task, {}).get("per_seed", {}).get(metric) or []
-            if not xs or not ys:
-                continue
-            diff = sum(xs) / len(xs) - sum(ys) / len(ys)
-            apart = min(xs) > max(ys) or max(xs) < min(ys)
-            out.append(
-                {
-                    "task": task,
-                    "metric": metric,
-                    "pair": f"({x}) - ({y})",
-                    "difference": diff,
-                    "range_x": [min(xs), max(xs)],
-                    "range_y": [min(ys), max(ys)],
-                    "beyond_spread": apart and len(xs) > 1 and len(ys) > 1,
-                }
-            )
+    for protocol, key in PROTOCOLS:
+        for task, metric in TASK_METRICS:
+            for x, y in PAIRS:
+                xs = by_run[x].get(key, {}).get(task, {}).get("per_seed", {}).get(metric) or []
+                ys = by_run[y].get(key, {}).get(task, {}).get("per_seed", {}).get(metric) or []
+                if xs and ys:
+                    out.append(_compare(protocol, task, metric, f"({x}) - ({y})", xs, ys))
     return out
+
+
+def _compare(
+    protocol: str, task: str, metric: str, pair: str, xs: list[float], ys: list[float]
+) -> dict[str, Any]:
+    diff = sum(xs) / len(xs) - sum(ys) / len(ys)
+    apart = min(xs) > max(ys) or max(xs) < min(ys)
+    return {
+        "protocol": protocol,
+        "task": task,
+        "metric": metric,
+        "pair": pair,
+        "difference": diff,
+        "range_x": [min(xs), max(xs)],
+        "range_y": [min(ys), max(ys)],
+        "beyond_spread": apart and len(xs) > 1 and len(ys) > 1,
+    }
 
 
 def separation_table(results: dict[str, Any]) -> list[tuple[str, ...]]:
     names = {"chabsa": "chABSA", "ews": "EWS"}
-    cells = [("task", "metric", "pair", "difference (points)", "seed ranges", "beyond the spread")]
+    cells = [
+        (
+            "protocol",
+            "task",
+            "metric",
+            "pair",
+            "difference (points)",
+            "seed ranges",
+            "beyond the spread",
+        )
+    ]
     for item in results.get("separation", []):
         lo_x, hi_x = item["range_x"]
         lo_y, hi_y = item["range_y"]
         cells.append(
             (
+                item.get("protocol", "fine-tuned"),
                 names.get(item["task"], item["task"]),
                 item["metric"].replace("_", "-"),
                 item["pair"],
@@ -180,6 +178,34 @@ def lm_words(settings: dict[str, Any]) -> dict[str, str]:
     if settings.get("model_type", "bert") == "llama":
         return {"short": "LM", "unit": "next token", "tokens": "predicted tokens"}
     return {"short": "MLM", "unit": "masked token", "tokens": "masked tokens"}
+
+
+def task_scores(report, name_to_run: dict[str, str]) -> tuple[dict, dict[str, dict[str, Any]]]:
+    """Per run and task: the seed means and stds and the per-seed values; and the baselines."""
+    per_seed = {
+        (name_to_run[t.model], t.task): {
+            "accuracy": [r.accuracy for r in t.runs],
+            "macro_f1": [r.macro_f1 for r in t.runs],
+        }
+        for t in report.finetune
+    }
+    tasks: dict[str, dict[str, dict[str, Any]]] = {r: {} for r in RUNS}
+    baselines: dict[str, dict[str, Any]] = {}
+    for row in report.rows:
+        if row.kind == "classification":
+            tasks[name_to_run[row.model]][row.task] = {
+                "accuracy": row.accuracy,
+                "accuracy_std": row.accuracy_std,
+                "macro_f1": row.macro_f1,
+                "macro_f1_std": row.macro_f1_std,
+                "n": row.n,
+                "seeds": row.seeds,
+                "per_seed": per_seed.get((name_to_run[row.model], row.task), {}),
+                "note": row.note,
+            }
+        elif row.kind == "baseline":
+            baselines[row.task] = {"accuracy": row.accuracy, "macro_f1": row.macro_f1, "n": row.n}
+    return tasks, baselines
 
 
 def budget_note(settings: DomainSettings) -> str:
@@ -276,6 +302,25 @@ def main_table(results: dict[str, Any]) -> list[tuple[str, ...]]:
     return cells
 
 
+def probe_table(results: dict[str, Any]) -> list[tuple[str, ...]]:
+    """The linear probe's scores: one row per run, then the majority-class floor."""
+    cells = [("run", "chABSA acc %", "chABSA macro-F1 %", "EWS acc %", "EWS macro-F1 %")]
+    for row in results["rows"]:
+        cells.append(
+            (
+                f"({row['run']}) {row['name']}",
+                *_task_cells(row.get("probe", {}).get("chabsa")),
+                *_task_cells(row.get("probe", {}).get("ews")),
+            )
+        )
+    base = results["baselines"]
+    if base:
+        cells.append(
+            ("majority class", *_task_cells(base.get("chabsa")), *_task_cells(base.get("ews")))
+        )
+    return cells
+
+
 def mlm_table(results: dict[str, Any]) -> list[tuple[str, ...]]:
     cells = [("run", *(f"{c} loss / acc %" for c in HELDOUT_CORPORA))]
     for row in results["rows"]:
@@ -340,6 +385,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"hence the same {words['tokens']}. Tasks: accuracy and macro-F1 on the evaluation's "
         f"test split, mean ± sample std over fine-tuning seeds ({ft}).",
         "",
+        *probe_section(results),
         "## Which differences are beyond the seeds' spread",
         "",
         "Difference of the seed means; beyond the spread when every seed of one run scores "
@@ -382,6 +428,25 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def probe_section(results: dict[str, Any]) -> list[str]:
+    """The linear probe's table and what it is, when the experiment ran one."""
+    if not any(row.get("probe") for row in results["rows"]):
+        return []
+    s = results["settings"]
+    return [
+        "## Linear probe: the frozen models",
+        "",
+        "Only the new classification head trains (lr "
+        f"{s['probe_lr']:g}, {s['probe_epochs']} epochs, the same examples and seeds); the "
+        "pretrained model stays as pretraining left it, so this scores what pretraining put "
+        "into its representations, which full fine-tuning can relearn from the task's own "
+        "examples.",
+        "",
+        render(probe_table(results)),
+        "",
+    ]
+
+
 def model_name(model_type: str, preset: str) -> str:
     """How the report names the model, e.g. BERT-small or LLaMA-mini."""
     family = {"bert": "BERT", "llama": "LLaMA"}.get(model_type, model_type)
@@ -397,7 +462,7 @@ def plot(results: dict[str, Any], out_png: Path) -> Path:
 
     rows = results["rows"]
     colors = {"a": "tab:blue", "b": "tab:orange", "c": "tab:green"}
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
     ax = axes[0]
     offset = {"a": 0, "b": 0, "c": rows[0]["steps"]}
     for row in rows:
@@ -438,16 +503,24 @@ def plot(results: dict[str, Any], out_png: Path) -> Path:
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
 
-    ax = axes[2]
-    metrics = [
-        ("chabsa", "accuracy"),
-        ("chabsa", "macro_f1"),
-        ("ews", "accuracy"),
-        ("ews", "macro_f1"),
-    ]
-    for i, row in enumerate(rows):
-        values = [100 * (row["tasks"].get(t, {}).get(m) or 0.0) for t, m in metrics]
-        errors = [100 * (row["tasks"].get(t, {}).get(f"{m}_std") or 0.0) for t, m in metrics]
+    task_panel(axes[2], results, "tasks", "fine-tuned tasks (test split)")
+    task_panel(axes[3], results, "probe", "linear probe, frozen models (test split)")
+    fig.tight_layout()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
+
+
+def task_panel(ax: Any, results: dict[str, Any], key: str, title: str) -> None:
+    """Accuracy and macro-F1 per task, a bar per run with its seeds' std, majority dashed."""
+    colors = {"a": "tab:blue", "b": "tab:orange", "c": "tab:green"}
+    width = 0.26
+    metrics = [(t, m) for t, m in TASK_METRICS]
+    for i, row in enumerate(results["rows"]):
+        scores = row.get(key) or {}
+        values = [100 * (scores.get(t, {}).get(m) or 0.0) for t, m in metrics]
+        errors = [100 * (scores.get(t, {}).get(f"{m}_std") or 0.0) for t, m in metrics]
         xs = [j + (i - 1) * width for j in range(len(metrics))]
         ax.bar(
             xs,
@@ -465,14 +538,9 @@ def plot(results: dict[str, Any], out_png: Path) -> Path:
     ax.set_xticks(range(len(metrics)))
     ax.set_xticklabels([f"{t}\n{m.replace('_', '-')}" for t, m in metrics], fontsize=8)
     ax.set_ylabel("% (mean ± std over seeds; dashed: majority class)")
-    ax.set_title("fine-tuned tasks (test split)")
+    ax.set_title(title)
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
 
 
 def write_report(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
