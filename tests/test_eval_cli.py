@@ -77,6 +77,27 @@ def test_two_models_land_in_one_table(tiny_bert, tiny_llama, tmp_path, capsys):
     assert "| tiny-bert" in printed and str(out / "eval.md") in printed
 
 
+def test_linear_probe_flag_reaches_the_report(tiny_llama, tmp_path):
+    out = tmp_path / "probe"
+    code = main(
+        [
+            "eval",
+            "--model",
+            str(tiny_llama),
+            "--tasks",
+            "ews",
+            "--linear-probe",
+            "--output",
+            str(out),
+        ]
+        + FAST
+    )
+    assert code == 0
+    report = json.loads((out / "eval.json").read_text(encoding="utf-8"))
+    assert [r["linear_probe"] for r in report["finetune"]] == [True]
+    assert "linear probe" in (out / "eval.md").read_text(encoding="utf-8")
+
+
 def test_export_splits_alone(tmp_path, capsys):
     assert main(["eval", "--data-dir", str(EVAL_DATA), "--export-splits", str(tmp_path / "s")]) == 0
     assert (tmp_path / "s" / "chabsa_train_documents.jsonl").is_file()

@@ -3,10 +3,23 @@
 from __future__ import annotations
 
 import pytest
-from _eval_fixtures import CHABSA, EWS, one_torch_thread_fixture, tiny_bert_fixture  # noqa: F401
+from _eval_fixtures import (  # noqa: F401
+    CHABSA,
+    EWS,
+    one_torch_thread_fixture,
+    tiny_bert_fixture,
+    tiny_llama_fixture,
+)
 
 from hetlm.evaluate.checkpoint import ModelSpec
-from hetlm.evaluate.finetune import FinetuneOptions, encode, finetune_task, prepare_tokenizer
+from hetlm.evaluate.finetune import (
+    FinetuneOptions,
+    encode,
+    finetune_task,
+    freeze_backbone,
+    load_classifier,
+    prepare_tokenizer,
+)
 from hetlm.evaluate.metrics import majority_baseline
 from hetlm.evaluate.tasks import load_chabsa, load_ews
 
@@ -90,3 +103,54 @@ def test_segment_ids_only_go_to_models_with_a_segment_table():
     assert not _uses_segments(roberta)  # token_type_ids of 1 would index past its table
     llama = LlamaForSequenceClassification(LlamaConfig(num_key_value_heads=2, **shape))
     assert not _uses_segments(llama)
+
+
+def test_a_decoder_classifies_from_the_last_text_token_not_the_closing_separator(tiny_llama):
+    tokenizer = prepare_tokenizer(ModelSpec("llama", str(tiny_llama)))
+    example = load_chabsa(CHABSA).splits["test"][0]
+    as_encoder = encode([example], tokenizer, 64)[0]
+    as_decoder = encode([example], tokenizer, 64, decoder=True)[0]
+    assert as_encoder["input_ids"][-1] == tokenizer.sep_token_id
+    assert as_decoder["input_ids"] == as_encoder["input_ids"][:-1]
+    assert len(as_decoder["attention_mask"]) == len(as_decoder["input_ids"])
+    assert as_decoder["labels"] == example.label
+
+
+def test_linear_probe_trains_the_head_only(tiny_bert, monkeypatch):
+    import torch
+
+    import hetlm.evaluate.finetune as finetune
+
+    spec = ModelSpec("bert", str(tiny_bert))
+    task = load_ews(EWS)
+    model = load_classifier(spec, task, prepare_tokenizer(spec), seed=0)
+    trainable = freeze_backbone(model)
+    head = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert head and all(not n.startswith("bert.") for n in head)
+    assert trainable == sum(p.numel() for n, p in model.named_parameters() if n in head)
+
+    # end to end: only the head's weights move, and the result says it was a probe
+    loaded = {}
+
+    def keep(*args, **kwargs):
+        loaded["model"] = load_classifier(*args, **kwargs)
+        loaded["before"] = {n: p.detach().clone() for n, p in loaded["model"].named_parameters()}
+        return loaded["model"]
+
+    monkeypatch.setattr(finetune, "load_classifier", keep)
+    options = FinetuneOptions(
+        epochs=1,
+        lr=3e-3,
+        max_length=32,
+        max_train_examples=32,
+        max_eval_examples=16,
+        linear_probe=True,
+    )
+    result = finetune_task(spec, task, [0], options, log=lambda _: None)
+    assert result.linear_probe is True
+    moved = {
+        n
+        for n, p in loaded["model"].named_parameters()
+        if not torch.equal(loaded["before"][n], p.detach())
+    }
+    assert moved and moved <= head
