@@ -107,7 +107,7 @@ class Settings:
 
 
 # The domain experiment's GPU variant: the CPU variant's models (docs/EVAL.md) with four times
-# its batch and the whole fine-tuning sets, sized for the 70 s this part gets on an H200.
+# its batch, sized (by estimate: not yet run on a GPU) for the 90 s this part gets on an H200.
 DOMAIN_GPU_ARGS = [
     "--model",
     "llama",
@@ -116,20 +116,22 @@ DOMAIN_GPU_ARGS = [
     "--batch-size",
     "64",
     "--steps",
-    "1200",
+    "1000",
     "--continue-steps",
-    "600",
+    "500",
     "--max-train-examples",
-    "0",
-    "--max-eval-examples",
-    "0",
+    "1000",
+    "--epochs",
+    "2",
+    "--probe-epochs",
+    "3",
     "--seeds",
     "0,1,2",
 ]
 
 GPU = Settings(
     dry_run=False,
-    budget_s=540.0,
+    budget_s=560.0,
     part_budget_s={
         "env": 15,
         "demo": 70,
@@ -139,7 +141,7 @@ GPU = Settings(
         "fp16": 25,
         "multirank": 35,
         "learning": 45,
-        "domain": 70,
+        "domain": 90,
     },
     corpus_docs=None,
     vocab_size=32000,
@@ -1175,7 +1177,8 @@ def part_domain(ctx: PartContext) -> None:
                 "finance_lm_loss": row["finance_mlm"]["loss"],
                 "general_lm_loss": row["general_mlm"]["loss"],
                 **{
-                    f"{task}_{metric}": row["tasks"].get(task, {}).get(metric)
+                    f"{prefix}{task}_{metric}": row.get(key, {}).get(task, {}).get(metric)
+                    for prefix, key in (("", "tasks"), ("probe_", "probe"))
                     for task in ("chabsa", "ews")
                     for metric in ("accuracy", "macro_f1")
                 },
@@ -1183,7 +1186,8 @@ def part_domain(ctx: PartContext) -> None:
             for row in results["rows"]
         },
         beyond_spread=[
-            f"{item['task']} {item['metric']} {item['pair']} {100 * item['difference']:+.1f}"
+            f"{item['protocol']} {item['task']} {item['metric']} {item['pair']} "
+            f"{100 * item['difference']:+.1f}"
             for item in results["separation"]
             if item["beyond_spread"]
         ],
@@ -1520,12 +1524,24 @@ def md_domain(domain: dict[str, Any]) -> list[str]:
         "| run | finance LM loss | general LM loss | chABSA acc | chABSA F1 | EWS acc | EWS F1 |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
+    scores = ("chabsa_accuracy", "chabsa_macro_f1", "ews_accuracy", "ews_macro_f1")
+
+    def percent(row: dict[str, Any], key: str) -> str:
+        return fmt(None if row.get(key) is None else 100 * row[key], ".1f", "%")
+
     for run, row in domain["rows"].items():
         cells = [fmt(row["finance_lm_loss"], ".3f"), fmt(row["general_lm_loss"], ".3f")]
-        cells += [
-            fmt(None if row[key] is None else 100 * row[key], ".1f", "%")
-            for key in ("chabsa_accuracy", "chabsa_macro_f1", "ews_accuracy", "ews_macro_f1")
-        ]
+        cells += [percent(row, key) for key in scores]
+        lines.append(f"| ({run}) | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Linear probe (frozen models, head only):",
+        "",
+        "| run | chABSA acc | chABSA F1 | EWS acc | EWS F1 |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for run, row in domain["rows"].items():
+        cells = [percent(row, f"probe_{key}") for key in scores]
         lines.append(f"| ({run}) | " + " | ".join(cells) + " |")
     beyond = domain.get("beyond_spread") or ["none"]
     lines += ["", "Beyond the seeds' spread: " + "; ".join(beyond) + "."]
@@ -1617,7 +1633,7 @@ def main() -> None:
         "--budget",
         type=float,
         default=None,
-        help="seconds for the whole check (default 470; 600 with --dry-run)",
+        help="seconds for the whole check (default 560; 600 with --dry-run)",
     )
     parser.add_argument("--child", choices=PARTS, help=argparse.SUPPRESS)
     parser.add_argument("--deadline", type=float, help=argparse.SUPPRESS)

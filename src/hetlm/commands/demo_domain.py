@@ -170,6 +170,23 @@ def register_demo(subparsers) -> None:
         help=f"fine-tuning tokens per example (default {FULL['max_length']})",
     )
     ev.add_argument(
+        "--no-probe",
+        dest="probe",
+        action="store_false",
+        help="skip the linear probe (the frozen models, head only) beside full fine-tuning",
+    )
+    ev.add_argument(
+        "--probe-learning-rate",
+        dest="probe_lr",
+        type=float,
+        default=2e-3,
+        metavar="LR",
+        help="the linear probe's lr (default 2e-3)",
+    )
+    ev.add_argument(
+        "--probe-epochs", type=int, default=5, help="the linear probe's epochs (default 5)"
+    )
+    ev.add_argument(
         "--mlm-max-sequences",
         type=int,
         default=None,
@@ -212,6 +229,9 @@ def settings_from_args(args: argparse.Namespace):
         workdir=Path(args.workdir),
         seeds=seeds,
         continue_lr=args.continue_lr,
+        probe=args.probe,
+        probe_lr=args.probe_lr,
+        probe_epochs=args.probe_epochs,
         precision=args.precision,
         data_dir=Path(args.data_dir) if args.data_dir else None,
         **base,
