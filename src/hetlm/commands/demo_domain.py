@@ -1,7 +1,8 @@
 """``hetlm demo domain``: the domain-adaptation experiment, end to end, on CPU.
 
-(a) BERT pretrained on the general corpus, (b) from scratch on general + finance text, (c) (a)
-continued on finance text, then held-out finance MLM and the two financial tasks for the three
+(a) a model (LLaMA-mini by default, or BERT) pretrained on the general corpus, (b) from scratch
+on general + finance text, (c) (a) continued on finance text, then held-out finance LM loss and
+the two financial tasks, fine-tuned and as a linear probe, for the three
 (``hetlm.experiments.domain``). The finance text is the evaluation's *train* split only.
 """
 
@@ -61,10 +62,11 @@ def register_demo(subparsers) -> None:
     p = subparsers.add_parser(
         "domain",
         help="domain adaptation: general vs mixed vs continued pretraining on finance",
-        description="Pretrain three small BERTs with one tokenizer: (a) general corpus only, "
-        "(b) general + finance from scratch, (c) (a) continued on finance; then "
-        "held-out finance MLM and chABSA / Economy Watchers fine-tuning (mean ± std "
-        "over seeds). The finance text is the evaluation's train split only. Writes "
+        description="Pretrain three small models (LLaMA-mini by default) with one tokenizer: "
+        "(a) general corpus only, (b) general + finance from scratch, (c) (a) continued on "
+        "finance; then held-out finance LM loss and chABSA / Economy Watchers, fine-tuned "
+        "and as a linear probe of the frozen models (mean ± std over seeds, and which "
+        "differences are beyond the seeds' spread). The finance text is the evaluation's train split only. Writes "
         "domain_adaptation.{md,json,png} to --workdir. See docs/EVAL.md.",
     )
     p.add_argument("--workdir", default="runs/demo-domain", help="where everything is written")

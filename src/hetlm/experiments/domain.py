@@ -1,6 +1,7 @@
 """The domain-adaptation experiment: what finance text in pretraining buys on finance.
 
-Three BERT encoders share one tokenizer and are scored by the same evaluation:
+Three models (LLaMA-mini causal LMs by default, or BERT encoders) share one tokenizer and are
+scored by the same evaluation:
 
 - **(a) general**: ``steps`` optimizer steps on the general corpus (Aozora Bunko) only;
 - **(b) mixed**: ``steps + continue_steps`` steps from scratch on general + finance text;

@@ -3,7 +3,7 @@
 Only chABSA reports and Economy Watchers texts that :mod:`hetlm.evaluate.tasks` puts in its
 **train** split are used (the same functions decide), never dev or test; a fixed fraction of the
 units (chABSA report, EWS distinct text, Aozora work) is held out by a hash of the unit as the
-MLM evaluation sets.
+LM evaluation sets (masked or causal, as the models are).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class Corpora:
     general_train: list[Document]
     general_heldout: list[Document]
     finance_train: list[Document]  # chABSA train reports + EWS train texts, not held out
-    finance_heldout: dict[str, list[Document]]  # "chabsa", "ews": the finance MLM eval set
+    finance_heldout: dict[str, list[Document]]  # "chabsa", "ews": the finance LM eval set
     notes: list[str] = field(default_factory=list)
 
     def parts(self) -> dict[str, list[Document]]:
@@ -62,7 +62,7 @@ class Corpora:
 
 
 def is_heldout(source: str, key: str, fraction: float) -> bool:
-    """Whether a unit of ``source`` is in the experiment's held-out MLM set (hash of the key)."""
+    """Whether a unit of ``source`` is in the experiment's held-out LM set (hash of the key)."""
     return split_score(f"{HELDOUT_TASK}/{source}", key) < fraction
 
 
@@ -140,7 +140,7 @@ def assemble_corpora(
     notes = [
         "finance text: chABSA reports and Economy Watchers texts in the evaluation's train "
         f"split only; {heldout_fraction:.0%} of those units held out (hash of the unit) "
-        "for the finance MLM evaluation"
+        "for the finance LM evaluation"
     ]
     if max_chars is not None:
         notes.append(f"quick run: every part capped at about {max_chars:,} characters")
