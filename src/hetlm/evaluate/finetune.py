@@ -236,7 +236,8 @@ def load_classifier(spec: ModelSpec, task: TaskData, tokenizer: Any, seed: int) 
 
 def freeze_backbone(model: Any) -> int:
     """A linear probe: only the parameters outside the pretrained backbone (the new head) train;
-    returns how many train. The backbone is ``base_model`` (``model.bert``, ``model.model``...)."""
+    returns how many train. The backbone is ``base_model`` (``model.bert``, ``model.model``...);
+    BERT's pooler belongs to it, so the probe reads the pooled ``[CLS]`` as the checkpoint has it."""
     for p in model.base_model.parameters():
         p.requires_grad = False
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

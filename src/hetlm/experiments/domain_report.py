@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from hetlm.experiments.domain_corpora import HELDOUT_CORPORA
 
 if TYPE_CHECKING:
+    from hetlm.evaluate.report import Report
     from hetlm.experiments.domain import DomainSettings
 
 RUNS = ("a", "b", "c")
@@ -34,14 +35,14 @@ def _combine(lm: dict[str, dict[str, Any]], corpora: Iterable[str]) -> dict[str,
 
 def collect_results(
     settings: DomainSettings,
-    report,
+    report: Report,
     summaries: dict[str, dict[str, Any]],
     prepared: dict[str, Any],
     manifest: dict[str, Any],
     init_check: dict[str, Any],
     timings: dict[str, float],
     models: dict[str, Path],
-    probe_report=None,
+    probe_report: Report | None = None,
 ) -> dict[str, Any]:
     """One row per run (a, b, c) with its budget, held-out LM and task scores."""
     name_to_run = {RUN_NAMES[r]: r for r in RUNS}
@@ -180,7 +181,9 @@ def lm_words(settings: dict[str, Any]) -> dict[str, str]:
     return {"short": "MLM", "unit": "masked token", "tokens": "masked tokens"}
 
 
-def task_scores(report, name_to_run: dict[str, str]) -> tuple[dict, dict[str, dict[str, Any]]]:
+def task_scores(
+    report: Report, name_to_run: dict[str, str]
+) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
     """Per run and task: the seed means and stds and the per-seed values; and the baselines."""
     per_seed = {
         (name_to_run[t.model], t.task): {
@@ -516,7 +519,7 @@ def task_panel(ax: Any, results: dict[str, Any], key: str, title: str) -> None:
     """Accuracy and macro-F1 per task, a bar per run with its seeds' std, majority dashed."""
     colors = {"a": "tab:blue", "b": "tab:orange", "c": "tab:green"}
     width = 0.26
-    metrics = [(t, m) for t, m in TASK_METRICS]
+    metrics = list(TASK_METRICS)
     for i, row in enumerate(results["rows"]):
         scores = row.get(key) or {}
         values = [100 * (scores.get(t, {}).get(m) or 0.0) for t, m in metrics]
