@@ -18,6 +18,7 @@ the training wall time of each (evaluations excluded).
 
     python benchmarks/learning_check.py                # CPU, a small BERT (minutes a run)
     python benchmarks/learning_check.py --causal       # the same sizes as a causal LM (LLaMA)
+    python benchmarks/learning_check.py --model deberta-v2  # a masked LM with relative positions
     python benchmarks/learning_check.py --device cuda  # one GPU, BERT-small, 4,000 steps
     python benchmarks/learning_check.py --dry-run      # a tiny run in seconds (CI)
 
@@ -74,7 +75,7 @@ class Setup:
     corpus_docs: int | None = None  # the first works only, cut to corpus_chars (dry run)
     corpus_chars: int | None = None
     character_coverage: float = 0.9995  # SentencePiece's; lower for a small corpus
-    model_type: str = "bert"  # or "llama" (--causal): a causal LM, next-token prediction
+    model_type: str = "bert"  # "deberta-v2", or "llama" (--causal): a causal LM
 
     @property
     def causal(self) -> bool:
@@ -87,6 +88,18 @@ class Setup:
     @property
     def tokens_per_step(self) -> int:
         return self.batch * self.seq_len
+
+
+FAMILY = {"bert": "BERT", "deberta-v2": "DeBERTa-v2", "llama": "LLaMA"}
+MODEL_SUFFIX = {"deberta-v2": "deberta", "llama": "llama"}
+
+
+def base_setup_name(setup: Setup) -> str:
+    """The SETUPS entry a setup came from (its name without the model suffix)."""
+    for suffix in MODEL_SUFFIX.values():
+        if setup.name.endswith(f"_{suffix}"):
+            return setup.name.removesuffix(f"_{suffix}")
+    return setup.name
 
 
 SETUPS = {
@@ -529,6 +542,13 @@ def main() -> None:
         help="a LLaMA-shaped causal LM instead of BERT (same sizes): it leaves "
         "the plateau on a CPU in minutes, where the masked LM does not",
     )
+    parser.add_argument(
+        "--model",
+        default="bert",
+        choices=["bert", "deberta-v2"],
+        help="the masked LM: bert (learned absolute positions) or deberta-v2 (relative "
+        "positions: leaves the plateau on a CPU within minutes, where BERT does not)",
+    )
     parser.add_argument("--seeds", default="0", help="comma-separated; several give the noise")
     parser.add_argument("--steps", type=int, help="override the setup's steps")
     parser.add_argument(
@@ -571,8 +591,10 @@ def main() -> None:
     if args.device == "cuda" and args.dry_run:
         raise SystemExit("--dry-run is the tiny CPU run: drop --device cuda")
     setup = SETUPS["dry_run" if args.dry_run else args.device]
-    if args.causal:
-        setup = replace(setup, model_type="llama", name=f"{setup.name}_llama")
+    model_type = "llama" if args.causal else args.model
+    if model_type != "bert":
+        suffix = MODEL_SUFFIX[model_type]
+        setup = replace(setup, model_type=model_type, name=f"{setup.name}_{suffix}")
     if args.steps:
         setup = replace(setup, steps=args.steps, eval_every=min(setup.eval_every, args.steps))
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -622,7 +644,7 @@ def write_results(
         f"# Does it learn? hetlm vs the Hugging Face Trainer, "
         f"{'causal LM' if setup.causal else 'masked LM'} ({setup.name})",
         "",
-        f"{'LLaMA' if setup.causal else 'BERT'}, {setup.layers} layers of {setup.hidden} ({setup.heads} heads), dropout "
+        f"{FAMILY[setup.model_type]}, {setup.layers} layers of {setup.hidden} ({setup.heads} heads), dropout "
         f"{setup.dropout:g}; SentencePiece Unigram vocabulary {setup.vocab_size:,} on the shipped "
         f"Aozora corpus{' (a slice)' if setup.corpus_docs else ''}, sequences of "
         f"{setup.seq_len}; batch {setup.batch}, {setup.steps:,} steps ({tokens / 1e6:.1f}M "
@@ -688,11 +710,8 @@ def write_results(
             else ""
         )
         + (" --causal" if setup.causal else "")
-        + (
-            f" --steps {setup.steps}"
-            if setup.steps != SETUPS[setup.name.removesuffix("_llama")].steps
-            else ""
-        )
+        + (f" --model {setup.model_type}" if setup.model_type == "deberta-v2" else "")
+        + (f" --steps {setup.steps}" if setup.steps != SETUPS[base_setup_name(setup)].steps else "")
         + (f" --seeds {args.seeds}" if len(seeds) > 1 else "")
         + (f" --threads {args.threads}" if args.threads else "")
         + "`.",

@@ -25,13 +25,14 @@ def test_frequency_baseline_by_hand():
     assert base.loss == pytest.approx(expected)
 
 
-def test_demo_summary_prints_the_baseline(tmp_path, capfd):
+@pytest.mark.parametrize("model", ["bert", "deberta-v2"])
+def test_demo_summary_prints_the_baseline(model, tmp_path, capfd):
     corpus = write_small_corpus(tmp_path / "corpus.jsonl")
     code = main(
         [
             "demo",
             "--model",
-            "bert",
+            model,
             "--workdir",
             str(tmp_path / "demo"),
             "--corpus",
