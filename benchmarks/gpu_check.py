@@ -163,7 +163,7 @@ GPU = Settings(
     small_batch=32,
     fp16_steps=30,
     multirank_steps=10,
-    learning_args=["--device", "cuda", "--steps", "1000"],
+    learning_args=["--device", "cuda", "--model", "deberta-v2", "--steps", "1000"],
     domain_args=DOMAIN_GPU_ARGS,
 )
 

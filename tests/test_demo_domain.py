@@ -154,14 +154,16 @@ def test_bad_settings_are_one_line_errors(tmp_path, capsys):
     assert "--steps must be at least 1" in err and len(err.strip().splitlines()) == 1
 
 
-def test_quick_demo_with_bert_scores_masked_tokens(tmp_path):
-    """--model bert: the reference work's encoders take the same path, scored by masked LM."""
+@pytest.mark.parametrize("model", ["bert", "deberta-v2"])
+def test_quick_demo_with_encoders_scores_masked_tokens(model, tmp_path):
+    """--model bert|deberta-v2: the reference work's encoders take the same path, scored by
+    masked LM."""
     code = main(
-        ["demo", "domain", "--quick", "--model", "bert", "--workdir", str(tmp_path), "--seeds", "0"]
+        ["demo", "domain", "--quick", "--model", model, "--workdir", str(tmp_path), "--seeds", "0"]
     )
     assert code == 0
     results = json.loads((tmp_path / "domain_adaptation.json").read_text(encoding="utf-8"))
-    assert results["settings"]["model_type"] == "bert"
+    assert results["settings"]["model_type"] == model
     assert all(item["kind"] == "mlm" for row in results["rows"] for item in row["mlm"].values())
     assert "finance MLM loss" in (tmp_path / "domain_adaptation.md").read_text(encoding="utf-8")
 

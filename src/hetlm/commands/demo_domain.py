@@ -79,11 +79,11 @@ def register_demo(subparsers) -> None:
     p.add_argument(
         "--model",
         dest="model_type",
-        choices=["llama", "bert"],
+        choices=["llama", "deberta-v2", "bert"],
         default=None,
-        help="llama: causal LMs, which leave the token-frequency plateau at CPU scale "
-        "(default); bert: masked LMs, the reference work's encoders, which need a GPU's "
-        "scale to learn (see docs/EVAL.md)",
+        help="llama: causal LMs (default); deberta-v2: masked LMs with relative positions; "
+        "both leave the token-frequency plateau at CPU scale; bert: masked LMs, which need "
+        "a GPU's scale to learn (see docs/EVAL.md)",
     )
     p.add_argument("--preset", default=None, help=f"model preset (default {FULL['preset']})")
     p.add_argument(

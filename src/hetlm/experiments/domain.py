@@ -59,7 +59,7 @@ from hetlm.models.presets import presets_for
 Log = Callable[[str], None]
 
 GENERAL_FILE = "general_aozora/aozora_soseki_akutagawa.jsonl"
-MODEL_TYPES = ("bert", "llama")
+MODEL_TYPES = ("bert", "deberta-v2", "llama")
 
 
 # ---------------------------------------------------------------- settings

@@ -452,7 +452,9 @@ def probe_section(results: dict[str, Any]) -> list[str]:
 
 def model_name(model_type: str, preset: str) -> str:
     """How the report names the model, e.g. BERT-small or LLaMA-mini."""
-    family = {"bert": "BERT", "llama": "LLaMA"}.get(model_type, model_type)
+    family = {"bert": "BERT", "deberta-v2": "DeBERTa-v2", "llama": "LLaMA"}.get(
+        model_type, model_type
+    )
     return f"{family}-{preset}"
 
 
