@@ -90,7 +90,6 @@ class Setup:
         return self.batch * self.seq_len
 
 
-FAMILY = {"bert": "BERT", "deberta-v2": "DeBERTa-v2", "llama": "LLaMA"}
 MODEL_SUFFIX = {"deberta-v2": "deberta", "llama": "llama"}
 
 
@@ -630,6 +629,8 @@ def write_results(
     import torch
     import transformers
 
+    from hetlm.models.presets import FAMILY_NAMES
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "learning_check" + ("" if setup.name == "cpu" else f"_{setup.name}")
@@ -644,7 +645,7 @@ def write_results(
         f"# Does it learn? hetlm vs the Hugging Face Trainer, "
         f"{'causal LM' if setup.causal else 'masked LM'} ({setup.name})",
         "",
-        f"{FAMILY[setup.model_type]}, {setup.layers} layers of {setup.hidden} ({setup.heads} heads), dropout "
+        f"{FAMILY_NAMES[setup.model_type]}, {setup.layers} layers of {setup.hidden} ({setup.heads} heads), dropout "
         f"{setup.dropout:g}; SentencePiece Unigram vocabulary {setup.vocab_size:,} on the shipped "
         f"Aozora corpus{' (a slice)' if setup.corpus_docs else ''}, sequences of "
         f"{setup.seq_len}; batch {setup.batch}, {setup.steps:,} steps ({tokens / 1e6:.1f}M "

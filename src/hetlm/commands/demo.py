@@ -100,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
     from hetlm.commands.pretrain import format_summary
     from hetlm.data.prepare.pipeline import prepare_dataset
     from hetlm.data.prepare.tokenizer_training import train_tokenizer
+    from hetlm.models.presets import model_name
 
     work = Path(args.workdir)
     corpus = Path(args.corpus) if args.corpus else find_data_dir() / DEFAULT_CORPUS
@@ -156,8 +157,7 @@ def run(args: argparse.Namespace) -> int:
         },
     }
     config_path = work / "pretrain.yaml"
-    name = {"bert": "BERT", "deberta-v2": "DeBERTa-v2", "llama": "LLaMA"}[args.model]
-    name += f"-{model['preset']}"
+    name = model_name(args.model, model["preset"])
     if not args.preset:
         name += " (2 layers of 128, no dropout)"
     print(

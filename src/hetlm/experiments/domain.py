@@ -51,10 +51,9 @@ from hetlm.experiments.domain_report import (
     RUN_NAMES,
     RUNS,
     collect_results,
-    model_name,
     write_report,
 )
-from hetlm.models.presets import presets_for
+from hetlm.models.presets import encoder_preset, model_name
 
 Log = Callable[[str], None]
 
@@ -103,12 +102,7 @@ class DomainSettings:
             raise HetlmError(
                 f"--model must be one of {', '.join(MODEL_TYPES)}, got {self.model_type!r}"
             )
-        presets = presets_for(self.model_type)
-        if self.preset not in presets:
-            raise HetlmError(
-                f"unknown {self.model_type} preset {self.preset!r}: choose one of "
-                f"{', '.join(presets)}"
-            )
+        encoder_preset(self.preset, self.model_type)  # one line for an unknown preset
         for name in (
             "steps",
             "continue_steps",

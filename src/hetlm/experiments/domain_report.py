@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hetlm.experiments.domain_corpora import HELDOUT_CORPORA
+from hetlm.models.presets import model_name
 
 if TYPE_CHECKING:
     from hetlm.evaluate.report import Report
@@ -448,14 +449,6 @@ def probe_section(results: dict[str, Any]) -> list[str]:
         render(probe_table(results)),
         "",
     ]
-
-
-def model_name(model_type: str, preset: str) -> str:
-    """How the report names the model, e.g. BERT-small or LLaMA-mini."""
-    family = {"bert": "BERT", "deberta-v2": "DeBERTa-v2", "llama": "LLaMA"}.get(
-        model_type, model_type
-    )
-    return f"{family}-{preset}"
 
 
 def plot(results: dict[str, Any], out_png: Path) -> Path:

@@ -105,6 +105,20 @@ DECODER_TYPES = ("llama",)
 MODEL_TYPES = ENCODER_TYPES + DECODER_TYPES
 
 
+FAMILY_NAMES = {
+    "bert": "BERT",
+    "roberta": "RoBERTa",
+    "deberta-v2": "DeBERTa-v2",
+    "electra": "ELECTRA",
+    "llama": "LLaMA",
+}
+
+
+def model_name(model_type: str, preset: str) -> str:
+    """How reports name a model, e.g. BERT-small or LLaMA-mini."""
+    return f"{FAMILY_NAMES.get(model_type, model_type)}-{preset}"
+
+
 def presets_for(model_type: str) -> dict[str, dict[str, int]]:
     return DECODER_PRESETS if model_type in DECODER_TYPES else ENCODER_PRESETS
 
