@@ -123,8 +123,6 @@ DOMAIN_GPU_ARGS = [
     "1000",
     "--epochs",
     "2",
-    "--probe-epochs",
-    "3",
     "--seeds",
     "0,1,2",
 ]
@@ -1535,7 +1533,7 @@ def md_domain(domain: dict[str, Any]) -> list[str]:
         lines.append(f"| ({run}) | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "Linear probe (frozen models, head only):",
+        "Linear probe (a linear classifier on the frozen models' features):",
         "",
         "| run | chABSA acc | chABSA F1 | EWS acc | EWS F1 |",
         "|---|---:|---:|---:|---:|",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from _eval_fixtures import (  # noqa: F401
     CHABSA,
@@ -16,8 +18,6 @@ from hetlm.evaluate.finetune import (
     FinetuneOptions,
     encode,
     finetune_task,
-    freeze_backbone,
-    load_classifier,
     prepare_tokenizer,
 )
 from hetlm.evaluate.metrics import majority_baseline
@@ -116,41 +116,63 @@ def test_a_decoder_classifies_from_the_last_text_token_not_the_closing_separator
     assert as_decoder["labels"] == example.label
 
 
-def test_linear_probe_trains_the_head_only(tiny_bert, monkeypatch):
+def test_probe_pools_the_mean_for_encoders_and_the_last_real_token_for_decoders():
     import torch
 
-    import hetlm.evaluate.finetune as finetune
+    from hetlm.evaluate.linear_probe import pool
+
+    hidden = torch.arange(2 * 4 * 3, dtype=torch.float32).view(2, 4, 3)
+    right_padded = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    left_padded = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    assert torch.equal(pool(hidden, right_padded, decoder=True), hidden[[0, 1], [2, 3]])
+    assert torch.equal(pool(hidden, left_padded, decoder=True), hidden[[0, 1], [3, 3]])
+    assert torch.allclose(pool(hidden, right_padded, decoder=False)[0], hidden[0, :3].mean(0))
+    assert torch.allclose(pool(hidden, left_padded, decoder=False)[1], hidden[1].mean(0))
+
+
+def test_linear_probe_learns_from_frozen_features_and_leaves_the_model_alone(tiny_bert):
+    import torch
+    from safetensors.torch import load_file
+
+    from hetlm.evaluate.linear_probe import probe_task
 
     spec = ModelSpec("bert", str(tiny_bert))
-    task = load_ews(EWS)
-    model = load_classifier(spec, task, prepare_tokenizer(spec), seed=0)
-    trainable = freeze_backbone(model)
-    head = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert head and all(not n.startswith("bert.") for n in head)
-    assert trainable == sum(p.numel() for n, p in model.named_parameters() if n in head)
-
-    # end to end: only the head's weights move, and the result says it was a probe
-    loaded = {}
-
-    def keep(*args, **kwargs):
-        loaded["model"] = load_classifier(*args, **kwargs)
-        loaded["before"] = {n: p.detach().clone() for n, p in loaded["model"].named_parameters()}
-        return loaded["model"]
-
-    monkeypatch.setattr(finetune, "load_classifier", keep)
-    options = FinetuneOptions(
-        epochs=1,
-        lr=3e-3,
-        max_length=32,
-        max_train_examples=32,
-        max_eval_examples=16,
-        linear_probe=True,
-    )
-    result = finetune_task(spec, task, [0], options, log=lambda _: None)
+    weights_before = load_file(str(tiny_bert / "model.safetensors"))
+    task = load_chabsa(CHABSA)
+    options = FinetuneOptions(epochs=30, lr=1e-2, max_length=48, linear_probe=True)
+    logged = []
+    result = probe_task(spec, task, [0, 1], options, log=logged.append)
     assert result.linear_probe is True
-    moved = {
-        n
-        for n, p in loaded["model"].named_parameters()
-        if not torch.equal(loaded["before"][n], p.detach())
-    }
-    assert moved and moved <= head
+    assert [r.seed for r in result.runs] == [0, 1] and len(logged) == 2
+    # the same data as fine-tuning would see, the seeds change only the head
+    tuned = finetune_task(spec, task, [0], replace(options, epochs=1), log=lambda _: None)
+    assert result.train_ids_sha256 == tuned.train_ids_sha256
+    assert result.eval_ids_sha256 == tuned.eval_ids_sha256
+    assert result.runs[0].final_train_loss != result.runs[1].final_train_loss
+    # the keyword of the fixture task is readable in the mean of random-network states
+    floor = majority_baseline(
+        [e.label for e in task.splits["train"]], [e.label for e in task.splits["test"]]
+    )
+    assert max(r.macro_f1 for r in result.runs) > floor["macro_f1"] + 0.1, (result, floor)
+    after = load_file(str(tiny_bert / "model.safetensors"))
+    assert all(torch.equal(weights_before[k], after[k]) for k in weights_before)
+
+
+def test_a_probe_refuses_a_checkpoint_with_non_finite_states(tiny_bert, tmp_path):
+    import shutil
+
+    import torch
+    from transformers import AutoModelForMaskedLM
+
+    from hetlm.errors import HetlmError
+    from hetlm.evaluate.linear_probe import probe_task
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_bert, broken)
+    model = AutoModelForMaskedLM.from_pretrained(broken)
+    with torch.no_grad():
+        model.bert.embeddings.word_embeddings.weight.fill_(float("nan"))
+    model.save_pretrained(broken)
+    options = FinetuneOptions(epochs=1, max_length=32, max_train_examples=8, linear_probe=True)
+    with pytest.raises(HetlmError, match="non-finite hidden states"):
+        probe_task(ModelSpec("broken", str(broken)), load_ews(EWS), [0], options, lambda _: None)

@@ -175,7 +175,8 @@ def register_demo(subparsers) -> None:
         "--no-probe",
         dest="probe",
         action="store_false",
-        help="skip the linear probe (the frozen models, head only) beside full fine-tuning",
+        help="skip the linear probe (a linear classifier on the frozen models' features) "
+        "beside full fine-tuning",
     )
     ev.add_argument(
         "--probe-learning-rate",
@@ -186,7 +187,7 @@ def register_demo(subparsers) -> None:
         help="the linear probe's lr (default 2e-3)",
     )
     ev.add_argument(
-        "--probe-epochs", type=int, default=5, help="the linear probe's epochs (default 5)"
+        "--probe-epochs", type=int, default=30, help="the linear probe's epochs (default 30)"
     )
     ev.add_argument(
         "--mlm-max-sequences",

@@ -122,8 +122,10 @@ def register(subparsers) -> None:
     ft.add_argument(
         "--linear-probe",
         action="store_true",
-        help="train only the new classification head on the frozen model: scores what "
-        "pretraining put into the representations (use a higher --learning-rate, e.g. 2e-3)",
+        help="instead of fine-tuning, train a linear classifier on the frozen model's "
+        "features (encoders: mean of the last hidden states; decoders: the last token's): "
+        "scores what pretraining put into the representations (use a higher "
+        "--learning-rate and more --epochs, e.g. 2e-3 and 30)",
     )
     ft.add_argument(
         "--max-train-examples",

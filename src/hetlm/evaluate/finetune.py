@@ -55,9 +55,10 @@ class FinetuneOptions:
     max_eval_examples: int | None = None
     eval_split: str = "test"
     device: str = "cpu"
-    # Train only the new classification head on the frozen pretrained model (a linear probe):
-    # it scores what pretraining put into the representations, which full fine-tuning of a
-    # small model on thousands of examples can relearn and so hide.
+    # A linear probe instead of fine-tuning: a linear classifier on the frozen model's
+    # features (hetlm.evaluate.linear_probe). It scores what pretraining put into the
+    # representations, which full fine-tuning of a small model on thousands of examples can
+    # relearn and so hide.
     linear_probe: bool = False
 
     def check(self) -> None:
@@ -106,7 +107,7 @@ class TaskResult:
     train_ids_sha256: str = ""  # which examples, so two reports can be checked to match
     eval_ids_sha256: str = ""
     runs: list[SeedResult] = field(default_factory=list)
-    linear_probe: bool = False  # only the head trained (FinetuneOptions.linear_probe)
+    linear_probe: bool = False  # a linear probe, not fine-tuning (FinetuneOptions)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -166,7 +167,7 @@ def encode(
     return features
 
 
-def _collate(tokenizer: Any, features: list[dict[str, Any]], model: Any) -> dict[str, torch.Tensor]:
+def collate(tokenizer: Any, features: list[dict[str, Any]], model: Any) -> dict[str, torch.Tensor]:
     labels = torch.tensor([f["labels"] for f in features])
     drop = {"labels"} | ({"token_type_ids"} if not _uses_segments(model) else set())
     inputs = [{k: v for k, v in f.items() if k not in drop} for f in features]
@@ -202,7 +203,7 @@ def prepare_tokenizer(spec: ModelSpec) -> Any:
 # ---------------------------------------------------------------- one run
 
 
-def _optimizer(model: torch.nn.Module, options: FinetuneOptions) -> torch.optim.Optimizer:
+def optimizer_for(model: torch.nn.Module, options: FinetuneOptions) -> torch.optim.Optimizer:
     """AdamW; biases and normalisation weights (1-D parameters) without weight decay."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
@@ -234,18 +235,6 @@ def load_classifier(spec: ModelSpec, task: TaskData, tokenizer: Any, seed: int) 
     return model
 
 
-def freeze_backbone(model: Any) -> int:
-    """A linear probe: only the parameters outside the pretrained backbone (the new head) train;
-    returns how many train. The backbone is ``base_model`` (``model.bert``, ``model.model``...);
-    BERT's pooler belongs to it, so the probe reads the pooled ``[CLS]`` as the checkpoint has it."""
-    for p in model.base_model.parameters():
-        p.requires_grad = False
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if trainable == 0:
-        raise HetlmError(f"{type(model).__name__} has no head outside its backbone to probe")
-    return trainable
-
-
 def train_and_score(
     spec: ModelSpec,
     task: TaskData,
@@ -260,9 +249,7 @@ def train_and_score(
 
     started = time.perf_counter()
     model = load_classifier(spec, task, tokenizer, seed).to(options.device)
-    if options.linear_probe:
-        freeze_backbone(model)
-    optimizer = _optimizer(model, options)
+    optimizer = optimizer_for(model, options)
     steps_per_epoch = math.ceil(len(train) / options.batch_size)
     total = steps_per_epoch * options.epochs
     scheduler = get_linear_schedule_with_warmup(optimizer, int(options.warmup_ratio * total), total)
@@ -274,7 +261,7 @@ def train_and_score(
         losses = []
         for start in range(0, len(order), options.batch_size):
             chosen = order[start : start + options.batch_size]
-            batch = _collate(tokenizer, [train[i] for i in chosen], model)
+            batch = collate(tokenizer, [train[i] for i in chosen], model)
             loss = model(**batch).loss
             if not torch.isfinite(loss):
                 raise HetlmError(
@@ -291,16 +278,23 @@ def train_and_score(
             losses.append(float(loss.detach()))
         epoch_loss = sum(losses) / len(losses)
     predicted = predict(model, tokenizer, test, options.eval_batch_size)
-    gold = [f["labels"] for f in test]
-    k = len(task.labels)
-    confusion = [[0] * k for _ in range(k)]
+    return scored(
+        seed, [f["labels"] for f in test], predicted, len(task.labels), epoch_loss, started
+    )
+
+
+def scored(
+    seed: int, gold: list[int], predicted: list[int], labels: int, loss: float, started: float
+) -> SeedResult:
+    """One seed's result from its test predictions (``started``: its ``perf_counter``)."""
+    confusion = [[0] * labels for _ in range(labels)]
     for g, p in zip(gold, predicted, strict=True):
         confusion[g][p] += 1
     return SeedResult(
         seed=seed,
         accuracy=accuracy(gold, predicted),
         macro_f1=macro_f1(gold, predicted),
-        final_train_loss=epoch_loss,
+        final_train_loss=loss,
         confusion=confusion,
         seconds=time.perf_counter() - started,
     )
@@ -314,7 +308,7 @@ def predict(
     model.eval()
     predicted: list[int] = []
     for start in range(0, len(features), batch_size):
-        batch = _collate(tokenizer, features[start : start + batch_size], model)
+        batch = collate(tokenizer, features[start : start + batch_size], model)
         batch.pop("labels")
         predicted.extend(model(**batch).logits.argmax(-1).tolist())
     return predicted
@@ -328,14 +322,19 @@ def ids_digest(examples: Sequence[Example]) -> str:
     return hashlib.sha256("\n".join(e.id for e in examples).encode()).hexdigest()
 
 
-def finetune_task(
-    spec: ModelSpec,
-    task: TaskData,
-    seeds: Sequence[int],
-    options: FinetuneOptions,
-    log: Log = print,
-) -> TaskResult:
-    """Fine-tune ``spec`` on ``task`` once per seed; the data and its encoding are shared."""
+@dataclass
+class PreparedTask:
+    """A task's examples encoded for one checkpoint, and the empty result they will fill."""
+
+    tokenizer: Any
+    train: list[dict[str, Any]]
+    test: list[dict[str, Any]]
+    decoder: bool
+    result: TaskResult
+
+
+def prepare_task(spec: ModelSpec, task: TaskData, options: FinetuneOptions) -> PreparedTask:
+    """The subsampled splits, encoded once and shared by every seed."""
     tokenizer = prepare_tokenizer(spec)
     train_examples = subsample(task.splits["train"], options.max_train_examples, task.name)
     eval_examples = subsample(task.splits[options.eval_split], options.max_eval_examples, task.name)
@@ -355,12 +354,31 @@ def finetune_task(
         ids_digest(eval_examples),
         linear_probe=options.linear_probe,
     )
+    return PreparedTask(tokenizer, train, test, decoder, result)
+
+
+def log_run(spec: ModelSpec, task: TaskData, run: SeedResult, log: Log) -> None:
+    log(
+        f"  {spec.name} / {task.name} / seed {run.seed}: accuracy {run.accuracy:.3f}, "
+        f"macro-F1 {run.macro_f1:.3f}, final train loss {run.final_train_loss:.3f} "
+        f"({run.seconds:.1f} s)"
+    )
+
+
+def finetune_task(
+    spec: ModelSpec,
+    task: TaskData,
+    seeds: Sequence[int],
+    options: FinetuneOptions,
+    log: Log = print,
+) -> TaskResult:
+    """Fine-tune ``spec`` on ``task`` once per seed; the data and its encoding are shared.
+    (``options.linear_probe``: :func:`hetlm.evaluate.linear_probe.probe_task` instead.)"""
+    prepared = prepare_task(spec, task, options)
     for seed in seeds:
-        run = train_and_score(spec, task, tokenizer, train, test, seed, options)
-        result.runs.append(run)
-        log(
-            f"  {spec.name} / {task.name} / seed {seed}: accuracy {run.accuracy:.3f}, "
-            f"macro-F1 {run.macro_f1:.3f}, final train loss {run.final_train_loss:.3f} "
-            f"({run.seconds:.1f} s)"
+        run = train_and_score(
+            spec, task, prepared.tokenizer, prepared.train, prepared.test, seed, options
         )
-    return result
+        prepared.result.runs.append(run)
+        log_run(spec, task, run, log)
+    return prepared.result

@@ -15,6 +15,7 @@ from hetlm.errors import HetlmError
 from hetlm.evaluate.checkpoint import ModelSpec, check_positions, load_tokenizer
 from hetlm.evaluate.finetune import FinetuneOptions, finetune_task
 from hetlm.evaluate.heldout import Corpus, LMResult, PackedCorpus, evaluate_lm, load_packed_corpus
+from hetlm.evaluate.linear_probe import probe_task
 from hetlm.evaluate.metrics import majority_baseline
 from hetlm.evaluate.report import Report, baseline_row, classification_row, lm_row, now
 from hetlm.evaluate.tasks import (
@@ -199,9 +200,8 @@ def run_eval(config: EvalConfig, output_dir: Path | None = None, log: Log = prin
                     report.lm.append({"model": spec.name, **result.as_dict()})
                     log(f"  {spec.name} / {report.rows[-1].task}: " + _lm_line(result))
             else:
-                result = finetune_task(
-                    spec, tasks[task_name], config.seeds, config.finetune, log=log
-                )
+                score = probe_task if config.finetune.linear_probe else finetune_task
+                result = score(spec, tasks[task_name], config.seeds, config.finetune, log=log)
                 report.finetune.append(result)
                 report.rows.append(classification_row(result))
             _save(report, output_dir)

@@ -84,9 +84,9 @@ class DomainSettings:
     epochs: int = 2
     max_length: int = 128
     finetune_lr: float = 5e-5
-    probe: bool = True  # also a linear probe (frozen model, head only) of the three
+    probe: bool = True  # also a linear probe (a linear classifier on the frozen features)
     probe_lr: float = 2e-3
-    probe_epochs: int = 5
+    probe_epochs: int = 30  # cheap: the features are computed once, the epochs train one layer
     max_train_examples: int | None = 1000
     max_eval_examples: int | None = None
     mlm_max_sequences: int | None = 200
@@ -429,8 +429,8 @@ def run_experiment(settings: DomainSettings, log: Log = print) -> dict[str, Any]
     probe_report = None
     if settings.probe:
         log(
-            f"[5/6] linear probe: the same tasks, only the head trained on each frozen model "
-            f"(lr {settings.probe_lr:g}, {settings.probe_epochs} epochs)"
+            f"[5/6] linear probe: the same tasks, a linear classifier on each frozen model's "
+            f"features (lr {settings.probe_lr:g}, {settings.probe_epochs} epochs)"
         )
         t0 = time.perf_counter()
         probe_config = replace(

@@ -440,7 +440,9 @@ def probe_section(results: dict[str, Any]) -> list[str]:
     return [
         "## Linear probe: the frozen models",
         "",
-        "Only the new classification head trains (lr "
+        "A linear classifier trains on each frozen model's features (`hetlm eval "
+        "--linear-probe`: the mean of the last hidden states for an encoder, the last text "
+        "token's for a decoder, standardised; lr "
         f"{s['probe_lr']:g}, {s['probe_epochs']} epochs, the same examples and seeds); the "
         "pretrained model stays as pretraining left it, so this scores what pretraining put "
         "into its representations, which full fine-tuning can relearn from the task's own "
