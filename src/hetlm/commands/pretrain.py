@@ -5,13 +5,11 @@ from __future__ import annotations
 import argparse
 
 from hetlm.commands.run_options import (
+    TrainingCommand,
     add_run_arguments,
-    apply_run_options,
     check_engine_settings,
-    fix_resume_argument,
-    launch_local,
     membership_lines,
-    print_result,
+    run_training_command,
     steps_line,
     tokens_line,
 )
@@ -30,32 +28,19 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hetlm.config import config_help, load_config, resolved_help
-    from hetlm.errors import HetlmError
+    return run_training_command(PRETRAIN, args)
 
-    fix_resume_argument(args)
-    if args.help_config:
-        print(config_help())
-        if args.config:
-            print("\n" + resolved_help(load_config(args.config)))
-        return 0
-    if not args.config:
-        raise HetlmError("give a config file: hetlm pretrain CONFIG.yaml (see --help-config)")
-    config = load_config(args.config)
-    apply_run_options(args, config)
-    if args.local_nodes:
-        return launch_local("pretrain", args, config, lambda: precheck(config, args))
-    from hetlm.train.pretrain import run_pretraining
 
-    summary = run_pretraining(
-        config,
-        resume=args.resume,
-        overwrite=args.overwrite,
-        extend=args.extend,
-        stop_at_step=args.stop_at_step,
-    )
-    print_result(summary, args, format_summary)
-    return 0
+def config_help() -> str:
+    from hetlm.config import config_help
+
+    return config_help()
+
+
+def load_config(path: str):
+    from hetlm.config import load_config
+
+    return load_config(path)
 
 
 def precheck(config, args: argparse.Namespace) -> None:
@@ -65,6 +50,12 @@ def precheck(config, args: argparse.Namespace) -> None:
 
     load_packed_dataset(config.data.dataset)
     check_engine_settings(config, args)
+
+
+def train(config, **options) -> dict:
+    from hetlm.train.pretrain import run_pretraining
+
+    return run_pretraining(config, **options)
 
 
 def format_summary(summary: dict) -> str:
@@ -91,3 +82,6 @@ def format_summary(summary: dict) -> str:
             f"model            {summary['model_dir']}",
         ]
     )
+
+
+PRETRAIN = TrainingCommand("pretrain", config_help, load_config, precheck, train, format_summary)

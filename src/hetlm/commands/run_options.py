@@ -8,6 +8,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -244,6 +245,50 @@ def report_heartbeats(output_dir, world_size: int, since: float) -> None:
             + "; ".join(f"rank {r}: {describe(h)}" for r, h in enumerate(records)),
             file=sys.stderr,
         )
+
+
+@dataclass(frozen=True)
+class TrainingCommand:
+    """What differs between ``hetlm pretrain`` and ``hetlm sft``; :func:`run_training_command`
+    is the rest. The callables import their modules only when called, so ``hetlm --help``
+    stays fast."""
+
+    name: str
+    config_help: Callable[[], str]
+    load_config: Callable[[str], Any]
+    precheck: Callable[[Any, argparse.Namespace], None]  # before a --local-nodes launch
+    train: Callable[..., dict[str, Any]]  # (config, resume=, overwrite=, extend=, stop_at_step=)
+    format_summary: Callable[[dict[str, Any]], str]
+
+
+def run_training_command(command: TrainingCommand, args: argparse.Namespace) -> int:
+    """``--help-config``, or one rank's run (under torchrun), or a ``--local-nodes`` launch."""
+    from hetlm.config import resolved_help
+    from hetlm.errors import HetlmError
+
+    fix_resume_argument(args)
+    if args.help_config:
+        print(command.config_help())
+        if args.config:
+            print("\n" + resolved_help(command.load_config(args.config)))
+        return 0
+    if not args.config:
+        raise HetlmError(
+            f"give a config file: hetlm {command.name} CONFIG.yaml (see --help-config)"
+        )
+    config = command.load_config(args.config)
+    apply_run_options(args, config)
+    if args.local_nodes:
+        return launch_local(command.name, args, config, lambda: command.precheck(config, args))
+    summary = command.train(
+        config,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        extend=args.extend,
+        stop_at_step=args.stop_at_step,
+    )
+    print_result(summary, args, command.format_summary)
+    return 0
 
 
 def fix_resume_argument(args: argparse.Namespace) -> None:

@@ -5,13 +5,11 @@ from __future__ import annotations
 import argparse
 
 from hetlm.commands.run_options import (
+    TrainingCommand,
     add_run_arguments,
-    apply_run_options,
     check_engine_settings,
-    fix_resume_argument,
-    launch_local,
     membership_lines,
-    print_result,
+    run_training_command,
     steps_line,
     tokens_line,
 )
@@ -30,41 +28,35 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hetlm.config import resolved_help
-    from hetlm.errors import HetlmError
-    from hetlm.sft.config import load_sft_config, sft_config_help
+    return run_training_command(SFT, args)
 
-    fix_resume_argument(args)
-    if args.help_config:
-        print(sft_config_help())
-        if args.config:
-            print("\n" + resolved_help(load_sft_config(args.config)))
-        return 0
-    if not args.config:
-        raise HetlmError("give a config file: hetlm sft CONFIG.yaml (see --help-config)")
-    config = load_sft_config(args.config)
-    apply_run_options(args, config)
-    if args.local_nodes:
-        from hetlm.sft.train import check_base_model, check_quantization
 
-        def precheck() -> None:
-            """As pretraining's: what every rank would refuse, before any agent starts."""
-            check_quantization(config.model.quantization)
-            check_base_model(config.model, config.data.max_length)
-            check_engine_settings(config, args)
+def config_help() -> str:
+    from hetlm.sft.config import sft_config_help
 
-        return launch_local("sft", args, config, precheck)
+    return sft_config_help()
+
+
+def load_config(path: str):
+    from hetlm.sft.config import load_sft_config
+
+    return load_sft_config(path)
+
+
+def precheck(config, args: argparse.Namespace) -> None:
+    """As pretraining's: what every rank would refuse, before any agent starts (a quantized
+    base without bitsandbytes or CUDA, a base model that cannot hold max_length, ...)."""
+    from hetlm.sft.train import check_base_model, check_quantization
+
+    check_quantization(config.model.quantization)
+    check_base_model(config.model, config.data.max_length)
+    check_engine_settings(config, args)
+
+
+def train(config, **options) -> dict:
     from hetlm.sft.train import run_sft
 
-    summary = run_sft(
-        config,
-        resume=args.resume,
-        overwrite=args.overwrite,
-        extend=args.extend,
-        stop_at_step=args.stop_at_step,
-    )
-    print_result(summary, args, format_summary)
-    return 0
+    return run_sft(config, **options)
 
 
 def format_summary(summary: dict) -> str:
@@ -91,3 +83,6 @@ def format_summary(summary: dict) -> str:
             f"adapter          {summary['adapter_dir']} (base {summary['base_model']})",
         ]
     )
+
+
+SFT = TrainingCommand("sft", config_help, load_config, precheck, train, format_summary)
