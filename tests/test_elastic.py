@@ -118,6 +118,16 @@ def test_one_micro_batch_for_all_ranks_resplits_and_infeasible_batches_fail(tmp_
         elastic_split(per_node, emulated_devices(["n0", "n1"], 1), [0, 1])
 
 
+def test_the_engines_an_elastic_run_can_use_are_named_without_single():
+    from hetlm.cluster.engines import engines_that
+
+    def resumes_anywhere(info):
+        return info.resumes_on_any_world_size
+
+    assert engines_that(resumes_anywhere) == ["single", "ddp", "zero1", "fsdp2"]
+    assert engines_that(resumes_anywhere, with_single=False) == ["ddp", "zero1", "fsdp2"]
+
+
 def test_membership_change_names_who_left_and_joined():
     state = {
         "step": 4,

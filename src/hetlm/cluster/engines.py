@@ -47,6 +47,8 @@ def engine_info(name: str) -> EngineInfo:
     return SINGLE if name == SINGLE.name else ENGINES[name]
 
 
-def engines_that(predicate) -> list[str]:
-    """Names (``single`` first) of the engines for which ``predicate(info)`` holds."""
-    return [i.name for i in (SINGLE, *ENGINES.values()) if predicate(i)]
+def engines_that(predicate, *, with_single: bool = True) -> list[str]:
+    """Names (``single`` first, unless ``with_single`` is False: a config cannot choose it) of
+    the engines for which ``predicate(info)`` holds."""
+    rows = (SINGLE, *ENGINES.values()) if with_single else tuple(ENGINES.values())
+    return [i.name for i in rows if predicate(i)]

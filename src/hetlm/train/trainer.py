@@ -254,7 +254,9 @@ class Trainer:
             self.elastic is not None
             and not engine_info(self.run_plan.engine).resumes_on_any_world_size
         ):
-            anywhere = ", ".join(engines_that(lambda e: e.resumes_on_any_world_size)[1:])
+            anywhere = ", ".join(
+                engines_that(lambda e: e.resumes_on_any_world_size, with_single=False)
+            )
             raise HetlmError(
                 f"train.elastic: {self.run_plan.engine} checkpoints resume on the same number "
                 f"of ranks only; train with train.engine {anywhere} (their checkpoints resume "
