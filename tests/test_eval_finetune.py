@@ -145,10 +145,13 @@ def test_linear_probe_learns_from_frozen_features_and_leaves_the_model_alone(tin
     assert result.linear_probe is True
     assert [r.seed for r in result.runs] == [0, 1] and len(logged) == 2
     # the same data as fine-tuning would see, the seeds change only the head
-    tuned = finetune_task(spec, task, [0], replace(options, epochs=1), log=lambda _: None)
+    tuning = replace(options, epochs=1, linear_probe=False)
+    tuned = finetune_task(spec, task, [0], tuning, log=lambda _: None)
     assert result.train_ids_sha256 == tuned.train_ids_sha256
     assert result.eval_ids_sha256 == tuned.eval_ids_sha256
     assert result.runs[0].final_train_loss != result.runs[1].final_train_loss
+    with pytest.raises(ValueError, match="probe_task"):  # never a fine-tuning marked as a probe
+        finetune_task(spec, task, [0], options, log=lambda _: None)
     # the keyword of the fixture task is readable in the mean of random-network states
     floor = majority_baseline(
         [e.label for e in task.splits["train"]], [e.label for e in task.splits["test"]]

@@ -374,6 +374,8 @@ def finetune_task(
 ) -> TaskResult:
     """Fine-tune ``spec`` on ``task`` once per seed; the data and its encoding are shared.
     (``options.linear_probe``: :func:`hetlm.evaluate.linear_probe.probe_task` instead.)"""
+    if options.linear_probe:  # a result marked "linear probe" must not come from fine-tuning
+        raise ValueError("finetune_task fine-tunes; a linear probe is linear_probe.probe_task")
     prepared = prepare_task(spec, task, options)
     for seed in seeds:
         run = train_and_score(
