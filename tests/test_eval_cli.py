@@ -77,6 +77,24 @@ def test_two_models_land_in_one_table(tiny_bert, tiny_llama, tmp_path, capsys):
     assert "| tiny-bert" in printed and str(out / "eval.md") in printed
 
 
+@pytest.mark.parametrize(
+    ("flags", "lr", "epochs"),
+    [([], 5e-5, 3), (["--linear-probe"], 2e-3, 30), (["--linear-probe", "--epochs", "2"], 2e-3, 2)],
+)
+def test_the_recipe_defaults_follow_the_protocol(tiny_bert, tmp_path, flags, lr, epochs):
+    out = tmp_path / "recipe"
+    args = ["eval", "--model", str(tiny_bert), "--tasks", "ews", "--output", str(out)]
+    args += ["--data-dir", str(EVAL_DATA), "--seeds", "0", "--max-length", "32"]
+    args += ["--max-train-examples", "16", "--max-eval-examples", "8", *flags]
+    assert main(args) == 0
+    finetune = json.loads((out / "eval.json").read_text(encoding="utf-8"))["config"]["finetune"]
+    assert (finetune["lr"], finetune["epochs"], finetune["linear_probe"]) == (
+        lr,
+        epochs,
+        "--linear-probe" in flags,
+    )
+
+
 def test_linear_probe_flag_reaches_the_report(tiny_llama, tmp_path):
     out = tmp_path / "probe"
     code = main(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from hetlm.evaluate.recipes import PROBE_EPOCHS, PROBE_LR
 from hetlm.names import RenamedFlag
 
 # The full run (the CPU variant: about 40 minutes on an idle 2-core CPU, one thread) and the
@@ -182,12 +183,15 @@ def register_demo(subparsers) -> None:
         "--probe-learning-rate",
         dest="probe_lr",
         type=float,
-        default=2e-3,
+        default=PROBE_LR,
         metavar="LR",
-        help="the linear probe's lr (default 2e-3)",
+        help=f"the linear probe's lr (default {PROBE_LR:g})",
     )
     ev.add_argument(
-        "--probe-epochs", type=int, default=30, help="the linear probe's epochs (default 30)"
+        "--probe-epochs",
+        type=int,
+        default=PROBE_EPOCHS,
+        help=f"the linear probe's epochs (default {PROBE_EPOCHS})",
     )
     ev.add_argument(
         "--mlm-max-sequences",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from hetlm.evaluate.recipes import FINETUNE_EPOCHS, FINETUNE_LR, PROBE_EPOCHS, PROBE_LR
 from hetlm.names import RenamedFlag
 
 DEFAULT_OUTPUT = "runs/eval"
@@ -106,17 +107,23 @@ def register(subparsers) -> None:
     lm.add_argument("--lm-batch-size", type=int, default=16)
     ft = p.add_argument_group("fine-tuning (tasks chabsa, ews)")
     ft.add_argument("--seeds", default="0,1,2", help="fine-tuning seeds (default 0,1,2)")
-    ft.add_argument("--epochs", type=int, default=3)
+    ft.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help=f"passes over the training split (default {FINETUNE_EPOCHS}; "
+        f"{PROBE_EPOCHS} with --linear-probe)",
+    )
     ft.add_argument("--batch-size", type=int, default=16)
     ft.add_argument(
         "--learning-rate",
         "--lr",
         dest="lr",
         type=float,
-        default=5e-5,
+        default=None,
         action=RenamedFlag,
         metavar="LR",
-        help="fine-tuning peak rate (default 5e-5)",
+        help=f"peak learning rate (default {FINETUNE_LR:g}; {PROBE_LR:g} with --linear-probe)",
     )
     ft.add_argument("--max-length", type=int, default=128, help="tokens per example")
     ft.add_argument(
@@ -124,8 +131,7 @@ def register(subparsers) -> None:
         action="store_true",
         help="instead of fine-tuning, train a linear classifier on the frozen model's "
         "features (encoders: mean of the last hidden states; decoders: the last token's): "
-        "scores what pretraining put into the representations (use a higher "
-        "--learning-rate and more --epochs, e.g. 2e-3 and 30)",
+        "scores what pretraining put into the representations (docs/EVAL.md)",
     )
     ft.add_argument(
         "--max-train-examples",
@@ -187,10 +193,11 @@ def run(args: argparse.Namespace) -> int:
         raise HetlmError(
             "no model given: pass --model DIR (repeat for several), or only --export-splits DIR"
         )
+    probe = args.linear_probe
     options = FinetuneOptions(
-        epochs=args.epochs,
+        epochs=(PROBE_EPOCHS if probe else FINETUNE_EPOCHS) if args.epochs is None else args.epochs,
         batch_size=args.batch_size,
-        lr=args.lr,
+        lr=(PROBE_LR if probe else FINETUNE_LR) if args.lr is None else args.lr,
         max_length=args.max_length,
         max_train_examples=args.max_train_examples,
         max_eval_examples=args.max_eval_examples,

@@ -9,6 +9,8 @@ Everything here is deterministic by construction, so two checkpoints evaluated o
   of a checkpoint on a held-out corpus;
 - :mod:`hetlm.evaluate.finetune`: a small plain-PyTorch fine-tuning loop for sequence
   classification, run over several seeds;
+- :mod:`hetlm.evaluate.linear_probe`: the same tasks as a linear classifier on frozen features
+  (``--linear-probe``); :mod:`hetlm.evaluate.recipes`: the defaults of both;
 - :mod:`hetlm.evaluate.suite`: the whole ``hetlm eval`` run; :mod:`hetlm.evaluate.report`
   writes its table as text, Markdown and JSON.
 

@@ -34,6 +34,7 @@ from hetlm.evaluate.checkpoint import (
     quiet_transformers,
 )
 from hetlm.evaluate.metrics import accuracy, macro_f1
+from hetlm.evaluate.recipes import FINETUNE_EPOCHS, FINETUNE_LR
 from hetlm.evaluate.tasks import Example, TaskData, subsample
 
 Log = Callable[[str], None]
@@ -43,10 +44,10 @@ Log = Callable[[str], None]
 class FinetuneOptions:
     """The fine-tuning recipe; the same for every model and task in one table."""
 
-    epochs: int = 3
+    epochs: int = FINETUNE_EPOCHS
     batch_size: int = 16
     eval_batch_size: int = 64
-    lr: float = 5e-5
+    lr: float = FINETUNE_LR
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     max_length: int = 128

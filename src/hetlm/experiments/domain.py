@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from hetlm.errors import HetlmError
+from hetlm.evaluate.recipes import PROBE_EPOCHS, PROBE_LR
 from hetlm.evaluate.tasks import (
     DataPaths,
 )
@@ -85,8 +86,8 @@ class DomainSettings:
     max_length: int = 128
     finetune_lr: float = 5e-5
     probe: bool = True  # also a linear probe (a linear classifier on the frozen features)
-    probe_lr: float = 2e-3
-    probe_epochs: int = 30  # cheap: the features are computed once, the epochs train one layer
+    probe_lr: float = PROBE_LR
+    probe_epochs: int = PROBE_EPOCHS
     max_train_examples: int | None = 1000
     max_eval_examples: int | None = None
     mlm_max_sequences: int | None = 200
