@@ -153,12 +153,11 @@ def run_trainer(args: argparse.Namespace, strategy: str) -> dict:
     import datasets
     import peft
     import torch
+    from hf_reference import reference_arguments, step_clock
     from transformers import (
         AutoModelForCausalLM,
         DataCollatorForSeq2Seq,
         Trainer,
-        TrainerCallback,
-        TrainingArguments,
     )
 
     tokenizer, examples = tokenized_examples(args)
@@ -195,31 +194,19 @@ def run_trainer(args: argparse.Namespace, strategy: str) -> dict:
         real.append(int(batch["attention_mask"].sum()))
         return batch
 
-    step_ends: list[float] = []
-
-    class Clock(TrainerCallback):
-        def on_step_end(self, *_a, **_k):
-            step_ends.append(time.perf_counter())
-
-    training_args = TrainingArguments(
+    clock = step_clock()
+    training_args = reference_arguments(
         output_dir=args.workdir,
-        per_device_train_batch_size=MICRO_BATCH,
-        gradient_accumulation_steps=GLOBAL_BATCH // MICRO_BATCH,
-        max_steps=args.steps,
-        learning_rate=HPARAMS["lr"],
+        batch=MICRO_BATCH,
+        steps=args.steps,
+        lr=HPARAMS["lr"],
         warmup_steps=0,
         weight_decay=HPARAMS["weight_decay"],
-        adam_epsilon=HPARAMS["adam_eps"],
+        adam_eps=HPARAMS["adam_eps"],
         max_grad_norm=HPARAMS["max_grad_norm"],
-        lr_scheduler_type="linear",
-        bf16=args.precision == "bf16",
-        use_cpu=args.device == "cpu",
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        seed=0,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
+        precision=args.precision,
+        device=args.device,
+        gradient_accumulation_steps=GLOBAL_BATCH // MICRO_BATCH,
         remove_unused_columns=False,
         train_sampling_strategy=strategy,
     )
@@ -228,7 +215,7 @@ def run_trainer(args: argparse.Namespace, strategy: str) -> dict:
         args=training_args,
         train_dataset=dataset,
         data_collator=collate,
-        callbacks=[Clock()],
+        callbacks=[clock],
     )
     started = time.perf_counter()
     trainer.train()
@@ -240,7 +227,7 @@ def run_trainer(args: argparse.Namespace, strategy: str) -> dict:
     else:
         real_per_step = [sum(real[i * accum : (i + 1) * accum]) for i in range(args.steps)]
         padded_per_step = [sum(padded[i * accum : (i + 1) * accum]) for i in range(args.steps)]
-    ends = [started, *step_ends]
+    ends = [started, *clock.ends]
     times = [b - a for a, b in zip(ends, ends[1:], strict=False)]
     return {
         "losses": losses,

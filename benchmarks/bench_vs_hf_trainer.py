@@ -21,7 +21,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,13 +56,12 @@ def prepare(cache: Path, seq_len: int, vocab_size: int, corpus: Path = CORPUS) -
 
 def run_trainer(args: argparse.Namespace) -> dict:
     import torch
+    from hf_reference import reference_arguments, step_clock
     from transformers import (
         AutoTokenizer,
         BertForMaskedLM,
         DataCollatorForLanguageModeling,
         Trainer,
-        TrainerCallback,
-        TrainingArguments,
     )
 
     from hetlm.data.packed import load_packed_dataset
@@ -77,30 +75,18 @@ def run_trainer(args: argparse.Namespace) -> dict:
     )
     torch.manual_seed(0)
     model = BertForMaskedLM(config)
-    step_ends: list[float] = []
-
-    class Clock(TrainerCallback):
-        def on_step_end(self, *_a, **_k):
-            step_ends.append(time.perf_counter())
-
-    training_args = TrainingArguments(
+    clock = step_clock()
+    training_args = reference_arguments(
         output_dir=args.workdir,
-        per_device_train_batch_size=args.batch,
-        max_steps=args.steps,
-        learning_rate=HPARAMS["lr"],
+        batch=args.batch,
+        steps=args.steps,
+        lr=HPARAMS["lr"],
         warmup_steps=HPARAMS["warmup_steps"],
         weight_decay=HPARAMS["weight_decay"],
-        adam_epsilon=HPARAMS["adam_eps"],
+        adam_eps=HPARAMS["adam_eps"],
         max_grad_norm=HPARAMS["max_grad_norm"],
-        lr_scheduler_type="linear",
-        bf16=args.precision == "bf16",
-        use_cpu=args.device == "cpu",
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        seed=0,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
+        precision=args.precision,
+        device=args.device,
     )
     collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15)
     trainer = Trainer(
@@ -108,11 +94,11 @@ def run_trainer(args: argparse.Namespace) -> dict:
         args=training_args,
         train_dataset=train,
         data_collator=collator,
-        callbacks=[Clock()],
+        callbacks=[clock],
     )
     trainer.train()
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
-    times = [b - a for a, b in zip(step_ends, step_ends[1:], strict=False)][args.warmup - 1 :]
+    times = clock.step_times(skip=args.warmup - 1)
     return {"losses": losses, "step_times": times}
 
 

@@ -309,12 +309,12 @@ def run_hetlm(setup: Setup, data: Path, workdir: Path, seed: int, device: str) -
 
 def run_trainer(setup: Setup, data: Path, workdir: Path, seed: int, device: str) -> dict:
     import torch
+    from hf_reference import reference_arguments
     from transformers import (
         AutoTokenizer,
         DataCollatorForLanguageModeling,
         Trainer,
         TrainerCallback,
-        TrainingArguments,
     )
 
     from hetlm.config import parse_config
@@ -363,28 +363,22 @@ def run_trainer(setup: Setup, data: Path, workdir: Path, seed: int, device: str)
             clock["eval_s"] += time.perf_counter() - started
             clock["end"] = time.perf_counter()
 
-    training_args = TrainingArguments(
+    training_args = reference_arguments(
         output_dir=str(workdir),
-        per_device_train_batch_size=setup.batch,
-        max_steps=setup.steps,
-        learning_rate=setup.lr,
+        batch=setup.batch,
+        steps=setup.steps,
+        lr=setup.lr,
         warmup_steps=setup.warmup_steps,
-        lr_scheduler_type="linear",
+        weight_decay=setup.weight_decay,
+        adam_eps=setup.adam_eps,
+        max_grad_norm=setup.max_grad_norm,
+        precision=setup.precision,
+        device=device,
+        seed=seed,
         adam_beta1=setup.betas[0],
         adam_beta2=setup.betas[1],
-        adam_epsilon=setup.adam_eps,
-        weight_decay=setup.weight_decay,
-        max_grad_norm=setup.max_grad_norm,
-        bf16=setup.precision == "bf16",
-        use_cpu=device == "cpu",
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        seed=seed,
         data_seed=seed,
-        dataloader_num_workers=0,
         dataloader_drop_last=True,
-        disable_tqdm=True,
     )
     trainer = Trainer(
         model=model,
