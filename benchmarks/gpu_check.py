@@ -69,6 +69,9 @@ OPTIONAL_MODULES = (
     "fsspec",
     "bitsandbytes",
 )
+# What every part imports: one that is installed but fails to import (a carried datasets beside
+# an older pyarrow, say) is named in part 1 with its error, instead of failing each part later.
+REQUIRED_MODULES = ("datasets", "pydantic", "hetlm.cli")
 MIB = 2**20
 
 
@@ -602,6 +605,20 @@ def installed_version(distribution: str) -> str | None:
         return None
 
 
+def import_errors(modules: tuple[str, ...]) -> list[str]:
+    """'module: first line of its error' for each module that does not import."""
+    import importlib
+
+    errors = []
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception as error:  # noqa: BLE001 - any failure is what the report must name
+            first = (str(error).splitlines() or [""])[0]
+            errors.append(f"{name}: {type(error).__name__}: {first}")
+    return errors
+
+
 def part_env(ctx: PartContext) -> None:
     import torch
 
@@ -620,6 +637,10 @@ def part_env(ctx: PartContext) -> None:
                 "bitsandbytes",
                 "datasets",
                 "pydantic",
+                "pyarrow",
+                "fsspec",
+                "huggingface-hub",
+                "typing-extensions",
             )
         },
         "cuda_available": torch.cuda.is_available(),
@@ -647,6 +668,8 @@ def part_env(ctx: PartContext) -> None:
             check=True,
         ).stdout.strip()
     ctx.result.update(info)
+    ctx.save()  # kept even if the imports below outlast the part's budget
+    ctx.put("import_errors", import_errors(REQUIRED_MODULES))
 
 
 # ------------------------------------------------------------------ part 2: the demo
@@ -1367,8 +1390,13 @@ def md_env(env: dict[str, Any]) -> list[str]:
         "python",
         "cpu_count",
         "device_count",
+        "pyarrow",
+        "fsspec",
+        "huggingface-hub",
+        "typing-extensions",
         "git_commit",
         "missing_modules",
+        "import_errors",
     )
 
     def shown(value: Any) -> str:

@@ -86,6 +86,7 @@ def test_dry_run_measures_on_cpu_and_skips_what_needs_cuda(dry_run: Path) -> Non
     assert set(parts["domain"]["rows"]) == {"a", "b", "c"}
     assert all(row["finance_lm_loss"] > 0 for row in parts["domain"]["rows"].values())
     assert parts["demo"]["exit_code"] == 0 and parts["demo"]["summary"]
+    assert parts["env"]["import_errors"] == []  # everything hetlm needs imports here
     row = parts["mlm"]["seq32"]
     assert row["trainer"]["tokens_per_s"] > 0 and row["hetlm"]["tokens_per_s"] > 0
     assert row["ratio"] == pytest.approx(
@@ -109,6 +110,18 @@ def gpu_check_module():
     finally:
         sys.path.remove(str(REPO / "benchmarks"))
     return gpu_check
+
+
+def test_a_module_that_does_not_import_is_named_with_its_error(tmp_path, monkeypatch) -> None:
+    """A carried wheel that is installed but broken (find_spec finds it) is caught in part 1."""
+    gpu_check = gpu_check_module()
+    (tmp_path / "broken_carried.py").write_text("raise ImportError('pyarrow>=24 is required')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    errors = gpu_check.import_errors(("json", "broken_carried", "not_there_at_all"))
+    assert errors == [
+        "broken_carried: ImportError: pyarrow>=24 is required",
+        "not_there_at_all: ModuleNotFoundError: No module named 'not_there_at_all'",
+    ]
 
 
 def test_a_command_past_its_deadline_is_stopped_with_all_it_started() -> None:
