@@ -37,25 +37,12 @@ bench: $(VENV)/.installed-test,chat,bench
 gpu-check:
 	PYTHONPATH=src $(PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
-# What the GPU check's machine lacks (docs/GPU_CHECK.md), as wheels for its Python (3.12 on the
-# lent H200), into .whl/ (git-ignored) to carry there. datasets and pydantic are resolved together
-# with their dependencies, so that exact pins (pydantic -> pydantic-core) agree; only the ones that
-# machine does not have are kept (it has numpy, pandas, pyarrow, fsspec, xxhash, ...). bitsandbytes
-# (QLoRA, part 5) needs only torch, numpy and packaging, which are there.
-GPU_PYTHON_VERSION ?= 3.12
-GPU_WHEELS ?= .whl
-GPU_WHEEL_NAMES := datasets dill multiprocess pydantic pydantic_core annotated_types \
-	typing_inspection typing_extensions
-GPU_PLATFORMS := --only-binary=:all: --python-version $(GPU_PYTHON_VERSION) --implementation cp \
-	$(foreach n,28 27 24 17,--platform manylinux_2_$(n)_x86_64) --platform manylinux2014_x86_64
+# What the GPU check's machine lacks (docs/GPU_CHECK.md), as wheels for its Python (3.12 and
+# CUDA 13.0 on the lent H200), into .whl/ (git-ignored) to carry there: 7 MiB with bitsandbytes
+# trimmed to that CUDA's library. Needs pip to reach an index, not a GPU.
+GPU_WHEELS_ARGS ?=
 gpu-wheels:
-	rm -rf $(GPU_WHEELS) $(GPU_WHEELS).all
-	$(PYTHON) -m pip download -q -d $(GPU_WHEELS).all $(GPU_PLATFORMS) datasets pydantic
-	mkdir -p $(GPU_WHEELS)
-	for n in $(GPU_WHEEL_NAMES); do mv $(GPU_WHEELS).all/$$n-[0-9]*.whl $(GPU_WHEELS)/ || exit 1; done
-	$(PYTHON) -m pip download -q -d $(GPU_WHEELS) --no-deps $(GPU_PLATFORMS) bitsandbytes
-	rm -rf $(GPU_WHEELS).all
-	ls $(GPU_WHEELS) && du -sh $(GPU_WHEELS)
+	$(PYTHON) benchmarks/gpu_wheels.py $(GPU_WHEELS_ARGS)
 
 # The lowest dependency versions pyproject.toml allows, in a throwaway venv (not part of `make
 # test`: it installs other versions). FLOOR_TORCH=torch==2.7.0 checks torch's floor too (a

@@ -53,7 +53,7 @@ sys.path.insert(0, str(ROOT / "src"))  # this checkout's hetlm, installed or not
 
 PARTS = ("env", "demo", "mlm", "sft", "qlora", "fp16", "multirank", "learning", "domain")
 NEEDS_CUDA = ("qlora", "multirank")
-# The wheels a machine without internet needs for QLoRA (pip download --no-deps on another).
+# The wheel a machine without internet needs for QLoRA (built by benchmarks/gpu_wheels.py).
 BNB_WHEEL = "bitsandbytes-0.50.2-py3-none-manylinux_2_24_x86_64.whl"
 # Modules hetlm or the Trainer comparisons import that a bare GPU image may lack.
 OPTIONAL_MODULES = (
@@ -1016,8 +1016,8 @@ def part_qlora(ctx: PartContext) -> None:
         raise Skipped("needs CUDA")
     if importlib.util.find_spec("bitsandbytes") is None:
         raise Skipped(
-            f"bitsandbytes is not installed: carry {BNB_WHEEL} and `pip install "
-            "--no-deps` it (docs/GPU_CHECK.md)"
+            f"bitsandbytes is not installed: carry {BNB_WHEEL} (`make gpu-wheels` "
+            "builds it, trimmed to this CUDA) and install it (docs/GPU_CHECK.md)"
         )
     inputs = sft_inputs(ctx)
     for kind in ("4bit", "8bit"):

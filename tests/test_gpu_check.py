@@ -231,3 +231,29 @@ def test_qlora_without_bitsandbytes_names_the_wheel_to_carry(monkeypatch, tmp_pa
     ctx = gpu_check.PartContext("qlora", gpu_check.GPU, tmp_path, tmp_path, deadline=0.0)
     with pytest.raises(gpu_check.Skipped, match=r"bitsandbytes-0\.\d+\.\d+-py3-none-manylinux"):
         gpu_check.part_qlora(ctx)
+
+
+def test_the_device_wrapper_leaves_at_most_eight_files_to_bring_back(tmp_path) -> None:
+    """benchmarks/gpu_check_device.sh: report and one log archive in $OUT, whatever the parts did
+    (here: a budget too small for any of them), and the check's exit code."""
+    out, no_wheels = tmp_path / "out", tmp_path / "wheels"
+    out.mkdir()
+    no_wheels.mkdir()
+    bin_dir = Path(sys.executable).parent
+    env = dict(
+        os.environ,
+        OUT=str(out),
+        GPU_WHEELS=str(no_wheels),
+        PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",  # its python3 is this Python
+    )
+    run = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu_check_device.sh"), "--dry-run", "--budget", "3"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["gpu.json", "gpu.md", "gpu_check_logs.tgz"]
+    assert json.loads((out / "gpu.json").read_text())["dry_run"] is True
