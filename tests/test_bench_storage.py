@@ -44,7 +44,9 @@ def test_bench_data_reads_random_batches(
         workers=1,
     )
     result = bench_data(tmp_path / "ds", batch=8, seconds=0.2, tokens_per_s=3200)
-    assert result["read_samples_s"] > result["read_and_mask_samples_s"] > 0
+    # two separate 0.2 s measurements: their order is load, not code (a loaded CI read
+    # 4,937 samples/s unmasked against 9,240 masked), so only their signs are checked
+    assert result["read_samples_s"] > 0 and result["read_and_mask_samples_s"] > 0
     assert result["needed_samples_s"] == 100.0 and result["headroom"] > 0
     assert result["read_mb_s"] == pytest.approx(result["read_samples_s"] * 32 * 4 / 1e6, rel=0.01)
     assert "training needs 100 samples/s" in format_data(result)
