@@ -217,6 +217,17 @@ def optimizer_for(model: torch.nn.Module, options: FinetuneOptions) -> torch.opt
     )
 
 
+def schedule_for(
+    optimizer: torch.optim.Optimizer, examples: int, options: FinetuneOptions
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Linear warm-up over ``warmup_ratio`` of the steps, then linear decay to 0, for
+    ``options.epochs`` passes over ``examples`` in batches of ``options.batch_size``."""
+    from transformers import get_linear_schedule_with_warmup
+
+    total = math.ceil(examples / options.batch_size) * options.epochs
+    return get_linear_schedule_with_warmup(optimizer, int(options.warmup_ratio * total), total)
+
+
 def load_classifier(spec: ModelSpec, task: TaskData, tokenizer: Any, seed: int) -> Any:
     """A fresh classifier from the checkpoint; ``seed`` initialises the new head."""
     from transformers import AutoModelForSequenceClassification
@@ -246,14 +257,10 @@ def train_and_score(
     options: FinetuneOptions,
 ) -> SeedResult:
     """Fine-tune once with ``seed`` and score on ``test``."""
-    from transformers import get_linear_schedule_with_warmup
-
     started = time.perf_counter()
     model = load_classifier(spec, task, tokenizer, seed).to(options.device)
     optimizer = optimizer_for(model, options)
-    steps_per_epoch = math.ceil(len(train) / options.batch_size)
-    total = steps_per_epoch * options.epochs
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(options.warmup_ratio * total), total)
+    scheduler = schedule_for(optimizer, len(train), options)
     generator = torch.Generator().manual_seed(seed)
     model.train()
     epoch_loss = math.nan

@@ -38,6 +38,7 @@ from hetlm.evaluate.finetune import (
     log_run,
     optimizer_for,
     prepare_task,
+    schedule_for,
     scored,
 )
 from hetlm.evaluate.tasks import TaskData
@@ -89,15 +90,11 @@ def train_linear_head(
     """A logistic-regression layer trained on (``features``, ``labels``); returns it and the
     mean loss of its last epoch. Same recipe as fine-tuning: AdamW (no decay on the bias),
     linear warm-up and decay, gradient clipping."""
-    from transformers import get_linear_schedule_with_warmup
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         head = nn.Linear(features.shape[1], classes)
     optimizer = optimizer_for(head, options)
-    steps_per_epoch = math.ceil(len(features) / options.batch_size)
-    total = steps_per_epoch * options.epochs
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(options.warmup_ratio * total), total)
+    scheduler = schedule_for(optimizer, len(features), options)
     generator = torch.Generator().manual_seed(seed)
     epoch_loss = math.nan
     for _ in range(options.epochs):

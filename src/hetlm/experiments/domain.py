@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from hetlm.errors import HetlmError
-from hetlm.evaluate.recipes import PROBE_EPOCHS, PROBE_LR
+from hetlm.evaluate.recipes import FINETUNE_LR, PROBE_EPOCHS, PROBE_LR
 from hetlm.evaluate.tasks import (
     DataPaths,
 )
@@ -84,7 +84,7 @@ class DomainSettings:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     epochs: int = 2
     max_length: int = 128
-    finetune_lr: float = 5e-5
+    finetune_lr: float = FINETUNE_LR
     probe: bool = True  # also a linear probe (a linear classifier on the frozen features)
     probe_lr: float = PROBE_LR
     probe_epochs: int = PROBE_EPOCHS
